@@ -1,0 +1,199 @@
+"""Plain-PyTorch maths of the three Echo ops: the oracle of every test and the baseline of every bench.
+
+Written for clarity, not speed. Every function works in float64 and keeps the autograd graph, so
+`torch.autograd.gradcheck` runs on it directly. Half-precision inputs are computed in float32 and
+cast back. Shapes and conventions follow ECHO_SPEC.md (row vectors, `x @ A`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+LAYOUTS = ("half_split", "interleaved")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 are computed in float32; float32 and float64 as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Givens-orthogonal matrix (ECHO_SPEC section 2)
+# --------------------------------------------------------------------------------------------------
+
+
+def orthogonal_product(thetas: Tensor, pairs: Tensor, R: Tensor, givens_first: bool = True) -> Tensor:
+    """M = G_1 ... G_N R (givens_first) or R G_1 ... G_N.
+
+    thetas: (..., N) angles; pairs: (N, 2) int64 index pairs (i != j); R: (..., h, h).
+    Leading dims of thetas and R broadcast. Returns M: (broadcast(...), h, h).
+
+    G(i, j, theta) is the identity except G[i,i] = G[j,j] = cos, G[i,j] = -sin, G[j,i] = sin, so no G
+    is ever formed: left-multiplying by G mixes rows i and j, right-multiplying mixes columns i and j.
+    The product is built from the side that touches R first: G_N is applied to R before G_{N-1}, and
+    R G_1 before G_2.
+    """
+    dtype = torch.promote_types(thetas.dtype, R.dtype)
+    compute = _compute_dtype(dtype)
+    batch = torch.broadcast_shapes(thetas.shape[:-1], R.shape[:-2])
+    h = R.shape[-1]
+    M = R.to(compute).expand(*batch, h, h)
+    thetas = thetas.to(compute).expand(*batch, thetas.shape[-1])
+    if not givens_first:
+        M = M.transpose(-1, -2)  # R G = (G^T R^T)^T, and G(theta)^T = G(-theta)
+        thetas = -thetas
+    order = range(pairs.shape[0] - 1, -1, -1) if givens_first else range(pairs.shape[0])
+    for k in order:
+        i, j = int(pairs[k, 0]), int(pairs[k, 1])
+        cos = torch.cos(thetas[..., k, None])
+        sin = torch.sin(thetas[..., k, None])
+        rows = M[..., [i, j], :]  # a copy: autograd keeps two rows alive, not the whole matrix
+        row_i, row_j = rows[..., 0, :], rows[..., 1, :]
+        M = M.clone()
+        M[..., i, :] = cos * row_i - sin * row_j
+        M[..., j, :] = sin * row_i + cos * row_j
+    if not givens_first:
+        M = M.transpose(-1, -2)
+    return M.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary embedding (ECHO_SPEC section 3)
+# --------------------------------------------------------------------------------------------------
+
+
+def rope_angles(w: Tensor, s: Tensor | float, positions: Tensor) -> Tensor:
+    """phi[t, m] = (s * positions[t]) * w[m].   w: (h/2,), positions: (T,) -> phi: (T, h/2)."""
+    return (s * positions.to(w.dtype))[:, None] * w[None, :]
+
+
+def apply_rope(u: Tensor, phi: Tensor, layout: str = "half_split") -> Tensor:
+    """Rotate the pairs (u[2m], u[2m+1]) of u by phi and write them in `layout`.
+
+    u: (..., T, h); phi: (T, h/2) broadcast over the leading dims. Returns (..., T, h).
+    """
+    x1, x2 = u[..., 0::2], u[..., 1::2]
+    cos, sin = torch.cos(phi), torch.sin(phi)
+    a = x1 * cos - x2 * sin
+    b = x1 * sin + x2 * cos
+    if layout == "half_split":
+        return torch.cat([a, b], dim=-1)
+    return torch.stack([a, b], dim=-1).flatten(-2)
+
+
+def rotary_orthogonal(
+    x: Tensor, M: Tensor, w: Tensor, s: Tensor | float = 1.0, offset: int = 0, layout: str = "half_split"
+) -> Tensor:
+    """y = RoPE(x @ M) at positions offset + t.
+
+    x: (B, T, H, h); M: (h, h); w: (h/2,); s: scalar. Returns y: (B, T, H, h) in x's dtype.
+    """
+    compute = _compute_dtype(x.dtype)
+    T = x.shape[1]
+    positions = torch.arange(offset, offset + T, device=x.device)
+    phi = rope_angles(w.to(compute), _as_compute(s, compute), positions)  # (T, h/2)
+    u = (x.to(compute) @ M.to(compute)).transpose(1, 2)  # (B, H, T, h): T next to h for apply_rope
+    return apply_rope(u, phi, layout).transpose(1, 2).to(x.dtype)
+
+
+def _as_compute(s: Tensor | float, dtype: torch.dtype) -> Tensor | float:
+    return s.to(dtype) if isinstance(s, Tensor) else s
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention (ECHO_SPEC section 4)
+# --------------------------------------------------------------------------------------------------
+
+
+def window_bounds(window: int | tuple[int, int] | None) -> tuple[float, float]:
+    """(left, right) of the band i - left <= j <= i + right; None is unbounded on both sides."""
+    if window is None:
+        return math.inf, math.inf
+    if isinstance(window, int):
+        return window, window
+    return window[0], window[1]
+
+
+def attention_keep(
+    q_pos: Tensor, k_pos: Tensor, window: int | tuple[int, int] | None, causal: bool
+) -> Tensor:
+    """Boolean (Tq, Tk): key j is visible to query i (causal and band masks, absolute positions)."""
+    left, right = window_bounds(window)
+    rel = q_pos[:, None] - k_pos[None, :]  # i - j
+    keep = (rel <= left) & (-rel <= right)
+    if causal:
+        keep &= rel >= 0
+    return keep
+
+
+def relative_bias(bias: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """bias[clamp(i - j, -(n-1), n-1) + n - 1, head] as (H, Tq, Tk).   bias: (2n-1, H)."""
+    n = (bias.shape[0] + 1) // 2
+    rel = (q_pos[:, None] - k_pos[None, :]).clamp(-(n - 1), n - 1) + (n - 1)
+    return bias[rel].permute(2, 0, 1)
+
+
+def echo_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    M: Tensor,
+    w: Tensor,
+    s: Tensor | float,
+    bias: Tensor | None,
+    *,
+    window: int | tuple[int, int] | None = None,
+    causal: bool = False,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    key_padding_mask: Tensor | None = None,
+    layout: str = "half_split",
+    query_chunk: int = 256,
+) -> Tensor:
+    """softmax(RoPE(q) M (RoPE(k) M)^T / sqrt(h) + bias + masks) v, with rows of no key set to zero.
+
+    q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h); w: (h/2,); s: scalar; bias: (2n-1, H) or None;
+    key_padding_mask: (B, Tk) bool, True = padded. Query i sits at q_offset + i, key j at k_offset + j.
+    Returns (B, H, Tq, h) in q's dtype.
+
+    Queries are taken `query_chunk` at a time, and with a finite window only the keys the band can
+    reach are looked at, so local attention costs O(T w) time and memory here too.
+    """
+    compute = _compute_dtype(q.dtype)
+    Tq, Tk, h = q.shape[2], k.shape[2], q.shape[3]
+    q_pos_all = torch.arange(q_offset, q_offset + Tq, device=q.device)
+    k_pos_all = torch.arange(k_offset, k_offset + Tk, device=q.device)
+    w, s, M = w.to(compute), _as_compute(s, compute), M.to(compute)
+    q_rot = apply_rope(q.to(compute), rope_angles(w, s, q_pos_all), layout) @ M
+    k_rot = apply_rope(k.to(compute), rope_angles(w, s, k_pos_all), layout) @ M
+    v = v.to(compute)
+    bias = bias.to(compute) if bias is not None else None
+    left, right = window_bounds(window)
+    if causal:
+        right = min(right, 0)
+
+    chunks = []
+    for start in range(0, Tq, query_chunk):
+        stop = min(start + query_chunk, Tq)
+        q_pos = q_pos_all[start:stop]
+        # keys reachable by this chunk: q_pos[0] - left <= k_offset + j <= q_pos[-1] + right
+        k_lo = 0 if left == math.inf else max(0, int(q_offset + start - left - k_offset))
+        k_hi = Tk if right == math.inf else min(Tk, max(0, int(q_offset + stop - 1 + right - k_offset + 1)))
+        k_hi = max(k_hi, k_lo)
+        k_pos = k_pos_all[k_lo:k_hi]
+        logits = q_rot[:, :, start:stop] @ k_rot[:, :, k_lo:k_hi].transpose(-1, -2) / math.sqrt(h)
+        if bias is not None:
+            logits = logits + relative_bias(bias, q_pos, k_pos)
+        keep = attention_keep(q_pos, k_pos, window, causal)[None, None]  # (1, 1, tq, tk)
+        if key_padding_mask is not None:
+            keep = keep & ~key_padding_mask[:, None, None, k_lo:k_hi]
+        logits = logits.masked_fill(~keep, -math.inf)
+        # A row with no visible key would be softmax(-inf, ...) = NaN: give it zeros instead.
+        any_key = keep.any(dim=-1, keepdim=True)
+        probs = torch.softmax(logits.masked_fill(~any_key, 0.0), dim=-1) * any_key
+        chunks.append(probs @ v[:, :, k_lo:k_hi])
+    out = torch.cat(chunks, dim=2) if chunks else q_rot.new_zeros(q.shape)
+    return out.to(q.dtype)
