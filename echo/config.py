@@ -158,3 +158,16 @@ def to_echo_config(config: PretrainedConfig) -> EchoConfig:
     if isinstance(values.get("eos_token_id"), list):
         values["eos_token_id"] = values["eos_token_id"][0]
     return EchoConfig(**values)
+
+
+# A model small enough for tests and the demo on a laptop CPU (about 0.4 M parameters).
+SMALL = dict(
+    n_mels=80, n_audio_ctx=16, n_audio_state=64, n_audio_head=4, n_audio_layer=2, vocab_size=100,
+    n_text_ctx=12, n_text_state=64, n_text_head=4, n_text_layer=2, max_rel_dist=4,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0, decoder_start_token_id=3,
+)
+
+
+def small_config(**overrides) -> EchoConfig:
+    """EchoConfig of SMALL, with `overrides` applied."""
+    return EchoConfig(**{**SMALL, **overrides})

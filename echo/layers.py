@@ -69,7 +69,10 @@ class BatchNorm(nn.BatchNorm1d):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if self.training and recomputing():
-            y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            # same call as the first forward (so it saves the same tensors), on copies of the stats
+            momentum = self.momentum if self.momentum is not None else 0.0
+            y = F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
+                             True, momentum, self.eps)
         else:
             y = super().forward(x)
         return y.reshape(shape)
