@@ -25,9 +25,10 @@ class EchoAttention(nn.Module):
     masks. Without `out_proj` the heads are returned merged but unprojected (the conv mixer projects).
     """
 
-    def __init__(self, config: EchoConfig, side: str, *, d_kv: int | None = None, window: int | None = None,
-                 causal: bool = False, out_proj: bool = True):
+    def __init__(self, config: EchoConfig, side: str, *, cross: bool = False, d_kv: int | None = None,
+                 window: int | None = None, causal: bool = False, out_proj: bool = True):
         super().__init__()
+        self.cross = cross
         d = getattr(config, f"n_{side}_state")
         self.n_head = getattr(config, f"n_{side}_head")
         self.h = d // self.n_head
@@ -54,14 +55,16 @@ class EchoAttention(nn.Module):
     def forward(self, x: Tensor, pos: dict, xa: Tensor | None = None, key_padding_mask: Tensor | None = None,
                 cache=None, offset: int = 0) -> Tensor:
         q = self.query(x)
-        if xa is not None and cache is not None and self.cache_key in cache.kv:
-            # cross-attention: the encoder frames were projected on the first step
+        if self.cross and cache is not None and self.cache_key in cache.kv:
+            # the encoder frames were projected on the first step
             k, v = cache.kv[self.cache_key]
         else:
-            source = x if xa is None else xa
+            if self.cross and xa is None:
+                raise ValueError("cross-attention needs the encoder output (input_features or encoder_outputs)")
+            source = xa if self.cross else x
             k, v = self._heads(self.key(source)), self._heads(self.value(source))
             if cache is not None:
-                if xa is None and self.cache_key in cache.kv:
+                if not self.cross and self.cache_key in cache.kv:
                     past_k, past_v = cache.kv[self.cache_key]
                     k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
                 cache.kv[self.cache_key] = (k, v)

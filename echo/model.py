@@ -54,7 +54,7 @@ class DecoderBlock(nn.Module):
         self.attn = EchoAttention(config, "text", causal=True)
         if config.cross_attention:
             self.cross_attn_ln = layer_norm(config.layer_norm, d)
-            self.cross_attn = EchoAttention(config, "text", d_kv=config.n_audio_state)
+            self.cross_attn = EchoAttention(config, "text", cross=True, d_kv=config.n_audio_state)
         else:
             self.cross_attn_ln = self.cross_attn = None
         self.mlp_ln = layer_norm(config.layer_norm, d)
