@@ -51,7 +51,9 @@ class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm computed in float32 whatever the input dtype (as whisper does)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type(x.dtype)
 
 
 def layer_norm(kind: str, d: int) -> nn.Module:

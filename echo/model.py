@@ -192,12 +192,28 @@ class Echo(PreTrainedModel):
         return pos
 
     def update_base(self, loss: Tensor) -> None:
-        """base *= f if loss < prev_loss else base /= f; prev_loss = loss. On the device, no sync."""
+        """base *= f if loss < prev_loss else base /= f; prev_loss = loss. On the device, no sync.
+
+        A NaN or infinite loss (e.g. every label ignored) leaves both untouched: compared with it,
+        every later loss would count as worse and the base would only ever shrink.
+        """
         with torch.no_grad():
             loss = loss.detach().to(self.prev_loss.dtype)
             f = self.config.base_factor
-            self.base.copy_(torch.where(loss < self.prev_loss, self.base * f, self.base / f))
-            self.prev_loss.copy_(loss)
+            finite = torch.isfinite(loss)
+            new_base = torch.where(loss < self.prev_loss, self.base * f, self.base / f)
+            self.base.copy_(torch.where(finite, new_base, self.base))
+            self.prev_loss.copy_(torch.where(finite, loss, self.prev_loss))
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not round the adaptive state: it stays float32 on the new device
+        kept = {name: self._buffers[name] for name in ("base", "prev_loss") if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
 
     # ------------------------------------------------------------------------------------------
 
@@ -287,8 +303,9 @@ class Echo(PreTrainedModel):
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
             if self.training and config.adaptive_base:
                 self.update_base(loss)
-        return Seq2SeqLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
-                               encoder_last_hidden_state=xa)
+        out = Seq2SeqLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
+                              encoder_last_hidden_state=xa)
+        return out.to_tuple() if return_dict is False else out
 
     # ------------------------------------------------------------------------------------------
 

@@ -263,3 +263,47 @@ def test_bad_input_raises_value_error(make, message):
     kwargs.update(make(config))
     with pytest.raises(ValueError, match=message):
         model(**kwargs)
+
+
+def test_nan_loss_leaves_the_base_alone():
+    model = build()
+    model.update_base(torch.tensor(2.0))
+    state = (model.base.clone(), model.prev_loss.clone())
+    model.update_base(torch.tensor(float("nan")))
+    assert torch.equal(model.base, state[0]) and torch.equal(model.prev_loss, state[1])
+
+
+def test_casting_the_model_keeps_the_adaptive_state_float32():
+    model = build()
+    model.base.fill_(10007.0)
+    model.to(torch.bfloat16)
+    assert model.base.dtype == torch.float32 and model.base.item() == 10007.0
+    assert model.decoder.token_embedding.weight.dtype == torch.bfloat16
+    mel, labels = batch(model.config)
+    out = model.eval()(mel.bfloat16(), labels=labels)
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+
+
+def test_decoder_padding_mask():
+    model = build().eval()
+    mel, labels = batch(model.config)
+    ids = shift_tokens_right(labels, model.config.pad_token_id, model.config.decoder_start_token_id)
+    mask = torch.ones_like(ids)
+    mask[0, 5] = 0  # key 5 of row 0 hidden from later queries
+    out = model(mel, decoder_input_ids=ids, decoder_attention_mask=mask).logits
+    changed = ids.clone()
+    changed[0, 5] = (ids[0, 5] + 1) % model.config.vocab_size
+    again = model(mel, decoder_input_ids=changed, decoder_attention_mask=mask).logits
+    # only position 5 itself (its own query) may change
+    keep = torch.ones(ids.shape[1], dtype=torch.bool)
+    keep[5] = False
+    torch.testing.assert_close(again[0, keep], out[0, keep], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="decoder_attention_mask"):
+        model(mel, decoder_input_ids=ids, decoder_attention_mask=mask[:, :3])
+
+
+def test_return_dict_false_gives_a_tuple():
+    model = build().eval()
+    mel, labels = batch(model.config)
+    loss, logits = model(mel, labels=labels, return_dict=False)[:2]
+    assert logits.shape[-1] == model.config.vocab_size and loss.dim() == 0
