@@ -307,3 +307,29 @@ def test_return_dict_false_gives_a_tuple():
     mel, labels = batch(model.config)
     loss, logits = model(mel, labels=labels, return_dict=False)[:2]
     assert logits.shape[-1] == model.config.vocab_size and loss.dim() == 0
+
+
+def test_local_branch_sees_only_its_band_and_conv_mixer_has_one_output_projection():
+    model = build(local_window=2, hybrid_combine="linear", conv_attention=True).eval()
+    mixer = model.encoder.blocks[0].attn
+    assert mixer.attn.global_attn.out is None and mixer.attn.local_attn.out is None
+    assert mixer.attn.combine.in_features == 2 * model.config.n_audio_state
+    pos = model.positional_state()
+    u = torch.randn(1, 12, model.config.n_audio_state)
+    far = u.clone()
+    far[:, 8:] = torch.randn(1, 4, model.config.n_audio_state)
+    local = mixer.attn.local_attn
+    with torch.no_grad():
+        torch.testing.assert_close(local(far, pos)[:, :6], local(u, pos)[:, :6], rtol=0, atol=0)
+        glob = mixer.attn.global_attn
+        assert not torch.allclose(glob(far, pos)[:, :6], glob(u, pos)[:, :6])
+
+
+def test_demo_runs(capsys):
+    from echo.__main__ import main
+
+    assert main(["--tokens", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "base before the step: 10000.00" in printed and "reloaded model identical: True" in printed
+    for stage in ("build", "forward", "backward", "save", "load", "decode"):
+        assert stage in printed
