@@ -1,4 +1,4 @@
-"""python -m echo [--medium] [--seed N]: build, train one step, save, reload, decode; print the timings.
+"""python -m echo [--size tiny|medium|test] [--seed N]: build, train one step, save, reload, decode; print the timings.
 
 Random log-mel input only: nothing is downloaded. Exits non-zero when the reloaded model differs.
 """
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from . import Echo, EchoConfig, greedy_decode
-from .config import small_config
+from .config import TINY, small_config
 
 
 @contextmanager
@@ -26,7 +26,10 @@ def timed(timings: dict, name: str):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m echo", description=__doc__.splitlines()[0])
-    parser.add_argument("--medium", action="store_true", help="the model card's medium config (700 M parameters)")
+    parser.add_argument("--size", choices=("tiny", "medium", "test"), default="tiny",
+                        help="tiny: Whisper-tiny widths (about 30 M parameters); medium: the model card's "
+                             "(700 M); test: the 0.3 M model of the test suite")
+    parser.add_argument("--medium", action="store_const", const="medium", dest="size", help="same as --size medium")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokens", type=int, default=5, help="tokens to decode greedily")
     args = parser.parse_args(argv)
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     timings: dict[str, float] = {}
     with timed(timings, "build"):
-        config = EchoConfig() if args.medium else small_config()
+        config = {"tiny": lambda: EchoConfig(**TINY), "medium": EchoConfig, "test": small_config}[args.size]()
         model = Echo(config)
         model.apply_initialization()
     n_params = sum(p.numel() for p in model.parameters())
@@ -46,11 +49,14 @@ def main(argv=None) -> int:
     labels = torch.randint(0, config.vocab_size, (1, min(8, config.n_text_ctx)), generator=g)
 
     model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     print(f"base before the step: {model.base.item():.2f}")
     with timed(timings, "forward"):
         loss = model(mel, labels=labels).loss
     with timed(timings, "backward"):
         loss.backward()
+    with timed(timings, "optimizer"):
+        optimizer.step()
     print(f"loss {loss.item():.4f}; base after the step: {model.base.item():.2f}")
 
     model.eval()

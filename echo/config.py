@@ -160,7 +160,10 @@ def to_echo_config(config: PretrainedConfig) -> EchoConfig:
     return EchoConfig(**values)
 
 
-# A model small enough for tests and the demo on a laptop CPU (about 0.3 M parameters).
+# Whisper "tiny" widths and depths at the card's context lengths and vocabulary: the demo's default.
+TINY = dict(n_audio_state=384, n_audio_head=6, n_audio_layer=4, n_text_state=384, n_text_head=6, n_text_layer=4)
+
+# A model small enough for tests on a laptop CPU (about 0.3 M parameters).
 SMALL = dict(
     n_mels=80, n_audio_ctx=16, n_audio_state=64, n_audio_head=4, n_audio_layer=2, vocab_size=100,
     n_text_ctx=12, n_text_state=64, n_text_head=4, n_text_layer=2, max_rel_dist=4,

@@ -328,7 +328,7 @@ def test_local_branch_sees_only_its_band_and_conv_mixer_has_one_output_projectio
 def test_demo_runs(capsys):
     from echo.__main__ import main
 
-    assert main(["--tokens", "2"]) == 0
+    assert main(["--size", "test", "--tokens", "2"]) == 0
     printed = capsys.readouterr().out
     assert "base before the step: 10000.00" in printed and "reloaded model identical: True" in printed
     for stage in ("build", "forward", "backward", "save", "load", "decode"):
