@@ -62,6 +62,32 @@ def _load_m_slices(M, stride_mk, stride_mn, k, p, k_mask, p_mask, TRANSPOSE: tl.
 
 
 @triton.jit
+def _sincos(phi):
+    """sin and cos of fp32 phi, within 1e-7 for |phi| < 1e5 (Cody-Waite reduction to [-pi/4, pi/4]
+    with Cephes' split of pi/2, exact with or without fused multiply-adds, then Cephes' sinf/cosf
+    minimax polynomials).
+
+    tl.sin/tl.cos become libdevice calls whose rarely taken slow path (Payne-Hanek reduction) alone
+    costs the kernel all 255 registers; the angle of a position never needs it."""
+    j = tl.floor(phi * 0.636619772 + 0.5)  # nearest multiple of pi/2
+    # pi/2 in three parts, the first two with few mantissa bits so that j * part is exact and r
+    # keeps its low bits (the interpreter does not fuse tl.fma; the GPU does).
+    r = tl.fma(j, -1.5703125, phi)
+    r = tl.fma(j, -4.837512969970703125e-4, r)
+    r = tl.fma(j, -7.54978995489188216e-8, r)
+    r2 = r * r
+    sin_r = tl.fma(tl.fma(tl.fma(r2, -1.95152959e-04, 8.33216087e-03), r2, -1.66666546e-01) * r2, r, r)
+    cos_r = tl.fma(tl.fma(tl.fma(tl.fma(r2, 2.44331571e-05, -1.38873163e-03), r2, 4.16666457e-02), r2, -0.5), r2, 1.0)
+    quadrant = j.to(tl.int32) & 3  # two's complement: also right for negative angles
+    odd = (quadrant & 1) != 0
+    sin = tl.where(odd, cos_r, sin_r)
+    cos = tl.where(odd, sin_r, cos_r)
+    sin = tl.where((quadrant & 2) != 0, -sin, sin)
+    cos = tl.where(((quadrant + 1) & 2) != 0, -cos, cos)
+    return sin, cos
+
+
+@triton.jit
 def _angles(W, S, s_value, stride_w, offset, t, p, p_mask, S_IS_TENSOR: tl.constexpr):
     """cos and sin of phi[t, m] = (s * (offset + t)) * w[m], (BLOCK_T, BLOCK_P), fp32; and s * pos."""
     if S_IS_TENSOR:
@@ -71,7 +97,8 @@ def _angles(W, S, s_value, stride_w, offset, t, p, p_mask, S_IS_TENSOR: tl.const
     pos = (offset + t).to(tl.float32)
     w = tl.load(W + p * stride_w, mask=p_mask, other=0.0).to(tl.float32)
     phi = (s * pos)[:, None] * w[None, :]  # same order as the reference: (s * t) * w
-    return tl.cos(phi), tl.sin(phi), pos
+    sin, cos = _sincos(phi)
+    return cos, sin, pos
 
 
 @triton.jit
@@ -83,12 +110,17 @@ def _pair_columns(p, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr, OPERAND: tl.constexpr):
-    """a @ b with fp32 accumulation: exact fp32 (ieee) for fp32 inputs, else tensor cores in the
-    input's half type (M is rounded to it: the same error as the half input itself)."""
+def _tile(P, b, t0, head, stride_b, stride_t, stride_h):
+    """Address of P[b, t0, head, 0], in int64: B T H h may pass 2^31 elements."""
+    return P + b.to(tl.int64) * stride_b + t0.to(tl.int64) * stride_t + head.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr):
+    """a @ b accumulated in fp32: exact (ieee) for fp32 operands, tensor cores for half ones."""
     if DOT_FP32:
         return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a.to(OPERAND), b.to(OPERAND))
+    return tl.dot(a, b)
 
 
 @triton.jit
@@ -99,7 +131,7 @@ def _rotary_fwd_kernel(
     stride_yb, stride_yt, stride_yh, stride_yd,
     stride_mk, stride_mn, stride_w,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    HEADS: tl.constexpr, INTERLEAVED: tl.constexpr, S_IS_TENSOR: tl.constexpr, DOT_FP32: tl.constexpr,
+    HEADS, INTERLEAVED: tl.constexpr, S_IS_TENSOR: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Y[b, t, head, :] = layout(rotate(X[b, t, head, :] @ M)) for one (t block, b, head chunk)."""
     pid_t = tl.program_id(0)
@@ -110,26 +142,34 @@ def _rotary_fwd_kernel(
     p = tl.arange(0, BLOCK_P)  # pairs, padded likewise (40 -> 64)
     t_mask, k_mask, p_mask = t < T, k < HEAD_DIM, p < HEAD_DIM // 2
 
+    # Dot operands: fp32 for fp32 x (and for bf16 under the interpreter, which mishandles bf16:
+    # there the conversion comes right after each load), else x's half type, M rounded to it.
+    operand = tl.float32 if DOT_FP32 else X.dtype.element_ty
     m_even, m_odd = _load_m_slices(M, stride_mk, stride_mn, k, p, k_mask, p_mask, False)
+    m_even, m_odd = m_even.to(operand), m_odd.to(operand)
     cos, sin, _ = _angles(W, S, s_value, stride_w, offset, t, p, p_mask, S_IS_TENSOR)
     col_a, col_b = _pair_columns(p, HEAD_DIM, INTERLEAVED)
-    operand = X.dtype.element_ty
 
-    x_rows = X + pid_b.to(tl.int64) * stride_xb + t[:, None].to(tl.int64) * stride_xt
-    y_rows = Y + pid_b.to(tl.int64) * stride_yb + t[:, None].to(tl.int64) * stride_yt
+    # Scalar int64 bases, small int32 offsets within a tile: a tile of 64-bit pointers would hold
+    # two registers per element for the whole head loop.
+    r = tl.arange(0, BLOCK_T)
+    x_offsets = r[:, None] * stride_xt + k[None, :] * stride_xd
+    a_offsets = r[:, None] * stride_yt + col_a[None, :] * stride_yd
+    b_offsets = r[:, None] * stride_yt + col_b[None, :] * stride_yd
     for i in range(HEADS):
         head = head0 + i
         x_mask = t_mask[:, None] & k_mask[None, :] & (head < H)
-        x = tl.load(x_rows + head * stride_xh + k[None, :] * stride_xd, mask=x_mask, other=0.0)
-        x = x.to(tl.float32)  # the interpreter mishandles bf16: fp32 right after the load
-        u_e = _dot(x, m_even, DOT_FP32, operand)
-        u_o = _dot(x, m_odd, DOT_FP32, operand)
+        x = tl.load(_tile(X, pid_b, pid_t * BLOCK_T, head, stride_xb, stride_xt, stride_xh) + x_offsets,
+                    mask=x_mask, other=0.0)
+        x = x.to(operand)
+        u_e = _dot(x, m_even, DOT_FP32)
+        u_o = _dot(x, m_odd, DOT_FP32)
         a = u_e * cos - u_o * sin
         b = u_e * sin + u_o * cos
         y_mask = t_mask[:, None] & p_mask[None, :] & (head < H)
-        y_head = y_rows + head * stride_yh
-        tl.store(y_head + col_a[None, :] * stride_yd, a.to(Y.dtype.element_ty), mask=y_mask)
-        tl.store(y_head + col_b[None, :] * stride_yd, b.to(Y.dtype.element_ty), mask=y_mask)
+        y = _tile(Y, pid_b, pid_t * BLOCK_T, head, stride_yb, stride_yt, stride_yh)
+        tl.store(y + a_offsets, a.to(Y.dtype.element_ty), mask=y_mask)
+        tl.store(y + b_offsets, b.to(Y.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -141,7 +181,7 @@ def _rotary_bwd_kernel(
     stride_dxb, stride_dxt, stride_dxh, stride_dxd,
     stride_mk, stride_mn, stride_w,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    HEADS: tl.constexpr, INTERLEAVED: tl.constexpr, S_IS_TENSOR: tl.constexpr, DOT_FP32: tl.constexpr,
+    HEADS, INTERLEAVED: tl.constexpr, S_IS_TENSOR: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """dx for the units pid, pid + P, ... (a unit: a t block, a batch row, a head chunk), and this
     program's partial sums of dM (DM_PART[pid], laid out as M) and of t dphi (G_PART[pid, m])."""
@@ -152,10 +192,18 @@ def _rotary_bwd_kernel(
     p = tl.arange(0, BLOCK_P)
     k_mask, p_mask = k < HEAD_DIM, p < HEAD_DIM // 2
 
+    operand = tl.float32 if DOT_FP32 else X.dtype.element_ty  # as in the forward kernel
     m_even, m_odd = _load_m_slices(M, stride_mk, stride_mn, k, p, k_mask, p_mask, False)
     mt_even, mt_odd = _load_m_slices(M, stride_mk, stride_mn, k, p, k_mask, p_mask, True)
+    m_even, m_odd = m_even.to(operand), m_odd.to(operand)
+    mt_even, mt_odd = mt_even.to(operand), mt_odd.to(operand)
     col_a, col_b = _pair_columns(p, HEAD_DIM, INTERLEAVED)
-    operand = X.dtype.element_ty
+
+    r = tl.arange(0, BLOCK_T)
+    x_offsets = r[:, None] * stride_xt + k[None, :] * stride_xd
+    dx_offsets = r[:, None] * stride_dxt + k[None, :] * stride_dxd
+    da_offsets = r[:, None] * stride_dyt + col_a[None, :] * stride_dyd
+    db_offsets = r[:, None] * stride_dyt + col_b[None, :] * stride_dyd
 
     dm_even = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
     dm_odd = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
@@ -167,33 +215,34 @@ def _rotary_bwd_kernel(
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         t_mask = t < T
         cos, sin, pos = _angles(W, S, s_value, stride_w, offset, t, p, p_mask, S_IS_TENSOR)
-        x_rows = X + pid_b.to(tl.int64) * stride_xb + t[:, None].to(tl.int64) * stride_xt
-        dy_rows = DY + pid_b.to(tl.int64) * stride_dyb + t[:, None].to(tl.int64) * stride_dyt
-        dx_rows = DX + pid_b.to(tl.int64) * stride_dxb + t[:, None].to(tl.int64) * stride_dxt
+        t0 = pid_t * BLOCK_T
         dphi = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
         for i in range(HEADS):
             head = head0 + i
             x_mask = t_mask[:, None] & k_mask[None, :] & (head < H)
-            x = tl.load(x_rows + head * stride_xh + k[None, :] * stride_xd, mask=x_mask, other=0.0)
-            x = x.to(tl.float32)
-            u_e = _dot(x, m_even, DOT_FP32, operand)
-            u_o = _dot(x, m_odd, DOT_FP32, operand)
+            x = tl.load(_tile(X, pid_b, t0, head, stride_xb, stride_xt, stride_xh) + x_offsets,
+                        mask=x_mask, other=0.0)
+            x = x.to(operand)
+            u_e = _dot(x, m_even, DOT_FP32)
+            u_o = _dot(x, m_odd, DOT_FP32)
             a = u_e * cos - u_o * sin
             b = u_e * sin + u_o * cos
 
             dy_mask = t_mask[:, None] & p_mask[None, :] & (head < H)
-            dy_head = dy_rows + head * stride_dyh
-            da = tl.load(dy_head + col_a[None, :] * stride_dyd, mask=dy_mask, other=0.0).to(tl.float32)
-            db = tl.load(dy_head + col_b[None, :] * stride_dyd, mask=dy_mask, other=0.0).to(tl.float32)
+            dy = _tile(DY, pid_b, t0, head, stride_dyb, stride_dyt, stride_dyh)
+            da = tl.load(dy + da_offsets, mask=dy_mask, other=0.0).to(tl.float32)
+            db = tl.load(dy + db_offsets, mask=dy_mask, other=0.0).to(tl.float32)
             dphi += a * db - b * da
             du_e = da * cos + db * sin  # the conjugate rotation
             du_o = db * cos - da * sin
 
-            dx = _dot(du_e, mt_even, DOT_FP32, operand) + _dot(du_o, mt_odd, DOT_FP32, operand)
-            tl.store(dx_rows + head * stride_dxh + k[None, :] * stride_dxd, dx.to(DX.dtype.element_ty), mask=x_mask)
+            du_e, du_o = du_e.to(operand), du_o.to(operand)
+            dx = _dot(du_e, mt_even, DOT_FP32) + _dot(du_o, mt_odd, DOT_FP32)
+            dx_tile = _tile(DX, pid_b, t0, head, stride_dxb, stride_dxt, stride_dxh)
+            tl.store(dx_tile + dx_offsets, dx.to(DX.dtype.element_ty), mask=x_mask)
             x_t = tl.trans(x)
-            dm_even += _dot(x_t, du_e, DOT_FP32, operand)
-            dm_odd += _dot(x_t, du_o, DOT_FP32, operand)
+            dm_even += _dot(x_t, du_e, DOT_FP32)
+            dm_odd += _dot(x_t, du_o, DOT_FP32)
         g += tl.sum(dphi * pos[:, None], axis=0)  # rows past T hold dphi = 0
 
     dm_part = DM_PART + pid.to(tl.int64) * HEAD_DIM * HEAD_DIM + k[:, None] * HEAD_DIM + (2 * p)[None, :]
@@ -318,3 +367,60 @@ def rotary_backward(
     dw = (s_f32 * g).to(w.dtype)
     ds = (g * w.to(torch.float32)).sum()
     return dx, dM, dw, ds
+
+
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (echo_kernels.aot)
+# --------------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _spec(h: int, dtype: torch.dtype, backward: bool, layout: str = "half_split"):
+    from ..aot import KernelSpec
+
+    cfg = _config(h, dtype, backward)
+    xt = "*" + _TRITON_TYPES[dtype]
+    i32 = "i32"
+    if backward:
+        pointers = {"X": xt, "M": "*fp32", "W": "*fp32", "S": "*fp32", "DY": xt, "DX": xt,
+                    "DM_PART": "*fp32", "G_PART": "*fp32"}
+        scalars = ["offset", "T", "H", "n_head_chunks", "n_units"]
+        strided = ["x", "dy", "dx"]
+    else:
+        pointers = {"X": xt, "M": "*fp32", "W": "*fp32", "S": "*fp32", "Y": xt}
+        scalars = ["offset", "T", "H", "n_head_chunks"]
+        strided = ["x", "y"]
+    signature = dict(pointers, s_value="fp32", **{n: i32 for n in scalars}, HEADS=i32)
+    constexprs = {}
+    for name in strided:
+        for dim in "bth":
+            signature[f"stride_{name}{dim}"] = i32
+        # The feature stride is 1 in practice, and the JIT specialises an int argument equal to 1.
+        signature[f"stride_{name}d"] = "constexpr"
+        constexprs[f"stride_{name}d"] = 1
+    signature.update(stride_mk=i32, stride_mn="constexpr", stride_w="constexpr")
+    constexprs.update(stride_mn=1, stride_w=1)
+    meta = dict(
+        HEAD_DIM=h, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=cfg["BLOCK_P"],
+        INTERLEAVED=layout == "interleaved", S_IS_TENSOR=True, DOT_FP32=cfg["DOT_FP32"],
+    )
+    signature.update({name: "constexpr" for name in meta})
+    constexprs.update(meta)
+    kind = "bwd" if backward else "fwd"
+    return KernelSpec(
+        name=f"rotary_{kind}_h{h}_{_TRITON_TYPES[dtype]}_{layout}",
+        fn=_rotary_bwd_kernel if backward else _rotary_fwd_kernel,
+        signature=signature, constexprs=constexprs, num_warps=cfg["num_warps"],
+    )
+
+
+def aot_specs() -> list:
+    """The launches to compile ahead of time: bf16 (the speed case) at every h, forward and backward,
+    plus fp16, fp32 and the interleaved layout at h = 64."""
+    specs = []
+    for backward in (False, True):
+        specs += [_spec(h, torch.bfloat16, backward) for h in HEAD_DIMS]
+        specs += [_spec(64, torch.float16, backward), _spec(64, torch.float32, backward)]
+        specs.append(_spec(64, torch.bfloat16, backward, "interleaved"))
+    return specs
