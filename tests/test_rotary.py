@@ -204,7 +204,7 @@ def test_torch_compile_fullgraph():
     x, M, w, s = make_inputs(2, 13, 3, 32, torch.float32, strided=True)
     leaves = [t.clone().requires_grad_() for t in (x, M, w, s)]
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True)
     def f(x, M, w, s):
         return echo_kernels.rotary_orthogonal(x, M, w, s, offset=7, layout="interleaved") * 2
 

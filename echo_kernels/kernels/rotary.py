@@ -39,7 +39,8 @@ from torch import Tensor
 # Dtypes the kernels take for x (float64 stays with the reference).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (32, 64, 80, 128)  # the widths that aot_specs() compiles; any even h >= 2 works
-BLOCK_T = 64  # one warpgroup's worth of rows for the Hopper wgmma
+BLOCK_T = 64  # forward: one warpgroup's worth of rows for the Hopper wgmma
+BLOCK_T_BWD = 32  # backward: half the rows, for the registers its dM accumulators need
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,12 +267,13 @@ def _config(h: int, dtype: torch.dtype, backward: bool) -> dict:
     block_k = triton.next_power_of_2(h)
     block_p = max(16, triton.next_power_of_2(h // 2))  # tl.dot needs every dim >= 16
     block_k = max(16, block_k)
-    # The backward holds two (BLOCK_K, BLOCK_P) fp32 accumulators of dM: spread them over 8 warps
-    # from h = 80 up, so that nothing spills.
-    num_warps = 8 if backward and block_k >= 128 else 4
+    # From h = 80 up (tiles padded to 128 features) the (BLOCK_T, BLOCK_P) fp32 tensors and the
+    # backward's two (BLOCK_K, BLOCK_P) dM accumulators are spread over 8 warps.
+    num_warps = 8 if block_k >= 128 else 4
     # The interpreter mishandles bf16 dots: do them in fp32 there (tests use fp32/fp16 anyway).
     dot_fp32 = dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
-    return dict(BLOCK_T=BLOCK_T, BLOCK_K=block_k, BLOCK_P=block_p, DOT_FP32=dot_fp32, num_warps=num_warps)
+    block_t = BLOCK_T_BWD if backward else BLOCK_T
+    return dict(BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_P=block_p, DOT_FP32=dot_fp32, num_warps=num_warps)
 
 
 @functools.lru_cache(maxsize=None)
