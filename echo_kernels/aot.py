@@ -1,0 +1,140 @@
+"""Ahead-of-time compile of every Triton kernel for sm_80 and sm_90, on a machine without a GPU.
+
+The Triton interpreter accepts code that the GPU compiler rejects, so each kernel module lists the
+launches it makes (`aot_specs()`: signature, constexprs, warps, stages) and this module compiles them
+for real GPU targets and reads back what matters for speed: shared memory, registers, spilled
+(local) bytes, and whether `tl.dot` became tensor-core instructions (mma on sm_80, wgmma on sm_90).
+
+    python -m echo_kernels.aot            # table for every kernel, both targets
+    python -m echo_kernels.aot --json f   # the same as JSON
+
+Kernels defined under TRITON_INTERPRET=1 are interpreter objects, so `reports()` compiles in a
+child process with the interpreter off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+# Modules whose `aot_specs()` list their kernels' launches.
+KERNEL_MODULES: tuple[str, ...] = ()
+TARGETS = (80, 90)
+
+
+@dataclass
+class KernelSpec:
+    """One launch configuration of a Triton kernel, as `triton.compile` needs it."""
+
+    name: str
+    fn: object  # triton JITFunction
+    signature: dict[str, str]  # argument -> "*fp32", "i32", ..., "constexpr"
+    constexprs: dict[str, object] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass
+class CompileReport:
+    name: str
+    arch: int
+    shared_bytes: int
+    registers: int
+    spilled_bytes: int
+    mma: bool  # tensor-core instructions of any generation
+    wgmma: bool  # Hopper warpgroup MMA
+
+
+def _triton_bin(tool: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, spilled local bytes) of the kernel in `cubin`, read by Triton's own cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [_triton_bin("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    local = re.search(r"LOCAL:(\d+)", out)
+    return int(regs.group(1)) if regs else -1, int(local.group(1)) if local else -1
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> CompileReport:
+    """Compile one launch for compute capability `arch` (80, 90) and report on it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from triton.runtime.jit import JITFunction
+
+    # Under the interpreter the kernel is an interpreter object; its Python function compiles as is.
+    fn = spec.fn if isinstance(spec.fn, JITFunction) else JITFunction(spec.fn.fn)
+    source = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs)
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    registers, spilled = _resource_usage(compiled.asm["cubin"])
+    return CompileReport(
+        name=spec.name,
+        arch=arch,
+        shared_bytes=compiled.metadata.shared,
+        registers=registers,
+        spilled_bytes=spilled,
+        mma=bool(re.search(r"\b(mma|wgmma)\.", ptx)),
+        wgmma="wgmma." in ptx,
+    )
+
+
+def all_specs() -> list[KernelSpec]:
+    specs = []
+    for module in KERNEL_MODULES:
+        specs.extend(importlib.import_module(module).aot_specs())
+    return specs
+
+
+def _compile_all(arches) -> list[CompileReport]:
+    return [compile_spec(spec, arch) for spec in all_specs() for arch in arches]
+
+
+def reports(arches=TARGETS) -> list[CompileReport]:
+    """Compile every kernel for every target, in a child process when the interpreter is on."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return _compile_all(arches)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, "-m", "echo_kernels.aot", "--json", f.name, "--arch", *map(str, arches)]
+        subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+        return [CompileReport(**row) for row in json.load(open(f.name))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(TARGETS))
+    parser.add_argument("--json", help="write the reports to this file as JSON")
+    args = parser.parse_args()
+    rows = reports(args.arch)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+        return
+    print(f"{'kernel':40} {'sm':>3} {'shared':>8} {'regs':>5} {'spill':>6} {'mma':>4} {'wgmma':>6}")
+    for r in rows:
+        print(f"{r.name:40} {r.arch:>3} {r.shared_bytes:>8} {r.registers:>5} {r.spilled_bytes:>6} "
+              f"{'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6}")
+
+
+if __name__ == "__main__":
+    main()
