@@ -31,34 +31,49 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"echo_kernels::{op}", dispatch_key)
 
 
+# Read once: the registrations are made when _C is imported, and torch.compile traces `serves`.
+_CPU = has_kernel("orthogonal_product", "CPU")
+_CUDA = has_kernel("orthogonal_product", "CUDA")
+
+
 def cuda_compiled() -> bool:
     """True when the extension was built with its CUDA part."""
-    return has_kernel("orthogonal_product", "CUDA")
+    return _CUDA
 
 
 def serves(device: torch.device) -> bool:
     """Whether the compiled orthogonal_product runs tensors on `device`."""
-    if device.type == "cpu":
-        return has_kernel("orthogonal_product", "CPU")
-    if device.type == "cuda":
-        return cuda_compiled()
-    return False
+    return (device.type == "cpu" and _CPU) or (device.type == "cuda" and _CUDA)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_devices(**tensors):
+    devices = {t.device for t in tensors.values()}
+    if len(devices) > 1:
+        listed = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+        raise RuntimeError(f"orthogonal_product: tensors must be on one device: {listed}")
+
+
 if LOADED:
 
     @torch.library.register_fake("echo_kernels::orthogonal_product")
     def _orthogonal_product_fake(thetas, pairs, R, givens_first=True):
+        _check_devices(thetas=thetas, pairs=pairs, R=R)
+        torch._check(
+            R.dim() >= 2 and R.shape[-1] == R.shape[-2] and pairs.shape == (thetas.shape[-1], 2),
+            lambda: f"orthogonal_product: R {tuple(R.shape)} must be (..., h, h) and pairs "
+            f"{tuple(pairs.shape)} (N, 2) with N = thetas.shape[-1]",
+        )
         batch = torch.broadcast_shapes(thetas.shape[:-1], R.shape[:-2])
         h = R.shape[-1]
         return R.new_empty((*batch, h, h), dtype=torch.promote_types(thetas.dtype, R.dtype))
 
     @torch.library.register_fake("echo_kernels::orthogonal_product_backward")
     def _orthogonal_product_backward_fake(grad, thetas, pairs, M, givens_first):
+        _check_devices(grad=grad, thetas=thetas, pairs=pairs, M=M)
         compute = _compute_dtype(M.dtype)
         n = thetas.shape[-1]
         return M.new_empty((*M.shape[:-2], n), dtype=compute), M.new_empty(M.shape, dtype=compute)
