@@ -52,7 +52,8 @@ void step_angles(const acc_t* theta, int64_t N, bool givens_first, acc_t* cs, ac
 
 inline int64_t step_index(int64_t t, int64_t N, bool givens_first) { return givens_first ? N - 1 - t : t; }
 
-int64_t grain(int64_t N, int64_t h) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, (N + h) * h)); }
+// Batch entries per task: threads are worth waking only for about a million numbers updated each.
+int64_t grain(int64_t N, int64_t h) { return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, (N + h) * h)); }
 
 template <typename scalar_t>
 void forward_kernel(const Prepared& p, at::Tensor& M, bool givens_first) {
