@@ -5,7 +5,10 @@
 // of one batch entry, held in shared memory as lines[p * kLd + lane] (position p, padded stride kLd
 // so that the transposed loads of the row-line case are free of bank conflicts). Steps are taken
 // kTile at a time: the warp stages their pairs and cos/sin in shared memory, then every lane applies
-// them to its line in order (pairs may overlap, so within a line the steps are sequential).
+// them to its line in order (pairs may overlap, so within a line the steps are sequential). Steps
+// are taken in groups of four: when the four pairs touch eight distinct rows (or two by two), their
+// loads are issued together, which shortens the chain of shared-memory round trips a lane waits on;
+// disjoint rotations commute, so the result is the same bits as one at a time.
 //
 // Backward keeps M's and the gradient's lines, walks the steps in reverse, and writes each lane's
 // contribution to dL/dphi of a step into a (kTile x 32) scratch; after the tile, lane u adds row u in
@@ -24,6 +27,7 @@ namespace {
 constexpr int kLines = 32;       // lines per block: one warp, one line per lane
 constexpr int kLd = kLines + 1;  // shared stride between positions
 constexpr int kTile = 64;        // steps staged in shared memory at a time
+constexpr int kGroup = 4;        // steps per group (see group_flags)
 
 __device__ __forceinline__ void sin_cos(float x, float* s, float* c) { sincosf(x, s, c); }
 __device__ __forceinline__ void sin_cos(double x, double* s, double* c) { sincos(x, s, c); }
@@ -33,10 +37,10 @@ template <typename acc_t>
 struct Layout {
   int h;
   __host__ __device__ size_t lines_elems() const { return static_cast<size_t>(h) * kLd; }
-  // lines (x n_mats), tile cos, tile sin, [partials], tile offsets of i and j
+  // lines (x n_mats), tile cos, tile sin, [partials], tile offsets of i and j, group flags
   __host__ __device__ size_t bytes(int n_mats, bool partials) const {
     return sizeof(acc_t) * (n_mats * lines_elems() + 2 * kTile + (partials ? kTile * kLd : 0)) +
-           sizeof(int) * 2 * kTile;
+           sizeof(int) * (2 * kTile + kTile / kGroup);
   }
 };
 
@@ -91,6 +95,83 @@ __device__ __forceinline__ void stage_steps(const acc_t* __restrict__ theta, con
   }
 }
 
+// After stage_steps (and a barrier): for each group g of steps 4g .. 4g+3 of the tile, bit 0 says all
+// four are valid and touch eight distinct rows; bit 1 (2) says the same of steps 4g, 4g+1 (4g+2, 4g+3).
+__device__ __forceinline__ void group_flags(const int* ti, const int* tj, int nt, int lane, int* tf) {
+  for (int g = lane; g < (nt + kGroup - 1) / kGroup; g += kLines) {
+    const int u0 = kGroup * g;
+    auto valid = [&](int u) { return u < nt && ti[u] >= 0; };
+    auto apart = [&](int u, int v) { return ti[u] != ti[v] && ti[u] != tj[v] && tj[u] != ti[v] && tj[u] != tj[v]; };
+    const bool lo = valid(u0) && valid(u0 + 1) && apart(u0, u0 + 1);
+    const bool hi = valid(u0 + 2) && valid(u0 + 3) && apart(u0 + 2, u0 + 3);
+    const bool all = lo && hi && apart(u0, u0 + 2) && apart(u0, u0 + 3) && apart(u0 + 1, u0 + 2) && apart(u0 + 1, u0 + 3);
+    tf[g] = (all ? 1 : 0) | (lo ? 2 : 0) | (hi ? 4 : 0);
+  }
+}
+
+// Apply steps u0 .. u0+G-1 of the tile to this lane's line. G > 1 only for steps on distinct rows.
+template <int G, typename acc_t>
+__device__ __forceinline__ void forward_steps(int u0, int lane, acc_t* lines, const acc_t* tc, const acc_t* ts,
+                                              const int* ti, const int* tj) {
+  int oi[G], oj[G];
+  acc_t x[G], y[G];
+#pragma unroll
+  for (int q = 0; q < G; ++q) {
+    oi[q] = ti[u0 + q];
+    oj[q] = tj[u0 + q];
+  }
+  if (G == 1 && oi[0] < 0) return;  // a bad pair, skipped
+#pragma unroll
+  for (int q = 0; q < G; ++q) {
+    x[q] = lines[oi[q] + lane];
+    y[q] = lines[oj[q] + lane];
+  }
+#pragma unroll
+  for (int q = 0; q < G; ++q) {
+    const acc_t c = tc[u0 + q], s = ts[u0 + q];
+    lines[oi[q] + lane] = c * x[q] - s * y[q];
+    lines[oj[q] + lane] = s * x[q] + c * y[q];
+  }
+}
+
+// Undo steps u0 .. u0+G-1 (any order: G > 1 only for steps on distinct rows) on this lane's lines of
+// M and of the gradient, writing each step's contribution to dL/dphi to part (0 where inactive).
+template <int G, typename acc_t>
+__device__ __forceinline__ void backward_steps(int u0, bool active, int lane, acc_t* m, acc_t* a, const acc_t* tc,
+                                               const acc_t* ts, const int* ti, const int* tj, acc_t* part) {
+  int oi[G], oj[G];
+  acc_t d[G];
+  bool on = active;
+#pragma unroll
+  for (int q = 0; q < G; ++q) {
+    oi[q] = ti[u0 + q];
+    oj[q] = tj[u0 + q];
+    on = on && oi[q] >= 0;
+    d[q] = 0;
+  }
+  if (on) {
+    acc_t x[G], y[G], ga[G], gb[G];
+#pragma unroll
+    for (int q = 0; q < G; ++q) {
+      x[q] = m[oi[q] + lane];
+      y[q] = m[oj[q] + lane];
+      ga[q] = a[oi[q] + lane];
+      gb[q] = a[oj[q] + lane];
+    }
+#pragma unroll
+    for (int q = 0; q < G; ++q) {
+      const acc_t c = tc[u0 + q], s = ts[u0 + q];
+      d[q] = gb[q] * x[q] - ga[q] * y[q];
+      m[oi[q] + lane] = c * x[q] + s * y[q];  // undo the step: the transposed rotation
+      m[oj[q] + lane] = -s * x[q] + c * y[q];
+      a[oi[q] + lane] = c * ga[q] + s * gb[q];
+      a[oj[q] + lane] = -s * ga[q] + c * gb[q];
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < G; ++q) part[(u0 + q) * kLd + lane] = d[q];
+}
+
 template <typename scalar_t, typename acc_t, bool kRows>
 __global__ void __launch_bounds__(kLines)
     forward_kernel(const scalar_t* __restrict__ R, scalar_t* __restrict__ M, const acc_t* __restrict__ thetas,
@@ -102,6 +183,7 @@ __global__ void __launch_bounds__(kLines)
   acc_t* ts = tc + kTile;
   int* ti = reinterpret_cast<int*>(ts + kTile);
   int* tj = ti + kTile;
+  int* tf = tj + kTile;
 
   const int lane = threadIdx.x;
   const int64_t b = blockIdx.x / nchunks;
@@ -116,14 +198,23 @@ __global__ void __launch_bounds__(kLines)
     __syncthreads();  // the previous tile is done with tc/ts/ti/tj (and the loads are visible)
     stage_steps<kRows>(theta, pairs, N, h, t0, nt, lane, tc, ts, ti, tj);
     __syncthreads();
+    group_flags(ti, tj, nt, lane, tf);
+    __syncthreads();
     if (lane < nl) {
-      for (int u = 0; u < nt; ++u) {
-        const int oi = ti[u], oj = tj[u];
-        if (oi < 0) continue;
-        const acc_t c = tc[u], s = ts[u];
-        const acc_t x = lines[oi + lane], y = lines[oj + lane];
-        lines[oi + lane] = c * x - s * y;
-        lines[oj + lane] = s * x + c * y;
+      for (int u0 = 0; u0 < nt; u0 += kGroup) {
+        const int f = tf[u0 / kGroup];
+        if (f & 1) {
+          forward_steps<4>(u0, lane, lines, tc, ts, ti, tj);
+          continue;
+        }
+        for (int half = 0; half < 2; ++half) {
+          const int ua = u0 + 2 * half;
+          if (f & (2 << half)) {
+            forward_steps<2>(ua, lane, lines, tc, ts, ti, tj);
+          } else {
+            for (int u = ua; u < min(ua + 2, nt); ++u) forward_steps<1>(u, lane, lines, tc, ts, ti, tj);
+          }
+        }
       }
     }
   }
@@ -145,6 +236,7 @@ __global__ void __launch_bounds__(kLines)
   acc_t* part = ts + kTile;  // kTile x kLd
   int* ti = reinterpret_cast<int*>(part + kTile * kLd);
   int* tj = ti + kTile;
+  int* tf = tj + kTile;
 
   const int lane = threadIdx.x;
   const int64_t b = blockIdx.x / nchunks;
@@ -163,20 +255,23 @@ __global__ void __launch_bounds__(kLines)
     __syncthreads();  // the previous tile's reduction has read part and the stage arrays
     stage_steps<kRows>(theta, pairs, N, h, t0, nt, lane, tc, ts, ti, tj);
     __syncthreads();
-    for (int u = nt - 1; u >= 0; --u) {
-      const int oi = ti[u], oj = tj[u];
-      acc_t d = 0;
-      if (lane < nl && oi >= 0) {
-        const acc_t c = tc[u], s = ts[u];
-        const acc_t x = m[oi + lane], y = m[oj + lane];
-        const acc_t ga = a[oi + lane], gb = a[oj + lane];
-        d = gb * x - ga * y;
-        m[oi + lane] = c * x + s * y;  // undo the step: the transposed rotation
-        m[oj + lane] = -s * x + c * y;
-        a[oi + lane] = c * ga + s * gb;
-        a[oj + lane] = -s * ga + c * gb;
+    group_flags(ti, tj, nt, lane, tf);
+    __syncthreads();
+    const bool active = lane < nl;  // every lane still writes its (zero) share of part
+    for (int u0 = kGroup * ((nt - 1) / kGroup); u0 >= 0; u0 -= kGroup) {  // groups, last first
+      const int f = tf[u0 / kGroup];
+      if (f & 1) {
+        backward_steps<4>(u0, active, lane, m, a, tc, ts, ti, tj, part);
+        continue;
       }
-      part[u * kLd + lane] = d;
+      for (int half = 1; half >= 0; --half) {
+        const int ua = u0 + 2 * half;
+        if (f & (2 << half)) {
+          backward_steps<2>(ua, active, lane, m, a, tc, ts, ti, tj, part);
+        } else {
+          for (int u = min(ua + 2, nt) - 1; u >= ua; --u) backward_steps<1>(u, active, lane, m, a, tc, ts, ti, tj, part);
+        }
+      }
     }
     __syncthreads();
     for (int u = lane; u < nt; u += kLines) {  // fixed order: lane 0 .. 31
