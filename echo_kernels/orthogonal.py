@@ -6,6 +6,7 @@ the extension serves the tensors' device, else the reference (see echo_kernels.b
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -15,6 +16,9 @@ from . import _extension, checks, reference
 from .backend import register_kernel, use_kernel
 
 register_kernel("orthogonal_product", _extension.serves, auto_on_cpu=True)
+
+MAX_H = 256  # the widest R the compiled op takes (csrc/orthogonal.h: kMaxH)
+_warned_wide: list[bool] = []
 
 # pairs tensors whose values were checked: id -> (weak reference, version counter, N, h). A fixed
 # index buffer is checked once, not copied to the host on every call.
@@ -62,6 +66,13 @@ def orthogonal_product(thetas: Tensor, pairs: Tensor, R: Tensor, givens_first: b
         raise ValueError(
             f"leading dims of thetas {tuple(thetas.shape[:-1])} and R {tuple(R.shape[:-2])} do not broadcast"
         ) from None
-    if R.shape[-1] <= 256 and use_kernel("orthogonal_product", R.device):
-        return torch.ops.echo_kernels.orthogonal_product(thetas, pairs, R, bool(givens_first))
+    if use_kernel("orthogonal_product", R.device):
+        if R.shape[-1] <= MAX_H:
+            return torch.ops.echo_kernels.orthogonal_product(thetas, pairs, R, bool(givens_first))
+        if not _warned_wide:
+            _warned_wide.append(True)
+            warnings.warn(
+                f"echo_kernels: the compiled orthogonal_product takes h <= {MAX_H}; h = {R.shape[-1]} runs the reference",
+                stacklevel=2,
+            )
     return reference.orthogonal_product(thetas, pairs, R, givens_first)

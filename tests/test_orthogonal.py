@@ -138,7 +138,7 @@ def test_torch_compile_fullgraph():
 
     t1, r1 = thetas.clone().requires_grad_(True), R.clone().requires_grad_(True)
     t2, r2 = thetas.clone().requires_grad_(True), R.clone().requires_grad_(True)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True)
     out, want = compiled(t1, r1), f(t2, r2)
     torch.testing.assert_close(out, want)
     out.backward()
@@ -251,6 +251,21 @@ def test_public_function_runs_the_op_on_cpu(monkeypatch):
     monkeypatch.setenv("ECHO_BACKEND", "reference")
     ek.orthogonal_product(thetas, pairs, R)
     assert calls
+
+
+def test_missing_extension_is_said_once_and_the_reference_runs(monkeypatch):
+    monkeypatch.setenv("ECHO_BACKEND", "auto")
+    monkeypatch.setattr(_extension, "_CPU", False)
+    monkeypatch.setattr(backend, "_warned", set())
+    thetas, pairs, R = inputs(8, 5, seed=13)
+    with pytest.warns(UserWarning, match="no compiled orthogonal_product for cpu tensors; running the reference"):
+        M = ek.orthogonal_product(thetas, pairs, R)
+    torch.testing.assert_close(M, reference.orthogonal_product(thetas, pairs, R))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ek.orthogonal_product(thetas, pairs, R)
 
 
 def _toolkit_present() -> bool:
