@@ -1,0 +1,159 @@
+"""rotary_orthogonal, y = RoPE(x @ M): the Triton kernel against its peers, forward and backward.
+
+    pytest benches/bench_rotary.py                  # pytest-benchmark table
+    pytest benches/bench_rotary.py -s               # plus the roofline line of every case
+
+Peers, in the same run:
+- reference: the plain-PyTorch maths (a matmul, a cos/sin table, an elementwise pass);
+- compiled: `torch.compile` of the reference;
+- folded (GPU): M folded into the projection weight ahead of time, so only a plain rotary runs here
+  (torch.compile of the rotary alone: the best a model could do without this kernel);
+- kernel (GPU): the fused Triton kernel.
+
+On a GPU the shape is Echo's (B=8, T=1500, H=16, h=64) in bf16; each case also prints its roofline:
+bytes read and written over the copy bandwidth measured on this device in the same run. Without a GPU
+the kernel only runs through the Triton interpreter, far too slow to time, so the CPU run compares the
+reference with its compiled form on a small shape, and the kernel cases are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import echo_kernels
+from echo_kernels import reference
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+B, T, H, h = (8, 1500, 16, 64) if GPU else (2, 64, 4, 64)
+DTYPE = torch.bfloat16 if GPU else torch.float32
+OFFSET, LAYOUT = 0, "half_split"
+
+
+def make_inputs(requires_grad: bool):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(B, T, H, h, device=DEVICE, generator=g).to(DTYPE)
+    M = torch.linalg.qr(torch.randn(h, h, device=DEVICE, generator=g))[0]
+    w = 10000.0 ** (-torch.arange(0, h, 2, device=DEVICE) / h)
+    s = torch.tensor(1.0, device=DEVICE)
+    tensors = [x, M, w, s]
+    for t in tensors:
+        t.requires_grad_(requires_grad)
+    return tensors
+
+
+def kernel(x, M, w, s):
+    return echo_kernels.rotary_orthogonal(x, M, w, s, OFFSET, LAYOUT)
+
+
+def ref(x, M, w, s):
+    return reference.rotary_orthogonal(x, M, w, s, OFFSET, LAYOUT)
+
+
+compiled_ref = torch.compile(ref)
+
+
+@torch.compile
+def _plain_rotary(u, w, s):
+    """RoPE of an already projected u (B, T, H, h): M folded into the weight that produced u."""
+    positions = torch.arange(OFFSET, OFFSET + u.shape[1], device=u.device)
+    phi = reference.rope_angles(w, s, positions)[:, None, :]  # (T, 1, h/2)
+    u1, u2 = u[..., 0::2].float(), u[..., 1::2].float()
+    cos, sin = torch.cos(phi), torch.sin(phi)
+    return torch.cat([u1 * cos - u2 * sin, u1 * sin + u2 * cos], dim=-1).to(u.dtype)
+
+
+def folded(x, M, w, s):
+    return _plain_rotary(x, w, s)
+
+
+CASES = {"reference": ref, "compiled": compiled_ref, "folded": folded, "kernel": kernel}
+GPU_ONLY = {"folded", "kernel"}
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy of the benchmark's x, measured here and now."""
+    x = torch.empty(B * T * H * h, dtype=DTYPE, device=DEVICE)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    n = 50
+    start.record()
+    for _ in range(n):
+        y.copy_(x)
+    stop.record()
+    torch.cuda.synchronize()
+    return 2 * x.numel() * x.element_size() * n / (start.elapsed_time(stop) / 1e3)
+
+
+def bytes_moved(backward: bool) -> int:
+    """Forward: read x, write y. Backward: read x and dy, write dx (M, w, s and dM are tiny)."""
+    tensor = B * T * H * h * torch.finfo(DTYPE).bits // 8
+    return 3 * tensor if backward else 2 * tensor
+
+
+def roofline(benchmark, backward: bool) -> None:
+    if not GPU:
+        return
+    seconds = benchmark.stats.stats.median
+    achieved = bytes_moved(backward) / seconds
+    fraction = achieved / copy_bandwidth()
+    benchmark.extra_info.update(bytes=bytes_moved(backward), gbps=achieved / 1e9, of_copy_bandwidth=fraction)
+    print(f"\n  {bytes_moved(backward) / 1e6:.1f} MB in {seconds * 1e6:.1f} us: {achieved / 1e9:.0f} GB/s, "
+          f"{100 * fraction:.0f}% of the {copy_bandwidth() / 1e9:.0f} GB/s copy bandwidth")
+
+
+def skip_if_cpu(name: str) -> None:
+    if name in GPU_ONLY and not GPU:
+        pytest.skip("no GPU: the kernel reaches the CPU only through the Triton interpreter, too slow to time")
+
+
+def synchronized(fn):
+    def run(*args):
+        out = fn(*args)
+        if GPU:
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("ECHO_BACKEND", "triton" if GPU else "reference")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward(benchmark, name):
+    skip_if_cpu(name)
+    fn = CASES[name]
+    args = make_inputs(requires_grad=False)
+    with torch.no_grad():
+        fn(*args)  # compile / warm up outside the timing
+        benchmark.group = f"rotary forward {tuple(args[0].shape)} {DTYPE}"
+        benchmark.pedantic(synchronized(fn), args=args, rounds=50 if GPU else 5, warmup_rounds=3)
+    roofline(benchmark, backward=False)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_backward(benchmark, name):
+    skip_if_cpu(name)
+    fn = CASES[name]
+    args = make_inputs(requires_grad=True)
+    y = fn(*args)
+    dy = torch.randn_like(y)
+    grads = args if name != "folded" else args[:1]  # folded: x here stands for the projection output
+
+    def backward():
+        return torch.autograd.grad(y, grads, dy, retain_graph=True)
+
+    backward()  # warm up
+    benchmark.group = f"rotary backward {tuple(args[0].shape)} {DTYPE}"
+    benchmark.pedantic(synchronized(backward), rounds=50 if GPU else 5, warmup_rounds=3)
+    roofline(benchmark, backward=True)

@@ -1,0 +1,176 @@
+"""EchoConfig: the keys of ECHO_SPEC section 1, their checks, and conversion from a WhisperConfig."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+ROPE_LAYOUTS = ("half_split", "interleaved")
+MLPS = ("gelu", "s1")
+LAYER_NORMS = ("standard", "s1")
+HYBRID_COMBINES = ("sum", "linear")
+
+# Every key Echo reads, with the model card's "medium" defaults.
+ECHO_DEFAULTS = dict(
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=1024,
+    n_audio_head=16,
+    n_audio_layer=24,
+    vocab_size=51865,
+    n_text_ctx=448,
+    n_text_state=1024,
+    n_text_head=16,
+    n_text_layer=20,
+    max_rel_dist=15,
+    cross_attention=True,
+    checkpointing=True,
+    base=10000.0,
+    bos_token_id=50257,
+    eos_token_id=50257,
+    pad_token_id=50257,
+    decoder_start_token_id=50258,
+    init_std=0.02,
+    base_factor=1.05,
+    adaptive_base=True,
+    n_givens=None,
+    local_window=None,
+    hybrid_combine="sum",
+    conv_attention=False,
+    mlp="gelu",
+    layer_norm="standard",
+    rope_layout="half_split",
+)
+
+
+class EchoConfig(PretrainedConfig):
+    """Configuration of `echo.Echo` (ECHO_SPEC section 1). Unknown keys are kept as attributes.
+
+    n_givens=None means h/2 rotations per site; local_window=None means global attention only.
+    """
+
+    model_type = "echo"
+
+    n_mels: int = 80
+    n_audio_ctx: int = 1500
+    n_audio_state: int = 1024
+    n_audio_head: int = 16
+    n_audio_layer: int = 24
+    vocab_size: int = 51865
+    n_text_ctx: int = 448
+    n_text_state: int = 1024
+    n_text_head: int = 16
+    n_text_layer: int = 20
+    max_rel_dist: int = 15
+    cross_attention: bool = True
+    checkpointing: bool = True
+    base: float = 10000.0
+    bos_token_id: int | None = 50257
+    eos_token_id: int | None = 50257
+    pad_token_id: int | None = 50257
+    decoder_start_token_id: int | None = 50258
+    init_std: float = 0.02
+    base_factor: float = 1.05
+    adaptive_base: bool = True
+    n_givens: int | None = None
+    local_window: int | None = None
+    hybrid_combine: str = "sum"
+    conv_attention: bool = False
+    mlp: str = "gelu"
+    layer_norm: str = "standard"
+    rope_layout: str = "half_split"
+    is_encoder_decoder: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_echo()
+
+    def validate_echo(self) -> None:
+        """Raise ValueError naming the first key whose value cannot build a working model."""
+        positive = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer", "vocab_size",
+                    "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer")
+        for key in positive:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EchoConfig.{key} must be a positive int, got {value!r}")
+        for side in ("audio", "text"):
+            width, heads = getattr(self, f"n_{side}_state"), getattr(self, f"n_{side}_head")
+            if width % heads:
+                raise ValueError(f"EchoConfig: n_{side}_head = {heads} does not divide n_{side}_state = {width}")
+            h = width // heads
+            if h % 2:
+                raise ValueError(f"EchoConfig: head width h = n_{side}_state / n_{side}_head = {h} must be even")
+            if self.n_givens is not None and not (
+                isinstance(self.n_givens, int) and not isinstance(self.n_givens, bool) and 1 <= self.n_givens <= h - 1
+            ):
+                raise ValueError(
+                    f"EchoConfig.n_givens must be None or an int in [1, h - 1] = [1, {h - 1}] "
+                    f"(adjacent pairs (k, k+1) for the {side} head width {h}), got {self.n_givens!r}"
+                )
+        if isinstance(self.max_rel_dist, bool) or not isinstance(self.max_rel_dist, int) or self.max_rel_dist < 1:
+            raise ValueError(f"EchoConfig.max_rel_dist must be an int >= 1, got {self.max_rel_dist!r}")
+        if self.local_window is not None and (
+            isinstance(self.local_window, bool) or not isinstance(self.local_window, int) or self.local_window < 0
+        ):
+            raise ValueError(f"EchoConfig.local_window must be None or an int >= 0, got {self.local_window!r}")
+        for key, allowed in (("rope_layout", ROPE_LAYOUTS), ("mlp", MLPS), ("layer_norm", LAYER_NORMS),
+                             ("hybrid_combine", HYBRID_COMBINES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"EchoConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if not isinstance(self.base, (int, float)) or isinstance(self.base, bool) or not self.base > 1:
+            raise ValueError(f"EchoConfig.base must be a number > 1, got {self.base!r}")
+        if not isinstance(self.base_factor, (int, float)) or isinstance(self.base_factor, bool) or not self.base_factor > 0:
+            raise ValueError(f"EchoConfig.base_factor must be a number > 0, got {self.base_factor!r}")
+        if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
+            raise ValueError(f"EchoConfig.init_std must be a number >= 0, got {self.init_std!r}")
+        for key in ("pad_token_id", "decoder_start_token_id"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"EchoConfig.{key} must be a token id in [0, {self.vocab_size}), got {value!r}")
+        for key in ("cross_attention", "checkpointing", "adaptive_base", "conv_attention"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"EchoConfig.{key} must be a bool, got {getattr(self, key)!r}")
+
+    def head_width(self, side: str) -> int:
+        """h of the encoder ("audio") or decoder ("text")."""
+        return getattr(self, f"n_{side}_state") // getattr(self, f"n_{side}_head")
+
+    def givens_count(self, side: str) -> int:
+        """N, the number of Givens rotations per site of that side (h/2 unless n_givens is set)."""
+        return self.n_givens if self.n_givens is not None else self.head_width(side) // 2
+
+
+def to_echo_config(config: PretrainedConfig) -> EchoConfig:
+    """An EchoConfig from an EchoConfig (returned as is) or any other config carrying Echo's keys.
+
+    A WhisperConfig built as in the model card holds Echo's keys as extra attributes; its own
+    architecture keys (d_model, encoder_layers, ...) are ignored. Keys both configs define
+    (vocab_size, init_std, the special token ids) are read from it as they mean the same thing.
+    """
+    if isinstance(config, EchoConfig):
+        config.validate_echo()
+        return config
+    if not isinstance(config, PretrainedConfig):
+        raise ValueError(f"Echo needs an EchoConfig (or a WhisperConfig carrying Echo's keys), got {type(config).__name__}")
+    values = {}
+    for key in ECHO_DEFAULTS:
+        if hasattr(config, key):
+            values[key] = getattr(config, key)
+    if isinstance(values.get("eos_token_id"), list):
+        values["eos_token_id"] = values["eos_token_id"][0]
+    return EchoConfig(**values)
+
+
+# Whisper "tiny" widths and depths at the card's context lengths and vocabulary: the demo's default.
+TINY = dict(n_audio_state=384, n_audio_head=6, n_audio_layer=4, n_text_state=384, n_text_head=6, n_text_layer=4)
+
+# A model small enough for tests on a laptop CPU (about 0.3 M parameters).
+SMALL = dict(
+    n_mels=80, n_audio_ctx=16, n_audio_state=64, n_audio_head=4, n_audio_layer=2, vocab_size=100,
+    n_text_ctx=12, n_text_state=64, n_text_head=4, n_text_layer=2, max_rel_dist=4,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0, decoder_start_token_id=3,
+)
+
+
+def small_config(**overrides) -> EchoConfig:
+    """EchoConfig of SMALL, with `overrides` applied."""
+    return EchoConfig(**{**SMALL, **overrides})

@@ -1,0 +1,364 @@
+"""Echo: a Whisper-style encoder-decoder with Givens-orthogonal rotary positions (ECHO_SPEC.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+
+from .attention import EchoAttention, encoder_mixer
+from .cache import EchoCache
+from .config import EchoConfig, to_echo_config
+from .layers import MLP, S1LayerNorm, checkpoint_contexts, layer_norm
+from .positional import (PAIR_SEED, CombinedRotaryEmbedding, GivensSite, LearnedSinusoidalEmbedding,
+                         rope_frequencies, site_matrices)
+
+
+def run_block(block: nn.Module, checkpointing: bool, *args):
+    """block(*args), with non-reentrant activation checkpointing while training."""
+    if checkpointing and block.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False, context_fn=checkpoint_contexts)
+    return block(*args)
+
+
+class EncoderBlock(nn.Module):
+    """x: (B, T, D) -> (B, T, D):  x += mixer(LN(x)); x += MLP(LN(x))."""
+
+    def __init__(self, config: EchoConfig):
+        super().__init__()
+        d = config.n_audio_state
+        self.attn_ln = layer_norm(config.layer_norm, d)
+        self.attn = encoder_mixer(config)
+        self.mlp_ln = layer_norm(config.layer_norm, d)
+        self.mlp = MLP(d, config.mlp)
+
+    def forward(self, x: Tensor, pos: dict, padding: Tensor | None) -> Tensor:
+        x = x + self.attn(self.attn_ln(x), pos, key_padding_mask=padding)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class DecoderBlock(nn.Module):
+    """x: (B, T, D), xa: (B, Ta, Da) -> (B, T, D): causal self-attention, cross-attention, MLP."""
+
+    def __init__(self, config: EchoConfig):
+        super().__init__()
+        d = config.n_text_state
+        self.attn_ln = layer_norm(config.layer_norm, d)
+        self.attn = EchoAttention(config, "text", causal=True)
+        if config.cross_attention:
+            self.cross_attn_ln = layer_norm(config.layer_norm, d)
+            self.cross_attn = EchoAttention(config, "text", cross=True, d_kv=config.n_audio_state)
+        else:
+            self.cross_attn_ln = self.cross_attn = None
+        self.mlp_ln = layer_norm(config.layer_norm, d)
+        self.mlp = MLP(d, config.mlp)
+
+    def forward(self, x: Tensor, xa: Tensor | None, pos: dict, padding: Tensor | None,
+                audio_padding: Tensor | None, cache: EchoCache | None, offset: int) -> Tensor:
+        x = x + self.attn(self.attn_ln(x), pos, key_padding_mask=padding, cache=cache, offset=offset)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_attn_ln(x), pos, xa=xa, key_padding_mask=audio_padding,
+                                    cache=cache, offset=offset)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class AudioEncoder(nn.Module):
+    """mel: (B, n_mels, T) -> (B, ceil(T / 2), D).
+
+    conv front end, residual-stream rotary, + L2-normalised learned sinusoidal rows, blocks, LN.
+    """
+
+    def __init__(self, config: EchoConfig):
+        super().__init__()
+        d = config.n_audio_state
+        self.checkpointing = config.checkpointing
+        self.conv1 = nn.Conv1d(config.n_mels, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.rotary = CombinedRotaryEmbedding(d, config.n_audio_head, config.givens_count("audio"), config.base,
+                                              config.rope_layout, seed=PAIR_SEED)
+        self.positional = LearnedSinusoidalEmbedding(config.n_audio_ctx, d, config.checkpointing)
+        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_audio_layer))
+        self.ln_post = layer_norm(config.layer_norm, d)
+
+    def forward(self, mel: Tensor, pos: dict, padding: Tensor | None = None) -> Tensor:
+        """padding: (B, ceil(T / 2)) bool, True = a padded frame."""
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = self.rotary(x, pos[self.rotary.site.key])
+        x = x + self.positional(torch.arange(x.shape[1], device=x.device)).to(x.dtype)
+        for block in self.blocks:
+            x = run_block(block, self.checkpointing, x, pos, padding)
+        return self.ln_post(x)
+
+
+class TextDecoder(nn.Module):
+    """tokens: (B, T), xa: (B, Ta, Da) -> logits (B, T, vocab) float32, tied to the token embedding."""
+
+    def __init__(self, config: EchoConfig):
+        super().__init__()
+        d = config.n_text_state
+        self.checkpointing = config.checkpointing
+        self.token_embedding = nn.Embedding(config.vocab_size, d)
+        self.positional = LearnedSinusoidalEmbedding(config.n_text_ctx, d, config.checkpointing)
+        self.rotary = CombinedRotaryEmbedding(d, config.n_text_head, config.givens_count("text"), config.base,
+                                              config.rope_layout, seed=PAIR_SEED + 1)
+        self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_text_layer))
+        self.ln = layer_norm(config.layer_norm, d)
+
+    def forward(self, tokens: Tensor, xa: Tensor | None, pos: dict, padding: Tensor | None = None,
+                audio_padding: Tensor | None = None, cache: EchoCache | None = None) -> Tensor:
+        """padding: (B, offset + T) bool over all text keys so far, True = padded."""
+        offset = cache.offset if cache is not None else 0
+        T = tokens.shape[1]
+        x = self.token_embedding(tokens)
+        x = x + self.positional(torch.arange(offset, offset + T, device=tokens.device)).to(x.dtype)
+        x = self.rotary(x, pos[self.rotary.site.key], offset)
+        for block in self.blocks:
+            # a cached step mutates the cache, so it must not be re-run by checkpointing
+            x = run_block(block, self.checkpointing and cache is None, x, xa, pos, padding, audio_padding, cache, offset)
+        x = self.ln(x)
+        if cache is not None:
+            cache.offset += T
+        return (x @ self.token_embedding.weight.to(x.dtype).T).float()
+
+
+class Echo(PreTrainedModel):
+    """The Echo speech model: AudioEncoder + TextDecoder, Hugging Face style.
+
+    Buffers `base` (the current rotary base of attention) and `prev_loss` (last training loss,
+    +inf at first) implement the self-adjusting base of ECHO_SPEC 5.
+    """
+
+    config_class = EchoConfig
+    base_model_prefix = "echo"
+    main_input_name = "input_features"
+    _no_split_modules = ["EncoderBlock", "DecoderBlock"]
+
+    def __init__(self, config):
+        config = to_echo_config(config)
+        super().__init__(config)
+        self.encoder = AudioEncoder(config)
+        self.decoder = TextDecoder(config)
+        self.register_buffer("base", torch.tensor(float(config.base), dtype=torch.float32))
+        self.register_buffer("prev_loss", torch.tensor(float("inf"), dtype=torch.float32))
+        for name, module in self.named_modules():
+            if isinstance(module, GivensSite):
+                module.key = name
+            elif isinstance(module, EchoAttention):
+                module.cache_key = name
+        self.post_init()
+
+    def _init_weights(self, module):
+        # modules initialise themselves at construction; apply_initialization() is ECHO_SPEC 8's scheme
+        pass
+
+    def apply_initialization(self) -> None:
+        """ECHO_SPEC 8: embedding N(0, init_std); conv1 xavier-normal, conv2 kaiming-normal (fan_out, relu),
+        zero conv biases; LayerNorm weight 1, bias 0; decoder Linear weights xavier-normal; attention R
+        orthogonal. Everything else keeps its construction-time value."""
+        with torch.no_grad():
+            nn.init.normal_(self.decoder.token_embedding.weight, 0.0, self.config.init_std)
+            nn.init.xavier_normal_(self.encoder.conv1.weight)
+            nn.init.kaiming_normal_(self.encoder.conv2.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(self.encoder.conv1.bias)
+            nn.init.zeros_(self.encoder.conv2.bias)
+            for module in self.modules():
+                if isinstance(module, (nn.LayerNorm, S1LayerNorm)):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+                elif isinstance(module, EchoAttention):
+                    module.site.reset_r(orthogonal=True)
+            for module in self.decoder.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_normal_(module.weight)
+
+    # ------------------------------------------------------------------------------------------
+    # positional state, computed once per forward outside any checkpointed region
+
+    def positional_state(self) -> dict[str, Tensor]:
+        """{"w.audio", "w.text": attention frequencies from the current base; site name: M}."""
+        pos = {
+            "w.audio": rope_frequencies(self.base, self.config.head_width("audio")),
+            "w.text": rope_frequencies(self.base, self.config.head_width("text")),
+        }
+        pos.update(site_matrices({n: m for n, m in self.named_modules() if isinstance(m, GivensSite)}))
+        return pos
+
+    def update_base(self, loss: Tensor) -> None:
+        """base *= f if loss < prev_loss else base /= f; prev_loss = loss. On the device, no sync.
+
+        A NaN or infinite loss (e.g. every label ignored) leaves both untouched: compared with it,
+        every later loss would count as worse and the base would only ever shrink.
+        """
+        with torch.no_grad():
+            loss = loss.detach().to(self.prev_loss.dtype)
+            f = self.config.base_factor
+            finite = torch.isfinite(loss)
+            new_base = torch.where(loss < self.prev_loss, self.base * f, self.base / f)
+            self.base.copy_(torch.where(finite, new_base, self.base))
+            self.prev_loss.copy_(torch.where(finite, loss, self.prev_loss))
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not round the adaptive state: it stays float32 on the new device
+        kept = {name: self._buffers[name] for name in ("base", "prev_loss") if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
+    # ------------------------------------------------------------------------------------------
+
+    def encode(self, input_features: Tensor, attention_mask: Tensor | None = None,
+               pos: dict | None = None) -> tuple[Tensor, Tensor | None]:
+        """mel (B, n_mels, T) -> (audio features (B, ceil(T/2), D), frame padding (B, ceil(T/2)) or None)."""
+        _check_mel(self.config, input_features, attention_mask)
+        padding = None
+        if attention_mask is not None:
+            padding = ~attention_mask[:, ::2].bool()
+        pos = self.positional_state() if pos is None else pos
+        return self.encoder(input_features, pos, padding), padding
+
+    def forward(
+        self,
+        input_features: Tensor | None = None,
+        labels: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        encoder_outputs=None,
+        past_key_values: EchoCache | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        cache: EchoCache | None = None,
+        **kwargs,
+    ) -> Seq2SeqLMOutput:
+        """input_features: (B, n_mels, T) log-mel; labels / decoder_input_ids: (B, L) token ids.
+
+        past_key_values (or `cache`, its newer transformers name): an EchoCache to continue from.
+        Returns Seq2SeqLMOutput(loss, logits (B, L, vocab) float32, cache, encoder_last_hidden_state);
+        the cache is returned when use_cache is set (read it as .cache or .past_key_values).
+        """
+        config = self.config
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the cache once, as past_key_values or as cache")
+        cache = cache if cache is not None else past_key_values
+        use_cache = bool(use_cache) or (use_cache is None and cache is not None)
+        if cache is None and use_cache:
+            cache = EchoCache()
+        if cache is not None and not isinstance(cache, EchoCache):
+            raise ValueError(f"past_key_values must be an EchoCache, got {type(cache).__name__}")
+        if labels is not None:
+            _check_tokens(config, "labels", labels, allow_ignore=True)
+            if decoder_input_ids is None:
+                decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+        if decoder_input_ids is None:
+            raise ValueError("Echo.forward needs labels or decoder_input_ids")
+        _check_tokens(config, "decoder_input_ids", decoder_input_ids, offset=cache.offset if cache else 0)
+        if labels is not None and labels.shape != decoder_input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids {tuple(decoder_input_ids.shape)} "
+                             "must have the same shape")
+
+        if cache is not None and cache.pos is not None:
+            pos = cache.pos
+        else:
+            pos = self.positional_state()
+            if cache is not None:
+                cache.pos = pos
+
+        audio_padding = cache.audio_padding if cache is not None else None
+        if encoder_outputs is not None:
+            xa = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list, BaseModelOutput)) else encoder_outputs
+            if attention_mask is not None:
+                audio_padding = ~attention_mask[:, ::2].bool()
+        elif input_features is not None:
+            xa, audio_padding = self.encode(input_features, attention_mask, pos)
+        elif cache is not None and cache.offset > 0:
+            xa = None  # cross-attention keys and values are in the cache
+        else:
+            raise ValueError("Echo.forward needs input_features (or encoder_outputs)")
+        if cache is not None:
+            cache.audio_padding = audio_padding
+
+        padding = None
+        if decoder_attention_mask is not None:
+            offset = cache.offset if cache is not None else 0
+            padding = ~decoder_attention_mask.bool()
+            if padding.shape != (decoder_input_ids.shape[0], offset + decoder_input_ids.shape[1]):
+                raise ValueError(f"decoder_attention_mask must have shape (B, past + L) = "
+                                 f"({decoder_input_ids.shape[0]}, {offset + decoder_input_ids.shape[1]}), "
+                                 f"got {tuple(decoder_attention_mask.shape)}")
+        logits = self.decoder(decoder_input_ids, xa, pos, padding, audio_padding, cache)
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            if self.training and config.adaptive_base:
+                self.update_base(loss)
+        out = Seq2SeqLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
+                              encoder_last_hidden_state=xa)
+        return out.to_tuple() if return_dict is False else out
+
+    # ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """Load a folder written by save_pretrained (config.json + model.safetensors, or shards).
+
+        Keys and shapes are checked before anything is loaded; a problem is a ValueError naming it.
+        Hub arguments that Auto classes pass along (trust_remote_code, revision, ...) are ignored:
+        Echo loads local folders only. `dtype` / `torch_dtype` cast the loaded model.
+        """
+        from .checkpoint import load_checkpoint
+
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        return load_checkpoint(cls, pretrained_model_name_or_path, config=config, dtype=dtype)
+
+
+def shift_tokens_right(labels: Tensor, pad_token_id: int, decoder_start_token_id: int) -> Tensor:
+    """(B, L) -> (B, L): [start, labels[:, :-1]] with -100 replaced by pad."""
+    shifted = labels.new_empty(labels.shape)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+def _check_mel(config: EchoConfig, mel, attention_mask) -> None:
+    if not isinstance(mel, Tensor) or not mel.is_floating_point():
+        raise ValueError(f"input_features must be a floating-point tensor, got {getattr(mel, 'dtype', type(mel))}")
+    if mel.dim() != 3:
+        raise ValueError(f"input_features must have shape (B, n_mels, T), got {tuple(mel.shape)}")
+    if mel.shape[1] != config.n_mels:
+        raise ValueError(f"input_features has {mel.shape[1]} mel bins, the model expects n_mels = {config.n_mels}")
+    T = mel.shape[2]
+    if not 1 <= T <= 2 * config.n_audio_ctx:
+        raise ValueError(f"input_features has {T} frames; expected 1..2 * n_audio_ctx = {2 * config.n_audio_ctx}")
+    if not bool(torch.isfinite(mel).all()):
+        raise ValueError("input_features contains NaN or inf")
+    if attention_mask is not None and tuple(attention_mask.shape) != (mel.shape[0], T):
+        raise ValueError(f"attention_mask must have shape (B, T) = ({mel.shape[0]}, {T}), got {tuple(attention_mask.shape)}")
+
+
+def _check_tokens(config: EchoConfig, name: str, ids, allow_ignore: bool = False, offset: int = 0) -> None:
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"{name} must be an integer tensor, got {getattr(ids, 'dtype', type(ids))}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must have shape (B, L), got {tuple(ids.shape)}")
+    if ids.shape[1] < 1 or offset + ids.shape[1] > config.n_text_ctx:
+        raise ValueError(f"{name} has length {ids.shape[1]} (after {offset} cached), more than "
+                         f"n_text_ctx = {config.n_text_ctx} or empty")
+    valid = (ids >= 0) & (ids < config.vocab_size)
+    if allow_ignore:
+        valid |= ids == -100
+    if not bool(valid.all()):
+        bad = ids[~valid][0].item()
+        allowed = "-100 or " if allow_ignore else ""
+        raise ValueError(f"{name} holds token id {bad}; expected {allowed}ids in [0, vocab_size = {config.vocab_size})")

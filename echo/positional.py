@@ -1,0 +1,141 @@
+"""Positional machinery: Givens-orthogonal sites (ECHO_SPEC 2), the residual-stream rotary (3) and
+the learned, L2-normalised sinusoidal table (8)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from echo_kernels import orthogonal_product, rotary_orthogonal
+
+# The residual-stream rotaries draw their index pairs from generators seeded with this plus a
+# per-site number, so that the same config always builds the same pairs.
+PAIR_SEED = 1234
+
+
+def rope_frequencies(base: Tensor | float, h: int) -> Tensor:
+    """w[m] = base^(-2m/h) for m = 0..h/2-1, float32.   base: scalar (a tensor stays on its device)."""
+    base = torch.as_tensor(base, dtype=torch.float32)
+    exponents = torch.arange(0, h, 2, dtype=torch.float32, device=base.device) / h
+    return base.pow(-exponents)
+
+
+def adjacent_pairs(n: int) -> Tensor:
+    """(n, 2) int64: the pairs (k, k+1), k = 0..n-1."""
+    k = torch.arange(n, dtype=torch.int64)
+    return torch.stack([k, k + 1], dim=1)
+
+
+def random_pairs(n: int, h: int, seed: int) -> Tensor:
+    """(n, 2) int64 pairs (i, j), i != j, drawn from a generator seeded with `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(0, h, (n,), generator=g)
+    j = torch.randint(0, h - 1, (n,), generator=g)
+    j = j + (j >= i).long()  # skips i, so j is uniform over the others
+    return torch.stack([i, j], dim=1)
+
+
+class GivensSite(nn.Module):
+    """One place that rotates: N learned angles, N fixed index pairs and a learned dense R (h x h).
+
+    matrix() is G_1 ... G_N R if givens_first else R G_1 ... G_N. Sites with equal pairs, h and order
+    share a `group`, so the model can build all their matrices in one orthogonal_product call.
+    """
+
+    def __init__(self, h: int, pairs: Tensor, *, givens_first: bool, orthogonal_r: bool, group=None):
+        super().__init__()
+        self.h = h
+        self.givens_first = givens_first
+        self.group = group
+        self.thetas = nn.Parameter(torch.zeros(pairs.shape[0]))
+        self.R = nn.Parameter(torch.empty(h, h))
+        self.register_buffer("pairs", pairs.clone())
+        self.reset_r(orthogonal_r)
+
+    def reset_r(self, orthogonal: bool) -> None:
+        with torch.no_grad():
+            if orthogonal:
+                nn.init.orthogonal_(self.R)
+            else:
+                self.R.copy_(torch.eye(self.h))
+
+    def matrix(self) -> Tensor:
+        return orthogonal_product(self.thetas, self.pairs, self.R, self.givens_first)
+
+
+def site_matrices(sites: dict[str, GivensSite]) -> dict[str, Tensor]:
+    """{name: M} for every site, batching the sites of a group into one orthogonal_product call."""
+    groups: dict[object, list[str]] = defaultdict(list)
+    for name, site in sites.items():
+        groups[site.group if site.group is not None else name].append(name)
+    out = {}
+    for names in groups.values():
+        first = sites[names[0]]
+        if len(names) == 1:
+            out[names[0]] = first.matrix()
+            continue
+        thetas = torch.stack([sites[n].thetas for n in names])
+        R = torch.stack([sites[n].R for n in names])
+        M = orthogonal_product(thetas, first.pairs, R, first.givens_first)
+        out.update(zip(names, M.unbind(0)))
+    return out
+
+
+class CombinedRotaryEmbedding(nn.Module):
+    """Residual-stream rotary: per head-sized group, y = RoPE(x @ M), M = G_1 ... G_N R (ECHO_SPEC 3).
+
+    x: (B, T, D) -> (B, T, D). The frequencies w are learned (initialised from base); s = 1.
+    """
+
+    def __init__(self, d: int, n_head: int, n_givens: int, base: float, layout: str, seed: int):
+        super().__init__()
+        self.n_head = n_head
+        self.h = d // n_head
+        self.layout = layout
+        self.site = GivensSite(self.h, random_pairs(n_givens, self.h, seed), givens_first=True, orthogonal_r=False)
+        self.w = nn.Parameter(rope_frequencies(float(base), self.h))
+
+    def forward(self, x: Tensor, M: Tensor, offset: int = 0) -> Tensor:
+        B, T, D = x.shape
+        y = rotary_orthogonal(x.view(B, T, self.n_head, self.h), M, self.w, 1.0, offset, self.layout)
+        return y.reshape(B, T, D)
+
+
+def sinusoids(n_ctx: int, d: int) -> Tensor:
+    """P[p, 2i] = sin(p 10000^(-2i/d)), P[p, 2i+1] = cos(p 10000^(-2i/d)).   -> (n_ctx, d) float32."""
+    position = torch.arange(n_ctx, dtype=torch.float64)[:, None]
+    inv = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float64) / d)
+    P = torch.zeros(n_ctx, d, dtype=torch.float64)
+    P[:, 0::2] = torch.sin(position * inv)
+    P[:, 1::2] = torch.cos(position * inv)[:, : d // 2]
+    return P.float()
+
+
+def _normalised_rows(weight: Tensor, positions: Tensor) -> Tensor:
+    return F.normalize(weight[positions], dim=-1)
+
+
+class LearnedSinusoidalEmbedding(nn.Module):
+    """A learned (n_ctx, D) table initialised with sinusoids; rows are L2-normalised when looked up.
+
+    positions: (T,) int64 -> (T, D).
+    """
+
+    def __init__(self, n_ctx: int, d: int, checkpointing: bool = False):
+        super().__init__()
+        self.checkpointing = checkpointing
+        self.weight = nn.Parameter(sinusoids(n_ctx, d))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(sinusoids(*self.weight.shape))
+
+    def forward(self, positions: Tensor) -> Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(_normalised_rows, self.weight, positions, use_reentrant=False)
+        return _normalised_rows(self.weight, positions)

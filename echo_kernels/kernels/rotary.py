@@ -1,0 +1,428 @@
+"""Triton kernels of y = RoPE(x @ M), forward and backward, and their launchers (ECHO_SPEC 3).
+
+    x: (B, T, H, h), any strides (e.g. a transpose(1, 2) view of (B, H, T, h)); M: (h, h);
+    w: (h/2,); s: scalar (a tensor when learned, else a float); positions offset + t.
+
+With u = x @ M, pair m is (u[2m], u[2m+1]). De-interleaving registers is awkward, so M is split by
+columns instead: u_e = x @ M[:, 0::2] and u_o = x @ M[:, 1::2] are two dots against column slices
+of M loaded with strides. At phi = (s * t) * w[m]
+
+    a = u_e cos(phi) - u_o sin(phi),   b = u_e sin(phi) + u_o cos(phi)
+
+and a, b go to their output columns by layout: half_split [a..., b...], interleaved [a0, b0, ...].
+
+A program owns a block of BLOCK_T positions of one batch row and HEADS heads. The angles depend on
+the position only, so cos/sin are computed once per program and reused for each head; M's slices
+are loaded once per program and stay on chip. No cos/sin table ever goes through device memory.
+
+Backward, with g = RoPE^T(dy) in pair form (du_e, du_o) = (da cos + db sin, db cos - da sin):
+
+    dx = du_e @ M[:, 0::2]^T + du_o @ M[:, 1::2]^T
+    dM[:, 0::2] = sum over tokens of x^T du_e,  dM[:, 1::2] = x^T du_o
+    dphi = a db - b da   (da/dphi = -b, db/dphi = a),  so  dw[m] = s sum_t t dphi,  ds = sum_m w[m] sum_t t dphi
+
+The backward program recomputes u from x (two more dots; x is read anyway for dM), so nothing but
+the inputs is saved. dM and sum_t t dphi are written as per-program partials and summed by torch
+in a fixed order: deterministic, no float atomics.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Dtypes the kernels take for x (float64 stays with the reference).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (32, 64, 80, 128)  # the widths that aot_specs() compiles; any even h >= 2 works
+BLOCK_T = 64  # forward: one warpgroup's worth of rows for the Hopper wgmma
+BLOCK_T_BWD = 32  # backward: half the rows, for the registers its dM accumulators need
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_m_slices(M, stride_mk, stride_mn, k, p, k_mask, p_mask, TRANSPOSE: tl.constexpr):
+    """M[:, 0::2] and M[:, 1::2] as (BLOCK_K, BLOCK_P), or their transposes (BLOCK_P, BLOCK_K)."""
+    if TRANSPOSE:
+        base = M + k[None, :] * stride_mk + (2 * p)[:, None] * stride_mn
+        mask = p_mask[:, None] & k_mask[None, :]
+    else:
+        base = M + k[:, None] * stride_mk + (2 * p)[None, :] * stride_mn
+        mask = k_mask[:, None] & p_mask[None, :]
+    m_even = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    m_odd = tl.load(base + stride_mn, mask=mask, other=0.0).to(tl.float32)
+    return m_even, m_odd
+
+
+@triton.jit
+def _sincos(phi):
+    """sin and cos of fp32 phi, within 1e-7 for |phi| < 1e5 (Cody-Waite reduction to [-pi/4, pi/4]
+    with Cephes' split of pi/2, exact with or without fused multiply-adds, then Cephes' sinf/cosf
+    minimax polynomials).
+
+    tl.sin/tl.cos become libdevice calls whose rarely taken slow path (Payne-Hanek reduction) alone
+    costs the kernel all 255 registers; the angle of a position never needs it."""
+    j = tl.floor(phi * 0.636619772 + 0.5)  # nearest multiple of pi/2
+    # pi/2 in three parts, the first two with few mantissa bits so that j * part is exact and r
+    # keeps its low bits (the interpreter does not fuse tl.fma; the GPU does).
+    r = tl.fma(j, -1.5703125, phi)
+    r = tl.fma(j, -4.837512969970703125e-4, r)
+    r = tl.fma(j, -7.54978995489188216e-8, r)
+    r2 = r * r
+    sin_r = tl.fma(tl.fma(tl.fma(r2, -1.95152959e-04, 8.33216087e-03), r2, -1.66666546e-01) * r2, r, r)
+    cos_r = tl.fma(tl.fma(tl.fma(tl.fma(r2, 2.44331571e-05, -1.38873163e-03), r2, 4.16666457e-02), r2, -0.5), r2, 1.0)
+    quadrant = j.to(tl.int32) & 3  # two's complement: also right for negative angles
+    odd = (quadrant & 1) != 0
+    sin = tl.where(odd, cos_r, sin_r)
+    cos = tl.where(odd, sin_r, cos_r)
+    sin = tl.where((quadrant & 2) != 0, -sin, sin)
+    cos = tl.where(((quadrant + 1) & 2) != 0, -cos, cos)
+    return sin, cos
+
+
+@triton.jit
+def _angles(W, S, s_value, stride_w, offset, t, p, p_mask, S_IS_TENSOR: tl.constexpr):
+    """cos and sin of phi[t, m] = (s * (offset + t)) * w[m], (BLOCK_T, BLOCK_P), fp32; and s * pos."""
+    if S_IS_TENSOR:
+        s = tl.load(S).to(tl.float32)  # a learned s stays on the device: no host sync
+    else:
+        s = s_value
+    pos = (offset + t).to(tl.float32)
+    w = tl.load(W + p * stride_w, mask=p_mask, other=0.0).to(tl.float32)
+    phi = (s * pos)[:, None] * w[None, :]  # same order as the reference: (s * t) * w
+    sin, cos = _sincos(phi)
+    return cos, sin, pos
+
+
+@triton.jit
+def _pair_columns(p, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Columns of a_m and b_m in the laid-out vector."""
+    if INTERLEAVED:
+        return 2 * p, 2 * p + 1
+    return p, p + HEAD_DIM // 2
+
+
+@triton.jit
+def _tile(P, b, t0, head, stride_b, stride_t, stride_h):
+    """Address of P[b, t0, head, 0], in int64: B T H h may pass 2^31 elements."""
+    return P + b.to(tl.int64) * stride_b + t0.to(tl.int64) * stride_t + head.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr):
+    """a @ b accumulated in fp32: exact (ieee) for fp32 operands, tensor cores for half ones."""
+    if DOT_FP32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _rotary_fwd_kernel(
+    X, M, W, S, Y,
+    s_value, offset, T, H, n_head_chunks,
+    stride_xb, stride_xt, stride_xh, stride_xd,
+    stride_yb, stride_yt, stride_yh, stride_yd,
+    stride_mk, stride_mn, stride_w,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEADS, INTERLEAVED: tl.constexpr, S_IS_TENSOR: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Y[b, t, head, :] = layout(rotate(X[b, t, head, :] @ M)) for one (t block, b, head chunk)."""
+    pid_t = tl.program_id(0)
+    pid_b = tl.program_id(1) // n_head_chunks
+    head0 = (tl.program_id(1) % n_head_chunks) * HEADS
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    k = tl.arange(0, BLOCK_K)  # input features, padded to a power of two (h = 80 -> 128)
+    p = tl.arange(0, BLOCK_P)  # pairs, padded likewise (40 -> 64)
+    t_mask, k_mask, p_mask = t < T, k < HEAD_DIM, p < HEAD_DIM // 2
+
+    # Dot operands: fp32 for fp32 x (and for bf16 under the interpreter, which mishandles bf16:
+    # there the conversion comes right after each load), else x's half type, M rounded to it.
+    operand = tl.float32 if DOT_FP32 else X.dtype.element_ty
+    m_even, m_odd = _load_m_slices(M, stride_mk, stride_mn, k, p, k_mask, p_mask, False)
+    m_even, m_odd = m_even.to(operand), m_odd.to(operand)
+    cos, sin, _ = _angles(W, S, s_value, stride_w, offset, t, p, p_mask, S_IS_TENSOR)
+    col_a, col_b = _pair_columns(p, HEAD_DIM, INTERLEAVED)
+
+    # Scalar int64 bases, small int32 offsets within a tile: a tile of 64-bit pointers would hold
+    # two registers per element for the whole head loop.
+    r = tl.arange(0, BLOCK_T)
+    x_offsets = r[:, None] * stride_xt + k[None, :] * stride_xd
+    a_offsets = r[:, None] * stride_yt + col_a[None, :] * stride_yd
+    b_offsets = r[:, None] * stride_yt + col_b[None, :] * stride_yd
+    for i in range(HEADS):
+        head = head0 + i
+        x_mask = t_mask[:, None] & k_mask[None, :] & (head < H)
+        x = tl.load(_tile(X, pid_b, pid_t * BLOCK_T, head, stride_xb, stride_xt, stride_xh) + x_offsets,
+                    mask=x_mask, other=0.0)
+        x = x.to(operand)
+        u_e = _dot(x, m_even, DOT_FP32)
+        u_o = _dot(x, m_odd, DOT_FP32)
+        a = u_e * cos - u_o * sin
+        b = u_e * sin + u_o * cos
+        y_mask = t_mask[:, None] & p_mask[None, :] & (head < H)
+        y = _tile(Y, pid_b, pid_t * BLOCK_T, head, stride_yb, stride_yt, stride_yh)
+        tl.store(y + a_offsets, a.to(Y.dtype.element_ty), mask=y_mask)
+        tl.store(y + b_offsets, b.to(Y.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _rotary_bwd_kernel(
+    X, M, W, S, DY, DX, DM_PART, G_PART,
+    s_value, offset, T, H, n_head_chunks, n_units,
+    stride_xb, stride_xt, stride_xh, stride_xd,
+    stride_dyb, stride_dyt, stride_dyh, stride_dyd,
+    stride_dxb, stride_dxt, stride_dxh, stride_dxd,
+    stride_mk, stride_mn, stride_w,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEADS, INTERLEAVED: tl.constexpr, S_IS_TENSOR: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """dx for the units pid, pid + P, ... (a unit: a t block, a batch row, a head chunk), and this
+    program's partial sums of dM (DM_PART[pid], laid out as M) and of t dphi (G_PART[pid, m])."""
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    n_t_blocks = tl.cdiv(T, BLOCK_T)
+    k = tl.arange(0, BLOCK_K)
+    p = tl.arange(0, BLOCK_P)
+    k_mask, p_mask = k < HEAD_DIM, p < HEAD_DIM // 2
+
+    operand = tl.float32 if DOT_FP32 else X.dtype.element_ty  # as in the forward kernel
+    m_even, m_odd = _load_m_slices(M, stride_mk, stride_mn, k, p, k_mask, p_mask, False)
+    mt_even, mt_odd = _load_m_slices(M, stride_mk, stride_mn, k, p, k_mask, p_mask, True)
+    m_even, m_odd = m_even.to(operand), m_odd.to(operand)
+    mt_even, mt_odd = mt_even.to(operand), mt_odd.to(operand)
+    col_a, col_b = _pair_columns(p, HEAD_DIM, INTERLEAVED)
+
+    r = tl.arange(0, BLOCK_T)
+    x_offsets = r[:, None] * stride_xt + k[None, :] * stride_xd
+    dx_offsets = r[:, None] * stride_dxt + k[None, :] * stride_dxd
+    da_offsets = r[:, None] * stride_dyt + col_a[None, :] * stride_dyd
+    db_offsets = r[:, None] * stride_dyt + col_b[None, :] * stride_dyd
+
+    dm_even = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    dm_odd = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    g = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for unit in range(pid, n_units, n_programs):
+        pid_t = unit % n_t_blocks
+        pid_b = unit // n_t_blocks // n_head_chunks
+        head0 = (unit // n_t_blocks % n_head_chunks) * HEADS
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = t < T
+        cos, sin, pos = _angles(W, S, s_value, stride_w, offset, t, p, p_mask, S_IS_TENSOR)
+        t0 = pid_t * BLOCK_T
+        dphi = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
+        for i in range(HEADS):
+            head = head0 + i
+            x_mask = t_mask[:, None] & k_mask[None, :] & (head < H)
+            x = tl.load(_tile(X, pid_b, t0, head, stride_xb, stride_xt, stride_xh) + x_offsets,
+                        mask=x_mask, other=0.0)
+            x = x.to(operand)
+            u_e = _dot(x, m_even, DOT_FP32)
+            u_o = _dot(x, m_odd, DOT_FP32)
+            a = u_e * cos - u_o * sin
+            b = u_e * sin + u_o * cos
+
+            dy_mask = t_mask[:, None] & p_mask[None, :] & (head < H)
+            dy = _tile(DY, pid_b, t0, head, stride_dyb, stride_dyt, stride_dyh)
+            da = tl.load(dy + da_offsets, mask=dy_mask, other=0.0).to(tl.float32)
+            db = tl.load(dy + db_offsets, mask=dy_mask, other=0.0).to(tl.float32)
+            dphi += a * db - b * da
+            du_e = da * cos + db * sin  # the conjugate rotation
+            du_o = db * cos - da * sin
+
+            du_e, du_o = du_e.to(operand), du_o.to(operand)
+            dx = _dot(du_e, mt_even, DOT_FP32) + _dot(du_o, mt_odd, DOT_FP32)
+            dx_tile = _tile(DX, pid_b, t0, head, stride_dxb, stride_dxt, stride_dxh)
+            tl.store(dx_tile + dx_offsets, dx.to(DX.dtype.element_ty), mask=x_mask)
+            x_t = tl.trans(x)
+            dm_even += _dot(x_t, du_e, DOT_FP32)
+            dm_odd += _dot(x_t, du_o, DOT_FP32)
+        g += tl.sum(dphi * pos[:, None], axis=0)  # rows past T hold dphi = 0
+
+    dm_part = DM_PART + pid.to(tl.int64) * HEAD_DIM * HEAD_DIM + k[:, None] * HEAD_DIM + (2 * p)[None, :]
+    dm_mask = k_mask[:, None] & p_mask[None, :]
+    tl.store(dm_part, dm_even, mask=dm_mask)
+    tl.store(dm_part + 1, dm_odd, mask=dm_mask)
+    tl.store(G_PART + pid * (HEAD_DIM // 2) + p, g, mask=p_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _config(h: int, dtype: torch.dtype, backward: bool) -> dict:
+    """Block sizes and warps of a launch (the same as aot_specs() compiles)."""
+    block_k = triton.next_power_of_2(h)
+    block_p = max(16, triton.next_power_of_2(h // 2))  # tl.dot needs every dim >= 16
+    block_k = max(16, block_k)
+    # From h = 80 up (tiles padded to 128 features) the (BLOCK_T, BLOCK_P) fp32 tensors and the
+    # backward's two (BLOCK_K, BLOCK_P) dM accumulators are spread over 8 warps.
+    num_warps = 8 if block_k >= 128 else 4
+    # The interpreter mishandles bf16 dots: do them in fp32 there (tests use fp32/fp16 anyway).
+    dot_fp32 = dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
+    block_t = BLOCK_T_BWD if backward else BLOCK_T
+    return dict(BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_P=block_p, DOT_FP32=dot_fp32, num_warps=num_warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_available(device: torch.device) -> int:
+    """Programs that run at once on the device; a few under the interpreter, to test the loops."""
+    if device.type != "cuda":
+        return 3
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _heads_per_program(n_blocks: int, H: int, wanted: int) -> int:
+    """Largest divisor d of H that still leaves n_blocks * H / d >= wanted programs (else 1).
+
+    More heads per program amortise cos/sin and the M load; a divisor keeps programs equal."""
+    for d in range(H, 0, -1):
+        if H % d == 0 and n_blocks * (H // d) >= wanted:
+            return d
+    return 1
+
+
+def _s_args(s: Tensor | None, s_value: float, w: Tensor) -> tuple[Tensor, float, bool]:
+    # With s a float, the pointer argument is never read: pass w so the signature stays the same.
+    return (s, 0.0, True) if s is not None else (w, float(s_value), False)
+
+
+def rotary_forward(
+    x: Tensor, M: Tensor, w: Tensor, s: Tensor | None, s_value: float, offset: int, layout: str
+) -> Tensor:
+    """y = RoPE(x @ M) at positions offset + t.   x: (B, T, H, h) any strides -> y like x.
+
+    s: the scale as a 1-element tensor, or None to use the float s_value."""
+    B, T, H, h = x.shape
+    y = torch.empty_like(x)  # x's strides where x is dense (a (B, H, T, h) view stays one)
+    if y.numel() == 0:
+        return y
+    cfg = _config(h, x.dtype, backward=False)
+    n_t_blocks = triton.cdiv(T, cfg["BLOCK_T"])
+    heads = _heads_per_program(n_t_blocks * B, H, 4 * _programs_available(x.device))
+    n_head_chunks = triton.cdiv(H, heads)
+    s_ptr, s_value, s_is_tensor = _s_args(s, s_value, w)
+    _rotary_fwd_kernel[(n_t_blocks, B * n_head_chunks)](
+        x, M, w, s_ptr, y,
+        s_value, offset, T, H, n_head_chunks,
+        *x.stride(), *y.stride(), *M.stride(), w.stride(0),
+        HEAD_DIM=h, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=cfg["BLOCK_P"],
+        HEADS=heads, INTERLEAVED=layout == "interleaved", S_IS_TENSOR=s_is_tensor, DOT_FP32=cfg["DOT_FP32"],
+        num_warps=cfg["num_warps"],
+    )
+    return y
+
+
+def rotary_backward(
+    dy: Tensor, x: Tensor, M: Tensor, w: Tensor, s: Tensor | None, s_value: float, offset: int, layout: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dM, dw, ds) of y = RoPE(x @ M); dy: (B, T, H, h) any strides.
+
+    dx is laid out like x, dM, dw contiguous in M's and w's dtypes, ds a 0-d fp32 tensor (the
+    gradient of s whether s is a tensor or a float)."""
+    B, T, H, h = x.shape
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        return dx, torch.zeros(M.shape, dtype=M.dtype, device=M.device), torch.zeros(
+            w.shape, dtype=w.dtype, device=w.device
+        ), torch.zeros((), dtype=torch.float32, device=x.device)
+    cfg = _config(h, x.dtype, backward=True)
+    n_t_blocks = triton.cdiv(T, cfg["BLOCK_T"])
+    available = _programs_available(x.device)
+    # Each program writes an h x h partial of dM, so programs loop over units of work (persistent)
+    # rather than being one per unit; units a few times the programs keep the tail short.
+    heads = _heads_per_program(n_t_blocks * B, H, 4 * available)
+    n_head_chunks = triton.cdiv(H, heads)
+    n_units = n_t_blocks * B * n_head_chunks
+    n_programs = min(n_units, available)
+    dm_part = torch.empty((n_programs, h, h), dtype=torch.float32, device=x.device)
+    g_part = torch.empty((n_programs, h // 2), dtype=torch.float32, device=x.device)
+    s_ptr, s_val, s_is_tensor = _s_args(s, s_value, w)
+    _rotary_bwd_kernel[(n_programs,)](
+        x, M, w, s_ptr, dy, dx, dm_part, g_part,
+        s_val, offset, T, H, n_head_chunks, n_units,
+        *x.stride(), *dy.stride(), *dx.stride(), *M.stride(), w.stride(0),
+        HEAD_DIM=h, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=cfg["BLOCK_P"],
+        HEADS=heads, INTERLEAVED=layout == "interleaved", S_IS_TENSOR=s_is_tensor, DOT_FP32=cfg["DOT_FP32"],
+        num_warps=cfg["num_warps"],
+    )
+    # Fixed-order sums over the partials: the same bits on every run.
+    dM = dm_part.sum(0).to(M.dtype)
+    g = g_part.sum(0)  # sum over tokens of t * dphi[t, m]
+    s_f32 = s.to(torch.float32).reshape(()) if s is not None else float(s_value)
+    dw = (s_f32 * g).to(w.dtype)
+    ds = (g * w.to(torch.float32)).sum()
+    return dx, dM, dw, ds
+
+
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (echo_kernels.aot)
+# --------------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _spec(h: int, dtype: torch.dtype, backward: bool, layout: str = "half_split"):
+    from ..aot import KernelSpec
+
+    cfg = _config(h, dtype, backward)
+    xt = "*" + _TRITON_TYPES[dtype]
+    i32 = "i32"
+    if backward:
+        pointers = {"X": xt, "M": "*fp32", "W": "*fp32", "S": "*fp32", "DY": xt, "DX": xt,
+                    "DM_PART": "*fp32", "G_PART": "*fp32"}
+        scalars = ["offset", "T", "H", "n_head_chunks", "n_units"]
+        strided = ["x", "dy", "dx"]
+    else:
+        pointers = {"X": xt, "M": "*fp32", "W": "*fp32", "S": "*fp32", "Y": xt}
+        scalars = ["offset", "T", "H", "n_head_chunks"]
+        strided = ["x", "y"]
+    signature = dict(pointers, s_value="fp32", **{n: i32 for n in scalars}, HEADS=i32)
+    constexprs = {}
+    for name in strided:
+        for dim in "bth":
+            signature[f"stride_{name}{dim}"] = i32
+        # The feature stride is 1 in practice, and the JIT specialises an int argument equal to 1.
+        signature[f"stride_{name}d"] = "constexpr"
+        constexprs[f"stride_{name}d"] = 1
+    signature.update(stride_mk=i32, stride_mn="constexpr", stride_w="constexpr")
+    constexprs.update(stride_mn=1, stride_w=1)
+    meta = dict(
+        HEAD_DIM=h, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=cfg["BLOCK_P"],
+        INTERLEAVED=layout == "interleaved", S_IS_TENSOR=True, DOT_FP32=cfg["DOT_FP32"],
+    )
+    signature.update({name: "constexpr" for name in meta})
+    constexprs.update(meta)
+    kind = "bwd" if backward else "fwd"
+    return KernelSpec(
+        name=f"rotary_{kind}_h{h}_{_TRITON_TYPES[dtype]}_{layout}",
+        fn=_rotary_bwd_kernel if backward else _rotary_fwd_kernel,
+        signature=signature, constexprs=constexprs, num_warps=cfg["num_warps"],
+    )
+
+
+def aot_specs() -> list:
+    """The launches to compile ahead of time: bf16 (the speed case) at every h, forward and backward,
+    plus fp16, fp32 and the interleaved layout at h = 64."""
+    specs = []
+    for backward in (False, True):
+        specs += [_spec(h, torch.bfloat16, backward) for h in HEAD_DIMS]
+        specs += [_spec(64, torch.float16, backward), _spec(64, torch.float32, backward)]
+        specs.append(_spec(64, torch.bfloat16, backward, "interleaved"))
+    return specs

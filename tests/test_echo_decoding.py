@@ -1,0 +1,66 @@
+"""KV cache and greedy decoding: token-by-token logits equal the full forward; M is built once."""
+
+import pytest
+import torch
+
+import echo.positional
+from echo import Echo, EchoCache, greedy_decode
+from echo.config import small_config
+
+
+def model_and_audio(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = Echo(small_config(**overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # off the initial values: angles, biases, R departing orthogonality
+            p.add_(0.05 * torch.randn_like(p))
+    mel = torch.randn(2, model.config.n_mels, 27)
+    return model, mel
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(cross_attention=False),
+                                       dict(local_window=2, mlp="s1", layer_norm="s1", rope_layout="interleaved")])
+def test_cached_decoding_matches_the_full_forward(overrides):
+    model, mel = model_and_audio(**overrides)
+    tokens = torch.randint(0, model.config.vocab_size, (2, model.config.n_text_ctx))
+    with torch.no_grad():
+        full = model(mel, decoder_input_ids=tokens).logits
+        cache = EchoCache()
+        steps = [model(mel, decoder_input_ids=tokens[:, :3], past_key_values=cache, use_cache=True)]
+        for t in range(3, tokens.shape[1]):
+            steps.append(model(decoder_input_ids=tokens[:, t:t + 1], past_key_values=cache, use_cache=True))
+    assert steps[-1].cache is cache and cache.offset == tokens.shape[1]
+    n_attention = model.config.n_text_layer * (2 if model.config.cross_attention else 1)
+    assert len(cache.kv) == n_attention
+    k, v = cache.kv["decoder.blocks.0.attn"]
+    assert k.shape == (2, model.config.n_text_head, tokens.shape[1], model.config.head_width("text"))
+    stepped = torch.cat([s.logits for s in steps], dim=1)
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_past_the_text_context_is_refused():
+    model, mel = model_and_audio()
+    cache = EchoCache()
+    n = model.config.n_text_ctx
+    model(mel, decoder_input_ids=torch.zeros(2, n, dtype=torch.long), past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="n_text_ctx"):
+        model(decoder_input_ids=torch.zeros(2, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+
+
+def test_greedy_decode_builds_each_matrix_once_and_agrees_with_full_forward(monkeypatch):
+    model, mel = model_and_audio()
+    calls = []
+    real = echo.positional.orthogonal_product
+    monkeypatch.setattr(echo.positional, "orthogonal_product", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tokens = greedy_decode(model, mel, max_new_tokens=6)
+    n_groups = len(calls)
+    assert n_groups <= 4  # encoder and decoder attention sites batched, plus the two rotaries
+    assert tokens.shape[0] == 2 and 2 <= tokens.shape[1] <= 7
+    assert torch.all(tokens[:, 0] == model.config.decoder_start_token_id)
+    with torch.no_grad():
+        logits = model(mel, decoder_input_ids=tokens[:, :-1]).logits
+    finished = torch.zeros(2, dtype=torch.bool)
+    for t in range(tokens.shape[1] - 1):
+        expected = torch.where(finished, model.config.pad_token_id, logits[:, t].argmax(-1))
+        assert torch.equal(tokens[:, t + 1], expected)
+        finished |= tokens[:, t + 1] == model.config.eos_token_id
