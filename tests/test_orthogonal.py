@@ -158,6 +158,36 @@ def test_activation_checkpointing():
     assert torch.equal(t1.grad, t2.grad) and torch.equal(r1.grad, r2.grad)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_fsdp_sees_one_op():
+    """FSDP2 (fully_shard, one CPU rank over gloo): sharded parameters thetas and R get the gradients of
+    the unsharded module."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    class Site(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            thetas, pairs, R = inputs(16, 20, "random", (3,), (), dtype=torch.float32, seed=15)
+            self.thetas, self.R = torch.nn.Parameter(thetas), torch.nn.Parameter(R)
+            self.register_buffer("pairs", pairs)
+
+        def forward(self, x):
+            return x @ ek.orthogonal_product(self.thetas, self.pairs, self.R)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded, plain = Site(), Site()
+        fully_shard(sharded)
+        x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(4))
+        sharded(x).square().sum().backward()
+        plain(x).square().sum().backward()
+        torch.testing.assert_close(sharded.thetas.grad.full_tensor(), plain.thetas.grad)
+        torch.testing.assert_close(sharded.R.grad.full_tensor(), plain.R.grad)
+    finally:
+        dist.destroy_process_group()
+
+
 # -- precision, determinism --------------------------------------------------------------------------
 
 
