@@ -110,15 +110,20 @@ __device__ __forceinline__ void group_flags(const int* ti, const int* tj, int nt
 }
 
 // Apply steps u0 .. u0+G-1 of the tile to this lane's line. G > 1 only for steps on distinct rows.
+// Every load comes before the first store, so that the G chains overlap (the stage arrays and the
+// lines are separate regions of shared memory: __restrict__ lets the compiler know).
 template <int G, typename acc_t>
-__device__ __forceinline__ void forward_steps(int u0, int lane, acc_t* lines, const acc_t* tc, const acc_t* ts,
-                                              const int* ti, const int* tj) {
+__device__ __forceinline__ void forward_steps(int u0, int lane, acc_t* __restrict__ lines,
+                                              const acc_t* __restrict__ tc, const acc_t* __restrict__ ts,
+                                              const int* __restrict__ ti, const int* __restrict__ tj) {
   int oi[G], oj[G];
-  acc_t x[G], y[G];
+  acc_t x[G], y[G], c[G], s[G];
 #pragma unroll
   for (int q = 0; q < G; ++q) {
     oi[q] = ti[u0 + q];
     oj[q] = tj[u0 + q];
+    c[q] = tc[u0 + q];
+    s[q] = ts[u0 + q];
   }
   if (G == 1 && oi[0] < 0) return;  // a bad pair, skipped
 #pragma unroll
@@ -128,24 +133,27 @@ __device__ __forceinline__ void forward_steps(int u0, int lane, acc_t* lines, co
   }
 #pragma unroll
   for (int q = 0; q < G; ++q) {
-    const acc_t c = tc[u0 + q], s = ts[u0 + q];
-    lines[oi[q] + lane] = c * x[q] - s * y[q];
-    lines[oj[q] + lane] = s * x[q] + c * y[q];
+    lines[oi[q] + lane] = c[q] * x[q] - s[q] * y[q];
+    lines[oj[q] + lane] = s[q] * x[q] + c[q] * y[q];
   }
 }
 
 // Undo steps u0 .. u0+G-1 (any order: G > 1 only for steps on distinct rows) on this lane's lines of
 // M and of the gradient, writing each step's contribution to dL/dphi to part (0 where inactive).
 template <int G, typename acc_t>
-__device__ __forceinline__ void backward_steps(int u0, bool active, int lane, acc_t* m, acc_t* a, const acc_t* tc,
-                                               const acc_t* ts, const int* ti, const int* tj, acc_t* part) {
+__device__ __forceinline__ void backward_steps(int u0, bool active, int lane, acc_t* __restrict__ m,
+                                               acc_t* __restrict__ a, const acc_t* __restrict__ tc,
+                                               const acc_t* __restrict__ ts, const int* __restrict__ ti,
+                                               const int* __restrict__ tj, acc_t* __restrict__ part) {
   int oi[G], oj[G];
-  acc_t d[G];
+  acc_t d[G], c[G], s[G];
   bool on = active;
 #pragma unroll
   for (int q = 0; q < G; ++q) {
     oi[q] = ti[u0 + q];
     oj[q] = tj[u0 + q];
+    c[q] = tc[u0 + q];
+    s[q] = ts[u0 + q];
     on = on && oi[q] >= 0;
     d[q] = 0;
   }
@@ -160,12 +168,11 @@ __device__ __forceinline__ void backward_steps(int u0, bool active, int lane, ac
     }
 #pragma unroll
     for (int q = 0; q < G; ++q) {
-      const acc_t c = tc[u0 + q], s = ts[u0 + q];
       d[q] = gb[q] * x[q] - ga[q] * y[q];
-      m[oi[q] + lane] = c * x[q] + s * y[q];  // undo the step: the transposed rotation
-      m[oj[q] + lane] = -s * x[q] + c * y[q];
-      a[oi[q] + lane] = c * ga[q] + s * gb[q];
-      a[oj[q] + lane] = -s * ga[q] + c * gb[q];
+      m[oi[q] + lane] = c[q] * x[q] + s[q] * y[q];  // undo the step: the transposed rotation
+      m[oj[q] + lane] = -s[q] * x[q] + c[q] * y[q];
+      a[oi[q] + lane] = c[q] * ga[q] + s[q] * gb[q];
+      a[oj[q] + lane] = -s[q] * ga[q] + c[q] * gb[q];
     }
   }
 #pragma unroll
