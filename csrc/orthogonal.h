@@ -18,9 +18,10 @@
 // transposed rotation, applied to both (x, y) and (a, b). Nothing but the inputs and M is needed.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/ScalarType.h>
 #include <torch/library.h>
-#include <ATen/ATen.h>
-#include <ATen/ExpandUtils.h>
 
 #include <algorithm>
 #include <vector>
@@ -90,7 +91,7 @@ inline std::vector<int64_t> batch_shape(const at::Tensor& thetas, const at::Tens
 }
 
 inline at::ScalarType output_type(const at::Tensor& thetas, const at::Tensor& R) {
-  return at::promote_types(thetas.scalar_type(), R.scalar_type());
+  return c10::promoteTypes(thetas.scalar_type(), R.scalar_type());
 }
 
 // Broadcast thetas and R to the common leading dims, flattened to one batch dim.

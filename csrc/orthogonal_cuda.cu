@@ -16,9 +16,11 @@
 // small kernel. No atomics: the angle gradients are the same bits run to run.
 #include "orthogonal.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 
 namespace echo_kernels {
@@ -332,7 +334,7 @@ at::Tensor orthogonal_product_cuda(const at::Tensor& thetas, const at::Tensor& p
   if (p.B > 0) {
     const int h = static_cast<int>(p.h), N = static_cast<int>(p.N);
     const int nchunks = (h + kLines - 1) / kLines;
-    const auto stream = at::cuda::getCurrentCUDAStream();
+    const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.R.scalar_type(), "orthogonal_product_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       auto kernel = givens_first ? forward_kernel<scalar_t, acc_t, false> : forward_kernel<scalar_t, acc_t, true>;
@@ -360,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor> orthogonal_product_backward_cuda(const at::Te
     const int h = static_cast<int>(p.h), N = static_cast<int>(p.N);
     const int nchunks = (h + kLines - 1) / kLines;
     at::Tensor partial = nchunks == 1 ? grad_thetas : at::empty({p.B, nchunks, p.N}, p.thetas.options());
-    const auto stream = at::cuda::getCurrentCUDAStream();
+    const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.M.scalar_type(), "orthogonal_product_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       auto kernel = givens_first ? backward_kernel<scalar_t, acc_t, false> : backward_kernel<scalar_t, acc_t, true>;
