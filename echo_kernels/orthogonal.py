@@ -1,19 +1,56 @@
-"""orthogonal_product: the Givens-orthogonal matrix M = G_1 ... G_N R or R G_1 ... G_N (ECHO_SPEC 2)."""
+"""orthogonal_product: the Givens-orthogonal matrix M = G_1 ... G_N R or R G_1 ... G_N (ECHO_SPEC 2).
+
+Runs `torch.ops.echo_kernels.orthogonal_product` (csrc/: C++ on the CPU, CUDA on the GPU) where
+the extension serves the tensors' device, else the reference (see echo_kernels.backend).
+"""
 
 from __future__ import annotations
+
+import warnings
+import weakref
 
 import torch
 from torch import Tensor
 
-from . import checks, reference
-from .backend import use_kernel
+from . import _extension, checks, reference
+from .backend import register_kernel, use_kernel
+
+register_kernel("orthogonal_product", _extension.serves, auto_on_cpu=True)
+
+MAX_H = 256  # the widest R the compiled op takes (csrc/orthogonal.h: kMaxH)
+_warned_wide: list[bool] = []
+
+# pairs tensors whose values were checked: id -> (weak reference, version counter, N, h). A fixed
+# index buffer is checked once, not copied to the host on every call.
+_checked_pairs: dict[int, tuple[weakref.ref, int, int, int]] = {}
+
+
+def _check_pairs(pairs: Tensor, n: int, h: int) -> None:
+    if torch.compiler.is_compiling():
+        # Values cannot be read while tracing; the compiled op checks them itself.
+        if not isinstance(pairs, Tensor) or pairs.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"pairs must be an int64 tensor, got {getattr(pairs, 'dtype', type(pairs))}")
+        checks.shape("pairs", pairs, (n, 2), f"(N, 2) with N = thetas.shape[-1] = {n}")
+        return
+    try:
+        version = pairs._version
+    except (AttributeError, RuntimeError):  # not a tensor, or an inference tensor: check every time
+        checks.index_pairs(pairs, n, h)
+        return
+    seen = _checked_pairs.get(id(pairs))
+    if seen is not None and seen[0]() is pairs and seen[1:] == (version, n, h):
+        return
+    checks.index_pairs(pairs, n, h)
+    key = id(pairs)
+    _checked_pairs[key] = (weakref.ref(pairs, lambda _: _checked_pairs.pop(key, None)), version, n, h)
 
 
 def orthogonal_product(thetas: Tensor, pairs: Tensor, R: Tensor, givens_first: bool = True) -> Tensor:
     """M = G_1 ... G_N R if givens_first else R G_1 ... G_N.
 
     thetas: (..., N) angles; pairs: (N, 2) int64, i != j, both in [0, h); R: (..., h, h).
-    Leading dims of thetas and R broadcast. Returns M: (broadcast(...), h, h).
+    Leading dims of thetas and R broadcast. Returns M: (broadcast(...), h, h) in the promoted dtype
+    of thetas and R; float16/bfloat16 are computed in float32.
     """
     checks.floating("thetas", thetas)
     checks.floating("R", R)
@@ -22,7 +59,7 @@ def orthogonal_product(thetas: Tensor, pairs: Tensor, R: Tensor, givens_first: b
         raise ValueError(f"R must have shape (..., h, h), got {tuple(R.shape)}")
     if thetas.dim() < 1:
         raise ValueError("thetas must have shape (..., N), got a 0-d tensor")
-    checks.index_pairs(pairs, thetas.shape[-1], R.shape[-1])
+    _check_pairs(pairs, thetas.shape[-1], R.shape[-1])
     try:
         torch.broadcast_shapes(thetas.shape[:-1], R.shape[:-2])
     except RuntimeError:
@@ -30,5 +67,12 @@ def orthogonal_product(thetas: Tensor, pairs: Tensor, R: Tensor, givens_first: b
             f"leading dims of thetas {tuple(thetas.shape[:-1])} and R {tuple(R.shape[:-2])} do not broadcast"
         ) from None
     if use_kernel("orthogonal_product", R.device):
-        raise NotImplementedError  # the compiled op registers itself here
+        if R.shape[-1] <= MAX_H:
+            return torch.ops.echo_kernels.orthogonal_product(thetas, pairs, R, bool(givens_first))
+        if not _warned_wide:
+            _warned_wide.append(True)
+            warnings.warn(
+                f"echo_kernels: the compiled orthogonal_product takes h <= {MAX_H}; h = {R.shape[-1]} runs the reference",
+                stacklevel=2,
+            )
     return reference.orthogonal_product(thetas, pairs, R, givens_first)

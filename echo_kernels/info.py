@@ -1,0 +1,36 @@
+"""What this installation of echo_kernels can run: `python -m echo_kernels.info`."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import __version__, _extension
+from .backend import requested_backend
+
+
+def report() -> str:
+    lines = [f"echo_kernels {__version__}, torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})"]
+    if _extension.LOADED:
+        lines.append(f"C++ extension: loaded from {_extension._C.__file__}")
+        cpu = _extension.has_kernel("orthogonal_product", "CPU")
+        cuda = _extension.cuda_compiled()
+        lines.append(f"  orthogonal_product CPU kernel:  {'yes' if cpu else 'no'}")
+        lines.append(f"  orthogonal_product CUDA kernel: {'yes' if cuda else 'no (built without the CUDA part)'}")
+    else:
+        lines.append(f"C++ extension: missing ({_extension.LOAD_ERROR}); orthogonal_product runs the reference")
+    try:
+        import triton
+
+        lines.append(f"Triton: {triton.__version__}")
+    except ImportError:
+        lines.append("Triton: not installed (rotary_orthogonal and echo_attention run the reference)")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    lines.append(f"CUDA device: {gpu}")
+    lines.append(f"ECHO_BACKEND={requested_backend()}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
