@@ -9,32 +9,15 @@ on the CPU always and on the GPU when one is present (cases marked gpu).
 """
 
 import statistics
-import time
 
 import pytest
 import torch
 
 from echo_kernels import _extension, reference
+from harness import median_seconds, record, run_timed
+from naive import orthogonal_product as per_rotation_loop
 
 pytestmark = pytest.mark.skipif(not _extension.LOADED, reason=f"extension not built: {_extension.LOAD_ERROR}")
-
-
-def per_rotation_loop(thetas, pairs, R, givens_first=True):
-    """M = G_1 ... G_N R (or R G_1 ... G_N) with every G_k formed densely and multiplied in."""
-    h = R.shape[-1]
-    eye = torch.eye(h, dtype=R.dtype, device=R.device)
-    M = R
-    order = range(pairs.shape[0] - 1, -1, -1) if givens_first else range(pairs.shape[0])
-    for k in order:
-        i, j = int(pairs[k, 0]), int(pairs[k, 1])
-        c, s = torch.cos(thetas[..., k]), torch.sin(thetas[..., k])
-        G = eye.expand(*thetas.shape[:-1], h, h).clone()
-        G[..., i, i] = c
-        G[..., j, j] = c
-        G[..., i, j] = -s
-        G[..., j, i] = s
-        M = G @ M if givens_first else M @ G
-    return M
 
 
 def compiled_op(thetas, pairs, R, givens_first=True):
@@ -72,17 +55,6 @@ def step(impl, thetas, pairs, R, backward):
     return M
 
 
-def median_seconds(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 # -- CPU ---------------------------------------------------------------------------------------------
 
 CPU_CASES = {"h64-N32-B88": (64, 32, 88), "h16-N120-B88": (16, 120, 88), "h128-N64-B8": (128, 64, 8)}
@@ -95,9 +67,9 @@ def test_cpu(benchmark, case, impl, backward):
     h, n, batch = CPU_CASES[case]
     thetas, pairs, R = make_case(h, n, batch)
     benchmark.group = f"orthogonal_product cpu {case} {'fwd+bwd' if backward else 'fwd'}"
-    benchmark.extra_info.update(h=h, N=n, batch=batch, flops_rotations=6 * n * h * batch)
     rounds = 30 if impl == "op" else 3  # the peers take up to seconds per call on a 2-core CPU
-    benchmark.pedantic(step, (IMPLS[impl], thetas, pairs, R, backward), rounds=rounds, warmup_rounds=1)
+    run_timed(benchmark, step, args=(IMPLS[impl], thetas, pairs, R, backward), rounds=rounds, warmup_rounds=1)
+    record(benchmark, role="ours" if impl == "op" else "peer", h=h, N=n, batch=batch)
 
 
 def test_cpu_speedup_over_per_rotation_loop():
@@ -105,8 +77,8 @@ def test_cpu_speedup_over_per_rotation_loop():
     loop, both timed in this run (medians, so a noisy machine does not decide it)."""
     thetas, pairs, R = make_case(64, 32, 88)
     op = median_seconds(lambda: step(compiled_op, thetas, pairs, R, True), repeats=21)
-    loop = median_seconds(lambda: step(per_rotation_loop, thetas, pairs, R, True), repeats=5, warmup=1)
-    ref = median_seconds(lambda: step(reference.orthogonal_product, thetas, pairs, R, True), repeats=5, warmup=1)
+    loop = median_seconds(lambda: step(per_rotation_loop, thetas, pairs, R, True), repeats=5)
+    ref = median_seconds(lambda: step(reference.orthogonal_product, thetas, pairs, R, True), repeats=5)
     print(f"\nh=64 N=32 batch=88 fwd+bwd on the CPU: op {op * 1e6:.0f} us, reference {ref * 1e6:.0f} us, "
           f"per-rotation loop {loop * 1e6:.0f} us: {loop / op:.1f}x faster than the loop, {ref / op:.1f}x than the reference")
     assert loop / op >= 10.0
@@ -145,12 +117,9 @@ def test_gpu(benchmark, case, impl, backward):
     thetas, pairs, R = make_case(h, n, batch, device="cuda")
     benchmark.group = f"orthogonal_product cuda {case} {'fwd+bwd' if backward else 'fwd'}"
 
-    def run():
-        step(IMPLS[impl], thetas, pairs, R, backward)
-        torch.cuda.synchronize()
-
-    benchmark.extra_info["cuda_us"] = cuda_microseconds(lambda: step(IMPLS[impl], thetas, pairs, R, backward))
-    benchmark(run)
+    run_timed(benchmark, step, args=(IMPLS[impl], thetas, pairs, R, backward), rounds=50)
+    record(benchmark, role="ours" if impl == "op" else "peer", h=h, N=n, batch=batch,
+           cuda_us=cuda_microseconds(lambda: step(IMPLS[impl], thetas, pairs, R, backward)))
 
 
 def graph_microseconds(fn, repeats=200):

@@ -1,6 +1,6 @@
 """The naive baseline: Echo's ops computed the way straightforward model code computes them.
 
-- orthogonal_product: one dense h x h Givens matrix per rotation, multiplied in, site by site;
+- orthogonal_product: one dense h x h Givens matrix per rotation, multiplied in;
 - echo_attention: every logit materialised, the relative bias gathered into a (H, Tq, Tk) tensor
   and the masks built densely, even when a window leaves most of them out;
 - rotary_orthogonal: a matmul, then cos/sin tables, then an elementwise pass.
@@ -20,28 +20,22 @@ from torch import Tensor
 from echo_kernels import reference
 
 
-def givens_matrix(theta: Tensor, i: int, j: int, h: int) -> Tensor:
-    """Dense G(i, j, theta): (h, h), differentiable in theta."""
-    c, s = torch.cos(theta), torch.sin(theta)
-    G = torch.eye(h, dtype=theta.dtype, device=theta.device)
-    G = G.index_put((torch.tensor([i, j, i, j]), torch.tensor([i, j, j, i])), torch.stack([c, c, -s, s]))
-    return G
-
-
 def orthogonal_product(thetas: Tensor, pairs: Tensor, R: Tensor, givens_first: bool = True) -> Tensor:
-    """M = G_1 ... G_N R (or R G_1 ... G_N), one dense product per rotation and per site."""
-    batch = torch.broadcast_shapes(thetas.shape[:-1], R.shape[:-2])
+    """M = G_1 ... G_N R (or R G_1 ... G_N) with every G_k formed densely and multiplied in: one
+    batched h x h matrix product per rotation."""
     h = R.shape[-1]
-    thetas = thetas.expand(*batch, thetas.shape[-1]).reshape(-1, thetas.shape[-1])
-    R = R.expand(*batch, h, h).reshape(-1, h, h)
-    pairs = pairs.tolist()
-    out = []
-    for site in range(R.shape[0]):
-        G = torch.eye(h, dtype=R.dtype, device=R.device)
-        for k, (i, j) in enumerate(pairs):
-            G = G @ givens_matrix(thetas[site, k], i, j, h)
-        out.append(G @ R[site] if givens_first else R[site] @ G)
-    return torch.stack(out).reshape(*batch, h, h)
+    eye = torch.eye(h, dtype=R.dtype, device=R.device)
+    M = R
+    order = range(pairs.shape[0] - 1, -1, -1) if givens_first else range(pairs.shape[0])
+    for k, (i, j) in zip(order, pairs[list(order)].tolist()):
+        c, s = torch.cos(thetas[..., k]), torch.sin(thetas[..., k])
+        G = eye.expand(*thetas.shape[:-1], h, h).clone()
+        G[..., i, i] = c
+        G[..., j, j] = c
+        G[..., i, j] = -s
+        G[..., j, i] = s
+        M = G @ M if givens_first else M @ G
+    return M
 
 
 def echo_attention(q, k, v, M, w, s, bias, *, window=None, causal=False, q_offset=0, k_offset=0,
