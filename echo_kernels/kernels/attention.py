@@ -242,8 +242,8 @@ def default_blocks(h: int) -> dict:
 BLOCK_OVERRIDE: dict = {}
 
 
-def _blocks(h: int) -> dict:
-    cfg = default_blocks(h)
+def _blocks_for(h: int, defaults) -> dict:
+    cfg = defaults(h)
     cfg.update(BLOCK_OVERRIDE)
     return cfg
 
@@ -278,7 +278,7 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     s32 = torch.as_tensor(s, dtype=torch.float32, device=q.device).detach().reshape(1)
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
     pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q)
-    cfg = _blocks(h)
+    cfg = _blocks_for(h, default_blocks)
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, P, w32, s32, bias_t, pad_t, out, lse,
@@ -290,3 +290,53 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
+
+
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compile list (echo_kernels.aot)
+# --------------------------------------------------------------------------------------------------
+
+
+def _signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
+    """Every argument of `fn`: pointers as given, constexprs as such, the rest i32."""
+    import inspect
+
+    py = getattr(fn, "fn", fn)  # JITFunction or interpreter wrapper around the Python function
+    names = list(inspect.signature(py).parameters)
+    return {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+
+
+def aot_specs() -> list:
+    """The launches of the forward and backward kernels at their default block sizes:
+    h in {32, 64, 128}, bf16 and fp16, with a bias table (n = 15) and a key-padding mask."""
+    from .. import aot
+    from . import attention_backward as bwd
+
+    specs = []
+    for h in (32, 64, 128):
+        for dt in ("bf16", "fp16"):
+            f = default_blocks(h)
+            ce = dict(HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"],
+                      PRECISION="tf32")
+            ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "P", "Out")}
+            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32")
+            specs.append(aot.KernelSpec(
+                f"attention_fwd_h{h}_{dt}", _attn_fwd_kernel, _signature(_attn_fwd_kernel, ptrs, ce), ce,
+                num_warps=f["num_warps"], num_stages=f["num_stages"]))
+
+            g = bwd.default_blocks(h)
+            ce = dict(HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"],
+                      PRECISION="tf32")
+            ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "DO", "P", "DK", "DV", "DQ")}
+            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32", G="*fp32",
+                        DBias="*fp32", DP="*fp32")
+            ce_kv = dict(ce, N_REL_P2=32)
+            for name, fn, c in (("dkdv", bwd._attn_bwd_dkdv_kernel, ce_kv), ("dq", bwd._attn_bwd_dq_kernel, ce)):
+                specs.append(aot.KernelSpec(
+                    f"attention_bwd_{name}_h{h}_{dt}", fn, _signature(fn, ptrs, c), c,
+                    num_warps=g["num_warps"], num_stages=g["num_stages"]))
+            ce = dict(HEAD=h, BLOCK=64)
+            ptrs = {"O": f"*{dt}", "DO": f"*{dt}", "Delta": "*fp32"}
+            fn = bwd._attn_bwd_delta_kernel
+            specs.append(aot.KernelSpec(f"attention_bwd_delta_h{h}_{dt}", fn, _signature(fn, ptrs, ce), ce))
+    return specs

@@ -1,0 +1,343 @@
+"""Fused Echo attention, backward: dq, dk, dv, dM, ds, dw and dbias without a T x T tensor.
+
+Notation of the forward (echo_kernels.kernels.attention): a, b = RoPE halves, q'' = [a_q b_q] @ P~
+(P~ = permuted M M^T / sqrt(h)), logits = q''_A a_k^T + q''_B b_k^T + bias, p = exp(logits - lse).
+With D_i = sum_d dO_id O_id, the score gradient is dS = p * (dO v^T - D), and
+
+    dv = p^T dO,    d(a_k, b_k) = dS^T (q''_A, q''_B),    d(q''_A, q''_B) = dS (a_k, b_k)
+    d(a_q, b_q) = d(q''_A, q''_B) P~^T,    dP~ = [a_q b_q]^T d(q''_A, q''_B)
+    dbias[r, head] = sum of dS over the pairs with clamp(i - j) + n - 1 = r
+
+Two kernels recompute the logits tile by tile, as flash attention does: one per key tile (dk, dv;
+it loops over the query tiles the band reaches) and one per query tile (dq). Undoing RoPE gives dq and
+dk, and dphi = a db - b da gives the gradient of the angles phi = s * pos * w.
+
+Everything that sums over tiles is written as per-program partials and reduced by torch.sum in a
+fixed order: dbias (per key-tile program, one sum per diagonal of each dS tile), dP~ and the angle
+gradients. No float atomics, so the same inputs give the same bits every run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import (
+    _blocks_for,
+    _keep_and_bias,
+    _key_range,
+    _load_full,
+    _load_p,
+    _load_pairs,
+    _rope_angles,
+    dot_dtype,
+    folded_p,
+    layout_perm,
+    precision,
+)
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, Delta, stride_ob, stride_oh, stride_ot, stride_od, stride_db, stride_dh,
+                           stride_dt, stride_dd, H, T, HEAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Delta[bh, t] = sum_d O[t, d] dO[t, d]: the softmax correction of every query row."""
+    pid_bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = pid_bh // H
+    hd = pid_bh % H
+    o = _load_full(O + b * stride_ob + hd * stride_oh, rows, T, stride_ot, stride_od, HEAD)
+    do = _load_full(DO + b * stride_db + hd * stride_dh, rows, T, stride_dt, stride_dd, HEAD)
+    tl.store(Delta + pid_bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
+
+
+@triton.jit
+def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, qpos, s, W, p_aa, p_ab, p_ba, p_bb,
+               HALF: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
+    """RoPE halves of a query tile (fp32) and q''_A, q''_B (dot type)."""
+    x1, x2 = _load_pairs(Q, rows, Tq, stride_qt, stride_qd, HALF)
+    cos, sin = _rope_angles(qpos, s, W, HALF)
+    a = x1 * cos - x2 * sin
+    b = x1 * sin + x2 * cos
+    qa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)
+    qa = tl.dot(b.to(DT), p_ba, qa, input_precision=PRECISION)
+    qb = tl.dot(a.to(DT), p_ab, input_precision=PRECISION)
+    qb = tl.dot(b.to(DT), p_bb, qb, input_precision=PRECISION)
+    return a, b, qa.to(DT), qb.to(DT), cos, sin
+
+
+@triton.jit
+def _unrope_store(dA, dB, a, b, cos, sin, pos, DX, rows, n_rows, G, g_row, HEAD: tl.constexpr):
+    """Undo RoPE on (dA, dB): write dx (contiguous rows of HEAD) and the angle partial.
+
+    a = x1 cos - x2 sin, b = x1 sin + x2 cos, so dx1 = dA cos + dB sin, dx2 = dB cos - dA sin and
+    dphi = dB a - dA b. G[g_row, m] = sum_t dphi[t, m] pos[t]: phi = (s pos) w gives ds and dw from it.
+    """
+    HALF: tl.constexpr = HEAD // 2
+    cols = tl.arange(0, HALF)
+    offs = rows[:, None] * HEAD + (2 * cols)[None, :]
+    mask = rows[:, None] < n_rows
+    tl.store(DX + offs, (dA * cos + dB * sin).to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + offs + 1, (dB * cos - dA * sin).to(DX.dtype.element_ty), mask=mask)
+    dphi = dB * a - dA * b
+    tl.store(G + g_row * HALF + cols, tl.sum(dphi * pos.to(tl.float32)[:, None], 0))
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DK, DV, G, DBias,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_br, stride_bh, stride_pb, stride_pt,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off,
+    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, N_REL_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (BLOCK_N, HEAD) key tile: dk, dv, its angle partial and its dbias partial."""
+    HALF: tl.constexpr = HEAD // 2
+    DT = P.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    prog = pid_bh * tl.num_programs(0) + pid_n
+    b = pid_bh // H
+    hd = pid_bh % H
+    Q += b * stride_qb + hd * stride_qh
+    K += b * stride_kb + hd * stride_kh
+    V += b * stride_vb + hd * stride_vh
+    DO += b * stride_ob + hd * stride_oh
+    s = tl.load(S).to(tl.float32)
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kpos = k_off + cols
+    y1, y2 = _load_pairs(K, cols, Tk, stride_kt, stride_kd, HALF)
+    kcos, ksin = _rope_angles(kpos, s, W, HALF)
+    ak = y1 * kcos - y2 * ksin
+    bk = y1 * ksin + y2 * kcos
+    ak_dt = ak.to(DT)
+    bk_dt = bk.to(DT)
+    v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
+    p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+
+    dak = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dbk = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD], tl.float32)
+    dbias = tl.zeros([N_REL_P2], tl.float32)
+    rel_ids = tl.arange(0, N_REL_P2)
+
+    # Queries i reach key j iff j - right <= i <= j + left: the band seen from the key side.
+    first = k_off + pid_n * BLOCK_N
+    lo = tl.maximum(first - right - q_off, 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(first + BLOCK_N - 1 + left - q_off + 1, Tq)
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        qpos = q_off + rows
+        a, bq, qa, qb, cos, sin = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, qpos, s, W,
+                                              p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
+        logits = tl.dot(qa, tl.trans(ak_dt), input_precision=PRECISION)
+        logits = tl.dot(qb, tl.trans(bk_dt), logits, input_precision=PRECISION)
+        keep, bias = _keep_and_bias(
+            qpos, kpos, cols, Tk, left, right, Bias, stride_br, hd * stride_bh, n_rel,
+            Pad, b * stride_pb, stride_pt, HAS_BIAS, HAS_PAD,
+        )
+        lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
+        p = tl.where(keep, tl.exp2((logits + bias - lse[:, None]) * LOG2E), 0.0)
+        do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD).to(DT)
+        dv = tl.dot(tl.trans(p.to(DT)), do, dv, input_precision=PRECISION)
+        delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        ds_t = tl.trans(ds.to(DT))
+        dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
+        dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
+        if HAS_BIAS:
+            dbias = _diagonal_sums(ds, qpos, kpos, n_rel, dbias, rel_ids, start, BLOCK_M, BLOCK_N)
+
+    tl.store(DV + pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :],
+             dv.to(DV.dtype.element_ty), mask=cols[:, None] < Tk)
+    _unrope_store(dak, dbk, ak, bk, kcos, ksin, kpos, DK + pid_bh * Tk * HEAD, cols, Tk, G, prog, HEAD)
+    if HAS_BIAS:
+        tl.store(DBias + prog * N_REL_P2 + rel_ids, dbias)
+
+
+@triton.jit
+def _diagonal_sums(ds, qpos, kpos, n_rel, dbias, rel_ids, start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dbias[r] += sum of ds over the pairs of this tile whose clamped offset is r.
+
+    A tile covers offsets i - j in one interval of BLOCK_M + BLOCK_N - 1 values; the clamp squeezes
+    everything beyond n - 1 into the two end rows, so a tile far from the diagonal costs one sum.
+    """
+    rel = qpos[:, None] - kpos[None, :]
+    ridx = tl.minimum(tl.maximum(rel, 1 - n_rel), n_rel - 1) + n_rel - 1
+    rel_lo = tl.min(tl.min(ridx, 1), 0)
+    rel_hi = tl.max(tl.max(ridx, 1), 0)
+    for r in range(rel_lo, rel_hi + 1):
+        total = tl.sum(tl.sum(tl.where(ridx == r, ds, 0.0), 1), 0)
+        dbias = tl.where(rel_ids == r, dbias + total, dbias)
+    return dbias
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DQ, G, DP,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_br, stride_bh, stride_pb, stride_pt,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off,
+    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (BLOCK_M, HEAD) query tile: dq, its angle partial and its partial of dP~."""
+    HALF: tl.constexpr = HEAD // 2
+    DT = P.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    prog = pid_bh * tl.num_programs(0) + pid_m
+    b = pid_bh // H
+    hd = pid_bh % H
+    Q += b * stride_qb + hd * stride_qh
+    K += b * stride_kb + hd * stride_kh
+    V += b * stride_vb + hd * stride_vh
+    DO += b * stride_ob + hd * stride_oh
+    s = tl.load(S).to(tl.float32)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qpos = q_off + rows
+    p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+    a, bq, qa, qb, cos, sin = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, qpos, s, W,
+                                          p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
+    do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD).to(DT)
+    lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
+    delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
+    dqa = tl.zeros([BLOCK_M, HALF], tl.float32)
+    dqb = tl.zeros([BLOCK_M, HALF], tl.float32)
+
+    lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        kpos = k_off + cols
+        y1, y2 = _load_pairs(K, cols, Tk, stride_kt, stride_kd, HALF)
+        kcos, ksin = _rope_angles(kpos, s, W, HALF)
+        ak = (y1 * kcos - y2 * ksin).to(DT)
+        bk = (y1 * ksin + y2 * kcos).to(DT)
+        logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
+        logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
+        keep, bias = _keep_and_bias(
+            qpos, kpos, cols, Tk, left, right, Bias, stride_br, hd * stride_bh, n_rel,
+            Pad, b * stride_pb, stride_pt, HAS_BIAS, HAS_PAD,
+        )
+        p = tl.where(keep, tl.exp2((logits + bias - lse[:, None]) * LOG2E), 0.0)
+        v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(DT)
+        dqa = tl.dot(ds, ak, dqa, input_precision=PRECISION)
+        dqb = tl.dot(ds, bk, dqb, input_precision=PRECISION)
+
+    # q''_A = a P~_AA + b P~_BA and q''_B = a P~_AB + b P~_BB, so d(a, b) = d(q''_A, q''_B) P~^T.
+    dqa_dt = dqa.to(DT)
+    dqb_dt = dqb.to(DT)
+    da = tl.dot(dqa_dt, tl.trans(p_aa), input_precision=PRECISION)
+    da = tl.dot(dqb_dt, tl.trans(p_ab), da, input_precision=PRECISION)
+    db = tl.dot(dqa_dt, tl.trans(p_ba), input_precision=PRECISION)
+    db = tl.dot(dqb_dt, tl.trans(p_bb), db, input_precision=PRECISION)
+    _unrope_store(da, db, a, bq, cos, sin, qpos, DQ + pid_bh * Tq * HEAD, rows, Tq, G, prog, HEAD)
+
+    # This tile's share of dP~ = [a b]^T [dq''_A dq''_B], written whole to its own slot.
+    a_t = tl.trans(a.to(DT))
+    b_t = tl.trans(bq.to(DT))
+    r = tl.arange(0, HALF)[:, None]
+    c = tl.arange(0, HALF)[None, :]
+    base = DP + prog * HEAD * HEAD
+    tl.store(base + r * HEAD + c, tl.dot(a_t, dqa_dt, input_precision=PRECISION))
+    tl.store(base + r * HEAD + c + HALF, tl.dot(a_t, dqb_dt, input_precision=PRECISION))
+    tl.store(base + (r + HALF) * HEAD + c, tl.dot(b_t, dqa_dt, input_precision=PRECISION))
+    tl.store(base + (r + HALF) * HEAD + c + HALF, tl.dot(b_t, dqb_dt, input_precision=PRECISION))
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------
+
+
+def default_blocks(h: int) -> dict:
+    """Backward tile sizes and launch shape per head width (both kernels)."""
+    if h <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
+
+
+def _common_args(q, k, v, do, bias, key_padding_mask):
+    from .attention import _bias_arg, _pad_arg
+
+    bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
+    pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), sbr, sbh, spb, spt)
+    return bias_t, pad_t, strides, n_rel, has_bias, has_pad
+
+
+def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
+    """Gradients of the forward launcher's out. Returns dq, dk, dv (input dtype, contiguous),
+    dM (M's dtype), dw (w's dtype), ds (fp32 scalar), dbias (bias's dtype, or None)."""
+    B, H, Tq, h = q.shape
+    Tk = k.shape[2]
+    half = h // 2
+    dev = q.device
+    dq = torch.zeros((B, H, Tq, h), dtype=q.dtype, device=dev)
+    dk = torch.zeros((B, H, Tk, h), dtype=k.dtype, device=dev)
+    dv = torch.zeros((B, H, Tk, h), dtype=v.dtype, device=dev)
+    n_rel = (bias.shape[0] + 1) // 2 if bias is not None else 1
+    if Tq == 0 or Tk == 0 or B * H == 0:
+        dbias = torch.zeros_like(bias) if bias is not None else None
+        return dq, dk, dv, torch.zeros_like(M), torch.zeros_like(w), torch.zeros((), device=dev), dbias
+
+    cfg = _blocks_for(h, default_blocks)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    P = folded_p(M, layout).to(dot_dtype(q.dtype))
+    w32 = w.detach().float().contiguous()
+    s32 = torch.as_tensor(s, dtype=torch.float32, device=dev).detach().reshape(1)
+    bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(q, k, v, do, bias, key_padding_mask)
+    scalars = (H, Tq, Tk, n_rel, left, right, q_offset, k_offset)
+    launch = dict(HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=BM, BLOCK_N=BN,
+                  PRECISION=precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=dev)
+    _attn_bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, Tq, HEAD=h, BLOCK=64)
+
+    n_kblocks, n_qblocks = triton.cdiv(Tk, BN), triton.cdiv(Tq, BM)
+    n_rel_p2 = triton.next_power_of_2(2 * n_rel - 1)
+    g_k = torch.empty((B * H * n_kblocks, half), dtype=torch.float32, device=dev)
+    db_part = torch.empty((B * H * n_kblocks, n_rel_p2) if has_bias else (1,), dtype=torch.float32, device=dev)
+    _attn_bwd_dkdv_kernel[(n_kblocks, B * H)](
+        q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, dk, dv, g_k, db_part,
+        *strides, *scalars, N_REL_P2=n_rel_p2, **launch)
+
+    g_q = torch.empty((B * H * n_qblocks, half), dtype=torch.float32, device=dev)
+    dp_part = torch.empty((B * H * n_qblocks, h, h), dtype=torch.float32, device=dev)
+    _attn_bwd_dq_kernel[(n_qblocks, B * H)](
+        q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, dq, g_q, dp_part,
+        *strides, *scalars, **launch)
+
+    # Fixed-order reductions of the per-program partials.
+    g = g_q.sum(0) + g_k.sum(0)  # sum_t dphi[t, m] pos[t] over queries and keys
+    s_val = s32[0]
+    dw = (s_val * g).to(w.dtype)
+    ds = (g * w32).sum()
+    perm = layout_perm(h, layout, dev)
+    dP = torch.empty((h, h), dtype=torch.float32, device=dev)
+    dP[perm[:, None], perm[None, :]] = dp_part.sum(0) / math.sqrt(h)
+    Mf = M.float()
+    dM = ((dP + dP.T) @ Mf).to(M.dtype)  # P = M M^T
+    dbias = None
+    if has_bias:
+        parts = db_part.view(B, H, n_kblocks, n_rel_p2)[..., : 2 * n_rel - 1]
+        dbias = parts.sum((0, 2)).T.to(bias.dtype)
+    return dq, dk, dv, dM, dw, ds, dbias
