@@ -339,5 +339,5 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     dbias = None
     if has_bias:
         parts = db_part.view(B, H, n_kblocks, n_rel_p2)[..., : 2 * n_rel - 1]
-        dbias = parts.sum((0, 2)).T.to(bias.dtype)
+        dbias = parts.sum((0, 2)).T.contiguous().to(bias.dtype)
     return dq, dk, dv, dM, dw, ds, dbias
