@@ -330,8 +330,9 @@ def aot_specs() -> list:
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "DO", "P", "DK", "DV", "DQ")}
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32", G="*fp32",
                         DBias="*fp32", DP="*fp32")
-            ce_kv = dict(ce, N_REL_P2=32)
-            for name, fn, c in (("dkdv", bwd._attn_bwd_dkdv_kernel, ce_kv), ("dq", bwd._attn_bwd_dq_kernel, ce)):
+            ce_diag = dict(HEAD=h, HAS_PAD=True, BLOCK_M=g["BLOCK_M"], PRECISION="tf32")
+            for name, fn, c in (("dkdv", bwd._attn_bwd_dkdv_kernel, ce), ("dq", bwd._attn_bwd_dq_kernel, ce),
+                                ("dbias", bwd._attn_bwd_dbias_diag_kernel, ce_diag)):
                 specs.append(aot.KernelSpec(
                     f"attention_bwd_{name}_h{h}_{dt}", fn, _signature(fn, ptrs, c), c,
                     num_warps=g["num_warps"], num_stages=g["num_stages"]))

@@ -12,9 +12,14 @@ Two kernels recompute the logits tile by tile, as flash attention does: one per 
 it loops over the query tiles the band reaches) and one per query tile (dq). Undoing RoPE gives dq and
 dk, and dphi = a db - b da gives the gradient of the angles phi = s * pos * w.
 
+dbias is split by where the clamp sends the pairs. The two end rows (|i - j| >= n - 1: nearly every
+pair) are row sums of dS accumulated in the dq kernel's loop. The 2n - 3 inner rows are single
+diagonals i - j = const: a third kernel recomputes just those scores, one per query and diagonal, as
+row dot products (O(T n h), nothing like a tile pass per diagonal).
+
 Everything that sums over tiles is written as per-program partials and reduced by torch.sum in a
-fixed order: dbias (per key-tile program, one sum per diagonal of each dS tile), dP~ and the angle
-gradients. No float atomics, so the same inputs give the same bits every run.
+fixed order: dbias, dP~ and the angle gradients. No float atomics, so the same inputs give the same
+bits every run.
 """
 
 from __future__ import annotations
@@ -89,17 +94,17 @@ def _unrope_store(dA, dB, a, b, cos, sin, pos, DX, rows, n_rows, G, g_row, HEAD:
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DK, DV, G, DBias,
+    Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DK, DV, G,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
     H, Tq, Tk, n_rel, left, right, q_off, k_off,
-    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, N_REL_P2: tl.constexpr,
+    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_N, HEAD) key tile: dk, dv, its angle partial and its dbias partial."""
+    """One (BLOCK_N, HEAD) key tile: dk, dv and its angle partial."""
     HALF: tl.constexpr = HEAD // 2
     DT = P.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -127,8 +132,6 @@ def _attn_bwd_dkdv_kernel(
     dak = tl.zeros([BLOCK_N, HALF], tl.float32)
     dbk = tl.zeros([BLOCK_N, HALF], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD], tl.float32)
-    dbias = tl.zeros([N_REL_P2], tl.float32)
-    rel_ids = tl.arange(0, N_REL_P2)
 
     # Queries i reach key j iff j - right <= i <= j + left: the band seen from the key side.
     first = k_off + pid_n * BLOCK_N
@@ -156,36 +159,78 @@ def _attn_bwd_dkdv_kernel(
         ds_t = tl.trans(ds.to(DT))
         dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
         dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
-        if HAS_BIAS:
-            dbias = _diagonal_sums(ds, qpos, kpos, n_rel, dbias, rel_ids, start, BLOCK_M, BLOCK_N)
 
     tl.store(DV + pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :],
              dv.to(DV.dtype.element_ty), mask=cols[:, None] < Tk)
     _unrope_store(dak, dbk, ak, bk, kcos, ksin, kpos, DK + pid_bh * Tk * HEAD, cols, Tk, G, prog, HEAD)
-    if HAS_BIAS:
-        tl.store(DBias + prog * N_REL_P2 + rel_ids, dbias)
 
 
 @triton.jit
-def _diagonal_sums(ds, qpos, kpos, n_rel, dbias, rel_ids, start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dbias[r] += sum of ds over the pairs of this tile whose clamped offset is r.
+def _attn_bwd_dbias_diag_kernel(
+    Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DBias,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_br, stride_bh, stride_pb, stride_pt,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off,
+    HEAD: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The inner rows of dbias (|i - j| < n - 1) for one (BLOCK_M) query tile.
 
-    A tile covers offsets i - j in one interval of BLOCK_M + BLOCK_N - 1 values; the clamp squeezes
-    everything beyond n - 1 into the two end rows, so a tile far from the diagonal costs one sum.
+    Row r of the table gets the score gradient of one diagonal i - j = r - (n - 1), so each query
+    needs only 2n - 3 scores, one per diagonal: recomputed here as row dot products, O(T n h) in all.
+    DBias[prog, r] = sum over this tile's queries of dS[i, i - r + n - 1].
     """
-    rel = qpos[:, None] - kpos[None, :]
-    ridx = tl.minimum(tl.maximum(rel, 1 - n_rel), n_rel - 1) + n_rel - 1
-    rel_lo = tl.min(tl.min(ridx, 1), 0)
-    rel_hi = tl.max(tl.max(ridx, 1), 0)
-    for r in range(rel_lo, rel_hi + 1):
-        total = tl.sum(tl.sum(tl.where(ridx == r, ds, 0.0), 1), 0)
-        dbias = tl.where(rel_ids == r, dbias + total, dbias)
-    return dbias
+    HALF: tl.constexpr = HEAD // 2
+    DT = P.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    prog = pid_bh * tl.num_programs(0) + pid_m
+    b = pid_bh // H
+    hd = pid_bh % H
+    Q += b * stride_qb + hd * stride_qh
+    K += b * stride_kb + hd * stride_kh
+    V += b * stride_vb + hd * stride_vh
+    DO += b * stride_ob + hd * stride_oh
+    s = tl.load(S).to(tl.float32)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qpos = q_off + rows
+    p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+    a, bq, qa, qb, cos, sin = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, qpos, s, W,
+                                          p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
+    qa = qa.to(tl.float32)
+    qb = qb.to(tl.float32)
+    do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD)
+    lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
+    delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
+    half = tl.arange(0, HALF)
+    for r in range(1, 2 * n_rel - 2):
+        rel = r - (n_rel - 1)  # i - j on this diagonal
+        kpos = qpos - rel
+        cols = kpos - k_off
+        inside = (cols >= 0) & (cols < Tk) & (rows < Tq) & (rel <= left) & (rel >= -right)
+        offs = cols[:, None] * stride_kt + (2 * half)[None, :] * stride_kd
+        y1 = tl.load(K + offs, mask=inside[:, None], other=0.0).to(tl.float32)
+        y2 = tl.load(K + offs + stride_kd, mask=inside[:, None], other=0.0).to(tl.float32)
+        kcos, ksin = _rope_angles(kpos, s, W, HALF)
+        ak = y1 * kcos - y2 * ksin
+        bk = y1 * ksin + y2 * kcos
+        logit = tl.sum(qa * ak, 1) + tl.sum(qb * bk, 1) + tl.load(Bias + r * stride_br + hd * stride_bh).to(tl.float32)
+        if HAS_PAD:
+            padded = tl.load(Pad + b * stride_pb + cols * stride_pt, mask=inside, other=1)
+            inside = inside & (padded == 0)
+        p = tl.where(inside, tl.exp2((logit - lse) * LOG2E), 0.0)
+        vrow = tl.load(V + cols[:, None] * stride_vt + tl.arange(0, HEAD)[None, :] * stride_vd,
+                       mask=inside[:, None], other=0.0).to(tl.float32)
+        ds = p * (tl.sum(do * vrow, 1) - delta)
+        tl.store(DBias + prog * (2 * n_rel - 1) + r, tl.sum(ds, 0))
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DQ, G, DP,
+    Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DQ, G, DP, DBias,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -195,7 +240,8 @@ def _attn_bwd_dq_kernel(
     HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_M, HEAD) query tile: dq, its angle partial and its partial of dP~."""
+    """One (BLOCK_M, HEAD) query tile: dq, its angle partial, its partial of dP~ and of the two end
+    rows of dbias (the pairs with i - j <= -(n - 1) and >= n - 1; with n = 1 both are row 0)."""
     HALF: tl.constexpr = HEAD // 2
     DT = P.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -219,6 +265,8 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
     dqa = tl.zeros([BLOCK_M, HALF], tl.float32)
     dqb = tl.zeros([BLOCK_M, HALF], tl.float32)
+    db_lo = tl.zeros([BLOCK_M], tl.float32)
+    db_hi = tl.zeros([BLOCK_M], tl.float32)
 
     lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
@@ -237,7 +285,12 @@ def _attn_bwd_dq_kernel(
         p = tl.where(keep, tl.exp2((logits + bias - lse[:, None]) * LOG2E), 0.0)
         v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = (p * (dp - delta[:, None])).to(DT)
+        ds = p * (dp - delta[:, None])
+        if HAS_BIAS:
+            rel = qpos[:, None] - kpos[None, :]
+            db_lo += tl.sum(tl.where(rel <= 1 - n_rel, ds, 0.0), 1)
+            db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
+        ds = ds.to(DT)
         dqa = tl.dot(ds, ak, dqa, input_precision=PRECISION)
         dqb = tl.dot(ds, bk, dqb, input_precision=PRECISION)
 
@@ -249,6 +302,9 @@ def _attn_bwd_dq_kernel(
     db = tl.dot(dqa_dt, tl.trans(p_ba), input_precision=PRECISION)
     db = tl.dot(dqb_dt, tl.trans(p_bb), db, input_precision=PRECISION)
     _unrope_store(da, db, a, bq, cos, sin, qpos, DQ + pid_bh * Tq * HEAD, rows, Tq, G, prog, HEAD)
+    if HAS_BIAS:
+        tl.store(DBias + prog * 2, tl.sum(db_lo, 0))
+        tl.store(DBias + prog * 2 + 1, tl.sum(db_hi, 0))
 
     # This tile's share of dP~ = [a b]^T [dq''_A dq''_B], written whole to its own slot.
     a_t = tl.trans(a.to(DT))
@@ -313,18 +369,22 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         out, do, delta, *out.stride(), *do.stride(), H, Tq, HEAD=h, BLOCK=64)
 
     n_kblocks, n_qblocks = triton.cdiv(Tk, BN), triton.cdiv(Tq, BM)
-    n_rel_p2 = triton.next_power_of_2(2 * n_rel - 1)
     g_k = torch.empty((B * H * n_kblocks, half), dtype=torch.float32, device=dev)
-    db_part = torch.empty((B * H * n_kblocks, n_rel_p2) if has_bias else (1,), dtype=torch.float32, device=dev)
     _attn_bwd_dkdv_kernel[(n_kblocks, B * H)](
-        q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, dk, dv, g_k, db_part,
-        *strides, *scalars, N_REL_P2=n_rel_p2, **launch)
+        q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, dk, dv, g_k,
+        *strides, *scalars, **launch)
 
     g_q = torch.empty((B * H * n_qblocks, half), dtype=torch.float32, device=dev)
     dp_part = torch.empty((B * H * n_qblocks, h, h), dtype=torch.float32, device=dev)
+    db_ends = torch.empty((B * H * n_qblocks, 2) if has_bias else (1,), dtype=torch.float32, device=dev)
     _attn_bwd_dq_kernel[(n_qblocks, B * H)](
-        q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, dq, g_q, dp_part,
+        q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, dq, g_q, dp_part, db_ends,
         *strides, *scalars, **launch)
+    if has_bias and n_rel > 1:
+        db_inner = torch.zeros((B * H * n_qblocks, 2 * n_rel - 1), dtype=torch.float32, device=dev)
+        _attn_bwd_dbias_diag_kernel[(n_qblocks, B * H)](
+            q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, db_inner, *strides, *scalars,
+            HEAD=h, HAS_PAD=has_pad, BLOCK_M=BM, PRECISION=launch["PRECISION"], num_warps=cfg["num_warps"])
 
     # Fixed-order reductions of the per-program partials.
     g = g_q.sum(0) + g_k.sum(0)  # sum_t dphi[t, m] pos[t] over queries and keys
@@ -338,6 +398,11 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     dM = ((dP + dP.T) @ Mf).to(M.dtype)  # P = M M^T
     dbias = None
     if has_bias:
-        parts = db_part.view(B, H, n_kblocks, n_rel_p2)[..., : 2 * n_rel - 1]
-        dbias = parts.sum((0, 2)).T.contiguous().to(bias.dtype)
+        ends = db_ends.view(B, H, n_qblocks, 2).sum((0, 2))  # (H, 2)
+        table = torch.zeros((H, 2 * n_rel - 1), dtype=torch.float32, device=dev)
+        if n_rel > 1:
+            table += db_inner.view(B, H, n_qblocks, 2 * n_rel - 1).sum((0, 2))
+        table[:, 0] += ends[:, 0]
+        table[:, -1] += ends[:, 1]
+        dbias = table.T.contiguous().to(bias.dtype)
     return dq, dk, dv, dM, dw, ds, dbias
