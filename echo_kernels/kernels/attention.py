@@ -60,6 +60,21 @@ def _rope_angles(pos, s, W, HALF: tl.constexpr):
 
 
 @triton.jit
+def _rope_angles_step(cos0, sin0, first, s, W, HALF: tl.constexpr):
+    """cos and sin of phi = (s * (first + t)) * w for the rows t of a tile, by angle addition.
+
+    cos0, sin0: cos and sin of (s * t) * w for t = 0..rows-1, computed once per program. Only the
+    h/2 angles s * first * w are evaluated here, not a sine per element: precise sin/cos cost tens of
+    instructions each, more than the tile's matrix products.
+    """
+    w = tl.load(W + tl.arange(0, HALF)).to(tl.float32)
+    base = (s * first.to(tl.float32)) * w
+    cb = tl.cos(base)[None, :]
+    sb = tl.sin(base)[None, :]
+    return cb * cos0 - sb * sin0, sb * cos0 + cb * sin0
+
+
+@triton.jit
 def _load_full(ptr, rows, n_rows, stride_t, stride_d, HEAD: tl.constexpr):
     cols = tl.arange(0, HEAD)
     offs = rows[:, None] * stride_t + cols[None, :] * stride_d
@@ -149,12 +164,13 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD], tl.float32)
+    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_N), s, W, HALF)
     lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         kpos = k_off + cols
         y1, y2 = _load_pairs(K, cols, Tk, stride_kt, stride_kd, HALF)
-        kcos, ksin = _rope_angles(kpos, s, W, HALF)
+        kcos, ksin = _rope_angles_step(cos0, sin0, k_off + start, s, W, HALF)
         ak = (y1 * kcos - y2 * ksin).to(DT)
         bk = (y1 * ksin + y2 * kcos).to(DT)
         logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)

@@ -38,6 +38,7 @@ from .attention import (
     _load_p,
     _load_pairs,
     _rope_angles,
+    _rope_angles_step,
     dot_dtype,
     folded_p,
     layout_perm,
@@ -61,18 +62,17 @@ def _attn_bwd_delta_kernel(O, DO, Delta, stride_ob, stride_oh, stride_ot, stride
 
 
 @triton.jit
-def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, qpos, s, W, p_aa, p_ab, p_ba, p_bb,
+def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb,
                HALF: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
-    """RoPE halves of a query tile (fp32) and q''_A, q''_B (dot type)."""
+    """RoPE halves of a query tile (fp32) and q''_A, q''_B (dot type); cos, sin of its angles."""
     x1, x2 = _load_pairs(Q, rows, Tq, stride_qt, stride_qd, HALF)
-    cos, sin = _rope_angles(qpos, s, W, HALF)
     a = x1 * cos - x2 * sin
     b = x1 * sin + x2 * cos
     qa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)
     qa = tl.dot(b.to(DT), p_ba, qa, input_precision=PRECISION)
     qb = tl.dot(a.to(DT), p_ab, input_precision=PRECISION)
     qb = tl.dot(b.to(DT), p_bb, qb, input_precision=PRECISION)
-    return a, b, qa.to(DT), qb.to(DT), cos, sin
+    return a, b, qa.to(DT), qb.to(DT)
 
 
 @triton.jit
@@ -138,11 +138,13 @@ def _attn_bwd_dkdv_kernel(
     lo = tl.maximum(first - right - q_off, 0)
     lo = (lo // BLOCK_M) * BLOCK_M
     hi = tl.minimum(first + BLOCK_N - 1 + left - q_off + 1, Tq)
+    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_M), s, W, HALF)
     for start in range(lo, hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         qpos = q_off + rows
-        a, bq, qa, qb, cos, sin = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, qpos, s, W,
-                                              p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
+        cos, sin = _rope_angles_step(cos0, sin0, q_off + start, s, W, HALF)
+        a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin,
+                                   p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
         logits = tl.dot(qa, tl.trans(ak_dt), input_precision=PRECISION)
         logits = tl.dot(qb, tl.trans(bk_dt), logits, input_precision=PRECISION)
         keep, bias = _keep_and_bias(
@@ -198,8 +200,9 @@ def _attn_bwd_dbias_diag_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qpos = q_off + rows
     p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
-    a, bq, qa, qb, cos, sin = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, qpos, s, W,
-                                          p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
+    cos, sin = _rope_angles(qpos, s, W, HALF)
+    a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
+                               PRECISION)
     qa = qa.to(tl.float32)
     qb = qb.to(tl.float32)
     do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD)
@@ -214,7 +217,12 @@ def _attn_bwd_dbias_diag_kernel(
         offs = cols[:, None] * stride_kt + (2 * half)[None, :] * stride_kd
         y1 = tl.load(K + offs, mask=inside[:, None], other=0.0).to(tl.float32)
         y2 = tl.load(K + offs + stride_kd, mask=inside[:, None], other=0.0).to(tl.float32)
-        kcos, ksin = _rope_angles(kpos, s, W, HALF)
+        # phi_k = phi_q - (s rel) w: one angle per frequency, no sine per element
+        step = (s * rel.to(tl.float32)) * tl.load(W + half).to(tl.float32)
+        cs = tl.cos(step)[None, :]
+        sn = tl.sin(step)[None, :]
+        kcos = cos * cs + sin * sn
+        ksin = sin * cs - cos * sn
         ak = y1 * kcos - y2 * ksin
         bk = y1 * ksin + y2 * kcos
         logit = tl.sum(qa * ak, 1) + tl.sum(qb * bk, 1) + tl.load(Bias + r * stride_br + hd * stride_bh).to(tl.float32)
@@ -258,8 +266,9 @@ def _attn_bwd_dq_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qpos = q_off + rows
     p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
-    a, bq, qa, qb, cos, sin = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, qpos, s, W,
-                                          p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
+    cos, sin = _rope_angles(qpos, s, W, HALF)
+    a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
+                               PRECISION)
     do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD).to(DT)
     lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
     delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
@@ -268,12 +277,13 @@ def _attn_bwd_dq_kernel(
     db_lo = tl.zeros([BLOCK_M], tl.float32)
     db_hi = tl.zeros([BLOCK_M], tl.float32)
 
+    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_N), s, W, HALF)
     lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         kpos = k_off + cols
         y1, y2 = _load_pairs(K, cols, Tk, stride_kt, stride_kd, HALF)
-        kcos, ksin = _rope_angles(kpos, s, W, HALF)
+        kcos, ksin = _rope_angles_step(cos0, sin0, k_off + start, s, W, HALF)
         ak = (y1 * kcos - y2 * ksin).to(DT)
         bk = (y1 * ksin + y2 * kcos).to(DT)
         logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
