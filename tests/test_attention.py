@@ -307,6 +307,14 @@ def test_opcheck(use_triton):
     args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], None, None, -1, 0, 0, 0, "interleaved")
     torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
 
+    detached = {name: t.detach() if t is not None else None for name, t in i.items()}
+    d = detached
+    out, lse = torch.ops.echo_kernels.echo_attention(d["q"], d["k"], d["v"], d["M"], d["w"], d["s"], d["bias"],
+                                                      d["key_padding_mask"], 4, 2, 3, 0, "half_split")
+    args = (torch.randn_like(out), d["q"], d["k"], d["v"], out, lse, d["M"], d["w"], d["s"], d["bias"],
+            d["key_padding_mask"], 4, 2, 3, 0, "half_split")
+    torch.library.opcheck(torch.ops.echo_kernels.echo_attention_backward.default, args)
+
 
 def test_torch_compile_fullgraph(use_triton):
     inputs = make_inputs(Tq=30, pad=True)

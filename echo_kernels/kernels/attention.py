@@ -96,17 +96,25 @@ def _load_p(P, HALF: tl.constexpr):
 @triton.jit
 def _keep_and_bias(
     qpos, kpos, kcols, Tk, left, right, Bias, stride_br, head_off, n_rel, Pad, pad_off, stride_pt,
-    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    rel_lo, rel_hi, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
 ):
-    """(rows, cols) mask of kept pairs and the additive bias (0.0 without a table), fp32."""
+    """(rows, cols) mask of kept pairs and the additive bias (0.0 without a table), fp32.
+
+    rel_lo, rel_hi: the least and greatest i - j of the tile. Most tiles lie wholly beyond the
+    clamp (|i - j| >= n - 1), where the bias is one number: a scalar load instead of a gather.
+    """
     rel = qpos[:, None] - kpos[None, :]  # i - j
     keep = (rel <= left) & (rel >= -right) & (kcols < Tk)[None, :]
     if HAS_PAD:
         padded = tl.load(Pad + pad_off + kcols * stride_pt, mask=kcols < Tk, other=1)
         keep = keep & (padded == 0)[None, :]
     if HAS_BIAS:
-        ridx = tl.minimum(tl.maximum(rel, 1 - n_rel), n_rel - 1) + n_rel - 1
-        bias = tl.load(Bias + ridx * stride_br + head_off).to(tl.float32)
+        if (rel_lo >= n_rel - 1) | (rel_hi <= 1 - n_rel):
+            row = tl.where(rel_lo >= n_rel - 1, 2 * n_rel - 2, 0)
+            bias = tl.zeros(rel.shape, tl.float32) + tl.load(Bias + row * stride_br + head_off).to(tl.float32)
+        else:
+            ridx = tl.minimum(tl.maximum(rel, 1 - n_rel), n_rel - 1) + n_rel - 1
+            bias = tl.load(Bias + ridx * stride_br + head_off).to(tl.float32)
     else:
         bias = tl.zeros(rel.shape, tl.float32)
     return keep, bias
@@ -177,7 +185,8 @@ def _attn_fwd_kernel(
         logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
         keep, bias = _keep_and_bias(
             qpos, kpos, cols, Tk, left, right, Bias, stride_br, hd * stride_bh, n_rel,
-            Pad, b * stride_pb, stride_pt, HAS_BIAS, HAS_PAD,
+            Pad, b * stride_pb, stride_pt, q_off + pid_m * BLOCK_M - (k_off + start + BLOCK_N - 1),
+            q_off + pid_m * BLOCK_M + BLOCK_M - 1 - (k_off + start), HAS_BIAS, HAS_PAD,
         )
         logits = tl.where(keep, logits + bias, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 1))

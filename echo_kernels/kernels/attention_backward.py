@@ -149,7 +149,8 @@ def _attn_bwd_dkdv_kernel(
         logits = tl.dot(qb, tl.trans(bk_dt), logits, input_precision=PRECISION)
         keep, bias = _keep_and_bias(
             qpos, kpos, cols, Tk, left, right, Bias, stride_br, hd * stride_bh, n_rel,
-            Pad, b * stride_pb, stride_pt, HAS_BIAS, HAS_PAD,
+            Pad, b * stride_pb, stride_pt, q_off + start - (first + BLOCK_N - 1), q_off + start + BLOCK_M - 1 - first,
+            HAS_BIAS, HAS_PAD,
         )
         lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
         p = tl.where(keep, tl.exp2((logits + bias - lse[:, None]) * LOG2E), 0.0)
@@ -277,6 +278,7 @@ def _attn_bwd_dq_kernel(
     db_lo = tl.zeros([BLOCK_M], tl.float32)
     db_hi = tl.zeros([BLOCK_M], tl.float32)
 
+    q_first = q_off + pid_m * BLOCK_M
     cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_N), s, W, HALF)
     lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
@@ -290,16 +292,25 @@ def _attn_bwd_dq_kernel(
         logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
         keep, bias = _keep_and_bias(
             qpos, kpos, cols, Tk, left, right, Bias, stride_br, hd * stride_bh, n_rel,
-            Pad, b * stride_pb, stride_pt, HAS_BIAS, HAS_PAD,
+            Pad, b * stride_pb, stride_pt, q_first - (k_off + start + BLOCK_N - 1), q_first + BLOCK_M - 1 - (k_off + start),
+            HAS_BIAS, HAS_PAD,
         )
         p = tl.where(keep, tl.exp2((logits + bias - lse[:, None]) * LOG2E), 0.0)
         v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         if HAS_BIAS:
-            rel = qpos[:, None] - kpos[None, :]
-            db_lo += tl.sum(tl.where(rel <= 1 - n_rel, ds, 0.0), 1)
-            db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
+            # the pairs that the clamp sends to the end rows; with n = 1, i - j = 0 counts once (lo)
+            rel_lo = q_first - (k_off + start + BLOCK_N - 1)
+            rel_hi = q_first + BLOCK_M - 1 - (k_off + start)
+            if rel_hi <= 1 - n_rel:
+                db_lo += tl.sum(ds, 1)
+            elif (rel_lo >= n_rel - 1) & (rel_lo > 1 - n_rel):
+                db_hi += tl.sum(ds, 1)
+            else:
+                rel = qpos[:, None] - kpos[None, :]
+                db_lo += tl.sum(tl.where(rel <= 1 - n_rel, ds, 0.0), 1)
+                db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
         ds = ds.to(DT)
         dqa = tl.dot(ds, ak, dqa, input_precision=PRECISION)
         dqb = tl.dot(ds, bk, dqb, input_precision=PRECISION)
