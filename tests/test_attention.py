@@ -365,6 +365,7 @@ def test_aot_compile_report():
         if "delta" in r.name:
             continue  # a row reduction, no matrix product
         assert r.mma, r.name
-        assert r.wgmma == (r.arch == 90), r.name
+        if "decode" not in r.name:  # a 16-row tile is below wgmma's 64 rows: mma.sync there
+            assert r.wgmma == (r.arch == 90), r.name
         if "_h64_" in r.name:
             assert r.spilled_bytes == 0, r.name

@@ -93,31 +93,58 @@ def _load_p(P, HALF: tl.constexpr):
     return aa, ab, ba, bb
 
 
-@triton.jit
-def _keep_and_bias(
-    qpos, kpos, kcols, Tk, left, right, Bias, stride_br, head_off, n_rel, Pad, pad_off, stride_pt,
-    rel_lo, rel_hi, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
-):
-    """(rows, cols) mask of kept pairs and the additive bias (0.0 without a table), fp32.
+# Key tiles fall in three regions by where the clamp of i - j sends them: wholly at i - j >= n - 1
+# (PAST: one bias value, the last row), straddling the diagonal (NEAR: a gather from the table), and
+# wholly at i - j <= -(n - 1) (FUTURE: the first row). Each region is its own loop, so no branch sits
+# inside a loop body (which would stop Triton from pipelining its loads). NO_BIAS: no table at all.
+NO_BIAS: tl.constexpr = tl.constexpr(0)
+PAST: tl.constexpr = tl.constexpr(1)
+NEAR: tl.constexpr = tl.constexpr(2)
+FUTURE: tl.constexpr = tl.constexpr(3)
 
-    rel_lo, rel_hi: the least and greatest i - j of the tile. Most tiles lie wholly beyond the
-    clamp (|i - j| >= n - 1), where the bias is one number: a scalar load instead of a gather.
-    """
-    rel = qpos[:, None] - kpos[None, :]  # i - j
-    keep = (rel <= left) & (rel >= -right) & (kcols < Tk)[None, :]
-    if HAS_PAD:
-        padded = tl.load(Pad + pad_off + kcols * stride_pt, mask=kcols < Tk, other=1)
-        keep = keep & (padded == 0)[None, :]
-    if HAS_BIAS:
-        if (rel_lo >= n_rel - 1) | (rel_hi <= 1 - n_rel):
-            row = tl.where(rel_lo >= n_rel - 1, 2 * n_rel - 2, 0)
-            bias = tl.zeros(rel.shape, tl.float32) + tl.load(Bias + row * stride_br + head_off).to(tl.float32)
-        else:
-            ridx = tl.minimum(tl.maximum(rel, 1 - n_rel), n_rel - 1) + n_rel - 1
-            bias = tl.load(Bias + ridx * stride_br + head_off).to(tl.float32)
+
+@triton.jit
+def _split_regions(lo, hi, last_past, first_future, BLOCK: tl.constexpr):
+    """Tile starts lo, lo + BLOCK, ... < hi, cut at d1 and d2: [lo, d1) start at most last_past,
+    [d2, hi) at least first_future, [d1, d2) between. The loops over them may be empty."""
+    top = tl.maximum(hi, lo)
+    n1 = tl.where(last_past >= lo, (last_past - lo) // BLOCK + 1, 0)
+    d1 = tl.minimum(lo + n1 * BLOCK, top)
+    n2 = tl.where(first_future > lo, (first_future - lo + BLOCK - 1) // BLOCK, 0)
+    d2 = tl.minimum(tl.maximum(lo + n2 * BLOCK, d1), top)
+    return d1, d2
+
+
+@triton.jit
+def _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION: tl.constexpr):
+    """bias[clamp(rel) + n - 1, head] for a tile of offsets rel = i - j, fp32 (see the regions)."""
+    if REGION == PAST:
+        return tl.load(Bias + (2 * n_rel - 2) * stride_br + head_off).to(tl.float32)
+    elif REGION == FUTURE:
+        return tl.load(Bias + head_off).to(tl.float32)
+    elif REGION == NEAR:
+        ridx = tl.minimum(tl.maximum(rel, 1 - n_rel), n_rel - 1) + n_rel - 1
+        return tl.load(Bias + ridx * stride_br + head_off).to(tl.float32)
     else:
-        bias = tl.zeros(rel.shape, tl.float32)
-    return keep, bias
+        return 0.0
+
+
+@triton.jit
+def _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, first, s, W, HALF: tl.constexpr):
+    """RoPE halves (fp32) of the key tile at rows cols, whose first position is `first`."""
+    y1, y2 = _load_pairs(K, cols, Tk, stride_kt, stride_kd, HALF)
+    kcos, ksin = _rope_angles_step(cos0, sin0, first, s, W, HALF)
+    return y1 * kcos - y2 * ksin, y1 * ksin + y2 * kcos
+
+
+@triton.jit
+def _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD: tl.constexpr):
+    """(cols,) keys that exist and are not padding."""
+    ok = cols < Tk
+    if HAS_PAD:
+        padded = tl.load(Pad + pad_off + cols * stride_pt, mask=cols < Tk, other=1)
+        ok = ok & (padded == 0)
+    return ok
 
 
 @triton.jit
@@ -132,6 +159,35 @@ def _key_range(q_first, q_last, left, right, q_off, k_off, Tk, BLOCK_N: tl.const
 # --------------------------------------------------------------------------------------------------
 # Forward kernel
 # --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, m_i, l_i, lo, hi, qa, qb, qpos, K, V, W, s, cos0, sin0, Bias, stride_br, head_off, n_rel, Pad, pad_off,
+    stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk, left, right, k_off,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
+    HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Online softmax over the key tiles starting at lo, lo + BLOCK_N, ... < hi (one bias region)."""
+    DT = qa.dtype
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        ak, bk = _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
+        logits = tl.dot(qa, tl.trans(ak.to(DT)), input_precision=PRECISION)
+        logits = tl.dot(qb, tl.trans(bk.to(DT)), logits, input_precision=PRECISION)
+        rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
+        keep = (rel <= left) & (rel >= -right) & _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)[None, :]
+        logits = tl.where(keep, logits + _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, 1))
+        # Rows that have seen no key yet keep m = -inf; shift them by 0 so that exp gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+        p = tl.exp2((logits - m_safe[:, None]) * 1.4426950408889634)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
+        acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -173,31 +229,28 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD], tl.float32)
     cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_N), s, W, HALF)
+    q_first = q_off + pid_m * BLOCK_M
     lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        kpos = k_off + cols
-        y1, y2 = _load_pairs(K, cols, Tk, stride_kt, stride_kd, HALF)
-        kcos, ksin = _rope_angles_step(cos0, sin0, k_off + start, s, W, HALF)
-        ak = (y1 * kcos - y2 * ksin).to(DT)
-        bk = (y1 * ksin + y2 * kcos).to(DT)
-        logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
-        logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
-        keep, bias = _keep_and_bias(
-            qpos, kpos, cols, Tk, left, right, Bias, stride_br, hd * stride_bh, n_rel,
-            Pad, b * stride_pb, stride_pt, q_off + pid_m * BLOCK_M - (k_off + start + BLOCK_N - 1),
-            q_off + pid_m * BLOCK_M + BLOCK_M - 1 - (k_off + start), HAS_BIAS, HAS_PAD,
-        )
-        logits = tl.where(keep, logits + bias, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, 1))
-        # Rows that have seen no key yet keep m = -inf; shift them by 0 so that exp gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
-        p = tl.exp2((logits - m_safe[:, None]) * 1.4426950408889634)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
-        acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+    if HAS_BIAS:
+        d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
+                                q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, lo, d1, qa, qb, qpos, K, V, W, s, cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, Pad,
+            b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
+            BLOCK_N, PAST, HAS_PAD, PRECISION)
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, d1, d2, qa, qb, qpos, K, V, W, s, cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, Pad,
+            b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
+            BLOCK_N, NEAR, HAS_PAD, PRECISION)
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, d2, hi, qa, qb, qpos, K, V, W, s, cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, Pad,
+            b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
+            BLOCK_N, FUTURE, HAS_PAD, PRECISION)
+    else:
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, lo, hi, qa, qb, qpos, K, V, W, s, cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, Pad,
+            b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
+            BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
 
     # A row with no kept key gives zeros and lse = +inf, so that the backward's exp(l - lse) is 0.
     empty = l_i == 0.0
@@ -304,6 +357,8 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
     pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q)
     cfg = _blocks_for(h, default_blocks)
+    # Decoding (Tq = 1) and other short query runs: a 128-row tile would be almost all padding.
+    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, triton.next_power_of_2(Tq)))
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, P, w32, s32, bias_t, pad_t, out, lse,
@@ -348,6 +403,11 @@ def aot_specs() -> list:
             specs.append(aot.KernelSpec(
                 f"attention_fwd_h{h}_{dt}", _attn_fwd_kernel, _signature(_attn_fwd_kernel, ptrs, ce), ce,
                 num_warps=f["num_warps"], num_stages=f["num_stages"]))
+            if h == 64 and dt == "bf16":  # the decoding launch (Tq = 1 against a KV cache)
+                ce = dict(ce, BLOCK_M=16)
+                specs.append(aot.KernelSpec(
+                    f"attention_fwd_decode_h{h}_{dt}", _attn_fwd_kernel, _signature(_attn_fwd_kernel, ptrs, ce), ce,
+                    num_warps=f["num_warps"], num_stages=f["num_stages"]))
 
             g = bwd.default_blocks(h)
             ce = dict(HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"],

@@ -31,14 +31,21 @@ import triton
 import triton.language as tl
 
 from .attention import (
+    FUTURE,
+    NEAR,
+    NO_BIAS,
+    PAST,
+    _bias_tile,
     _blocks_for,
-    _keep_and_bias,
+    _key_ok,
     _key_range,
     _load_full,
     _load_p,
     _load_pairs,
     _rope_angles,
     _rope_angles_step,
+    _rotated_k,
+    _split_regions,
     dot_dtype,
     folded_p,
     layout_perm,
@@ -93,6 +100,43 @@ def _unrope_store(dA, dB, a, b, cos, sin, pos, DX, rows, n_rows, G, g_row, HEAD:
 
 
 @triton.jit
+def _dkdv_tiles(
+    dak, dbk, dv, lo, hi, ak, bk, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s, cos0, sin0,
+    Bias, stride_br, head_off, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq, left, right, q_off,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Accumulate dk (as d(a_k, b_k)) and dv over the query tiles lo, lo + BLOCK_M, ... < hi.
+
+    Tiles are kept transposed, (keys, queries), as in Triton's fused-attention tutorial: every
+    transpose then falls on a tl.dot's second operand, which goes through shared memory anyway.
+    Lse and Delta point at this (batch, head)'s rows.
+    """
+    DT = ak.dtype
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        qpos = q_off + rows
+        cos, sin = _rope_angles_step(cos0, sin0, q_off + start, s, W, HALF)
+        a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin,
+                                   p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
+        logits_t = tl.dot(ak, tl.trans(qa), input_precision=PRECISION)
+        logits_t = tl.dot(bk, tl.trans(qb), logits_t, input_precision=PRECISION)
+        rel_t = qpos[None, :] - kpos[:, None]  # i - j
+        keep_t = (rel_t <= left) & (rel_t >= -right) & key_ok[:, None]
+        logits_t += _bias_tile(rel_t, Bias, stride_br, head_off, n_rel, REGION)
+        lse = tl.load(Lse + rows, mask=rows < Tq, other=float("inf"))
+        p_t = tl.where(keep_t, tl.exp2((logits_t - lse[None, :]) * LOG2E), 0.0)
+        do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD).to(DT)
+        dv = tl.dot(p_t.to(DT), do, dv, input_precision=PRECISION)
+        delta = tl.load(Delta + rows, mask=rows < Tq, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(DT)
+        dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
+        dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
+    return dak, dbk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DK, DV, G,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -116,52 +160,52 @@ def _attn_bwd_dkdv_kernel(
     K += b * stride_kb + hd * stride_kh
     V += b * stride_vb + hd * stride_vh
     DO += b * stride_ob + hd * stride_oh
+    Lse += pid_bh * Tq
+    Delta += pid_bh * Tq
     s = tl.load(S).to(tl.float32)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kpos = k_off + cols
-    y1, y2 = _load_pairs(K, cols, Tk, stride_kt, stride_kd, HALF)
+    first = k_off + pid_n * BLOCK_N
     kcos, ksin = _rope_angles(kpos, s, W, HALF)
+    y1, y2 = _load_pairs(K, cols, Tk, stride_kt, stride_kd, HALF)
     ak = y1 * kcos - y2 * ksin
     bk = y1 * ksin + y2 * kcos
     ak_dt = ak.to(DT)
     bk_dt = bk.to(DT)
     v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
+    key_ok = _key_ok(cols, Tk, Pad, b * stride_pb, stride_pt, HAS_PAD)  # padding belongs to the key
     p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_M), s, W, HALF)
 
     dak = tl.zeros([BLOCK_N, HALF], tl.float32)
     dbk = tl.zeros([BLOCK_N, HALF], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD], tl.float32)
-
     # Queries i reach key j iff j - right <= i <= j + left: the band seen from the key side.
-    first = k_off + pid_n * BLOCK_N
     lo = tl.maximum(first - right - q_off, 0)
     lo = (lo // BLOCK_M) * BLOCK_M
     hi = tl.minimum(first + BLOCK_N - 1 + left - q_off + 1, Tq)
-    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_M), s, W, HALF)
-    for start in range(lo, hi, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        qpos = q_off + rows
-        cos, sin = _rope_angles_step(cos0, sin0, q_off + start, s, W, HALF)
-        a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin,
-                                   p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
-        logits = tl.dot(qa, tl.trans(ak_dt), input_precision=PRECISION)
-        logits = tl.dot(qb, tl.trans(bk_dt), logits, input_precision=PRECISION)
-        keep, bias = _keep_and_bias(
-            qpos, kpos, cols, Tk, left, right, Bias, stride_br, hd * stride_bh, n_rel,
-            Pad, b * stride_pb, stride_pt, q_off + start - (first + BLOCK_N - 1), q_off + start + BLOCK_M - 1 - first,
-            HAS_BIAS, HAS_PAD,
-        )
-        lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
-        p = tl.where(keep, tl.exp2((logits + bias - lse[:, None]) * LOG2E), 0.0)
-        do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD).to(DT)
-        dv = tl.dot(tl.trans(p.to(DT)), do, dv, input_precision=PRECISION)
-        delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        ds_t = tl.trans(ds.to(DT))
-        dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
-        dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
+    if HAS_BIAS:
+        # seen from a key tile, the FUTURE query tiles come first and the PAST ones last
+        d1, d2 = _split_regions(lo, hi, first - n_rel + 2 - q_off - BLOCK_M, first + BLOCK_N + n_rel - 2 - q_off,
+                                BLOCK_M)
+        dak, dbk, dv = _dkdv_tiles(
+            dak, dbk, dv, lo, d1, ak_dt, bk_dt, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s,
+            cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq,
+            left, right, q_off, HALF, HEAD, BLOCK_M, FUTURE, PRECISION)
+        dak, dbk, dv = _dkdv_tiles(
+            dak, dbk, dv, d1, d2, ak_dt, bk_dt, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s,
+            cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq,
+            left, right, q_off, HALF, HEAD, BLOCK_M, NEAR, PRECISION)
+        dak, dbk, dv = _dkdv_tiles(
+            dak, dbk, dv, d2, hi, ak_dt, bk_dt, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s,
+            cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq,
+            left, right, q_off, HALF, HEAD, BLOCK_M, PAST, PRECISION)
+    else:
+        dak, dbk, dv = _dkdv_tiles(
+            dak, dbk, dv, lo, hi, ak_dt, bk_dt, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s,
+            cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq,
+            left, right, q_off, HALF, HEAD, BLOCK_M, NO_BIAS, PRECISION)
 
     tl.store(DV + pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :],
              dv.to(DV.dtype.element_ty), mask=cols[:, None] < Tk)
@@ -238,6 +282,43 @@ def _attn_bwd_dbias_diag_kernel(
 
 
 @triton.jit
+def _dq_tiles(
+    dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+    head_off, n_rel, Pad, pad_off, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk, left, right, k_off,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
+    HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Accumulate d(q''_A, q''_B) and the end-row sums of dS over the key tiles lo, ... < hi."""
+    DT = qa.dtype
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        ak, bk = _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
+        ak = ak.to(DT)
+        bk = bk.to(DT)
+        logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
+        logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
+        rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
+        keep = (rel <= left) & (rel >= -right) & _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)[None, :]
+        logits += _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
+        p = tl.where(keep, tl.exp2((logits - lse[:, None]) * LOG2E), 0.0)
+        v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        # the pairs that the clamp sends to the end rows of the table (with n = 1 both are row 0)
+        if REGION == PAST:
+            db_hi += tl.sum(ds, 1)
+        elif REGION == FUTURE:
+            db_lo += tl.sum(ds, 1)
+        elif REGION == NEAR:
+            db_lo += tl.sum(tl.where(rel <= 1 - n_rel, ds, 0.0), 1)
+            db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
+        ds = ds.to(DT)
+        dqa = tl.dot(ds, ak, dqa, input_precision=PRECISION)
+        dqb = tl.dot(ds, bk, dqb, input_precision=PRECISION)
+    return dqa, dqb, db_lo, db_hi
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DQ, G, DP, DBias,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -266,6 +347,7 @@ def _attn_bwd_dq_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qpos = q_off + rows
+    q_first = q_off + pid_m * BLOCK_M
     p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
     cos, sin = _rope_angles(qpos, s, W, HALF)
     a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
@@ -277,43 +359,29 @@ def _attn_bwd_dq_kernel(
     dqb = tl.zeros([BLOCK_M, HALF], tl.float32)
     db_lo = tl.zeros([BLOCK_M], tl.float32)
     db_hi = tl.zeros([BLOCK_M], tl.float32)
-
-    q_first = q_off + pid_m * BLOCK_M
     cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_N), s, W, HALF)
+
     lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        kpos = k_off + cols
-        y1, y2 = _load_pairs(K, cols, Tk, stride_kt, stride_kd, HALF)
-        kcos, ksin = _rope_angles_step(cos0, sin0, k_off + start, s, W, HALF)
-        ak = (y1 * kcos - y2 * ksin).to(DT)
-        bk = (y1 * ksin + y2 * kcos).to(DT)
-        logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
-        logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
-        keep, bias = _keep_and_bias(
-            qpos, kpos, cols, Tk, left, right, Bias, stride_br, hd * stride_bh, n_rel,
-            Pad, b * stride_pb, stride_pt, q_first - (k_off + start + BLOCK_N - 1), q_first + BLOCK_M - 1 - (k_off + start),
-            HAS_BIAS, HAS_PAD,
-        )
-        p = tl.where(keep, tl.exp2((logits + bias - lse[:, None]) * LOG2E), 0.0)
-        v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        if HAS_BIAS:
-            # the pairs that the clamp sends to the end rows; with n = 1, i - j = 0 counts once (lo)
-            rel_lo = q_first - (k_off + start + BLOCK_N - 1)
-            rel_hi = q_first + BLOCK_M - 1 - (k_off + start)
-            if rel_hi <= 1 - n_rel:
-                db_lo += tl.sum(ds, 1)
-            elif (rel_lo >= n_rel - 1) & (rel_lo > 1 - n_rel):
-                db_hi += tl.sum(ds, 1)
-            else:
-                rel = qpos[:, None] - kpos[None, :]
-                db_lo += tl.sum(tl.where(rel <= 1 - n_rel, ds, 0.0), 1)
-                db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
-        ds = ds.to(DT)
-        dqa = tl.dot(ds, ak, dqa, input_precision=PRECISION)
-        dqb = tl.dot(ds, bk, dqb, input_precision=PRECISION)
+    if HAS_BIAS:
+        d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
+                                q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
+        dqa, dqb, db_lo, db_hi = _dq_tiles(
+            dqa, dqb, db_lo, db_hi, lo, d1, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+            left, right, k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, PRECISION)
+        dqa, dqb, db_lo, db_hi = _dq_tiles(
+            dqa, dqb, db_lo, db_hi, d1, d2, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+            left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, PRECISION)
+        dqa, dqb, db_lo, db_hi = _dq_tiles(
+            dqa, dqb, db_lo, db_hi, d2, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+            left, right, k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, PRECISION)
+    else:
+        dqa, dqb, db_lo, db_hi = _dq_tiles(
+            dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+            left, right, k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
 
     # q''_A = a P~_AA + b P~_BA and q''_B = a P~_AB + b P~_BB, so d(a, b) = d(q''_A, q''_B) P~^T.
     dqa_dt = dqa.to(DT)
