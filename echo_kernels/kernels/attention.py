@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 UNBOUNDED = 1 << 30  # window side that reaches every key; positions stay far below it
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,8 +181,8 @@ def _fwd_tiles(
         m_new = tl.maximum(m_i, tl.max(logits, 1))
         # Rows that have seen no key yet keep m = -inf; shift them by 0 so that exp gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
-        p = tl.exp2((logits - m_safe[:, None]) * 1.4426950408889634)
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)
+        p = tl.exp2((logits - m_safe[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
         acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PRECISION)

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from .attention import (
     FUTURE,
+    LOG2E,
     NEAR,
     NO_BIAS,
     PAST,
@@ -51,9 +52,6 @@ from .attention import (
     layout_perm,
     precision,
 )
-
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-
 
 @triton.jit
 def _attn_bwd_delta_kernel(O, DO, Delta, stride_ob, stride_oh, stride_ot, stride_od, stride_db, stride_dh,
