@@ -255,6 +255,44 @@ def test_backward_is_deterministic(use_triton):
 
 
 # --------------------------------------------------------------------------------------------------
+# On a GPU: real shapes and default tiles
+# --------------------------------------------------------------------------------------------------
+
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+
+
+@gpu_only
+@pytest.mark.parametrize("window", [None, 256])
+def test_encoder_shape_bf16_gpu(use_triton, window):
+    """Echo encoder head width at T = 1500 in bf16, forward and gradients, against the reference."""
+    inputs = make_inputs(B=2, H=4, Tq=1500, h=64, n=15, pad=True)
+    do = torch.randn(2, 4, 1500, 64, dtype=torch.float64)
+    out_ref, want = grads(reference.echo_attention, inputs, torch.float32, do, window=window)
+    out, got = grads(echo_kernels.echo_attention, inputs, torch.bfloat16, do, window=window)
+    assert rel_err(out, out_ref) < 1e-2
+    for name, g in want.items():
+        assert rel_err(got[name], g) < 2e-2, name
+
+
+@gpu_only
+def test_long_window_memory_gpu(use_triton):
+    """T = 16384, window 256: the forward needs under 10% of q, k, v and out beyond them."""
+    B, H, T, h = 1, 16, 16384, 64
+    q, k, v = (torch.randn(B, H, T, h, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    M = torch.eye(h, device="cuda")
+    w = torch.rand(h // 2, device="cuda")
+    bias = torch.randn(29, H, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = echo_kernels.echo_attention(q, k, v, M, w, 1.0, bias, window=256)
+    torch.cuda.synchronize()
+    size = q.numel() * q.element_size()
+    extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
+    assert extra < 0.1 * 4 * size
+
+
+# --------------------------------------------------------------------------------------------------
 # Against FlexAttention (no rotation: M = I, s = 0)
 # --------------------------------------------------------------------------------------------------
 
