@@ -328,13 +328,20 @@ def _attn_bwd_dq_kernel(
     HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_M, HEAD) query tile: dq, its angle partial, its partial of dP~ and of the two end
-    rows of dbias (the pairs with i - j <= -(n - 1) and >= n - 1; with n = 1 both are row 0)."""
+    """Query tiles pid_m, pid_m + grid[0], ...: dq, the angle partial and the two end rows of dbias
+    per tile (the pairs with i - j <= -(n - 1) and >= n - 1; with n = 1 both are row 0), and one
+    partial of dP~ for the program.
+
+    dP~ is an (h, h) sum over every query; one partial per tile would take more memory than dq
+    itself, so the launcher gives each (batch, head) just enough programs to fill the GPU and each
+    program sums its tiles' shares on chip.
+    """
     HALF: tl.constexpr = HEAD // 2
     DT = P.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     prog = pid_bh * tl.num_programs(0) + pid_m
+    n_tiles = tl.cdiv(Tq, BLOCK_M)
     b = pid_bh // H
     hd = pid_bh % H
     Q += b * stride_qb + hd * stride_qh
@@ -343,66 +350,77 @@ def _attn_bwd_dq_kernel(
     DO += b * stride_ob + hd * stride_oh
     s = tl.load(S).to(tl.float32)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    qpos = q_off + rows
-    q_first = q_off + pid_m * BLOCK_M
     p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
-    cos, sin = _rope_angles(qpos, s, W, HALF)
-    a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
-                               PRECISION)
-    do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD).to(DT)
-    lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
-    delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
-    dqa = tl.zeros([BLOCK_M, HALF], tl.float32)
-    dqb = tl.zeros([BLOCK_M, HALF], tl.float32)
-    db_lo = tl.zeros([BLOCK_M], tl.float32)
-    db_hi = tl.zeros([BLOCK_M], tl.float32)
     cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_N), s, W, HALF)
+    dp_aa = tl.zeros([HALF, HALF], tl.float32)
+    dp_ab = tl.zeros([HALF, HALF], tl.float32)
+    dp_ba = tl.zeros([HALF, HALF], tl.float32)
+    dp_bb = tl.zeros([HALF, HALF], tl.float32)
+    for m in range(pid_m, n_tiles, tl.num_programs(0)):
+        tile = pid_bh * n_tiles + m
+        rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
+        qpos = q_off + rows
+        q_first = q_off + m * BLOCK_M
+        cos, sin = _rope_angles(qpos, s, W, HALF)
+        a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
+                                   PRECISION)
+        do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD).to(DT)
+        lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
+        delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
+        dqa = tl.zeros([BLOCK_M, HALF], tl.float32)
+        dqb = tl.zeros([BLOCK_M, HALF], tl.float32)
+        db_lo = tl.zeros([BLOCK_M], tl.float32)
+        db_hi = tl.zeros([BLOCK_M], tl.float32)
 
-    lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
-    if HAS_BIAS:
-        d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
-                                q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
-        dqa, dqb, db_lo, db_hi = _dq_tiles(
-            dqa, dqb, db_lo, db_hi, lo, d1, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
-            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
-            left, right, k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, PRECISION)
-        dqa, dqb, db_lo, db_hi = _dq_tiles(
-            dqa, dqb, db_lo, db_hi, d1, d2, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
-            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
-            left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, PRECISION)
-        dqa, dqb, db_lo, db_hi = _dq_tiles(
-            dqa, dqb, db_lo, db_hi, d2, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
-            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
-            left, right, k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, PRECISION)
-    else:
-        dqa, dqb, db_lo, db_hi = _dq_tiles(
-            dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
-            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
-            left, right, k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
+        lo, hi = _key_range(m * BLOCK_M, m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
+        if HAS_BIAS:
+            d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
+                                    q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
+            dqa, dqb, db_lo, db_hi = _dq_tiles(
+                dqa, dqb, db_lo, db_hi, lo, d1, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+                hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+                left, right, k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, PRECISION)
+            dqa, dqb, db_lo, db_hi = _dq_tiles(
+                dqa, dqb, db_lo, db_hi, d1, d2, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+                hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+                left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, PRECISION)
+            dqa, dqb, db_lo, db_hi = _dq_tiles(
+                dqa, dqb, db_lo, db_hi, d2, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+                hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+                left, right, k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, PRECISION)
+        else:
+            dqa, dqb, db_lo, db_hi = _dq_tiles(
+                dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+                hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+                left, right, k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
 
-    # q''_A = a P~_AA + b P~_BA and q''_B = a P~_AB + b P~_BB, so d(a, b) = d(q''_A, q''_B) P~^T.
-    dqa_dt = dqa.to(DT)
-    dqb_dt = dqb.to(DT)
-    da = tl.dot(dqa_dt, tl.trans(p_aa), input_precision=PRECISION)
-    da = tl.dot(dqb_dt, tl.trans(p_ab), da, input_precision=PRECISION)
-    db = tl.dot(dqa_dt, tl.trans(p_ba), input_precision=PRECISION)
-    db = tl.dot(dqb_dt, tl.trans(p_bb), db, input_precision=PRECISION)
-    _unrope_store(da, db, a, bq, cos, sin, qpos, DQ + pid_bh * Tq * HEAD, rows, Tq, G, prog, HEAD)
-    if HAS_BIAS:
-        tl.store(DBias + prog * 2, tl.sum(db_lo, 0))
-        tl.store(DBias + prog * 2 + 1, tl.sum(db_hi, 0))
+        # q''_A = a P~_AA + b P~_BA and q''_B = a P~_AB + b P~_BB, so d(a, b) = d(q''_A, q''_B) P~^T.
+        dqa_dt = dqa.to(DT)
+        dqb_dt = dqb.to(DT)
+        da = tl.dot(dqa_dt, tl.trans(p_aa), input_precision=PRECISION)
+        da = tl.dot(dqb_dt, tl.trans(p_ab), da, input_precision=PRECISION)
+        db = tl.dot(dqa_dt, tl.trans(p_ba), input_precision=PRECISION)
+        db = tl.dot(dqb_dt, tl.trans(p_bb), db, input_precision=PRECISION)
+        _unrope_store(da, db, a, bq, cos, sin, qpos, DQ + pid_bh * Tq * HEAD, rows, Tq, G, tile, HEAD)
+        if HAS_BIAS:
+            tl.store(DBias + tile * 2, tl.sum(db_lo, 0))
+            tl.store(DBias + tile * 2 + 1, tl.sum(db_hi, 0))
 
-    # This tile's share of dP~ = [a b]^T [dq''_A dq''_B], written whole to its own slot.
-    a_t = tl.trans(a.to(DT))
-    b_t = tl.trans(bq.to(DT))
+        # this tile's share of dP~ = [a b]^T [dq''_A dq''_B]
+        a_t = tl.trans(a.to(DT))
+        b_t = tl.trans(bq.to(DT))
+        dp_aa = tl.dot(a_t, dqa_dt, dp_aa, input_precision=PRECISION)
+        dp_ab = tl.dot(a_t, dqb_dt, dp_ab, input_precision=PRECISION)
+        dp_ba = tl.dot(b_t, dqa_dt, dp_ba, input_precision=PRECISION)
+        dp_bb = tl.dot(b_t, dqb_dt, dp_bb, input_precision=PRECISION)
+
     r = tl.arange(0, HALF)[:, None]
     c = tl.arange(0, HALF)[None, :]
     base = DP + prog * HEAD * HEAD
-    tl.store(base + r * HEAD + c, tl.dot(a_t, dqa_dt, input_precision=PRECISION))
-    tl.store(base + r * HEAD + c + HALF, tl.dot(a_t, dqb_dt, input_precision=PRECISION))
-    tl.store(base + (r + HALF) * HEAD + c, tl.dot(b_t, dqa_dt, input_precision=PRECISION))
-    tl.store(base + (r + HALF) * HEAD + c + HALF, tl.dot(b_t, dqb_dt, input_precision=PRECISION))
+    tl.store(base + r * HEAD + c, dp_aa)
+    tl.store(base + r * HEAD + c + HALF, dp_ab)
+    tl.store(base + (r + HALF) * HEAD + c, dp_ba)
+    tl.store(base + (r + HALF) * HEAD + c + HALF, dp_bb)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,6 +433,15 @@ def default_blocks(h: int) -> dict:
     if h <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
+
+
+def _dq_programs_per_head(n_heads: int, n_tiles: int, device) -> int:
+    """Programs per (batch, head) for the dq kernel: about four per multiprocessor in all."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 1  # the interpreter: few programs, so that each one loops over several tiles
+    return max(1, min(n_tiles, triton.cdiv(4 * sms, n_heads)))
 
 
 def _common_args(q, k, v, do, bias, key_padding_mask):
@@ -462,9 +489,10 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         *strides, *scalars, **launch)
 
     g_q = torch.empty((B * H * n_qblocks, half), dtype=torch.float32, device=dev)
-    dp_part = torch.empty((B * H * n_qblocks, h, h), dtype=torch.float32, device=dev)
+    n_groups = _dq_programs_per_head(B * H, n_qblocks, dev)
+    dp_part = torch.empty((B * H * n_groups, h, h), dtype=torch.float32, device=dev)
     db_ends = torch.empty((B * H * n_qblocks, 2) if has_bias else (1,), dtype=torch.float32, device=dev)
-    _attn_bwd_dq_kernel[(n_qblocks, B * H)](
+    _attn_bwd_dq_kernel[(n_groups, B * H)](
         q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, dq, g_q, dp_part, db_ends,
         *strides, *scalars, **launch)
     if has_bias and n_rel > 1:
