@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 # Modules whose `aot_specs()` list their kernels' launches.
-KERNEL_MODULES: tuple[str, ...] = ("echo_kernels.kernels.rotary",)
+KERNEL_MODULES: tuple[str, ...] = ("echo_kernels.kernels.rotary", "echo_kernels.kernels.attention")
 TARGETS = (80, 90)
 
 

@@ -1,12 +1,162 @@
-"""echo_attention: rotary + Givens rotation, clamped relative bias and sliding window (ECHO_SPEC 4)."""
+"""echo_attention: rotary + Givens rotation, clamped relative bias and sliding window (ECHO_SPEC 4).
+
+The Triton kernels (echo_kernels.kernels.attention and .attention_backward) are registered twice:
+as the torch ops `echo_kernels::echo_attention` / `echo_attention_backward` (custom_op + fake +
+autograd), which torch.compile, opcheck and FakeTensor tracing see, and as a plain autograd.Function
+that launches them directly, which eager mode uses because the op dispatcher costs tens of
+microseconds per call. Both run the same launchers.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import checks, reference
-from .backend import use_kernel
+from .backend import register_kernel, triton_interpreted, use_kernel
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel dispatch
+# --------------------------------------------------------------------------------------------------
+
+
+def _triton_serves(device: torch.device) -> bool:
+    """CUDA tensors always (when triton imports); CPU tensors only through the interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+
+
+register_kernel("echo_attention", _triton_serves, auto_on_cpu=False)
+
+
+def _band(window, causal: bool) -> tuple[int, int]:
+    """window and causal as the ops' two ints: key j kept iff i - left <= j <= i + right, -1 = unbounded."""
+    left, right = reference.window_bounds(window)
+    left = -1 if left == float("inf") else int(left)
+    right = -1 if right == float("inf") else int(right)
+    if causal:
+        right = 0  # j <= i, whatever the window allows on the right
+    return left, right
+
+
+def _launch_forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
+    from .kernels import attention as kernel
+
+    left, right = kernel.window_ints(left, right)
+    return kernel.forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
+
+
+def _launch_backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
+                     layout):
+    from .kernels import attention as kernel
+    from .kernels import attention_backward as kernel_bwd
+
+    left, right = kernel.window_ints(left, right)
+    dq, dk, dv, dM, dw, ds, dbias = kernel_bwd.backward(
+        do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
+    ds = ds.reshape(s.shape).to(s.dtype)
+    return dq, dk, dv, dM, dw, ds, dbias
+
+
+# --------------------------------------------------------------------------------------------------
+# torch ops: what torch.compile and opcheck see
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("echo_kernels::echo_attention", mutates_args=())
+def _attention_op(
+    q: Tensor, k: Tensor, v: Tensor, M: Tensor, w: Tensor, s: Tensor, bias: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int, k_offset: int, layout: str,
+) -> tuple[Tensor, Tensor]:
+    """(out (B, H, Tq, h), lse (B, H, Tq) fp32). left/right: band sides, -1 = unbounded."""
+    return _launch_forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
+
+
+@_attention_op.register_fake
+def _(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
+    B, H, Tq, h = q.shape
+    return q.new_empty((B, H, Tq, h)), q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("echo_kernels::echo_attention_backward", mutates_args=())
+def _attention_backward_op(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, M: Tensor, w: Tensor, s: Tensor,
+    bias: Optional[Tensor], key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int,
+    k_offset: int, layout: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dM, dw, ds, dbias); dbias is empty (0,) when there is no bias table."""
+    grads = _launch_backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset,
+                             k_offset, layout)
+    dbias = grads[6] if grads[6] is not None else q.new_empty((0,))
+    return (*grads[:6], dbias)
+
+
+@_attention_backward_op.register_fake
+def _(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
+    dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty((0,))
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), M.new_empty(M.shape),
+            w.new_empty(w.shape), s.new_empty(s.shape), dbias)
+
+
+def _op_setup_context(ctx, inputs, output):
+    q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, M, w, s, bias, key_padding_mask)
+    ctx.args = (left, right, q_offset, k_offset, layout)
+
+
+def _op_backward(ctx, dout, dlse):
+    q, k, v, out, lse, M, w, s, bias, key_padding_mask = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dM, dw, ds, dbias = _attention_backward_op(
+        dout, q, k, v, out, lse, M, w, s, bias, key_padding_mask, *ctx.args)
+    return dq, dk, dv, dM, dw, ds, (dbias if bias is not None else None), None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Eager path: the same launchers without the dispatcher
+# --------------------------------------------------------------------------------------------------
+
+
+class _EagerAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
+        out, lse = _launch_forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
+                                   layout)
+        ctx.save_for_backward(q, k, v, out, lse, M, w, s, bias, key_padding_mask)
+        ctx.args = (left, right, q_offset, k_offset, layout)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, M, w, s, bias, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv, dM, dw, ds, dbias = _launch_backward(
+            dout, q, k, v, out, lse, M, w, s, bias, key_padding_mask, *ctx.args)
+        return dq, dk, dv, dM, dw, ds, dbias, None, None, None, None, None, None
+
+
+def _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
+    if not isinstance(s, Tensor):
+        s = torch.tensor(float(s), dtype=torch.float32, device=q.device)
+    args = (q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
+    if torch.compiler.is_compiling():
+        return _attention_op(*args)[0]
+    return _EagerAttention.apply(*args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------------
 
 
 def echo_attention(
@@ -68,7 +218,8 @@ def echo_attention(
     if isinstance(window, list):
         window = tuple(window)
     if use_kernel("echo_attention", q.device):
-        raise NotImplementedError  # the Triton kernel registers itself here
+        left, right = _band(window, causal)
+        return _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
     return reference.echo_attention(
         q, k, v, M, w, s, bias, window=window, causal=causal, q_offset=q_offset, k_offset=k_offset,
         key_padding_mask=key_padding_mask, layout=layout,

@@ -1,0 +1,192 @@
+"""echo_attention throughput against its peers, in one run (`pytest benches/bench_attention.py`).
+
+Peers doing the same maths (RoPE then M on q and k, clamped relative bias, band mask):
+- reference: echo_kernels.reference.echo_attention (chunked plain PyTorch), eager;
+- compiled: torch.compile of the reference;
+- on a GPU: the fused Triton kernel; FlexAttention (rotation by a separate PyTorch pass, the bias
+  table in a score_mod, the window as a block mask), compiled as FlexAttention must be; SDPA with a
+  dense additive bias (bias + band mask materialised as a (1, H, T, T) tensor).
+
+Each case records, in benchmark.extra_info: TFLOP/s over the computed (kept) query-key pairs
+(4 h flops per pair forward, 2.5 times that backward), and on a GPU the peak memory beyond the
+inputs (extra_fraction_of_qkvo: beyond q, k, v, out and the gradients, over the size of q, k, v and
+out). On the CPU only the reference and its torch.compile run, at a small shape (the Triton
+interpreter is for correctness, not timing).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from echo_kernels import reference
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+N_REL = 15  # Echo's max_rel_dist
+
+# name -> (B, H, T, h, window); window None = global
+GPU_SHAPES = {
+    "encoder_global": (8, 16, 1500, 64, None),
+    "encoder_w256": (8, 16, 1500, 64, 256),
+    "long_w256": (1, 16, 16384, 64, 256),
+}
+CPU_SHAPES = {"small_global": (1, 4, 256, 64, None), "small_w32": (1, 4, 256, 64, 32)}
+SHAPES = GPU_SHAPES if ON_GPU else CPU_SHAPES
+
+
+def make_inputs(B, H, T, h, requires_grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g)
+    q, k, v = (rnd(B, H, T, h).to(DEVICE, DTYPE) for _ in range(3))
+    M = (torch.eye(h) + rnd(h, h) / math.sqrt(h) * 0.1).to(DEVICE)
+    w = (10000.0 ** (-torch.arange(h // 2) / (h // 2))).to(DEVICE)
+    s = torch.tensor(1.0, device=DEVICE)
+    bias = (rnd(2 * N_REL - 1, H) * 0.1).to(DEVICE)
+    leaves = [q, k, v, M, bias]
+    for t in leaves:
+        t.requires_grad_(requires_grad)
+    return dict(q=q, k=k, v=v, M=M, w=w, s=s, bias=bias), leaves
+
+
+def kept_pairs(T, window):
+    """Number of (i, j) pairs inside the band |i - j| <= window (all T^2 when global)."""
+    if window is None:
+        return T * T
+    i = torch.arange(T)
+    return int(((i + window).clamp(max=T - 1) - (i - window).clamp(min=0) + 1).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# The implementations
+# --------------------------------------------------------------------------------------------------
+
+
+def run_reference(x, window):
+    return reference.echo_attention(x["q"], x["k"], x["v"], x["M"], x["w"], x["s"], x["bias"], window=window)
+
+
+_compiled_reference = None
+
+
+def run_compiled(x, window):
+    global _compiled_reference
+    if _compiled_reference is None:
+        _compiled_reference = torch.compile(reference.echo_attention)
+    return _compiled_reference(x["q"], x["k"], x["v"], x["M"], x["w"], x["s"], x["bias"], window=window)
+
+
+def run_kernel(x, window):
+    import echo_kernels
+
+    return echo_kernels.echo_attention(x["q"], x["k"], x["v"], x["M"], x["w"], x["s"], x["bias"], window=window)
+
+
+def _rotate(x):
+    """q' and k' by a separate pass: RoPE then M (what FlexAttention and SDPA are handed)."""
+    T, h = x["q"].shape[2], x["q"].shape[3]
+    pos = torch.arange(T, device=DEVICE)
+    phi = reference.rope_angles(x["w"], x["s"], pos)
+    M = x["M"].to(x["q"].dtype)
+    return (reference.apply_rope(x["q"], phi) @ M, reference.apply_rope(x["k"], phi) @ M)
+
+
+_flex_cache: dict = {}
+
+
+def run_flex(x, window):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, H, T, h = x["q"].shape
+    key = (T, window)
+    if key not in _flex_cache:
+        if window is None:
+            block_mask = None
+        else:
+            def band(b, head, i, j):
+                return (i - j <= window) & (j - i <= window)
+
+            block_mask = create_block_mask(band, None, None, T, T, device=DEVICE)
+        _flex_cache[key] = (torch.compile(flex_attention), block_mask)
+    flex, block_mask = _flex_cache[key]
+    bias = x["bias"]
+    n = (bias.shape[0] + 1) // 2
+
+    def score_mod(score, b, head, i, j):
+        return score + bias[torch.clamp(i - j, -(n - 1), n - 1) + n - 1, head]
+
+    q, k = _rotate(x)
+    return flex(q, k, x["v"], score_mod=score_mod, block_mask=block_mask)
+
+
+def run_sdpa(x, window):
+    T = x["q"].shape[2]
+    pos = torch.arange(T, device=DEVICE)
+    dense = reference.relative_bias(x["bias"], pos, pos)[None].to(x["q"].dtype)  # (1, H, T, T)
+    if window is not None:
+        keep = reference.attention_keep(pos, pos, window, False)
+        dense = dense.masked_fill(~keep, float("-inf"))
+    q, k = _rotate(x)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, x["v"], attn_mask=dense)
+
+
+IMPLS = {"reference": run_reference, "compiled": run_compiled}
+if ON_GPU:
+    IMPLS.update(kernel=run_kernel, flex=run_flex, sdpa=run_sdpa)
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------------
+
+
+def _skip_reason(impl, shape):
+    B, H, T, h, window = SHAPES[shape]
+    if impl in ("reference", "compiled", "sdpa") and T > 4096:
+        return "dense or chunked peers need tens of GiB at this length"
+    return None
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_attention(benchmark, shape, impl, backward):
+    reason = _skip_reason(impl, shape)
+    if reason:
+        pytest.skip(reason)
+    B, H, T, h, window = SHAPES[shape]
+    x, leaves = make_inputs(B, H, T, h, requires_grad=backward)
+    fn = IMPLS[impl]
+    do = torch.randn(B, H, T, h, device=DEVICE, dtype=DTYPE)
+
+    def step():
+        out = fn(x, window)
+        if backward:
+            torch.autograd.grad(out, leaves, do)
+        if ON_GPU:
+            torch.cuda.synchronize()
+
+    step()  # compile / autotune / warm caches outside the timing
+    peak = None
+    if ON_GPU:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
+    benchmark.pedantic(step, rounds=20 if ON_GPU else 3, warmup_rounds=2 if ON_GPU else 1)
+
+    flops = 4 * h * B * H * kept_pairs(T, window) * (3.5 if backward else 1.0)
+    seconds = benchmark.stats.stats.median
+    out_bytes = B * H * T * h * x["q"].element_size()
+    # What a call needs beyond q, k, v and out (and, backward, the gradients it returns).
+    extra = None if peak is None else peak - out_bytes * (4 if backward else 1)
+    benchmark.extra_info.update(
+        tflops=flops / seconds / 1e12,
+        peak_bytes_beyond_inputs=peak,
+        extra_fraction_of_qkvo=None if extra is None else extra / (4 * out_bytes),
+        shape=dict(B=B, H=H, T=T, h=h, window=window, dtype=str(DTYPE)),
+    )

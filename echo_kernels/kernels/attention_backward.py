@@ -1,0 +1,523 @@
+"""Fused Echo attention, backward: dq, dk, dv, dM, ds, dw and dbias without a T x T tensor.
+
+Notation of the forward (echo_kernels.kernels.attention): a, b = RoPE halves, q'' = [a_q b_q] @ P~
+(P~ = permuted M M^T / sqrt(h)), logits = q''_A a_k^T + q''_B b_k^T + bias, p = exp(logits - lse).
+With D_i = sum_d dO_id O_id, the score gradient is dS = p * (dO v^T - D), and
+
+    dv = p^T dO,    d(a_k, b_k) = dS^T (q''_A, q''_B),    d(q''_A, q''_B) = dS (a_k, b_k)
+    d(a_q, b_q) = d(q''_A, q''_B) P~^T,    dP~ = [a_q b_q]^T d(q''_A, q''_B)
+    dbias[r, head] = sum of dS over the pairs with clamp(i - j) + n - 1 = r
+
+Two kernels recompute the logits tile by tile, as flash attention does: one per key tile (dk, dv;
+it loops over the query tiles the band reaches) and one per query tile (dq). Undoing RoPE gives dq and
+dk, and dphi = a db - b da gives the gradient of the angles phi = s * pos * w.
+
+dbias is split by where the clamp sends the pairs. The two end rows (|i - j| >= n - 1: nearly every
+pair) are row sums of dS accumulated in the dq kernel's loop. The 2n - 3 inner rows are single
+diagonals i - j = const: a third kernel recomputes just those scores, one per query and diagonal, as
+row dot products (O(T n h), nothing like a tile pass per diagonal).
+
+Everything that sums over tiles is written as per-program partials and reduced by torch.sum in a
+fixed order: dbias, dP~ and the angle gradients. No float atomics, so the same inputs give the same
+bits every run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import (
+    FUTURE,
+    LOG2E,
+    NEAR,
+    NO_BIAS,
+    PAST,
+    _bias_tile,
+    _blocks_for,
+    _key_ok,
+    _key_range,
+    _load_full,
+    _load_p,
+    _load_pairs,
+    _rope_angles,
+    _rope_angles_step,
+    _rotated_k,
+    _split_regions,
+    dot_dtype,
+    folded_p,
+    layout_perm,
+    precision,
+)
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, Delta, stride_ob, stride_oh, stride_ot, stride_od, stride_db, stride_dh,
+                           stride_dt, stride_dd, H, T, HEAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Delta[bh, t] = sum_d O[t, d] dO[t, d]: the softmax correction of every query row."""
+    pid_bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = pid_bh // H
+    hd = pid_bh % H
+    o = _load_full(O + b * stride_ob + hd * stride_oh, rows, T, stride_ot, stride_od, HEAD)
+    do = _load_full(DO + b * stride_db + hd * stride_dh, rows, T, stride_dt, stride_dd, HEAD)
+    tl.store(Delta + pid_bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
+
+
+@triton.jit
+def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb,
+               HALF: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
+    """RoPE halves of a query tile (fp32) and q''_A, q''_B (dot type); cos, sin of its angles."""
+    x1, x2 = _load_pairs(Q, rows, Tq, stride_qt, stride_qd, HALF)
+    a = x1 * cos - x2 * sin
+    b = x1 * sin + x2 * cos
+    qa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)
+    qa = tl.dot(b.to(DT), p_ba, qa, input_precision=PRECISION)
+    qb = tl.dot(a.to(DT), p_ab, input_precision=PRECISION)
+    qb = tl.dot(b.to(DT), p_bb, qb, input_precision=PRECISION)
+    return a, b, qa.to(DT), qb.to(DT)
+
+
+@triton.jit
+def _unrope_store(dA, dB, a, b, cos, sin, pos, DX, rows, n_rows, G, g_row, HEAD: tl.constexpr):
+    """Undo RoPE on (dA, dB): write dx (contiguous rows of HEAD) and the angle partial.
+
+    a = x1 cos - x2 sin, b = x1 sin + x2 cos, so dx1 = dA cos + dB sin, dx2 = dB cos - dA sin and
+    dphi = dB a - dA b. G[g_row, m] = sum_t dphi[t, m] pos[t]: phi = (s pos) w gives ds and dw from it.
+    """
+    HALF: tl.constexpr = HEAD // 2
+    cols = tl.arange(0, HALF)
+    offs = rows[:, None] * HEAD + (2 * cols)[None, :]
+    mask = rows[:, None] < n_rows
+    tl.store(DX + offs, (dA * cos + dB * sin).to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + offs + 1, (dB * cos - dA * sin).to(DX.dtype.element_ty), mask=mask)
+    dphi = dB * a - dA * b
+    tl.store(G + g_row * HALF + cols, tl.sum(dphi * pos.to(tl.float32)[:, None], 0))
+
+
+@triton.jit
+def _dkdv_tiles(
+    dak, dbk, dv, lo, hi, ak, bk, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s, cos0, sin0,
+    Bias, stride_br, head_off, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq, left, right, q_off,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Accumulate dk (as d(a_k, b_k)) and dv over the query tiles lo, lo + BLOCK_M, ... < hi.
+
+    Tiles are kept transposed, (keys, queries), as in Triton's fused-attention tutorial: every
+    transpose then falls on a tl.dot's second operand, which goes through shared memory anyway.
+    Lse and Delta point at this (batch, head)'s rows.
+    """
+    DT = ak.dtype
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        qpos = q_off + rows
+        cos, sin = _rope_angles_step(cos0, sin0, q_off + start, s, W, HALF)
+        a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin,
+                                   p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
+        logits_t = tl.dot(ak, tl.trans(qa), input_precision=PRECISION)
+        logits_t = tl.dot(bk, tl.trans(qb), logits_t, input_precision=PRECISION)
+        rel_t = qpos[None, :] - kpos[:, None]  # i - j
+        keep_t = (rel_t <= left) & (rel_t >= -right) & key_ok[:, None]
+        logits_t += _bias_tile(rel_t, Bias, stride_br, head_off, n_rel, REGION)
+        lse = tl.load(Lse + rows, mask=rows < Tq, other=float("inf"))
+        p_t = tl.where(keep_t, tl.exp2((logits_t - lse[None, :]) * LOG2E), 0.0)
+        do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD).to(DT)
+        dv = tl.dot(p_t.to(DT), do, dv, input_precision=PRECISION)
+        delta = tl.load(Delta + rows, mask=rows < Tq, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(DT)
+        dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
+        dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
+    return dak, dbk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DK, DV, G,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_br, stride_bh, stride_pb, stride_pt,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off,
+    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (BLOCK_N, HEAD) key tile: dk, dv and its angle partial."""
+    HALF: tl.constexpr = HEAD // 2
+    DT = P.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    prog = pid_bh * tl.num_programs(0) + pid_n
+    b = pid_bh // H
+    hd = pid_bh % H
+    Q += b * stride_qb + hd * stride_qh
+    K += b * stride_kb + hd * stride_kh
+    V += b * stride_vb + hd * stride_vh
+    DO += b * stride_ob + hd * stride_oh
+    Lse += pid_bh * Tq
+    Delta += pid_bh * Tq
+    s = tl.load(S).to(tl.float32)
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kpos = k_off + cols
+    first = k_off + pid_n * BLOCK_N
+    kcos, ksin = _rope_angles(kpos, s, W, HALF)
+    y1, y2 = _load_pairs(K, cols, Tk, stride_kt, stride_kd, HALF)
+    ak = y1 * kcos - y2 * ksin
+    bk = y1 * ksin + y2 * kcos
+    ak_dt = ak.to(DT)
+    bk_dt = bk.to(DT)
+    v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
+    key_ok = _key_ok(cols, Tk, Pad, b * stride_pb, stride_pt, HAS_PAD)  # padding belongs to the key
+    p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_M), s, W, HALF)
+
+    dak = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dbk = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD], tl.float32)
+    # Queries i reach key j iff j - right <= i <= j + left: the band seen from the key side.
+    lo = tl.maximum(first - right - q_off, 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(first + BLOCK_N - 1 + left - q_off + 1, Tq)
+    if HAS_BIAS:
+        # seen from a key tile, the FUTURE query tiles come first and the PAST ones last
+        d1, d2 = _split_regions(lo, hi, first - n_rel + 2 - q_off - BLOCK_M, first + BLOCK_N + n_rel - 2 - q_off,
+                                BLOCK_M)
+        dak, dbk, dv = _dkdv_tiles(
+            dak, dbk, dv, lo, d1, ak_dt, bk_dt, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s,
+            cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq,
+            left, right, q_off, HALF, HEAD, BLOCK_M, FUTURE, PRECISION)
+        dak, dbk, dv = _dkdv_tiles(
+            dak, dbk, dv, d1, d2, ak_dt, bk_dt, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s,
+            cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq,
+            left, right, q_off, HALF, HEAD, BLOCK_M, NEAR, PRECISION)
+        dak, dbk, dv = _dkdv_tiles(
+            dak, dbk, dv, d2, hi, ak_dt, bk_dt, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s,
+            cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq,
+            left, right, q_off, HALF, HEAD, BLOCK_M, PAST, PRECISION)
+    else:
+        dak, dbk, dv = _dkdv_tiles(
+            dak, dbk, dv, lo, hi, ak_dt, bk_dt, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s,
+            cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq,
+            left, right, q_off, HALF, HEAD, BLOCK_M, NO_BIAS, PRECISION)
+
+    tl.store(DV + pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :],
+             dv.to(DV.dtype.element_ty), mask=cols[:, None] < Tk)
+    _unrope_store(dak, dbk, ak, bk, kcos, ksin, kpos, DK + pid_bh * Tk * HEAD, cols, Tk, G, prog, HEAD)
+
+
+@triton.jit
+def _attn_bwd_dbias_diag_kernel(
+    Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DBias,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_br, stride_bh, stride_pb, stride_pt,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off,
+    HEAD: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The inner rows of dbias (|i - j| < n - 1) for one (BLOCK_M) query tile.
+
+    Row r of the table gets the score gradient of one diagonal i - j = r - (n - 1), so each query
+    needs only 2n - 3 scores, one per diagonal: recomputed here as row dot products, O(T n h) in all.
+    DBias[prog, r] = sum over this tile's queries of dS[i, i - r + n - 1].
+    """
+    HALF: tl.constexpr = HEAD // 2
+    DT = P.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    prog = pid_bh * tl.num_programs(0) + pid_m
+    b = pid_bh // H
+    hd = pid_bh % H
+    Q += b * stride_qb + hd * stride_qh
+    K += b * stride_kb + hd * stride_kh
+    V += b * stride_vb + hd * stride_vh
+    DO += b * stride_ob + hd * stride_oh
+    s = tl.load(S).to(tl.float32)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qpos = q_off + rows
+    p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+    cos, sin = _rope_angles(qpos, s, W, HALF)
+    a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
+                               PRECISION)
+    qa = qa.to(tl.float32)
+    qb = qb.to(tl.float32)
+    do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD)
+    lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
+    delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
+    half = tl.arange(0, HALF)
+    for r in range(1, 2 * n_rel - 2):
+        rel = r - (n_rel - 1)  # i - j on this diagonal
+        kpos = qpos - rel
+        cols = kpos - k_off
+        inside = (cols >= 0) & (cols < Tk) & (rows < Tq) & (rel <= left) & (rel >= -right)
+        offs = cols[:, None] * stride_kt + (2 * half)[None, :] * stride_kd
+        y1 = tl.load(K + offs, mask=inside[:, None], other=0.0).to(tl.float32)
+        y2 = tl.load(K + offs + stride_kd, mask=inside[:, None], other=0.0).to(tl.float32)
+        # phi_k = phi_q - (s rel) w: one angle per frequency, no sine per element
+        step = (s * rel.to(tl.float32)) * tl.load(W + half).to(tl.float32)
+        cs = tl.cos(step)[None, :]
+        sn = tl.sin(step)[None, :]
+        kcos = cos * cs + sin * sn
+        ksin = sin * cs - cos * sn
+        ak = y1 * kcos - y2 * ksin
+        bk = y1 * ksin + y2 * kcos
+        logit = tl.sum(qa * ak, 1) + tl.sum(qb * bk, 1) + tl.load(Bias + r * stride_br + hd * stride_bh).to(tl.float32)
+        if HAS_PAD:
+            padded = tl.load(Pad + b * stride_pb + cols * stride_pt, mask=inside, other=1)
+            inside = inside & (padded == 0)
+        p = tl.where(inside, tl.exp2((logit - lse) * LOG2E), 0.0)
+        vrow = tl.load(V + cols[:, None] * stride_vt + tl.arange(0, HEAD)[None, :] * stride_vd,
+                       mask=inside[:, None], other=0.0).to(tl.float32)
+        ds = p * (tl.sum(do * vrow, 1) - delta)
+        tl.store(DBias + prog * (2 * n_rel - 1) + r, tl.sum(ds, 0))
+
+
+@triton.jit
+def _dq_tiles(
+    dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+    head_off, n_rel, Pad, pad_off, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk, left, right, k_off,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
+    HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Accumulate d(q''_A, q''_B) and the end-row sums of dS over the key tiles lo, ... < hi."""
+    DT = qa.dtype
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        ak, bk = _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
+        ak = ak.to(DT)
+        bk = bk.to(DT)
+        logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
+        logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
+        rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
+        keep = (rel <= left) & (rel >= -right) & _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)[None, :]
+        logits += _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
+        p = tl.where(keep, tl.exp2((logits - lse[:, None]) * LOG2E), 0.0)
+        v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        # the pairs that the clamp sends to the end rows of the table (with n = 1 both are row 0)
+        if REGION == PAST:
+            db_hi += tl.sum(ds, 1)
+        elif REGION == FUTURE:
+            db_lo += tl.sum(ds, 1)
+        elif REGION == NEAR:
+            db_lo += tl.sum(tl.where(rel <= 1 - n_rel, ds, 0.0), 1)
+            db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
+        ds = ds.to(DT)
+        dqa = tl.dot(ds, ak, dqa, input_precision=PRECISION)
+        dqb = tl.dot(ds, bk, dqb, input_precision=PRECISION)
+    return dqa, dqb, db_lo, db_hi
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DQ, G, DP, DBias,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_br, stride_bh, stride_pb, stride_pt,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off,
+    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Query tiles pid_m, pid_m + grid[0], ...: dq, the angle partial and the two end rows of dbias
+    per tile (the pairs with i - j <= -(n - 1) and >= n - 1; with n = 1 both are row 0), and one
+    partial of dP~ for the program.
+
+    dP~ is an (h, h) sum over every query; one partial per tile would take more memory than dq
+    itself, so the launcher gives each (batch, head) just enough programs to fill the GPU and each
+    program sums its tiles' shares on chip.
+    """
+    HALF: tl.constexpr = HEAD // 2
+    DT = P.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    prog = pid_bh * tl.num_programs(0) + pid_m
+    n_tiles = tl.cdiv(Tq, BLOCK_M)
+    b = pid_bh // H
+    hd = pid_bh % H
+    Q += b * stride_qb + hd * stride_qh
+    K += b * stride_kb + hd * stride_kh
+    V += b * stride_vb + hd * stride_vh
+    DO += b * stride_ob + hd * stride_oh
+    s = tl.load(S).to(tl.float32)
+
+    p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_N), s, W, HALF)
+    dp_aa = tl.zeros([HALF, HALF], tl.float32)
+    dp_ab = tl.zeros([HALF, HALF], tl.float32)
+    dp_ba = tl.zeros([HALF, HALF], tl.float32)
+    dp_bb = tl.zeros([HALF, HALF], tl.float32)
+    for m in range(pid_m, n_tiles, tl.num_programs(0)):
+        tile = pid_bh * n_tiles + m
+        rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
+        qpos = q_off + rows
+        q_first = q_off + m * BLOCK_M
+        cos, sin = _rope_angles(qpos, s, W, HALF)
+        a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
+                                   PRECISION)
+        do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD).to(DT)
+        lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
+        delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
+        dqa = tl.zeros([BLOCK_M, HALF], tl.float32)
+        dqb = tl.zeros([BLOCK_M, HALF], tl.float32)
+        db_lo = tl.zeros([BLOCK_M], tl.float32)
+        db_hi = tl.zeros([BLOCK_M], tl.float32)
+
+        lo, hi = _key_range(m * BLOCK_M, m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
+        if HAS_BIAS:
+            d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
+                                    q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
+            dqa, dqb, db_lo, db_hi = _dq_tiles(
+                dqa, dqb, db_lo, db_hi, lo, d1, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+                hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+                left, right, k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, PRECISION)
+            dqa, dqb, db_lo, db_hi = _dq_tiles(
+                dqa, dqb, db_lo, db_hi, d1, d2, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+                hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+                left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, PRECISION)
+            dqa, dqb, db_lo, db_hi = _dq_tiles(
+                dqa, dqb, db_lo, db_hi, d2, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+                hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+                left, right, k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, PRECISION)
+        else:
+            dqa, dqb, db_lo, db_hi = _dq_tiles(
+                dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+                hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+                left, right, k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
+
+        # q''_A = a P~_AA + b P~_BA and q''_B = a P~_AB + b P~_BB, so d(a, b) = d(q''_A, q''_B) P~^T.
+        dqa_dt = dqa.to(DT)
+        dqb_dt = dqb.to(DT)
+        da = tl.dot(dqa_dt, tl.trans(p_aa), input_precision=PRECISION)
+        da = tl.dot(dqb_dt, tl.trans(p_ab), da, input_precision=PRECISION)
+        db = tl.dot(dqa_dt, tl.trans(p_ba), input_precision=PRECISION)
+        db = tl.dot(dqb_dt, tl.trans(p_bb), db, input_precision=PRECISION)
+        _unrope_store(da, db, a, bq, cos, sin, qpos, DQ + pid_bh * Tq * HEAD, rows, Tq, G, tile, HEAD)
+        if HAS_BIAS:
+            tl.store(DBias + tile * 2, tl.sum(db_lo, 0))
+            tl.store(DBias + tile * 2 + 1, tl.sum(db_hi, 0))
+
+        # this tile's share of dP~ = [a b]^T [dq''_A dq''_B]
+        a_t = tl.trans(a.to(DT))
+        b_t = tl.trans(bq.to(DT))
+        dp_aa = tl.dot(a_t, dqa_dt, dp_aa, input_precision=PRECISION)
+        dp_ab = tl.dot(a_t, dqb_dt, dp_ab, input_precision=PRECISION)
+        dp_ba = tl.dot(b_t, dqa_dt, dp_ba, input_precision=PRECISION)
+        dp_bb = tl.dot(b_t, dqb_dt, dp_bb, input_precision=PRECISION)
+
+    r = tl.arange(0, HALF)[:, None]
+    c = tl.arange(0, HALF)[None, :]
+    base = DP + prog * HEAD * HEAD
+    tl.store(base + r * HEAD + c, dp_aa)
+    tl.store(base + r * HEAD + c + HALF, dp_ab)
+    tl.store(base + (r + HALF) * HEAD + c, dp_ba)
+    tl.store(base + (r + HALF) * HEAD + c + HALF, dp_bb)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------
+
+
+def default_blocks(h: int) -> dict:
+    """Backward tile sizes and launch shape per head width (both kernels)."""
+    if h <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
+
+
+def _dq_programs_per_head(n_heads: int, n_tiles: int, device) -> int:
+    """Programs per (batch, head) for the dq kernel: about four per multiprocessor in all."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 1  # the interpreter: few programs, so that each one loops over several tiles
+    return max(1, min(n_tiles, triton.cdiv(4 * sms, n_heads)))
+
+
+def _common_args(q, k, v, do, bias, key_padding_mask):
+    from .attention import _bias_arg, _pad_arg
+
+    bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
+    pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), sbr, sbh, spb, spt)
+    return bias_t, pad_t, strides, n_rel, has_bias, has_pad
+
+
+def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
+    """Gradients of the forward launcher's out. Returns dq, dk, dv (input dtype, contiguous),
+    dM (M's dtype), dw (w's dtype), ds (fp32 scalar), dbias (bias's dtype, or None)."""
+    B, H, Tq, h = q.shape
+    Tk = k.shape[2]
+    half = h // 2
+    dev = q.device
+    dq = torch.zeros((B, H, Tq, h), dtype=q.dtype, device=dev)
+    dk = torch.zeros((B, H, Tk, h), dtype=k.dtype, device=dev)
+    dv = torch.zeros((B, H, Tk, h), dtype=v.dtype, device=dev)
+    n_rel = (bias.shape[0] + 1) // 2 if bias is not None else 1
+    if Tq == 0 or Tk == 0 or B * H == 0:
+        dbias = torch.zeros_like(bias) if bias is not None else None
+        return dq, dk, dv, torch.zeros_like(M), torch.zeros_like(w), torch.zeros((), device=dev), dbias
+
+    cfg = _blocks_for(h, default_blocks)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    P = folded_p(M, layout).to(dot_dtype(q.dtype))
+    w32 = w.detach().float().contiguous()
+    s32 = torch.as_tensor(s, dtype=torch.float32, device=dev).detach().reshape(1)
+    bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(q, k, v, do, bias, key_padding_mask)
+    scalars = (H, Tq, Tk, n_rel, left, right, q_offset, k_offset)
+    launch = dict(HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=BM, BLOCK_N=BN,
+                  PRECISION=precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=dev)
+    _attn_bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, Tq, HEAD=h, BLOCK=64)
+
+    n_kblocks, n_qblocks = triton.cdiv(Tk, BN), triton.cdiv(Tq, BM)
+    g_k = torch.empty((B * H * n_kblocks, half), dtype=torch.float32, device=dev)
+    _attn_bwd_dkdv_kernel[(n_kblocks, B * H)](
+        q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, dk, dv, g_k,
+        *strides, *scalars, **launch)
+
+    g_q = torch.empty((B * H * n_qblocks, half), dtype=torch.float32, device=dev)
+    n_groups = _dq_programs_per_head(B * H, n_qblocks, dev)
+    dp_part = torch.empty((B * H * n_groups, h, h), dtype=torch.float32, device=dev)
+    db_ends = torch.empty((B * H * n_qblocks, 2) if has_bias else (1,), dtype=torch.float32, device=dev)
+    _attn_bwd_dq_kernel[(n_groups, B * H)](
+        q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, dq, g_q, dp_part, db_ends,
+        *strides, *scalars, **launch)
+    if has_bias and n_rel > 1:
+        db_inner = torch.zeros((B * H * n_qblocks, 2 * n_rel - 1), dtype=torch.float32, device=dev)
+        _attn_bwd_dbias_diag_kernel[(n_qblocks, B * H)](
+            q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, db_inner, *strides, *scalars,
+            HEAD=h, HAS_PAD=has_pad, BLOCK_M=BM, PRECISION=launch["PRECISION"], num_warps=cfg["num_warps"])
+
+    # Fixed-order reductions of the per-program partials.
+    g = g_q.sum(0) + g_k.sum(0)  # sum_t dphi[t, m] pos[t] over queries and keys
+    s_val = s32[0]
+    dw = (s_val * g).to(w.dtype)
+    ds = (g * w32).sum()
+    perm = layout_perm(h, layout, dev)
+    dP = torch.empty((h, h), dtype=torch.float32, device=dev)
+    dP[perm[:, None], perm[None, :]] = dp_part.sum(0) / math.sqrt(h)
+    Mf = M.float()
+    dM = ((dP + dP.T) @ Mf).to(M.dtype)  # P = M M^T
+    dbias = None
+    if has_bias:
+        ends = db_ends.view(B, H, n_qblocks, 2).sum((0, 2))  # (H, 2)
+        table = torch.zeros((H, 2 * n_rel - 1), dtype=torch.float32, device=dev)
+        if n_rel > 1:
+            table += db_inner.view(B, H, n_qblocks, 2 * n_rel - 1).sum((0, 2))
+        table[:, 0] += ends[:, 0]
+        table[:, -1] += ends[:, 1]
+        dbias = table.T.contiguous().to(bias.dtype)
+    return dq, dk, dv, dM, dw, ds, dbias

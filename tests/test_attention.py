@@ -1,0 +1,409 @@
+"""echo_attention: the fused Triton kernel against the float64 reference.
+
+Without a GPU the kernel runs through the Triton interpreter (tests/conftest.py) on small shapes,
+with 16 x 16 tiles so that ragged edges, several tiles per row and skipped tiles all happen at
+T < 70. The ahead-of-time compile for sm_80/sm_90 runs in a background thread from the first test on,
+since it is slow and mostly waits on a child process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import pytest
+import torch
+
+import echo_kernels
+from echo_kernels import aot, reference
+from echo_kernels.kernels import attention as kernel
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+pytestmark = pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compile, started now, checked at the end
+# --------------------------------------------------------------------------------------------------
+
+_aot: dict = {}
+
+
+def _compile_in_background():
+    try:
+        _aot["reports"] = aot.reports()
+    except Exception as e:  # reported by the test
+        _aot["error"] = e
+
+
+_aot_thread = threading.Thread(target=_compile_in_background, daemon=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_aot_compile(request):
+    """Start the compile with the module's first test, if the AOT test is among those to run."""
+    if any(item.name == "test_aot_compile_report" for item in request.session.items):
+        _aot_thread.start()
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def use_triton(monkeypatch):
+    monkeypatch.setenv("ECHO_BACKEND", "triton")
+    if not ON_GPU:
+        monkeypatch.setattr(kernel, "BLOCK_OVERRIDE", {"BLOCK_M": 16, "BLOCK_N": 16})
+
+
+def make_inputs(B=1, H=2, Tq=37, Tk=None, h=32, n=5, bias=True, pad=False, seed=0):
+    """Random float64 inputs: M far from orthogonal, s != 1, a random bias table and padding."""
+    g = torch.Generator().manual_seed(seed)
+    Tk = Tq if Tk is None else Tk
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    M = torch.eye(h, dtype=torch.float64) + rnd(h, h) / math.sqrt(h)
+    inputs = dict(
+        q=rnd(B, H, Tq, h), k=rnd(B, H, Tk, h), v=rnd(B, H, Tk, h), M=M,
+        w=torch.rand(h // 2, generator=g, dtype=torch.float64) * 0.5,
+        s=torch.tensor(0.8, dtype=torch.float64),
+        bias=rnd(2 * n - 1, H) if bias else None,
+    )
+    inputs["key_padding_mask"] = (torch.rand(B, Tk, generator=g) < 0.25) if pad else None
+    return inputs
+
+
+def _cast(inputs, dtype):
+    cast = lambda t: t.detach().to(DEVICE, dtype) if t is not None and t.is_floating_point() else (
+        t.to(DEVICE) if t is not None else None)
+    return {name: cast(t) for name, t in inputs.items()}
+
+
+def _call(fn, inputs, **options):
+    i = inputs
+    return fn(i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], i["bias"],
+              key_padding_mask=i["key_padding_mask"], **options)
+
+
+def rel_err(got, want):
+    want = want.double().cpu()
+    return ((got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+GRAD_NAMES = ("q", "k", "v", "M", "w", "s", "bias")
+
+
+def grads(fn, inputs, dtype, do, **options):
+    leaves = _cast(inputs, dtype)
+    for name in GRAD_NAMES:
+        if leaves[name] is not None:
+            leaves[name].requires_grad_(True)
+    out = _call(fn, leaves, **options)
+    out.backward(do.to(out.device, out.dtype))
+    return out, {name: leaves[name].grad for name in GRAD_NAMES if leaves[name] is not None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward: every mask kind and their combinations
+# --------------------------------------------------------------------------------------------------
+
+# (Tq, Tk, window, causal, q_offset, k_offset, padding, n)
+CASES = {
+    "global": (37, 37, None, False, 0, 0, False, 5),
+    "global_ragged_pad": (45, 53, None, False, 0, 0, True, 5),
+    "window_int": (50, 50, 7, False, 0, 0, False, 5),
+    "window_left_right": (50, 50, (5, 2), False, 0, 0, False, 9),
+    "window_zero": (33, 33, 0, False, 0, 0, False, 3),
+    "window_left_only": (40, 40, (3, 0), False, 0, 0, True, 5),
+    "window_right_only": (40, 40, (0, 4), False, 0, 0, False, 5),
+    "causal": (41, 41, None, True, 0, 0, False, 5),
+    "causal_window": (60, 60, 9, True, 0, 0, True, 5),
+    "cross": (19, 45, None, False, 0, 0, True, 5),
+    "cross_window_offsets": (23, 61, (4, 6), False, 30, 2, False, 5),
+    "offsets_causal": (20, 52, None, True, 32, 0, False, 5),
+    "decode": (1, 47, None, True, 46, 0, False, 5),
+    "decode_window": (1, 47, 10, True, 46, 0, True, 5),
+    "rows_without_keys": (40, 30, (2, 3), False, 0, 20, False, 5),
+    "n1": (35, 35, (6, 6), False, 0, 0, False, 1),
+    "n_beyond_T": (21, 21, None, True, 0, 0, False, 24),
+    "no_bias": (37, 37, 5, False, 0, 0, True, 0),
+}
+
+
+def _options(case, layout="half_split"):
+    Tq, Tk, window, causal, q_offset, k_offset, _, _ = CASES[case]
+    return dict(window=window, causal=causal, q_offset=q_offset, k_offset=k_offset, layout=layout)
+
+
+def _inputs(case, **kw):
+    Tq, Tk, _, _, _, _, pad, n = CASES[case]
+    return make_inputs(Tq=Tq, Tk=Tk, n=max(n, 1), bias=n > 0, pad=pad, **kw)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_matches_reference(use_triton, case):
+    layout = ("half_split", "interleaved")[list(CASES).index(case) % 2]  # both layouts across the cases
+    for layout in ("half_split", "interleaved") if case == "global" else (layout,):
+        inputs = _inputs(case)
+        want = _call(reference.echo_attention, inputs, **_options(case, layout))
+        got = _call(echo_kernels.echo_attention, _cast(inputs, torch.float32), **_options(case, layout))
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < 1e-5, case
+
+
+@pytest.mark.parametrize("case", ["global_ragged_pad", "causal_window", "decode_window"])
+def test_forward_fp16(use_triton, case):
+    inputs = _inputs(case)
+    want = _call(reference.echo_attention, inputs, **_options(case))
+    got = _call(echo_kernels.echo_attention, _cast(inputs, torch.float16), **_options(case))
+    assert got.dtype == torch.float16
+    assert rel_err(got, want) < 1e-2
+
+
+def test_forward_bf16(use_triton):
+    """bf16 in and out (under the interpreter the tl.dot operands are fp32)."""
+    inputs = _inputs("window_left_right")
+    want = _call(reference.echo_attention, inputs, **_options("window_left_right"))
+    got = _call(echo_kernels.echo_attention, _cast(inputs, torch.bfloat16), **_options("window_left_right"))
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, want) < 2e-2
+
+
+def test_window_edges_are_inclusive(use_triton):
+    """Values v_j = one-hot(j): the output row i is the attention row, so kept keys show directly."""
+    T, h = 20, 32
+    inputs = make_inputs(Tq=T, h=h, bias=False)
+    inputs["v"] = torch.zeros(1, 2, T, h, dtype=torch.float64)
+    inputs["v"][0, :, torch.arange(T), torch.arange(T)] = 1.0
+    out = _call(echo_kernels.echo_attention, _cast(inputs, torch.float32), window=(2, 3), q_offset=0)
+    kept = out[0, 0].cpu() > 0
+    i, j = torch.meshgrid(torch.arange(T), torch.arange(h), indexing="ij")
+    assert torch.equal(kept, (j >= i - 2) & (j <= i + 3) & (j < T))
+
+
+def test_rows_without_keys_give_zeros(use_triton):
+    inputs = make_inputs(B=2, Tq=24, Tk=30, pad=False)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[1] = True  # the second batch has no key at all
+    inputs["key_padding_mask"] = mask
+    do = torch.randn(2, 2, 24, 32, dtype=torch.float64)
+    out, g = grads(echo_kernels.echo_attention, inputs, torch.float32, do)
+    assert torch.isfinite(out).all() and (out[1] == 0).all()
+    assert all(torch.isfinite(t).all() for t in g.values())
+    assert (g["q"][1] == 0).all() and (g["k"][1] == 0).all() and (g["v"][1] == 0).all()
+
+
+def test_strided_inputs(use_triton):
+    """q, k, v as views of (B, T, H, h) projections and a non-contiguous bias, as the model has them."""
+    inputs = make_inputs(B=2, Tq=29, pad=True)
+    strided = dict(inputs)
+    for name in ("q", "k", "v"):
+        strided[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
+    strided["bias"] = inputs["bias"].T.contiguous().T
+    assert not strided["q"].is_contiguous() and not strided["bias"].is_contiguous()
+    want = _call(reference.echo_attention, inputs, window=6)
+    got = _call(echo_kernels.echo_attention, _cast(strided, torch.float32), window=6)
+    assert rel_err(got, want) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+GRAD_CASES = ["global_ragged_pad", "window_left_right", "causal_window", "cross_window_offsets", "decode",
+              "rows_without_keys", "n1", "n_beyond_T", "no_bias"]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradients_match_reference(use_triton, case):
+    layout = "interleaved" if case in ("window_left_right", "n1") else "half_split"
+    inputs = _inputs(case, B=2)
+    B, H, Tq, h = inputs["q"].shape
+    do = torch.randn(B, H, Tq, h, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _, want = grads(reference.echo_attention, inputs, torch.float64, do, **_options(case, layout))
+    _, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **_options(case, layout))
+    for name, g in want.items():
+        if g.norm() < 1e-12:  # dbias with n = 1 sums whole softmax rows of dS: exactly 0
+            assert got[name].abs().max() < 1e-4, name
+        else:
+            # ds and dw sum dphi * pos over every query and key, with cancellation: fp32 loses more.
+            tol = 5e-5 if name in ("s", "w") else 1e-5
+            assert rel_err(got[name], g) < tol, (case, name, rel_err(got[name], g))
+
+
+def test_gradients_fp16(use_triton):
+    inputs = _inputs("causal_window")
+    do = torch.randn(1, 2, 60, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _, want = grads(reference.echo_attention, inputs, torch.float64, do, **_options("causal_window"))
+    _, got = grads(echo_kernels.echo_attention, inputs, torch.float16, do, **_options("causal_window"))
+    for name, g in want.items():
+        assert rel_err(got[name], g) < 2e-2, name
+
+
+def test_backward_is_deterministic(use_triton):
+    inputs = make_inputs(B=2, Tq=40, pad=True)
+    do = torch.randn(2, 2, 40, 32, dtype=torch.float64)
+    _, first = grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=8)
+    _, second = grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=8)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+# --------------------------------------------------------------------------------------------------
+# On a GPU: real shapes and default tiles
+# --------------------------------------------------------------------------------------------------
+
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+
+
+@gpu_only
+@pytest.mark.parametrize("window", [None, 256])
+def test_encoder_shape_bf16_gpu(use_triton, window):
+    """Echo encoder head width at T = 1500 in bf16, forward and gradients, against the reference."""
+    inputs = make_inputs(B=2, H=4, Tq=1500, h=64, n=15, pad=True)
+    do = torch.randn(2, 4, 1500, 64, dtype=torch.float64)
+    out_ref, want = grads(reference.echo_attention, inputs, torch.float32, do, window=window)
+    out, got = grads(echo_kernels.echo_attention, inputs, torch.bfloat16, do, window=window)
+    assert rel_err(out, out_ref) < 1e-2
+    for name, g in want.items():
+        assert rel_err(got[name], g) < 2e-2, name
+
+
+@gpu_only
+def test_long_window_memory_gpu(use_triton):
+    """T = 16384, window 256: the forward needs under 10% of q, k, v and out beyond them."""
+    B, H, T, h = 1, 16, 16384, 64
+    q, k, v = (torch.randn(B, H, T, h, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    M = torch.eye(h, device="cuda")
+    w = torch.rand(h // 2, device="cuda")
+    bias = torch.randn(29, H, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = echo_kernels.echo_attention(q, k, v, M, w, 1.0, bias, window=256)
+    torch.cuda.synchronize()
+    size = q.numel() * q.element_size()
+    extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
+    assert extra < 0.1 * 4 * size
+
+
+# --------------------------------------------------------------------------------------------------
+# Against FlexAttention (no rotation: M = I, s = 0)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_matches_flex_attention_without_rotation(use_triton):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T, H, n, left, right = 48, 2, 6, 5, 3
+    inputs = make_inputs(Tq=T, H=H, n=n)
+    inputs["M"] = torch.eye(32, dtype=torch.float64)
+    inputs["s"] = torch.tensor(0.0, dtype=torch.float64)
+    x = _cast(inputs, torch.float32)
+    bias = x["bias"]
+
+    def score_mod(score, b, head, i, j):
+        return score + bias[torch.clamp(i - j, -(n - 1), n - 1) + n - 1, head]
+
+    def band(b, head, i, j):
+        return (j >= i - left) & (j <= i + right)
+
+    block_mask = create_block_mask(band, None, None, T, T, device=DEVICE)
+    want = flex_attention(x["q"], x["k"], x["v"], score_mod=score_mod, block_mask=block_mask)
+    got = _call(echo_kernels.echo_attention, x, window=(left, right))
+    assert rel_err(got, want) < 1e-5
+
+    if DEVICE == "cpu":
+        pytest.skip("FlexAttention has no backward on the CPU in this torch: the bias gradient is checked "
+                    "against the reference in test_gradients_match_reference")
+    x = {name: t.requires_grad_(True) if name == "bias" else t for name, t in x.items()}
+    want = flex_attention(x["q"], x["k"], x["v"], score_mod=score_mod, block_mask=block_mask)
+    (dbias_flex,) = torch.autograd.grad(want.sum(), [x["bias"]])
+    got = _call(echo_kernels.echo_attention, x, window=(left, right))
+    (dbias,) = torch.autograd.grad(got.sum(), [x["bias"]])
+    assert rel_err(dbias, dbias_flex) < 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration, dispatch, compile
+# --------------------------------------------------------------------------------------------------
+
+
+def test_opcheck(use_triton):
+    inputs = _cast(make_inputs(Tq=20, Tk=24, pad=True), torch.float32)
+    for name in GRAD_NAMES:
+        inputs[name].requires_grad_(True)
+    i = inputs
+    args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], i["bias"], i["key_padding_mask"], 4, 2, 3, 0,
+            "half_split")
+    torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
+    args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], None, None, -1, 0, 0, 0, "interleaved")
+    torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
+
+    detached = {name: t.detach() if t is not None else None for name, t in i.items()}
+    d = detached
+    out, lse = torch.ops.echo_kernels.echo_attention(d["q"], d["k"], d["v"], d["M"], d["w"], d["s"], d["bias"],
+                                                      d["key_padding_mask"], 4, 2, 3, 0, "half_split")
+    args = (torch.randn_like(out), d["q"], d["k"], d["v"], out, lse, d["M"], d["w"], d["s"], d["bias"],
+            d["key_padding_mask"], 4, 2, 3, 0, "half_split")
+    torch.library.opcheck(torch.ops.echo_kernels.echo_attention_backward.default, args)
+
+
+def test_torch_compile_fullgraph(use_triton):
+    inputs = make_inputs(Tq=30, pad=True)
+    do = torch.randn(1, 2, 30, 32, dtype=torch.float64)
+    compiled = torch.compile(echo_kernels.echo_attention, fullgraph=True)
+    out_c, g_c = grads(compiled, inputs, torch.float32, do, window=(6, 2), causal=False, q_offset=1)
+    out_e, g_e = grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=(6, 2), q_offset=1)
+    assert torch.allclose(out_c, out_e, atol=1e-6)
+    for name in g_e:
+        assert torch.allclose(g_c[name], g_e[name], atol=1e-5), name
+
+
+def test_dispatch(monkeypatch):
+    inputs = _cast(make_inputs(Tq=8), torch.float32)
+    want = _call(reference.echo_attention, inputs)
+    monkeypatch.setenv("ECHO_BACKEND", "reference")
+    assert torch.equal(_call(echo_kernels.echo_attention, inputs), want)
+    if not ON_GPU:
+        monkeypatch.setenv("ECHO_BACKEND", "auto")  # Triton reaches CPU tensors only when asked
+        assert torch.equal(_call(echo_kernels.echo_attention, inputs), want)
+        monkeypatch.setenv("ECHO_BACKEND", "triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            _call(echo_kernels.echo_attention, inputs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compile for sm_80 / sm_90
+# --------------------------------------------------------------------------------------------------
+
+
+def test_aot_compile_report():
+    """Every launch compiles for both targets, its dots become tensor-core instructions (wgmma on
+    sm_90), shared memory is recorded, and h = 64 runs without register spills."""
+    _aot_thread.join()
+    if "error" in _aot:
+        raise _aot["error"]
+    rows = [r for r in _aot["reports"] if r.name.startswith("attention_")]
+    names = {r.name for r in rows}
+    for h in (32, 64, 128):
+        for dt in ("bf16", "fp16"):
+            for part in ("fwd", "bwd_dkdv", "bwd_dq"):
+                assert f"attention_{part}_h{h}_{dt}" in names
+    for r in rows:
+        assert {x.arch for x in rows if x.name == r.name} == set(aot.TARGETS), r.name
+        assert r.shared_bytes > 0, r.name
+        assert r.registers > 0, r.name
+        if "delta" in r.name:
+            continue  # a row reduction, no matrix product
+        assert r.mma, r.name
+        if "decode" not in r.name:  # a 16-row tile is below wgmma's 64 rows: mma.sync there
+            assert r.wgmma == (r.arch == 90), r.name
+        if "_h64_" in r.name:
+            assert r.spilled_bytes == 0, r.name
