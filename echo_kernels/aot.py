@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 # Modules whose `aot_specs()` list their kernels' launches.
@@ -51,7 +52,8 @@ class CompileReport:
     arch: int
     shared_bytes: int
     registers: int
-    spilled_bytes: int  # ptxas's stack frame: where spilled registers go
+    spilled_bytes: int  # ptxas's spill stores: registers that did not fit
+    stack_bytes: int  # the stack frame (spills, and local arrays such as sin/cos's slow path)
     mma: bool  # tensor-core instructions of any generation
     wgmma: bool  # Hopper warpgroup MMA
 
@@ -62,25 +64,31 @@ def _triton_bin(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
-def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers, stack bytes) of the kernel in `cubin`, read by Triton's own cuobjdump."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run(
-            [_triton_bin("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
-        ).stdout
-    regs = re.search(r"REG:(\d+)", out)
-    stack = re.search(r"STACK:(\d+)", out)
-    return int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1
+def _ptxas_usage(ptx: str) -> tuple[int, int, int]:
+    """(registers, spill-store bytes, stack bytes) as `ptxas -v` reports them for this PTX, run with
+    the flags Triton's own build uses (its bundled ptxas; its register-allocation workaround)."""
+    target = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        base = [_triton_bin("ptxas"), "-lineinfo", "-v", f"--gpu-name={target}", path, "-o", path + ".o"]
+        run = subprocess.run([*base[:3], "--regAllocOptLevel=2", *base[3:]], capture_output=True, text=True)
+        if run.returncode != 0:  # an older ptxas without that option
+            run = subprocess.run(base, capture_output=True, text=True, check=True)
+    log = run.stderr + run.stdout
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    stack = re.search(r"(\d+) bytes stack frame", log)
+    return (int(registers.group(1)) if registers else -1, int(spills.group(1)) if spills else -1,
+            int(stack.group(1)) if stack else -1)
 
 
-def compile_spec(spec: KernelSpec, arch: int) -> CompileReport:
-    """Compile one launch for compute capability `arch` (80, 90) and report on it."""
+def _compile(spec: KernelSpec, arch: int):
+    """triton.compile of one launch for compute capability `arch`, as a real launch would build it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
     from triton.runtime.jit import JITFunction
 
     # Under the interpreter the kernel is an interpreter object; its Python function compiles as is.
@@ -93,18 +101,28 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileReport:
     }
     source = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _report(spec: KernelSpec, arch: int, compiled, usage: tuple[int, int, int]) -> CompileReport:
     ptx = compiled.asm["ptx"]
-    registers, spilled = _resource_usage(compiled.asm["cubin"])
+    registers, spilled, stack = usage
     return CompileReport(
         name=spec.name,
         arch=arch,
         shared_bytes=compiled.metadata.shared,
         registers=registers,
         spilled_bytes=spilled,
+        stack_bytes=stack,
         mma=bool(re.search(r"\b(mma|wgmma)\.", ptx)),
         wgmma="wgmma." in ptx,
     )
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> CompileReport:
+    """Compile one launch for compute capability `arch` (80, 90) and report on it."""
+    compiled = _compile(spec, arch)
+    return _report(spec, arch, compiled, _ptxas_usage(compiled.asm["ptx"]))
 
 
 def all_specs() -> list[KernelSpec]:
@@ -115,7 +133,12 @@ def all_specs() -> list[KernelSpec]:
 
 
 def _compile_all(arches) -> list[CompileReport]:
-    return [compile_spec(spec, arch) for spec in all_specs() for arch in arches]
+    jobs = [(spec, arch) for spec in all_specs() for arch in arches]
+    compiled = [_compile(spec, arch) for spec, arch in jobs]
+    # ptxas runs as a child process per kernel: in parallel, one per core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        usages = list(pool.map(_ptxas_usage, [c.asm["ptx"] for c in compiled]))
+    return [_report(spec, arch, c, usage) for (spec, arch), c, usage in zip(jobs, compiled, usages)]
 
 
 def reports(arches=TARGETS) -> list[CompileReport]:
@@ -139,10 +162,10 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
         return
-    print(f"{'kernel':40} {'sm':>3} {'shared':>8} {'regs':>5} {'spill':>6} {'mma':>4} {'wgmma':>6}")
+    print(f"{'kernel':40} {'sm':>3} {'shared':>8} {'regs':>5} {'spill':>6} {'stack':>6} {'mma':>4} {'wgmma':>6}")
     for r in rows:
         print(f"{r.name:40} {r.arch:>3} {r.shared_bytes:>8} {r.registers:>5} {r.spilled_bytes:>6} "
-              f"{'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6}")
+              f"{r.stack_bytes:>6} {'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6}")
 
 
 if __name__ == "__main__":

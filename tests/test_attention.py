@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 
 import pytest
 import torch
@@ -28,26 +27,6 @@ pytestmark = pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU
 # --------------------------------------------------------------------------------------------------
 # Ahead-of-time compile, started now, checked at the end
 # --------------------------------------------------------------------------------------------------
-
-_aot: dict = {}
-
-
-def _compile_in_background():
-    try:
-        _aot["reports"] = aot.reports()
-    except Exception as e:  # reported by the test
-        _aot["error"] = e
-
-
-_aot_thread = threading.Thread(target=_compile_in_background, daemon=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _start_aot_compile(request):
-    """Start the compile with the module's first test, if the AOT test is among those to run."""
-    if any(item.name == "test_aot_compile_report" for item in request.session.items):
-        _aot_thread.start()
-
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
@@ -258,10 +237,7 @@ def test_backward_is_deterministic(use_triton):
 # On a GPU: real shapes and default tiles
 # --------------------------------------------------------------------------------------------------
 
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-
-
-@gpu_only
+@pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 256])
 def test_encoder_shape_bf16_gpu(use_triton, window):
     """Echo encoder head width at T = 1500 in bf16, forward and gradients, against the reference."""
@@ -274,7 +250,7 @@ def test_encoder_shape_bf16_gpu(use_triton, window):
         assert rel_err(got[name], g) < 2e-2, name
 
 
-@gpu_only
+@pytest.mark.gpu
 def test_long_window_memory_gpu(use_triton):
     """T = 16384, window 256: the forward needs under 10% of q, k, v and out beyond them."""
     B, H, T, h = 1, 16, 16384, 64
@@ -297,34 +273,44 @@ def test_long_window_memory_gpu(use_triton):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_matches_flex_attention_without_rotation(use_triton):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _flex_case():
+    """Inputs without rotation (M = I, s = 0) and FlexAttention's score_mod and block mask for them."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     T, H, n, left, right = 48, 2, 6, 5, 3
     inputs = make_inputs(Tq=T, H=H, n=n)
     inputs["M"] = torch.eye(32, dtype=torch.float64)
     inputs["s"] = torch.tensor(0.0, dtype=torch.float64)
     x = _cast(inputs, torch.float32)
-    bias = x["bias"]
 
     def score_mod(score, b, head, i, j):
-        return score + bias[torch.clamp(i - j, -(n - 1), n - 1) + n - 1, head]
+        return score + x["bias"][torch.clamp(i - j, -(n - 1), n - 1) + n - 1, head]
 
     def band(b, head, i, j):
         return (j >= i - left) & (j <= i + right)
 
     block_mask = create_block_mask(band, None, None, T, T, device=DEVICE)
+    return x, score_mod, block_mask, (left, right)
+
+
+def test_matches_flex_attention_without_rotation(use_triton):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    x, score_mod, block_mask, window = _flex_case()
     want = flex_attention(x["q"], x["k"], x["v"], score_mod=score_mod, block_mask=block_mask)
-    got = _call(echo_kernels.echo_attention, x, window=(left, right))
+    got = _call(echo_kernels.echo_attention, x, window=window)
     assert rel_err(got, want) < 1e-5
 
-    if DEVICE == "cpu":
-        pytest.skip("FlexAttention has no backward on the CPU in this torch: the bias gradient is checked "
-                    "against the reference in test_gradients_match_reference")
-    x = {name: t.requires_grad_(True) if name == "bias" else t for name, t in x.items()}
+
+@pytest.mark.gpu  # FlexAttention has no backward on the CPU in torch 2.14
+def test_bias_gradient_matches_flex_attention_without_rotation(use_triton):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    x, score_mod, block_mask, window = _flex_case()
+    x["bias"].requires_grad_(True)
     want = flex_attention(x["q"], x["k"], x["v"], score_mod=score_mod, block_mask=block_mask)
     (dbias_flex,) = torch.autograd.grad(want.sum(), [x["bias"]])
-    got = _call(echo_kernels.echo_attention, x, window=(left, right))
+    got = _call(echo_kernels.echo_attention, x, window=window)
     (dbias,) = torch.autograd.grad(got.sum(), [x["bias"]])
     assert rel_err(dbias, dbias_flex) < 1e-4
 
@@ -384,13 +370,10 @@ def test_dispatch(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_aot_compile_report():
+def test_aot_compile_report(aot_reports):
     """Every launch compiles for both targets, its dots become tensor-core instructions (wgmma on
     sm_90), shared memory is recorded, and h = 64 runs without register spills."""
-    _aot_thread.join()
-    if "error" in _aot:
-        raise _aot["error"]
-    rows = [r for r in _aot["reports"] if r.name.startswith("attention_")]
+    rows = [r for r in aot_reports if r.name.startswith("attention_")]
     names = {r.name for r in rows}
     for h in (32, 64, 128):
         for dt in ("bf16", "fp16"):
