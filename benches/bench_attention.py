@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from echo_kernels import reference
+from harness import record
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -169,6 +170,7 @@ def test_attention(benchmark, shape, impl, backward):
         if ON_GPU:
             torch.cuda.synchronize()
 
+    benchmark.group = f"attention {shape} {'fwd+bwd' if backward else 'fwd'} {str(DTYPE)[6:]}"
     step()  # compile / autotune / warm caches outside the timing
     peak = None
     if ON_GPU:
@@ -184,7 +186,11 @@ def test_attention(benchmark, shape, impl, backward):
     out_bytes = B * H * T * h * x["q"].element_size()
     # What a call needs beyond q, k, v and out (and, backward, the gradients it returns).
     extra = None if peak is None else peak - out_bytes * (4 if backward else 1)
-    benchmark.extra_info.update(
+    record(
+        benchmark,
+        role="ours" if impl == "kernel" else "peer",
+        case=impl,
+        flops=flops,
         tflops=flops / seconds / 1e12,
         peak_bytes_beyond_inputs=peak,
         extra_fraction_of_qkvo=None if extra is None else extra / (4 * out_bytes),

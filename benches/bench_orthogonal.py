@@ -69,7 +69,7 @@ def test_cpu(benchmark, case, impl, backward):
     benchmark.group = f"orthogonal_product cpu {case} {'fwd+bwd' if backward else 'fwd'}"
     rounds = 30 if impl == "op" else 3  # the peers take up to seconds per call on a 2-core CPU
     run_timed(benchmark, step, args=(IMPLS[impl], thetas, pairs, R, backward), rounds=rounds, warmup_rounds=1)
-    record(benchmark, role="ours" if impl == "op" else "peer", h=h, N=n, batch=batch)
+    record(benchmark, role="ours" if impl == "op" else "peer", case=impl, h=h, N=n, batch=batch)
 
 
 def test_cpu_speedup_over_per_rotation_loop():
@@ -118,7 +118,7 @@ def test_gpu(benchmark, case, impl, backward):
     benchmark.group = f"orthogonal_product cuda {case} {'fwd+bwd' if backward else 'fwd'}"
 
     run_timed(benchmark, step, args=(IMPLS[impl], thetas, pairs, R, backward), rounds=50)
-    record(benchmark, role="ours" if impl == "op" else "peer", h=h, N=n, batch=batch,
+    record(benchmark, role="ours" if impl == "op" else "peer", case=impl, h=h, N=n, batch=batch,
            cuda_us=cuda_microseconds(lambda: step(IMPLS[impl], thetas, pairs, R, backward)))
 
 

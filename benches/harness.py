@@ -66,7 +66,8 @@ def ceilings() -> dict:
 
 
 def record(benchmark, *, role: str, bytes: float | None = None, flops: float | None = None, **extra) -> None:
-    """Tag a finished case: role "ours" or "peer"; the least bytes it must move and flops it must do."""
+    """Tag a finished case: role "ours" or "peer"; the least bytes it must move and flops it must do.
+    `case=` names it in the results (default: its parameter id)."""
     if role not in ("ours", "peer"):
         raise ValueError(f"role must be 'ours' or 'peer', got {role!r}")
     benchmark.extra_info.update(role=role, bytes=bytes, flops=flops, **extra)
@@ -88,7 +89,8 @@ def _case(bench) -> dict:
     median = bench.stats.median
     info = dict(bench.extra_info)
     limits = ceilings()
-    row = {"group": bench.group, "case": bench.param or bench.name, "median_s": median, **info}
+    case = info.pop("case", None) or bench.param or bench.name
+    row = {"group": bench.group, "case": case, "median_s": median, **info}
     if info.get("bytes"):
         row["bandwidth_fraction"] = info["bytes"] / median / limits["copy_bandwidth"]
     if info.get("flops"):
