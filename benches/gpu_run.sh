@@ -29,7 +29,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 
 step build 150 python3 -m pip install --no-deps --no-build-isolation -e .
 step info 30 python3 -m echo_kernels.info
-step tests 200 python3 -m pytest -q -x --durations=15 tests
+step tests 200 python3 -m pytest -q --durations=15 tests
 export ECHO_BENCH_JSON="$out/results.json"
 step benches 200 python3 -m pytest -q -s benches
 if [ -f "$out/results.json" ]; then
