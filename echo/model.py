@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -303,8 +301,8 @@ class Echo(PreTrainedModel):
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
             if self.training and config.adaptive_base:
                 self.update_base(loss)
-        out = Seq2SeqLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
-                              encoder_last_hidden_state=xa)
+        out = Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=xa,
+                              **{_CACHE_FIELD: cache if use_cache else None})
         return out.to_tuple() if return_dict is False else out
 
     # ------------------------------------------------------------------------------------------
@@ -321,6 +319,10 @@ class Echo(PreTrainedModel):
 
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         return load_checkpoint(cls, pretrained_model_name_or_path, config=config, dtype=dtype)
+
+
+# Seq2SeqLMOutput's cache field: `cache` in newer transformers, `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(Seq2SeqLMOutput)} else "past_key_values"
 
 
 def shift_tokens_right(labels: Tensor, pad_token_id: int, decoder_start_token_id: int) -> Tensor:

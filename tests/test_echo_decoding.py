@@ -6,6 +6,7 @@ import torch
 import echo.positional
 from echo import Echo, EchoCache, greedy_decode
 from echo.config import small_config
+from echo.model import _CACHE_FIELD
 
 
 def model_and_audio(seed=0, **overrides):
@@ -29,7 +30,7 @@ def test_cached_decoding_matches_the_full_forward(overrides):
         steps = [model(mel, decoder_input_ids=tokens[:, :3], past_key_values=cache, use_cache=True)]
         for t in range(3, tokens.shape[1]):
             steps.append(model(decoder_input_ids=tokens[:, t:t + 1], past_key_values=cache, use_cache=True))
-    assert steps[-1].cache is cache and cache.offset == tokens.shape[1]
+    assert steps[-1][_CACHE_FIELD] is cache and cache.offset == tokens.shape[1]
     n_attention = model.config.n_text_layer * (2 if model.config.cross_attention else 1)
     assert len(cache.kv) == n_attention
     k, v = cache.kv["decoder.blocks.0.attn"]
