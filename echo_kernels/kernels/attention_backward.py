@@ -475,15 +475,21 @@ def _attn_bwd_dq_unrotate_kernel(
         dqa = tl.load(DQQ + offs, mask=mask, other=0.0)
         dqb = tl.load(DQQ + offs + HALF, mask=mask, other=0.0)
 
-        # q''_A = a P~_AA + b P~_BA and q''_B = a P~_AB + b P~_BB, so d(a, b) = d(q''_A, q''_B) P~^T,
-        # computed transposed: P~'s blocks are then the first operands, which mma.sync spreads over
-        # the warps rather than copying whole into each (sm_80).
-        dqa_t = tl.trans(dqa)
-        dqb_t = tl.trans(dqb)
-        da = tl.dot(p_aa, dqa_t, input_precision=PRECISION)
-        da = tl.trans(tl.dot(p_ab, dqb_t, da, input_precision=PRECISION))
-        db = tl.dot(p_ba, dqa_t, input_precision=PRECISION)
-        db = tl.trans(tl.dot(p_bb, dqb_t, db, input_precision=PRECISION))
+        # q''_A = a P~_AA + b P~_BA and q''_B = a P~_AB + b P~_BB, so d(a, b) = d(q''_A, q''_B) P~^T.
+        if HALF >= 64:
+            # Transposed: P~'s blocks are then the first operands, which mma.sync spreads over the
+            # warps rather than copying whole into each (sm_80); 64 rows still suit wgmma.
+            dqa_t = tl.trans(dqa)
+            dqb_t = tl.trans(dqb)
+            da = tl.dot(p_aa, dqa_t, input_precision=PRECISION)
+            da = tl.trans(tl.dot(p_ab, dqb_t, da, input_precision=PRECISION))
+            db = tl.dot(p_ba, dqa_t, input_precision=PRECISION)
+            db = tl.trans(tl.dot(p_bb, dqb_t, db, input_precision=PRECISION))
+        else:
+            da = tl.dot(dqa, tl.trans(p_aa), input_precision=PRECISION)
+            da = tl.dot(dqb, tl.trans(p_ab), da, input_precision=PRECISION)
+            db = tl.dot(dqa, tl.trans(p_ba), input_precision=PRECISION)
+            db = tl.dot(dqb, tl.trans(p_bb), db, input_precision=PRECISION)
         _unrope_store(da, db, a, bq, cos, sin, qpos, DQ + pid_bh * Tq * HEAD, rows, Tq, G, tile, HEAD)
 
         # this tile's share of dP~ = [a b]^T [dq''_A dq''_B]
@@ -521,7 +527,7 @@ def default_blocks(h: int) -> dict:
             dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
             unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
             dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
-            unrotate=dict(BLOCK_M=64, num_warps=8, num_stages=2),
+            unrotate=dict(BLOCK_M=64, num_warps=4, num_stages=2),
             diag=dict(BLOCK_M=64, num_warps=8, num_stages=2),
         )
     if h <= 64:
@@ -535,11 +541,11 @@ def default_blocks(h: int) -> dict:
         )
     return dict(
         delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
-        dkdv=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
-        unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
+        dkdv=dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
+        unrope=dict(BLOCK_M=32, num_warps=4, num_stages=1),
         dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
-        unrotate=dict(BLOCK_M=64, num_warps=8, num_stages=1),
-        diag=dict(BLOCK_M=64, num_warps=8, num_stages=1),
+        unrotate=dict(BLOCK_M=16, num_warps=8, num_stages=1),
+        diag=dict(BLOCK_M=32, num_warps=8, num_stages=1),
     )
 
 
