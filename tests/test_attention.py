@@ -372,7 +372,7 @@ def test_dispatch(monkeypatch):
 
 def test_aot_compile_report(aot_reports):
     """Every launch compiles for both targets, its dots become tensor-core instructions (wgmma on
-    sm_90), shared memory is recorded, and h = 64 runs without register spills."""
+    sm_90), shared memory stays under 100 KB, and no launch spills registers (h = 32, 64, 128)."""
     rows = [r for r in aot_reports if r.name.startswith("attention_")]
     names = {r.name for r in rows}
     parts = ("fwd", "bwd_delta", "bwd_dkdv", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate", "bwd_dbias")
@@ -387,9 +387,8 @@ def test_aot_compile_report(aot_reports):
         assert {x.arch for x in rows if x.name == r.name} == set(aot.TARGETS), r.name
         assert r.shared_bytes > 0, r.name
         assert r.registers > 0, r.name
-        assert r.shared_bytes < 100 * 1024, r.name  # room for two programs' worth on an A100 / H100 SM
-        if "_h64_" in r.name:
-            assert r.spilled_bytes == 0, r.name
+        assert r.shared_bytes < 100 * 1024, r.name  # fits an A100 / H100 SM with room to spare
+        assert r.spilled_bytes == 0, r.name  # every pass, at every head width
         if r.name.startswith(no_dot):
             assert not r.mma, r.name
             continue

@@ -8,9 +8,21 @@ With D_i = sum_d dO_id O_id, the score gradient is dS = p * (dO v^T - D), and
     d(a_q, b_q) = d(q''_A, q''_B) P~^T,    dP~ = [a_q b_q]^T d(q''_A, q''_B)
     dbias[r, head] = sum of dS over the pairs with clamp(i - j) + n - 1 = r
 
-Two kernels recompute the logits tile by tile, as flash attention does: one per key tile (dk, dv;
-it loops over the query tiles the band reaches) and one per query tile (dq). Undoing RoPE gives dq and
-dk, and dphi = a db - b da gives the gradient of the angles phi = s * pos * w.
+The passes, in launch order:
+
+    delta      per query row: D, and q'' = RoPE(q) @ P~ in the dot type (written once, read by every
+               pass below instead of each tile rotating and multiplying its queries again)
+    dkdv       per key tile, looping over the query tiles the band reaches: dv and d(a_k, b_k) (fp32)
+    unrope     per key tile: dk from d(a_k, b_k) (undoing RoPE) and the keys' angle partials
+    dq         per query tile, looping over the key tiles: d(q''_A, q''_B) and the end rows of dbias
+    unrotate   a few programs per (batch, head), each over several query tiles: d(a_q, b_q) =
+               d(q'') P~^T, dq (undoing RoPE), the queries' angle partials, one dP~ partial per program
+    diag       per query tile: the inner rows of dbias
+
+dkdv and dq recompute the logits tile by tile, as flash attention does, and hold only their
+accumulators and the operands of the tile at hand: the RoPE undo, the angles and the (h, h) dP~ sums
+live in the light passes, which keeps every pass free of register spills (python -m
+echo_kernels.aot). dphi = a db - b da gives the gradient of the angles phi = s * pos * w.
 
 dbias is split by where the clamp sends the pairs. The two end rows (|i - j| >= n - 1: nearly every
 pair) are row sums of dS accumulated in the dq kernel's loop. The 2n - 3 inner rows are single
