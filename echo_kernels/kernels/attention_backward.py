@@ -100,7 +100,7 @@ def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
     s = tl.load(S).to(tl.float32)
     p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
     cos, sin = _rope_angles(q_off + rows, s, W, HALF)
-    _, _, qa, qb = _rotated_q(Q + b * stride_qb + hd * stride_qh, rows, T, stride_qt, stride_qd, cos, sin,
+    a_q, b_q, qa, qb = _rotated_q(Q + b * stride_qb + hd * stride_qh, rows, T, stride_qt, stride_qd, cos, sin,
                               p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
     offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
     tl.store(QQ + offs, qa, mask=rows[:, None] < T)
