@@ -232,8 +232,12 @@ def test_aot_compiles_for_sm80_and_sm90(aot_reports):
               f"{'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6}")
         assert r.shared_bytes > 0  # M's slices and the x tile are staged in shared memory
         assert 0 < r.registers <= 255
-        # Stack spills are printed, not asserted: several of these launches still spill (tracked
-        # in the AOT table of benches/results/); the attention kernel is held to zero at h = 64.
+        # No register spills, but for h = 128 on sm_80 (a few hundred bytes at most: the forward's
+        # 64-row tiles are kept for Hopper's wgmma) and the fp32 backward (dots on the FMA units).
+        if "_h128_" in r.name or r.name.startswith("rotary_bwd_") and "_fp32_" in r.name:
+            assert r.spilled_bytes <= 512, r.name
+        else:
+            assert r.spilled_bytes == 0, r.name
         if "_fp32_" in r.name:
             # fp32 inputs take exact fp32 dots (input_precision="ieee"): no tensor cores, by design.
             assert not r.mma

@@ -311,9 +311,21 @@ def window_ints(left: int, right: int, causal: bool = False) -> tuple[int, int]:
 
 def default_blocks(h: int) -> dict:
     """Forward tile sizes and launch shape per head width."""
-    if h <= 64:
+    if h <= 32:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if h <= 64:  # 8 warps: at 4 the (128, 64) tiles spill registers on sm_80 and sm_90
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+def _short_query_blocks(cfg: dict, Tq: int) -> dict:
+    """Decoding (Tq = 1) and other short query runs: a 128-row tile would be almost all padding, so
+    the tile shrinks, and a tile of 64 rows or fewer needs no more than 4 warps."""
+    cfg = dict(cfg)
+    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, triton.next_power_of_2(Tq)))
+    if cfg["BLOCK_M"] <= 64:
+        cfg["num_warps"] = min(cfg["num_warps"], 4)
+    return cfg
 
 
 # Tests shrink the tiles (e.g. 16) so that ragged and multi-tile cases happen at small T.
@@ -356,9 +368,7 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     s32 = torch.as_tensor(s, dtype=torch.float32, device=q.device).detach().reshape(1)
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
     pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q)
-    cfg = _blocks_for(h, default_blocks)
-    # Decoding (Tq = 1) and other short query runs: a 128-row tile would be almost all padding.
-    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, triton.next_power_of_2(Tq)))
+    cfg = _short_query_blocks(_blocks_for(h, default_blocks), Tq)
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, P, w32, s32, bias_t, pad_t, out, lse,
@@ -404,25 +414,32 @@ def aot_specs() -> list:
                 f"attention_fwd_h{h}_{dt}", _attn_fwd_kernel, _signature(_attn_fwd_kernel, ptrs, ce), ce,
                 num_warps=f["num_warps"], num_stages=f["num_stages"]))
             if h == 64 and dt == "bf16":  # the decoding launch (Tq = 1 against a KV cache)
-                ce = dict(ce, BLOCK_M=16)
+                d = _short_query_blocks(f, 1)
+                ce = dict(ce, BLOCK_M=d["BLOCK_M"])
                 specs.append(aot.KernelSpec(
                     f"attention_fwd_decode_h{h}_{dt}", _attn_fwd_kernel, _signature(_attn_fwd_kernel, ptrs, ce), ce,
-                    num_warps=f["num_warps"], num_stages=f["num_stages"]))
+                    num_warps=d["num_warps"], num_stages=d["num_stages"]))
 
             g = bwd.default_blocks(h)
-            ce = dict(HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"],
-                      PRECISION="tf32")
-            ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "DO", "P", "DK", "DV", "DQ")}
+            ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32", G="*fp32",
-                        DBias="*fp32", DP="*fp32")
-            ce_diag = dict(HEAD=h, HAS_PAD=True, BLOCK_M=g["BLOCK_M"], PRECISION="tf32")
-            for name, fn, c in (("dkdv", bwd._attn_bwd_dkdv_kernel, ce), ("dq", bwd._attn_bwd_dq_kernel, ce),
-                                ("dbias", bwd._attn_bwd_dbias_diag_kernel, ce_diag)):
+                        DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}")
+            for name, fn, ce in (
+                ("delta", bwd._attn_bwd_delta_kernel, dict(HEAD=h, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),
+                ("dkdv", bwd._attn_bwd_dkdv_kernel, dict(
+                    HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dkdv"]["BLOCK_M"], BLOCK_N=g["dkdv"]["BLOCK_N"],
+                    PRECISION="tf32")),
+                ("unrope", bwd._attn_bwd_unrope_kernel, dict(HEAD=h, BLOCK=g["unrope"]["BLOCK_M"])),
+                ("dq", bwd._attn_bwd_dq_kernel, dict(
+                    HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dq"]["BLOCK_M"], BLOCK_N=g["dq"]["BLOCK_N"],
+                    PRECISION="tf32")),
+                ("dq_unrotate", bwd._attn_bwd_dq_unrotate_kernel, dict(
+                    HEAD=h, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
+                ("dbias", bwd._attn_bwd_dbias_diag_kernel, dict(
+                    HEAD=h, HAS_PAD=True, BLOCK_M=g["diag"]["BLOCK_M"], PRECISION="tf32")),
+            ):
+                c = g[{"dq_unrotate": "unrotate", "dbias": "diag"}.get(name, name)]
                 specs.append(aot.KernelSpec(
-                    f"attention_bwd_{name}_h{h}_{dt}", fn, _signature(fn, ptrs, c), c,
-                    num_warps=g["num_warps"], num_stages=g["num_stages"]))
-            ce = dict(HEAD=h, BLOCK=64)
-            ptrs = {"O": f"*{dt}", "DO": f"*{dt}", "Delta": "*fp32"}
-            fn = bwd._attn_bwd_delta_kernel
-            specs.append(aot.KernelSpec(f"attention_bwd_delta_h{h}_{dt}", fn, _signature(fn, ptrs, ce), ce))
+                    f"attention_bwd_{name}_h{h}_{dt}", fn, _signature(fn, ptrs, ce), ce,
+                    num_warps=c["num_warps"], num_stages=c["num_stages"]))
     return specs

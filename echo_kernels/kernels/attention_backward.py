@@ -8,9 +8,21 @@ With D_i = sum_d dO_id O_id, the score gradient is dS = p * (dO v^T - D), and
     d(a_q, b_q) = d(q''_A, q''_B) P~^T,    dP~ = [a_q b_q]^T d(q''_A, q''_B)
     dbias[r, head] = sum of dS over the pairs with clamp(i - j) + n - 1 = r
 
-Two kernels recompute the logits tile by tile, as flash attention does: one per key tile (dk, dv;
-it loops over the query tiles the band reaches) and one per query tile (dq). Undoing RoPE gives dq and
-dk, and dphi = a db - b da gives the gradient of the angles phi = s * pos * w.
+The passes, in launch order:
+
+    delta      per query row: D, and q'' = RoPE(q) @ P~ in the dot type (written once, read by every
+               pass below instead of each tile rotating and multiplying its queries again)
+    dkdv       per key tile, looping over the query tiles the band reaches: dv and d(a_k, b_k) (fp32)
+    unrope     per key tile: dk from d(a_k, b_k) (undoing RoPE) and the keys' angle partials
+    dq         per query tile, looping over the key tiles: d(q''_A, q''_B) and the end rows of dbias
+    unrotate   a few programs per (batch, head), each over several query tiles: d(a_q, b_q) =
+               d(q'') P~^T, dq (undoing RoPE), the queries' angle partials, one dP~ partial per program
+    diag       per query tile: the inner rows of dbias
+
+dkdv and dq recompute the logits tile by tile, as flash attention does, and hold only their
+accumulators and the operands of the tile at hand: the RoPE undo, the angles and the (h, h) dP~ sums
+live in the light passes, which keeps every pass free of register spills (python -m
+echo_kernels.aot). dphi = a db - b da gives the gradient of the angles phi = s * pos * w.
 
 dbias is split by where the clamp sends the pairs. The two end rows (|i - j| >= n - 1: nearly every
 pair) are row sums of dS accumulated in the dq kernel's loop. The 2n - 3 inner rows are single
@@ -54,19 +66,6 @@ from .attention import (
 )
 
 @triton.jit
-def _attn_bwd_delta_kernel(O, DO, Delta, stride_ob, stride_oh, stride_ot, stride_od, stride_db, stride_dh,
-                           stride_dt, stride_dd, H, T, HEAD: tl.constexpr, BLOCK: tl.constexpr):
-    """Delta[bh, t] = sum_d O[t, d] dO[t, d]: the softmax correction of every query row."""
-    pid_bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    b = pid_bh // H
-    hd = pid_bh % H
-    o = _load_full(O + b * stride_ob + hd * stride_oh, rows, T, stride_ot, stride_od, HEAD)
-    do = _load_full(DO + b * stride_db + hd * stride_dh, rows, T, stride_dt, stride_dd, HEAD)
-    tl.store(Delta + pid_bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
-
-
-@triton.jit
 def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb,
                HALF: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
     """RoPE halves of a query tile (fp32) and q''_A, q''_B (dot type); cos, sin of its angles."""
@@ -78,6 +77,34 @@ def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_
     qb = tl.dot(a.to(DT), p_ab, input_precision=PRECISION)
     qb = tl.dot(b.to(DT), p_bb, qb, input_precision=PRECISION)
     return a, b, qa.to(DT), qb.to(DT)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
+                           stride_ob, stride_oh, stride_ot, stride_od, stride_db, stride_dh, stride_dt, stride_dd,
+                           stride_qb, stride_qh, stride_qt, stride_qd, H, T, q_off,
+                           HEAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """Per query row: Delta[bh, t] = sum_d O[t, d] dO[t, d], the softmax correction, and
+    q'' = [a_q b_q] @ P~ in the dot type (QQ, contiguous rows [q''_A | q''_B]), which the dk/dv
+    kernel reads for every key tile instead of rotating and multiplying the queries again."""
+    HALF: tl.constexpr = HEAD // 2
+    DT = P.dtype.element_ty
+    pid_bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = pid_bh // H
+    hd = pid_bh % H
+    o = _load_full(O + b * stride_ob + hd * stride_oh, rows, T, stride_ot, stride_od, HEAD)
+    do = _load_full(DO + b * stride_db + hd * stride_dh, rows, T, stride_dt, stride_dd, HEAD)
+    tl.store(Delta + pid_bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
+
+    s = tl.load(S).to(tl.float32)
+    p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+    cos, sin = _rope_angles(q_off + rows, s, W, HALF)
+    a_q, b_q, qa, qb = _rotated_q(Q + b * stride_qb + hd * stride_qh, rows, T, stride_qt, stride_qd, cos, sin,
+                              p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
+    offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    tl.store(QQ + offs, qa, mask=rows[:, None] < T)
+    tl.store(QQ + offs + HALF, qb, mask=rows[:, None] < T)
 
 
 @triton.jit
@@ -99,8 +126,8 @@ def _unrope_store(dA, dB, a, b, cos, sin, pos, DX, rows, n_rows, G, g_row, HEAD:
 
 @triton.jit
 def _dkdv_tiles(
-    dak, dbk, dv, lo, hi, ak, bk, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s, cos0, sin0,
-    Bias, stride_br, head_off, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq, left, right, q_off,
+    dak, dbk, dv, lo, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta,
+    Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -108,15 +135,16 @@ def _dkdv_tiles(
 
     Tiles are kept transposed, (keys, queries), as in Triton's fused-attention tutorial: every
     transpose then falls on a tl.dot's second operand, which goes through shared memory anyway.
-    Lse and Delta point at this (batch, head)'s rows.
+    QQ, Lse and Delta point at this (batch, head)'s rows.
     """
     DT = ak.dtype
+    half = tl.arange(0, HALF)
     for start in range(lo, hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         qpos = q_off + rows
-        cos, sin = _rope_angles_step(cos0, sin0, q_off + start, s, W, HALF)
-        a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin,
-                                   p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
+        q_offs = rows[:, None] * HEAD + half[None, :]
+        qa = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0)
+        qb = tl.load(QQ + q_offs + HALF, mask=rows[:, None] < Tq, other=0.0)
         logits_t = tl.dot(ak, tl.trans(qa), input_precision=PRECISION)
         logits_t = tl.dot(bk, tl.trans(qb), logits_t, input_precision=PRECISION)
         rel_t = qpos[None, :] - kpos[:, None]  # i - j
@@ -136,7 +164,7 @@ def _dkdv_tiles(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DK, DV, G,
+    Q, K, V, DO, P, QQ, W, S, Bias, Pad, Lse, Delta, DKK, DV,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -146,7 +174,9 @@ def _attn_bwd_dkdv_kernel(
     HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_N, HEAD) key tile: dk, dv and its angle partial."""
+    """One (BLOCK_N, HEAD) key tile: dv, and d(a_k, b_k) in fp32 (DKK, contiguous rows [A | B]),
+    which _attn_bwd_unrope_kernel turns into dk and the angle partials: undoing RoPE needs the
+    key angles again, and their sines are not worth registers next to the accumulators."""
     HALF: tl.constexpr = HEAD // 2
     DT = P.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -158,6 +188,7 @@ def _attn_bwd_dkdv_kernel(
     K += b * stride_kb + hd * stride_kh
     V += b * stride_vb + hd * stride_vh
     DO += b * stride_ob + hd * stride_oh
+    QQ += pid_bh * Tq * HEAD
     Lse += pid_bh * Tq
     Delta += pid_bh * Tq
     s = tl.load(S).to(tl.float32)
@@ -167,14 +198,10 @@ def _attn_bwd_dkdv_kernel(
     first = k_off + pid_n * BLOCK_N
     kcos, ksin = _rope_angles(kpos, s, W, HALF)
     y1, y2 = _load_pairs(K, cols, Tk, stride_kt, stride_kd, HALF)
-    ak = y1 * kcos - y2 * ksin
-    bk = y1 * ksin + y2 * kcos
-    ak_dt = ak.to(DT)
-    bk_dt = bk.to(DT)
+    ak_dt = (y1 * kcos - y2 * ksin).to(DT)
+    bk_dt = (y1 * ksin + y2 * kcos).to(DT)
     v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
     key_ok = _key_ok(cols, Tk, Pad, b * stride_pb, stride_pt, HAS_PAD)  # padding belongs to the key
-    p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
-    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_M), s, W, HALF)
 
     dak = tl.zeros([BLOCK_N, HALF], tl.float32)
     dbk = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -188,31 +215,58 @@ def _attn_bwd_dkdv_kernel(
         d1, d2 = _split_regions(lo, hi, first - n_rel + 2 - q_off - BLOCK_M, first + BLOCK_N + n_rel - 2 - q_off,
                                 BLOCK_M)
         dak, dbk, dv = _dkdv_tiles(
-            dak, dbk, dv, lo, d1, ak_dt, bk_dt, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s,
-            cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq,
+            dak, dbk, dv, lo, d1, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias, stride_br,
+            hd * stride_bh, n_rel, stride_ot, stride_od, Tq,
             left, right, q_off, HALF, HEAD, BLOCK_M, FUTURE, PRECISION)
         dak, dbk, dv = _dkdv_tiles(
-            dak, dbk, dv, d1, d2, ak_dt, bk_dt, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s,
-            cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq,
+            dak, dbk, dv, d1, d2, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias, stride_br,
+            hd * stride_bh, n_rel, stride_ot, stride_od, Tq,
             left, right, q_off, HALF, HEAD, BLOCK_M, NEAR, PRECISION)
         dak, dbk, dv = _dkdv_tiles(
-            dak, dbk, dv, d2, hi, ak_dt, bk_dt, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s,
-            cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq,
+            dak, dbk, dv, d2, hi, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias, stride_br,
+            hd * stride_bh, n_rel, stride_ot, stride_od, Tq,
             left, right, q_off, HALF, HEAD, BLOCK_M, PAST, PRECISION)
     else:
         dak, dbk, dv = _dkdv_tiles(
-            dak, dbk, dv, lo, hi, ak_dt, bk_dt, v, kpos, key_ok, Q, DO, Lse, Delta, p_aa, p_ab, p_ba, p_bb, W, s,
-            cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, stride_qt, stride_qd, stride_ot, stride_od, Tq,
+            dak, dbk, dv, lo, hi, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias, stride_br,
+            hd * stride_bh, n_rel, stride_ot, stride_od, Tq,
             left, right, q_off, HALF, HEAD, BLOCK_M, NO_BIAS, PRECISION)
 
     tl.store(DV + pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :],
              dv.to(DV.dtype.element_ty), mask=cols[:, None] < Tk)
-    _unrope_store(dak, dbk, ak, bk, kcos, ksin, kpos, DK + pid_bh * Tk * HEAD, cols, Tk, G, prog, HEAD)
+    offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    tl.store(DKK + offs, dak, mask=cols[:, None] < Tk)
+    tl.store(DKK + offs + HALF, dbk, mask=cols[:, None] < Tk)
+
+
+@triton.jit
+def _attn_bwd_unrope_kernel(
+    K, W, S, DKK, DK, G, stride_kb, stride_kh, stride_kt, stride_kd, H, Tk, k_off,
+    HEAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dk and the angle partial G[tile] of one (BLOCK) key tile from d(a_k, b_k) (DKK, fp32)."""
+    HALF: tl.constexpr = HEAD // 2
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    tile = pid_bh * tl.num_programs(0) + pid_n
+    b = pid_bh // H
+    hd = pid_bh % H
+    s = tl.load(S).to(tl.float32)
+    cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+    kpos = k_off + cols
+    kcos, ksin = _rope_angles(kpos, s, W, HALF)
+    y1, y2 = _load_pairs(K + b * stride_kb + hd * stride_kh, cols, Tk, stride_kt, stride_kd, HALF)
+    ak = y1 * kcos - y2 * ksin
+    bk = y1 * ksin + y2 * kcos
+    offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    dak = tl.load(DKK + offs, mask=cols[:, None] < Tk, other=0.0)
+    dbk = tl.load(DKK + offs + HALF, mask=cols[:, None] < Tk, other=0.0)
+    _unrope_store(dak, dbk, ak, bk, kcos, ksin, kpos, DK + pid_bh * Tk * HEAD, cols, Tk, G, tile, HEAD)
 
 
 @triton.jit
 def _attn_bwd_dbias_diag_kernel(
-    Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DBias,
+    Q, K, V, DO, P, QQ, W, S, Bias, Pad, Lse, Delta, DBias,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -242,12 +296,10 @@ def _attn_bwd_dbias_diag_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qpos = q_off + rows
-    p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
     cos, sin = _rope_angles(qpos, s, W, HALF)
-    a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
-                               PRECISION)
-    qa = qa.to(tl.float32)
-    qb = qb.to(tl.float32)
+    q_offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    qa = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0).to(tl.float32)  # q'' from the pre-pass
+    qb = tl.load(QQ + q_offs + HALF, mask=rows[:, None] < Tq, other=0.0).to(tl.float32)
     do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD)
     lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
     delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
@@ -318,7 +370,7 @@ def _dq_tiles(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, P, W, S, Bias, Pad, Lse, Delta, DQ, G, DP, DBias,
+    Q, K, V, DO, P, QQ, W, S, Bias, Pad, Lse, Delta, DQQ, DBias,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -328,9 +380,78 @@ def _attn_bwd_dq_kernel(
     HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Query tiles pid_m, pid_m + grid[0], ...: dq, the angle partial and the two end rows of dbias
-    per tile (the pairs with i - j <= -(n - 1) and >= n - 1; with n = 1 both are row 0), and one
-    partial of dP~ for the program.
+    """One (BLOCK_M) query tile: d(q''_A, q''_B) in the dot type (DQQ, contiguous rows [A | B]) and
+    the two end rows of dbias (the pairs with i - j <= -(n - 1) and >= n - 1; with n = 1 both are
+    row 0). Going back through P~ and RoPE, and the dP~ partials, are _attn_bwd_dq_unrotate_kernel's:
+    the loop over key tiles keeps only q'', dO and the dq'' accumulators in registers."""
+    HALF: tl.constexpr = HEAD // 2
+    DT = P.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    tile = pid_bh * tl.num_programs(0) + pid_m
+    b = pid_bh // H
+    hd = pid_bh % H
+    Q += b * stride_qb + hd * stride_qh
+    K += b * stride_kb + hd * stride_kh
+    V += b * stride_vb + hd * stride_vh
+    DO += b * stride_ob + hd * stride_oh
+    s = tl.load(S).to(tl.float32)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qpos = q_off + rows
+    q_first = q_off + pid_m * BLOCK_M
+    q_offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    qa = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0)  # q'' from the delta pre-pass
+    qb = tl.load(QQ + q_offs + HALF, mask=rows[:, None] < Tq, other=0.0)
+    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_N), s, W, HALF)
+    do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD).to(DT)
+    lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
+    delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
+    dqa = tl.zeros([BLOCK_M, HALF], tl.float32)
+    dqb = tl.zeros([BLOCK_M, HALF], tl.float32)
+    db_lo = tl.zeros([BLOCK_M], tl.float32)
+    db_hi = tl.zeros([BLOCK_M], tl.float32)
+
+    lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
+    if HAS_BIAS:
+        d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
+                                q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
+        dqa, dqb, db_lo, db_hi = _dq_tiles(
+            dqa, dqb, db_lo, db_hi, lo, d1, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+            left, right, k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, PRECISION)
+        dqa, dqb, db_lo, db_hi = _dq_tiles(
+            dqa, dqb, db_lo, db_hi, d1, d2, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+            left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, PRECISION)
+        dqa, dqb, db_lo, db_hi = _dq_tiles(
+            dqa, dqb, db_lo, db_hi, d2, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+            left, right, k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, PRECISION)
+        tl.store(DBias + tile * 2, tl.sum(db_lo, 0))
+        tl.store(DBias + tile * 2 + 1, tl.sum(db_hi, 0))
+    else:
+        dqa, dqb, db_lo, db_hi = _dq_tiles(
+            dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
+            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+            left, right, k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
+
+    # Rounded to the dot type here, as the products with P~^T and [a b]^T take it anyway.
+    offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    mask = rows[:, None] < Tq
+    tl.store(DQQ + offs, dqa.to(DT), mask=mask)
+    tl.store(DQQ + offs + HALF, dqb.to(DT), mask=mask)
+
+
+@triton.jit
+def _attn_bwd_dq_unrotate_kernel(
+    Q, P, W, S, DQQ, DQ, G, DP,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    H, Tq, q_off,
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Query tiles pid_m, pid_m + grid[0], ... of one (batch, head): dq and the angle partial per
+    tile from d(q''_A, q''_B) (DQQ), and one partial of dP~ for the program.
 
     dP~ is an (h, h) sum over every query; one partial per tile would take more memory than dq
     itself, so the launcher gives each (batch, head) just enough programs to fill the GPU and each
@@ -345,74 +466,51 @@ def _attn_bwd_dq_kernel(
     b = pid_bh // H
     hd = pid_bh % H
     Q += b * stride_qb + hd * stride_qh
-    K += b * stride_kb + hd * stride_kh
-    V += b * stride_vb + hd * stride_vh
-    DO += b * stride_ob + hd * stride_oh
     s = tl.load(S).to(tl.float32)
 
     p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
-    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_N), s, W, HALF)
     dp_aa = tl.zeros([HALF, HALF], tl.float32)
     dp_ab = tl.zeros([HALF, HALF], tl.float32)
     dp_ba = tl.zeros([HALF, HALF], tl.float32)
     dp_bb = tl.zeros([HALF, HALF], tl.float32)
+    half = tl.arange(0, HALF)
     for m in range(pid_m, n_tiles, tl.num_programs(0)):
         tile = pid_bh * n_tiles + m
         rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
         qpos = q_off + rows
-        q_first = q_off + m * BLOCK_M
         cos, sin = _rope_angles(qpos, s, W, HALF)
-        a, bq, qa, qb = _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
-                                   PRECISION)
-        do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD).to(DT)
-        lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
-        delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
-        dqa = tl.zeros([BLOCK_M, HALF], tl.float32)
-        dqb = tl.zeros([BLOCK_M, HALF], tl.float32)
-        db_lo = tl.zeros([BLOCK_M], tl.float32)
-        db_hi = tl.zeros([BLOCK_M], tl.float32)
-
-        lo, hi = _key_range(m * BLOCK_M, m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
-        if HAS_BIAS:
-            d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
-                                    q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
-            dqa, dqb, db_lo, db_hi = _dq_tiles(
-                dqa, dqb, db_lo, db_hi, lo, d1, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
-                hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
-                left, right, k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, PRECISION)
-            dqa, dqb, db_lo, db_hi = _dq_tiles(
-                dqa, dqb, db_lo, db_hi, d1, d2, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
-                hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
-                left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, PRECISION)
-            dqa, dqb, db_lo, db_hi = _dq_tiles(
-                dqa, dqb, db_lo, db_hi, d2, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
-                hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
-                left, right, k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, PRECISION)
-        else:
-            dqa, dqb, db_lo, db_hi = _dq_tiles(
-                dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
-                hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
-                left, right, k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
+        x1, x2 = _load_pairs(Q, rows, Tq, stride_qt, stride_qd, HALF)
+        a = x1 * cos - x2 * sin
+        bq = x1 * sin + x2 * cos
+        offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + half[None, :]
+        mask = rows[:, None] < Tq
+        dqa = tl.load(DQQ + offs, mask=mask, other=0.0)
+        dqb = tl.load(DQQ + offs + HALF, mask=mask, other=0.0)
 
         # q''_A = a P~_AA + b P~_BA and q''_B = a P~_AB + b P~_BB, so d(a, b) = d(q''_A, q''_B) P~^T.
-        dqa_dt = dqa.to(DT)
-        dqb_dt = dqb.to(DT)
-        da = tl.dot(dqa_dt, tl.trans(p_aa), input_precision=PRECISION)
-        da = tl.dot(dqb_dt, tl.trans(p_ab), da, input_precision=PRECISION)
-        db = tl.dot(dqa_dt, tl.trans(p_ba), input_precision=PRECISION)
-        db = tl.dot(dqb_dt, tl.trans(p_bb), db, input_precision=PRECISION)
+        if HALF >= 64:
+            # Transposed: P~'s blocks are then the first operands, which mma.sync spreads over the
+            # warps rather than copying whole into each (sm_80); 64 rows still suit wgmma.
+            dqa_t = tl.trans(dqa)
+            dqb_t = tl.trans(dqb)
+            da = tl.dot(p_aa, dqa_t, input_precision=PRECISION)
+            da = tl.trans(tl.dot(p_ab, dqb_t, da, input_precision=PRECISION))
+            db = tl.dot(p_ba, dqa_t, input_precision=PRECISION)
+            db = tl.trans(tl.dot(p_bb, dqb_t, db, input_precision=PRECISION))
+        else:
+            da = tl.dot(dqa, tl.trans(p_aa), input_precision=PRECISION)
+            da = tl.dot(dqb, tl.trans(p_ab), da, input_precision=PRECISION)
+            db = tl.dot(dqa, tl.trans(p_ba), input_precision=PRECISION)
+            db = tl.dot(dqb, tl.trans(p_bb), db, input_precision=PRECISION)
         _unrope_store(da, db, a, bq, cos, sin, qpos, DQ + pid_bh * Tq * HEAD, rows, Tq, G, tile, HEAD)
-        if HAS_BIAS:
-            tl.store(DBias + tile * 2, tl.sum(db_lo, 0))
-            tl.store(DBias + tile * 2 + 1, tl.sum(db_hi, 0))
 
         # this tile's share of dP~ = [a b]^T [dq''_A dq''_B]
         a_t = tl.trans(a.to(DT))
         b_t = tl.trans(bq.to(DT))
-        dp_aa = tl.dot(a_t, dqa_dt, dp_aa, input_precision=PRECISION)
-        dp_ab = tl.dot(a_t, dqb_dt, dp_ab, input_precision=PRECISION)
-        dp_ba = tl.dot(b_t, dqa_dt, dp_ba, input_precision=PRECISION)
-        dp_bb = tl.dot(b_t, dqb_dt, dp_bb, input_precision=PRECISION)
+        dp_aa = tl.dot(a_t, dqa, dp_aa, input_precision=PRECISION)
+        dp_ab = tl.dot(a_t, dqb, dp_ab, input_precision=PRECISION)
+        dp_ba = tl.dot(b_t, dqa, dp_ba, input_precision=PRECISION)
+        dp_bb = tl.dot(b_t, dqb, dp_bb, input_precision=PRECISION)
 
     r = tl.arange(0, HALF)[:, None]
     c = tl.arange(0, HALF)[None, :]
@@ -429,14 +527,49 @@ def _attn_bwd_dq_kernel(
 
 
 def default_blocks(h: int) -> dict:
-    """Backward tile sizes and launch shape per head width (both kernels)."""
+    """Tile sizes and launch shape of each backward kernel per head width, chosen so that none of
+    them spills registers on sm_80 or sm_90 (python -m echo_kernels.aot).
+
+    On sm_80 a chain of dots puts every warp along the rows of the tile (16 rows each at least),
+    and each warp then holds whole copies of the second operands: hence the short query tiles of
+    dkdv (BLOCK_M, the operands' rows) and the 32-key tiles of dq."""
+    if h <= 32:
+        return dict(
+            delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
+            dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+            unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
+            dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+            unrotate=dict(BLOCK_M=64, num_warps=4, num_stages=2),
+            diag=dict(BLOCK_M=64, num_warps=8, num_stages=2),
+        )
     if h <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
+        return dict(
+            delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
+            dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+            unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
+            dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+            unrotate=dict(BLOCK_M=64, num_warps=8, num_stages=2),
+            diag=dict(BLOCK_M=64, num_warps=8, num_stages=2),
+        )
+    return dict(
+        delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
+        dkdv=dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
+        unrope=dict(BLOCK_M=32, num_warps=4, num_stages=1),
+        dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
+        unrotate=dict(BLOCK_M=16, num_warps=8, num_stages=1),
+        diag=dict(BLOCK_M=32, num_warps=8, num_stages=1),
+    )
+
+
+def kernel_blocks(h: int, kernel: str) -> dict:
+    """default_blocks(h)[kernel], with the test override of BLOCK_M / BLOCK_N where it has them."""
+    cfg = dict(default_blocks(h)[kernel])
+    cfg.update({k: v for k, v in _blocks_for(h, lambda _: {}).items() if k in cfg})
+    return cfg
 
 
 def _dq_programs_per_head(n_heads: int, n_tiles: int, device) -> int:
-    """Programs per (batch, head) for the dq kernel: about four per multiprocessor in all."""
+    """Programs per (batch, head) for the dq unrotate kernel: about four per multiprocessor in all."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -468,38 +601,62 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         dbias = torch.zeros_like(bias) if bias is not None else None
         return dq, dk, dv, torch.zeros_like(M), torch.zeros_like(w), torch.zeros((), device=dev), dbias
 
-    cfg = _blocks_for(h, default_blocks)
-    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     P = folded_p(M, layout).to(dot_dtype(q.dtype))
     w32 = w.detach().float().contiguous()
     s32 = torch.as_tensor(s, dtype=torch.float32, device=dev).detach().reshape(1)
     bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(q, k, v, do, bias, key_padding_mask)
     scalars = (H, Tq, Tk, n_rel, left, right, q_offset, k_offset)
-    launch = dict(HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=BM, BLOCK_N=BN,
-                  PRECISION=precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    prec = precision(q.dtype)
+    cfg = {name: kernel_blocks(h, name) for name in default_blocks(h)}
 
+    # Delta and q'' = RoPE(q) @ P~, read by the dk/dv, dq and dbias kernels.
+    c = cfg["delta"]
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=dev)
-    _attn_bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, Tq, HEAD=h, BLOCK=64)
+    qq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)
+    _attn_bwd_delta_kernel[(triton.cdiv(Tq, c["BLOCK_M"]), B * H)](
+        out, do, delta, q, P, w32, s32, qq, *out.stride(), *do.stride(), *q.stride(), H, Tq, q_offset,
+        HEAD=h, BLOCK=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-    n_kblocks, n_qblocks = triton.cdiv(Tk, BN), triton.cdiv(Tq, BM)
-    g_k = torch.empty((B * H * n_kblocks, half), dtype=torch.float32, device=dev)
+    c = cfg["dkdv"]
+    n_kblocks = triton.cdiv(Tk, c["BLOCK_N"])
+    dkk = torch.empty((B, H, Tk, h), dtype=torch.float32, device=dev)  # d(a_k, b_k)
     _attn_bwd_dkdv_kernel[(n_kblocks, B * H)](
-        q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, dk, dv, g_k,
-        *strides, *scalars, **launch)
+        q, k, v, do, P, qq, w32, s32, bias_t, pad_t, lse, delta, dkk, dv, *strides, *scalars,
+        HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PRECISION=prec,
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
+    c = cfg["unrope"]
+    n_ktiles = triton.cdiv(Tk, c["BLOCK_M"])
+    g_k = torch.empty((B * H * n_ktiles, half), dtype=torch.float32, device=dev)
+    _attn_bwd_unrope_kernel[(n_ktiles, B * H)](
+        k, w32, s32, dkk, dk, g_k, *k.stride(), H, Tk, k_offset, HEAD=h, BLOCK=c["BLOCK_M"],
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-    g_q = torch.empty((B * H * n_qblocks, half), dtype=torch.float32, device=dev)
-    n_groups = _dq_programs_per_head(B * H, n_qblocks, dev)
-    dp_part = torch.empty((B * H * n_groups, h, h), dtype=torch.float32, device=dev)
+    c = cfg["dq"]
+    n_qblocks = triton.cdiv(Tq, c["BLOCK_M"])
+    dqq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)  # d(q''_A, q''_B)
     db_ends = torch.empty((B * H * n_qblocks, 2) if has_bias else (1,), dtype=torch.float32, device=dev)
-    _attn_bwd_dq_kernel[(n_groups, B * H)](
-        q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, dq, g_q, dp_part, db_ends,
-        *strides, *scalars, **launch)
+    _attn_bwd_dq_kernel[(n_qblocks, B * H)](
+        q, k, v, do, P, qq, w32, s32, bias_t, pad_t, lse, delta, dqq, db_ends, *strides, *scalars,
+        HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PRECISION=prec,
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+    c = cfg["unrotate"]
+    n_qtiles = triton.cdiv(Tq, c["BLOCK_M"])
+    g_q = torch.empty((B * H * n_qtiles, half), dtype=torch.float32, device=dev)
+    n_groups = _dq_programs_per_head(B * H, n_qtiles, dev)
+    dp_part = torch.empty((B * H * n_groups, h, h), dtype=torch.float32, device=dev)
+    _attn_bwd_dq_unrotate_kernel[(n_groups, B * H)](
+        q, P, w32, s32, dqq, dq, g_q, dp_part, *q.stride(), H, Tq, q_offset,
+        HEAD=h, BLOCK_M=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"], num_stages=c["num_stages"])
+
     if has_bias and n_rel > 1:
-        db_inner = torch.zeros((B * H * n_qblocks, 2 * n_rel - 1), dtype=torch.float32, device=dev)
-        _attn_bwd_dbias_diag_kernel[(n_qblocks, B * H)](
-            q, k, v, do, P, w32, s32, bias_t, pad_t, lse, delta, db_inner, *strides, *scalars,
-            HEAD=h, HAS_PAD=has_pad, BLOCK_M=BM, PRECISION=launch["PRECISION"], num_warps=cfg["num_warps"])
+        c = cfg["diag"]
+        n_dtiles = triton.cdiv(Tq, c["BLOCK_M"])
+        db_inner = torch.zeros((B * H * n_dtiles, 2 * n_rel - 1), dtype=torch.float32, device=dev)
+        _attn_bwd_dbias_diag_kernel[(n_dtiles, B * H)](
+            q, k, v, do, P, qq, w32, s32, bias_t, pad_t, lse, delta, db_inner, *strides, *scalars,
+            HEAD=h, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
+            num_stages=c["num_stages"])
 
     # Fixed-order reductions of the per-program partials.
     g = g_q.sum(0) + g_k.sum(0)  # sum_t dphi[t, m] pos[t] over queries and keys
@@ -516,7 +673,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         ends = db_ends.view(B, H, n_qblocks, 2).sum((0, 2))  # (H, 2)
         table = torch.zeros((H, 2 * n_rel - 1), dtype=torch.float32, device=dev)
         if n_rel > 1:
-            table += db_inner.view(B, H, n_qblocks, 2 * n_rel - 1).sum((0, 2))
+            table += db_inner.view(B, H, n_dtiles, 2 * n_rel - 1).sum((0, 2))
         table[:, 0] += ends[:, 0]
         table[:, -1] += ends[:, 1]
         dbias = table.T.contiguous().to(bias.dtype)

@@ -40,7 +40,7 @@ from torch import Tensor
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (32, 64, 80, 128)  # the widths that aot_specs() compiles; any even h >= 2 works
 BLOCK_T = 64  # forward: one warpgroup's worth of rows for the Hopper wgmma
-BLOCK_T_BWD = 32  # backward: half the rows, for the registers its dM accumulators need
+BLOCK_T_BWD = 32  # backward: half the rows, for the registers its dM accumulators need (16: see _config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,8 +224,11 @@ def _rotary_bwd_kernel(
             x = tl.load(_tile(X, pid_b, t0, head, stride_xb, stride_xt, stride_xh) + x_offsets,
                         mask=x_mask, other=0.0)
             x = x.to(operand)
-            u_e = _dot(x, m_even, DOT_FP32)
-            u_o = _dot(x, m_odd, DOT_FP32)
+            # Transposed products: M's slices as first operands, which mma.sync spreads over the
+            # warps (as second operands each warp would hold all four whole: sm_80 spills).
+            x_t = tl.trans(x)
+            u_e = tl.trans(_dot(mt_even, x_t, DOT_FP32))
+            u_o = tl.trans(_dot(mt_odd, x_t, DOT_FP32))
             a = u_e * cos - u_o * sin
             b = u_e * sin + u_o * cos
 
@@ -238,10 +241,9 @@ def _rotary_bwd_kernel(
             du_o = db * cos - da * sin
 
             du_e, du_o = du_e.to(operand), du_o.to(operand)
-            dx = _dot(du_e, mt_even, DOT_FP32) + _dot(du_o, mt_odd, DOT_FP32)
+            dx = tl.trans(_dot(m_even, tl.trans(du_e), DOT_FP32) + _dot(m_odd, tl.trans(du_o), DOT_FP32))
             dx_tile = _tile(DX, pid_b, t0, head, stride_dxb, stride_dxt, stride_dxh)
             tl.store(dx_tile + dx_offsets, dx.to(DX.dtype.element_ty), mask=x_mask)
-            x_t = tl.trans(x)
             dm_even += _dot(x_t, du_e, DOT_FP32)
             dm_odd += _dot(x_t, du_o, DOT_FP32)
         g += tl.sum(dphi * pos[:, None], axis=0)  # rows past T hold dphi = 0
@@ -267,13 +269,26 @@ def _config(h: int, dtype: torch.dtype, backward: bool) -> dict:
     block_k = triton.next_power_of_2(h)
     block_p = max(16, triton.next_power_of_2(h // 2))  # tl.dot needs every dim >= 16
     block_k = max(16, block_k)
-    # From h = 80 up (tiles padded to 128 features) the (BLOCK_T, BLOCK_P) fp32 tensors and the
-    # backward's two (BLOCK_K, BLOCK_P) dM accumulators are spread over 8 warps.
-    num_warps = 8 if block_k >= 128 else 4
     # The interpreter mishandles bf16 dots: do them in fp32 there (tests use fp32/fp16 anyway).
     dot_fp32 = dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
     block_t = BLOCK_T_BWD if backward else BLOCK_T
-    return dict(BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_P=block_p, DOT_FP32=dot_fp32, num_warps=num_warps)
+    cfg = dict(BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_P=block_p, DOT_FP32=dot_fp32)
+    if backward:
+        # From h = 64 up the (BLOCK_T, BLOCK_P) fp32 tensors and the two (BLOCK_K, BLOCK_P) dM
+        # accumulators are spread over 8 warps, and from h = 80 up (tiles padded to 128 features)
+        # and for fp32 (dots on the FMA units, operands in registers) the token tiles are halved:
+        # fewer spills on sm_80 and sm_90.
+        cfg["num_warps"] = 8 if block_k >= 64 else 4
+        if block_k >= 128 or dtype == torch.float32:
+            cfg["BLOCK_T"] = BLOCK_T_BWD // 2
+    else:
+        # 8 warps from h = 64 up: at 4, h = 64 spills registers on sm_80 and sm_90. fp32 dots run
+        # on the FMA units with their operands in registers, and wgmma is out of reach anyway:
+        # half the token rows there.
+        cfg["num_warps"] = 8 if block_k >= 64 else 4
+        if dtype == torch.float32:
+            cfg["BLOCK_T"] = BLOCK_T // 2
+    return cfg
 
 
 @functools.lru_cache(maxsize=None)
