@@ -162,6 +162,9 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
         return
+    import triton
+
+    print(f"Triton {triton.__version__}; spill = ptxas spill stores, stack = stack frame (bytes)\n")
     print(f"{'kernel':40} {'sm':>3} {'shared':>8} {'regs':>5} {'spill':>6} {'stack':>6} {'mma':>4} {'wgmma':>6}")
     for r in rows:
         print(f"{r.name:40} {r.arch:>3} {r.shared_bytes:>8} {r.registers:>5} {r.spilled_bytes:>6} "
