@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 
 from .config import EchoConfig
 from .model import Echo, shift_tokens_right
@@ -114,21 +115,51 @@ def dist_setup() -> tuple[int, int, torch.device]:
 
 
 def wrap(model: Echo, world: int, device: torch.device, fsdp: bool):
-    """The module to train: the model itself, DDP of it, or the model made FSDP2 (`fully_shard`, in place).
+    """(the module to train: the model, DDP of it, or the model made FSDP2 in place; replicated parameters).
 
-    FSDP2 shards the whole model as one unit: Echo builds every Givens matrix M once per forward at its
-    root, so all parameters are gathered for the forward and resharded after it.
+    FSDP2 (`fully_shard`) shards the whole model as one unit: Echo builds every Givens matrix M once per
+    forward at its root, so all parameters are gathered for the forward and resharded after it.
+    fully_shard cannot shard 0-d parameters (each attention's scale s): those stay replicated, and their
+    gradients are averaged across processes by `sync_replicated`.
     """
     if world == 1 and not fsdp:
-        return model
+        return model, []
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(model)
-        return model
+        replicated = [p for p in model.parameters() if p.dim() == 0]
+        fully_shard(model, ignored_params=set(replicated))
+        return model, replicated
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None), []
+
+
+def sync_replicated(params: list, world: int) -> None:
+    """Average the gradients of parameters that FSDP2 left replicated."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def clip_gradients(params, max_norm: float, world: int) -> Tensor:
+    """clip_grad_norm_ over plain and FSDP2-sharded (DTensor) gradients alike; returns the total norm."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g.to_local() for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    device = grads[0].device if not sharded else sharded[0].device
+    sq_sharded = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=device))
+    if sharded and world > 1:
+        dist.all_reduce(sq_sharded)
+    sq_plain = sum((g.float().pow(2).sum() for g in plain), torch.zeros((), device=device))
+    total = (sq_sharded + sq_plain).sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in sharded + plain:
+        g.mul_(coef.to(g.dtype))
+    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,11 +213,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--stop-after", type=int, metavar="K",
+                   help="stop (and save) after K optimizer steps of this run, e.g. to fit a time slot")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast on the GPU")
     p.add_argument("--workers", type=int, default=4, help="threads for synthesis and audio loading")
     p.add_argument("--eval-synthetic", type=int, default=0, metavar="N",
                    help="after training, WER on N synthesised held-out texts (never in training)")
+    p.add_argument("--eval-only", action="store_true", help="no training: evaluate OUT/model (with --eval-synthetic)")
     p.add_argument("--eval-kind", choices=("digits", "commands", "mixed"), default="digits")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p.parse_args(argv)
@@ -211,8 +245,15 @@ def load_data(args, rank: int, world: int) -> list[tuple[str, str]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rank, world, device = dist_setup()
     out = Path(args.out)
+    if args.eval_only:
+        if not args.eval_synthetic:
+            raise SystemExit("--eval-only needs --eval-synthetic N")
+        result = evaluate_synthetic(Echo.from_pretrained(out / "model").eval(), args, out)
+        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"WER {result['wer']:.4f} on {result['n']} held-out utterances", file=sys.stderr)
+        return 0
+    rank, world, device = dist_setup()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -225,7 +266,7 @@ def main(argv=None) -> int:
     model = Echo(config)
     model.apply_initialization()
     model.to(device).train()
-    module = wrap(model, world, device, args.fsdp)
+    module, replicated = wrap(model, world, device, args.fsdp)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -254,6 +295,8 @@ def main(argv=None) -> int:
     bar = _progress(range(step, args.steps), initial=step, total=args.steps, desc="train", disable=not progress)
     stopped_early = False
     start = time.perf_counter() - elapsed
+    first_step, done = step, step
+    total_loss = torch.full((), float("nan"), device=device)
     for step in bar:
         total_loss = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
@@ -271,8 +314,9 @@ def main(argv=None) -> int:
         if world > 1:
             dist.all_reduce(total_loss)
             total_loss /= world
+        sync_replicated(replicated, world)
         if args.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            clip_gradients(list(model.parameters()), args.clip, world)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -287,6 +331,7 @@ def main(argv=None) -> int:
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{record['loss']:.4f}", base=f"{record['base']:.0f}")
         out_of_time = args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes
+        out_of_time = out_of_time or (args.stop_after is not None and done - first_step >= args.stop_after)
         if world > 1:
             flag = torch.tensor(float(out_of_time), device=device)
             dist.broadcast(flag, 0)
