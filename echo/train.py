@@ -68,6 +68,24 @@ def featurize(items: list[tuple[str, str]], seconds: float, n_mels: int = 80, wo
     return torch.stack(mels), [encode_text(text) for _, text in items]
 
 
+def cached_features(items, args, progress: bool):
+    """featurize(), kept beside synthetic data (features-<seconds>s-<hash>.pt) so that later runs skip it."""
+    import hashlib
+
+    if args.manifest:
+        return featurize(items, args.seconds, workers=args.workers, progress=progress)
+    key = hashlib.sha1(repr((items, args.seconds)).encode()).hexdigest()[:12]
+    path = Path(args.data_dir or Path(args.out) / "synthetic") / f"features-{args.seconds:g}s-{key}.pt"
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        return state["mels"], state["labels"]
+    mels, labels = featurize(items, args.seconds, workers=args.workers, progress=progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save({"mels": mels, "labels": labels}, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    return mels, labels
+
+
 def collate(mels: torch.Tensor, labels: list[list[int]], index: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows `index` -> (mel (B, n_mels, T), labels (B, L) padded with -100, cut to max_len)."""
     rows = [labels[i][:max_len] for i in index]
@@ -260,7 +278,7 @@ def main(argv=None) -> int:
     progress = args.progress and rank == 0
 
     items = load_data(args, rank, world)
-    mels, labels = featurize(items, args.seconds, workers=args.workers, progress=progress)
+    mels, labels = cached_features(items, args, progress)
 
     config = build_config(args.preset, args.seconds)
     model = Echo(config)
