@@ -306,6 +306,25 @@ class Echo(PreTrainedModel):
         return out.to_tuple() if return_dict is False else out
 
     # ------------------------------------------------------------------------------------------
+    # decoding lives in echo/generate.py; these are its entry points
+
+    def generate(self, input_features: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int | None = None,
+                 num_beams: int = 1, temperature=0.0, language: str | None = None, task: str | None = None,
+                 **kwargs):
+        """mel (B, n_mels, T) -> token ids (B, P + n); see echo.generate.generate."""
+        from .generate import generate
+
+        return generate(self, input_features, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                        num_beams=num_beams, temperature=temperature, language=language, task=task, **kwargs)
+
+    def transcribe(self, audio, **kwargs):
+        """A path, waveform or tensor (or a list of them) -> {"text", "segments", "language"} (or a list);
+        see echo.generate.transcribe."""
+        from .generate import transcribe
+
+        return transcribe(self, audio, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):

@@ -1,0 +1,124 @@
+"""Audio and text front end, on openai-whisper's own pieces: ffmpeg loading, log-mel, pad/trim, tokenizer.
+
+Nothing here re-implements a filterbank or a BPE: the mel filters and the multilingual vocabulary
+(51865 tokens, the model card's) ship inside the openai-whisper package and work offline. Install
+it with `pip install "echo-kernels[speech]"`; loading files also needs the `ffmpeg` binary.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SAMPLE_RATE = 16000
+HOP_LENGTH = 160
+N_SAMPLES_30S = 30 * SAMPLE_RATE  # whisper's window: 480000 samples, 3000 mel frames
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
+WHISPER_VOCAB_SIZE = 51865
+
+
+def _whisper():
+    try:
+        import whisper.audio
+        import whisper.tokenizer
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("echo's audio front end needs openai-whisper: pip install 'echo-kernels[speech]'") from error
+    return whisper
+
+
+def load_audio(source, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """A path (decoded and resampled to `sr` mono by ffmpeg, as whisper does), a 1-D waveform array or a
+    tensor (taken as already at `sr`) -> float32 numpy array (N,).
+
+    A missing file is a FileNotFoundError naming it; a file ffmpeg cannot decode, an empty waveform or
+    one holding NaN/inf is a ValueError.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"audio file not found: {path}")
+        if os.path.isdir(path):
+            raise ValueError(f"expected an audio file, got a directory: {path}")
+        if shutil.which("ffmpeg") is None:
+            raise RuntimeError("loading audio files needs the ffmpeg binary (e.g. apt-get install ffmpeg)")
+        try:
+            audio = _whisper().audio.load_audio(path, sr)
+        except RuntimeError as error:
+            detail = str(error).strip().splitlines()
+            raise ValueError(f"cannot decode audio file {path}: {detail[-1] if detail else 'ffmpeg failed'}") from None
+        if audio.size == 0:
+            raise ValueError(f"audio file holds no samples: {path}")
+        return audio
+    if isinstance(source, Tensor):
+        source = source.detach().to("cpu", torch.float32).numpy()
+    if not isinstance(source, np.ndarray):
+        raise TypeError(f"audio must be a path, a numpy array or a tensor, got {type(source).__name__}")
+    audio = np.asarray(source, dtype=np.float32)
+    if audio.ndim == 2 and 1 in audio.shape:
+        audio = audio.reshape(-1)
+    if audio.ndim != 1:
+        raise ValueError(f"a waveform must be 1-D (samples,), got shape {audio.shape}")
+    if audio.size == 0:
+        raise ValueError("the waveform is empty")
+    if not np.isfinite(audio).all():
+        raise ValueError("the waveform contains NaN or inf")
+    return audio
+
+
+def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> Tensor:
+    """Waveform (N,) at 16 kHz (or anything load_audio takes) -> log-mel (n_mels, frames) float32,
+    whisper's: 25 ms Hann window, 10 ms hop, clamped 8 log10 units below the peak, scaled (x + 4) / 4."""
+    audio = load_audio(audio)
+    return _whisper().audio.log_mel_spectrogram(torch.from_numpy(audio), n_mels=n_mels, padding=padding)
+
+
+def pad_or_trim(array, length: int = N_SAMPLES_30S, *, axis: int = -1):
+    """whisper.pad_or_trim: zero-pad or cut `array` to `length` along `axis`."""
+    return _whisper().audio.pad_or_trim(array, length, axis=axis)
+
+
+def log_mel_window(audio, n_samples: int = N_SAMPLES_30S, n_mels: int = 80) -> Tensor:
+    """The model input of one window, as whisper builds it: waveform padded/trimmed to `n_samples`,
+    then log-mel -> (n_mels, n_samples // 160)."""
+    audio = pad_or_trim(load_audio(audio), n_samples)
+    return log_mel_spectrogram(audio, n_mels=n_mels)[:, : n_samples // HOP_LENGTH]
+
+
+@lru_cache(maxsize=None)
+def get_tokenizer(language: str | None = "en", task: str | None = "transcribe"):
+    """openai-whisper's multilingual tokenizer (51865 tokens), with its language and task tokens."""
+    tokenizer = _whisper().tokenizer.get_tokenizer(True, num_languages=99, language=language, task=task)
+    assert tokenizer.encoding.n_vocab == WHISPER_VOCAB_SIZE
+    return tokenizer
+
+
+def uses_whisper_vocab(config) -> bool:
+    """True when a model's vocabulary is whisper's multilingual one (so its tokenizer applies)."""
+    return config.vocab_size == WHISPER_VOCAB_SIZE
+
+
+def prompt_tokens(language: str | None = "en", task: str | None = "transcribe", timestamps: bool = False) -> list[int]:
+    """<|startoftranscript|> <|lang|> <|task|> [<|notimestamps|>], as whisper starts every transcript."""
+    tokenizer = get_tokenizer(language, task)
+    return list(tokenizer.sot_sequence if timestamps else tokenizer.sot_sequence_including_notimestamps)
+
+
+def encode_text(text: str, language: str | None = "en", task: str | None = "transcribe") -> list[int]:
+    """Training labels of a transcript: the prompt after <|startoftranscript|>, the text's tokens, <|endoftext|>.
+
+    (The decoder input starts with <|startoftranscript|> = decoder_start_token_id, added by the shift.)
+    """
+    tokenizer = get_tokenizer(language, task)
+    return prompt_tokens(language, task)[1:] + tokenizer.encode(" " + text.strip()) + [tokenizer.eot]
+
+
+def decode_text(tokens) -> str:
+    """Token ids -> text, special tokens (>= <|endoftext|>) dropped."""
+    tokenizer = get_tokenizer()
+    return tokenizer.decode([int(t) for t in tokens if int(t) < tokenizer.eot]).strip()

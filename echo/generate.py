@@ -1,0 +1,360 @@
+"""Generation and transcription for Echo, kept outside the model as in openai/whisper.
+
+`generate`: greedy, sampling and beam search on the explicit KV cache (EchoCache; beams reorder it), with
+whisper's start sequence (<|startoftranscript|><|lang|><|task|><|notimestamps|>) and its temperature
+fallback: a row whose text compresses too well (gzip ratio > 2.4, i.e. repetitive) or whose mean token
+log-probability is below -1 is decoded again at the next temperature.
+
+`transcribe`: paths, waveforms or tensors (one or a list) -> text, long audio cut into consecutive
+windows of the model's input length (30 s for the card's n_audio_ctx = 1500), all windows of all
+inputs batched together.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cache import EchoCache
+
+DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+@dataclass
+class Decoded:
+    """One row's result: generated tokens (prompt excluded, eot included when reached) and their scores."""
+
+    tokens: list[int]
+    sum_logprob: float
+    temperature: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+
+
+@dataclass
+class GenerateOutput:
+    """sequences (B, P + n) padded with pad_token_id, and per-row details."""
+
+    sequences: Tensor
+    rows: list[Decoded] = field(default_factory=list)
+
+
+def compression_ratio(text: str) -> float:
+    """len(text) / len(gzip(text)) as whisper computes it: high for repetitive text."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def start_tokens(config, language: str | None, task: str | None, prompt=None) -> list[int]:
+    """The decoder's start sequence: `prompt` if given; whisper's start sequence for whisper's vocabulary;
+    otherwise [decoder_start_token_id] (where language and task mean nothing and are refused)."""
+    from .audio import uses_whisper_vocab
+
+    if prompt is not None:
+        prompt = [int(t) for t in (prompt.tolist() if isinstance(prompt, Tensor) else prompt)]
+        if not prompt:
+            raise ValueError("prompt must hold at least one token")
+        return prompt
+    if task not in (None, "transcribe", "translate"):
+        raise ValueError(f"task must be 'transcribe' or 'translate', got {task!r}")
+    if not uses_whisper_vocab(config):
+        if language is not None or task is not None:
+            raise ValueError(f"language and task tokens need whisper's vocabulary (51865 tokens); this model has "
+                             f"vocab_size = {config.vocab_size}")
+        return [config.decoder_start_token_id]
+    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
+    language = language or "en"
+    code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
+    if code not in LANGUAGES:
+        raise ValueError(f"unknown language {language!r}; expected a code or name whisper knows, e.g. 'en', 'french'")
+    from .audio import prompt_tokens
+
+    return prompt_tokens(code, task or "transcribe")
+
+
+class _Stepper:
+    """Logits of the next token for every row, through the KV cache or by re-running the whole prefix."""
+
+    def __init__(self, model, xa: Tensor, audio_mask: Tensor | None, use_cache: bool):
+        self.model, self.xa, self.audio_mask, self.use_cache = model, xa, audio_mask, use_cache
+        self.cache = None
+        if use_cache:
+            self.cache = EchoCache()
+            self.cache.pos = model.positional_state()
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        """tokens: (N, L) the whole sequence so far -> logits (N, vocab) of its next token."""
+        if not self.use_cache:
+            return self.model(encoder_outputs=self.xa, attention_mask=self.audio_mask, decoder_input_ids=tokens).logits[:, -1]
+        if self.cache.offset == 0:
+            out = self.model(encoder_outputs=self.xa, attention_mask=self.audio_mask, decoder_input_ids=tokens,
+                             past_key_values=self.cache, use_cache=True)
+        else:
+            out = self.model(decoder_input_ids=tokens[:, self.cache.offset:], past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+    def reorder(self, index: Tensor) -> None:
+        self.xa = self.xa.index_select(0, index)
+        if self.audio_mask is not None:
+            self.audio_mask = self.audio_mask.index_select(0, index)
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+
+def _suppress(config, logits: Tensor) -> Tensor:
+    """With whisper's vocabulary no special token but <|endoftext|> may be generated (no timestamps)."""
+    from .audio import uses_whisper_vocab
+
+    if uses_whisper_vocab(config):
+        logits = logits.clone()
+        logits[:, config.eos_token_id + 1:] = -float("inf")
+    return logits
+
+
+def _sample_or_greedy(model, xa, mask, prompt: Tensor, max_new: int, temperature: float,
+                      generator: torch.Generator | None, use_cache: bool) -> list[Decoded]:
+    config = model.config
+    N = prompt.shape[0]
+    eot = config.eos_token_id
+    step = _Stepper(model, xa, mask, use_cache)
+    tokens = prompt
+    sum_lp = torch.zeros(N, dtype=torch.float64)
+    done = torch.zeros(N, dtype=torch.bool)
+    lengths = torch.zeros(N, dtype=torch.long)
+    for i in range(max_new):
+        logits = _suppress(config, step(tokens).float())
+        logprobs = F.log_softmax(logits, dim=-1)
+        if temperature > 0:
+            probs = F.softmax(logits / temperature, dim=-1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done.to(nxt.device), torch.full_like(nxt, config.pad_token_id), nxt)
+        picked = logprobs.gather(1, nxt[:, None])[:, 0].double().cpu()
+        sum_lp += torch.where(done, 0.0, picked)
+        lengths += (~done).long()
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        done |= (nxt == eot).cpu()
+        if bool(done.all()):
+            break
+    gen = tokens[:, prompt.shape[1]:].cpu()
+    return [Decoded(gen[n, : int(lengths[n])].tolist(), float(sum_lp[n])) for n in range(N)]
+
+
+def _beam_search(model, xa, mask, prompt: Tensor, max_new: int, num_beams: int, use_cache: bool) -> list[Decoded]:
+    config = model.config
+    N, K = prompt.shape[0], num_beams
+    eot, pad = config.eos_token_id, config.pad_token_id
+    device = prompt.device
+    expand = torch.arange(N, device=device).repeat_interleave(K)
+    step = _Stepper(model, xa.index_select(0, expand), None if mask is None else mask.index_select(0, expand), use_cache)
+    tokens = prompt.index_select(0, expand)  # (N K, P)
+    P = prompt.shape[1]
+    sum_lp = torch.full((N, K), -float("inf"), dtype=torch.float64)
+    sum_lp[:, 0] = 0.0  # the K beams start identical: expand only the first
+    finished: list[list[tuple[list[int], float]]] = [[] for _ in range(N)]
+    for i in range(max_new):
+        logprobs = F.log_softmax(_suppress(config, step(tokens).float()), dim=-1).double().cpu()  # (N K, V)
+        V = logprobs.shape[-1]
+        candidates = (sum_lp[:, :, None] + logprobs.view(N, K, V)).view(N, K * V)
+        top_scores, top_index = candidates.topk(2 * K, dim=-1)
+        src = torch.arange(K).repeat(N, 1)
+        new_tok = torch.full((N, K), pad, dtype=torch.long)
+        new_sum = sum_lp.clone()
+        for n in range(N):
+            if len(finished[n]) >= K:
+                continue  # this row is done: its beams idle on pad
+            alive = 0
+            for score, index in zip(top_scores[n].tolist(), top_index[n].tolist()):
+                if score == -float("inf"):
+                    break
+                beam, token = divmod(index, V)
+                if token == eot:
+                    if len(finished[n]) < K:
+                        seq = tokens[n * K + beam, P:].tolist() + [eot]
+                        finished[n].append((seq, score))
+                    continue
+                src[n, alive], new_tok[n, alive], new_sum[n, alive] = beam, token, score
+                alive += 1
+                if alive == K:
+                    break
+            for k in range(alive, K):  # fewer than K live candidates: the rest are dead beams
+                new_sum[n, k] = -float("inf")
+        index = (torch.arange(N)[:, None] * K + src).view(-1).to(device)
+        tokens = torch.cat([tokens.index_select(0, index), new_tok.view(-1, 1).to(device)], dim=1)
+        step.reorder(index)
+        sum_lp = new_sum
+        if all(len(f) >= K for f in finished):
+            break
+    out = []
+    for n in range(N):
+        hyps = list(finished[n])
+        if len(hyps) < K:  # ran out of length: the live beams count too
+            for k in range(K):
+                if sum_lp[n, k] > -float("inf"):
+                    hyps.append((tokens[n * K + k, P:].tolist(), float(sum_lp[n, k])))
+        seq, score = max(hyps, key=lambda h: h[1] / max(1, len(h[0])))
+        out.append(Decoded(seq, score))
+    return out
+
+
+@torch.no_grad()
+def generate(model, input_features: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int | None = None,
+             num_beams: int = 1, temperature: float | tuple[float, ...] = 0.0, language: str | None = None,
+             task: str | None = None, prompt=None, use_cache: bool = True, compression_ratio_threshold: float | None = 2.4,
+             logprob_threshold: float | None = -1.0, seed: int = 0, return_dict_in_generate: bool = False, **unused):
+    """mel (B, n_mels, T) -> token ids (B, P + n): the start sequence, then at most max_new_tokens tokens,
+    then pad_token_id after each row's <|endoftext|>.
+
+    num_beams > 1 is beam search at temperature 0 (score: sum log-probability / length, as whisper);
+    temperature > 0 samples (seeded by `seed`, so results repeat). A tuple of temperatures is whisper's
+    fallback: rows whose result fails the thresholds are decoded again at the next one. language (code or
+    name, default English) and task ("transcribe" or "translate") pick whisper's start tokens; language is
+    not detected. use_cache=False re-runs the decoder on the whole prefix at each step (same tokens).
+    """
+    from .model import _check_mel
+
+    config = model.config
+    unused.pop("labels", None)
+    unused = {k: v for k, v in unused.items() if v is not None and k not in ("synced_gpus", "generation_config")}
+    if unused:
+        raise TypeError(f"generate() got unexpected arguments: {sorted(unused)}")
+    _check_mel(config, input_features, attention_mask)
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    temperatures = tuple(temperature) if isinstance(temperature, (tuple, list)) else (float(temperature),)
+    if not temperatures or any(t < 0 for t in temperatures):
+        raise ValueError(f"temperature must be >= 0 (or a non-empty tuple of such), got {temperature!r}")
+    start = start_tokens(config, language, task, prompt)
+    room = config.n_text_ctx - len(start)
+    if room < 1:
+        raise ValueError(f"the start sequence ({len(start)} tokens) leaves no room in n_text_ctx = {config.n_text_ctx}")
+    max_new = room if max_new_tokens is None else max(0, min(int(max_new_tokens), room))
+    was_training = model.training
+    model.eval()
+    device = input_features.device
+    B = input_features.shape[0]
+    try:
+        xa, _ = model.encode(input_features, attention_mask)
+        results: list[Decoded | None] = [None] * B
+        pending = list(range(B))
+        generator = torch.Generator().manual_seed(seed)
+        for t_index, t in enumerate(temperatures):
+            rows = torch.tensor(pending, device=device)
+            sub_xa = xa.index_select(0, rows)
+            sub_mask = None if attention_mask is None else attention_mask.index_select(0, rows)
+            prompt_ids = torch.tensor([start] * len(pending), dtype=torch.long, device=device)
+            if max_new == 0:
+                decoded = [Decoded([], 0.0) for _ in pending]
+            elif t == 0 and num_beams > 1:
+                decoded = _beam_search(model, sub_xa, sub_mask, prompt_ids, max_new, num_beams, use_cache)
+            else:
+                decoded = _sample_or_greedy(model, sub_xa, sub_mask, prompt_ids, max_new, t, generator, use_cache)
+            last = t_index == len(temperatures) - 1
+            still = []
+            for row, d in zip(pending, decoded):
+                d.temperature = t
+                d.avg_logprob = d.sum_logprob / (len(d.tokens) + 1)
+                d.compression_ratio = compression_ratio(_text(config, d.tokens))
+                failed = ((compression_ratio_threshold is not None and d.compression_ratio > compression_ratio_threshold)
+                          or (logprob_threshold is not None and d.avg_logprob < logprob_threshold))
+                if failed and not last:
+                    still.append(row)
+                else:
+                    results[row] = d
+            pending = still
+            if not pending:
+                break
+    finally:
+        model.train(was_training)
+    L = len(start) + max(len(d.tokens) for d in results)
+    sequences = torch.full((B, L), config.pad_token_id, dtype=torch.long)
+    sequences[:, : len(start)] = torch.tensor(start)
+    for b, d in enumerate(results):
+        sequences[b, len(start): len(start) + len(d.tokens)] = torch.tensor(d.tokens, dtype=torch.long)
+    sequences = sequences.to(device)
+    return GenerateOutput(sequences, results) if return_dict_in_generate else sequences
+
+
+def _text(config, tokens: list[int]) -> str:
+    from .audio import decode_text, uses_whisper_vocab
+
+    if uses_whisper_vocab(config):
+        return decode_text(tokens)
+    return " ".join(str(t) for t in tokens if t != config.eos_token_id)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_inputs(audio) -> tuple[list, bool]:
+    """One input or a batch -> (list of inputs, whether a batch was given)."""
+    import numpy as np
+
+    if isinstance(audio, (list, tuple)):
+        if not audio:
+            raise ValueError("transcribe() got an empty batch")
+        return list(audio), True
+    if isinstance(audio, (Tensor, np.ndarray)) and audio.ndim == 2 and audio.shape[0] > 1 and audio.shape[1] > 1:
+        return list(audio), True
+    return [audio], False
+
+
+@torch.no_grad()
+def transcribe(model, audio, language: str | None = None, task: str | None = None, num_beams: int = 1,
+               temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES, batch_size: int = 8,
+               max_new_tokens: int | None = None, **generate_kwargs):
+    """audio: a path, a 16 kHz waveform (numpy array or tensor), or a list of them (or a 2-D (B, N) array)
+    -> {"text", "segments": [{"start", "end", "text", "tokens"}], "language"}, or a list of those for a batch.
+
+    Audio longer than one window (2 * n_audio_ctx mel frames: 30 s for the card's model) is cut into
+    consecutive windows, each decoded on its own; the texts are joined. A missing file raises
+    FileNotFoundError, an undecodable one ValueError; silence and very short clips give a result.
+    """
+    from .audio import HOP_LENGTH, load_audio, log_mel_spectrogram, pad_or_trim
+
+    config = model.config
+    inputs, batched = _as_inputs(audio)
+    window = min(3000, 2 * config.n_audio_ctx)  # mel frames per window
+    device = next(model.parameters()).device
+    code = None
+    if language is not None:
+        from whisper.tokenizer import TO_LANGUAGE_CODE
+
+        code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
+    jobs = []  # (input index, start frame, end frame, mel window)
+    for i, item in enumerate(inputs):
+        wave = load_audio(item)
+        n_frames = max(1, -(-wave.shape[0] // HOP_LENGTH))
+        mel = log_mel_spectrogram(wave, n_mels=config.n_mels, padding=window * HOP_LENGTH)
+        for s in range(0, n_frames, window):
+            jobs.append((i, s, min(s + window, n_frames), pad_or_trim(mel[:, s: s + window], window)))
+    decoded: list[tuple[list[int], Decoded]] = []
+    for b in range(0, len(jobs), batch_size):
+        chunk = jobs[b: b + batch_size]
+        mels = torch.stack([j[3] for j in chunk]).to(device)
+        out = generate(model, mels, max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
+                       language=language, task=task, return_dict_in_generate=True, **generate_kwargs)
+        decoded += out.rows
+    results = [{"text": "", "segments": [], "language": code or ("en" if _whisper_vocab(config) else None)}
+               for _ in inputs]
+    for (i, s, e, _), d in zip(jobs, decoded):
+        text = _text(config, d.tokens).strip()
+        seconds = HOP_LENGTH / 16000
+        results[i]["segments"].append({"start": round(s * seconds, 2), "end": round(e * seconds, 2), "text": text,
+                                       "tokens": d.tokens, "temperature": d.temperature,
+                                       "avg_logprob": d.avg_logprob, "compression_ratio": d.compression_ratio})
+    for r in results:
+        r["text"] = " ".join(seg["text"] for seg in r["segments"] if seg["text"]).strip()
+    return results if batched else results[0]
+
+
+def _whisper_vocab(config) -> bool:
+    from .audio import uses_whisper_vocab
+
+    return uses_whisper_vocab(config)

@@ -1,0 +1,417 @@
+"""python -m echo.train: train Echo on a manifest of (audio, text) or on speech synthesised with espeak-ng.
+
+    python -m echo.train --synthetic 3000 --out runs/digits --max-minutes 10 --eval-synthetic 40
+    python -m echo.train --manifest data/train.tsv --out runs/mine --preset tiny --steps 20000
+    python -m echo.train ... --resume                      # continue exactly from runs/.../checkpoint.pt
+    torchrun --nproc_per_node=4 -m echo.train ... [--fsdp] # DistributedDataParallel, or FSDP2 fully_shard
+
+A manifest holds one `audio path<TAB>text` line per utterance (relative paths from its folder). Audio is
+loaded and turned into log-mel by openai-whisper's own code (echo.audio), cut or padded to --seconds;
+labels are whisper's multilingual tokens after <|startoftranscript|><|en|><|transcribe|><|notimestamps|>.
+
+Data order is a function of (seed, step) alone, so --resume reproduces an uninterrupted run exactly, and
+N processes of a torchrun see between them the examples one process would see with N times the batch.
+The rotary base adapts once per optimizer step from the loss averaged over micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import EchoConfig
+from .model import Echo, shift_tokens_right
+
+PRESETS = {
+    # trains on 2 CPU cores in minutes: the recorded WER run uses it
+    "speech-tiny": dict(n_audio_state=128, n_audio_head=4, n_audio_layer=2, n_text_state=128, n_text_head=4,
+                        n_text_layer=2, n_text_ctx=32, max_rel_dist=8, checkpointing=False),
+    # for tests: smallest widths with whisper's vocabulary
+    "test": dict(n_audio_state=32, n_audio_head=2, n_audio_layer=1, n_text_state=32, n_text_head=2,
+                 n_text_layer=1, n_text_ctx=24, max_rel_dist=4, checkpointing=False),
+    "tiny": dict(n_audio_state=384, n_audio_head=6, n_audio_layer=4, n_text_state=384, n_text_head=6, n_text_layer=4),
+    "medium": {},
+}
+
+
+def build_config(preset: str, seconds: float) -> EchoConfig:
+    """An EchoConfig of `preset` with whisper's vocabulary; n_audio_ctx fits clips of `seconds` (at most 30)."""
+    frames = int(round(seconds * 100))
+    return EchoConfig(**{**PRESETS[preset], "n_audio_ctx": (frames + 1) // 2})
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def featurize(items: list[tuple[str, str]], seconds: float, n_mels: int = 80, workers: int = 4,
+              progress: bool = True) -> tuple[torch.Tensor, list[list[int]]]:
+    """(path, text) pairs -> (log-mel (N, n_mels, seconds * 100), label token lists), by whisper's code."""
+    from .audio import encode_text, log_mel_window
+
+    n_samples = int(round(seconds * 16000))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        mels = pool.map(lambda item: log_mel_window(item[0], n_samples, n_mels), items)
+        mels = list(_progress(mels, total=len(items), desc="log-mel", disable=not progress))
+    return torch.stack(mels), [encode_text(text) for _, text in items]
+
+
+def cached_features(items, args, progress: bool):
+    """featurize(), kept beside synthetic data (features-<seconds>s-<hash>.pt) so that later runs skip it."""
+    import hashlib
+
+    if args.manifest:
+        return featurize(items, args.seconds, workers=args.workers, progress=progress)
+    key = hashlib.sha1(repr((items, args.seconds)).encode()).hexdigest()[:12]
+    path = Path(args.data_dir or Path(args.out) / "synthetic") / f"features-{args.seconds:g}s-{key}.pt"
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        return state["mels"], state["labels"]
+    mels, labels = featurize(items, args.seconds, workers=args.workers, progress=progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save({"mels": mels, "labels": labels}, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    return mels, labels
+
+
+def collate(mels: torch.Tensor, labels: list[list[int]], index: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `index` -> (mel (B, n_mels, T), labels (B, L) padded with -100, cut to max_len)."""
+    rows = [labels[i][:max_len] for i in index]
+    L = max(len(r) for r in rows)
+    out = torch.full((len(rows), L), -100, dtype=torch.long)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = torch.tensor(r)
+    return mels[index], out
+
+
+def stream_indices(n_items: int, seed: int, start: int, count: int) -> list[int]:
+    """Items start .. start + count of the endless stream of per-epoch permutations of range(n_items)."""
+    out, cache = [], {}
+    for k in range(start, start + count):
+        epoch, i = divmod(k, n_items)
+        if epoch not in cache:
+            cache[epoch] = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(int(cache[epoch][i]))
+    return out
+
+
+def _progress(iterable, **kwargs):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable
+    return tqdm(iterable, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed
+
+
+def dist_setup() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def wrap(model: Echo, world: int, device: torch.device, fsdp: bool):
+    """(the module to train: the model, DDP of it, or the model made FSDP2 in place; replicated parameters).
+
+    FSDP2 (`fully_shard`) shards the whole model as one unit: Echo builds every Givens matrix M once per
+    forward at its root, so all parameters are gathered for the forward and resharded after it.
+    fully_shard cannot shard 0-d parameters (each attention's scale s): those stay replicated, and their
+    gradients are averaged across processes by `sync_replicated`.
+    """
+    if world == 1 and not fsdp:
+        return model, []
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        replicated = [p for p in model.parameters() if p.dim() == 0]
+        fully_shard(model, ignored_params=set(replicated))
+        return model, replicated
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None), []
+
+
+def sync_replicated(params: list, world: int) -> None:
+    """Average the gradients of parameters that FSDP2 left replicated."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def clip_gradients(params, max_norm: float, world: int) -> Tensor:
+    """clip_grad_norm_ over plain and FSDP2-sharded (DTensor) gradients alike; returns the total norm."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g.to_local() for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    device = grads[0].device if not sharded else sharded[0].device
+    sq_sharded = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=device))
+    if sharded and world > 1:
+        dist.all_reduce(sq_sharded)
+    sq_plain = sum((g.float().pow(2).sum() for g in plain), torch.zeros((), device=device))
+    total = (sq_sharded + sq_plain).sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in sharded + plain:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, extra: dict, rank: int) -> None:
+    """model + optimizer + scheduler + step (+ the adaptive base, a model buffer) in one file, written by rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                    "step": step, **extra}, tmp)
+        os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m echo.train", description=__doc__.splitlines()[0])
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--manifest", help="`audio path<TAB>text` per line")
+    data.add_argument("--synthetic", type=int, metavar="N", help="synthesise N training utterances with espeak-ng")
+    p.add_argument("--out", required=True, help="folder for checkpoint.pt, log.jsonl, the final model, results")
+    p.add_argument("--data-dir", help="where --synthetic writes its audio (default OUT/synthetic)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="speech-tiny")
+    p.add_argument("--seconds", type=float, default=3.0, help="clip length: audio is cut or zero-padded to it")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps in all")
+    p.add_argument("--max-minutes", type=float, help="stop (and save) after this much training time")
+    p.add_argument("--batch-size", type=int, default=32, help="per process and micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--stop-after", type=int, metavar="K",
+                   help="stop (and save) after K optimizer steps of this run, e.g. to fit a time slot")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast on the GPU")
+    p.add_argument("--workers", type=int, default=4, help="threads for synthesis and audio loading")
+    p.add_argument("--eval-synthetic", type=int, default=0, metavar="N",
+                   help="after training, WER on N synthesised held-out texts (never in training)")
+    p.add_argument("--eval-only", action="store_true", help="no training: evaluate OUT/model (with --eval-synthetic)")
+    p.add_argument("--eval-kind", choices=("digits", "commands", "mixed"), default="digits")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p.parse_args(argv)
+
+
+def load_data(args, rank: int, world: int) -> list[tuple[str, str]]:
+    from . import synthetic
+
+    if args.manifest:
+        return synthetic.read_manifest(args.manifest)
+    folder = Path(args.data_dir or Path(args.out) / "synthetic")
+    manifest = folder / "manifest.tsv"
+    texts = synthetic.training_texts(args.synthetic, seed=args.seed)
+    if rank == 0:
+        current = manifest.exists() and [t for _, t in synthetic.read_manifest(manifest)] == texts
+        if not current:
+            synthetic.build_dataset(texts, folder, seed=args.seed, workers=args.workers)
+    if world > 1:
+        dist.barrier()
+    return synthetic.read_manifest(manifest)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.eval_only:
+        if not args.eval_synthetic:
+            raise SystemExit("--eval-only needs --eval-synthetic N")
+        result = evaluate_synthetic(Echo.from_pretrained(out / "model").eval(), args, out)
+        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"WER {result['wer']:.4f} on {result['n']} held-out utterances", file=sys.stderr)
+        return 0
+    rank, world, device = dist_setup()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    progress = args.progress and rank == 0
+
+    items = load_data(args, rank, world)
+    mels, labels = cached_features(items, args, progress)
+
+    config = build_config(args.preset, args.seconds)
+    model = Echo(config)
+    model.apply_initialization()
+    model.to(device).train()
+    module, replicated = wrap(model, world, device, args.fsdp)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+
+    def schedule(step):
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        return max(0.05, 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup))))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    checkpoint = out / "checkpoint.pt"
+    step, elapsed = 0, 0.0
+    if args.resume:
+        if not checkpoint.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+        state = load_checkpoint(checkpoint, module, optimizer, scheduler)
+        step, elapsed = state["step"], state.get("elapsed", 0.0)
+        if rank == 0:
+            print(f"resumed from {checkpoint} at step {step}", file=sys.stderr)
+
+    use_bf16 = args.bf16 and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    per_step = args.batch_size * args.grad_accum * world
+    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    bar = _progress(range(step, args.steps), initial=step, total=args.steps, desc="train", disable=not progress)
+    stopped_early = False
+    start = time.perf_counter() - elapsed
+    first_step, done = step, step
+    total_loss = torch.full((), float("nan"), device=device)
+    for step in bar:
+        total_loss = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            first = step * per_step + (micro * world + rank) * args.batch_size
+            mel, lab = collate(mels, labels, stream_indices(len(items), args.seed, first, args.batch_size),
+                               config.n_text_ctx)
+            mel, lab = mel.to(device), lab.to(device)
+            dec_in = shift_tokens_right(lab, config.pad_token_id, config.decoder_start_token_id)
+            sync = micro == args.grad_accum - 1 or not hasattr(module, "no_sync")
+            with (nullcontext() if sync else module.no_sync()), autocast():
+                logits = module(input_features=mel, decoder_input_ids=dec_in).logits
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+            (loss / args.grad_accum).backward()
+            total_loss += loss.detach() / args.grad_accum
+        if world > 1:
+            dist.all_reduce(total_loss)
+            total_loss /= world
+        sync_replicated(replicated, world)
+        if args.clip > 0:
+            clip_gradients(list(model.parameters()), args.clip, world)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if config.adaptive_base:
+            model.update_base(total_loss)
+        done = step + 1
+        if rank == 0 and (done % args.log_every == 0 or done == args.steps):
+            record = {"step": done, "loss": total_loss.item(), "base": model.base.item(),
+                      "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 2)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{record['loss']:.4f}", base=f"{record['base']:.0f}")
+        out_of_time = args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes
+        out_of_time = out_of_time or (args.stop_after is not None and done - first_step >= args.stop_after)
+        if world > 1:
+            flag = torch.tensor(float(out_of_time), device=device)
+            dist.broadcast(flag, 0)
+            out_of_time = bool(flag.item())
+        if done % args.save_every == 0 or done == args.steps or out_of_time:
+            save_checkpoint(checkpoint, module, optimizer, scheduler, done,
+                            {"elapsed": time.perf_counter() - start, "config": config.to_dict(), "args": vars(args)},
+                            rank)
+        if out_of_time:
+            stopped_early = done < args.steps
+            break
+    train_seconds = time.perf_counter() - start
+    if hasattr(bar, "close"):
+        bar.close()
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    final_state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        final = Echo(config)
+        final.load_state_dict(final_state)
+        final.save_pretrained(out / "model")
+        summary = {"steps": done, "train_seconds": round(train_seconds, 1), "stopped_by_time": stopped_early,
+                   "final_loss": total_loss.item(), "base": model.base.item(), "world_size": world,
+                   "examples_seen": done * per_step, "train_utterances": len(items),
+                   "parameters": sum(p.numel() for p in final.parameters())}
+        if args.eval_synthetic:
+            summary["eval"] = evaluate_synthetic(final.eval(), args, out)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in summary.items() if k != "eval"}), file=sys.stderr)
+        if "eval" in summary:
+            print(f"WER {summary['eval']['wer']:.4f} on {summary['eval']['n']} held-out utterances", file=sys.stderr)
+        log.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def evaluate_synthetic(model: Echo, args, out: Path) -> dict:
+    """WER (jiwer) of greedy transcripts of N synthesised held-out texts, none of which was trained on."""
+    import jiwer
+
+    from . import synthetic
+    from .audio import decode_text
+
+    texts = synthetic.held_out_texts(args.eval_synthetic, seed=args.seed + 1000, kind=args.eval_kind)
+    folder = out / "heldout"
+    manifest = synthetic.build_dataset(texts, folder, seed=args.seed + 1000, workers=args.workers)
+    items = synthetic.read_manifest(manifest)
+    mels, _ = featurize(items, args.seconds, workers=args.workers, progress=False)
+    hyps = []
+    with torch.no_grad():
+        for i in range(0, len(items), 16):
+            tokens = model.generate(mels[i:i + 16], max_new_tokens=model.config.n_text_ctx - 4)
+            hyps += [decode_text(row) for row in tokens]
+    refs = [t for _, t in items]
+    trained = set(synthetic.training_texts(args.synthetic, seed=args.seed)) if args.synthetic else set()
+    return {"wer": jiwer.wer(refs, hyps), "n": len(refs), "kind": args.eval_kind,
+            "texts_seen_in_training": len(set(refs) & trained),
+            "examples": [{"ref": r, "hyp": h} for r, h in zip(refs[:10], hyps[:10])]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Generation on random-weight models: shapes, determinism, cached == uncached, batch == single, beams,
+temperature fallback, whisper's start tokens; transcription plumbing and its edge cases.
+
+Nothing here asserts that an untrained model transcribes anything: only the mechanics are checked.
+"""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from echo import Echo, EchoCache, greedy_decode
+from echo.config import EchoConfig, small_config
+from echo.generate import compression_ratio, generate
+
+SPEECH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "speech"
+
+
+def random_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = Echo(small_config(n_text_ctx=16, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def mel(B=3, T=27, seed=1):
+    return torch.randn(B, 80, T, generator=torch.Generator().manual_seed(seed))
+
+
+def whisper_vocab_model(seed=0, n_audio_ctx=50):
+    pytest.importorskip("whisper")
+    torch.manual_seed(seed)
+    config = EchoConfig(n_mels=80, n_audio_ctx=n_audio_ctx, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
+                        n_text_state=32, n_text_head=2, n_text_layer=1, n_text_ctx=24, max_rel_dist=4,
+                        checkpointing=False)
+    return Echo(config).eval()
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_shapes_determinism_and_cached_equals_uncached(num_beams):
+    model, x = random_model(), mel()
+    a = model.generate(x, max_new_tokens=8, num_beams=num_beams)
+    b = model.generate(x, max_new_tokens=8, num_beams=num_beams)
+    c = model.generate(x, max_new_tokens=8, num_beams=num_beams, use_cache=False)
+    assert a.dtype == torch.long and a.shape[0] == 3 and 2 <= a.shape[1] <= 9
+    assert torch.all(a[:, 0] == model.config.decoder_start_token_id)
+    assert torch.equal(a, b)
+    assert torch.equal(a, c)
+
+
+def test_greedy_matches_greedy_decode_and_batch_matches_single():
+    model, x = random_model(), mel()
+    tokens = model.generate(x, max_new_tokens=10)
+    reference = greedy_decode(model, x, max_new_tokens=10)
+    assert torch.equal(tokens, reference[:, : tokens.shape[1]])
+    assert torch.all(reference[:, tokens.shape[1]:] == model.config.pad_token_id)
+    for b in range(3):
+        single = model.generate(x[b: b + 1], max_new_tokens=10)
+        n = single.shape[1]
+        assert torch.equal(single[0], tokens[b, :n])
+        assert torch.all(tokens[b, n:] == model.config.pad_token_id)
+
+
+def test_beam_search_scores_at_least_greedy_and_one_beam_is_greedy():
+    model, x = random_model(seed=3), mel(B=2)
+    greedy = model.generate(x, max_new_tokens=6, num_beams=1, return_dict_in_generate=True)
+    one = model.generate(x, max_new_tokens=6, num_beams=1, use_cache=False)
+    assert torch.equal(greedy.sequences, one)
+    beam = model.generate(x, max_new_tokens=6, num_beams=4, return_dict_in_generate=True)
+    for g, b in zip(greedy.rows, beam.rows):
+        # beam search maximises the length-normalised score among hypotheses of equal stopping rule
+        if len(g.tokens) == len(b.tokens):
+            assert b.sum_logprob >= g.sum_logprob - 1e-9
+
+
+def test_beam_search_reorders_the_cache(monkeypatch):
+    calls = []
+    real = EchoCache.reorder
+    monkeypatch.setattr(EchoCache, "reorder", lambda self, index: calls.append(index.clone()) or real(self, index))
+    model = random_model()
+    model.generate(mel(B=2), max_new_tokens=4, num_beams=3)
+    assert calls and all(c.shape == (6,) for c in calls)
+
+
+def test_temperature_fallback_is_seeded_and_follows_thresholds():
+    model, x = random_model(), mel()
+    # thresholds nothing can meet: every row falls back to the last temperature
+    out = model.generate(x, max_new_tokens=8, temperature=(0.0, 0.5, 1.0), logprob_threshold=0.0,
+                         return_dict_in_generate=True)
+    assert [r.temperature for r in out.rows] == [1.0, 1.0, 1.0]
+    again = model.generate(x, max_new_tokens=8, temperature=(0.0, 0.5, 1.0), logprob_threshold=0.0)
+    assert torch.equal(out.sequences, again)
+    # thresholds everything meets: temperature 0, the greedy result
+    out = model.generate(x, max_new_tokens=8, temperature=(0.0, 1.0), logprob_threshold=None,
+                         compression_ratio_threshold=None, return_dict_in_generate=True)
+    assert [r.temperature for r in out.rows] == [0.0] * 3
+    assert torch.equal(out.sequences, model.generate(x, max_new_tokens=8))
+    assert compression_ratio("ab " * 50) > 2.4 > compression_ratio("the quick brown fox")
+
+
+def test_argument_errors():
+    model, x = random_model(), mel()
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(x, num_beams=0)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(x, temperature=-1.0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        model.generate(x, language="en")
+    with pytest.raises(ValueError, match="frames"):
+        model.generate(torch.randn(1, 80, 2 * model.config.n_audio_ctx + 1))
+
+
+def test_whisper_start_tokens_language_and_task():
+    model = whisper_vocab_model()
+    x = mel(B=2, T=100)
+    out = model.generate(x, max_new_tokens=3, language="fr", task="translate")
+    from echo.audio import get_tokenizer
+
+    tok = get_tokenizer("fr", "translate")
+    assert out[:, :4].tolist() == [list(tok.sot_sequence_including_notimestamps)] * 2
+    assert out.shape[1] <= 7
+    # no special token but <|endoftext|> is ever generated
+    assert bool((out[:, 4:] <= tok.eot).all())
+    assert model.generate(x, max_new_tokens=3, language="english")[0, 1].item() == tok.to_language_token("en")
+    with pytest.raises(ValueError, match="language"):
+        model.generate(x, language="klingon")
+
+
+needs_audio = pytest.mark.skipif(shutil.which("ffmpeg") is None or not (SPEECH / "conversation_30s.wav").exists(),
+                                 reason="needs ffmpeg and ../shared/data/speech")
+
+
+@needs_audio
+def test_transcribe_long_audio_in_windows_and_batches():
+    from echo.audio import load_audio
+
+    model = whisper_vocab_model(n_audio_ctx=500)  # 10-second windows
+    conversation = load_audio(SPEECH / "conversation_30s.wav")
+    result = model.transcribe(str(SPEECH / "conversation_30s.wav"), max_new_tokens=2, temperature=0.0)
+    assert [s["start"] for s in result["segments"]] == [0.0, 10.0, 20.0]
+    assert isinstance(result["text"], str) and result["language"] == "en"
+    longer = np.concatenate([conversation, conversation[: 16000 * 5]])  # 35 s
+    results = model.transcribe([longer, torch.from_numpy(conversation[:16000]), SPEECH / "arctic_a0007.wav"],
+                               max_new_tokens=2, temperature=0.0, batch_size=3)
+    assert [len(r["segments"]) for r in results] == [4, 1, 1]
+    assert results[0]["segments"][-1]["end"] == 35.0
+    single = model.transcribe(SPEECH / "arctic_a0007.wav", max_new_tokens=2, temperature=0.0)
+    assert single["segments"][0]["tokens"] == results[2]["segments"][0]["tokens"]
+
+
+@needs_audio
+def test_transcribe_thirty_second_windows_of_the_card():
+    from echo.audio import load_audio
+
+    model = whisper_vocab_model(n_audio_ctx=1500)  # the card's context: 3000 mel frames, 30 s per window
+    conversation = load_audio(SPEECH / "conversation_30s.wav")
+    assert len(model.transcribe(SPEECH / "conversation_30s.wav", max_new_tokens=1, temperature=0.0)["segments"]) == 1
+    longer = np.concatenate([conversation, conversation, conversation[:16000 * 5]])  # 65 s
+    result = model.transcribe(longer, max_new_tokens=1, temperature=0.0)
+    assert [(s["start"], s["end"]) for s in result["segments"]] == [(0.0, 30.0), (30.0, 60.0), (60.0, 65.0)]
+
+
+@needs_audio
+def test_transcribe_edge_cases(tmp_path):
+    model = whisper_vocab_model()
+    with pytest.raises(FileNotFoundError, match="missing.wav"):
+        model.transcribe(tmp_path / "missing.wav")
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"\x00\x01not audio" * 100)
+    with pytest.raises(ValueError, match="bad.wav"):
+        model.transcribe(bad)
+    silence = model.transcribe(np.zeros(16000 * 2, dtype=np.float32), max_new_tokens=3)
+    assert isinstance(silence["text"], str) and len(silence["segments"]) == 2  # 1-second windows
+    short = model.transcribe(np.random.default_rng(0).standard_normal(1600).astype(np.float32) * 0.1, max_new_tokens=3)
+    assert isinstance(short["text"], str) and short["segments"][0]["end"] == 0.1
