@@ -149,7 +149,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ninja", "pybind11"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "ninja", "pybind11", "matplotlib"],
         # audio front end and tokenizer (openai-whisper), word error rate, progress bars, Trainer;
         # loading audio files also needs the ffmpeg binary, --synthetic training the espeak-ng binary
         "speech": ["openai-whisper>=20240930", "jiwer>=3.0", "tqdm>=4.60", "accelerate>=1.1"],

@@ -1,0 +1,40 @@
+"""echo_kernels.report renders a results JSON: speed-ups of ours over each peer of the same group."""
+
+import json
+
+import pytest
+
+from echo_kernels import report
+
+RESULTS = {
+    "device": "Test GPU", "gpu": True, "date": "2026-01-01", "torch": "2.x",
+    "ceilings": {"copy_bandwidth": 3e12, "matmul_flops": 8e14, "matmul_dtype": "bfloat16"},
+    "cases": [
+        {"group": "g1", "case": "kernel", "median_s": 2e-3, "role": "ours", "bytes": 3e9, "bandwidth_fraction": 0.5},
+        {"group": "g1", "case": "compiled", "median_s": 5e-3, "role": "peer"},
+        {"group": "g1", "case": "reference", "median_s": 3e-2, "role": "peer"},
+        {"group": "g2", "case": "reference", "median_s": 1.5, "role": "peer"},
+    ],
+}
+
+
+def test_speedups_are_peer_over_ours_within_a_group():
+    assert report.speedups(RESULTS) == [("g1", "compiled", pytest.approx(2.5)), ("g1", "reference", pytest.approx(15.0))]
+
+
+def test_markdown_table_names_device_ceilings_and_ratios():
+    table = report.markdown_table(RESULTS)
+    assert "Test GPU" in table and "copy 3000 GB/s" in table and "800.0 TFLOP/s" in table
+    assert "| g1 | **kernel** | 2 ms |  | 50% |  |" in table
+    assert "| g1 | compiled | 5 ms | 2.50x |" in table
+    assert "| g2 | reference | 1.5 s |  |" in table
+
+
+def test_cli_writes_table_and_plot(tmp_path, monkeypatch):
+    source = tmp_path / "results.json"
+    source.write_text(json.dumps(RESULTS))
+    monkeypatch.setattr("sys.argv", ["report", str(source), "--markdown", str(tmp_path / "t.md"),
+                                     "--plot", str(tmp_path / "p.png")])
+    report.main()
+    assert (tmp_path / "t.md").read_text().startswith("Device: Test GPU")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
