@@ -7,11 +7,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForSpeechSeq2Seq
 
 from .cache import EchoCache
 from .config import EchoConfig
-from .decoding import greedy_decode
 from .model import Echo
 
 AutoConfig.register("echo", EchoConfig, exist_ok=True)
 AutoModel.register(EchoConfig, Echo, exist_ok=True)
 AutoModelForSpeechSeq2Seq.register(EchoConfig, Echo, exist_ok=True)
 
-__all__ = ["Echo", "EchoCache", "EchoConfig", "greedy_decode"]
+__all__ = ["Echo", "EchoCache", "EchoConfig"]

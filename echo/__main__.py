@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import Echo, EchoConfig, greedy_decode
+from . import Echo, EchoConfig
 from .config import TINY, small_config
 
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     print(f"reloaded model identical: {same}")
 
     with timed(timings, "decode"):
-        tokens = greedy_decode(loaded, mel, max_new_tokens=args.tokens)
+        tokens = loaded.generate(mel, max_new_tokens=args.tokens)
     print(f"greedy tokens: {tokens[0].tolist()}")
 
     total = sum(timings.values())

@@ -80,12 +80,12 @@ def start_tokens(config, language: str | None, task: str | None, prompt=None) ->
 class _Stepper:
     """Logits of the next token for every row, through the KV cache or by re-running the whole prefix."""
 
-    def __init__(self, model, xa: Tensor, audio_mask: Tensor | None, use_cache: bool):
+    def __init__(self, model, xa: Tensor, audio_mask: Tensor | None, use_cache: bool, pos: dict):
         self.model, self.xa, self.audio_mask, self.use_cache = model, xa, audio_mask, use_cache
         self.cache = None
         if use_cache:
             self.cache = EchoCache()
-            self.cache.pos = model.positional_state()
+            self.cache.pos = pos  # the encoder's: every M is built once per generate call
 
     def __call__(self, tokens: Tensor) -> Tensor:
         """tokens: (N, L) the whole sequence so far -> logits (N, vocab) of its next token."""
@@ -117,11 +117,11 @@ def _suppress(config, logits: Tensor) -> Tensor:
 
 
 def _sample_or_greedy(model, xa, mask, prompt: Tensor, max_new: int, temperature: float,
-                      generator: torch.Generator | None, use_cache: bool) -> list[Decoded]:
+                      generator: torch.Generator | None, use_cache: bool, pos: dict) -> list[Decoded]:
     config = model.config
     N = prompt.shape[0]
     eot = config.eos_token_id
-    step = _Stepper(model, xa, mask, use_cache)
+    step = _Stepper(model, xa, mask, use_cache, pos)
     tokens = prompt
     sum_lp = torch.zeros(N, dtype=torch.float64)
     done = torch.zeros(N, dtype=torch.bool)
@@ -146,13 +146,14 @@ def _sample_or_greedy(model, xa, mask, prompt: Tensor, max_new: int, temperature
     return [Decoded(gen[n, : int(lengths[n])].tolist(), float(sum_lp[n])) for n in range(N)]
 
 
-def _beam_search(model, xa, mask, prompt: Tensor, max_new: int, num_beams: int, use_cache: bool) -> list[Decoded]:
+def _beam_search(model, xa, mask, prompt: Tensor, max_new: int, num_beams: int, use_cache: bool,
+                 pos: dict) -> list[Decoded]:
     config = model.config
     N, K = prompt.shape[0], num_beams
     eot, pad = config.eos_token_id, config.pad_token_id
     device = prompt.device
     expand = torch.arange(N, device=device).repeat_interleave(K)
-    step = _Stepper(model, xa.index_select(0, expand), None if mask is None else mask.index_select(0, expand), use_cache)
+    step = _Stepper(model, xa.index_select(0, expand), None if mask is None else mask.index_select(0, expand), use_cache, pos)
     tokens = prompt.index_select(0, expand)  # (N K, P)
     P = prompt.shape[1]
     sum_lp = torch.full((N, K), -float("inf"), dtype=torch.float64)
@@ -240,7 +241,8 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     device = input_features.device
     B = input_features.shape[0]
     try:
-        xa, _ = model.encode(input_features, attention_mask)
+        pos = model.positional_state()
+        xa, _ = model.encode(input_features, attention_mask, pos)
         results: list[Decoded | None] = [None] * B
         pending = list(range(B))
         generator = torch.Generator().manual_seed(seed)
@@ -252,9 +254,9 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
             if max_new == 0:
                 decoded = [Decoded([], 0.0) for _ in pending]
             elif t == 0 and num_beams > 1:
-                decoded = _beam_search(model, sub_xa, sub_mask, prompt_ids, max_new, num_beams, use_cache)
+                decoded = _beam_search(model, sub_xa, sub_mask, prompt_ids, max_new, num_beams, use_cache, pos)
             else:
-                decoded = _sample_or_greedy(model, sub_xa, sub_mask, prompt_ids, max_new, t, generator, use_cache)
+                decoded = _sample_or_greedy(model, sub_xa, sub_mask, prompt_ids, max_new, t, generator, use_cache, pos)
             last = t_index == len(temperatures) - 1
             still = []
             for row, d in zip(pending, decoded):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import echo.positional
-from echo import Echo, EchoCache, greedy_decode
+from echo import Echo, EchoCache
 from echo.config import small_config
 from echo.model import _CACHE_FIELD
 
@@ -48,12 +48,12 @@ def test_cache_past_the_text_context_is_refused():
         model(decoder_input_ids=torch.zeros(2, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
 
 
-def test_greedy_decode_builds_each_matrix_once_and_agrees_with_full_forward(monkeypatch):
+def test_greedy_generate_builds_each_matrix_once_and_agrees_with_full_forward(monkeypatch):
     model, mel = model_and_audio()
     calls = []
     real = echo.positional.orthogonal_product
     monkeypatch.setattr(echo.positional, "orthogonal_product", lambda *a, **k: calls.append(1) or real(*a, **k))
-    tokens = greedy_decode(model, mel, max_new_tokens=6)
+    tokens = model.generate(mel, max_new_tokens=6)
     n_groups = len(calls)
     assert n_groups <= 4  # encoder and decoder attention sites batched, plus the two rotaries
     assert tokens.shape[0] == 2 and 2 <= tokens.shape[1] <= 7
