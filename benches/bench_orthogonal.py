@@ -13,11 +13,10 @@ import statistics
 import pytest
 import torch
 
-from echo_kernels import _extension, reference
+from echo_kernels import reference
 from harness import median_seconds, record, run_timed
 from naive import orthogonal_product as per_rotation_loop
 
-pytestmark = pytest.mark.skipif(not _extension.LOADED, reason=f"extension not built: {_extension.LOAD_ERROR}")
 
 
 def compiled_op(thetas, pairs, R, givens_first=True):

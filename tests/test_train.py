@@ -3,7 +3,6 @@ one process, and Hugging Face's Seq2SeqTrainer on Echo."""
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("whisper")
-pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg binary")
 
 from echo import Echo  # noqa: E402
 from echo import train  # noqa: E402
@@ -115,7 +112,6 @@ def test_torchrun_two_processes_match_one(manifest, tmp_path, fsdp):
 
 
 def test_seq2seq_trainer_trains_echo(manifest, tmp_path):
-    pytest.importorskip("accelerate")
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     items = train.load_data(train.parse_args(common(manifest, tmp_path)), 0, 1)
