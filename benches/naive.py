@@ -1,12 +1,14 @@
-"""The naive baseline: Echo's ops computed the way straightforward model code computes them.
+"""The naive baseline: Echo's maths computed the way straightforward model code computes it.
 
-- orthogonal_product: one dense h x h Givens matrix per rotation, multiplied in;
+- the Givens rotations: a dense h x h matrix G_k per rotation, and each one multiplied into the
+  activations in turn (x @ G_1 @ ... @ G_N @ R, as the card's formula reads), site by site;
 - echo_attention: every logit materialised, the relative bias gathered into a (H, Tq, Tk) tensor
   and the masks built densely, even when a window leaves most of them out;
-- rotary_orthogonal: a matmul, then cos/sin tables, then an elementwise pass.
+- rotary_orthogonal: the rotations above, then cos/sin tables, then an elementwise pass.
 
 `naive_ops()` swaps them into the Echo model, so benchmarks can time the same model three ways:
-compiled kernels, the reference path, and this.
+compiled kernels, the reference path, and this. `orthogonal_product` is the per-rotation loop that
+builds M itself, the peer of the compiled op in bench_orthogonal.py.
 """
 
 from __future__ import annotations
@@ -38,14 +40,46 @@ def orthogonal_product(thetas: Tensor, pairs: Tensor, R: Tensor, givens_first: b
     return M
 
 
+class GivensChain:
+    """M = G_1 ... G_N R (or R G_1 ... G_N) kept as its factors, applied to activations one by one."""
+
+    def __init__(self, thetas: Tensor, pairs: Tensor, R: Tensor, givens_first: bool):
+        self.thetas, self.pairs, self.R, self.givens_first = thetas, pairs.tolist(), R, givens_first
+
+    def givens(self, k: int) -> Tensor:
+        i, j = self.pairs[k]
+        c, s = torch.cos(self.thetas[k]), torch.sin(self.thetas[k])
+        G = torch.eye(self.R.shape[-1], dtype=self.R.dtype, device=self.R.device)
+        G[i, i], G[j, j], G[i, j], G[j, i] = c, c, -s, s
+        return G
+
+    def apply(self, x: Tensor) -> Tensor:
+        """x (..., h) -> x @ M, one dense product per factor."""
+        R = self.R.to(x.dtype)
+        if not self.givens_first:
+            x = x @ R
+        for k in range(len(self.pairs)):
+            x = x @ self.givens(k).to(x.dtype)
+        return x @ R if self.givens_first else x
+
+
+def site_chains(sites) -> dict[str, GivensChain]:
+    """Every Givens site's factors, site by site (replaces echo.positional.site_matrices)."""
+    return {name: GivensChain(site.thetas, site.pairs, site.R, site.givens_first) for name, site in sites.items()}
+
+
+def _times_m(x: Tensor, M) -> Tensor:
+    return M.apply(x) if isinstance(M, GivensChain) else x @ M.to(x.dtype)
+
+
 def echo_attention(q, k, v, M, w, s, bias, *, window=None, causal=False, q_offset=0, k_offset=0,
                    key_padding_mask=None, layout="half_split") -> Tensor:
     """All Tq x Tk logits at once, with a dense bias and dense masks."""
     Tq, Tk, h = q.shape[2], k.shape[2], q.shape[3]
     q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device)
     k_pos = torch.arange(k_offset, k_offset + Tk, device=q.device)
-    q_rot = reference.apply_rope(q, reference.rope_angles(w.to(q.dtype), s, q_pos), layout) @ M.to(q.dtype)
-    k_rot = reference.apply_rope(k, reference.rope_angles(w.to(k.dtype), s, k_pos), layout) @ M.to(k.dtype)
+    q_rot = _times_m(reference.apply_rope(q, reference.rope_angles(w.to(q.dtype), s, q_pos), layout), M)
+    k_rot = _times_m(reference.apply_rope(k, reference.rope_angles(w.to(k.dtype), s, k_pos), layout), M)
     logits = q_rot @ k_rot.transpose(-1, -2) / math.sqrt(h)
     if bias is not None:
         logits = logits + reference.relative_bias(bias.to(logits.dtype), q_pos, k_pos)
@@ -58,17 +92,22 @@ def echo_attention(q, k, v, M, w, s, bias, *, window=None, causal=False, q_offse
     return probs @ v
 
 
-rotary_orthogonal = reference.rotary_orthogonal
+def rotary_orthogonal(x, M, w, s=1.0, offset=0, layout="half_split") -> Tensor:
+    """RoPE(x @ M) with M applied factor by factor, then cos/sin tables and an elementwise pass."""
+    positions = torch.arange(offset, offset + x.shape[1], device=x.device)
+    u = _times_m(x, M).transpose(1, 2)  # (B, H, T, h)
+    return reference.apply_rope(u, reference.rope_angles(w.to(u.dtype), s, positions), layout).transpose(1, 2)
 
 
 @contextlib.contextmanager
 def naive_ops():
     """Within the block, the Echo model computes with the naive ops above."""
     import echo.attention
+    import echo.model
     import echo.positional
 
     patches = [
-        (echo.positional, "orthogonal_product", orthogonal_product),
+        (echo.model, "site_matrices", site_chains),
         (echo.positional, "rotary_orthogonal", rotary_orthogonal),
         (echo.attention, "echo_attention", echo_attention),
     ]
