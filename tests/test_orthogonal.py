@@ -228,14 +228,18 @@ def test_mixed_dtypes_promote():
     assert rel(M, reference.orthogonal_product(thetas.float(), pairs, R.bfloat16(), True)) < 1e-5
 
 
-def test_backward_is_deterministic():
-    thetas, pairs, R = inputs(64, 500, "random", (8,), (), dtype=torch.float32, seed=9)
+def assert_backward_deterministic(thetas, pairs, R):
+    """The same gradients, bit for bit, on every run."""
     M = op(thetas, pairs, R, True)
     upstream = torch.randn_like(M)
     first = op_backward(upstream, thetas, pairs, M, True)
     for _ in range(3):
         again = op_backward(upstream, thetas, pairs, M, True)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_backward_is_deterministic():
+    assert_backward_deterministic(*inputs(64, 500, "random", (8,), (), dtype=torch.float32, seed=9))
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -373,10 +377,5 @@ def test_gpu_half_precision(dtype):
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
-    thetas, pairs, R = inputs(128, 2000, "random", (16,), (16,), dtype=torch.float32, seed=14, device="cuda")
-    M = op(thetas, pairs, R, True)
-    upstream = torch.randn_like(M)
-    first = op_backward(upstream, thetas, pairs, M, True)
-    for _ in range(3):
-        again = op_backward(upstream, thetas, pairs, M, True)
-        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert_backward_deterministic(
+        *inputs(128, 2000, "random", (16,), (16,), dtype=torch.float32, seed=14, device="cuda"))
