@@ -88,7 +88,7 @@ def run_kernel(x, window):
 
 def _rotate(x):
     """q' and k' by a separate pass: RoPE then M (what FlexAttention and SDPA are handed)."""
-    T, h = x["q"].shape[2], x["q"].shape[3]
+    T = x["q"].shape[2]
     pos = torch.arange(T, device=DEVICE)
     phi = reference.rope_angles(x["w"], x["s"], pos)
     M = x["M"].to(x["q"].dtype)

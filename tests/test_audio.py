@@ -1,6 +1,5 @@
 """Audio front end: openai-whisper's own loader, log-mel, pad/trim and tokenizer, on real ARCTIC clips."""
 
-import os
 from pathlib import Path
 
 import numpy as np

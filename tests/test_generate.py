@@ -12,7 +12,7 @@ import torch
 
 from echo import Echo, EchoCache
 from echo.config import EchoConfig, small_config
-from echo.generate import compression_ratio, generate
+from echo.generate import compression_ratio
 
 SPEECH = Path(__file__).parent / "data" / "speech"
 

@@ -10,7 +10,6 @@ import torch
 
 import echo_kernels
 from echo_kernels import aot, reference
-from echo_kernels import rotary as rotary_module
 from echo_kernels.kernels import rotary as kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

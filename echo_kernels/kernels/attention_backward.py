@@ -56,7 +56,6 @@ from .attention import (
     _load_p,
     _load_pairs,
     _rope_angles,
-    _rope_angles_step,
     _rotated_k,
     _split_regions,
     dot_dtype,
@@ -181,7 +180,6 @@ def _attn_bwd_dkdv_kernel(
     DT = P.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    prog = pid_bh * tl.num_programs(0) + pid_n
     b = pid_bh // H
     hd = pid_bh % H
     Q += b * stride_qb + hd * stride_qh
@@ -282,7 +280,6 @@ def _attn_bwd_dbias_diag_kernel(
     DBias[prog, r] = sum over this tile's queries of dS[i, i - r + n - 1].
     """
     HALF: tl.constexpr = HEAD // 2
-    DT = P.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     prog = pid_bh * tl.num_programs(0) + pid_m
