@@ -1,17 +1,19 @@
 """echo_attention throughput against its peers, in one run (`pytest benches/bench_attention.py`).
 
 Peers doing the same maths (RoPE then M on q and k, clamped relative bias, band mask):
+- kernel (ours): echo_kernels.echo_attention as shipped, ECHO_BACKEND=auto: the fused Triton kernel on a
+  GPU, the blocked CPU path (echo_kernels.kernels.attention_cpu) on the CPU;
 - reference: echo_kernels.reference.echo_attention (chunked plain PyTorch), eager;
 - compiled: torch.compile of the reference;
-- on a GPU: the fused Triton kernel; FlexAttention (rotation by a separate PyTorch pass, the bias
+- on a GPU: FlexAttention (rotation by a separate PyTorch pass, the bias
   table in a score_mod, the window as a block mask), compiled as FlexAttention must be; SDPA with a
   dense additive bias (bias + band mask materialised as a (1, H, T, T) tensor).
 
 Each case records, in benchmark.extra_info: TFLOP/s over the computed (kept) query-key pairs
 (4 h flops per pair forward, 2.5 times that backward), and on a GPU the peak memory beyond the
 inputs (extra_fraction_of_qkvo: beyond q, k, v, out and the gradients, over the size of q, k, v and
-out). On the CPU only the reference and its torch.compile run, at a small shape (the Triton
-interpreter is for correctness, not timing).
+out). On the CPU the kernel, the reference and its torch.compile run at small shapes and at the
+encoder's T = 1500.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ GPU_SHAPES = {
     "encoder_w256": (8, 16, 1500, 64, 256),
     "long_w256": (1, 16, 16384, 64, 256),
 }
-CPU_SHAPES = {"small_global": (1, 4, 256, 64, None), "small_w32": (1, 4, 256, 64, 32)}
+CPU_SHAPES = {"small_global": (1, 4, 256, 64, None), "small_w32": (1, 4, 256, 64, 32),
+              "encoder_global": (1, 4, 1500, 64, None)}
 SHAPES = GPU_SHAPES if ON_GPU else CPU_SHAPES
 
 
@@ -134,9 +137,9 @@ def run_sdpa(x, window):
     return torch.nn.functional.scaled_dot_product_attention(q, k, x["v"], attn_mask=dense)
 
 
-IMPLS = {"reference": run_reference, "compiled": run_compiled}
+IMPLS = {"kernel": run_kernel, "reference": run_reference, "compiled": run_compiled}
 if ON_GPU:
-    IMPLS.update(kernel=run_kernel, flex=run_flex, sdpa=run_sdpa)
+    IMPLS.update(flex=run_flex, sdpa=run_sdpa)
 
 
 # --------------------------------------------------------------------------------------------------

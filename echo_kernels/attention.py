@@ -1,5 +1,9 @@
 """echo_attention: rotary + Givens rotation, clamped relative bias and sliding window (ECHO_SPEC 4).
 
+CUDA tensors run the Triton kernels; CPU tensors run the blocked CPU path
+(echo_kernels.kernels.attention_cpu) under ECHO_BACKEND=auto, the reference under =reference, and the
+Triton kernels through the interpreter under =triton with TRITON_INTERPRET=1 (tests).
+
 The Triton kernels (echo_kernels.kernels.attention and .attention_backward) are registered twice:
 as the torch ops `echo_kernels::echo_attention` / `echo_attention_backward` (custom_op + fake +
 autograd), which torch.compile, opcheck and FakeTensor tracing see, and as a plain autograd.Function
@@ -15,7 +19,8 @@ import torch
 from torch import Tensor
 
 from . import checks, reference
-from .backend import register_kernel, triton_interpreted, use_kernel
+from .backend import register_kernel, requested_backend, triton_interpreted, use_kernel
+from .kernels import attention_cpu
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,6 +225,10 @@ def echo_attention(
     if use_kernel("echo_attention", q.device):
         left, right = _band(window, causal)
         return _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
+    if q.device.type == "cpu" and requested_backend() == "auto":
+        left, right = _band(window, causal)
+        return attention_cpu.attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
+                                       layout)
     return reference.echo_attention(
         q, k, v, M, w, s, bias, window=window, causal=causal, q_offset=q_offset, k_offset=k_offset,
         key_padding_mask=key_padding_mask, layout=layout,

@@ -8,7 +8,6 @@ since it is slow and mostly waits on a child process.
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -17,6 +16,9 @@ import torch
 import echo_kernels
 from echo_kernels import aot, reference
 from echo_kernels.kernels import attention as kernel
+from echo_kernels.kernels import attention_cpu
+
+from attention_cases import CASES, GRAD_NAMES, call, case_inputs, cast, grads, make_inputs, options, rel_err
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -40,96 +42,17 @@ def use_triton(monkeypatch):
         monkeypatch.setattr(kernel, "BLOCK_OVERRIDE", {"BLOCK_M": 16, "BLOCK_N": 16})
 
 
-def make_inputs(B=1, H=2, Tq=37, Tk=None, h=32, n=5, bias=True, pad=False, seed=0):
-    """Random float64 inputs: M far from orthogonal, s != 1, a random bias table and padding."""
-    g = torch.Generator().manual_seed(seed)
-    Tk = Tq if Tk is None else Tk
-    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
-    M = torch.eye(h, dtype=torch.float64) + rnd(h, h) / math.sqrt(h)
-    inputs = dict(
-        q=rnd(B, H, Tq, h), k=rnd(B, H, Tk, h), v=rnd(B, H, Tk, h), M=M,
-        w=torch.rand(h // 2, generator=g, dtype=torch.float64) * 0.5,
-        s=torch.tensor(0.8, dtype=torch.float64),
-        bias=rnd(2 * n - 1, H) if bias else None,
-    )
-    inputs["key_padding_mask"] = (torch.rand(B, Tk, generator=g) < 0.25) if pad else None
-    return inputs
-
-
-def _cast(inputs, dtype):
-    cast = lambda t: t.detach().to(DEVICE, dtype) if t is not None and t.is_floating_point() else (
-        t.to(DEVICE) if t is not None else None)
-    return {name: cast(t) for name, t in inputs.items()}
-
-
-def _call(fn, inputs, **options):
-    i = inputs
-    return fn(i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], i["bias"],
-              key_padding_mask=i["key_padding_mask"], **options)
-
-
-def rel_err(got, want):
-    want = want.double().cpu()
-    return ((got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-
-GRAD_NAMES = ("q", "k", "v", "M", "w", "s", "bias")
-
-
-def grads(fn, inputs, dtype, do, **options):
-    leaves = _cast(inputs, dtype)
-    for name in GRAD_NAMES:
-        if leaves[name] is not None:
-            leaves[name].requires_grad_(True)
-    out = _call(fn, leaves, **options)
-    out.backward(do.to(out.device, out.dtype))
-    return out, {name: leaves[name].grad for name in GRAD_NAMES if leaves[name] is not None}
-
-
 # --------------------------------------------------------------------------------------------------
 # Forward: every mask kind and their combinations
 # --------------------------------------------------------------------------------------------------
-
-# (Tq, Tk, window, causal, q_offset, k_offset, padding, n)
-CASES = {
-    "global": (37, 37, None, False, 0, 0, False, 5),
-    "global_ragged_pad": (45, 53, None, False, 0, 0, True, 5),
-    "window_int": (50, 50, 7, False, 0, 0, False, 5),
-    "window_left_right": (50, 50, (5, 2), False, 0, 0, False, 9),
-    "window_zero": (33, 33, 0, False, 0, 0, False, 3),
-    "window_left_only": (40, 40, (3, 0), False, 0, 0, True, 5),
-    "window_right_only": (40, 40, (0, 4), False, 0, 0, False, 5),
-    "causal": (41, 41, None, True, 0, 0, False, 5),
-    "causal_window": (60, 60, 9, True, 0, 0, True, 5),
-    "cross": (19, 45, None, False, 0, 0, True, 5),
-    "cross_window_offsets": (23, 61, (4, 6), False, 30, 2, False, 5),
-    "offsets_causal": (20, 52, None, True, 32, 0, False, 5),
-    "decode": (1, 47, None, True, 46, 0, False, 5),
-    "decode_window": (1, 47, 10, True, 46, 0, True, 5),
-    "rows_without_keys": (40, 30, (2, 3), False, 0, 20, False, 5),
-    "n1": (35, 35, (6, 6), False, 0, 0, False, 1),
-    "n_beyond_T": (21, 21, None, True, 0, 0, False, 24),
-    "no_bias": (37, 37, 5, False, 0, 0, True, 0),
-}
-
-
-def _options(case, layout="half_split"):
-    Tq, Tk, window, causal, q_offset, k_offset, _, _ = CASES[case]
-    return dict(window=window, causal=causal, q_offset=q_offset, k_offset=k_offset, layout=layout)
-
-
-def _inputs(case, **kw):
-    Tq, Tk, _, _, _, _, pad, n = CASES[case]
-    return make_inputs(Tq=Tq, Tk=Tk, n=max(n, 1), bias=n > 0, pad=pad, **kw)
-
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_matches_reference(use_triton, case):
     layout = ("half_split", "interleaved")[list(CASES).index(case) % 2]  # both layouts across the cases
     for layout in ("half_split", "interleaved") if case == "global" else (layout,):
-        inputs = _inputs(case)
-        want = _call(reference.echo_attention, inputs, **_options(case, layout))
-        got = _call(echo_kernels.echo_attention, _cast(inputs, torch.float32), **_options(case, layout))
+        inputs = case_inputs(case)
+        want = call(reference.echo_attention, inputs, **options(case, layout))
+        got = call(echo_kernels.echo_attention, cast(inputs, torch.float32), **options(case, layout))
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert torch.isfinite(got).all()
         assert rel_err(got, want) < 1e-5, case
@@ -137,18 +60,18 @@ def test_forward_matches_reference(use_triton, case):
 
 @pytest.mark.parametrize("case", ["global_ragged_pad", "causal_window", "decode_window"])
 def test_forward_fp16(use_triton, case):
-    inputs = _inputs(case)
-    want = _call(reference.echo_attention, inputs, **_options(case))
-    got = _call(echo_kernels.echo_attention, _cast(inputs, torch.float16), **_options(case))
+    inputs = case_inputs(case)
+    want = call(reference.echo_attention, inputs, **options(case))
+    got = call(echo_kernels.echo_attention, cast(inputs, torch.float16), **options(case))
     assert got.dtype == torch.float16
     assert rel_err(got, want) < 1e-2
 
 
 def test_forward_bf16(use_triton):
     """bf16 in and out (under the interpreter the tl.dot operands are fp32)."""
-    inputs = _inputs("window_left_right")
-    want = _call(reference.echo_attention, inputs, **_options("window_left_right"))
-    got = _call(echo_kernels.echo_attention, _cast(inputs, torch.bfloat16), **_options("window_left_right"))
+    inputs = case_inputs("window_left_right")
+    want = call(reference.echo_attention, inputs, **options("window_left_right"))
+    got = call(echo_kernels.echo_attention, cast(inputs, torch.bfloat16), **options("window_left_right"))
     assert got.dtype == torch.bfloat16
     assert rel_err(got, want) < 2e-2
 
@@ -159,7 +82,7 @@ def test_window_edges_are_inclusive(use_triton):
     inputs = make_inputs(Tq=T, h=h, bias=False)
     inputs["v"] = torch.zeros(1, 2, T, h, dtype=torch.float64)
     inputs["v"][0, :, torch.arange(T), torch.arange(T)] = 1.0
-    out = _call(echo_kernels.echo_attention, _cast(inputs, torch.float32), window=(2, 3), q_offset=0)
+    out = call(echo_kernels.echo_attention, cast(inputs, torch.float32), window=(2, 3), q_offset=0)
     kept = out[0, 0].cpu() > 0
     i, j = torch.meshgrid(torch.arange(T), torch.arange(h), indexing="ij")
     assert torch.equal(kept, (j >= i - 2) & (j <= i + 3) & (j < T))
@@ -185,8 +108,8 @@ def test_strided_inputs(use_triton):
         strided[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
     strided["bias"] = inputs["bias"].T.contiguous().T
     assert not strided["q"].is_contiguous() and not strided["bias"].is_contiguous()
-    want = _call(reference.echo_attention, inputs, window=6)
-    got = _call(echo_kernels.echo_attention, _cast(strided, torch.float32), window=6)
+    want = call(reference.echo_attention, inputs, window=6)
+    got = call(echo_kernels.echo_attention, cast(strided, torch.float32), window=6)
     assert rel_err(got, want) < 1e-5
 
 
@@ -201,11 +124,11 @@ GRAD_CASES = ["global_ragged_pad", "window_left_right", "causal_window", "cross_
 @pytest.mark.parametrize("case", GRAD_CASES)
 def test_gradients_match_reference(use_triton, case):
     layout = "interleaved" if case in ("window_left_right", "n1") else "half_split"
-    inputs = _inputs(case, B=2)
+    inputs = case_inputs(case, B=2)
     B, H, Tq, h = inputs["q"].shape
     do = torch.randn(B, H, Tq, h, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    _, want = grads(reference.echo_attention, inputs, torch.float64, do, **_options(case, layout))
-    _, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **_options(case, layout))
+    _, want = grads(reference.echo_attention, inputs, torch.float64, do, **options(case, layout))
+    _, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **options(case, layout))
     for name, g in want.items():
         if g.norm() < 1e-12:  # dbias with n = 1 sums whole softmax rows of dS: exactly 0
             assert got[name].abs().max() < 1e-4, name
@@ -216,10 +139,10 @@ def test_gradients_match_reference(use_triton, case):
 
 
 def test_gradients_fp16(use_triton):
-    inputs = _inputs("causal_window")
+    inputs = case_inputs("causal_window")
     do = torch.randn(1, 2, 60, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    _, want = grads(reference.echo_attention, inputs, torch.float64, do, **_options("causal_window"))
-    _, got = grads(echo_kernels.echo_attention, inputs, torch.float16, do, **_options("causal_window"))
+    _, want = grads(reference.echo_attention, inputs, torch.float64, do, **options("causal_window"))
+    _, got = grads(echo_kernels.echo_attention, inputs, torch.float16, do, **options("causal_window"))
     for name, g in want.items():
         assert rel_err(got[name], g) < 2e-2, name
 
@@ -281,7 +204,7 @@ def _flex_case():
     inputs = make_inputs(Tq=T, H=H, n=n)
     inputs["M"] = torch.eye(32, dtype=torch.float64)
     inputs["s"] = torch.tensor(0.0, dtype=torch.float64)
-    x = _cast(inputs, torch.float32)
+    x = cast(inputs, torch.float32)
 
     def score_mod(score, b, head, i, j):
         return score + x["bias"][torch.clamp(i - j, -(n - 1), n - 1) + n - 1, head]
@@ -298,7 +221,7 @@ def test_matches_flex_attention_without_rotation(use_triton):
 
     x, score_mod, block_mask, window = _flex_case()
     want = flex_attention(x["q"], x["k"], x["v"], score_mod=score_mod, block_mask=block_mask)
-    got = _call(echo_kernels.echo_attention, x, window=window)
+    got = call(echo_kernels.echo_attention, x, window=window)
     assert rel_err(got, want) < 1e-5
 
 
@@ -310,7 +233,7 @@ def test_bias_gradient_matches_flex_attention_without_rotation(use_triton):
     x["bias"].requires_grad_(True)
     want = flex_attention(x["q"], x["k"], x["v"], score_mod=score_mod, block_mask=block_mask)
     (dbias_flex,) = torch.autograd.grad(want.sum(), [x["bias"]])
-    got = _call(echo_kernels.echo_attention, x, window=window)
+    got = call(echo_kernels.echo_attention, x, window=window)
     (dbias,) = torch.autograd.grad(got.sum(), [x["bias"]])
     assert rel_err(dbias, dbias_flex) < 1e-4
 
@@ -321,7 +244,7 @@ def test_bias_gradient_matches_flex_attention_without_rotation(use_triton):
 
 
 def test_opcheck(use_triton):
-    inputs = _cast(make_inputs(Tq=20, Tk=24, pad=True), torch.float32)
+    inputs = cast(make_inputs(Tq=20, Tk=24, pad=True), torch.float32)
     for name in GRAD_NAMES:
         inputs[name].requires_grad_(True)
     i = inputs
@@ -352,17 +275,21 @@ def test_torch_compile_fullgraph(use_triton):
 
 
 def test_dispatch(monkeypatch):
-    inputs = _cast(make_inputs(Tq=8), torch.float32)
-    want = _call(reference.echo_attention, inputs)
+    inputs = cast(make_inputs(Tq=8), torch.float32)
+    want = call(reference.echo_attention, inputs)
     monkeypatch.setenv("ECHO_BACKEND", "reference")
-    assert torch.equal(_call(echo_kernels.echo_attention, inputs), want)
+    assert torch.equal(call(echo_kernels.echo_attention, inputs), want)
     if not ON_GPU:
-        monkeypatch.setenv("ECHO_BACKEND", "auto")  # Triton reaches CPU tensors only when asked
-        assert torch.equal(_call(echo_kernels.echo_attention, inputs), want)
+        # auto: CPU tensors take the blocked CPU path; Triton reaches them only when asked
+        calls = []
+        blocked = attention_cpu.attention
+        monkeypatch.setattr(attention_cpu, "attention", lambda *args: calls.append(1) or blocked(*args))
+        monkeypatch.setenv("ECHO_BACKEND", "auto")
+        assert rel_err(call(echo_kernels.echo_attention, inputs), want) < 1e-6 and calls == [1]
         monkeypatch.setenv("ECHO_BACKEND", "triton")
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            _call(echo_kernels.echo_attention, inputs)
+            call(echo_kernels.echo_attention, inputs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,1 +1,1 @@
-"""Triton kernels and their launchers; echo_kernels/<op>.py registers them as torch ops."""
+"""Kernels and their launchers (Triton, and the blocked CPU attention); echo_kernels/<op>.py registers them."""

@@ -1,0 +1,94 @@
+"""Inputs, cases and comparisons shared by the echo_attention tests (Triton and CPU paths)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_inputs(B=1, H=2, Tq=37, Tk=None, h=32, n=5, bias=True, pad=False, seed=0):
+    """Random float64 inputs: M far from orthogonal, s != 1, a random bias table and padding."""
+    g = torch.Generator().manual_seed(seed)
+    Tk = Tq if Tk is None else Tk
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    M = torch.eye(h, dtype=torch.float64) + rnd(h, h) / math.sqrt(h)
+    inputs = dict(
+        q=rnd(B, H, Tq, h), k=rnd(B, H, Tk, h), v=rnd(B, H, Tk, h), M=M,
+        w=torch.rand(h // 2, generator=g, dtype=torch.float64) * 0.5,
+        s=torch.tensor(0.8, dtype=torch.float64),
+        bias=rnd(2 * n - 1, H) if bias else None,
+    )
+    inputs["key_padding_mask"] = (torch.rand(B, Tk, generator=g) < 0.25) if pad else None
+    return inputs
+
+
+def cast(inputs, dtype, device=DEVICE):
+    """inputs with every floating tensor in dtype, all on device."""
+    convert = lambda t: t.detach().to(device, dtype) if t is not None and t.is_floating_point() else (
+        t.to(device) if t is not None else None)
+    return {name: convert(t) for name, t in inputs.items()}
+
+
+def call(fn, inputs, **options):
+    """fn(q, k, v, M, w, s, bias, key_padding_mask=..., **options) from an inputs dict."""
+    i = inputs
+    return fn(i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], i["bias"],
+              key_padding_mask=i["key_padding_mask"], **options)
+
+
+def rel_err(got, want):
+    """||got - want|| / ||want||, in float64 on the CPU."""
+    want = want.double().cpu()
+    return ((got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+GRAD_NAMES = ("q", "k", "v", "M", "w", "s", "bias")
+
+
+def grads(fn, inputs, dtype, do, device=DEVICE, **options):
+    """(out, {name: gradient}) of fn on inputs cast to dtype, for the output gradient do."""
+    leaves = cast(inputs, dtype, device)
+    for name in GRAD_NAMES:
+        if leaves[name] is not None:
+            leaves[name].requires_grad_(True)
+    out = call(fn, leaves, **options)
+    out.backward(do.to(out.device, out.dtype))
+    return out, {name: leaves[name].grad for name in GRAD_NAMES if leaves[name] is not None}
+
+
+# (Tq, Tk, window, causal, q_offset, k_offset, padding, n)
+CASES = {
+    "global": (37, 37, None, False, 0, 0, False, 5),
+    "global_ragged_pad": (45, 53, None, False, 0, 0, True, 5),
+    "window_int": (50, 50, 7, False, 0, 0, False, 5),
+    "window_left_right": (50, 50, (5, 2), False, 0, 0, False, 9),
+    "window_zero": (33, 33, 0, False, 0, 0, False, 3),
+    "window_left_only": (40, 40, (3, 0), False, 0, 0, True, 5),
+    "window_right_only": (40, 40, (0, 4), False, 0, 0, False, 5),
+    "causal": (41, 41, None, True, 0, 0, False, 5),
+    "causal_window": (60, 60, 9, True, 0, 0, True, 5),
+    "cross": (19, 45, None, False, 0, 0, True, 5),
+    "cross_window_offsets": (23, 61, (4, 6), False, 30, 2, False, 5),
+    "offsets_causal": (20, 52, None, True, 32, 0, False, 5),
+    "decode": (1, 47, None, True, 46, 0, False, 5),
+    "decode_window": (1, 47, 10, True, 46, 0, True, 5),
+    "rows_without_keys": (40, 30, (2, 3), False, 0, 20, False, 5),
+    "n1": (35, 35, (6, 6), False, 0, 0, False, 1),
+    "n_beyond_T": (21, 21, None, True, 0, 0, False, 24),
+    "no_bias": (37, 37, 5, False, 0, 0, True, 0),
+}
+
+
+def options(case, layout="half_split"):
+    """The keyword arguments of a CASES entry."""
+    Tq, Tk, window, causal, q_offset, k_offset, _, _ = CASES[case]
+    return dict(window=window, causal=causal, q_offset=q_offset, k_offset=k_offset, layout=layout)
+
+
+def case_inputs(case, **kw):
+    """Random inputs of a CASES entry (n = 0: no bias table)."""
+    Tq, Tk, _, _, _, _, pad, n = CASES[case]
+    return make_inputs(Tq=Tq, Tk=Tk, n=max(n, 1), bias=n > 0, pad=pad, **kw)

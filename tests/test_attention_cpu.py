@@ -1,0 +1,131 @@
+"""echo_attention's blocked CPU path (echo_kernels.kernels.attention_cpu) against the float64 reference.
+
+Every mask case runs twice: with the default blocks (usually one block here) and with blocks forced
+down to 16 query rows, so that keys are cut by the band, blocks start mid-band and the bias gradient is
+summed across blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from echo_kernels import reference
+from echo_kernels.attention import _band
+from echo_kernels.kernels import attention_cpu
+
+from attention_cases import CASES, call, case_inputs, cast, grads, make_inputs, options, rel_err
+
+
+def blocked(q, k, v, M, w, s, bias, *, key_padding_mask=None, window=None, causal=False, q_offset=0, k_offset=0,
+            layout="half_split"):
+    """attention_cpu.attention with echo_attention's keyword arguments."""
+    left, right = _band(window, causal)
+    return attention_cpu.attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
+
+
+@pytest.fixture(params=["default_blocks", "small_blocks"])
+def block_size(request, monkeypatch):
+    if request.param == "small_blocks":
+        monkeypatch.setattr(attention_cpu, "BLOCK_ELEMENTS", 1)  # 16 query rows per block
+    return request.param
+
+
+def _layout(case):
+    return ("half_split", "interleaved")[list(CASES).index(case) % 2]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_and_gradients_match_reference_float64(block_size, case):
+    inputs = case_inputs(case, B=2)
+    do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    opts = options(case, _layout(case))
+    out_ref, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", **opts)
+    out, got = grads(blocked, inputs, torch.float64, do, device="cpu", **opts)
+    assert out.dtype == torch.float64 and rel_err(out, out_ref) < 1e-12
+    for name, g in want.items():
+        if g.norm() < 1e-12:  # dbias with n = 1 sums whole softmax rows: exactly 0 up to rounding
+            assert got[name].abs().max() < 1e-12, name
+        else:
+            assert rel_err(got[name], g) < 1e-11, (case, name, rel_err(got[name], g))
+
+
+@pytest.mark.parametrize("case", ["global_ragged_pad", "causal_window", "cross_window_offsets", "rows_without_keys"])
+def test_float32_matches_reference(block_size, case):
+    inputs = case_inputs(case, B=2)
+    do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", **options(case))
+    out, got = grads(blocked, inputs, torch.float32, do, device="cpu", **options(case))
+    assert out.dtype == torch.float32
+    for name, g in want.items():
+        tol = 5e-5 if name in ("s", "w") else 1e-5  # s and w sum position-weighted terms with cancellation
+        assert rel_err(got[name], g) < tol, (case, name)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 1e-2)])
+def test_half_precision_is_computed_in_float32(dtype, tol):
+    """Inputs rounded to bf16/fp16, then float32 inside: the error is the inputs' rounding."""
+    inputs = case_inputs("causal_window")
+    want = call(reference.echo_attention, inputs, **options("causal_window"))
+    got = call(blocked, cast(inputs, dtype, "cpu"), **options("causal_window"))
+    assert got.dtype == dtype and rel_err(got, want) < tol
+
+
+def test_gradcheck():
+    inputs = make_inputs(B=1, H=2, Tq=9, Tk=11, h=8, n=3, pad=True)
+    inputs["key_padding_mask"][0, :3] = False
+    leaves = [inputs[name].requires_grad_(True) for name in ("q", "k", "v", "M", "w", "s", "bias")]
+
+    def fn(q, k, v, M, w, s, bias):
+        return blocked(q, k, v, M, w, s, bias, key_padding_mask=inputs["key_padding_mask"], window=(3, 2),
+                       q_offset=1, k_offset=0, layout="interleaved")
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_rows_without_keys_give_zeros():
+    inputs = make_inputs(B=2, Tq=24, Tk=30)
+    inputs["key_padding_mask"] = torch.zeros(2, 30, dtype=torch.bool)
+    inputs["key_padding_mask"][1] = True  # the second batch has no key at all
+    do = torch.randn(2, 2, 24, 32, dtype=torch.float64)
+    out, g = grads(blocked, inputs, torch.float32, do, device="cpu")
+    assert torch.isfinite(out).all() and (out[1] == 0).all()
+    assert all(torch.isfinite(t).all() for t in g.values())
+    assert (g["q"][1] == 0).all() and (g["k"][1] == 0).all() and (g["v"][1] == 0).all()
+
+
+def test_backward_keeps_no_logits():
+    """What autograd saves is O(T h): inputs and output, never the Tq x Tk probabilities."""
+    B, H, T, h = 1, 2, 300, 16
+    inputs = cast(make_inputs(B=B, H=H, Tq=T, h=h, n=4), torch.float32, "cpu")
+    for name in ("q", "k", "v", "M", "bias"):
+        inputs[name].requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        call(blocked, inputs)
+    assert saved and max(saved) <= B * H * T * h
+
+
+def test_a_window_visits_only_its_band():
+    """With a window w, the blocks pair each query with O(w + block rows) keys, not all T."""
+    T, w, rows = 4096, 32, 16
+    visited = sum((b - a) * (hi - lo) for a, b, lo, hi in attention_cpu.blocks(T, T, w, w, 0, 1 << 30))
+    assert visited <= T * (2 * w + 1 + rows)
+    assert sum((b - a) * (hi - lo) for a, b, lo, hi in attention_cpu.blocks(T, T, -1, -1, 0, 1)) == T * T
+
+
+def test_relative_bias_block_is_the_gathered_bias():
+    bias = torch.randn(9, 3, dtype=torch.float64)
+    q_pos, k_pos = torch.arange(40, 57), torch.arange(30, 71)
+    d0 = int(q_pos[0] - k_pos[0])
+    got = attention_cpu.relative_bias_block(bias, len(q_pos), len(k_pos), d0)
+    assert torch.equal(got, reference.relative_bias(bias, q_pos, k_pos))
+
+
+def test_is_deterministic():
+    inputs = make_inputs(B=2, Tq=40, pad=True)
+    do = torch.randn(2, 2, 40, 32, dtype=torch.float64)
+    _, first = grads(blocked, inputs, torch.float32, do, device="cpu", window=8)
+    _, second = grads(blocked, inputs, torch.float32, do, device="cpu", window=8)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
