@@ -35,7 +35,7 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
     q_folded = reference.apply_rope(q.to(compute), reference.rope_angles(w, s, q_pos), layout) @ P
     k_rope = reference.apply_rope(k.to(compute), reference.rope_angles(w, s, k_pos), layout)
     bias = bias.to(compute) if bias is not None else None
-    out = _BlockedAttention.apply(q_folded, k_rope, v.to(compute), bias, key_padding_mask, left, right,
+    out = _BlockedAttention.apply(q_folded, k_rope, v.to(compute).contiguous(), bias, key_padding_mask, left, right,
                                   q_offset - k_offset)
     return out.to(q.dtype)
 
@@ -56,17 +56,25 @@ def blocks(Tq: int, Tk: int, left: int, right: int, shift: int, batch_heads: int
 
 
 def _probabilities(q, k, bias, key_padding_mask, left, right, d0) -> Tensor:
-    """softmax over one block's logits (B, H, C, K); d0 = i - j of its top-left entry; empty rows give 0."""
-    logits = q @ k.transpose(-1, -2)
-    C, K = logits.shape[-2:]
-    if bias is not None:
-        logits += relative_bias_block(bias, C, K, d0)
+    """softmax of one block's logits; d0 = i - j of its top-left entry; rows with no key give 0.
+
+    q: (B*H, C, h); k: (B*H, K, h); bias: (2n-1, H) or None; key_padding_mask: (B, K) or None.
+    Returns (B*H, C, K).
+    """
+    C, K = q.shape[1], k.shape[1]
+    if bias is None:
+        logits = torch.bmm(q, k.transpose(1, 2))
+    else:  # the bias written first, the product accumulated onto it: one pass less than adding after
+        H = bias.shape[1]
+        logits = relative_bias_block(bias, C, K, d0).repeat(q.shape[0] // H, 1, 1).baddbmm_(q, k.transpose(1, 2))
     keep = None
     if (left >= 0 and d0 + C - 1 > left) or (right >= 0 and d0 - (K - 1) < -right):  # the band cuts the block
         rel = d0 + torch.arange(C, device=q.device)[:, None] - torch.arange(K, device=q.device)[None, :]
         keep = (rel <= left if left >= 0 else True) & (rel >= -right if right >= 0 else True)
     if key_padding_mask is not None:
-        keep = ~key_padding_mask[:, None, None, :] if keep is None else keep & ~key_padding_mask[:, None, None, :]
+        B = key_padding_mask.shape[0]
+        padding = key_padding_mask[:, None, None, :].expand(B, q.shape[0] // B, 1, K).reshape(-1, 1, K)
+        keep = ~padding if keep is None else keep & ~padding
     if keep is None:
         return torch.softmax(logits, dim=-1)
     logits.masked_fill_(~keep, -math.inf)
@@ -87,13 +95,18 @@ def relative_bias_block(bias: Tensor, C: int, K: int, d0: int) -> Tensor:
 
 
 def bias_gradient(dlogits: Tensor, d0: int, n: int) -> Tensor:
-    """(2n-1, H): dlogits (H, C, K) summed over each clamped offset i - j = d0 + row - column."""
+    """(2n-1, H): dlogits (B, H, C, K) summed over each clamped offset i - j = d0 + row - column."""
     if n == 1:
-        return dlogits.sum((1, 2))[None]
-    # offset e lies on the diagonal column - row = d0 - e; the clamped ends are the two triangles
-    far_past = torch.tril(dlogits, diagonal=d0 - (n - 1)).sum((1, 2))  # i - j >= n - 1
-    far_future = torch.triu(dlogits, diagonal=d0 + (n - 1)).sum((1, 2))  # i - j <= -(n - 1)
-    band = [torch.diagonal(dlogits, offset=d0 - e, dim1=1, dim2=2).sum(-1) for e in range(-(n - 2), n - 1)]
+        return dlogits.sum((0, 2, 3))[None]
+    # Columns left of p0 are past the band for every row, columns from f0 on beyond it: plain sums.
+    # Only the strip between needs the triangles and diagonals (offset e lies on column - row = d0 - e).
+    C, K = dlogits.shape[-2:]
+    p0 = min(max(d0 - n + 2, 0), K)
+    f0 = min(max(C + d0 + n - 2, 0), K)
+    strip, d = dlogits[..., p0:f0].sum(0), d0 - p0
+    far_past = dlogits[..., :p0].sum((0, 2, 3)) + torch.tril(strip, diagonal=d - (n - 1)).sum((1, 2))
+    far_future = dlogits[..., f0:].sum((0, 2, 3)) + torch.triu(strip, diagonal=d + (n - 1)).sum((1, 2))
+    band = [torch.diagonal(strip, offset=d - e, dim1=1, dim2=2).sum(-1) for e in range(-(n - 2), n - 1)]
     return torch.stack([far_future, *band, far_past])
 
 
@@ -102,14 +115,15 @@ class _BlockedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, key_padding_mask, left, right, shift):
-        B, H, Tq, _ = q.shape
-        out = q.new_zeros(B, H, Tq, v.shape[-1])
-        masks = (left, right)
+        B, H, Tq, h = q.shape
+        q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
+        out = q3.new_zeros(B * H, Tq, h)
         for a, b, lo, hi in blocks(Tq, k.shape[2], left, right, shift, B * H):
             if hi > lo:
                 kpm = key_padding_mask[:, lo:hi] if key_padding_mask is not None else None
-                probs = _probabilities(q[:, :, a:b], k[:, :, lo:hi], bias, kpm, *masks, a + shift - lo)
-                out[:, :, a:b] = probs @ v[:, :, lo:hi]
+                probs = _probabilities(q3[:, a:b], k3[:, lo:hi], bias, kpm, left, right, a + shift - lo)
+                torch.bmm(probs, v3[:, lo:hi], out=out[:, a:b])
+        out = out.view(B, H, Tq, h)
         ctx.save_for_backward(q, k, v, bias, key_padding_mask, out)
         ctx.masks = (left, right, shift)
         return out
@@ -118,22 +132,25 @@ class _BlockedAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, bias, key_padding_mask, out = ctx.saved_tensors
         left, right, shift = ctx.masks
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        B, H, Tq, h = q.shape
+        q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
+        do3 = dout.reshape(B * H, Tq, h)
+        dq, dk, dv = torch.zeros_like(q3), torch.zeros_like(k3), torch.zeros_like(v3)
         want_dbias = bias is not None and ctx.needs_input_grad[3]
         dbias = torch.zeros_like(bias) if want_dbias else None
-        dout = dout.contiguous()
-        delta = (dout * out).sum(-1, keepdim=True)  # (B, H, Tq, 1): rowsum(P * dP)
-        B, H, Tq, _ = q.shape
+        minus_delta = -(do3 * out.view(B * H, Tq, h)).sum(-1, keepdim=True)  # -rowsum(P * dP)
         for a, b, lo, hi in blocks(Tq, k.shape[2], left, right, shift, B * H):
             if hi == lo:
                 continue
             kpm = key_padding_mask[:, lo:hi] if key_padding_mask is not None else None
-            probs = _probabilities(q[:, :, a:b], k[:, :, lo:hi], bias, kpm, left, right, a + shift - lo)
-            do = dout[:, :, a:b]
-            dv[:, :, lo:hi] += probs.transpose(-1, -2) @ do
-            dlogits = (do @ v[:, :, lo:hi].transpose(-1, -2)).sub_(delta[:, :, a:b]).mul_(probs)
-            dq[:, :, a:b] = dlogits @ k[:, :, lo:hi]
-            dk[:, :, lo:hi] += dlogits.transpose(-1, -2) @ q[:, :, a:b]
+            probs = _probabilities(q3[:, a:b], k3[:, lo:hi], bias, kpm, left, right, a + shift - lo)
+            do = do3[:, a:b]
+            dv[:, lo:hi].baddbmm_(probs.transpose(1, 2), do)
+            dlogits = torch.baddbmm(minus_delta[:, a:b], do, v3[:, lo:hi].transpose(1, 2)).mul_(probs)
+            torch.bmm(dlogits, k3[:, lo:hi], out=dq[:, a:b])
+            dk[:, lo:hi].baddbmm_(dlogits.transpose(1, 2), q3[:, a:b])
             if want_dbias:
-                dbias += bias_gradient(dlogits.sum(0), a + shift - lo, (bias.shape[0] + 1) // 2)
-        return dq, dk, dv, dbias, None, None, None, None
+                G = dlogits.view(B, H, b - a, hi - lo)
+                dbias += bias_gradient(G, a + shift - lo, (bias.shape[0] + 1) // 2)
+        shape = (B, H, -1, h)
+        return dq.view(shape), dk.view(shape), dv.view(shape), dbias, None, None, None, None
