@@ -47,14 +47,16 @@ def speedups(results: dict) -> list[tuple[str, str, float]]:
 
 
 def markdown_table(results: dict) -> str:
+    """One row per case. Absolute medians only from a GPU run; CPU runs show ratios and fractions."""
     limits = results["ceilings"]
+    absolute = results.get("gpu", False)
     lines = [
         f"Device: {results['device']} ({results['date']}, torch {results['torch']}); measured ceilings: "
         f"copy {limits['copy_bandwidth'] / 1e9:.0f} GB/s, {limits['matmul_dtype']} matmul "
         f"{limits['matmul_flops'] / 1e12:.1f} TFLOP/s.",
         "",
-        "| group | case | median | ours vs this | of copy bandwidth | of matmul rate |",
-        "|---|---|---|---|---|---|",
+        f"| group | case |{' median |' if absolute else ''} ours vs this | of copy bandwidth | of matmul rate |",
+        f"|---|---|{'---|' if absolute else ''}---|---|---|",
     ]
     for group, cases in groups(results).items():
         ours = next((c for c in cases if c.get("role") == "ours"), None)
@@ -63,8 +65,9 @@ def markdown_table(results: dict) -> str:
             if ours is not None and case is not ours and case.get("role") == "peer":
                 vs = f"{case['median_s'] / ours['median_s']:.2f}x"
             name = f"**{case['case']}**" if case is ours else case["case"]
+            median = f" {_duration(case['median_s'])} |" if absolute else ""
             lines.append(
-                f"| {group} | {name} | {_duration(case['median_s'])} | {vs} | "
+                f"| {group} | {name} |{median} {vs} | "
                 f"{_percent(case.get('bandwidth_fraction'))} | {_percent(case.get('flops_fraction'))} |"
             )
     return "\n".join(lines)

@@ -30,6 +30,12 @@ def test_markdown_table_names_device_ceilings_and_ratios():
     assert "| g2 | reference | 1.5 s |  |" in table
 
 
+def test_cpu_tables_show_ratios_not_times():
+    table = report.markdown_table({**RESULTS, "device": "x86_64 CPU", "gpu": False})
+    assert "median" not in table and " ms " not in table
+    assert "| g1 | compiled | 2.50x |" in table and "| g1 | **kernel** |  | 50% |  |" in table
+
+
 def test_cli_writes_table_and_plot(tmp_path, monkeypatch):
     source = tmp_path / "results.json"
     source.write_text(json.dumps(RESULTS))
