@@ -2,7 +2,8 @@
 
 - reference: the plain-PyTorch maths of `echo_kernels.reference`, on any device.
 - triton: the compiled kernel of the op; for CPU tensors only under `TRITON_INTERPRET=1` (tests).
-- auto: the compiled kernel where the tensors' device has one, else the reference.
+- auto: the compiled kernel where the tensors' device has one, else the reference; for CPU tensors,
+  echo_attention runs its blocked CPU path (echo_kernels.kernels.attention_cpu).
 
 An op that has no compiled kernel for the device never pretends: with `triton` it raises, and with
 `auto` it warns once that the reference is running in its place.
