@@ -5,7 +5,7 @@ so q is multiplied by P once and k needs only RoPE. The core (`_BlockedAttention
 block at a time. Its backward recomputes each block's probabilities instead of keeping all Tq x Tk of
 them, and sums the bias gradient along the block's diagonals: autograd of a gathered (H, Tq, Tk) bias
 scatters every logit's gradient into a (2n-1)-row table one index at a time, which is what makes the
-reference slow on the CPU (over half of a training step at 1500 frames).
+reference slow on the CPU (over 40% of a training step of the reference path at T = 1500).
 """
 
 from __future__ import annotations
