@@ -35,8 +35,9 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
     q_folded = reference.apply_rope(q.to(compute), reference.rope_angles(w, s, q_pos), layout) @ P
     k_rope = reference.apply_rope(k.to(compute), reference.rope_angles(w, s, k_pos), layout)
     bias = bias.to(compute) if bias is not None else None
-    out = _BlockedAttention.apply(q_folded, k_rope, v.to(compute).contiguous(), bias, key_padding_mask, left, right,
-                                  q_offset - k_offset)
+    v = v.to(compute).contiguous()
+    shift = q_offset - k_offset
+    out = _BlockedAttention.apply(q_folded, k_rope, v, bias, key_padding_mask, left, right, shift)
     return out.to(q.dtype)
 
 
@@ -65,8 +66,8 @@ def _probabilities(q, k, bias, key_padding_mask, left, right, d0) -> Tensor:
     if bias is None:
         logits = torch.bmm(q, k.transpose(1, 2))
     else:  # the bias written first, the product accumulated onto it: one pass less than adding after
-        H = bias.shape[1]
-        logits = relative_bias_block(bias, C, K, d0).repeat(q.shape[0] // H, 1, 1).baddbmm_(q, k.transpose(1, 2))
+        batch = q.shape[0] // bias.shape[1]
+        logits = relative_bias_block(bias, C, K, d0).repeat(batch, 1, 1).baddbmm_(q, k.transpose(1, 2))
     keep = None
     if (left >= 0 and d0 + C - 1 > left) or (right >= 0 and d0 - (K - 1) < -right):  # the band cuts the block
         rel = d0 + torch.arange(C, device=q.device)[:, None] - torch.arange(K, device=q.device)[None, :]
