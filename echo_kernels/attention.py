@@ -222,11 +222,10 @@ def echo_attention(
     checks.same_device(q=q, k=k, v=v, M=M, w=w, s=s, bias=bias, key_padding_mask=key_padding_mask)
     if isinstance(window, list):
         window = tuple(window)
+    left, right = _band(window, causal)
     if use_kernel("echo_attention", q.device):
-        left, right = _band(window, causal)
         return _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
     if q.device.type == "cpu" and requested_backend() == "auto":
-        left, right = _band(window, causal)
         return attention_cpu.attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
                                        layout)
     return reference.echo_attention(

@@ -26,8 +26,7 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
     """echo_attention's maths (see echo_kernels.attention). left/right: band sides, -1 = unbounded."""
     compute = reference._compute_dtype(q.dtype)
     Tq, Tk, h = q.shape[2], k.shape[2], q.shape[3]
-    w = w.to(compute)
-    s = s.to(compute) if isinstance(s, Tensor) else s
+    w, s = w.to(compute), reference._as_compute(s, compute)
     q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device)
     k_pos = torch.arange(k_offset, k_offset + Tk, device=q.device)
     M = M.to(compute)
