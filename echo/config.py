@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from transformers import PretrainedConfig
 
 ROPE_LAYOUTS = ("half_split", "interleaved")
@@ -9,41 +11,9 @@ MLPS = ("gelu", "s1")
 LAYER_NORMS = ("standard", "s1")
 HYBRID_COMBINES = ("sum", "linear")
 
-# Every key Echo reads, with the model card's "medium" defaults.
-ECHO_DEFAULTS = dict(
-    n_mels=80,
-    n_audio_ctx=1500,
-    n_audio_state=1024,
-    n_audio_head=16,
-    n_audio_layer=24,
-    vocab_size=51865,
-    n_text_ctx=448,
-    n_text_state=1024,
-    n_text_head=16,
-    n_text_layer=20,
-    max_rel_dist=15,
-    cross_attention=True,
-    checkpointing=True,
-    base=10000.0,
-    bos_token_id=50257,
-    eos_token_id=50257,
-    pad_token_id=50257,
-    decoder_start_token_id=50258,
-    init_std=0.02,
-    base_factor=1.05,
-    adaptive_base=True,
-    n_givens=None,
-    local_window=None,
-    hybrid_combine="sum",
-    conv_attention=False,
-    mlp="gelu",
-    layer_norm="standard",
-    rope_layout="half_split",
-)
-
-
 class EchoConfig(PretrainedConfig):
-    """Configuration of `echo.Echo` (ECHO_SPEC section 1). Unknown keys are kept as attributes.
+    """Configuration of `echo.Echo` (ECHO_SPEC section 1), defaulting to the model card's "medium".
+    Unknown keys are kept as attributes.
 
     n_givens=None means h/2 rotations per site; local_window=None means global attention only.
     """
@@ -137,6 +107,13 @@ class EchoConfig(PretrainedConfig):
     def givens_count(self, side: str) -> int:
         """N, the number of Givens rotations per site of that side (h/2 unless n_givens is set)."""
         return self.n_givens if self.n_givens is not None else self.head_width(side) // 2
+
+
+# Every key Echo reads (the fields EchoConfig declares), with its default.
+ECHO_DEFAULTS = {
+    field.name: field.default for field in dataclasses.fields(EchoConfig)
+    if field.name in EchoConfig.__annotations__ and field.name != "is_encoder_decoder"
+}
 
 
 def to_echo_config(config: PretrainedConfig) -> EchoConfig:
