@@ -26,8 +26,9 @@ def report() -> str:
         lines.append(f"Triton: {triton.__version__}")
     except ImportError:
         lines.append("Triton: not installed (on a GPU, rotary_orthogonal and echo_attention run the reference)")
-    lines.append("CPU tensors: orthogonal_product in C++, echo_attention blocked (attention_cpu), "
-                 "rotary_orthogonal on the reference (ECHO_BACKEND=auto)")
+    cpp = _extension.LOADED and _extension.has_kernel("orthogonal_product", "CPU")
+    lines.append(f"CPU tensors under ECHO_BACKEND=auto: orthogonal_product {'in C++' if cpp else 'on the reference'}, "
+                 "echo_attention blocked (kernels/attention_cpu.py), rotary_orthogonal on the reference")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     lines.append(f"CUDA device: {gpu}")
     lines.append(f"ECHO_BACKEND={requested_backend()}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
