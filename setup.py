@@ -146,12 +146,13 @@ setup(
         "numpy",
         "safetensors>=0.4",
         "transformers>=5.0",
+        "tqdm>=4.60",  # echo.train's progress bars; transformers needs it as well
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ninja", "pybind11", "matplotlib"],
-        # audio front end and tokenizer (openai-whisper), word error rate, progress bars, Trainer;
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "ninja", "pybind11", "matplotlib"],
+        # audio front end and tokenizer (openai-whisper), word error rate, Trainer;
         # loading audio files also needs the ffmpeg binary, --synthetic training the espeak-ng binary
-        "speech": ["openai-whisper>=20240930", "jiwer>=3.0", "tqdm>=4.60", "accelerate>=1.1"],
+        "speech": ["openai-whisper>=20240930", "jiwer>=3.0", "accelerate>=1.1"],
     },
 )

@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     print(f"reloaded model identical: {same}")
 
     with timed(timings, "decode"):
-        tokens = loaded.generate(mel, max_new_tokens=args.tokens)
+        # explicit start token ids: decoding needs no tokenizer, so the demo runs without the speech extra
+        tokens = loaded.generate(mel, max_new_tokens=args.tokens, prompt=[config.decoder_start_token_id])
     print(f"greedy tokens: {tokens[0].tolist()}")
 
     total = sum(timings.values())

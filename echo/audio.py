@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from echo_kernels.optional import require
+
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160
 N_SAMPLES_30S = 30 * SAMPLE_RATE  # whisper's window: 480000 samples, 3000 mel frames
@@ -23,12 +25,8 @@ WHISPER_VOCAB_SIZE = 51865
 
 
 def _whisper():
-    try:
-        import whisper.audio
-        import whisper.tokenizer
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("echo's audio front end needs openai-whisper: pip install 'echo-kernels[speech]'") from error
-    return whisper
+    """openai-whisper (the speech extra); importing it loads whisper.audio and whisper.tokenizer."""
+    return require("whisper", "echo's audio front end and tokenizer")
 
 
 def load_audio(source, sr: int = SAMPLE_RATE) -> np.ndarray:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from echo_kernels.optional import require
+
 from .cache import EchoCache
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -32,7 +34,7 @@ class Decoded:
     sum_logprob: float
     temperature: float = 0.0
     avg_logprob: float = 0.0
-    compression_ratio: float = 0.0
+    compression_ratio: float | None = None  # of the decoded text; computed only for the temperature fallback
 
 
 @dataclass
@@ -66,11 +68,10 @@ def start_tokens(config, language: str | None, task: str | None, prompt=None) ->
             raise ValueError(f"language and task tokens need whisper's vocabulary (51865 tokens); this model has "
                              f"vocab_size = {config.vocab_size}")
         return [config.decoder_start_token_id]
-    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
-
+    whisper_tokenizer = require("whisper.tokenizer", "whisper's start tokens (pass prompt= token ids to do without)")
     language = language or "en"
-    code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
-    if code not in LANGUAGES:
+    code = whisper_tokenizer.TO_LANGUAGE_CODE.get(language.lower(), language.lower())
+    if code not in whisper_tokenizer.LANGUAGES:
         raise ValueError(f"unknown language {language!r}; expected a code or name whisper knows, e.g. 'en', 'french'")
     from .audio import prompt_tokens
 
@@ -216,7 +217,11 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     temperature > 0 samples (seeded by `seed`, so results repeat). A tuple of temperatures is whisper's
     fallback: rows whose result fails the thresholds are decoded again at the next one. language (code or
     name, default English) and task ("transcribe" or "translate") pick whisper's start tokens; language is
-    not detected. use_cache=False re-runs the decoder on the whole prefix at each step (same tokens).
+    not detected. `prompt` (token ids) replaces the start sequence. use_cache=False re-runs the decoder on the
+    whole prefix at each step (same tokens).
+
+    openai-whisper (the speech extra) is needed only for whisper's start tokens and for judging text in the
+    temperature fallback: with a `prompt` and one temperature, generate needs no optional package.
     """
     from .model import _check_mel
 
@@ -232,6 +237,8 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     if not temperatures or any(t < 0 for t in temperatures):
         raise ValueError(f"temperature must be >= 0 (or a non-empty tuple of such), got {temperature!r}")
     start = start_tokens(config, language, task, prompt)
+    # The text (hence the tokenizer) is needed only to judge a row for the temperature fallback.
+    judge_text = compression_ratio_threshold is not None and len(temperatures) > 1
     room = config.n_text_ctx - len(start)
     if room < 1:
         raise ValueError(f"the start sequence ({len(start)} tokens) leaves no room in n_text_ctx = {config.n_text_ctx}")
@@ -262,8 +269,9 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
             for row, d in zip(pending, decoded):
                 d.temperature = t
                 d.avg_logprob = d.sum_logprob / (len(d.tokens) + 1)
-                d.compression_ratio = compression_ratio(_text(config, d.tokens))
-                failed = ((compression_ratio_threshold is not None and d.compression_ratio > compression_ratio_threshold)
+                if judge_text:
+                    d.compression_ratio = compression_ratio(_text(config, d.tokens))
+                failed = ((judge_text and d.compression_ratio > compression_ratio_threshold)
                           or (logprob_threshold is not None and d.avg_logprob < logprob_threshold))
                 if failed and not last:
                     still.append(row)
@@ -326,9 +334,8 @@ def transcribe(model, audio, language: str | None = None, task: str | None = Non
     device = next(model.parameters()).device
     code = None
     if language is not None:
-        from whisper.tokenizer import TO_LANGUAGE_CODE
-
-        code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
+        to_code = require("whisper.tokenizer", "transcribe(language=...)").TO_LANGUAGE_CODE
+        code = to_code.get(language.lower(), language.lower())
     jobs = []  # (input index, start frame, end frame, mel window)
     for i, item in enumerate(inputs):
         wave = load_audio(item)

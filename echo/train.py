@@ -30,6 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
+
+from echo_kernels.optional import MissingExtra, require
 
 from .config import EchoConfig
 from .model import Echo, shift_tokens_right
@@ -64,7 +67,7 @@ def featurize(items: list[tuple[str, str]], seconds: float, n_mels: int = 80, wo
     n_samples = int(round(seconds * 16000))
     with ThreadPoolExecutor(max(1, workers)) as pool:
         mels = pool.map(lambda item: log_mel_window(item[0], n_samples, n_mels), items)
-        mels = list(_progress(mels, total=len(items), desc="log-mel", disable=not progress))
+        mels = list(tqdm(mels, total=len(items), desc="log-mel", disable=not progress))
     return torch.stack(mels), [encode_text(text) for _, text in items]
 
 
@@ -105,14 +108,6 @@ def stream_indices(n_items: int, seed: int, start: int, count: int) -> list[int]
             cache[epoch] = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         out.append(int(cache[epoch][i]))
     return out
-
-
-def _progress(iterable, **kwargs):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return iterable
-    return tqdm(iterable, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,6 +258,10 @@ def load_data(args, rank: int, world: int) -> list[tuple[str, str]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # fail before minutes of synthesis or training, not after
+    require("whisper", "python -m echo.train (audio and tokens)")
+    if args.eval_synthetic:
+        require("jiwer", "python -m echo.train --eval-synthetic (word error rate)")
     out = Path(args.out)
     if args.eval_only:
         if not args.eval_synthetic:
@@ -310,7 +309,7 @@ def main(argv=None) -> int:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     per_step = args.batch_size * args.grad_accum * world
     log = open(out / "log.jsonl", "a") if rank == 0 else None
-    bar = _progress(range(step, args.steps), initial=step, total=args.steps, desc="train", disable=not progress)
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", disable=not progress)
     stopped_early = False
     start = time.perf_counter() - elapsed
     first_step, done = step, step
@@ -346,8 +345,7 @@ def main(argv=None) -> int:
                       "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 2)}
             log.write(json.dumps(record) + "\n")
             log.flush()
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{record['loss']:.4f}", base=f"{record['base']:.0f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", base=f"{record['base']:.0f}")
         out_of_time = args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes
         out_of_time = out_of_time or (args.stop_after is not None and done - first_step >= args.stop_after)
         if world > 1:
@@ -362,8 +360,7 @@ def main(argv=None) -> int:
             stopped_early = done < args.steps
             break
     train_seconds = time.perf_counter() - start
-    if hasattr(bar, "close"):
-        bar.close()
+    bar.close()
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -391,7 +388,7 @@ def main(argv=None) -> int:
 
 def evaluate_synthetic(model: Echo, args, out: Path) -> dict:
     """WER (jiwer) of greedy transcripts of N synthesised held-out texts, none of which was trained on."""
-    import jiwer
+    jiwer = require("jiwer", "the word error rate of --eval-synthetic")
 
     from . import synthetic
     from .audio import decode_text
@@ -414,4 +411,7 @@ def evaluate_synthetic(model: Echo, args, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except MissingExtra as error:
+        sys.exit(f"python -m echo.train: {error}")

@@ -14,6 +14,8 @@ import argparse
 import json
 from collections import defaultdict
 
+from .optional import MissingExtra, require
+
 
 def _duration(seconds: float) -> str:
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
@@ -75,8 +77,7 @@ def markdown_table(results: dict) -> str:
 
 def plot(results: dict, path: str) -> None:
     """Horizontal bars: our speed-up over each peer, per group, on a log scale (1x marked)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the report's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -114,4 +115,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MissingExtra as error:
+        raise SystemExit(f"python -m echo_kernels.report: {error}") from None

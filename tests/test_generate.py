@@ -12,7 +12,7 @@ import torch
 
 from echo import Echo, EchoCache
 from echo.config import EchoConfig, small_config
-from echo.generate import compression_ratio
+from echo.generate import _beam_search, _sample_or_greedy, compression_ratio
 
 SPEECH = Path(__file__).parent / "data" / "speech"
 
@@ -60,16 +60,37 @@ def test_greedy_batch_matches_single():
         assert torch.all(tokens[b, n:] == model.config.pad_token_id)
 
 
-def test_beam_search_scores_at_least_greedy_and_one_beam_is_greedy():
+def sequence_logprob(model, x, row: int, prompt: list[int], tokens: list[int]) -> float:
+    """Sum of log p(token | prefix) over `tokens`, by one teacher-forced forward pass without a cache."""
+    ids = torch.tensor([prompt + tokens[:-1]])
+    logprobs = torch.log_softmax(model(x[row: row + 1], decoder_input_ids=ids).logits[0].double(), dim=-1)
+    return sum(logprobs[len(prompt) - 1 + i, t].item() for i, t in enumerate(tokens))
+
+
+def test_one_beam_is_greedy():
     model, x = random_model(seed=3), mel(B=2)
-    greedy = model.generate(x, max_new_tokens=6, num_beams=1, return_dict_in_generate=True)
-    one = model.generate(x, max_new_tokens=6, num_beams=1, use_cache=False)
-    assert torch.equal(greedy.sequences, one)
+    start = [model.config.decoder_start_token_id]
+    prompt = torch.tensor([start] * 2)
+    with torch.no_grad():
+        xa, _ = model.encode(x)
+        pos = model.positional_state()
+        greedy = _sample_or_greedy(model, xa, None, prompt, 6, 0.0, None, True, pos)
+        beam = _beam_search(model, xa, None, prompt, 6, 1, True, pos)
+    for g, b in zip(greedy, beam):
+        assert g.tokens == b.tokens and len(g.tokens) > 0
+        assert g.sum_logprob == pytest.approx(b.sum_logprob, rel=1e-9)
+
+
+def test_beam_search_scores_are_the_models_log_probabilities():
+    model, x = random_model(seed=3).double(), mel(B=2).double()  # logits are float32 at the end
+    start = [model.config.decoder_start_token_id]
     beam = model.generate(x, max_new_tokens=6, num_beams=4, return_dict_in_generate=True)
-    for g, b in zip(greedy.rows, beam.rows):
-        # beam search maximises the length-normalised score among hypotheses of equal stopping rule
-        if len(g.tokens) == len(b.tokens):
-            assert b.sum_logprob >= g.sum_logprob - 1e-9
+    greedy = model.generate(x, max_new_tokens=6, return_dict_in_generate=True)
+    assert [b.tokens for b in beam.rows] != [g.tokens for g in greedy.rows]  # the beams searched elsewhere
+    with torch.no_grad():
+        for row, decoded in enumerate(beam.rows + greedy.rows):
+            expected = sequence_logprob(model, x, row % 2, start, decoded.tokens)
+            assert decoded.sum_logprob == pytest.approx(expected, rel=1e-6)
 
 
 def test_beam_search_reorders_the_cache(monkeypatch):

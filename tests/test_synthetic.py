@@ -38,6 +38,8 @@ def test_espeak_speech_is_read_at_16khz(tmp_path):
 
 
 def test_train_synthetic_end_to_end(tmp_path):
+    import jiwer
+
     from echo import train
 
     out = tmp_path / "run"
@@ -46,5 +48,8 @@ def test_train_synthetic_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["train_utterances"] == 6
     assert summary["eval"]["n"] == 2 and summary["eval"]["texts_seen_in_training"] == 0
-    assert 0 <= summary["eval"]["wer"]  # an untrained model: only the mechanics are checked
+    # an untrained model transcribes nothing useful: check that the score is jiwer's WER of what it did say
+    examples = summary["eval"]["examples"]
+    assert [e["ref"] for e in examples] == synthetic.held_out_texts(2, seed=1000, kind="digits")
+    assert summary["eval"]["wer"] == jiwer.wer([e["ref"] for e in examples], [e["hyp"] for e in examples])
     assert len((out / "log.jsonl").read_text().splitlines()) == 1  # --log-every 10: the last step

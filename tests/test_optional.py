@@ -1,0 +1,134 @@
+"""Optional packages (echo_kernels.optional): the package, its tests and benches import without them, the
+main job runs without them, and code that needs one says which extra installs it."""
+
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import echo
+import echo_kernels
+from echo import Echo
+from echo.config import small_config
+from echo_kernels.optional import OPTIONAL, MissingExtra, require
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run first in a child interpreter: makes every optional package unimportable (None in sys.modules is
+# how Python spells "not installed" for import statements and importlib.util.find_spec alike).
+BLOCK = f"import sys\nfor name in {sorted(OPTIONAL)!r}:\n    sys.modules[name] = None\n"
+
+
+def run_blocked(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK + code, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def package_modules() -> list[str]:
+    names = []
+    for package in (echo_kernels, echo):
+        names.append(package.__name__)
+        names += [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+    return names
+
+
+def test_every_module_imports_without_the_optional_packages():
+    modules = package_modules()
+    files = sorted(str(p) for folder in ("tests", "benches") for p in (ROOT / folder).glob("*.py"))
+    assert "echo.generate" in modules and "echo_kernels.report" in modules and len(files) > 20
+    code = (
+        "import importlib, importlib.util, runpy, traceback\n"
+        f"sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT / 'benches')!r}]\n"
+        f"modules, files = {modules!r}, {files!r}\n"
+        "failed = []\n"
+        "for name in modules:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception:\n"
+        "        failed.append(name + ': ' + traceback.format_exc(limit=1))\n"
+        "for path in files:\n"
+        "    spec = importlib.util.spec_from_file_location('checked_' + path.replace('/', '_')[:-3], path)\n"
+        "    try:\n"
+        "        spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "    except Exception:\n"
+        "        failed.append(path + ': ' + traceback.format_exc(limit=1))\n"
+        "print('imported', len(modules) + len(files))\n"
+        "print('\\n'.join(failed))\n"
+        "sys.exit(1 if failed else 0)\n"
+    )
+    run = run_blocked(code)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert f"imported {len(modules) + len(files)}" in run.stdout
+
+
+@pytest.mark.slow
+def test_main_job_runs_without_the_optional_packages():
+    run = run_blocked("import runpy\nsys.argv = ['python -m echo', '--size', 'test']\n"
+                      "runpy.run_module('echo', run_name='__main__', alter_sys=True)")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "reloaded model identical: True" in run.stdout and "greedy tokens:" in run.stdout
+
+
+def test_training_script_names_the_extra_in_one_line(tmp_path):
+    run = run_blocked("import runpy\nsys.argv = ['echo.train', '--synthetic', '4', '--out', sys.argv[1]]\n"
+                      "runpy.run_module('echo.train', run_name='__main__', alter_sys=True)", str(tmp_path / "run"))
+    assert run.returncode == 1
+    assert run.stderr.strip() == ("python -m echo.train: python -m echo.train (audio and tokens) needs openai-whisper, "
+                                  "which is not installed: pip install 'echo-kernels[speech]'")
+    assert not (tmp_path / "run").exists()  # nothing was synthesised or written before the check
+
+
+@pytest.fixture
+def without(monkeypatch):
+    """without(name): the optional package `name` (and its loaded submodules) cannot be imported."""
+
+    def block(name: str) -> None:
+        for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            monkeypatch.setitem(sys.modules, loaded, None)
+        monkeypatch.setitem(sys.modules, name, None)
+
+    return block
+
+
+def whisper_vocab_model():
+    torch.manual_seed(0)
+    return Echo(small_config(vocab_size=51865, n_text_ctx=12, bos_token_id=50257, eos_token_id=50257,
+                             pad_token_id=50257, decoder_start_token_id=50258)).eval()
+
+
+def test_generate_with_token_ids_needs_no_tokenizer(without):
+    model = whisper_vocab_model()
+    mel = torch.randn(2, 80, 32)
+    with_whisper = model.generate(mel, max_new_tokens=4)  # whisper's start sequence, from its tokenizer
+    without("whisper")
+    tokens = model.generate(mel, max_new_tokens=4, prompt=[50258])
+    assert tokens.shape[0] == 2 and torch.all(tokens[:, 0] == 50258)
+    assert torch.equal(model.generate(mel, max_new_tokens=4, prompt=with_whisper[0, :4]), with_whisper)
+    with pytest.raises(MissingExtra, match=r"whisper's start tokens .* pip install 'echo-kernels\[speech\]'"):
+        model.generate(mel, max_new_tokens=4)
+    with pytest.raises(MissingExtra, match=r"echo-kernels\[speech\]"):
+        model.generate(mel, max_new_tokens=4, prompt=[50258], temperature=(0.0, 0.5))  # judging text needs it
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONAL))
+def test_require_names_the_extra(without, name):
+    without(name)
+    distribution, extra = OPTIONAL[name]
+    with pytest.raises(MissingExtra) as error:
+        require(name, "doing X")
+    assert str(error.value) == f"doing X needs {distribution}, which is not installed: pip install 'echo-kernels[{extra}]'"
+
+
+def test_require_shows_a_broken_dependency_as_it_is(without):
+    import tiktoken  # noqa: F401  (loaded so that whisper's import reaches it)
+
+    for name in [m for m in sys.modules if m.startswith("whisper")]:
+        without(name)
+        del sys.modules[name]
+    without("tiktoken")
+    with pytest.raises(ImportError) as error:
+        require("whisper", "doing X")
+    assert not isinstance(error.value, MissingExtra) and error.value.name.startswith("tiktoken")
