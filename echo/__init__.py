@@ -1,11 +1,13 @@
 """echo: the Echo speech model (ECHO_SPEC.md) on the ops of echo_kernels.
 
     from echo import Echo, EchoConfig
+    from echo import AdaptiveBaseCallback   # pass it to transformers' Trainer: callbacks=[AdaptiveBaseCallback()]
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForSpeechSeq2Seq
 
 from .cache import EchoCache
+from .callbacks import AdaptiveBaseCallback
 from .config import EchoConfig
 from .model import Echo
 
@@ -13,4 +15,4 @@ AutoConfig.register("echo", EchoConfig, exist_ok=True)
 AutoModel.register(EchoConfig, Echo, exist_ok=True)
 AutoModelForSpeechSeq2Seq.register(EchoConfig, Echo, exist_ok=True)
 
-__all__ = ["Echo", "EchoCache", "EchoConfig"]
+__all__ = ["AdaptiveBaseCallback", "Echo", "EchoCache", "EchoConfig"]

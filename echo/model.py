@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -131,13 +134,18 @@ class Echo(PreTrainedModel):
     """The Echo speech model: AudioEncoder + TextDecoder, Hugging Face style.
 
     Buffers `base` (the current rotary base of attention) and `prev_loss` (last training loss,
-    +inf at first) implement the self-adjusting base of ECHO_SPEC 5.
+    +inf at first) implement the self-adjusting base of ECHO_SPEC 5. By default a training forward
+    with labels moves the base; `defer_base_updates()` makes it move once per optimizer step instead
+    (`step_base()`, which echo.AdaptiveBaseCallback calls under transformers' Trainer).
     """
 
     config_class = EchoConfig
     base_model_prefix = "echo"
     main_input_name = "input_features"
     _no_split_modules = ["EncoderBlock", "DecoderBlock"]
+    # transformers' Trainer passes forward num_items_in_batch, and as the loss is divided by it, does not
+    # divide it again by gradient_accumulation_steps
+    accepts_loss_kwargs = True
 
     def __init__(self, config):
         config = to_echo_config(config)
@@ -146,6 +154,9 @@ class Echo(PreTrainedModel):
         self.decoder = TextDecoder(config)
         self.register_buffer("base", torch.tensor(float(config.base), dtype=torch.float32))
         self.register_buffer("prev_loss", torch.tensor(float("inf"), dtype=torch.float32))
+        # (3,) float32 [sum of token losses, tokens, forwards] of the optimizer step so far, or None when
+        # forward moves the base itself. Not a buffer: never saved, cast, or broadcast by DDP from rank 0.
+        self.step_loss: Tensor | None = None
         for name, module in self.named_modules():
             if isinstance(module, GivensSite):
                 module.key = name
@@ -203,6 +214,38 @@ class Echo(PreTrainedModel):
             self.base.copy_(torch.where(finite, new_base, self.base))
             self.prev_loss.copy_(torch.where(finite, loss, self.prev_loss))
 
+    def defer_base_updates(self, enabled: bool = True) -> None:
+        """enabled: a training forward with labels only adds its loss to `step_loss` (on the device, no
+        sync), and the base moves when `step_base()` is called, once per optimizer step.
+        False: forward moves the base itself again, from each forward's loss."""
+        self.step_loss = torch.zeros(3, dtype=torch.float32, device=self.base.device) if enabled else None
+
+    def step_base(self) -> None:
+        """Move the base once, from the mean token loss of the forwards since the last call, summed over
+        all processes when torch.distributed is initialised (so every process moves it alike); then
+        start the next step's sum. Needs `defer_base_updates()` first. On the device, no host sync."""
+        if self.step_loss is None:
+            raise RuntimeError("Echo.step_base() needs defer_base_updates() first (forward moves the base now)")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.step_loss)
+        self.update_base(self.step_loss[0] / self.step_loss[1])  # no labelled token: 0/0, and the base stays
+        self.step_loss.zero_()
+
+    def _adapt_base(self, loss_sum: Tensor, tokens: Tensor, num_items_given: bool) -> None:
+        """One training forward's share of ECHO_SPEC 5: loss_sum of its `tokens` labelled tokens."""
+        if self.step_loss is not None:
+            if self.step_loss.device != loss_sum.device:
+                self.step_loss = self.step_loss.to(loss_sum.device)
+            one = torch.ones_like(self.step_loss[0])
+            self.step_loss += torch.stack([loss_sum.detach().float(), tokens.float(), one])
+            return
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            _warn_base_moves_in_forward("each process moves it by its own loss, so their bases drift apart")
+        elif num_items_given:
+            _warn_base_moves_in_forward("under gradient accumulation it moves once per micro-batch, not once "
+                                        "per optimizer step")
+        self.update_base(loss_sum.detach() / tokens)
+
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) must not round the adaptive state: it stays float32 on the new device
         kept = {name: self._buffers[name] for name in ("base", "prev_loss") if name in self._buffers}
@@ -237,11 +280,14 @@ class Echo(PreTrainedModel):
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         cache: EchoCache | None = None,
+        num_items_in_batch: Tensor | int | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         """input_features: (B, n_mels, T) log-mel; labels / decoder_input_ids: (B, L) token ids.
 
         past_key_values (or `cache`, its newer transformers name): an EchoCache to continue from.
+        The loss is the mean cross-entropy of the labelled tokens; given num_items_in_batch (the labelled
+        tokens of a whole accumulated batch, as transformers' Trainer passes it), their sum divided by it.
         Returns Seq2SeqLMOutput(loss, logits (B, L, vocab) float32, cache, encoder_last_hidden_state);
         the cache is returned when use_cache is set (read it as .cache or .past_key_values).
         """
@@ -298,9 +344,17 @@ class Echo(PreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+            tokens = labels.ne(-100).sum()
+            if num_items_in_batch is None:
+                loss = loss_sum / tokens
+            else:
+                if isinstance(num_items_in_batch, Tensor):
+                    num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+                loss = loss_sum / num_items_in_batch
             if self.training and config.adaptive_base:
-                self.update_base(loss)
+                self._adapt_base(loss_sum, tokens, num_items_given=num_items_in_batch is not None)
         out = Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=xa,
                               **{_CACHE_FIELD: cache if use_cache else None})
         return out.to_tuple() if return_dict is False else out
@@ -342,6 +396,14 @@ class Echo(PreTrainedModel):
 
 # Seq2SeqLMOutput's cache field: `cache` in newer transformers, `past_key_values` before.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(Seq2SeqLMOutput)} else "past_key_values"
+
+
+@functools.cache
+def _warn_base_moves_in_forward(consequence: str) -> None:
+    warnings.warn(f"Echo.forward moves the adaptive rotary base itself: {consequence}. Under transformers' "
+                  "Trainer pass callbacks=[echo.AdaptiveBaseCallback()]; in a loop of your own call "
+                  "model.defer_base_updates() once and model.step_base() after each optimizer step.",
+                  stacklevel=3)
 
 
 def shift_tokens_right(labels: Tensor, pad_token_id: int, decoder_start_token_id: int) -> Tensor:
