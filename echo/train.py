@@ -3,6 +3,7 @@
     python -m echo.train --synthetic 3000 --out runs/digits --max-minutes 10 --eval-synthetic 40
     python -m echo.train --manifest data/train.tsv --out runs/mine --preset tiny --steps 20000
     python -m echo.train ... --resume                      # continue exactly from runs/.../checkpoint.pt
+    python -m echo.train ... --resume auto                 # the same, or from scratch if there is none yet
     torchrun --nproc_per_node=4 -m echo.train ... [--fsdp] # DistributedDataParallel, or FSDP2 fully_shard
 
 A manifest holds one `audio path<TAB>text` line per utterance (relative paths from its folder). Audio is
@@ -12,6 +13,11 @@ labels are whisper's multilingual tokens after <|startoftranscript|><|en|><|tran
 Data order is a function of (seed, step) alone, so --resume reproduces an uninterrupted run exactly, and
 N processes of a torchrun see between them the examples one process would see with N times the batch.
 The rotary base adapts once per optimizer step from the loss averaged over micro-batches and processes.
+
+Every file is replaced atomically (echo.durable), so a run killed at any moment resumes from its last
+checkpoint and then matches an uninterrupted run bit for bit. A step whose loss or gradient norm is not
+finite is skipped (its gradients dropped, no optimizer, scheduler or base update); --max-bad-steps of
+them in a row stop the run.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from tqdm import tqdm
 
 from echo_kernels.optional import MissingExtra, require
 
+from . import durable
 from .config import EchoConfig
 from .model import Echo, shift_tokens_right
 
@@ -84,8 +91,7 @@ def cached_features(items, args, progress: bool):
         return state["mels"], state["labels"]
     mels, labels = featurize(items, args.seconds, workers=args.workers, progress=progress)
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save({"mels": mels, "labels": labels}, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        durable.write_file(path, lambda f: torch.save({"mels": mels, "labels": labels}, f))
     return mels, labels
 
 
@@ -156,8 +162,19 @@ def sync_replicated(params: list, world: int) -> None:
             p.grad /= world
 
 
-def clip_gradients(params, max_norm: float, world: int) -> Tensor:
-    """clip_grad_norm_ over plain and FSDP2-sharded (DTensor) gradients alike; returns the total norm."""
+def _local_grads(params) -> list[Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+
+
+def gradient_norm(params, world: int) -> Tensor:
+    """() float32: the 2-norm of all gradients, plain and FSDP2-sharded (DTensor) alike, on every process.
+
+    Sharded gradients' squares are summed across processes; plain ones are whole and equal everywhere
+    (DDP and sync_replicated averaged them).
+    """
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
@@ -168,11 +185,19 @@ def clip_gradients(params, max_norm: float, world: int) -> Tensor:
     if sharded and world > 1:
         dist.all_reduce(sq_sharded)
     sq_plain = sum((g.float().pow(2).sum() for g in plain), torch.zeros((), device=device))
-    total = (sq_sharded + sq_plain).sqrt()
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in sharded + plain:
+    return (sq_sharded + sq_plain).sqrt()
+
+
+def clip_gradients(params, max_norm: float, norm: Tensor) -> None:
+    """clip_grad_norm_ given the total norm from gradient_norm()."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in _local_grads(params):
         g.mul_(coef.to(g.dtype))
-    return total
+
+
+def _json_number(x: float) -> float | str:
+    # JSON has no NaN or infinity: those are written as the strings "nan", "inf", "-inf"
+    return x if math.isfinite(x) else str(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,16 +205,16 @@ def clip_gradients(params, max_norm: float, world: int) -> Tensor:
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, extra: dict, rank: int) -> None:
-    """model + optimizer + scheduler + step (+ the adaptive base, a model buffer) in one file, written by rank 0."""
+    """model + optimizer + scheduler + step (+ the adaptive base, a model buffer) in one file, written by
+    rank 0 to durable.temporary(path) and renamed over `path`: a kill mid-save leaves the last one whole."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer,
                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        tmp = path.with_suffix(".tmp")
-        torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                    "step": step, **extra}, tmp)
-        os.replace(tmp, path)
+        state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                 "step": step, **extra}
+        durable.write_file(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
@@ -200,6 +225,20 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
                    options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
     scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Keep the records of log.jsonl up to `step`, the checkpoint resumed from (0: a fresh start).
+
+    Later ones were written by a run killed before it saved them; the resumed run writes them again, so
+    the log ends up as an uninterrupted run's. A last line cut short by the kill is dropped as well.
+    """
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    durable.write_text(path, "".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,7 +264,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", nargs="?", const="always", choices=("always", "auto"),
+                   help="continue from OUT/checkpoint.pt (an error if there is none); `--resume auto` "
+                        "starts from scratch when OUT has none yet, e.g. in a loop restarting a killed run")
+    p.add_argument("--max-bad-steps", type=int, default=3, metavar="K",
+                   help="stop with an error after K steps in a row whose loss or gradient norm is not finite "
+                        "(each is skipped: no update)")
     p.add_argument("--stop-after", type=int, metavar="K",
                    help="stop (and save) after K optimizer steps of this run, e.g. to fit a time slot")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
@@ -263,16 +307,25 @@ def main(argv=None) -> int:
     if args.eval_synthetic:
         require("jiwer", "python -m echo.train --eval-synthetic (word error rate)")
     out = Path(args.out)
+    if args.max_bad_steps < 1:
+        raise SystemExit(f"--max-bad-steps must be at least 1, got {args.max_bad_steps}")
     if args.eval_only:
         if not args.eval_synthetic:
             raise SystemExit("--eval-only needs --eval-synthetic N")
         result = evaluate_synthetic(Echo.from_pretrained(out / "model").eval(), args, out)
-        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        durable.write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")
         print(f"WER {result['wer']:.4f} on {result['n']} held-out utterances", file=sys.stderr)
         return 0
+    checkpoint = out / "checkpoint.pt"
+    if args.resume == "always" and not checkpoint.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint} (run without --resume to train "
+                                "from scratch, or with --resume auto to do so whenever OUT has none yet)")
+    resume = args.resume is not None and checkpoint.exists()
     rank, world, device = dist_setup()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for path in (checkpoint, out / "model", out / "summary.json", out / "log.jsonl"):
+            durable.recover(path)
     torch.manual_seed(args.seed)
     progress = args.progress and rank == 0
 
@@ -295,15 +348,16 @@ def main(argv=None) -> int:
         return max(0.05, 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup))))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    checkpoint = out / "checkpoint.pt"
-    step, elapsed = 0, 0.0
-    if args.resume:
-        if not checkpoint.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+    step, elapsed, last_loss, skipped, bad_in_a_row = 0, 0.0, float("nan"), 0, 0
+    if resume:
         state = load_checkpoint(checkpoint, module, optimizer, scheduler)
         step, elapsed = state["step"], state.get("elapsed", 0.0)
+        last_loss, skipped, bad_in_a_row = (state.get("loss", float("nan")), state.get("skipped_steps", 0),
+                                            state.get("bad_steps_in_a_row", 0))
         if rank == 0:
             print(f"resumed from {checkpoint} at step {step}", file=sys.stderr)
+    if rank == 0:
+        trim_log(out / "log.jsonl", step)
 
     use_bf16 = args.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
@@ -313,7 +367,7 @@ def main(argv=None) -> int:
     stopped_early = False
     start = time.perf_counter() - elapsed
     first_step, done = step, step
-    total_loss = torch.full((), float("nan"), device=device)
+    params = list(model.parameters())
     for step in bar:
         total_loss = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
@@ -332,20 +386,42 @@ def main(argv=None) -> int:
             dist.all_reduce(total_loss)
             total_loss /= world
         sync_replicated(replicated, world)
-        if args.clip > 0:
-            clip_gradients(list(model.parameters()), args.clip, world)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if config.adaptive_base:
-            model.update_base(total_loss)
+        norm = gradient_norm(params, world)
+        # the loss is averaged over processes, the norm taken over gradients they share: all take one branch
+        finite = bool(torch.isfinite(total_loss) & torch.isfinite(norm))
         done = step + 1
-        if rank == 0 and (done % args.log_every == 0 or done == args.steps):
-            record = {"step": done, "loss": total_loss.item(), "base": model.base.item(),
+        if finite:
+            if args.clip > 0:
+                clip_gradients(params, args.clip, norm)
+            optimizer.step()
+            scheduler.step()
+            if config.adaptive_base:
+                model.update_base(total_loss)
+            last_loss, bad_in_a_row = total_loss.item(), 0
+        else:
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+        optimizer.zero_grad(set_to_none=True)
+        if rank == 0 and not finite:
+            record = {"step": done, "skipped": "non-finite", "loss": _json_number(total_loss.item()),
+                      "grad_norm": _json_number(norm.item())}
+            print(f"step {done}: loss {record['loss']}, gradient norm {record['grad_norm']}: skipped, "
+                  f"gradients dropped ({bad_in_a_row} in a row, --max-bad-steps {args.max_bad_steps})",
+                  file=sys.stderr)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        elif rank == 0 and (done % args.log_every == 0 or done == args.steps):
+            record = {"step": done, "loss": last_loss, "base": model.base.item(),
                       "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 2)}
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{record['loss']:.4f}", base=f"{record['base']:.0f}")
+        if bad_in_a_row >= args.max_bad_steps:
+            if log is not None:
+                log.close()
+            raise RuntimeError(f"step {done}: {bad_in_a_row} steps in a row had a non-finite loss or "
+                               f"gradient norm (--max-bad-steps {args.max_bad_steps}); none of them changed "
+                               f"the weights, and {checkpoint} holds the last one saved. Lower --lr or check "
+                               "the data.")
         out_of_time = args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes
         out_of_time = out_of_time or (args.stop_after is not None and done - first_step >= args.stop_after)
         if world > 1:
@@ -353,8 +429,12 @@ def main(argv=None) -> int:
             dist.broadcast(flag, 0)
             out_of_time = bool(flag.item())
         if done % args.save_every == 0 or done == args.steps or out_of_time:
+            if log is not None:  # the log is never behind the checkpoint, even after a power cut
+                os.fsync(log.fileno())
             save_checkpoint(checkpoint, module, optimizer, scheduler, done,
-                            {"elapsed": time.perf_counter() - start, "config": config.to_dict(), "args": vars(args)},
+                            {"elapsed": time.perf_counter() - start, "config": config.to_dict(),
+                             "args": vars(args), "loss": last_loss, "skipped_steps": skipped,
+                             "bad_steps_in_a_row": bad_in_a_row},
                             rank)
         if out_of_time:
             stopped_early = done < args.steps
@@ -368,14 +448,15 @@ def main(argv=None) -> int:
     if rank == 0:
         final = Echo(config)
         final.load_state_dict(final_state)
-        final.save_pretrained(out / "model")
+        durable.write_folder(out / "model", final.save_pretrained)
         summary = {"steps": done, "train_seconds": round(train_seconds, 1), "stopped_by_time": stopped_early,
-                   "final_loss": total_loss.item(), "base": model.base.item(), "world_size": world,
+                   "final_loss": last_loss, "skipped_steps": skipped, "base": model.base.item(),
+                   "world_size": world,
                    "examples_seen": done * per_step, "train_utterances": len(items),
                    "parameters": sum(p.numel() for p in final.parameters())}
         if args.eval_synthetic:
             summary["eval"] = evaluate_synthetic(final.eval(), args, out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        durable.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(json.dumps({k: v for k, v in summary.items() if k != "eval"}), file=sys.stderr)
         if "eval" in summary:
             print(f"WER {summary['eval']['wer']:.4f} on {summary['eval']['n']} held-out utterances", file=sys.stderr)

@@ -1,55 +1,20 @@
 """The training recipe: exact resume, gradient accumulation, 2-process DDP / FSDP2 (gloo, CPU) against
-one process, and Hugging Face's Seq2SeqTrainer on Echo."""
+one process (a NaN on one process skipping the step on both), and Hugging Face's Seq2SeqTrainer on Echo."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
-import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
+from train_cases import (ROOT, TEXTS, common, final_state, losses, poisoned, records, subprocess_env,
+                         write_manifest)
 
 from echo import Echo  # noqa: E402
 from echo import train  # noqa: E402
 from echo.audio import encode_text  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-TEXTS = ["one two three", "four five six", "seven eight nine", "three two one",
-         "six five four", "nine eight seven", "two four six", "one three five"]
-
-
-def write_manifest(folder: Path, n: int = 8) -> Path:
-    """n half-second noise-and-tone WAVs at 16 kHz with texts of equal token length."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(n):
-        t = np.arange(8000) / 16000
-        x = 0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t) + 0.05 * rng.standard_normal(8000)
-        with wave.open(str(folder / f"{i}.wav"), "wb") as w:
-            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
-            w.writeframes((x * 32767).astype(np.int16).tobytes())
-        lines.append(f"{i}.wav\t{TEXTS[i % len(TEXTS)]}\n")
-    (folder / "train.tsv").write_text("".join(lines))
-    return folder / "train.tsv"
-
-
-def common(manifest, out, *extra):
-    return ["--manifest", str(manifest), "--out", str(out), "--preset", "test", "--seconds", "0.5", "--lr", "1e-2",
-            "--warmup", "2", "--log-every", "1", "--no-progress", "--workers", "2", *extra]
-
-
-def losses(out):
-    return [json.loads(line)["loss"] for line in (Path(out) / "log.jsonl").read_text().splitlines()]
-
-
-def final_state(out):
-    return torch.load(Path(out) / "checkpoint.pt", weights_only=False)
 
 
 @pytest.fixture(scope="module")
@@ -92,20 +57,23 @@ def _free_port():
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_torchrun_two_processes_match_one(manifest, tmp_path, fsdp):
+def test_torchrun_two_processes_match_one(manifest, tmp_path, monkeypatch, fsdp):
+    """Step 2 has NaN logits on the second process only (all of them in the single one): both skip it."""
     single = tmp_path / "single"
-    train.main(common(manifest, single, "--steps", "3", "--batch-size", "4"))
+    with monkeypatch.context() as patch:
+        patch.setattr(Echo, "forward", poisoned(Echo.forward, {1}))
+        train.main(common(manifest, single, "--steps", "3", "--batch-size", "4"))
     multi = tmp_path / "multi"
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "echo.train",
+           f"--master_port={_free_port()}", str(ROOT / "tests" / "train_poisoned.py"), "1", "1",
            *common(manifest, multi, "--steps", "3", "--batch-size", "2", *(["--fsdp"] if fsdp else []))]
-    run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((multi / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 3
-    np.testing.assert_allclose(losses(multi), losses(single), rtol=1e-5)
+    assert summary["world_size"] == 2 and summary["steps"] == 3 and summary["skipped_steps"] == 1
+    assert [r.get("skipped") for r in records(multi)] == [None, "non-finite", None]
+    assert [r.get("skipped") for r in records(single)] == [None, "non-finite", None]
+    np.testing.assert_allclose(losses(multi)[::2], losses(single)[::2], rtol=1e-5)
     a, b = final_state(single)["model"], final_state(multi)["model"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-3)
