@@ -12,7 +12,7 @@ import torch
 from train_cases import (ROOT, TEXTS, common, final_state, losses, poisoned, records, subprocess_env,
                          write_manifest)
 
-from echo import Echo  # noqa: E402
+from echo import AdaptiveBaseCallback, Echo  # noqa: E402
 from echo import train  # noqa: E402
 from echo.audio import encode_text  # noqa: E402
 
@@ -97,7 +97,8 @@ def test_seq2seq_trainer_trains_echo(manifest, tmp_path):
     args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=4, per_device_train_batch_size=4,
                                     learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
                                     use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
-    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                             callbacks=[AdaptiveBaseCallback()])
     result = trainer.train()
     assert result.global_step == 4 and np.isfinite(result.training_loss)
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
