@@ -398,42 +398,58 @@ def transcribe(model, audio, language: str | None = None, task: str | None = Non
                max_new_tokens: int | None = None, **generate_kwargs):
     """audio: a path, a 16 kHz waveform (numpy array or tensor), or a list of them (or a 2-D (B, N) array)
     -> {"text", "segments": [{"start", "end", "text", "tokens", ...}], "language"}, or a list of those for a
-    batch. language=None: detected per window (multilingual vocabularies), reported from the first window.
+    batch.
 
-    Audio longer than one window (2 * n_audio_ctx mel frames: 30 s for the card's model) is cut into
-    consecutive windows, each decoded on its own; the texts are joined. A missing file raises
-    FileNotFoundError, an undecodable one ValueError; silence and very short clips give a result.
+    As whisper.transcribe without timestamps: the log-mel of the whole input is cut into consecutive windows
+    of the model's input length (2 * n_audio_ctx frames: 30 s for the card's model), each zero-padded to that
+    length and decoded on its own; the texts are joined. language=None on a multilingual vocabulary is
+    detected once per input, from its first window. A missing file raises FileNotFoundError, an undecodable
+    one ValueError; silence and very short clips give a (possibly empty) result.
     """
-    from .audio import HOP_LENGTH, load_audio, log_mel_spectrogram, pad_or_trim
+    from .audio import HOP_LENGTH, SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
 
     config = model.config
     inputs, batched = _as_inputs(audio)
-    window = min(3000, 2 * config.n_audio_ctx)  # mel frames per window
+    window = 2 * config.n_audio_ctx  # mel frames per window
     device = next(model.parameters()).device
-    jobs = []  # (input index, start frame, end frame, mel window)
-    for i, item in enumerate(inputs):
+    mels = []
+    for item in inputs:
         wave = load_audio(item)
-        n_frames = max(1, -(-wave.shape[0] // HOP_LENGTH))
-        mel = log_mel_spectrogram(wave, n_mels=config.n_mels, padding=window * HOP_LENGTH)
-        for s in range(0, n_frames, window):
-            jobs.append((i, s, min(s + window, n_frames), pad_or_trim(mel[:, s: s + window], window)))
-    decoded: list[tuple[list[int], Decoded]] = []
-    for b in range(0, len(jobs), batch_size):
-        chunk = jobs[b: b + batch_size]
-        mels = torch.stack([j[3] for j in chunk]).to(device)
-        out = generate(model, mels, max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
-                       language=language, task=task, return_dict_in_generate=True, **generate_kwargs)
-        decoded += out.rows
-    results = [{"text": "", "segments": [], "language": None} for _ in inputs]
-    for (i, s, e, _), d in zip(jobs, decoded):
-        if not results[i]["segments"]:
-            results[i]["language"] = d.language  # the first window's, detected or asked for
-        text = _text(config, d.tokens).strip()
-        seconds = HOP_LENGTH / 16000
-        results[i]["segments"].append({"start": round(s * seconds, 2), "end": round(e * seconds, 2), "text": text,
-                                       "tokens": d.tokens, "temperature": d.temperature,
-                                       "avg_logprob": d.avg_logprob, "compression_ratio": d.compression_ratio})
+        mels.append(log_mel_spectrogram(wave, n_mels=config.n_mels, padding=window * HOP_LENGTH))
+    languages = [language] * len(inputs)
+    if language is None and _multilingual(config):
+        was_training = model.training
+        model.eval()
+        try:
+            for b in range(0, len(mels), batch_size):
+                first = torch.stack([pad_or_trim(m, window) for m in mels[b: b + batch_size]]).to(device)
+                languages[b: b + batch_size] = detect_language(model, model.encode(first)[0], None)[1]
+        finally:
+            model.train(was_training)
+    jobs = []  # (input index, start frame, end frame, mel window): the content frames, then zeros
+    for i, mel in enumerate(mels):
+        content = mel.shape[-1] - window
+        for s in range(0, content, window):
+            e = min(s + window, content)
+            jobs.append((i, s, e, pad_or_trim(mel[:, s:e], window)))
+    decoded: dict[int, Decoded] = {}
+    for lang in dict.fromkeys(languages):  # one generate call per language, in batches
+        group = [j for j, job in enumerate(jobs) if languages[job[0]] == lang]
+        for b in range(0, len(group), batch_size):
+            chunk = group[b: b + batch_size]
+            mel = torch.stack([jobs[j][3] for j in chunk]).to(device)
+            out = generate(model, mel, max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
+                           language=lang, task=task, return_dict_in_generate=True, **generate_kwargs)
+            decoded.update(zip(chunk, out.rows))
+    results = [{"text": "", "segments": [], "language": languages[i]} for i in range(len(inputs))]
+    seconds = HOP_LENGTH / SAMPLE_RATE
+    for j, (i, s, e, _) in enumerate(jobs):
+        d = decoded[j]
+        results[i]["language"] = d.language
+        results[i]["segments"].append({"start": round(s * seconds, 2), "end": round(e * seconds, 2),
+                                       "text": _text(config, d.tokens).strip(), "tokens": d.tokens,
+                                       "temperature": d.temperature, "avg_logprob": d.avg_logprob,
+                                       "compression_ratio": d.compression_ratio})
     for r in results:
         r["text"] = " ".join(seg["text"] for seg in r["segments"] if seg["text"]).strip()
     return results if batched else results[0]
-
