@@ -160,30 +160,6 @@ def test_language_is_detected_as_whisper_does():
     assert out.sequences[:, 2].tolist() == [tok.transcribe] * 3
 
 
-def test_whispers_suppression_of_blank_and_special_tokens():
-    from echo.audio import get_tokenizer
-
-    model, x = whisper_vocab_model(), mel(B=2, T=100)
-    tok = get_tokenizer()
-    suppress = logit_filter(model.config, sample_begin=4)
-    logits = torch.randn(2, model.config.vocab_size)
-    first = suppress(logits, torch.zeros(2, 4, dtype=torch.long))
-    later = suppress(logits, torch.zeros(2, 5, dtype=torch.long))
-    specials = {tok.transcribe, tok.translate, tok.sot, tok.sot_prev, tok.sot_lm, tok.no_speech}
-    always = set(tok.non_speech_tokens) | specials
-    blank = set(tok.encode(" ") + [tok.eot])
-    assert set(torch.isinf(later[0]).nonzero()[:, 0].tolist()) == always
-    assert set(torch.isinf(first[0]).nonzero()[:, 0].tolist()) == always | blank
-    kept = ~torch.isinf(later)
-    assert torch.equal(later[kept], logits[kept])  # the rest is untouched
-    # timestamps, language tokens and ordinary text stay possible, as in whisper without timestamp rules
-    assert not torch.isinf(later[:, [tok.timestamp_begin, tok.to_language_token("de"), 1000]]).any()
-    none = logit_filter(model.config, 4, suppress_tokens=None, suppress_blank=False)
-    assert none(logits, torch.zeros(2, 4, dtype=torch.long)) is logits
-    out = model.generate(x, max_new_tokens=6, language="en")
-    assert not set(out[:, 4:].flatten().tolist()) & always
-
-
 def test_transcribe_long_audio_in_windows_and_batches():
     from echo.audio import load_audio
 
