@@ -12,6 +12,7 @@ import torch
 import echo
 import echo_kernels
 from echo import Echo
+from echo.audio import get_tokenizer
 from echo.config import small_config
 from echo_kernels.optional import OPTIONAL, MissingExtra, require
 
@@ -89,6 +90,7 @@ def without(monkeypatch):
         for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
             monkeypatch.setitem(sys.modules, loaded, None)
         monkeypatch.setitem(sys.modules, name, None)
+        get_tokenizer.cache_clear()  # tokenizers made while whisper was there would hide its absence
 
     return block
 
