@@ -71,8 +71,10 @@ def main(argv=None) -> int:
     print(f"reloaded model identical: {same}")
 
     with timed(timings, "decode"):
-        # explicit start token ids: decoding needs no tokenizer, so the demo runs without the speech extra
-        tokens = loaded.generate(mel, max_new_tokens=args.tokens, prompt=[config.decoder_start_token_id])
+        # start token ids given and whisper's suppression lists off: decoding needs no tokenizer, so the demo
+        # runs without the speech extra
+        tokens = loaded.generate(mel, max_new_tokens=args.tokens, prompt=[config.decoder_start_token_id],
+                                 suppress_tokens=None, suppress_blank=False)
     print(f"greedy tokens: {tokens[0].tolist()}")
 
     total = sum(timings.values())

@@ -1,7 +1,7 @@
 """Audio and text front end, on openai-whisper's own pieces: ffmpeg loading, log-mel, pad/trim, tokenizer.
 
-Nothing here re-implements a filterbank or a BPE: the mel filters and the multilingual vocabulary
-(51865 tokens, the model card's) ship inside the openai-whisper package and work offline. Install
+Nothing here re-implements a filterbank or a BPE: the mel filters and the vocabularies (English-only and
+multilingual; 51865 tokens is the model card's) ship inside the openai-whisper package and work offline. Install
 it with `pip install "echo-kernels[speech]"`; loading files also needs the `ffmpeg` binary.
 """
 
@@ -21,6 +21,8 @@ SAMPLE_RATE = 16000
 HOP_LENGTH = 160
 N_SAMPLES_30S = 30 * SAMPLE_RATE  # whisper's window: 480000 samples, 3000 mel frames
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
+# whisper's vocabularies: English-only (51864), multilingual (51865, the card's) and large-v3's (51866)
+WHISPER_VOCAB_SIZES = (51864, 51865, 51866)
 WHISPER_VOCAB_SIZE = 51865
 
 
@@ -88,34 +90,48 @@ def log_mel_window(audio, n_samples: int = N_SAMPLES_30S, n_mels: int = 80) -> T
 
 
 @lru_cache(maxsize=None)
-def get_tokenizer(language: str | None = "en", task: str | None = "transcribe"):
-    """openai-whisper's multilingual tokenizer (51865 tokens), with its language and task tokens."""
-    tokenizer = _whisper().tokenizer.get_tokenizer(True, num_languages=99, language=language, task=task)
-    assert tokenizer.encoding.n_vocab == WHISPER_VOCAB_SIZE
+def get_tokenizer(language: str | None = "en", task: str | None = "transcribe", vocab_size: int = WHISPER_VOCAB_SIZE):
+    """openai-whisper's tokenizer of a `vocab_size`-token model, chosen by whisper's own rule
+    (`Whisper.is_multilingual`, `.num_languages`): multilingual from 51865 tokens up, with
+    vocab_size - 51766 languages (99, or 100 for large-v3's 51866); English-only (51864: no language or
+    task tokens, so `language` and `task` are ignored) below."""
+    if vocab_size not in WHISPER_VOCAB_SIZES:
+        raise ValueError(f"whisper's vocabularies have {WHISPER_VOCAB_SIZES} tokens, not {vocab_size}")
+    multilingual = vocab_size >= 51865
+    num_languages = vocab_size - 51765 - int(multilingual)
+    if not multilingual:
+        language = task = None
+    tokenizer = _whisper().tokenizer.get_tokenizer(multilingual, num_languages=num_languages, language=language,
+                                                   task=task)
+    assert tokenizer.encoding.n_vocab == vocab_size
     return tokenizer
 
 
 def uses_whisper_vocab(config) -> bool:
-    """True when a model's vocabulary is whisper's multilingual one (so its tokenizer applies)."""
-    return config.vocab_size == WHISPER_VOCAB_SIZE
+    """True when a model's vocabulary is one of whisper's (so whisper's tokenizer applies)."""
+    return config.vocab_size in WHISPER_VOCAB_SIZES
 
 
-def prompt_tokens(language: str | None = "en", task: str | None = "transcribe", timestamps: bool = False) -> list[int]:
-    """<|startoftranscript|> <|lang|> <|task|> [<|notimestamps|>], as whisper starts every transcript."""
-    tokenizer = get_tokenizer(language, task)
+def prompt_tokens(language: str | None = "en", task: str | None = "transcribe", timestamps: bool = False,
+                  vocab_size: int = WHISPER_VOCAB_SIZE) -> list[int]:
+    """<|startoftranscript|> <|lang|> <|task|> [<|notimestamps|>] as whisper starts every transcript
+    (<|startoftranscript|> [<|notimestamps|>] for an English-only vocabulary)."""
+    tokenizer = get_tokenizer(language, task, vocab_size)
     return list(tokenizer.sot_sequence if timestamps else tokenizer.sot_sequence_including_notimestamps)
 
 
-def encode_text(text: str, language: str | None = "en", task: str | None = "transcribe") -> list[int]:
+def encode_text(text: str, language: str | None = "en", task: str | None = "transcribe",
+                vocab_size: int = WHISPER_VOCAB_SIZE) -> list[int]:
     """Training labels of a transcript: the prompt after <|startoftranscript|>, the text's tokens, <|endoftext|>.
 
     (The decoder input starts with <|startoftranscript|> = decoder_start_token_id, added by the shift.)
     """
-    tokenizer = get_tokenizer(language, task)
-    return prompt_tokens(language, task)[1:] + tokenizer.encode(" " + text.strip()) + [tokenizer.eot]
+    tokenizer = get_tokenizer(language, task, vocab_size)
+    return prompt_tokens(language, task, vocab_size=vocab_size)[1:] + tokenizer.encode(" " + text.strip()) + [
+        tokenizer.eot]
 
 
-def decode_text(tokens) -> str:
+def decode_text(tokens, vocab_size: int = WHISPER_VOCAB_SIZE) -> str:
     """Token ids -> text, special tokens (>= <|endoftext|>) dropped."""
-    tokenizer = get_tokenizer()
+    tokenizer = get_tokenizer(vocab_size=vocab_size)
     return tokenizer.decode([int(t) for t in tokens if int(t) < tokenizer.eot]).strip()

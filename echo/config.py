@@ -10,6 +10,7 @@ ROPE_LAYOUTS = ("half_split", "interleaved")
 MLPS = ("gelu", "s1")
 LAYER_NORMS = ("standard", "s1")
 HYBRID_COMBINES = ("sum", "linear")
+POSITIONAL_NORMS = ("l2", "none")
 
 class EchoConfig(PretrainedConfig):
     """Configuration of `echo.Echo` (ECHO_SPEC section 1), defaulting to the model card's "medium".
@@ -48,6 +49,7 @@ class EchoConfig(PretrainedConfig):
     mlp: str = "gelu"
     layer_norm: str = "standard"
     rope_layout: str = "half_split"
+    positional_norm: str = "l2"
     is_encoder_decoder: bool = True
 
     def __post_init__(self, **kwargs):
@@ -83,7 +85,7 @@ class EchoConfig(PretrainedConfig):
         ):
             raise ValueError(f"EchoConfig.local_window must be None or an int >= 0, got {self.local_window!r}")
         for key, allowed in (("rope_layout", ROPE_LAYOUTS), ("mlp", MLPS), ("layer_norm", LAYER_NORMS),
-                             ("hybrid_combine", HYBRID_COMBINES)):
+                             ("hybrid_combine", HYBRID_COMBINES), ("positional_norm", POSITIONAL_NORMS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"EchoConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not isinstance(self.base, (int, float)) or isinstance(self.base, bool) or not self.base > 1:

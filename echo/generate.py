@@ -33,6 +33,7 @@ class Decoded:
     tokens: list[int]
     sum_logprob: float
     temperature: float = 0.0
+    language: str | None = None  # the code its start sequence names (detected or asked for); None without one
     avg_logprob: float = 0.0
     compression_ratio: float | None = None  # of the decoded text; computed only for the temperature fallback
 
@@ -52,9 +53,10 @@ def compression_ratio(text: str) -> float:
 
 
 def start_tokens(config, language: str | None, task: str | None, prompt=None) -> list[int]:
-    """The decoder's start sequence: `prompt` if given; whisper's start sequence for whisper's vocabulary;
-    otherwise [decoder_start_token_id] (where language and task mean nothing and are refused)."""
-    from .audio import uses_whisper_vocab
+    """The decoder's start sequence: `prompt` if given; whisper's start sequence on whisper's vocabularies
+    (language None is English here: generate() detects it instead); otherwise [decoder_start_token_id],
+    where language and task mean nothing and are refused."""
+    from .audio import prompt_tokens, uses_whisper_vocab
 
     if prompt is not None:
         prompt = [int(t) for t in (prompt.tolist() if isinstance(prompt, Tensor) else prompt)]
@@ -65,7 +67,7 @@ def start_tokens(config, language: str | None, task: str | None, prompt=None) ->
         raise ValueError(f"task must be 'transcribe' or 'translate', got {task!r}")
     if not uses_whisper_vocab(config):
         if language is not None or task is not None:
-            raise ValueError(f"language and task tokens need whisper's vocabulary (51865 tokens); this model has "
+            raise ValueError(f"language and task tokens need one of whisper's vocabularies; this model has "
                              f"vocab_size = {config.vocab_size}")
         return [config.decoder_start_token_id]
     whisper_tokenizer = require("whisper.tokenizer", "whisper's start tokens (pass prompt= token ids to do without)")
@@ -73,9 +75,72 @@ def start_tokens(config, language: str | None, task: str | None, prompt=None) ->
     code = whisper_tokenizer.TO_LANGUAGE_CODE.get(language.lower(), language.lower())
     if code not in whisper_tokenizer.LANGUAGES:
         raise ValueError(f"unknown language {language!r}; expected a code or name whisper knows, e.g. 'en', 'french'")
-    from .audio import prompt_tokens
+    if not _multilingual(config) and (code != "en" or task == "translate"):
+        raise ValueError(f"this model's vocabulary ({config.vocab_size} tokens) is English-only: it has no "
+                         f"language or task tokens, so language={language!r}, task={task!r} cannot be asked for")
+    return prompt_tokens(code, task or "transcribe", vocab_size=config.vocab_size)
 
-    return prompt_tokens(code, task or "transcribe")
+
+def _multilingual(config) -> bool:
+    """whisper's Whisper.is_multilingual, from the vocabulary size."""
+    from .audio import uses_whisper_vocab
+
+    return uses_whisper_vocab(config) and config.vocab_size >= 51865
+
+
+def detect_language(model, xa: Tensor, audio_mask: Tensor | None) -> tuple[Tensor, list[str]]:
+    """xa: (B, Ta, D) encoder output -> (language token ids (B,), language codes): the most likely
+    language token after <|startoftranscript|>, as whisper's detect_language picks it."""
+    from .audio import get_tokenizer
+
+    tokenizer = get_tokenizer(vocab_size=model.config.vocab_size)
+    sot = torch.full((xa.shape[0], 1), tokenizer.sot, dtype=torch.long, device=xa.device)
+    logits = model(encoder_outputs=xa, attention_mask=audio_mask, decoder_input_ids=sot).logits[:, 0]
+    languages = torch.tensor(tokenizer.all_language_tokens, device=logits.device)
+    tokens = languages[logits.index_select(1, languages).argmax(-1)]
+    code = dict(zip(tokenizer.all_language_tokens, tokenizer.all_language_codes))
+    return tokens, [code[int(t)] for t in tokens]
+
+
+def logit_filter(config, sample_begin: int, suppress_tokens="-1", suppress_blank: bool = True):
+    """whisper's SuppressTokens and SuppressBlank (its DecodingOptions' suppress_tokens and suppress_blank) as
+    one function (logits (N, V), tokens so far (N, L)) -> logits.
+
+    suppress_tokens: "-1" (whisper's default: its non-speech symbols), a comma-separated string or a list of
+    token ids ("-1" among them adds the non-speech symbols), or None / "" for none; on whisper's vocabularies a
+    non-empty list also suppresses <|transcribe|>, <|translate|>, <|startoftranscript|>, <|startofprev|>,
+    <|startoflm|> and <|nospeech|>, as whisper does. suppress_blank: " " and <|endoftext|> cannot be the
+    first sampled token (position `sample_begin`). On other vocabularies only explicit token ids apply.
+    """
+    from .audio import get_tokenizer, uses_whisper_vocab
+
+    if isinstance(suppress_tokens, str):
+        suppress_tokens = [int(t) for t in suppress_tokens.split(",") if t.strip()]
+    ids = set(int(t) for t in (suppress_tokens or ()))
+    blank: list[int] = []
+    if uses_whisper_vocab(config) and (ids or suppress_blank):
+        tokenizer = get_tokenizer(vocab_size=config.vocab_size)
+        if -1 in ids:
+            ids |= set(tokenizer.non_speech_tokens)
+        if ids:
+            ids |= {tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev, tokenizer.sot_lm}
+            if tokenizer.no_speech is not None:
+                ids.add(tokenizer.no_speech)
+        if suppress_blank:
+            blank = tokenizer.encode(" ") + [tokenizer.eot]
+    always = sorted(t for t in ids if t >= 0)
+    if any(t >= config.vocab_size for t in always):
+        raise ValueError(f"suppress_tokens holds ids outside the vocabulary of {config.vocab_size} tokens")
+    def apply(logits: Tensor, tokens: Tensor) -> Tensor:
+        if not always and not blank:
+            return logits
+        logits = logits.clone()
+        logits[:, always] = -float("inf")
+        if blank and tokens.shape[1] == sample_begin:
+            logits[:, blank] = -float("inf")
+        return logits
+
+    return apply
 
 
 class _Stepper:
@@ -107,18 +172,8 @@ class _Stepper:
             self.cache.reorder(index)
 
 
-def _suppress(config, logits: Tensor) -> Tensor:
-    """With whisper's vocabulary no special token but <|endoftext|> may be generated (no timestamps)."""
-    from .audio import uses_whisper_vocab
-
-    if uses_whisper_vocab(config):
-        logits = logits.clone()
-        logits[:, config.eos_token_id + 1:] = -float("inf")
-    return logits
-
-
 def _sample_or_greedy(model, xa, mask, prompt: Tensor, max_new: int, temperature: float,
-                      generator: torch.Generator | None, use_cache: bool, pos: dict) -> list[Decoded]:
+                      generator: torch.Generator | None, use_cache: bool, pos: dict, suppress) -> list[Decoded]:
     config = model.config
     N = prompt.shape[0]
     eot = config.eos_token_id
@@ -128,7 +183,7 @@ def _sample_or_greedy(model, xa, mask, prompt: Tensor, max_new: int, temperature
     done = torch.zeros(N, dtype=torch.bool)
     lengths = torch.zeros(N, dtype=torch.long)
     for i in range(max_new):
-        logits = _suppress(config, step(tokens).float())
+        logits = suppress(step(tokens).float(), tokens)
         logprobs = F.log_softmax(logits, dim=-1)
         if temperature > 0:
             probs = F.softmax(logits / temperature, dim=-1).cpu()
@@ -148,7 +203,7 @@ def _sample_or_greedy(model, xa, mask, prompt: Tensor, max_new: int, temperature
 
 
 def _beam_search(model, xa, mask, prompt: Tensor, max_new: int, num_beams: int, use_cache: bool,
-                 pos: dict) -> list[Decoded]:
+                 pos: dict, suppress) -> list[Decoded]:
     config = model.config
     N, K = prompt.shape[0], num_beams
     eot, pad = config.eos_token_id, config.pad_token_id
@@ -161,7 +216,7 @@ def _beam_search(model, xa, mask, prompt: Tensor, max_new: int, num_beams: int, 
     sum_lp[:, 0] = 0.0  # the K beams start identical: expand only the first
     finished: list[list[tuple[list[int], float]]] = [[] for _ in range(N)]
     for i in range(max_new):
-        logprobs = F.log_softmax(_suppress(config, step(tokens).float()), dim=-1).double().cpu()  # (N K, V)
+        logprobs = F.log_softmax(suppress(step(tokens).float(), tokens), dim=-1).double().cpu()  # (N K, V)
         V = logprobs.shape[-1]
         candidates = (sum_lp[:, :, None] + logprobs.view(N, K, V)).view(N, K * V)
         top_scores, top_index = candidates.topk(2 * K, dim=-1)
@@ -209,20 +264,24 @@ def _beam_search(model, xa, mask, prompt: Tensor, max_new: int, num_beams: int, 
 def generate(model, input_features: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int | None = None,
              num_beams: int = 1, temperature: float | tuple[float, ...] = 0.0, language: str | None = None,
              task: str | None = None, prompt=None, use_cache: bool = True, compression_ratio_threshold: float | None = 2.4,
-             logprob_threshold: float | None = -1.0, seed: int = 0, return_dict_in_generate: bool = False, **unused):
-    """mel (B, n_mels, T) -> token ids (B, P + n): the start sequence, then at most max_new_tokens tokens,
-    then pad_token_id after each row's <|endoftext|>.
+             logprob_threshold: float | None = -1.0, suppress_tokens="-1", suppress_blank: bool = True, seed: int = 0,
+             return_dict_in_generate: bool = False, **unused):
+    """mel (B, n_mels, T) -> token ids (B, P + n): the start sequence, then at most max_new_tokens tokens
+    (default n_text_ctx // 2, whisper's sample_len), then pad_token_id after each row's <|endoftext|>.
 
     num_beams > 1 is beam search at temperature 0 (score: sum log-probability / length, as whisper);
     temperature > 0 samples (seeded by `seed`, so results repeat). A tuple of temperatures is whisper's
-    fallback: rows whose result fails the thresholds are decoded again at the next one. language (code or
-    name, default English) and task ("transcribe" or "translate") pick whisper's start tokens; language is
-    not detected. `prompt` (token ids) replaces the start sequence. use_cache=False re-runs the decoder on the
-    whole prefix at each step (same tokens).
+    fallback: rows whose result fails the thresholds are decoded again at the next one. On whisper's
+    vocabularies, language (code or name) and task ("transcribe" or "translate") pick whisper's start tokens;
+    language=None detects each row's language as whisper does (English-only vocabularies have no language
+    tokens). suppress_tokens and suppress_blank are whisper's (see logit_filter). `prompt` (token ids) replaces
+    the start sequence. use_cache=False re-runs the decoder on the whole prefix at each step (same tokens).
 
-    openai-whisper (the speech extra) is needed only for whisper's start tokens and for judging text in the
-    temperature fallback: with a `prompt` and one temperature, generate needs no optional package.
+    openai-whisper (the speech extra) is needed for whisper's start tokens, its suppression lists and for
+    judging text in the temperature fallback: with a `prompt`, one temperature, suppress_tokens=None and
+    suppress_blank=False, generate needs no optional package.
     """
+    from .audio import uses_whisper_vocab
     from .model import _check_mel
 
     config = model.config
@@ -237,12 +296,14 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     if not temperatures or any(t < 0 for t in temperatures):
         raise ValueError(f"temperature must be >= 0 (or a non-empty tuple of such), got {temperature!r}")
     start = start_tokens(config, language, task, prompt)
+    detect = prompt is None and language is None and _multilingual(config)
+    suppress = logit_filter(config, len(start), suppress_tokens, suppress_blank)
     # The text (hence the tokenizer) is needed only to judge a row for the temperature fallback.
     judge_text = compression_ratio_threshold is not None and len(temperatures) > 1
     room = config.n_text_ctx - len(start)
     if room < 1:
         raise ValueError(f"the start sequence ({len(start)} tokens) leaves no room in n_text_ctx = {config.n_text_ctx}")
-    max_new = room if max_new_tokens is None else max(0, min(int(max_new_tokens), room))
+    max_new = min(room, config.n_text_ctx // 2) if max_new_tokens is None else max(0, min(int(max_new_tokens), room))
     was_training = model.training
     model.eval()
     device = input_features.device
@@ -250,6 +311,12 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     try:
         pos = model.positional_state()
         xa, _ = model.encode(input_features, attention_mask, pos)
+        starts = torch.tensor([start] * B, dtype=torch.long, device=device)
+        languages = [None] * B
+        if detect:  # whisper's start sequence is <|startoftranscript|> <|lang|> ...: write each row's language
+            starts[:, 1], languages = detect_language(model, xa, attention_mask)
+        elif uses_whisper_vocab(config) and prompt is None:
+            languages = [start_language(language)] * B
         results: list[Decoded | None] = [None] * B
         pending = list(range(B))
         generator = torch.Generator().manual_seed(seed)
@@ -257,17 +324,20 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
             rows = torch.tensor(pending, device=device)
             sub_xa = xa.index_select(0, rows)
             sub_mask = None if attention_mask is None else attention_mask.index_select(0, rows)
-            prompt_ids = torch.tensor([start] * len(pending), dtype=torch.long, device=device)
+            prompt_ids = starts.index_select(0, rows)
             if max_new == 0:
                 decoded = [Decoded([], 0.0) for _ in pending]
             elif t == 0 and num_beams > 1:
-                decoded = _beam_search(model, sub_xa, sub_mask, prompt_ids, max_new, num_beams, use_cache, pos)
+                decoded = _beam_search(model, sub_xa, sub_mask, prompt_ids, max_new, num_beams, use_cache, pos,
+                                       suppress)
             else:
-                decoded = _sample_or_greedy(model, sub_xa, sub_mask, prompt_ids, max_new, t, generator, use_cache, pos)
+                decoded = _sample_or_greedy(model, sub_xa, sub_mask, prompt_ids, max_new, t, generator, use_cache,
+                                            pos, suppress)
             last = t_index == len(temperatures) - 1
             still = []
             for row, d in zip(pending, decoded):
                 d.temperature = t
+                d.language = languages[row]
                 d.avg_logprob = d.sum_logprob / (len(d.tokens) + 1)
                 if judge_text:
                     d.compression_ratio = compression_ratio(_text(config, d.tokens))
@@ -282,20 +352,27 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
                 break
     finally:
         model.train(was_training)
-    L = len(start) + max(len(d.tokens) for d in results)
-    sequences = torch.full((B, L), config.pad_token_id, dtype=torch.long)
-    sequences[:, : len(start)] = torch.tensor(start)
+    P = len(start)
+    sequences = torch.full((B, P + max(len(d.tokens) for d in results)), config.pad_token_id, dtype=torch.long)
+    sequences[:, :P] = starts.cpu()
     for b, d in enumerate(results):
-        sequences[b, len(start): len(start) + len(d.tokens)] = torch.tensor(d.tokens, dtype=torch.long)
+        sequences[b, P: P + len(d.tokens)] = torch.tensor(d.tokens, dtype=torch.long)
     sequences = sequences.to(device)
     return GenerateOutput(sequences, results) if return_dict_in_generate else sequences
+
+
+def start_language(language: str | None) -> str:
+    """The language code the start sequence names for `language` (None: English)."""
+    to_code = require("whisper.tokenizer", "whisper's language codes").TO_LANGUAGE_CODE
+    language = (language or "en").lower()
+    return to_code.get(language, language)
 
 
 def _text(config, tokens: list[int]) -> str:
     from .audio import decode_text, uses_whisper_vocab
 
     if uses_whisper_vocab(config):
-        return decode_text(tokens)
+        return decode_text(tokens, config.vocab_size)
     return " ".join(str(t) for t in tokens if t != config.eos_token_id)
 
 
@@ -320,50 +397,59 @@ def transcribe(model, audio, language: str | None = None, task: str | None = Non
                temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES, batch_size: int = 8,
                max_new_tokens: int | None = None, **generate_kwargs):
     """audio: a path, a 16 kHz waveform (numpy array or tensor), or a list of them (or a 2-D (B, N) array)
-    -> {"text", "segments": [{"start", "end", "text", "tokens"}], "language"}, or a list of those for a batch.
+    -> {"text", "segments": [{"start", "end", "text", "tokens", ...}], "language"}, or a list of those for a
+    batch.
 
-    Audio longer than one window (2 * n_audio_ctx mel frames: 30 s for the card's model) is cut into
-    consecutive windows, each decoded on its own; the texts are joined. A missing file raises
-    FileNotFoundError, an undecodable one ValueError; silence and very short clips give a result.
+    As whisper.transcribe without timestamps: the log-mel of the whole input is cut into consecutive windows
+    of the model's input length (2 * n_audio_ctx frames: 30 s for the card's model), each zero-padded to that
+    length and decoded on its own; the texts are joined. language=None on a multilingual vocabulary is
+    detected once per input, from its first window. A missing file raises FileNotFoundError, an undecodable
+    one ValueError; silence and very short clips give a (possibly empty) result.
     """
-    from .audio import HOP_LENGTH, load_audio, log_mel_spectrogram, pad_or_trim
+    from .audio import HOP_LENGTH, SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
 
     config = model.config
     inputs, batched = _as_inputs(audio)
-    window = min(3000, 2 * config.n_audio_ctx)  # mel frames per window
+    window = 2 * config.n_audio_ctx  # mel frames per window
     device = next(model.parameters()).device
-    code = None
-    if language is not None:
-        to_code = require("whisper.tokenizer", "transcribe(language=...)").TO_LANGUAGE_CODE
-        code = to_code.get(language.lower(), language.lower())
-    jobs = []  # (input index, start frame, end frame, mel window)
-    for i, item in enumerate(inputs):
+    mels = []
+    for item in inputs:
         wave = load_audio(item)
-        n_frames = max(1, -(-wave.shape[0] // HOP_LENGTH))
-        mel = log_mel_spectrogram(wave, n_mels=config.n_mels, padding=window * HOP_LENGTH)
-        for s in range(0, n_frames, window):
-            jobs.append((i, s, min(s + window, n_frames), pad_or_trim(mel[:, s: s + window], window)))
-    decoded: list[tuple[list[int], Decoded]] = []
-    for b in range(0, len(jobs), batch_size):
-        chunk = jobs[b: b + batch_size]
-        mels = torch.stack([j[3] for j in chunk]).to(device)
-        out = generate(model, mels, max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
-                       language=language, task=task, return_dict_in_generate=True, **generate_kwargs)
-        decoded += out.rows
-    results = [{"text": "", "segments": [], "language": code or ("en" if _whisper_vocab(config) else None)}
-               for _ in inputs]
-    for (i, s, e, _), d in zip(jobs, decoded):
-        text = _text(config, d.tokens).strip()
-        seconds = HOP_LENGTH / 16000
-        results[i]["segments"].append({"start": round(s * seconds, 2), "end": round(e * seconds, 2), "text": text,
-                                       "tokens": d.tokens, "temperature": d.temperature,
-                                       "avg_logprob": d.avg_logprob, "compression_ratio": d.compression_ratio})
+        mels.append(log_mel_spectrogram(wave, n_mels=config.n_mels, padding=window * HOP_LENGTH))
+    languages = [language] * len(inputs)
+    if language is None and _multilingual(config):
+        was_training = model.training
+        model.eval()
+        try:
+            for b in range(0, len(mels), batch_size):
+                first = torch.stack([pad_or_trim(m, window) for m in mels[b: b + batch_size]]).to(device)
+                languages[b: b + batch_size] = detect_language(model, model.encode(first)[0], None)[1]
+        finally:
+            model.train(was_training)
+    jobs = []  # (input index, start frame, end frame, mel window): the content frames, then zeros
+    for i, mel in enumerate(mels):
+        content = mel.shape[-1] - window
+        for s in range(0, content, window):
+            e = min(s + window, content)
+            jobs.append((i, s, e, pad_or_trim(mel[:, s:e], window)))
+    decoded: dict[int, Decoded] = {}
+    for lang in dict.fromkeys(languages):  # one generate call per language, in batches
+        group = [j for j, job in enumerate(jobs) if languages[job[0]] == lang]
+        for b in range(0, len(group), batch_size):
+            chunk = group[b: b + batch_size]
+            mel = torch.stack([jobs[j][3] for j in chunk]).to(device)
+            out = generate(model, mel, max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
+                           language=lang, task=task, return_dict_in_generate=True, **generate_kwargs)
+            decoded.update(zip(chunk, out.rows))
+    results = [{"text": "", "segments": [], "language": languages[i]} for i in range(len(inputs))]
+    seconds = HOP_LENGTH / SAMPLE_RATE
+    for j, (i, s, e, _) in enumerate(jobs):
+        d = decoded[j]
+        results[i]["language"] = d.language
+        results[i]["segments"].append({"start": round(s * seconds, 2), "end": round(e * seconds, 2),
+                                       "text": _text(config, d.tokens).strip(), "tokens": d.tokens,
+                                       "temperature": d.temperature, "avg_logprob": d.avg_logprob,
+                                       "compression_ratio": d.compression_ratio})
     for r in results:
         r["text"] = " ".join(seg["text"] for seg in r["segments"] if seg["text"]).strip()
     return results if batched else results[0]
-
-
-def _whisper_vocab(config) -> bool:
-    from .audio import uses_whisper_vocab
-
-    return uses_whisper_vocab(config)

@@ -84,7 +84,8 @@ class AudioEncoder(nn.Module):
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         self.rotary = CombinedRotaryEmbedding(d, config.n_audio_head, config.givens_count("audio"), config.base,
                                               config.rope_layout, seed=PAIR_SEED)
-        self.positional = LearnedSinusoidalEmbedding(config.n_audio_ctx, d, config.checkpointing)
+        self.positional = LearnedSinusoidalEmbedding(config.n_audio_ctx, d, config.checkpointing,
+                                                     config.positional_norm)
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_audio_layer))
         self.ln_post = layer_norm(config.layer_norm, d)
 
@@ -107,7 +108,8 @@ class TextDecoder(nn.Module):
         d = config.n_text_state
         self.checkpointing = config.checkpointing
         self.token_embedding = nn.Embedding(config.vocab_size, d)
-        self.positional = LearnedSinusoidalEmbedding(config.n_text_ctx, d, config.checkpointing)
+        self.positional = LearnedSinusoidalEmbedding(config.n_text_ctx, d, config.checkpointing,
+                                                     config.positional_norm)
         self.rotary = CombinedRotaryEmbedding(d, config.n_text_head, config.givens_count("text"), config.base,
                                               config.rope_layout, seed=PAIR_SEED + 1)
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_text_layer))
@@ -379,6 +381,18 @@ class Echo(PreTrainedModel):
         return transcribe(self, audio, **kwargs)
 
     # ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_whisper(cls, source, **overrides) -> "Echo":
+        """A pretrained Whisper as an Echo that computes its function (ECHO_SPEC 10); see echo.convert.
+
+        source: openai-whisper's checkpoint file (.pt) or loaded Whisper, or a Hugging Face
+        WhisperForConditionalGeneration or the folder it was saved to. overrides: EchoConfig keys that
+        turn Echo's options on (sizes, vocabulary and token ids come from the source).
+        """
+        from .convert import from_whisper
+
+        return from_whisper(cls, source, **overrides)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):

@@ -121,14 +121,16 @@ def _normalised_rows(weight: Tensor, positions: Tensor) -> Tensor:
 
 
 class LearnedSinusoidalEmbedding(nn.Module):
-    """A learned (n_ctx, D) table initialised with sinusoids; rows are L2-normalised when looked up.
+    """A learned (n_ctx, D) table initialised with sinusoids; rows are L2-normalised when looked up
+    (norm "l2") or added as they are ("none", e.g. Whisper's own tables after an import).
 
     positions: (T,) int64 -> (T, D).
     """
 
-    def __init__(self, n_ctx: int, d: int, checkpointing: bool = False):
+    def __init__(self, n_ctx: int, d: int, checkpointing: bool = False, norm: str = "l2"):
         super().__init__()
         self.checkpointing = checkpointing
+        self.norm = norm
         self.weight = nn.Parameter(sinusoids(n_ctx, d))
 
     def reset_parameters(self) -> None:
@@ -136,6 +138,8 @@ class LearnedSinusoidalEmbedding(nn.Module):
             self.weight.copy_(sinusoids(*self.weight.shape))
 
     def forward(self, positions: Tensor) -> Tensor:
+        if self.norm == "none":
+            return self.weight[positions]
         if self.checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(_normalised_rows, self.weight, positions, use_reentrant=False)
         return _normalised_rows(self.weight, positions)

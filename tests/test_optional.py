@@ -12,6 +12,7 @@ import torch
 import echo
 import echo_kernels
 from echo import Echo
+from echo.audio import get_tokenizer
 from echo.config import small_config
 from echo_kernels.optional import OPTIONAL, MissingExtra, require
 
@@ -89,6 +90,7 @@ def without(monkeypatch):
         for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
             monkeypatch.setitem(sys.modules, loaded, None)
         monkeypatch.setitem(sys.modules, name, None)
+        get_tokenizer.cache_clear()  # tokenizers made while whisper was there would hide its absence
 
     return block
 
@@ -102,15 +104,18 @@ def whisper_vocab_model():
 def test_generate_with_token_ids_needs_no_tokenizer(without):
     model = whisper_vocab_model()
     mel = torch.randn(2, 80, 32)
-    with_whisper = model.generate(mel, max_new_tokens=4)  # whisper's start sequence, from its tokenizer
+    raw = dict(suppress_tokens=None, suppress_blank=False)  # whisper's suppression lists come from its tokenizer
+    with_whisper = model.generate(mel, max_new_tokens=4, language="en", **raw)  # whisper's start sequence
     without("whisper")
-    tokens = model.generate(mel, max_new_tokens=4, prompt=[50258])
+    tokens = model.generate(mel, max_new_tokens=4, prompt=[50258], **raw)
     assert tokens.shape[0] == 2 and torch.all(tokens[:, 0] == 50258)
-    assert torch.equal(model.generate(mel, max_new_tokens=4, prompt=with_whisper[0, :4]), with_whisper)
+    assert torch.equal(model.generate(mel, max_new_tokens=4, prompt=with_whisper[0, :4], **raw), with_whisper)
     with pytest.raises(MissingExtra, match=r"whisper's start tokens .* pip install 'echo-kernels\[speech\]'"):
-        model.generate(mel, max_new_tokens=4)
+        model.generate(mel, max_new_tokens=4, **raw)
     with pytest.raises(MissingExtra, match=r"echo-kernels\[speech\]"):
-        model.generate(mel, max_new_tokens=4, prompt=[50258], temperature=(0.0, 0.5))  # judging text needs it
+        model.generate(mel, max_new_tokens=4, prompt=[50258])  # whisper's suppression lists
+    with pytest.raises(MissingExtra, match=r"echo-kernels\[speech\]"):
+        model.generate(mel, max_new_tokens=4, prompt=[50258], temperature=(0.0, 0.5), **raw)  # judging text
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONAL))
