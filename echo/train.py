@@ -67,29 +67,31 @@ def build_config(preset: str, seconds: float) -> EchoConfig:
 
 
 def featurize(items: list[tuple[str, str]], seconds: float, n_mels: int = 80, workers: int = 4,
-              progress: bool = True) -> tuple[torch.Tensor, list[list[int]]]:
-    """(path, text) pairs -> (log-mel (N, n_mels, seconds * 100), label token lists), by whisper's code."""
+              progress: bool = True, vocab_size: int = 51865) -> tuple[torch.Tensor, list[list[int]]]:
+    """(path, text) pairs -> (log-mel (N, n_mels, seconds * 100), label token lists), by whisper's code
+    (the tokenizer of a `vocab_size`-token whisper vocabulary)."""
     from .audio import encode_text, log_mel_window
 
     n_samples = int(round(seconds * 16000))
     with ThreadPoolExecutor(max(1, workers)) as pool:
         mels = pool.map(lambda item: log_mel_window(item[0], n_samples, n_mels), items)
         mels = list(tqdm(mels, total=len(items), desc="log-mel", disable=not progress))
-    return torch.stack(mels), [encode_text(text) for _, text in items]
+    return torch.stack(mels), [encode_text(text, vocab_size=vocab_size) for _, text in items]
 
 
-def cached_features(items, args, progress: bool):
+def cached_features(items, args, config: EchoConfig, progress: bool):
     """featurize(), kept beside synthetic data (features-<seconds>s-<hash>.pt) so that later runs skip it."""
     import hashlib
 
+    kwargs = dict(n_mels=config.n_mels, workers=args.workers, progress=progress, vocab_size=config.vocab_size)
     if args.manifest:
-        return featurize(items, args.seconds, workers=args.workers, progress=progress)
-    key = hashlib.sha1(repr((items, args.seconds)).encode()).hexdigest()[:12]
+        return featurize(items, args.seconds, **kwargs)
+    key = hashlib.sha1(repr((items, args.seconds, config.n_mels, config.vocab_size)).encode()).hexdigest()[:12]
     path = Path(args.data_dir or Path(args.out) / "synthetic") / f"features-{args.seconds:g}s-{key}.pt"
     if path.exists():
         state = torch.load(path, weights_only=True)
         return state["mels"], state["labels"]
-    mels, labels = featurize(items, args.seconds, workers=args.workers, progress=progress)
+    mels, labels = featurize(items, args.seconds, **kwargs)
     if int(os.environ.get("RANK", "0")) == 0:
         durable.write_file(path, lambda f: torch.save({"mels": mels, "labels": labels}, f))
     return mels, labels
@@ -252,7 +254,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for checkpoint.pt, log.jsonl, the final model, results")
     p.add_argument("--data-dir", help="where --synthetic writes its audio (default OUT/synthetic)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="speech-tiny")
-    p.add_argument("--seconds", type=float, default=3.0, help="clip length: audio is cut or zero-padded to it")
+    p.add_argument("--init", metavar="SOURCE",
+                   help="start from this model instead of --preset: an Echo folder, or a Whisper (openai-whisper "
+                        ".pt or Hugging Face folder) imported by Echo.from_whisper")
+    p.add_argument("--seconds", type=float,
+                   help="clip length: audio is cut or zero-padded to it (default 3, or the --init model's window)")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps in all")
     p.add_argument("--max-minutes", type=float, help="stop (and save) after this much training time")
     p.add_argument("--batch-size", type=int, default=32, help="per process and micro-batch")
@@ -300,6 +306,27 @@ def load_data(args, rank: int, world: int) -> list[tuple[str, str]]:
     return synthetic.read_manifest(manifest)
 
 
+def initial_model(args) -> Echo:
+    """The model to train: --init's (sets --seconds to its window when not given), or a fresh one of --preset."""
+    if args.init is None:
+        args.seconds = 3.0 if args.seconds is None else args.seconds
+        model = Echo(build_config(args.preset, args.seconds))
+        model.apply_initialization()
+        return model
+    source = Path(args.init)
+    config_file = source / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "echo":
+        model = Echo.from_pretrained(source)
+    else:
+        model = Echo.from_whisper(source)
+    window = 2 * model.config.n_audio_ctx / 100  # seconds of audio the encoder takes
+    if args.seconds is None:
+        args.seconds = window
+    elif not 0 < args.seconds <= window:
+        raise SystemExit(f"--seconds {args.seconds:g}: the --init model takes at most {window:g} s of audio")
+    return model
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # fail before minutes of synthesis or training, not after
@@ -312,7 +339,10 @@ def main(argv=None) -> int:
     if args.eval_only:
         if not args.eval_synthetic:
             raise SystemExit("--eval-only needs --eval-synthetic N")
-        result = evaluate_synthetic(Echo.from_pretrained(out / "model").eval(), args, out)
+        model = Echo.from_pretrained(out / "model").eval()
+        if args.seconds is None:
+            args.seconds = 2 * model.config.n_audio_ctx / 100
+        result = evaluate_synthetic(model, args, out)
         durable.write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")
         print(f"WER {result['wer']:.4f} on {result['n']} held-out utterances", file=sys.stderr)
         return 0
@@ -329,12 +359,10 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     progress = args.progress and rank == 0
 
+    model = initial_model(args)
+    config = model.config
     items = load_data(args, rank, world)
-    mels, labels = cached_features(items, args, progress)
-
-    config = build_config(args.preset, args.seconds)
-    model = Echo(config)
-    model.apply_initialization()
+    mels, labels = cached_features(items, args, config, progress)
     model.to(device).train()
     module, replicated = wrap(model, world, device, args.fsdp)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -478,12 +506,13 @@ def evaluate_synthetic(model: Echo, args, out: Path) -> dict:
     folder = out / "heldout"
     manifest = synthetic.build_dataset(texts, folder, seed=args.seed + 1000, workers=args.workers)
     items = synthetic.read_manifest(manifest)
-    mels, _ = featurize(items, args.seconds, workers=args.workers, progress=False)
+    mels, _ = featurize(items, args.seconds, n_mels=model.config.n_mels, workers=args.workers, progress=False,
+                        vocab_size=model.config.vocab_size)
     hyps = []
     with torch.no_grad():
         for i in range(0, len(items), 16):
-            tokens = model.generate(mels[i:i + 16], max_new_tokens=model.config.n_text_ctx - 4)
-            hyps += [decode_text(row) for row in tokens]
+            tokens = model.generate(mels[i:i + 16], max_new_tokens=model.config.n_text_ctx - 4, language="en")
+            hyps += [decode_text(row, model.config.vocab_size) for row in tokens]
     refs = [t for _, t in items]
     trained = set(synthetic.training_texts(args.synthetic, seed=args.seed)) if args.synthetic else set()
     return {"wer": jiwer.wer(refs, hyps), "n": len(refs), "kind": args.eval_kind,

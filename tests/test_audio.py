@@ -52,6 +52,14 @@ def test_tokenizer_is_whispers_multilingual_vocabulary():
     labels = audio.encode_text("three one four")
     assert labels[:3] == [50259, 50359, 50363] and labels[-1] == tok.eot
     assert audio.decode_text(labels) == "three one four"
+    # whisper's rule from the vocabulary size: English-only (no language or task token), and large-v3's 100 languages
+    english = audio.get_tokenizer(vocab_size=51864)
+    assert english.encoding.n_vocab == 51864 and english.sot == 50257 and english.eot == 50256
+    assert audio.prompt_tokens(vocab_size=51864) == [50257, english.no_timestamps]
+    assert audio.encode_text("three", vocab_size=51864)[0] == english.no_timestamps
+    assert audio.get_tokenizer(vocab_size=51866).num_languages == 100
+    with pytest.raises(ValueError, match="51867"):
+        audio.get_tokenizer(vocab_size=51867)
 
 
 def test_missing_and_unreadable_files_are_clear_errors(tmp_path):

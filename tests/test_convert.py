@@ -259,3 +259,31 @@ def test_fine_tuning_moves_every_extra_off_the_identity():
         assert not torch.equal(p, start[name]), name
     assert float(model.base) != 10000.0  # the adaptive base moved too
     np.testing.assert_array_equal(start["encoder.rotary.w"].numpy(), 0.0)
+
+
+def test_train_init_fine_tunes_an_imported_whisper(tmp_path):
+    from echo import train
+    from train_cases import write_manifest
+
+    manifest = write_manifest(tmp_path / "data")  # half-second clips
+    whisper_model = openai_whisper(51864, 80, seed=6, n_audio_ctx=25)  # a half-second window, English-only
+    torch.save({"dims": dataclasses.asdict(whisper_model.dims), "model_state_dict": whisper_model.state_dict()},
+               tmp_path / "w.pt")
+    assert convert_main([str(tmp_path / "w.pt"), str(tmp_path / "echo")]) == 0
+    runs = {}
+    for name, source in (("from-pt", tmp_path / "w.pt"), ("from-folder", tmp_path / "echo")):
+        out = tmp_path / name
+        assert train.main(["--manifest", str(manifest), "--out", str(out), "--init", str(source), "--steps", "3",
+                           "--batch-size", "4", "--lr", "1e-2", "--warmup", "1", "--no-progress",
+                           "--workers", "2"]) == 0
+        runs[name] = Echo.from_pretrained(out / "model")
+    tuned, imported = runs["from-pt"], Echo.from_whisper(whisper_model)
+    assert tuned.config.vocab_size == 51864 and tuned.config.positional_norm == "none"
+    for name, p in runs["from-folder"].state_dict().items():
+        assert torch.equal(p, tuned.state_dict()[name]), name  # the .pt and its converted folder train alike
+    moved = {n: not torch.equal(p, imported.state_dict()[n]) for n, p in tuned.state_dict().items()}
+    assert moved["encoder.blocks.0.attn.s"] and moved["decoder.rotary.w"] and moved["encoder.conv1.weight"]
+    assert float(tuned.base) != 10000.0
+    with pytest.raises(SystemExit, match="takes at most 0.5 s"):
+        train.main(["--manifest", str(manifest), "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "w.pt"),
+                    "--seconds", "3"])
