@@ -20,16 +20,8 @@ def aside(folder: Path) -> Path:
     return folder.with_name(folder.name + ".old")
 
 
-def fsync_folder(folder: Path) -> None:
-    """Make the names created, renamed or removed in `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries (the names created, renamed or removed in it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -46,7 +38,7 @@ def write_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_folder(path.parent)
+    fsync_path(path.parent)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -66,13 +58,13 @@ def write_folder(folder: Path, write: Callable[[Path], object]) -> None:
     write(tmp)
     for root, _, files in os.walk(tmp):
         for name in files:
-            _fsync_file(Path(root) / name)
-        fsync_folder(Path(root))
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
     old = aside(folder)
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
-    fsync_folder(folder.parent)
+    fsync_path(folder.parent)
     if old.exists():
         shutil.rmtree(old)
 
@@ -92,4 +84,4 @@ def recover(path: Path) -> None:
         shutil.rmtree(old)
     elif old.exists():
         os.replace(old, path)
-    fsync_folder(path.parent)
+    fsync_path(path.parent)
