@@ -26,7 +26,7 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
               layout: str, rotation: str = "m_then_rope") -> Tensor:
     """echo_attention's maths (see echo_kernels.attention). left/right: band sides, -1 = unbounded;
     M: (h, h) or None (the identity)."""
-    compute = reference._compute_dtype(q.dtype)
+    dtype, compute = q.dtype, reference._compute_dtype(q.dtype)
     Tq, Tk, h = q.shape[2], k.shape[2], q.shape[3]
     w, s = w.to(compute), reference._as_compute(s, compute)
     q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device)
@@ -46,7 +46,7 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
     v = v.to(compute).contiguous()
     shift = q_offset - k_offset
     out = _BlockedAttention.apply(q_folded, k_rope, v, bias, key_padding_mask, left, right, shift)
-    return out.to(q.dtype)
+    return out.to(dtype)
 
 
 def blocks(Tq: int, Tk: int, left: int, right: int, shift: int, batch_heads: int):
