@@ -351,14 +351,17 @@ def test_aot_compile_report(aot_reports):
     sm_90), shared memory stays under 100 KB, and no launch spills registers (h = 32, 64, 128)."""
     rows = [r for r in aot_reports if r.name.startswith("attention_")]
     names = {r.name for r in rows}
-    parts = ("fwd", "bwd_delta", "bwd_dkdv", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate", "bwd_dbias")
+    parts = ("fwd", "bwd_delta", "bwd_dkdv", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate", "bwd_dbias",
+             "fwd_no_m", "bwd_delta_no_m", "bwd_dq_unrotate_no_m")
     for h in (32, 64, 128):
         for dt in ("bf16", "fp16"):
             for part in parts:
                 assert f"attention_{part}_h{h}_{dt}" in names
+    assert {"attention_fwd_decode_h64_bf16", "attention_fwd_decode_no_m_h64_bf16"} <= names
     # Elementwise passes and row dot products, no matrix product: the RoPE undo of dk, the inner
-    # rows of dbias.
-    no_dot = ("attention_bwd_unrope_", "attention_bwd_dbias_")
+    # rows of dbias, and without M the queries' rotation and its undo (no product with P).
+    no_dot = ("attention_bwd_unrope_", "attention_bwd_dbias_", "attention_bwd_delta_no_m_",
+              "attention_bwd_dq_unrotate_no_m_")
     for r in rows:
         assert {x.arch for x in rows if x.name == r.name} == set(aot.TARGETS), r.name
         assert r.shared_bytes > 0, r.name

@@ -422,7 +422,8 @@ def _signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]
 
 def aot_specs() -> list:
     """The launches of the forward and backward kernels at their default block sizes:
-    h in {32, 64, 128}, bf16 and fp16, with a bias table (n = 15) and a key-padding mask."""
+    h in {32, 64, 128}, bf16 and fp16, with a bias table (n = 15) and a key-padding mask, with M
+    ("rope_then_m": P folded into q) and without (names ending in _no_m: the model's default order)."""
     from .. import aot
     from . import attention_backward as bwd
 
@@ -430,26 +431,31 @@ def aot_specs() -> list:
     for h in (32, 64, 128):
         for dt in ("bf16", "fp16"):
             f = default_blocks(h)
-            ce = dict(HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"],
-                      PRECISION="tf32")
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "P", "Out")}
-            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32")
-            specs.append(aot.KernelSpec(
-                f"attention_fwd_h{h}_{dt}", _attn_fwd_kernel, _signature(_attn_fwd_kernel, ptrs, ce), ce,
-                num_warps=f["num_warps"], num_stages=f["num_stages"]))
-            if h == 64 and dt == "bf16":  # the decoding launch (Tq = 1 against a KV cache)
-                d = _short_query_blocks(f, 1)
-                ce = dict(ce, BLOCK_M=d["BLOCK_M"])
+            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", scale="fp32")
+            for has_p, suffix in ((True, ""), (False, "_no_m")):
+                ce = dict(HEAD=h, HAS_P=has_p, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=f["BLOCK_M"],
+                          BLOCK_N=f["BLOCK_N"], PRECISION="tf32")
                 specs.append(aot.KernelSpec(
-                    f"attention_fwd_decode_h{h}_{dt}", _attn_fwd_kernel, _signature(_attn_fwd_kernel, ptrs, ce), ce,
-                    num_warps=d["num_warps"], num_stages=d["num_stages"]))
+                    f"attention_fwd{suffix}_h{h}_{dt}", _attn_fwd_kernel, _signature(_attn_fwd_kernel, ptrs, ce), ce,
+                    num_warps=f["num_warps"], num_stages=f["num_stages"]))
+                if h == 64 and dt == "bf16":  # the decoding launch (Tq = 1 against a KV cache)
+                    d = _short_query_blocks(f, 1)
+                    ce = dict(ce, BLOCK_M=d["BLOCK_M"])
+                    specs.append(aot.KernelSpec(
+                        f"attention_fwd_decode{suffix}_h{h}_{dt}", _attn_fwd_kernel,
+                        _signature(_attn_fwd_kernel, ptrs, ce), ce, num_warps=d["num_warps"],
+                        num_stages=d["num_stages"]))
 
             g = bwd.default_blocks(h)
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32", G="*fp32",
-                        DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}")
+                        DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", scale="fp32")
             for name, fn, ce in (
-                ("delta", bwd._attn_bwd_delta_kernel, dict(HEAD=h, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),
+                ("delta", bwd._attn_bwd_delta_kernel, dict(HEAD=h, HAS_P=True, BLOCK=g["delta"]["BLOCK_M"],
+                                                           PRECISION="tf32")),
+                ("delta_no_m", bwd._attn_bwd_delta_kernel, dict(HEAD=h, HAS_P=False, BLOCK=g["delta"]["BLOCK_M"],
+                                                                PRECISION="tf32")),
                 ("dkdv", bwd._attn_bwd_dkdv_kernel, dict(
                     HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dkdv"]["BLOCK_M"], BLOCK_N=g["dkdv"]["BLOCK_N"],
                     PRECISION="tf32")),
@@ -458,11 +464,14 @@ def aot_specs() -> list:
                     HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dq"]["BLOCK_M"], BLOCK_N=g["dq"]["BLOCK_N"],
                     PRECISION="tf32")),
                 ("dq_unrotate", bwd._attn_bwd_dq_unrotate_kernel, dict(
-                    HEAD=h, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
+                    HEAD=h, HAS_P=True, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
+                ("dq_unrotate_no_m", bwd._attn_bwd_dq_unrotate_kernel, dict(
+                    HEAD=h, HAS_P=False, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
                 ("dbias", bwd._attn_bwd_dbias_diag_kernel, dict(
                     HEAD=h, HAS_PAD=True, BLOCK_M=g["diag"]["BLOCK_M"], PRECISION="tf32")),
             ):
-                c = g[{"dq_unrotate": "unrotate", "dbias": "diag"}.get(name, name)]
+                c = g[{"delta_no_m": "delta", "dq_unrotate": "unrotate", "dq_unrotate_no_m": "unrotate",
+                       "dbias": "diag"}.get(name, name)]
                 specs.append(aot.KernelSpec(
                     f"attention_bwd_{name}_h{h}_{dt}", fn, _signature(fn, ptrs, ce), ce,
                     num_warps=c["num_warps"], num_stages=c["num_stages"]))
