@@ -59,7 +59,8 @@ def main(argv=None) -> None:
         if isinstance(attn, EchoAttention):
             angles, R = attn.site.thetas.grad.abs().mean().item(), attn.site.R.grad.abs().mean().item()
             groups.setdefault(site_group(name), []).append((angles, R))
-    print(f"{'sites':<26}{'n':>4}{'mean |d angles|':>18}{'mean |d R|':>14}{'ratio':>10}{'min site ratio':>16}")
+    header = ("sites", "n", "mean |d angles|", "mean |d R|", "ratio", "min site ratio")
+    print(f"{header[0]:<26}{header[1]:>4}{header[2]:>18}{header[3]:>14}{header[4]:>10}{header[5]:>16}")
     everything = []
     for group, rows in groups.items():
         everything += rows

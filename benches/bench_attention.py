@@ -92,8 +92,8 @@ def run_compiled(x, window):
 def run_kernel(x, window, rotation="m_then_rope"):
     import echo_kernels
 
-    return echo_kernels.echo_attention(x["q"], x["k"], x["v"], x["M"], x["w"], x["s"], x["bias"], window=window,
-                                       rotation=rotation)
+    return echo_kernels.echo_attention(x["q"], x["k"], x["v"], x["M"], x["w"], x["s"], x["bias"],
+                                       window=window, rotation=rotation)
 
 
 def run_kernel_rope_then_m(x, window):
@@ -101,7 +101,7 @@ def run_kernel_rope_then_m(x, window):
 
 
 def _rotate(x):
-    """q' and k' by a separate pass, RoPE (M is in the projections): what FlexAttention and SDPA are handed."""
+    """q' and k' by a separate RoPE pass (M is in the projections): what FlexAttention and SDPA get."""
     T = x["q"].shape[2]
     phi = reference.rope_angles(x["w"], x["s"], torch.arange(T, device=DEVICE))
     return reference.apply_rope(x["q"], phi), reference.apply_rope(x["k"], phi)

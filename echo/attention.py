@@ -22,7 +22,8 @@ from .positional import GivensSite, adjacent_pairs
 FOLD_M = True
 
 
-def fold_rotation(weight: Tensor, bias: Tensor | None, M: Tensor, n_head: int) -> tuple[Tensor, Tensor | None]:
+def fold_rotation(weight: Tensor, bias: Tensor | None, M: Tensor, n_head: int
+                  ) -> tuple[Tensor, Tensor | None]:
     """A Linear's (weight (D, D_in), bias (D,) or None) with M applied to each head's outputs.
 
     Per head, (x W^T + b) M = x (M^T W)^T + b M: M: (h, h), D = n_head h. One (h, h) by (h, D_in)

@@ -92,7 +92,8 @@ class EchoConfig(PretrainedConfig):
         ):
             raise ValueError(f"EchoConfig.local_window must be None or an int >= 0, got {self.local_window!r}")
         for key, allowed in (("rope_layout", ROPE_LAYOUTS), ("mlp", MLPS), ("layer_norm", LAYER_NORMS),
-                             ("hybrid_combine", HYBRID_COMBINES), ("attention_rotation", ATTENTION_ROTATIONS)):
+                             ("hybrid_combine", HYBRID_COMBINES),
+                             ("attention_rotation", ATTENTION_ROTATIONS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"EchoConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not isinstance(self.base, (int, float)) or isinstance(self.base, bool) or not self.base > 1:

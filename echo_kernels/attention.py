@@ -103,8 +103,8 @@ def _attention_backward_op(
     k_offset: int, layout: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dM, dw, ds, dbias); dM and dbias are empty (0,) when there is no M / bias table."""
-    dq, dk, dv, dM, dw, ds, dbias = _launch_backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left,
-                                                     right, q_offset, k_offset, layout)
+    dq, dk, dv, dM, dw, ds, dbias = _launch_backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask,
+                                                     left, right, q_offset, k_offset, layout)
     dM = dM if dM is not None else q.new_empty((0,))
     dbias = dbias if dbias is not None else q.new_empty((0,))
     return dq, dk, dv, dM, dw, ds, dbias
@@ -160,7 +160,8 @@ class _EagerAttention(torch.autograd.Function):
         return dq, dk, dv, dM, dw, ds, dbias, None, None, None, None, None, None
 
 
-def _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, rotation):
+def _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
+                      rotation):
     if not isinstance(s, Tensor):
         s = torch.tensor(float(s), dtype=torch.float32, device=q.device)
     if M is not None and rotation == "m_then_rope":
@@ -245,8 +246,8 @@ def echo_attention(
         window = tuple(window)
     left, right = _band(window, causal)
     if use_kernel("echo_attention", q.device):
-        return _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
-                                 rotation)
+        return _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
+                                 layout, rotation)
     if q.device.type == "cpu" and requested_backend() == "auto":
         return attention_cpu.attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
                                        layout, rotation)

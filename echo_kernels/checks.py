@@ -51,7 +51,7 @@ def layout(value: str) -> None:
 
 def rotation(value: str) -> None:
     if value not in ROTATIONS:
-        raise ValueError(f"rotation must be one of {ROTATIONS} (the order of M and RoPE on q and k), got {value!r}")
+        raise ValueError(f"rotation must be one of {ROTATIONS} (where M sits relative to RoPE), got {value!r}")
 
 
 def window(value) -> None:

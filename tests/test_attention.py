@@ -18,8 +18,8 @@ from echo_kernels import aot, reference
 from echo_kernels.kernels import attention as kernel
 from echo_kernels.kernels import attention_cpu
 
-from attention_cases import (CASES, GRAD_NAMES, ROTATIONS, call, case_inputs, cast, grads, make_inputs, options,
-                             rel_err)
+from attention_cases import (CASES, GRAD_NAMES, ROTATIONS, call, case_inputs, cast, grads, make_inputs,
+                             options, rel_err)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -164,8 +164,9 @@ def test_every_rotation_matches_reference(use_triton, case, rotation):
     output and every gradient against the float64 reference."""
     inputs = case_inputs(case, rotation, B=2)
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    out_ref, want = grads(reference.echo_attention, inputs, torch.float64, do, **options(case, rotation=rotation))
-    out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **options(case, rotation=rotation))
+    opts = options(case, rotation=rotation)
+    out_ref, want = grads(reference.echo_attention, inputs, torch.float64, do, **opts)
+    out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
     assert rel_err(out, out_ref) < 1e-5
     _assert_gradients_match(got, want, case, inputs)
 
@@ -296,7 +297,8 @@ def test_opcheck(use_triton):
     torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
     args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], None, None, -1, 0, 0, 0, "interleaved")
     torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
-    args = (i["q"], i["k"], i["v"], None, i["w"], i["s"], i["bias"], i["key_padding_mask"], 4, 2, 3, 0, "half_split")
+    args = (i["q"], i["k"], i["v"], None, i["w"], i["s"], i["bias"], i["key_padding_mask"], 4, 2, 3, 0,
+            "half_split")
     torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
 
     detached = {name: t.detach() if t is not None else None for name, t in i.items()}

@@ -52,8 +52,9 @@ def test_forward_and_gradients_match_reference_float64(block_size, case, rotatio
             assert rel_err(got[name], g) < 1e-11, (case, name, rel_err(got[name], g))
 
 
-@pytest.mark.parametrize("case, rotation", [("global_ragged_pad", "m_then_rope"), ("causal_window", "rope_then_m"),
-                                            ("cross_window_offsets", "no_m"), ("rows_without_keys", "m_then_rope")])
+@pytest.mark.parametrize("case, rotation", [
+    ("global_ragged_pad", "m_then_rope"), ("causal_window", "rope_then_m"), ("cross_window_offsets", "no_m"),
+    ("rows_without_keys", "m_then_rope")])
 def test_float32_matches_reference(block_size, case, rotation):
     inputs = case_inputs(case, rotation, B=2)
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -21,7 +21,8 @@ def model_and_audio(seed=0, **overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(cross_attention=False), dict(attention_rotation="rope_then_m"),
-                                       dict(local_window=2, mlp="s1", layer_norm="s1", rope_layout="interleaved")])
+                                       dict(local_window=2, mlp="s1", layer_norm="s1",
+                                            rope_layout="interleaved")])
 def test_cached_decoding_matches_the_full_forward(overrides):
     model, mel = model_and_audio(**overrides)
     tokens = torch.randint(0, model.config.vocab_size, (2, model.config.n_text_ctx))

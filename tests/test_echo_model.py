@@ -370,8 +370,10 @@ FOLD_SITES = {
     "cross": (dict(layer_norm="s1"), lambda m: m.decoder.blocks[1].cross_attn),
     "encoder_self": (dict(layer_norm="s1"), lambda m: m.encoder.blocks[0].attn),
     "local": (dict(local_window=2, layer_norm="s1"), lambda m: m.encoder.blocks[0].attn.local_attn),
-    "hybrid": (dict(local_window=3, hybrid_combine="linear", layer_norm="s1"), lambda m: m.encoder.blocks[1].attn),
-    "conv_attention": (dict(conv_attention=True, local_window=2, layer_norm="s1"), lambda m: m.encoder.blocks[0].attn),
+    "hybrid": (dict(local_window=3, hybrid_combine="linear", layer_norm="s1"),
+               lambda m: m.encoder.blocks[1].attn),
+    "conv_attention": (dict(conv_attention=True, local_window=2, layer_norm="s1"),
+                       lambda m: m.encoder.blocks[0].attn),
 }
 
 
@@ -395,8 +397,8 @@ def _site_run(model, site, x, xa, padding):
 
 @pytest.mark.parametrize("site_name", list(FOLD_SITES))
 def test_folded_projections_compute_the_unfolded_attention(site_name, monkeypatch):
-    """q' = RoPE(x (Wq M) + bq M) with M folded into the projections (the default) and q' = RoPE((x Wq + bq) M)
-    with M given to the op agree in float64: the output and every gradient, thetas and R included."""
+    """q' = RoPE(x (Wq M) + bq M), M folded into the projections (the default), and q' = RoPE((x Wq + bq) M),
+    M given to the op, agree in float64: the output and every gradient, thetas and R included."""
     overrides, pick = FOLD_SITES[site_name]
     model = build(**overrides).double()
     with torch.no_grad():

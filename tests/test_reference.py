@@ -277,8 +277,8 @@ def test_only_m_then_rope_sees_the_givens_angles():
     pairs = torch.stack([torch.arange(n), torch.arange(n) + 1], dim=1)
     angles = [torch.zeros(n, dtype=f64), torch.randn(n, dtype=f64, generator=g)]
     for rotation, givens_first in (("m_then_rope", True), ("rope_then_m", False)):
-        out = [reference.echo_attention(q, k, v, reference.orthogonal_product(t, pairs, R, givens_first), w, 0.9,
-                                        bias, rotation=rotation) for t in angles]
+        matrices = [reference.orthogonal_product(t, pairs, R, givens_first) for t in angles]
+        out = [reference.echo_attention(q, k, v, M, w, 0.9, bias, rotation=rotation) for M in matrices]
         if rotation == "m_then_rope":
             assert (out[0] - out[1]).abs().max() > 1e-3
         else:

@@ -437,8 +437,8 @@ def aot_specs() -> list:
                 ce = dict(HEAD=h, HAS_P=has_p, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=f["BLOCK_M"],
                           BLOCK_N=f["BLOCK_N"], PRECISION="tf32")
                 specs.append(aot.KernelSpec(
-                    f"attention_fwd{suffix}_h{h}_{dt}", _attn_fwd_kernel, _signature(_attn_fwd_kernel, ptrs, ce), ce,
-                    num_warps=f["num_warps"], num_stages=f["num_stages"]))
+                    f"attention_fwd{suffix}_h{h}_{dt}", _attn_fwd_kernel, _signature(_attn_fwd_kernel, ptrs, ce),
+                    ce, num_warps=f["num_warps"], num_stages=f["num_stages"]))
                 if h == 64 and dt == "bf16":  # the decoding launch (Tq = 1 against a KV cache)
                     d = _short_query_blocks(f, 1)
                     ce = dict(ce, BLOCK_M=d["BLOCK_M"])
@@ -452,10 +452,10 @@ def aot_specs() -> list:
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32", G="*fp32",
                         DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", scale="fp32")
             for name, fn, ce in (
-                ("delta", bwd._attn_bwd_delta_kernel, dict(HEAD=h, HAS_P=True, BLOCK=g["delta"]["BLOCK_M"],
-                                                           PRECISION="tf32")),
-                ("delta_no_m", bwd._attn_bwd_delta_kernel, dict(HEAD=h, HAS_P=False, BLOCK=g["delta"]["BLOCK_M"],
-                                                                PRECISION="tf32")),
+                ("delta", bwd._attn_bwd_delta_kernel, dict(
+                    HEAD=h, HAS_P=True, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),
+                ("delta_no_m", bwd._attn_bwd_delta_kernel, dict(
+                    HEAD=h, HAS_P=False, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),
                 ("dkdv", bwd._attn_bwd_dkdv_kernel, dict(
                     HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dkdv"]["BLOCK_M"], BLOCK_N=g["dkdv"]["BLOCK_N"],
                     PRECISION="tf32")),

@@ -83,7 +83,8 @@ def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_
 def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
                            stride_ob, stride_oh, stride_ot, stride_od, stride_db, stride_dh, stride_dt, stride_dd,
                            stride_qb, stride_qh, stride_qt, stride_qd, H, T, q_off, scale,
-                           HEAD: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+                           HEAD: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr,
+                           PRECISION: tl.constexpr):
     """Per query row: Delta[bh, t] = sum_d O[t, d] dO[t, d], the softmax correction, and
     q'' = [a_q b_q] @ P~ (or [a_q b_q] * scale without P) in the dot type (QQ, contiguous rows
     [q''_A | q''_B]), which the dk/dv kernel reads for every key tile instead of rotating and
@@ -100,12 +101,13 @@ def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
 
     s = tl.load(S).to(tl.float32)
     cos, sin = _rope_angles(q_off + rows, s, W, HALF)
+    Q += b * stride_qb + hd * stride_qh
     if HAS_P:
         p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
-        a_q, b_q, qa, qb = _rotated_q(Q + b * stride_qb + hd * stride_qh, rows, T, stride_qt, stride_qd, cos, sin,
-                                      p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
+        _, _, qa, qb = _rotated_q(Q, rows, T, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
+                                  PRECISION)
     else:
-        x1, x2 = _load_pairs(Q + b * stride_qb + hd * stride_qh, rows, T, stride_qt, stride_qd, HALF)
+        x1, x2 = _load_pairs(Q, rows, T, stride_qt, stride_qd, HALF)
         qa = ((x1 * cos - x2 * sin) * scale).to(DT)
         qb = ((x1 * sin + x2 * cos) * scale).to(DT)
     offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]

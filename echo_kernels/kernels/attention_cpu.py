@@ -2,11 +2,12 @@
 
 The rotations are folded as in the Triton kernel: in the "rope_then_m" order logits = RoPE(q) P RoPE(k)^T
 with P = M M^T / sqrt(h), so q is multiplied by P once and k needs only RoPE; in the "m_then_rope" order
-q and k are multiplied by M first (not at all when M is None) and q is only scaled by 1 / sqrt(h). The core (`_BlockedAttention`) then takes queries a
-block at a time. Its backward recomputes each block's probabilities instead of keeping all Tq x Tk of
-them, and sums the bias gradient along the block's diagonals: autograd of a gathered (H, Tq, Tk) bias
-scatters every logit's gradient into a (2n-1)-row table one index at a time, which is what makes the
-reference slow on the CPU (over 40% of a training step of the reference path at T = 1500).
+q and k are multiplied by M first (not at all when M is None) and q is only scaled by 1 / sqrt(h). The
+core (`_BlockedAttention`) then takes queries a block at a time. Its backward recomputes each block's
+probabilities instead of keeping all Tq x Tk of them, and sums the bias gradient along the block's
+diagonals: autograd of a gathered (H, Tq, Tk) bias scatters every logit's gradient into a (2n-1)-row
+table one index at a time, which is what makes the reference slow on the CPU (over 40% of a training step
+of the reference path at T = 1500).
 """
 
 from __future__ import annotations
