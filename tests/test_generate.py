@@ -67,9 +67,10 @@ def test_beam_search_scores_at_least_greedy_and_one_beam_is_greedy():
     assert torch.equal(greedy.sequences, one)
     beam = model.generate(x, max_new_tokens=6, num_beams=4, return_dict_in_generate=True)
     for g, b in zip(greedy.rows, beam.rows):
-        # beam search maximises the length-normalised score among hypotheses of equal stopping rule
+        # beam search maximises the length-normalised score among hypotheses of equal stopping rule; the
+        # beams run as a batch of another size than greedy's rows, so float32 rounding differs (~1e-6)
         if len(g.tokens) == len(b.tokens):
-            assert b.sum_logprob >= g.sum_logprob - 1e-9
+            assert b.sum_logprob >= g.sum_logprob - 1e-5
 
 
 def test_beam_search_reorders_the_cache(monkeypatch):
