@@ -1,13 +1,18 @@
 """echo_attention throughput against its peers, in one run (`pytest benches/bench_attention.py`).
 
-Peers doing the same maths (RoPE then M on q and k, clamped relative bias, band mask):
+The maths is the default order as the model calls it: M is folded into the q and k projections
+upstream, so the op gets M=None and rotates by RoPE only; then the clamped relative bias and the band
+mask. Peers doing that same maths:
 - kernel (ours): echo_kernels.echo_attention as shipped, ECHO_BACKEND=auto: the fused Triton kernel on a
   GPU, the blocked CPU path (echo_kernels.kernels.attention_cpu) on the CPU;
 - reference: echo_kernels.reference.echo_attention (chunked plain PyTorch), eager;
 - compiled: torch.compile of the reference;
-- on a GPU: FlexAttention (rotation by a separate PyTorch pass, the bias
+- on a GPU: FlexAttention (RoPE by a separate PyTorch pass, the bias
   table in a score_mod, the window as a block mask), compiled as FlexAttention must be; SDPA with a
   dense additive bias (bias + band mask materialised as a (1, H, T, T) tensor).
+And the same op given M, so that what the fold saves is measured:
+- kernel_unfolded: the default order with M applied by the op (q M and k M, then the kernel);
+- kernel_rope_then_m: the reference code's order, P = M M^T folded into the kernel's queries.
 
 Each case records, in benchmark.extra_info: TFLOP/s over the computed (kept) query-key pairs
 (4 h flops per pair forward, 2.5 times that backward), and on a GPU the peak memory beyond the
@@ -42,15 +47,16 @@ CPU_SHAPES = {"small_global": (1, 4, 256, 64, None), "small_w32": (1, 4, 256, 64
 SHAPES = GPU_SHAPES if ON_GPU else CPU_SHAPES
 
 
-def make_inputs(B, H, T, h, requires_grad):
+def make_inputs(B, H, T, h, requires_grad, with_m):
+    """q, k (projected, M already folded in), v, w, s, bias and, with_m, an M for the op to apply."""
     g = torch.Generator(device="cpu").manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g)
     q, k, v = (rnd(B, H, T, h).to(DEVICE, DTYPE) for _ in range(3))
-    M = (torch.eye(h) + rnd(h, h) / math.sqrt(h) * 0.1).to(DEVICE)
+    M = (torch.eye(h) + rnd(h, h) / math.sqrt(h) * 0.1).to(DEVICE) if with_m else None
     w = (10000.0 ** (-torch.arange(h // 2) / (h // 2))).to(DEVICE)
     s = torch.tensor(1.0, device=DEVICE)
     bias = (rnd(2 * N_REL - 1, H) * 0.1).to(DEVICE)
-    leaves = [q, k, v, M, bias]
+    leaves = [t for t in (q, k, v, M, bias) if t is not None]
     for t in leaves:
         t.requires_grad_(requires_grad)
     return dict(q=q, k=k, v=v, M=M, w=w, s=s, bias=bias), leaves
@@ -83,19 +89,22 @@ def run_compiled(x, window):
     return _compiled_reference(x["q"], x["k"], x["v"], x["M"], x["w"], x["s"], x["bias"], window=window)
 
 
-def run_kernel(x, window):
+def run_kernel(x, window, rotation="m_then_rope"):
     import echo_kernels
 
-    return echo_kernels.echo_attention(x["q"], x["k"], x["v"], x["M"], x["w"], x["s"], x["bias"], window=window)
+    return echo_kernels.echo_attention(x["q"], x["k"], x["v"], x["M"], x["w"], x["s"], x["bias"],
+                                       window=window, rotation=rotation)
+
+
+def run_kernel_rope_then_m(x, window):
+    return run_kernel(x, window, "rope_then_m")
 
 
 def _rotate(x):
-    """q' and k' by a separate pass: RoPE then M (what FlexAttention and SDPA are handed)."""
+    """q' and k' by a separate RoPE pass (M is in the projections): what FlexAttention and SDPA get."""
     T = x["q"].shape[2]
-    pos = torch.arange(T, device=DEVICE)
-    phi = reference.rope_angles(x["w"], x["s"], pos)
-    M = x["M"].to(x["q"].dtype)
-    return (reference.apply_rope(x["q"], phi) @ M, reference.apply_rope(x["k"], phi) @ M)
+    phi = reference.rope_angles(x["w"], x["s"], torch.arange(T, device=DEVICE))
+    return reference.apply_rope(x["q"], phi), reference.apply_rope(x["k"], phi)
 
 
 _flex_cache: dict = {}
@@ -137,9 +146,11 @@ def run_sdpa(x, window):
     return torch.nn.functional.scaled_dot_product_attention(q, k, x["v"], attn_mask=dense)
 
 
-IMPLS = {"kernel": run_kernel, "reference": run_reference, "compiled": run_compiled}
+IMPLS = {"kernel": run_kernel, "reference": run_reference, "compiled": run_compiled,
+         "kernel_unfolded": run_kernel, "kernel_rope_then_m": run_kernel_rope_then_m}
 if ON_GPU:
     IMPLS.update(flex=run_flex, sdpa=run_sdpa)
+WITH_M = ("kernel_unfolded", "kernel_rope_then_m")  # the cases whose op is given M
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,7 +167,7 @@ PARAMS = [(shape, impl) for shape in SHAPES for impl in IMPLS
 @pytest.mark.parametrize("shape,impl", PARAMS, ids=[f"{s}-{i}" for s, i in PARAMS])
 def test_attention(benchmark, shape, impl, backward):
     B, H, T, h, window = SHAPES[shape]
-    x, leaves = make_inputs(B, H, T, h, requires_grad=backward)
+    x, leaves = make_inputs(B, H, T, h, requires_grad=backward, with_m=impl in WITH_M)
     fn = IMPLS[impl]
     do = torch.randn(B, H, T, h, device=DEVICE, dtype=DTYPE)
 

@@ -6,6 +6,9 @@ decoding steps), timed four ways in the same run:
 - naive: the ops computed the way straightforward model code does (benches/naive.py);
 - hf-whisper: Hugging Face's WhisperForConditionalGeneration with SDPA at the same widths and depths.
 
+The model runs its default attention order, "m_then_rope", with M folded into the q and k
+projections (the naive way applies M in attention, factor by factor, as the formula reads).
+
 GPU: the model card's medium in bf16, batch 8, 30 s of audio, 448 text tokens. CPU: Whisper tiny's
 widths and depths (4 + 4 blocks of width 384) on one 30 s clip and 32 tokens, quick enough for CI.
 """

@@ -2,8 +2,9 @@
 
 - the Givens rotations: a dense h x h matrix G_k per rotation, and each one multiplied into the
   activations in turn (x @ G_1 @ ... @ G_N @ R, as the card's formula reads), site by site;
-- echo_attention: every logit materialised, the relative bias gathered into a (H, Tq, Tk) tensor
-  and the masks built densely, even when a window leaves most of them out;
+- echo_attention: q and k rotated as the formula reads (q M then RoPE, with M applied factor by
+  factor, not folded into the projections), every logit materialised, the relative bias gathered
+  into a (H, Tq, Tk) tensor and the masks built densely, even when a window leaves most of them out;
 - rotary_orthogonal: the rotations above, then cos/sin tables, then an elementwise pass.
 
 `naive_ops()` swaps them into the Echo model, so benchmarks can time the same model three ways:
@@ -72,14 +73,23 @@ def _times_m(x: Tensor, M) -> Tensor:
     return M.apply(x) if isinstance(M, GivensChain) else x @ M.to(x.dtype)
 
 
+def _rotate(u: Tensor, M, phi: Tensor, layout: str, rotation: str) -> Tensor:
+    """RoPE(u M) ("m_then_rope") or RoPE(u) M ("rope_then_m"); M None is the identity."""
+    if M is None:
+        return reference.apply_rope(u, phi, layout)
+    if rotation == "m_then_rope":
+        return reference.apply_rope(_times_m(u, M), phi, layout)
+    return _times_m(reference.apply_rope(u, phi, layout), M)
+
+
 def echo_attention(q, k, v, M, w, s, bias, *, window=None, causal=False, q_offset=0, k_offset=0,
-                   key_padding_mask=None, layout="half_split") -> Tensor:
+                   key_padding_mask=None, layout="half_split", rotation="m_then_rope") -> Tensor:
     """All Tq x Tk logits at once, with a dense bias and dense masks."""
     Tq, Tk, h = q.shape[2], k.shape[2], q.shape[3]
     q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device)
     k_pos = torch.arange(k_offset, k_offset + Tk, device=q.device)
-    q_rot = _times_m(reference.apply_rope(q, reference.rope_angles(w.to(q.dtype), s, q_pos), layout), M)
-    k_rot = _times_m(reference.apply_rope(k, reference.rope_angles(w.to(k.dtype), s, k_pos), layout), M)
+    q_rot = _rotate(q, M, reference.rope_angles(w.to(q.dtype), s, q_pos), layout, rotation)
+    k_rot = _rotate(k, M, reference.rope_angles(w.to(k.dtype), s, k_pos), layout, rotation)
     logits = q_rot @ k_rot.transpose(-1, -2) / math.sqrt(h)
     if bias is not None:
         logits = logits + reference.relative_bias(bias.to(logits.dtype), q_pos, k_pos)
@@ -101,7 +111,8 @@ def rotary_orthogonal(x, M, w, s=1.0, offset=0, layout="half_split") -> Tensor:
 
 @contextlib.contextmanager
 def naive_ops():
-    """Within the block, the Echo model computes with the naive ops above."""
+    """Within the block, the Echo model computes with the naive ops above (M applied by the attention op,
+    not folded into the projections)."""
     import echo.attention
     import echo.model
     import echo.positional
@@ -110,6 +121,7 @@ def naive_ops():
         (echo.model, "site_matrices", site_chains),
         (echo.positional, "rotary_orthogonal", rotary_orthogonal),
         (echo.attention, "echo_attention", echo_attention),
+        (echo.attention, "FOLD_M", False),
     ]
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     try:

@@ -8,6 +8,7 @@ Givens site, keyed by the site's module name.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from echo_kernels import echo_attention
@@ -16,13 +17,33 @@ from .config import EchoConfig
 from .layers import layer_norm
 from .positional import GivensSite, adjacent_pairs
 
+# In the "m_then_rope" order, fold M into the q and k projections and give the op M=None (True), or
+# give the op M (False): the same maths, which the tests compare and the naive bench baseline uses.
+FOLD_M = True
+
+
+def fold_rotation(weight: Tensor, bias: Tensor | None, M: Tensor, n_head: int
+                  ) -> tuple[Tensor, Tensor | None]:
+    """A Linear's (weight (D, D_in), bias (D,) or None) with M applied to each head's outputs.
+
+    Per head, (x W^T + b) M = x (M^T W)^T + b M: M: (h, h), D = n_head h. One (h, h) by (h, D_in)
+    product per head, D h D_in multiply-adds in all; gradients reach W, b and M through autograd.
+    """
+    D, d_in = weight.shape
+    M = M.to(weight.dtype)
+    folded = (M.T @ weight.view(n_head, D // n_head, d_in)).reshape(D, d_in)
+    return folded, (bias.view(n_head, -1) @ M).reshape(D) if bias is not None else None
+
 
 class EchoAttention(nn.Module):
     """x: (B, Tq, D), xa: (B, Tk, D_kv) or None (self-attention) -> (B, Tq, D).
 
-    q = x Wq + bq, k = x' Wk, v = x' Wv + bv; echo_attention rotates q and k (RoPE with w from the
-    adaptive base and a learned scale s, then M = R G_1 ... G_N), adds the clamped relative bias and
-    masks. Without `out_proj` the heads are returned merged but unprojected (the conv mixer projects).
+    q = x Wq + bq, k = x' Wk, v = x' Wv + bv; q and k are rotated per head as config.attention_rotation
+    says, with w from the adaptive base, a learned scale s and this layer's M:
+    "m_then_rope" RoPE(q M) with M = G_1 ... G_N R, "rope_then_m" RoPE(q) M with M = R G_1 ... G_N.
+    echo_attention adds the clamped relative bias and masks. In the "m_then_rope" order M is folded
+    into Wq, bq and Wk (see fold_rotation) and the op is given M=None: it then does RoPE only.
+    Without `out_proj` the heads are returned merged but unprojected (the conv mixer projects).
     """
 
     def __init__(self, config: EchoConfig, side: str, *, cross: bool = False, d_kv: int | None = None,
@@ -36,14 +57,16 @@ class EchoAttention(nn.Module):
         self.window = window
         self.causal = causal
         self.layout = config.rope_layout
+        self.rotation = config.attention_rotation
         d_kv = d if d_kv is None else d_kv
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d_kv, d, bias=False)
         self.value = nn.Linear(d_kv, d)
         self.out = nn.Linear(d, d) if out_proj else None
         n = config.givens_count(side)
-        self.site = GivensSite(self.h, adjacent_pairs(n), givens_first=False, orthogonal_r=True,
-                               group=("attention", self.h, n))
+        givens_first = self.rotation == "m_then_rope"  # M = G_1 ... G_N R, as the residual-stream rotary
+        self.site = GivensSite(self.h, adjacent_pairs(n), givens_first=givens_first, orthogonal_r=True,
+                               group=("attention", self.h, n, givens_first))
         self.s = nn.Parameter(torch.tensor(1.0))
         self.bias = nn.Parameter(torch.zeros(2 * config.max_rel_dist - 1, self.n_head))
         self.cache_key = None  # set by the model: where this layer keeps its k and v in an EchoCache
@@ -52,9 +75,23 @@ class EchoAttention(nn.Module):
         B, T, _ = t.shape
         return t.view(B, T, self.n_head, self.h).transpose(1, 2)
 
+    def _projections(self, M: Tensor, cache) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """(Wq, bq, Wk, M for the op): M folded into Wq, bq and Wk ("m_then_rope"), else as they are.
+        A KV cache keeps the folded weights of its first step: M is fixed while decoding."""
+        if self.rotation != "m_then_rope" or not FOLD_M:
+            return self.query.weight, self.query.bias, self.key.weight, M
+        if cache is not None and self.cache_key in cache.folded:
+            return (*cache.folded[self.cache_key], None)
+        wq, bq = fold_rotation(self.query.weight, self.query.bias, M, self.n_head)
+        wk, _ = fold_rotation(self.key.weight, None, M, self.n_head)
+        if cache is not None:
+            cache.folded[self.cache_key] = (wq, bq, wk)
+        return wq, bq, wk, None
+
     def forward(self, x: Tensor, pos: dict, xa: Tensor | None = None, key_padding_mask: Tensor | None = None,
                 cache=None, offset: int = 0) -> Tensor:
-        q = self.query(x)
+        wq, bq, wk, M = self._projections(pos[self.site.key], cache)
+        q = F.linear(x, wq, bq)
         if self.cross and cache is not None and self.cache_key in cache.kv:
             # the encoder frames were projected on the first step
             k, v = cache.kv[self.cache_key]
@@ -62,16 +99,16 @@ class EchoAttention(nn.Module):
             if self.cross and xa is None:
                 raise ValueError("cross-attention needs the encoder output (input_features or encoder_outputs)")
             source = xa if self.cross else x
-            k, v = self._heads(self.key(source)), self._heads(self.value(source))
+            k, v = self._heads(F.linear(source, wk)), self._heads(self.value(source))
             if cache is not None:
                 if not self.cross and self.cache_key in cache.kv:
                     past_k, past_v = cache.kv[self.cache_key]
                     k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
                 cache.kv[self.cache_key] = (k, v)
         a = echo_attention(
-            self._heads(q), k, v, pos[self.site.key], pos[f"w.{self.side}"], self.s, self.bias,
+            self._heads(q), k, v, M, pos[f"w.{self.side}"], self.s, self.bias,
             window=self.window, causal=self.causal, q_offset=offset, k_offset=0,
-            key_padding_mask=key_padding_mask, layout=self.layout,
+            key_padding_mask=key_padding_mask, layout=self.layout, rotation=self.rotation,
         )
         B, _, T, _ = a.shape
         a = a.transpose(1, 2).reshape(B, T, self.n_head * self.h)

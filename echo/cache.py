@@ -9,13 +9,16 @@ from torch import Tensor
 class EchoCache:
     """kv[name] = (k, v), each (B, H, T, h), for every decoder self- and cross-attention layer.
 
-    Keys are stored before rotation: echo_attention rotates them itself at their positions.
-    `offset` counts the text positions already decoded; `pos` holds w and the site matrices M
-    computed on the first step, so that decoding builds M once, not once per token.
+    Keys are stored before RoPE: echo_attention rotates them itself at their positions. In the
+    "m_then_rope" order they are stored as k M, projected with the folded weight (`folded[name]`:
+    that layer's (Wq, bq, Wk) with M folded in, made on the first step). `offset` counts the text
+    positions already decoded; `pos` holds w and the site matrices M computed on the first step, so
+    that decoding builds M and the folded weights once, not once per token.
     """
 
     def __init__(self):
         self.kv: dict[str, tuple[Tensor, Tensor]] = {}
+        self.folded: dict[str, tuple[Tensor, Tensor | None, Tensor]] = {}
         self.offset = 0
         self.pos: dict[str, Tensor] | None = None
         self.audio_padding: Tensor | None = None

@@ -15,7 +15,8 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-def _read_config(folder: Path) -> EchoConfig:
+def _read_config(folder: Path) -> dict:
+    """config.json as a dict, checked to be an Echo's (model_type "echo")."""
     path = folder / "config.json"
     if not path.is_file():
         raise ValueError(f"{folder} is not an Echo checkpoint: it has no config.json")
@@ -26,9 +27,8 @@ def _read_config(folder: Path) -> EchoConfig:
     if raw.get("model_type") != "echo":
         raise ValueError(f"{folder} is not an Echo checkpoint: config.json has model_type {raw.get('model_type')!r}, "
                          "expected 'echo'")
-    raw.pop("model_type", None)
     raw.pop("transformers_version", None)
-    return EchoConfig(**raw)
+    return raw
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -65,7 +65,8 @@ def load_checkpoint(cls, source, *, config=None, dtype=None):
     if not folder.is_dir():
         raise ValueError(f"{source!r} is not a local folder; Echo loads checkpoints written by save_pretrained")
     saved_config = _read_config(folder)
-    config = saved_config if config is None else to_echo_config(config)
+    # from_dict reads a config saved before a key existed as what that model computed
+    config = EchoConfig.from_dict(saved_config) if config is None else to_echo_config(config)
     tensors = read_tensors(folder)
 
     model = cls(config)

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from transformers import PretrainedConfig
+
+logger = logging.getLogger(__name__)
 
 ROPE_LAYOUTS = ("half_split", "interleaved")
 MLPS = ("gelu", "s1")
 LAYER_NORMS = ("standard", "s1")
 HYBRID_COMBINES = ("sum", "linear")
 POSITIONAL_NORMS = ("l2", "none")
+ATTENTION_ROTATIONS = ("m_then_rope", "rope_then_m")
+# The order every Echo saved before attention_rotation existed computed in.
+LEGACY_ATTENTION_ROTATION = "rope_then_m"
 
 class EchoConfig(PretrainedConfig):
     """Configuration of `echo.Echo` (ECHO_SPEC section 1), defaulting to the model card's "medium".
     Unknown keys are kept as attributes.
 
     n_givens=None means h/2 rotations per site; local_window=None means global attention only.
+    attention_rotation: "m_then_rope" (q' = RoPE(q M), the card's order, every angle learns) or
+    "rope_then_m" (q' = RoPE(q) M, the reference code's order, whose Givens angles cancel).
     """
 
     model_type = "echo"
@@ -50,6 +58,7 @@ class EchoConfig(PretrainedConfig):
     layer_norm: str = "standard"
     rope_layout: str = "half_split"
     positional_norm: str = "l2"
+    attention_rotation: str = "m_then_rope"
     is_encoder_decoder: bool = True
 
     def __post_init__(self, **kwargs):
@@ -85,7 +94,8 @@ class EchoConfig(PretrainedConfig):
         ):
             raise ValueError(f"EchoConfig.local_window must be None or an int >= 0, got {self.local_window!r}")
         for key, allowed in (("rope_layout", ROPE_LAYOUTS), ("mlp", MLPS), ("layer_norm", LAYER_NORMS),
-                             ("hybrid_combine", HYBRID_COMBINES), ("positional_norm", POSITIONAL_NORMS)):
+                             ("hybrid_combine", HYBRID_COMBINES), ("positional_norm", POSITIONAL_NORMS),
+                             ("attention_rotation", ATTENTION_ROTATIONS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"EchoConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not isinstance(self.base, (int, float)) or isinstance(self.base, bool) or not self.base > 1:
@@ -101,6 +111,20 @@ class EchoConfig(PretrainedConfig):
         for key in ("cross_attention", "checkpointing", "adaptive_base", "conv_attention"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"EchoConfig.{key} must be a bool, got {getattr(self, key)!r}")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As PretrainedConfig.from_dict (what from_pretrained and AutoConfig use), except that a saved
+        Echo config without attention_rotation predates the key: its model computed "rope_then_m",
+        so it loads as that, and says so."""
+        if config_dict.get("model_type") == cls.model_type and "attention_rotation" not in config_dict \
+                and "attention_rotation" not in kwargs:
+            logger.warning(
+                "This Echo config has no attention_rotation: it was saved before the key existed, when "
+                "attention computed RoPE(q) M. Loading it as attention_rotation=%r, which computes what it "
+                "computed; the default for new models is 'm_then_rope'.", LEGACY_ATTENTION_ROTATION)
+            config_dict = {**config_dict, "attention_rotation": LEGACY_ATTENTION_ROTATION}
+        return super().from_dict(config_dict, **kwargs)
 
     def head_width(self, side: str) -> int:
         """h of the encoder ("audio") or decoder ("text")."""

@@ -2,7 +2,7 @@
 
     orthogonal_product(thetas, pairs, R, givens_first=True) -> M
     rotary_orthogonal(x, M, w, s=1.0, offset=0, layout="half_split") -> y
-    echo_attention(q, k, v, M, w, s, bias, *, window=None, causal=False, ...) -> out
+    echo_attention(q, k, v, M, w, s, bias, *, window=None, causal=False, ..., rotation="m_then_rope") -> out
 
 `ECHO_BACKEND=reference|triton|auto` picks the implementation (see echo_kernels.backend).
 """

@@ -1,5 +1,11 @@
 """echo_attention: rotary + Givens rotation, clamped relative bias and sliding window (ECHO_SPEC 4).
 
+Two orders of rotation: "m_then_rope" (the default, RoPE(q M) . RoPE(k M)) and "rope_then_m"
+(RoPE(q) M . RoPE(k) M). M=None is the identity, for which the two agree: the model passes it in the
+default order, having folded M into its q and k projections. The kernels serve M=None and
+"rope_then_m"; "m_then_rope" with an M is computed as q M and k M in PyTorch (autograd takes dM
+from there), then the M=None kernel.
+
 CUDA tensors run the Triton kernels; CPU tensors run the blocked CPU path
 (echo_kernels.kernels.attention_cpu) under ECHO_BACKEND=auto, the reference under =reference, and the
 Triton kernels through the interpreter under =triton with TRITON_INTERPRET=1 (tests).
@@ -76,10 +82,11 @@ def _launch_backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, lef
 
 @torch.library.custom_op("echo_kernels::echo_attention", mutates_args=())
 def _attention_op(
-    q: Tensor, k: Tensor, v: Tensor, M: Tensor, w: Tensor, s: Tensor, bias: Optional[Tensor],
+    q: Tensor, k: Tensor, v: Tensor, M: Optional[Tensor], w: Tensor, s: Tensor, bias: Optional[Tensor],
     key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int, k_offset: int, layout: str,
 ) -> tuple[Tensor, Tensor]:
-    """(out (B, H, Tq, h), lse (B, H, Tq) fp32). left/right: band sides, -1 = unbounded."""
+    """(out (B, H, Tq, h), lse (B, H, Tq) fp32), in the "rope_then_m" order (M=None: RoPE only).
+    left/right: band sides, -1 = unbounded."""
     return _launch_forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
 
 
@@ -91,21 +98,23 @@ def _(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
 
 @torch.library.custom_op("echo_kernels::echo_attention_backward", mutates_args=())
 def _attention_backward_op(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, M: Tensor, w: Tensor, s: Tensor,
-    bias: Optional[Tensor], key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int,
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, M: Optional[Tensor], w: Tensor,
+    s: Tensor, bias: Optional[Tensor], key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int,
     k_offset: int, layout: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dM, dw, ds, dbias); dbias is empty (0,) when there is no bias table."""
-    grads = _launch_backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset,
-                             k_offset, layout)
-    dbias = grads[6] if grads[6] is not None else q.new_empty((0,))
-    return (*grads[:6], dbias)
+    """(dq, dk, dv, dM, dw, ds, dbias); dM and dbias are empty (0,) when there is no M / bias table."""
+    dq, dk, dv, dM, dw, ds, dbias = _launch_backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask,
+                                                     left, right, q_offset, k_offset, layout)
+    dM = dM if dM is not None else q.new_empty((0,))
+    dbias = dbias if dbias is not None else q.new_empty((0,))
+    return dq, dk, dv, dM, dw, ds, dbias
 
 
 @_attention_backward_op.register_fake
 def _(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
+    dM = M.new_empty(M.shape) if M is not None else q.new_empty((0,))
     dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty((0,))
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), M.new_empty(M.shape),
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dM,
             w.new_empty(w.shape), s.new_empty(s.shape), dbias)
 
 
@@ -122,7 +131,8 @@ def _op_backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     dq, dk, dv, dM, dw, ds, dbias = _attention_backward_op(
         dout, q, k, v, out, lse, M, w, s, bias, key_padding_mask, *ctx.args)
-    return dq, dk, dv, dM, dw, ds, (dbias if bias is not None else None), None, None, None, None, None, None
+    return (dq, dk, dv, (dM if M is not None else None), dw, ds, (dbias if bias is not None else None),
+            None, None, None, None, None, None)
 
 
 _attention_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -150,9 +160,14 @@ class _EagerAttention(torch.autograd.Function):
         return dq, dk, dv, dM, dw, ds, dbias, None, None, None, None, None, None
 
 
-def _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
+def _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
+                      rotation):
     if not isinstance(s, Tensor):
         s = torch.tensor(float(s), dtype=torch.float32, device=q.device)
+    if M is not None and rotation == "m_then_rope":
+        # RoPE(q M) . RoPE(k M): the kernels rotate what they are given, and autograd takes dM from here
+        M = M.to(q.dtype)
+        q, k, M = q @ M, k @ M, None
     args = (q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
     if torch.compiler.is_compiling():
         return _attention_op(*args)[0]
@@ -168,7 +183,7 @@ def echo_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    M: Tensor,
+    M: Tensor | None,
     w: Tensor,
     s: Tensor | float,
     bias: Tensor | None,
@@ -179,10 +194,15 @@ def echo_attention(
     k_offset: int = 0,
     key_padding_mask: Tensor | None = None,
     layout: str = "half_split",
+    rotation: str = "m_then_rope",
 ) -> Tensor:
-    """softmax(RoPE(q) M (RoPE(k) M)^T / sqrt(h) + bias[clamp(i - j) + n - 1] + masks) @ v.
+    """softmax(q' k'^T / sqrt(h) + bias[clamp(i - j) + n - 1] + masks) @ v, where
 
-    q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h); w: (h/2,); s: scalar;
+        q' = RoPE(q M), k' = RoPE(k M)     rotation = "m_then_rope" (the default)
+        q' = RoPE(q) M, k' = RoPE(k) M     rotation = "rope_then_m"
+
+    q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h), or None for the identity (plain RoPE in
+    either order: what the model passes once M is folded into its projections); w: (h/2,); s: scalar;
     bias: (2n-1, H) or None; window: None (global), an int w (|i - j| <= w) or (left, right)
     (key j kept iff i - left <= j <= i + right); key_padding_mask: (B, Tk) bool, True = padded.
     Query i sits at position q_offset + i, key j at k_offset + j. Returns (B, H, Tq, h) in q's
@@ -200,8 +220,9 @@ def echo_attention(
     checks.shape("v", v, (B, H, Tk, h), f"(B, H, Tk, h) = ({B}, {H}, {Tk}, {h})")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    checks.floating("M", M)
-    checks.shape("M", M, (h, h), f"(h, h) = ({h}, {h})")
+    if M is not None:
+        checks.floating("M", M)
+        checks.shape("M", M, (h, h), f"(h, h) = ({h}, {h})")
     checks.floating("w", w)
     checks.shape("w", w, (h // 2,), f"(h/2,) = ({h // 2},)")
     checks.scale("s", s)
@@ -219,16 +240,18 @@ def echo_attention(
             raise ValueError(f"key_padding_mask must be a bool tensor (True = padded), got {key_padding_mask.dtype}")
         checks.shape("key_padding_mask", key_padding_mask, (B, Tk), f"(B, Tk) = ({B}, {Tk})")
     checks.layout(layout)
+    checks.rotation(rotation)
     checks.same_device(q=q, k=k, v=v, M=M, w=w, s=s, bias=bias, key_padding_mask=key_padding_mask)
     if isinstance(window, list):
         window = tuple(window)
     left, right = _band(window, causal)
     if use_kernel("echo_attention", q.device):
-        return _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
+        return _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
+                                 layout, rotation)
     if q.device.type == "cpu" and requested_backend() == "auto":
         return attention_cpu.attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
-                                       layout)
+                                       layout, rotation)
     return reference.echo_attention(
         q, k, v, M, w, s, bias, window=window, causal=causal, q_offset=q_offset, k_offset=k_offset,
-        key_padding_mask=key_padding_mask, layout=layout,
+        key_padding_mask=key_padding_mask, layout=layout, rotation=rotation,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import LAYOUTS
+from .reference import LAYOUTS, ROTATIONS
 
 
 def floating(name: str, t: Tensor) -> None:
@@ -47,6 +47,11 @@ def non_negative_int(name: str, value: int) -> None:
 def layout(value: str) -> None:
     if value not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {value!r}")
+
+
+def rotation(value: str) -> None:
+    if value not in ROTATIONS:
+        raise ValueError(f"rotation must be one of {ROTATIONS} (where M sits relative to RoPE), got {value!r}")
 
 
 def window(value) -> None:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 LAYOUTS = ("half_split", "interleaved")
+ROTATIONS = ("m_then_rope", "rope_then_m")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -136,11 +137,24 @@ def relative_bias(bias: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
     return bias[rel].permute(2, 0, 1)
 
 
+def rotate_for_attention(u: Tensor, M: Tensor | None, phi: Tensor, layout: str, rotation: str) -> Tensor:
+    """q' or k' of ECHO_SPEC 4.   u: (..., T, h); M: (h, h) or None (the identity); phi: (T, h/2).
+
+    "m_then_rope": RoPE(u @ M), the rotation choosing the basis in which RoPE's frequencies act.
+    "rope_then_m": RoPE(u) @ M, whose logits see M only through M M^T.
+    """
+    if M is None:
+        return apply_rope(u, phi, layout)
+    if rotation == "m_then_rope":
+        return apply_rope(u @ M, phi, layout)
+    return apply_rope(u, phi, layout) @ M
+
+
 def echo_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    M: Tensor,
+    M: Tensor | None,
     w: Tensor,
     s: Tensor | float,
     bias: Tensor | None,
@@ -151,13 +165,17 @@ def echo_attention(
     k_offset: int = 0,
     key_padding_mask: Tensor | None = None,
     layout: str = "half_split",
+    rotation: str = "m_then_rope",
     query_chunk: int = 256,
 ) -> Tensor:
-    """softmax(RoPE(q) M (RoPE(k) M)^T / sqrt(h) + bias + masks) v, with rows of no key set to zero.
+    """softmax(q' k'^T / sqrt(h) + bias + masks) v, with rows of no key set to zero, where
 
-    q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h); w: (h/2,); s: scalar; bias: (2n-1, H) or None;
-    key_padding_mask: (B, Tk) bool, True = padded. Query i sits at q_offset + i, key j at k_offset + j.
-    Returns (B, H, Tq, h) in q's dtype.
+        q' = RoPE(q @ M), k' = RoPE(k @ M)     rotation = "m_then_rope"
+        q' = RoPE(q) @ M, k' = RoPE(k) @ M     rotation = "rope_then_m"
+
+    q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h) or None (the identity: then both orders are
+    plain RoPE); w: (h/2,); s: scalar; bias: (2n-1, H) or None; key_padding_mask: (B, Tk) bool,
+    True = padded. Query i sits at q_offset + i, key j at k_offset + j. Returns (B, H, Tq, h) in q's dtype.
 
     Queries are taken `query_chunk` at a time, and with a finite window only the keys the band can
     reach are looked at, so local attention costs O(T w) time and memory here too.
@@ -166,9 +184,10 @@ def echo_attention(
     Tq, Tk, h = q.shape[2], k.shape[2], q.shape[3]
     q_pos_all = torch.arange(q_offset, q_offset + Tq, device=q.device)
     k_pos_all = torch.arange(k_offset, k_offset + Tk, device=q.device)
-    w, s, M = w.to(compute), _as_compute(s, compute), M.to(compute)
-    q_rot = apply_rope(q.to(compute), rope_angles(w, s, q_pos_all), layout) @ M
-    k_rot = apply_rope(k.to(compute), rope_angles(w, s, k_pos_all), layout) @ M
+    w, s = w.to(compute), _as_compute(s, compute)
+    M = M.to(compute) if M is not None else None
+    q_rot = rotate_for_attention(q.to(compute), M, rope_angles(w, s, q_pos_all), layout, rotation)
+    k_rot = rotate_for_attention(k.to(compute), M, rope_angles(w, s, k_pos_all), layout, rotation)
     v = v.to(compute)
     bias = bias.to(compute) if bias is not None else None
     left, right = window_bounds(window)

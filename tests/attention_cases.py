@@ -82,13 +82,21 @@ CASES = {
 }
 
 
-def options(case, layout="half_split"):
-    """The keyword arguments of a CASES entry."""
+# The ways M reaches the op: either order with a random M, or no M at all (the model's folded default).
+ROTATIONS = ("m_then_rope", "rope_then_m", "no_m")
+
+
+def options(case, layout="half_split", rotation="m_then_rope"):
+    """The keyword arguments of a CASES entry (rotation "no_m" is the default order; see case_inputs)."""
     Tq, Tk, window, causal, q_offset, k_offset, _, _ = CASES[case]
-    return dict(window=window, causal=causal, q_offset=q_offset, k_offset=k_offset, layout=layout)
+    return dict(window=window, causal=causal, q_offset=q_offset, k_offset=k_offset, layout=layout,
+                rotation="m_then_rope" if rotation == "no_m" else rotation)
 
 
-def case_inputs(case, **kw):
-    """Random inputs of a CASES entry (n = 0: no bias table)."""
+def case_inputs(case, rotation="m_then_rope", **kw):
+    """Random inputs of a CASES entry (n = 0: no bias table; rotation "no_m": M = None)."""
     Tq, Tk, _, _, _, _, pad, n = CASES[case]
-    return make_inputs(Tq=Tq, Tk=Tk, n=max(n, 1), bias=n > 0, pad=pad, **kw)
+    inputs = make_inputs(Tq=Tq, Tk=Tk, n=max(n, 1), bias=n > 0, pad=pad, **kw)
+    if rotation == "no_m":
+        inputs["M"] = None
+    return inputs

@@ -18,7 +18,8 @@ from echo_kernels import aot, reference
 from echo_kernels.kernels import attention as kernel
 from echo_kernels.kernels import attention_cpu
 
-from attention_cases import CASES, GRAD_NAMES, call, case_inputs, cast, grads, make_inputs, options, rel_err
+from attention_cases import (CASES, GRAD_NAMES, ROTATIONS, call, case_inputs, cast, grads, make_inputs,
+                             options, rel_err)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -46,13 +47,20 @@ def use_triton(monkeypatch):
 # Forward: every mask kind and their combinations
 # --------------------------------------------------------------------------------------------------
 
+def _spread(case):
+    """A layout and a rotation for each case, so that every one meets many cases at a third of the cost."""
+    index = list(CASES).index(case)
+    return ("half_split", "interleaved")[index % 2], ROTATIONS[index % 3]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_matches_reference(use_triton, case):
-    layout = ("half_split", "interleaved")[list(CASES).index(case) % 2]  # both layouts across the cases
+    layout, rotation = _spread(case)
     for layout in ("half_split", "interleaved") if case == "global" else (layout,):
-        inputs = case_inputs(case)
-        want = call(reference.echo_attention, inputs, **options(case, layout))
-        got = call(echo_kernels.echo_attention, cast(inputs, torch.float32), **options(case, layout))
+        inputs = case_inputs(case, rotation)
+        opts = options(case, layout, rotation)
+        want = call(reference.echo_attention, inputs, **opts)
+        got = call(echo_kernels.echo_attention, cast(inputs, torch.float32), **opts)
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert torch.isfinite(got).all()
         assert rel_err(got, want) < 1e-5, case
@@ -121,21 +129,57 @@ GRAD_CASES = ["global_ragged_pad", "window_left_right", "causal_window", "cross_
               "rows_without_keys", "n1", "n_beyond_T", "no_bias"]
 
 
-@pytest.mark.parametrize("case", GRAD_CASES)
-def test_gradients_match_reference(use_triton, case):
-    layout = "interleaved" if case in ("window_left_right", "n1") else "half_split"
-    inputs = case_inputs(case, B=2)
-    B, H, Tq, h = inputs["q"].shape
-    do = torch.randn(B, H, Tq, h, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    _, want = grads(reference.echo_attention, inputs, torch.float64, do, **options(case, layout))
-    _, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **options(case, layout))
+def _assert_gradients_match(got, want, case, inputs):
     for name, g in want.items():
         if g.norm() < 1e-12:  # dbias with n = 1 sums whole softmax rows of dS: exactly 0
             assert got[name].abs().max() < 1e-4, name
+        elif name == "s":
+            # ds = sum_m G_m w_m with G_m = dw_m / s, itself a sum of dphi * pos over every query and
+            # key: terms of size |G_m w_m| that may nearly cancel, so its error is judged against them.
+            size = (want["w"].abs() * inputs["w"].abs()).sum() / inputs["s"].abs()
+            err = ((got["s"].double().cpu() - g).abs() / size).item()
+            assert err < 5e-5, (case, name, err)
         else:
-            # ds and dw sum dphi * pos over every query and key, with cancellation: fp32 loses more.
-            tol = 5e-5 if name in ("s", "w") else 1e-5
+            tol = 5e-5 if name == "w" else 1e-5  # dw sums dphi * pos with cancellation: fp32 loses more
             assert rel_err(got[name], g) < tol, (case, name, rel_err(got[name], g))
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradients_match_reference(use_triton, case):
+    layout = "interleaved" if case in ("window_left_right", "n1") else "half_split"
+    rotation = ROTATIONS[GRAD_CASES.index(case) % 3]
+    inputs = case_inputs(case, rotation, B=2)
+    B, H, Tq, h = inputs["q"].shape
+    do = torch.randn(B, H, Tq, h, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _, want = grads(reference.echo_attention, inputs, torch.float64, do, **options(case, layout, rotation))
+    _, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **options(case, layout, rotation))
+    assert ("M" in got) == (rotation != "no_m")
+    _assert_gradients_match(got, want, case, inputs)
+
+
+@pytest.mark.parametrize("rotation", ROTATIONS)
+@pytest.mark.parametrize("case", ["cross_window_offsets", "decode_window"])
+def test_every_rotation_matches_reference(use_triton, case, rotation):
+    """Each order (and no M) on ragged lengths, a window, offsets and padding (Tq = 1 in decode_window):
+    output and every gradient against the float64 reference."""
+    inputs = case_inputs(case, rotation, B=2)
+    do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    opts = options(case, rotation=rotation)
+    out_ref, want = grads(reference.echo_attention, inputs, torch.float64, do, **opts)
+    out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
+    assert rel_err(out, out_ref) < 1e-5
+    _assert_gradients_match(got, want, case, inputs)
+
+
+def test_m_then_rope_runs_the_kernel_without_m(use_triton, monkeypatch):
+    """RoPE(q M) . RoPE(k M) reaches the kernel as q M and k M with M = None: no product with P."""
+    seen = []
+    launch = kernel.forward
+    monkeypatch.setattr(kernel, "forward", lambda *args: seen.append(args[3]) or launch(*args))
+    inputs = cast(make_inputs(Tq=20), torch.float32)
+    call(echo_kernels.echo_attention, inputs, rotation="m_then_rope")
+    call(echo_kernels.echo_attention, inputs, rotation="rope_then_m")
+    assert seen[0] is None and seen[1] is inputs["M"]
 
 
 def test_gradients_fp16(use_triton):
@@ -253,22 +297,29 @@ def test_opcheck(use_triton):
     torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
     args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], None, None, -1, 0, 0, 0, "interleaved")
     torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
+    args = (i["q"], i["k"], i["v"], None, i["w"], i["s"], i["bias"], i["key_padding_mask"], 4, 2, 3, 0,
+            "half_split")
+    torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
 
     detached = {name: t.detach() if t is not None else None for name, t in i.items()}
     d = detached
-    out, lse = torch.ops.echo_kernels.echo_attention(d["q"], d["k"], d["v"], d["M"], d["w"], d["s"], d["bias"],
-                                                      d["key_padding_mask"], 4, 2, 3, 0, "half_split")
-    args = (torch.randn_like(out), d["q"], d["k"], d["v"], out, lse, d["M"], d["w"], d["s"], d["bias"],
-            d["key_padding_mask"], 4, 2, 3, 0, "half_split")
-    torch.library.opcheck(torch.ops.echo_kernels.echo_attention_backward.default, args)
+    for M in (d["M"], None):
+        out, lse = torch.ops.echo_kernels.echo_attention(d["q"], d["k"], d["v"], M, d["w"], d["s"], d["bias"],
+                                                          d["key_padding_mask"], 4, 2, 3, 0, "half_split")
+        args = (torch.randn_like(out), d["q"], d["k"], d["v"], out, lse, M, d["w"], d["s"], d["bias"],
+                d["key_padding_mask"], 4, 2, 3, 0, "half_split")
+        torch.library.opcheck(torch.ops.echo_kernels.echo_attention_backward.default, args)
 
 
-def test_torch_compile_fullgraph(use_triton):
+@pytest.mark.parametrize("rotation", ["m_then_rope", "rope_then_m"])
+def test_torch_compile_fullgraph(use_triton, rotation):
+    """The default order with an M compiles as q M, k M and the op without M; the other as the op with M."""
     inputs = make_inputs(Tq=30, pad=True)
     do = torch.randn(1, 2, 30, 32, dtype=torch.float64)
     compiled = torch.compile(echo_kernels.echo_attention, fullgraph=True)
-    out_c, g_c = grads(compiled, inputs, torch.float32, do, window=(6, 2), causal=False, q_offset=1)
-    out_e, g_e = grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=(6, 2), q_offset=1)
+    opts = dict(window=(6, 2), q_offset=1, rotation=rotation)
+    out_c, g_c = grads(compiled, inputs, torch.float32, do, **opts)
+    out_e, g_e = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
     assert torch.allclose(out_c, out_e, atol=1e-6)
     for name in g_e:
         assert torch.allclose(g_c[name], g_e[name], atol=1e-5), name
@@ -302,14 +353,17 @@ def test_aot_compile_report(aot_reports):
     sm_90), shared memory stays under 100 KB, and no launch spills registers (h = 32, 64, 128)."""
     rows = [r for r in aot_reports if r.name.startswith("attention_")]
     names = {r.name for r in rows}
-    parts = ("fwd", "bwd_delta", "bwd_dkdv", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate", "bwd_dbias")
+    parts = ("fwd", "bwd_delta", "bwd_dkdv", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate", "bwd_dbias",
+             "fwd_no_m", "bwd_delta_no_m", "bwd_dq_unrotate_no_m")
     for h in (32, 64, 128):
         for dt in ("bf16", "fp16"):
             for part in parts:
                 assert f"attention_{part}_h{h}_{dt}" in names
+    assert {"attention_fwd_decode_h64_bf16", "attention_fwd_decode_no_m_h64_bf16"} <= names
     # Elementwise passes and row dot products, no matrix product: the RoPE undo of dk, the inner
-    # rows of dbias.
-    no_dot = ("attention_bwd_unrope_", "attention_bwd_dbias_")
+    # rows of dbias, and without M the queries' rotation and its undo (no product with P).
+    no_dot = ("attention_bwd_unrope_", "attention_bwd_dbias_", "attention_bwd_delta_no_m_",
+              "attention_bwd_dq_unrotate_no_m_")
     for r in rows:
         assert {x.arch for x in rows if x.name == r.name} == set(aot.TARGETS), r.name
         assert r.shared_bytes > 0, r.name

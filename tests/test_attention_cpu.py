@@ -14,15 +14,15 @@ from echo_kernels import reference
 from echo_kernels.attention import _band
 from echo_kernels.kernels import attention_cpu
 
-from attention_cases import CASES, call, case_inputs, cast, grads, make_inputs, options, rel_err
+from attention_cases import CASES, ROTATIONS, call, case_inputs, cast, grads, make_inputs, options, rel_err
 
 
 def blocked(q, k, v, M, w, s, bias, *, key_padding_mask=None, window=None, causal=False, q_offset=0,
-            k_offset=0, layout="half_split"):
+            k_offset=0, layout="half_split", rotation="m_then_rope"):
     """attention_cpu.attention with echo_attention's keyword arguments."""
     left, right = _band(window, causal)
     return attention_cpu.attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
-                                   layout)
+                                   layout, rotation)
 
 
 @pytest.fixture(params=["default_blocks", "small_blocks"])
@@ -36,11 +36,12 @@ def _layout(case):
     return ("half_split", "interleaved")[list(CASES).index(case) % 2]
 
 
+@pytest.mark.parametrize("rotation", ROTATIONS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_and_gradients_match_reference_float64(block_size, case):
-    inputs = case_inputs(case, B=2)
+def test_forward_and_gradients_match_reference_float64(block_size, case, rotation):
+    inputs = case_inputs(case, rotation, B=2)
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    opts = options(case, _layout(case))
+    opts = options(case, _layout(case), rotation)
     out_ref, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", **opts)
     out, got = grads(blocked, inputs, torch.float64, do, device="cpu", **opts)
     assert out.dtype == torch.float64 and rel_err(out, out_ref) < 1e-12
@@ -51,13 +52,15 @@ def test_forward_and_gradients_match_reference_float64(block_size, case):
             assert rel_err(got[name], g) < 1e-11, (case, name, rel_err(got[name], g))
 
 
-@pytest.mark.parametrize("case", ["global_ragged_pad", "causal_window", "cross_window_offsets",
-                                  "rows_without_keys"])
-def test_float32_matches_reference(block_size, case):
-    inputs = case_inputs(case, B=2)
+@pytest.mark.parametrize("case, rotation", [
+    ("global_ragged_pad", "m_then_rope"), ("causal_window", "rope_then_m"), ("cross_window_offsets", "no_m"),
+    ("rows_without_keys", "m_then_rope")])
+def test_float32_matches_reference(block_size, case, rotation):
+    inputs = case_inputs(case, rotation, B=2)
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", **options(case))
-    out, got = grads(blocked, inputs, torch.float32, do, device="cpu", **options(case))
+    opts = options(case, rotation=rotation)
+    _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", **opts)
+    out, got = grads(blocked, inputs, torch.float32, do, device="cpu", **opts)
     assert out.dtype == torch.float32
     for name, g in want.items():
         tol = 5e-5 if name in ("s", "w") else 1e-5  # s and w sum position-weighted terms with cancellation
@@ -73,14 +76,15 @@ def test_half_precision_is_computed_in_float32(dtype, tol):
     assert got.dtype == dtype and rel_err(got, want) < tol
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("rotation", ["m_then_rope", "rope_then_m"])
+def test_gradcheck(rotation):
     inputs = make_inputs(B=1, H=2, Tq=9, Tk=11, h=8, n=3, pad=True)
     inputs["key_padding_mask"][0, :3] = False
     leaves = [inputs[name].requires_grad_(True) for name in ("q", "k", "v", "M", "w", "s", "bias")]
 
     def fn(q, k, v, M, w, s, bias):
         return blocked(q, k, v, M, w, s, bias, key_padding_mask=inputs["key_padding_mask"], window=(3, 2),
-                       q_offset=1, k_offset=0, layout="interleaved")
+                       q_offset=1, k_offset=0, layout="interleaved", rotation=rotation)
 
     assert torch.autograd.gradcheck(fn, leaves)
 

@@ -1,6 +1,7 @@
 """save_pretrained / from_pretrained: bit-for-bit round trips, Auto classes, and refused folders."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -34,7 +35,8 @@ def assert_identical(a, b, mel, labels):
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(local_window=2, hybrid_combine="linear", conv_attention=True,
-                                                mlp="s1", layer_norm="s1", rope_layout="interleaved")])
+                                                mlp="s1", layer_norm="s1", rope_layout="interleaved",
+                                                attention_rotation="rope_then_m")])
 def test_round_trip_is_bit_for_bit(tmp_path, overrides):
     model, mel, labels = trained(**overrides)
     assert model.base.item() != model.config.base  # the adaptive state is not the initial one
@@ -49,6 +51,27 @@ def test_round_trip_is_bit_for_bit(tmp_path, overrides):
             assert getattr(loaded.config, key) == getattr(model.config, key), key
         assert_identical(model, loaded, mel, labels)
     assert type(AutoConfig.from_pretrained(tmp_path)) is EchoConfig
+
+
+def test_a_config_saved_before_attention_rotation_loads_as_rope_then_m(tmp_path, caplog):
+    """Before the key existed attention computed RoPE(q) M with M = R G_1 ... G_N: a folder without it
+    loads in that order, says so once per load, and gives the saved model's outputs bit for bit."""
+    model, mel, labels = trained(attention_rotation="rope_then_m")
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["attention_rotation"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    for loader in (Echo.from_pretrained, AutoModelForSpeechSeq2Seq.from_pretrained):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            loaded = loader(tmp_path)
+        warnings = [r for r in caplog.records if "attention_rotation" in r.getMessage()]
+        assert len(warnings) == 1 and "rope_then_m" in warnings[0].getMessage()
+        assert loaded.config.attention_rotation == "rope_then_m"
+        assert not loaded.decoder.blocks[0].attn.site.givens_first  # M = R G_1 ... G_N
+        assert_identical(model, loaded, mel, labels)
+    assert EchoConfig.from_dict({"model_type": "echo", **SMALL}).attention_rotation == "rope_then_m"
+    assert EchoConfig(**SMALL).attention_rotation == "m_then_rope"  # a new config: the default
 
 
 def test_sharded_round_trip(tmp_path):

@@ -21,6 +21,7 @@ from echo.config import SMALL, small_config
         (dict(mlp="swiglu"), "mlp"),
         (dict(layer_norm="rms"), "layer_norm"),
         (dict(hybrid_combine="max"), "hybrid_combine"),
+        (dict(attention_rotation="rope_only"), "attention_rotation"),
         (dict(n_givens=16), "n_givens"),  # h = 16: adjacent pairs stop at (14, 15)
         (dict(n_audio_layer=0), "n_audio_layer"),
         (dict(pad_token_id=100), "pad_token_id"),

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import echo.attention
 import echo.positional
 from echo import Echo, EchoCache
 from echo.config import small_config
@@ -19,8 +20,9 @@ def model_and_audio(seed=0, **overrides):
     return model, mel
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(cross_attention=False),
-                                       dict(local_window=2, mlp="s1", layer_norm="s1", rope_layout="interleaved")])
+@pytest.mark.parametrize("overrides", [{}, dict(cross_attention=False), dict(attention_rotation="rope_then_m"),
+                                       dict(local_window=2, mlp="s1", layer_norm="s1",
+                                            rope_layout="interleaved")])
 def test_cached_decoding_matches_the_full_forward(overrides):
     model, mel = model_and_audio(**overrides)
     tokens = torch.randint(0, model.config.vocab_size, (2, model.config.n_text_ctx))
@@ -39,6 +41,35 @@ def test_cached_decoding_matches_the_full_forward(overrides):
     torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
 
 
+def _decode_hidden(model, mel, tokens):
+    """The decoder's last hidden states (before its final LayerNorm), token by token through the cache."""
+    hidden = []
+    hook = model.decoder.ln.register_forward_pre_hook(lambda m, args: hidden.append(args[0]))
+    cache = EchoCache()
+    with torch.no_grad():
+        model(mel, decoder_input_ids=tokens[:, :1], past_key_values=cache, use_cache=True)
+        for t in range(1, tokens.shape[1]):
+            model(decoder_input_ids=tokens[:, t:t + 1], past_key_values=cache, use_cache=True)
+    hook.remove()
+    return torch.cat(hidden, dim=1), cache
+
+
+def test_cached_decoding_with_folded_projections_matches_unfolded(monkeypatch):
+    """Token by token in float64 (s1 LayerNorms, so nothing rounds to float32): keys cached as x (Wk M)
+    give the hidden states of keys cached as x Wk with M applied by the op."""
+    model, mel = model_and_audio(layer_norm="s1")
+    model.double()
+    mel = mel.double()
+    tokens = torch.randint(0, model.config.vocab_size, (2, model.config.n_text_ctx))
+    folded, cache = _decode_hidden(model, mel, tokens)
+    assert len(cache.folded) == 2 * model.config.n_text_layer  # self and cross: folded once, on step 1
+    monkeypatch.setattr(echo.attention, "FOLD_M", False)
+    unfolded, cache = _decode_hidden(model, mel, tokens)
+    assert not cache.folded
+    assert folded.dtype == torch.float64 and folded.shape[1] == tokens.shape[1]
+    torch.testing.assert_close(folded, unfolded, rtol=1e-11, atol=1e-11)
+
+
 def test_cache_past_the_text_context_is_refused():
     model, mel = model_and_audio()
     cache = EchoCache()
@@ -50,12 +81,17 @@ def test_cache_past_the_text_context_is_refused():
 
 def test_greedy_generate_builds_each_matrix_once_and_agrees_with_full_forward(monkeypatch):
     model, mel = model_and_audio()
-    calls = []
+    calls, folds = [], []
     real = echo.positional.orthogonal_product
     monkeypatch.setattr(echo.positional, "orthogonal_product", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fold = echo.attention.fold_rotation
+    monkeypatch.setattr(echo.attention, "fold_rotation", lambda *a: folds.append(1) or fold(*a))
     tokens = model.generate(mel, max_new_tokens=6)
     n_groups = len(calls)
     assert n_groups <= 4  # encoder and decoder attention sites batched, plus the two rotaries
+    # q and k weights folded once per attention layer: the encoder's, and the decoder's on the first step
+    n_layers = model.config.n_audio_layer + 2 * model.config.n_text_layer
+    assert len(folds) == 2 * n_layers
     assert tokens.shape[0] == 2 and 2 <= tokens.shape[1] <= 7
     assert torch.all(tokens[:, 0] == model.config.decoder_start_token_id)
     with torch.no_grad():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
+import echo.attention
 from echo import Echo
 from echo.attention import EchoAttention
 from echo.config import small_config
@@ -69,8 +70,9 @@ def _train_step(model, mel, labels):
     return out
 
 
-def _is_attention_angle(name):
-    return name.endswith("site.thetas") and "rotary" not in name
+def _attention_sites(model):
+    """{name: EchoAttention} of every attention site of the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, EchoAttention)}
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -81,19 +83,55 @@ def test_every_parameter_gets_a_gradient(option, checkpointing):
     # without cross-attention the decoder never reads the audio: the encoder gets no gradient
     unreachable = "encoder." if not model.config.cross_attention else None
     dead = [n for n, p in model.named_parameters()
-            if not _is_attention_angle(n) and not (unreachable and n.startswith(unreachable))
+            if not (unreachable and n.startswith(unreachable))
             and (p.grad is None or not bool(p.grad.abs().max() > 0))]
     assert not dead, f"parameters without gradient: {dead}"
-    # attention angles: present in the graph, but see test_attention_angles_do_not_change_the_output
-    for n, p in model.named_parameters():
-        if _is_attention_angle(n):
-            assert p.grad is not None, n
 
 
-def test_attention_angles_do_not_change_the_output():
-    """ECHO_SPEC 4 rotates q and k by the same M = R G, so logits see M M^T = R G G^T R^T = R R^T:
-    the attention Givens angles cancel exactly, for every R. Their gradient is rounding noise."""
-    model = build().eval()
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("option", ["default", "local_sum_conv"])
+def test_every_attention_rotation_learns(option, checkpointing):
+    """Default order, q' = RoPE(q G_1 ... G_N R): at every attention site the angles get a gradient of
+    at least 1e-3 of R's (their initial 0 is no stationary point), and one angle moved by 1e-3 moves
+    the logits."""
+    model = build(checkpointing=checkpointing, **OPTIONS[option])
+    assert model.config.attention_rotation == "m_then_rope"
+    mel, labels = batch(model.config)
+    _train_step(model, mel, labels)
+    sites = _attention_sites(model)
+    assert len(sites) >= 6
+    for name, attn in sites.items():
+        ratio = attn.site.thetas.grad.norm() / attn.site.R.grad.norm()
+        assert ratio >= 1e-3, (name, ratio.item())
+    model.eval()
+    with torch.no_grad():
+        before = model(mel, labels=labels).logits
+        for name, attn in sites.items():
+            attn.site.thetas[0] += 1e-3
+            after = model(mel, labels=labels).logits
+            attn.site.thetas[0] -= 1e-3
+            assert (after - before).abs().max() > 1e-6, name
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_rope_then_m_angles_get_only_rounding(checkpointing):
+    """attention_rotation="rope_then_m", the reference code's order: logits see M M^T = R R^T, so the
+    angles' gradient is rounding noise (about 1e-8 of R's in float32), as the README says."""
+    model = build(checkpointing=checkpointing, attention_rotation="rope_then_m")
+    _train_step(model, *batch(model.config))
+    for name, attn in _attention_sites(model).items():
+        assert attn.site.R.grad.norm() > 0, name
+        assert attn.site.thetas.grad.norm() < 1e-5 * attn.site.R.grad.norm(), name
+
+
+def _is_attention_angle(name):
+    return name.endswith("site.thetas") and "rotary" not in name
+
+
+def test_rope_then_m_angles_do_not_change_the_output():
+    """attention_rotation="rope_then_m" rotates q and k by the same M = R G after RoPE, so logits see
+    M M^T = R G G^T R^T = R R^T: the attention Givens angles cancel exactly, for every R."""
+    model = build(attention_rotation="rope_then_m").eval()
     mel, labels = batch(model.config)
     before = model(mel, labels=labels).logits
     with torch.no_grad():
@@ -326,6 +364,64 @@ def test_local_branch_sees_only_its_band_and_conv_mixer_has_one_output_projectio
         torch.testing.assert_close(local(far, pos)[:, :6], local(u, pos)[:, :6], rtol=0, atol=0)
         glob = mixer.attn.global_attn
         assert not torch.allclose(glob(far, pos)[:, :6], glob(u, pos)[:, :6])
+
+
+# site -> (config overrides, the module in the model); s1 LayerNorms keep the whole site in float64
+FOLD_SITES = {
+    "self_causal": (dict(layer_norm="s1"), lambda m: m.decoder.blocks[0].attn),
+    "cross": (dict(layer_norm="s1"), lambda m: m.decoder.blocks[1].cross_attn),
+    "encoder_self": (dict(layer_norm="s1"), lambda m: m.encoder.blocks[0].attn),
+    "local": (dict(local_window=2, layer_norm="s1"), lambda m: m.encoder.blocks[0].attn.local_attn),
+    "hybrid": (dict(local_window=3, hybrid_combine="linear", layer_norm="s1"),
+               lambda m: m.encoder.blocks[1].attn),
+    "conv_attention": (dict(conv_attention=True, local_window=2, layer_norm="s1"),
+                       lambda m: m.encoder.blocks[0].attn),
+}
+
+
+def _site_run(model, site, x, xa, padding):
+    """The site's output and the gradients of the input(s) and of every model parameter, for a fixed
+    random upstream gradient. pos (with M) is built inside, so thetas and R get their gradients."""
+    model.zero_grad(set_to_none=True)
+    x, xa = x.clone().requires_grad_(True), xa.clone().requires_grad_(True)
+    pos = model.positional_state()
+    if getattr(site, "cross", False):
+        out = site(x, pos, xa=xa, key_padding_mask=padding)
+    elif getattr(site, "causal", False):
+        out = site(x, pos)
+    else:
+        out = site(x, pos, key_padding_mask=padding)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype))
+    grads = {"x": x.grad, "xa": xa.grad}
+    grads.update({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    return out, grads
+
+
+@pytest.mark.parametrize("site_name", list(FOLD_SITES))
+def test_folded_projections_compute_the_unfolded_attention(site_name, monkeypatch):
+    """q' = RoPE(x (Wq M) + bq M), M folded into the projections (the default), and q' = RoPE((x Wq + bq) M),
+    M given to the op, agree in float64: the output and every gradient, thetas and R included."""
+    overrides, pick = FOLD_SITES[site_name]
+    model = build(**overrides).double()
+    with torch.no_grad():
+        for p in model.parameters():  # angles off 0, biases off 0, R off orthogonal
+            p.add_(0.05 * torch.randn_like(p))
+    site = pick(model)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 11, 64, generator=g, dtype=torch.float64)
+    xa = torch.randn(2, 9, 64, generator=g, dtype=torch.float64)
+    padding = torch.zeros(2, 9 if getattr(site, "cross", False) else 11, dtype=torch.bool)
+    padding[1, -3:] = True
+    folded, g_folded = _site_run(model, site, x, xa, padding)
+    monkeypatch.setattr(echo.attention, "FOLD_M", False)
+    unfolded, g_unfolded = _site_run(model, site, x, xa, padding)
+    torch.testing.assert_close(folded, unfolded, rtol=1e-11, atol=1e-12)
+    assert g_folded.keys() == g_unfolded.keys()
+    prefix = next(n for n, m in model.named_modules() if m is site)
+    thetas = [n for n in g_folded if n.startswith(prefix) and n.endswith("site.thetas")]
+    assert thetas and all(g_folded[n].norm() > 1e-6 for n in thetas)  # the site's own angles learn
+    for name in g_folded:
+        torch.testing.assert_close(g_folded[name], g_unfolded[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_demo_runs(capsys):

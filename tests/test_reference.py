@@ -152,7 +152,17 @@ def test_rotary_orthogonal_gradcheck():
 # --------------------------------------------------------------------------------------------------
 
 
-def attention_by_hand(q, k, v, M, w, s, bias, window, causal, q_offset, k_offset, key_padding_mask, layout):
+def rotate_by_hand(u, M, w, s, position, layout, rotation):
+    """q' or k' of one vector: RoPE(u M) ("m_then_rope") or RoPE(u) M ("rope_then_m"); M None = identity."""
+    if M is None:
+        return rope_by_hand(u, w, s, position, layout)
+    if rotation == "m_then_rope":
+        return rope_by_hand(u @ M, w, s, position, layout)
+    return rope_by_hand(u, w, s, position, layout) @ M
+
+
+def attention_by_hand(q, k, v, M, w, s, bias, window, causal, q_offset, k_offset, key_padding_mask, layout,
+                      rotation):
     """Every logit one at a time, exactly as ECHO_SPEC section 4 states it."""
     B, H, Tq, h = q.shape
     Tk = k.shape[2]
@@ -163,7 +173,7 @@ def attention_by_hand(q, k, v, M, w, s, bias, window, causal, q_offset, k_offset
         for head in range(H):
             for i in range(Tq):
                 pi = q_offset + i
-                qi = rope_by_hand(q[b, head, i], w, s, pi, layout) @ M
+                qi = rotate_by_hand(q[b, head, i], M, w, s, pi, layout, rotation)
                 logits, values = [], []
                 for j in range(Tk):
                     pj = k_offset + j
@@ -173,7 +183,7 @@ def attention_by_hand(q, k, v, M, w, s, bias, window, causal, q_offset, k_offset
                         continue
                     if key_padding_mask is not None and key_padding_mask[b, j]:
                         continue
-                    kj = rope_by_hand(k[b, head, j], w, s, pj, layout) @ M
+                    kj = rotate_by_hand(k[b, head, j], M, w, s, pj, layout, rotation)
                     logit = float(qi @ kj) / math.sqrt(h)
                     if bias is not None:
                         logit += float(bias[max(-(n - 1), min(n - 1, pi - pj)) + n - 1, head])
@@ -202,8 +212,9 @@ ATTENTION_CASES = {
 }
 
 
+@pytest.mark.parametrize("rotation", ["m_then_rope", "rope_then_m", "no_m"])
 @pytest.mark.parametrize("case", ATTENTION_CASES)
-def test_echo_attention_by_hand(case):
+def test_echo_attention_by_hand(case, rotation):
     opts = dict(Tq=7, Tk=7, n=3, window=None, causal=False, q_offset=0, k_offset=0, padding=False, layout="half_split")
     opts.update(ATTENTION_CASES[case])
     g = torch.Generator().manual_seed(7)
@@ -211,7 +222,8 @@ def test_echo_attention_by_hand(case):
     q = torch.randn(B, H, opts["Tq"], h, dtype=f64, generator=g)
     k = torch.randn(B, H, opts["Tk"], h, dtype=f64, generator=g)
     v = torch.randn(B, H, opts["Tk"], h, dtype=f64, generator=g)
-    M = torch.randn(h, h, dtype=f64, generator=g)
+    M = torch.randn(h, h, dtype=f64, generator=g) if rotation != "no_m" else None
+    rotation = "m_then_rope" if rotation == "no_m" else rotation
     w = torch.rand(h // 2, dtype=f64, generator=g)
     s = 0.8
     bias = torch.randn(2 * opts["n"] - 1, H, dtype=f64, generator=g) if opts["n"] else None
@@ -220,7 +232,7 @@ def test_echo_attention_by_hand(case):
         mask = torch.zeros(B, opts["Tk"], dtype=torch.bool)
         mask[0, 4:] = True  # batch 0 has 4 real keys; with window (0, 0) its rows 4.. see none
     kwargs = dict(window=opts["window"], causal=opts["causal"], q_offset=opts["q_offset"],
-                  k_offset=opts["k_offset"], key_padding_mask=mask, layout=opts["layout"])
+                  k_offset=opts["k_offset"], key_padding_mask=mask, layout=opts["layout"], rotation=rotation)
     expected = attention_by_hand(q, k, v, M, w, s, bias, **kwargs)
     for chunk in (256, 3):  # one chunk, and several chunks with partial key ranges
         out = reference.echo_attention(q, k, v, M, w, s, bias, query_chunk=chunk, **kwargs)
@@ -241,7 +253,40 @@ def test_echo_attention_empty_rows_are_zero_without_nan_gradients():
         assert torch.isfinite(t.grad).all()
 
 
-def test_echo_attention_gradcheck():
+def test_the_orders_differ_and_m_none_is_the_identity():
+    """The two orders compute different attention for a general M and agree for M = I and M = None."""
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=f64, generator=g) for _ in range(3))
+    w, bias = torch.rand(2, dtype=f64, generator=g), torch.randn(3, 2, dtype=f64, generator=g)
+    M = torch.randn(4, 4, dtype=f64, generator=g)
+    run = lambda M, rotation: reference.echo_attention(q, k, v, M, w, 0.7, bias, rotation=rotation)
+    assert not torch.allclose(run(M, "m_then_rope"), run(M, "rope_then_m"), atol=1e-3)
+    eye = torch.eye(4, dtype=f64)
+    for rotation in ("m_then_rope", "rope_then_m"):
+        torch.testing.assert_close(run(eye, rotation), run(None, rotation), rtol=1e-14, atol=1e-14)
+
+
+def test_only_m_then_rope_sees_the_givens_angles():
+    """With M = R G_1 ... G_N ("rope_then_m"), q' k'^T = RoPE(q) R G G^T R^T RoPE(k)^T: the angles
+    cancel. With M = G_1 ... G_N R ("m_then_rope") they choose the basis RoPE acts in, and matter."""
+    g = torch.Generator().manual_seed(11)
+    h, n = 6, 3
+    q, k, v = (torch.randn(1, 2, 7, h, dtype=f64, generator=g) for _ in range(3))
+    w, bias = torch.rand(h // 2, dtype=f64, generator=g), torch.randn(5, 2, dtype=f64, generator=g)
+    R = torch.randn(h, h, dtype=f64, generator=g)
+    pairs = torch.stack([torch.arange(n), torch.arange(n) + 1], dim=1)
+    angles = [torch.zeros(n, dtype=f64), torch.randn(n, dtype=f64, generator=g)]
+    for rotation, givens_first in (("m_then_rope", True), ("rope_then_m", False)):
+        matrices = [reference.orthogonal_product(t, pairs, R, givens_first) for t in angles]
+        out = [reference.echo_attention(q, k, v, M, w, 0.9, bias, rotation=rotation) for M in matrices]
+        if rotation == "m_then_rope":
+            assert (out[0] - out[1]).abs().max() > 1e-3
+        else:
+            torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rotation", ["m_then_rope", "rope_then_m"])
+def test_echo_attention_gradcheck(rotation):
     g = torch.Generator().manual_seed(9)
     B, H, T, h = 1, 2, 5, 4
     q = torch.randn(B, H, T, h, dtype=f64, generator=g, requires_grad=True)
@@ -251,7 +296,8 @@ def test_echo_attention_gradcheck():
     w = torch.rand(h // 2, dtype=f64, generator=g, requires_grad=True)
     s = torch.tensor(0.9, dtype=f64, requires_grad=True)
     bias = torch.randn(5, H, dtype=f64, generator=g, requires_grad=True)
-    fn = lambda *a: reference.echo_attention(*a, window=(2, 1), causal=False, q_offset=1, query_chunk=2)
+    fn = lambda *a: reference.echo_attention(*a, window=(2, 1), causal=False, q_offset=1, query_chunk=2,
+                                             rotation=rotation)
     assert torch.autograd.gradcheck(fn, (q, k, v, M, w, s, bias))
 
 

@@ -1,12 +1,20 @@
-"""Fused Echo attention, forward: rotary + rotation, clamped relative bias, band masks, online softmax.
+"""Fused Echo attention, forward: rotary, clamped relative bias, band masks, online softmax.
 
     out[b, t, i] = softmax_j(q'_i . k'_j / sqrt(h) + bias[clamp(i - j) + n - 1, t] + masks) @ v
-    q' = RoPE_s(q) @ M,  k' = RoPE_s(k) @ M                                   (ECHO_SPEC 4)
+
+with q' and k' as the launcher is given them (ECHO_SPEC 4):
+
+    M = None        q' = RoPE_s(q),      k' = RoPE_s(k)      the model's default: M folded upstream
+    M given         q' = RoPE_s(q) @ M,  k' = RoPE_s(k) @ M  the "rope_then_m" order
+
+("m_then_rope" with an M, RoPE(q M) . RoPE(k M), is the M = None kernel on q M and k M:
+echo_kernels.attention multiplies them first.)
 
 The kernel never forms q' and k'. Since q' k'^T = RoPE(q) (M M^T) RoPE(k)^T, the launcher folds
 P = M M^T / sqrt(h) once per call, each query tile computes q'' = RoPE(q) @ P on chip (inner dim h),
-and each key tile only needs RoPE(k): elementwise, no matrix product per key tile. The gradients are
-still those of the formula above (the backward goes through P back to M).
+and each key tile only needs RoPE(k): elementwise, no matrix product per key tile. Without M
+(HAS_P false) q'' = RoPE(q) / sqrt(h): the only products left are attention's own, q'' RoPE(k)^T
+and p v. The gradients are still those of the formula above (the backward goes through P back to M).
 
 RoPE is done on even/odd columns loaded as two (BLOCK, h/2) tiles, so registers are never
 de-interleaved: a = x_even cos - x_odd sin, b = x_even sin + x_odd cos. The layout (half_split or
@@ -16,7 +24,8 @@ and columns: with P~ = P[perm][:, perm], perm = (positions of a) ++ (positions o
     q''_A = a_q @ P~_AA + b_q @ P~_BA,   q''_B = a_q @ P~_AB + b_q @ P~_BB
     logits = q''_A @ a_k^T + q''_B @ b_k^T
 
-and the kernel is the same for both layouts.
+and the kernel is the same for both layouts (without P the layout does not matter at all: a dot
+product does not depend on the order in which its terms are written).
 
 Windows are two ints, left and right (key j kept iff i - left <= j <= i + right, absolute
 positions); unbounded sides are a large sentinel, causal is right = min(right, 0). Each query tile
@@ -197,11 +206,14 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, left, right, q_off, k_off,
-    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off, scale,
+    HEAD: tl.constexpr, HAS_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_M, HEAD) query tile of one (batch, head): Out tile and its log-sum-exp."""
+    """One (BLOCK_M, HEAD) query tile of one (batch, head): Out tile and its log-sum-exp.
+
+    P: the folded (h, h) P~ when HAS_P, else a placeholder whose element type is the dot type;
+    scale: 1 / sqrt(h), applied to RoPE(q) when there is no P (P~ holds it otherwise)."""
     HALF: tl.constexpr = HEAD // 2
     DT = P.dtype.element_ty  # operand type of every tl.dot (fp32 under the interpreter for bf16)
     pid_m = tl.program_id(0)
@@ -217,13 +229,17 @@ def _attn_fwd_kernel(
     qpos = q_off + rows
     x1, x2 = _load_pairs(Q, rows, Tq, stride_qt, stride_qd, HALF)
     cos, sin = _rope_angles(qpos, s, W, HALF)
-    a = (x1 * cos - x2 * sin).to(DT)
-    bq = (x1 * sin + x2 * cos).to(DT)
-    p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
-    qa = tl.dot(a, p_aa, input_precision=PRECISION)
-    qa = tl.dot(bq, p_ba, qa, input_precision=PRECISION).to(DT)
-    qb = tl.dot(a, p_ab, input_precision=PRECISION)
-    qb = tl.dot(bq, p_bb, qb, input_precision=PRECISION).to(DT)
+    a = x1 * cos - x2 * sin
+    bq = x1 * sin + x2 * cos
+    if HAS_P:
+        p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+        qa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)
+        qa = tl.dot(bq.to(DT), p_ba, qa, input_precision=PRECISION).to(DT)
+        qb = tl.dot(a.to(DT), p_ab, input_precision=PRECISION)
+        qb = tl.dot(bq.to(DT), p_bb, qb, input_precision=PRECISION).to(DT)
+    else:
+        qa = (a * scale).to(DT)
+        qb = (bq * scale).to(DT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -300,6 +316,14 @@ def folded_p(M: torch.Tensor, layout: str) -> torch.Tensor:
     return ((Mf @ Mf.T) / math.sqrt(h))[perm][:, perm].contiguous()
 
 
+def p_arg(M: torch.Tensor | None, layout: str, dtype: torch.dtype, device) -> tuple[torch.Tensor, bool]:
+    """(P, HAS_P) for the kernels: P~ in the dot type of `dtype` inputs, or without M a one-element
+    placeholder that only carries that type."""
+    if M is None:
+        return torch.zeros(1, dtype=dot_dtype(dtype), device=device), False
+    return folded_p(M, layout).to(dot_dtype(dtype)), True
+
+
 def window_ints(left: int, right: int, causal: bool = False) -> tuple[int, int]:
     """Schema ints (-1 = unbounded) to the kernel's band sides."""
     left = UNBOUNDED if left < 0 else left
@@ -352,7 +376,7 @@ def _bias_arg(bias, like):
 
 
 def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
-    """Launch the forward kernel. q: (B, H, Tq, h); k, v: (B, H, Tk, h), any strides.
+    """Launch the forward kernel. q: (B, H, Tq, h); k, v: (B, H, Tk, h), any strides; M: (h, h) or None.
 
     left/right: kernel band sides (see window_ints). Returns out (B, H, Tq, h) in q's dtype,
     contiguous, and lse (B, H, Tq) fp32 (+inf on rows with no key).
@@ -363,7 +387,7 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if Tq == 0 or B * H == 0:
         return out, lse
-    P = folded_p(M, layout).to(dot_dtype(q.dtype))
+    P, has_p = p_arg(M, layout, q.dtype, q.device)
     w32 = w.detach().float().contiguous()
     s32 = torch.as_tensor(s, dtype=torch.float32, device=q.device).detach().reshape(1)
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
@@ -374,8 +398,8 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
         q, k, v, P, w32, s32, bias_t, pad_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(),
         sbr, sbh, spb, spt,
-        H, Tq, Tk, n_rel, left, right, q_offset, k_offset,
-        HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad,
+        H, Tq, Tk, n_rel, left, right, q_offset, k_offset, 1.0 / math.sqrt(h),
+        HEAD=h, HAS_P=has_p, HAS_BIAS=has_bias, HAS_PAD=has_pad,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -398,7 +422,8 @@ def _signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]
 
 def aot_specs() -> list:
     """The launches of the forward and backward kernels at their default block sizes:
-    h in {32, 64, 128}, bf16 and fp16, with a bias table (n = 15) and a key-padding mask."""
+    h in {32, 64, 128}, bf16 and fp16, with a bias table (n = 15) and a key-padding mask, with M
+    ("rope_then_m": P folded into q) and without (names ending in _no_m: the model's default order)."""
     from .. import aot
     from . import attention_backward as bwd
 
@@ -406,26 +431,31 @@ def aot_specs() -> list:
     for h in (32, 64, 128):
         for dt in ("bf16", "fp16"):
             f = default_blocks(h)
-            ce = dict(HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"],
-                      PRECISION="tf32")
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "P", "Out")}
-            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32")
-            specs.append(aot.KernelSpec(
-                f"attention_fwd_h{h}_{dt}", _attn_fwd_kernel, _signature(_attn_fwd_kernel, ptrs, ce), ce,
-                num_warps=f["num_warps"], num_stages=f["num_stages"]))
-            if h == 64 and dt == "bf16":  # the decoding launch (Tq = 1 against a KV cache)
-                d = _short_query_blocks(f, 1)
-                ce = dict(ce, BLOCK_M=d["BLOCK_M"])
+            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", scale="fp32")
+            for has_p, suffix in ((True, ""), (False, "_no_m")):
+                ce = dict(HEAD=h, HAS_P=has_p, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=f["BLOCK_M"],
+                          BLOCK_N=f["BLOCK_N"], PRECISION="tf32")
                 specs.append(aot.KernelSpec(
-                    f"attention_fwd_decode_h{h}_{dt}", _attn_fwd_kernel, _signature(_attn_fwd_kernel, ptrs, ce), ce,
-                    num_warps=d["num_warps"], num_stages=d["num_stages"]))
+                    f"attention_fwd{suffix}_h{h}_{dt}", _attn_fwd_kernel, _signature(_attn_fwd_kernel, ptrs, ce),
+                    ce, num_warps=f["num_warps"], num_stages=f["num_stages"]))
+                if h == 64 and dt == "bf16":  # the decoding launch (Tq = 1 against a KV cache)
+                    d = _short_query_blocks(f, 1)
+                    ce = dict(ce, BLOCK_M=d["BLOCK_M"])
+                    specs.append(aot.KernelSpec(
+                        f"attention_fwd_decode{suffix}_h{h}_{dt}", _attn_fwd_kernel,
+                        _signature(_attn_fwd_kernel, ptrs, ce), ce, num_warps=d["num_warps"],
+                        num_stages=d["num_stages"]))
 
             g = bwd.default_blocks(h)
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32", G="*fp32",
-                        DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}")
+                        DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", scale="fp32")
             for name, fn, ce in (
-                ("delta", bwd._attn_bwd_delta_kernel, dict(HEAD=h, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),
+                ("delta", bwd._attn_bwd_delta_kernel, dict(
+                    HEAD=h, HAS_P=True, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),
+                ("delta_no_m", bwd._attn_bwd_delta_kernel, dict(
+                    HEAD=h, HAS_P=False, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),
                 ("dkdv", bwd._attn_bwd_dkdv_kernel, dict(
                     HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dkdv"]["BLOCK_M"], BLOCK_N=g["dkdv"]["BLOCK_N"],
                     PRECISION="tf32")),
@@ -434,11 +464,14 @@ def aot_specs() -> list:
                     HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dq"]["BLOCK_M"], BLOCK_N=g["dq"]["BLOCK_N"],
                     PRECISION="tf32")),
                 ("dq_unrotate", bwd._attn_bwd_dq_unrotate_kernel, dict(
-                    HEAD=h, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
+                    HEAD=h, HAS_P=True, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
+                ("dq_unrotate_no_m", bwd._attn_bwd_dq_unrotate_kernel, dict(
+                    HEAD=h, HAS_P=False, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
                 ("dbias", bwd._attn_bwd_dbias_diag_kernel, dict(
                     HEAD=h, HAS_PAD=True, BLOCK_M=g["diag"]["BLOCK_M"], PRECISION="tf32")),
             ):
-                c = g[{"dq_unrotate": "unrotate", "dbias": "diag"}.get(name, name)]
+                c = g[{"delta_no_m": "delta", "dq_unrotate": "unrotate", "dq_unrotate_no_m": "unrotate",
+                       "dbias": "diag"}.get(name, name)]
                 specs.append(aot.KernelSpec(
                     f"attention_bwd_{name}_h{h}_{dt}", fn, _signature(fn, ptrs, ce), ce,
                     num_warps=c["num_warps"], num_stages=c["num_stages"]))

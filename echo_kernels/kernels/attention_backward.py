@@ -1,7 +1,8 @@
 """Fused Echo attention, backward: dq, dk, dv, dM, ds, dw and dbias without a T x T tensor.
 
 Notation of the forward (echo_kernels.kernels.attention): a, b = RoPE halves, q'' = [a_q b_q] @ P~
-(P~ = permuted M M^T / sqrt(h)), logits = q''_A a_k^T + q''_B b_k^T + bias, p = exp(logits - lse).
+(P~ = permuted M M^T / sqrt(h); without M, P~ = I / sqrt(h) and no product is made with it),
+logits = q''_A a_k^T + q''_B b_k^T + bias, p = exp(logits - lse).
 With D_i = sum_d dO_id O_id, the score gradient is dS = p * (dO v^T - D), and
 
     dv = p^T dO,    d(a_k, b_k) = dS^T (q''_A, q''_B),    d(q''_A, q''_B) = dS (a_k, b_k)
@@ -17,6 +18,7 @@ The passes, in launch order:
     dq         per query tile, looping over the key tiles: d(q''_A, q''_B) and the end rows of dbias
     unrotate   a few programs per (batch, head), each over several query tiles: d(a_q, b_q) =
                d(q'') P~^T, dq (undoing RoPE), the queries' angle partials, one dP~ partial per program
+               (without M: one program per tile, d(a_q, b_q) = d(q'') / sqrt(h), no dP~ at all)
     diag       per query tile: the inner rows of dbias
 
 dkdv and dq recompute the logits tile by tile, as flash attention does, and hold only their
@@ -58,9 +60,8 @@ from .attention import (
     _rope_angles,
     _rotated_k,
     _split_regions,
-    dot_dtype,
-    folded_p,
     layout_perm,
+    p_arg,
     precision,
 )
 
@@ -81,11 +82,13 @@ def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_
 @triton.jit
 def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
                            stride_ob, stride_oh, stride_ot, stride_od, stride_db, stride_dh, stride_dt, stride_dd,
-                           stride_qb, stride_qh, stride_qt, stride_qd, H, T, q_off,
-                           HEAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+                           stride_qb, stride_qh, stride_qt, stride_qd, H, T, q_off, scale,
+                           HEAD: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr,
+                           PRECISION: tl.constexpr):
     """Per query row: Delta[bh, t] = sum_d O[t, d] dO[t, d], the softmax correction, and
-    q'' = [a_q b_q] @ P~ in the dot type (QQ, contiguous rows [q''_A | q''_B]), which the dk/dv
-    kernel reads for every key tile instead of rotating and multiplying the queries again."""
+    q'' = [a_q b_q] @ P~ (or [a_q b_q] * scale without P) in the dot type (QQ, contiguous rows
+    [q''_A | q''_B]), which the dk/dv kernel reads for every key tile instead of rotating and
+    multiplying the queries again."""
     HALF: tl.constexpr = HEAD // 2
     DT = P.dtype.element_ty
     pid_bh = tl.program_id(1)
@@ -97,10 +100,16 @@ def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
     tl.store(Delta + pid_bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
 
     s = tl.load(S).to(tl.float32)
-    p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
     cos, sin = _rope_angles(q_off + rows, s, W, HALF)
-    a_q, b_q, qa, qb = _rotated_q(Q + b * stride_qb + hd * stride_qh, rows, T, stride_qt, stride_qd, cos, sin,
-                              p_aa, p_ab, p_ba, p_bb, HALF, DT, PRECISION)
+    Q += b * stride_qb + hd * stride_qh
+    if HAS_P:
+        p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+        _, _, qa, qb = _rotated_q(Q, rows, T, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
+                                  PRECISION)
+    else:
+        x1, x2 = _load_pairs(Q, rows, T, stride_qt, stride_qd, HALF)
+        qa = ((x1 * cos - x2 * sin) * scale).to(DT)
+        qb = ((x1 * sin + x2 * cos) * scale).to(DT)
     offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
     tl.store(QQ + offs, qa, mask=rows[:, None] < T)
     tl.store(QQ + offs + HALF, qb, mask=rows[:, None] < T)
@@ -163,7 +172,7 @@ def _dkdv_tiles(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, P, QQ, W, S, Bias, Pad, Lse, Delta, DKK, DV,
+    Q, K, V, DO, QQ, W, S, Bias, Pad, Lse, Delta, DKK, DV,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -177,7 +186,7 @@ def _attn_bwd_dkdv_kernel(
     which _attn_bwd_unrope_kernel turns into dk and the angle partials: undoing RoPE needs the
     key angles again, and their sines are not worth registers next to the accumulators."""
     HALF: tl.constexpr = HEAD // 2
-    DT = P.dtype.element_ty
+    DT = QQ.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -264,7 +273,7 @@ def _attn_bwd_unrope_kernel(
 
 @triton.jit
 def _attn_bwd_dbias_diag_kernel(
-    Q, K, V, DO, P, QQ, W, S, Bias, Pad, Lse, Delta, DBias,
+    Q, K, V, DO, QQ, W, S, Bias, Pad, Lse, Delta, DBias,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -367,7 +376,7 @@ def _dq_tiles(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, P, QQ, W, S, Bias, Pad, Lse, Delta, DQQ, DBias,
+    Q, K, V, DO, QQ, W, S, Bias, Pad, Lse, Delta, DQQ, DBias,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -382,7 +391,7 @@ def _attn_bwd_dq_kernel(
     row 0). Going back through P~ and RoPE, and the dP~ partials, are _attn_bwd_dq_unrotate_kernel's:
     the loop over key tiles keeps only q'', dO and the dq'' accumulators in registers."""
     HALF: tl.constexpr = HEAD // 2
-    DT = P.dtype.element_ty
+    DT = QQ.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     tile = pid_bh * tl.num_programs(0) + pid_m
@@ -444,15 +453,16 @@ def _attn_bwd_dq_kernel(
 def _attn_bwd_dq_unrotate_kernel(
     Q, P, W, S, DQQ, DQ, G, DP,
     stride_qb, stride_qh, stride_qt, stride_qd,
-    H, Tq, q_off,
-    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+    H, Tq, q_off, scale,
+    HEAD: tl.constexpr, HAS_P: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Query tiles pid_m, pid_m + grid[0], ... of one (batch, head): dq and the angle partial per
     tile from d(q''_A, q''_B) (DQQ), and one partial of dP~ for the program.
 
     dP~ is an (h, h) sum over every query; one partial per tile would take more memory than dq
     itself, so the launcher gives each (batch, head) just enough programs to fill the GPU and each
-    program sums its tiles' shares on chip.
+    program sums its tiles' shares on chip. Without P (HAS_P false) d(a, b) = d(q'') * scale and
+    there is no dP~: DP is not written.
     """
     HALF: tl.constexpr = HEAD // 2
     DT = P.dtype.element_ty
@@ -465,11 +475,12 @@ def _attn_bwd_dq_unrotate_kernel(
     Q += b * stride_qb + hd * stride_qh
     s = tl.load(S).to(tl.float32)
 
-    p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
-    dp_aa = tl.zeros([HALF, HALF], tl.float32)
-    dp_ab = tl.zeros([HALF, HALF], tl.float32)
-    dp_ba = tl.zeros([HALF, HALF], tl.float32)
-    dp_bb = tl.zeros([HALF, HALF], tl.float32)
+    if HAS_P:
+        p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+        dp_aa = tl.zeros([HALF, HALF], tl.float32)
+        dp_ab = tl.zeros([HALF, HALF], tl.float32)
+        dp_ba = tl.zeros([HALF, HALF], tl.float32)
+        dp_bb = tl.zeros([HALF, HALF], tl.float32)
     half = tl.arange(0, HALF)
     for m in range(pid_m, n_tiles, tl.num_programs(0)):
         tile = pid_bh * n_tiles + m
@@ -485,7 +496,10 @@ def _attn_bwd_dq_unrotate_kernel(
         dqb = tl.load(DQQ + offs + HALF, mask=mask, other=0.0)
 
         # q''_A = a P~_AA + b P~_BA and q''_B = a P~_AB + b P~_BB, so d(a, b) = d(q''_A, q''_B) P~^T.
-        if HALF >= 64:
+        if not HAS_P:
+            da = dqa.to(tl.float32) * scale
+            db = dqb.to(tl.float32) * scale
+        elif HALF >= 64:
             # Transposed: P~'s blocks are then the first operands, which mma.sync spreads over the
             # warps rather than copying whole into each (sm_80); 64 rows still suit wgmma.
             dqa_t = tl.trans(dqa)
@@ -501,21 +515,22 @@ def _attn_bwd_dq_unrotate_kernel(
             db = tl.dot(dqb, tl.trans(p_bb), db, input_precision=PRECISION)
         _unrope_store(da, db, a, bq, cos, sin, qpos, DQ + pid_bh * Tq * HEAD, rows, Tq, G, tile, HEAD)
 
-        # this tile's share of dP~ = [a b]^T [dq''_A dq''_B]
-        a_t = tl.trans(a.to(DT))
-        b_t = tl.trans(bq.to(DT))
-        dp_aa = tl.dot(a_t, dqa, dp_aa, input_precision=PRECISION)
-        dp_ab = tl.dot(a_t, dqb, dp_ab, input_precision=PRECISION)
-        dp_ba = tl.dot(b_t, dqa, dp_ba, input_precision=PRECISION)
-        dp_bb = tl.dot(b_t, dqb, dp_bb, input_precision=PRECISION)
+        if HAS_P:  # this tile's share of dP~ = [a b]^T [dq''_A dq''_B]
+            a_t = tl.trans(a.to(DT))
+            b_t = tl.trans(bq.to(DT))
+            dp_aa = tl.dot(a_t, dqa, dp_aa, input_precision=PRECISION)
+            dp_ab = tl.dot(a_t, dqb, dp_ab, input_precision=PRECISION)
+            dp_ba = tl.dot(b_t, dqa, dp_ba, input_precision=PRECISION)
+            dp_bb = tl.dot(b_t, dqb, dp_bb, input_precision=PRECISION)
 
-    r = tl.arange(0, HALF)[:, None]
-    c = tl.arange(0, HALF)[None, :]
-    base = DP + prog * HEAD * HEAD
-    tl.store(base + r * HEAD + c, dp_aa)
-    tl.store(base + r * HEAD + c + HALF, dp_ab)
-    tl.store(base + (r + HALF) * HEAD + c, dp_ba)
-    tl.store(base + (r + HALF) * HEAD + c + HALF, dp_bb)
+    if HAS_P:
+        r = tl.arange(0, HALF)[:, None]
+        c = tl.arange(0, HALF)[None, :]
+        base = DP + prog * HEAD * HEAD
+        tl.store(base + r * HEAD + c, dp_aa)
+        tl.store(base + r * HEAD + c + HALF, dp_ab)
+        tl.store(base + (r + HALF) * HEAD + c, dp_ba)
+        tl.store(base + (r + HALF) * HEAD + c + HALF, dp_bb)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -549,7 +564,7 @@ def default_blocks(h: int) -> dict:
             diag=dict(BLOCK_M=64, num_warps=8, num_stages=2),
         )
     return dict(
-        delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
+        delta=dict(BLOCK_M=64, num_warps=8, num_stages=1),  # at 4 the rotation without P spills (sm_80, sm_90)
         dkdv=dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
         unrope=dict(BLOCK_M=32, num_warps=4, num_stages=1),
         dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
@@ -585,7 +600,7 @@ def _common_args(q, k, v, do, bias, key_padding_mask):
 
 def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
     """Gradients of the forward launcher's out. Returns dq, dk, dv (input dtype, contiguous),
-    dM (M's dtype), dw (w's dtype), ds (fp32 scalar), dbias (bias's dtype, or None)."""
+    dM (M's dtype, or None without M), dw (w's dtype), ds (fp32 scalar), dbias (bias's dtype, or None)."""
     B, H, Tq, h = q.shape
     Tk = k.shape[2]
     half = h // 2
@@ -596,9 +611,11 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     n_rel = (bias.shape[0] + 1) // 2 if bias is not None else 1
     if Tq == 0 or Tk == 0 or B * H == 0:
         dbias = torch.zeros_like(bias) if bias is not None else None
-        return dq, dk, dv, torch.zeros_like(M), torch.zeros_like(w), torch.zeros((), device=dev), dbias
+        dM = torch.zeros_like(M) if M is not None else None
+        return dq, dk, dv, dM, torch.zeros_like(w), torch.zeros((), device=dev), dbias
 
-    P = folded_p(M, layout).to(dot_dtype(q.dtype))
+    P, has_p = p_arg(M, layout, q.dtype, dev)
+    scale = 1.0 / math.sqrt(h)
     w32 = w.detach().float().contiguous()
     s32 = torch.as_tensor(s, dtype=torch.float32, device=dev).detach().reshape(1)
     bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(q, k, v, do, bias, key_padding_mask)
@@ -611,14 +628,15 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=dev)
     qq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)
     _attn_bwd_delta_kernel[(triton.cdiv(Tq, c["BLOCK_M"]), B * H)](
-        out, do, delta, q, P, w32, s32, qq, *out.stride(), *do.stride(), *q.stride(), H, Tq, q_offset,
-        HEAD=h, BLOCK=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"], num_stages=c["num_stages"])
+        out, do, delta, q, P, w32, s32, qq, *out.stride(), *do.stride(), *q.stride(), H, Tq, q_offset, scale,
+        HEAD=h, HAS_P=has_p, BLOCK=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
+        num_stages=c["num_stages"])
 
     c = cfg["dkdv"]
     n_kblocks = triton.cdiv(Tk, c["BLOCK_N"])
     dkk = torch.empty((B, H, Tk, h), dtype=torch.float32, device=dev)  # d(a_k, b_k)
     _attn_bwd_dkdv_kernel[(n_kblocks, B * H)](
-        q, k, v, do, P, qq, w32, s32, bias_t, pad_t, lse, delta, dkk, dv, *strides, *scalars,
+        q, k, v, do, qq, w32, s32, bias_t, pad_t, lse, delta, dkk, dv, *strides, *scalars,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PRECISION=prec,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     c = cfg["unrope"]
@@ -633,25 +651,27 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     dqq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)  # d(q''_A, q''_B)
     db_ends = torch.empty((B * H * n_qblocks, 2) if has_bias else (1,), dtype=torch.float32, device=dev)
     _attn_bwd_dq_kernel[(n_qblocks, B * H)](
-        q, k, v, do, P, qq, w32, s32, bias_t, pad_t, lse, delta, dqq, db_ends, *strides, *scalars,
+        q, k, v, do, qq, w32, s32, bias_t, pad_t, lse, delta, dqq, db_ends, *strides, *scalars,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PRECISION=prec,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["unrotate"]
     n_qtiles = triton.cdiv(Tq, c["BLOCK_M"])
     g_q = torch.empty((B * H * n_qtiles, half), dtype=torch.float32, device=dev)
-    n_groups = _dq_programs_per_head(B * H, n_qtiles, dev)
-    dp_part = torch.empty((B * H * n_groups, h, h), dtype=torch.float32, device=dev)
+    # dP~ partials bound the programs per (batch, head); without M every tile is its own program
+    n_groups = _dq_programs_per_head(B * H, n_qtiles, dev) if has_p else n_qtiles
+    dp_part = torch.empty((B * H * n_groups, h, h) if has_p else (1,), dtype=torch.float32, device=dev)
     _attn_bwd_dq_unrotate_kernel[(n_groups, B * H)](
-        q, P, w32, s32, dqq, dq, g_q, dp_part, *q.stride(), H, Tq, q_offset,
-        HEAD=h, BLOCK_M=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"], num_stages=c["num_stages"])
+        q, P, w32, s32, dqq, dq, g_q, dp_part, *q.stride(), H, Tq, q_offset, scale,
+        HEAD=h, HAS_P=has_p, BLOCK_M=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
+        num_stages=c["num_stages"])
 
     if has_bias and n_rel > 1:
         c = cfg["diag"]
         n_dtiles = triton.cdiv(Tq, c["BLOCK_M"])
         db_inner = torch.zeros((B * H * n_dtiles, 2 * n_rel - 1), dtype=torch.float32, device=dev)
         _attn_bwd_dbias_diag_kernel[(n_dtiles, B * H)](
-            q, k, v, do, P, qq, w32, s32, bias_t, pad_t, lse, delta, db_inner, *strides, *scalars,
+            q, k, v, do, qq, w32, s32, bias_t, pad_t, lse, delta, db_inner, *strides, *scalars,
             HEAD=h, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
             num_stages=c["num_stages"])
 
@@ -660,11 +680,13 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     s_val = s32[0]
     dw = (s_val * g).to(w.dtype)
     ds = (g * w32).sum()
-    perm = layout_perm(h, layout, dev)
-    dP = torch.empty((h, h), dtype=torch.float32, device=dev)
-    dP[perm[:, None], perm[None, :]] = dp_part.sum(0) / math.sqrt(h)
-    Mf = M.float()
-    dM = ((dP + dP.T) @ Mf).to(M.dtype)  # P = M M^T
+    dM = None
+    if has_p:
+        perm = layout_perm(h, layout, dev)
+        dP = torch.empty((h, h), dtype=torch.float32, device=dev)
+        dP[perm[:, None], perm[None, :]] = dp_part.sum(0) / math.sqrt(h)
+        Mf = M.float()
+        dM = ((dP + dP.T) @ Mf).to(M.dtype)  # P = M M^T
     dbias = None
     if has_bias:
         ends = db_ends.view(B, H, n_qblocks, 2).sum((0, 2))  # (H, 2)

@@ -1,11 +1,13 @@
 """echo_attention on the CPU: query blocks against the keys their band reaches, flash-style.
 
-The rotations are folded as in the Triton kernel: logits = RoPE(q) P RoPE(k)^T with P = M M^T / sqrt(h),
-so q is multiplied by P once and k needs only RoPE. The core (`_BlockedAttention`) then takes queries a
-block at a time. Its backward recomputes each block's probabilities instead of keeping all Tq x Tk of
-them, and sums the bias gradient along the block's diagonals: autograd of a gathered (H, Tq, Tk) bias
-scatters every logit's gradient into a (2n-1)-row table one index at a time, which is what makes the
-reference slow on the CPU (over 40% of a training step of the reference path at T = 1500).
+The rotations are folded as in the Triton kernel: in the "rope_then_m" order logits = RoPE(q) P RoPE(k)^T
+with P = M M^T / sqrt(h), so q is multiplied by P once and k needs only RoPE; in the "m_then_rope" order
+q and k are multiplied by M first (not at all when M is None) and q is only scaled by 1 / sqrt(h). The
+core (`_BlockedAttention`) then takes queries a block at a time. Its backward recomputes each block's
+probabilities instead of keeping all Tq x Tk of them, and sums the bias gradient along the block's
+diagonals: autograd of a gathered (H, Tq, Tk) bias scatters every logit's gradient into a (2n-1)-row
+table one index at a time, which is what makes the reference slow on the CPU (over 40% of a training step
+of the reference path at T = 1500).
 """
 
 from __future__ import annotations
@@ -22,22 +24,30 @@ BLOCK_ELEMENTS = 1 << 21
 
 
 def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q_offset: int, k_offset: int,
-              layout: str) -> Tensor:
-    """echo_attention's maths (see echo_kernels.attention). left/right: band sides, -1 = unbounded."""
-    compute = reference._compute_dtype(q.dtype)
+              layout: str, rotation: str = "m_then_rope") -> Tensor:
+    """echo_attention's maths (see echo_kernels.attention). left/right: band sides, -1 = unbounded;
+    M: (h, h) or None (the identity)."""
+    dtype, compute = q.dtype, reference._compute_dtype(q.dtype)
     Tq, Tk, h = q.shape[2], k.shape[2], q.shape[3]
     w, s = w.to(compute), reference._as_compute(s, compute)
     q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device)
     k_pos = torch.arange(k_offset, k_offset + Tk, device=q.device)
-    M = M.to(compute)
-    P = M @ M.T / math.sqrt(h)
-    q_folded = reference.apply_rope(q.to(compute), reference.rope_angles(w, s, q_pos), layout) @ P
-    k_rope = reference.apply_rope(k.to(compute), reference.rope_angles(w, s, k_pos), layout)
+    q, k = q.to(compute), k.to(compute)
+    P = None
+    if M is not None and rotation == "m_then_rope":
+        M = M.to(compute)
+        q, k = q @ M, k @ M
+    elif M is not None:
+        M = M.to(compute)
+        P = M @ M.T / math.sqrt(h)
+    q_rope = reference.apply_rope(q, reference.rope_angles(w, s, q_pos), layout)
+    q_folded = q_rope @ P if P is not None else q_rope / math.sqrt(h)
+    k_rope = reference.apply_rope(k, reference.rope_angles(w, s, k_pos), layout)
     bias = bias.to(compute) if bias is not None else None
     v = v.to(compute).contiguous()
     shift = q_offset - k_offset
     out = _BlockedAttention.apply(q_folded, k_rope, v, bias, key_padding_mask, left, right, shift)
-    return out.to(q.dtype)
+    return out.to(dtype)
 
 
 def blocks(Tq: int, Tk: int, left: int, right: int, shift: int, batch_heads: int):
