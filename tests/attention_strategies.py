@@ -142,7 +142,8 @@ def attention_gradient_terms(case: AttentionCase, inputs: dict, do: torch.Tensor
     Every gradient but dv sums, over (query i, key j), the score gradient dS_ij = p_ij dO_i . (v_j - out_i)
     times the logit's derivative, and these sums cancel: exactly to 0 where no query sees two keys.
     The terms' size is the same sum with dS_ij replaced by T_ij = p_ij (|dO_i| . |v_j| + |dO_i| . |out_i|),
-    i.e. the gradient of sum_ij T_ij logit_ij with T held fixed. dw and ds also sum over positions and
+    i.e. the gradient of sum_ij T_ij logit_ij with T held fixed (logits RoPE(q) M (RoPE(k) M)^T: another
+    order of the rotations has terms of the same size). dw and ds also sum over positions and
     frequencies: their terms are |dphi| s |pos| (dw) and |dphi| |pos w| (ds), phi = s pos w each
     query's and key's angles.
     """
@@ -162,8 +163,9 @@ def attention_gradient_terms(case: AttentionCase, inputs: dict, do: torch.Tensor
     leaves = dict(q=q, k=k, M=M, bias=bias, phi_q=angles(q_pos), phi_k=angles(k_pos))
     leaves = {name: t.clone().requires_grad_(True) for name, t in leaves.items() if t is not None}
     layout = options.get("layout", "half_split")
-    a = reference.apply_rope(leaves["q"], leaves["phi_q"], layout) @ leaves["M"]
-    c = reference.apply_rope(leaves["k"], leaves["phi_k"], layout) @ leaves["M"]
+    rotate = (lambda u: u @ leaves["M"]) if "M" in leaves else (lambda u: u)  # M None: the identity
+    a = rotate(reference.apply_rope(leaves["q"], leaves["phi_q"], layout))
+    c = rotate(reference.apply_rope(leaves["k"], leaves["phi_k"], layout))
     logits = a @ c.transpose(-1, -2) / math.sqrt(h)
     if bias is not None:
         logits = logits + reference.relative_bias(leaves["bias"], q_pos, k_pos)

@@ -61,10 +61,12 @@ def rotary_orthogonal(x: Tensor, M: Tensor, w: Tensor, s: Tensor | float, offset
 def attention(q, k, v, M, w, s, bias, *, window, causal, q_offset, k_offset, key_padding_mask, layout):
     """Every logit on its own, each mask a condition on the positions (ECHO_SPEC 4).
 
-    q: (B, H, Tq, h); k, v: (B, H, Tk, h); bias: (2n - 1, H) or None. A query with no key gives 0.
+    q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h) or None (the identity); bias: (2n - 1, H) or
+    None. A query with no key gives 0.
     """
     B, H, Tq, h = q.shape
     Tk = k.shape[2]
+    M = torch.eye(h, dtype=torch.float64) if M is None else M
     left, right = (window, window) if isinstance(window, int) else window or (None, None)
     rope = lambda t: rope_matrix(s * t * w, layout)
     rows = []

@@ -60,14 +60,14 @@ def _assert_attention_matches(case, dtype, tol, small_blocks):
         assert err < tol, (name, err)
 
 
-@property_settings(max_examples=170)
+@property_settings(max_examples=200)
 @given(case=attention_cases(HEAD_WIDTHS, max_len=48), small_blocks=st.booleans())
 @counted
 def test_blocked_attention_float64(case, small_blocks):
     _assert_attention_matches(case, torch.float64, FLOAT64_TOL, small_blocks)
 
 
-@property_settings(max_examples=120)
+@property_settings(max_examples=150)
 @given(case=attention_cases(HEAD_WIDTHS, max_len=48), small_blocks=st.booleans())
 @counted
 def test_blocked_attention_float32(case, small_blocks):
@@ -81,7 +81,7 @@ def value_and_grads(fn, leaves, upstream):
     return out, torch.autograd.grad(out, leaves, upstream, allow_unused=True, materialize_grads=True)
 
 
-@property_settings(max_examples=150)
+@property_settings(max_examples=200)
 @given(case=orthogonal_cases(st.one_of(st.integers(2, 24), st.sampled_from(HEAD_WIDTHS)), max_pairs=48,
                              max_all_h=12))
 @counted
@@ -106,7 +106,7 @@ def test_cpp_orthogonal_product_float64(case):
 # --------------------------------------------------------------------------------------------------
 
 
-@property_settings(max_examples=60)
+@property_settings(max_examples=80)
 @given(case=orthogonal_cases(st.integers(2, 10), max_pairs=20, max_all_h=6, max_batch_side=2))
 @counted
 def test_reference_orthogonal_product_is_dense_givens(case):
@@ -119,7 +119,7 @@ def test_reference_orthogonal_product_is_dense_givens(case):
         assert rel_err(g, w) < FLOAT64_TOL, name
 
 
-@property_settings(max_examples=60)
+@property_settings(max_examples=80)
 @given(case=rotary_cases((2, 4, 6, 8, 16), max_len=6, max_heads=2, max_offset=30))
 @counted
 def test_reference_rotary_is_dense_rotation(case):
@@ -132,7 +132,7 @@ def test_reference_rotary_is_dense_rotation(case):
         assert rel_err(got[name], g, terms[name]) < FLOAT64_TOL, name
 
 
-@property_settings(max_examples=60)
+@property_settings(max_examples=80)
 @given(case=attention_cases((2, 4, 6, 8), max_len=6, max_offset=12))
 @counted
 def test_reference_attention_is_per_logit(case):
