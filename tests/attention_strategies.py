@@ -79,8 +79,8 @@ def windows(widest: int):
 
 
 def padding_masks(B: int, Tk: int):
-    """(B, Tk) rows: the first unpadded or a random pattern, the others may also be fully padded (their
-    queries see no key); all of them fully padded would leave nothing to compare."""
+    """(B, Tk) rows: the first unpadded or a random pattern, the others also fully padded (their queries
+    see no key): were the first allowed to be, many cases would have no key at all."""
     pattern = st.tuples(*[st.booleans()] * Tk)
     unpadded, full = st.just((False,) * Tk), st.just((True,) * Tk)
     return st.tuples(st.one_of(unpadded, pattern), *[st.one_of(unpadded, full, pattern)] * (B - 1))

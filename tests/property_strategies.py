@@ -85,6 +85,8 @@ class RotaryCase:
 
 @st.composite
 def rotary_cases(draw, head_widths, max_len, max_batch=2, max_heads=4, max_offset=60):
+    """RotaryCase: ragged T from 1 to max_len, offsets, both layouts, s a tensor or a float, x dense or a
+    strided view."""
     return RotaryCase(
         B=draw(st.integers(1, max_batch)), T=draw(st.integers(1, max_len)), H=draw(st.integers(1, max_heads)),
         h=draw(st.sampled_from(head_widths)), offset=draw(st.integers(0, max_offset)),
