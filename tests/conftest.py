@@ -2,13 +2,20 @@
 
 TRITON_INTERPRET must be set before any Triton kernel is defined, so it is set here, at import time
 of the test session, ahead of echo_kernels' own imports in the test modules.
+
+The property tests (hypothesis) count the cases they generate (tests/property_counts.py); the counts
+are printed at the end of the run, and a module that ran whole but generated fewer cases than its
+CASE_FLOOR fails the run.
 """
 
 import os
 import threading
+from collections import defaultdict
 
 import pytest
 import torch
+
+from property_counts import COUNTS
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -34,6 +41,7 @@ def _compile_all() -> None:
 
 def pytest_collection_finish(session):
     global _aot_thread
+    _note_floors(session.items)
     if any("aot_reports" in getattr(item, "fixturenames", ()) for item in session.items):
         _aot_thread = threading.Thread(target=_compile_all, daemon=True)
         _aot_thread.start()
@@ -49,3 +57,67 @@ def aot_reports():
     if "error" in _aot:
         raise _aot["error"]
     return _aot["reports"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Property tests: cases generated per test, and the floor of each module that declares CASE_FLOOR
+# --------------------------------------------------------------------------------------------------
+
+_floors: dict[str, tuple[int, set[str]]] = {}  # module path -> (CASE_FLOOR, names of all its tests)
+_passed: dict[str, set[str]] = defaultdict(set)  # module path -> tests with a passing run
+_partial: set[str] = set()  # modules with a test deselected, skipped or failed
+_short_modules: list[str] = []
+
+
+def _module_and_test(nodeid: str) -> tuple[str, str]:
+    """tests/test_x.py::test_y[param] -> (tests/test_x.py, test_y)."""
+    return nodeid.split("::")[0], nodeid.split("::")[-1].split("[")[0]
+
+
+def _note_floors(items) -> None:
+    """The floor of every module of items that declares CASE_FLOOR, and the tests it defines (all of
+    them, whatever -k or node ids select)."""
+    for item in items:
+        module = getattr(item, "module", None)
+        if hasattr(module, "CASE_FLOOR"):
+            tests = {name for name, obj in vars(module).items() if name.startswith("test") and callable(obj)}
+            _floors[_module_and_test(item.nodeid)[0]] = (module.CASE_FLOOR, tests)
+
+
+def pytest_deselected(items):
+    _partial.update(_module_and_test(item.nodeid)[0] for item in items)
+
+
+def pytest_runtest_logreport(report):
+    module, test = _module_and_test(report.nodeid)
+    if report.when == "call" and report.passed:
+        _passed[module].add(test)
+    elif report.failed or report.skipped:
+        _partial.add(module)
+
+
+def _module_counts() -> dict[str, tuple[int, int, bool]]:
+    """module -> (cases generated, floor, whether every test of the module ran and passed)."""
+    return {module: (sum(n for node, n in COUNTS.items() if node.startswith(module + "::")), floor,
+                     module not in _partial and tests <= _passed[module])
+            for module, (floor, tests) in _floors.items()}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for module, (cases, floor, whole) in _module_counts().items():
+        if whole and cases < floor:
+            _short_modules.append(module)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not COUNTS:
+        return
+    terminalreporter.section("generated cases")
+    for node, n in sorted(COUNTS.items()):
+        terminalreporter.write_line(f"{n:6d}  {node}")
+    for module, (cases, floor, whole) in sorted(_module_counts().items()):
+        verdict = "BELOW THE FLOOR" if module in _short_modules else "ok" if whole else "unchecked: part ran"
+        terminalreporter.write_line(f"{cases:6d}  {module} in all, floor {floor}: {verdict}")
+    for module in _short_modules:
+        terminalreporter.write_line(f"FAILED: {module} generated fewer cases than its CASE_FLOOR", red=True)
