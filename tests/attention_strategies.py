@@ -15,7 +15,10 @@ from property_strategies import LAYOUTS, SEEDS
 
 # Keyword arguments of echo_attention drawn as they are and passed unchanged to every implementation.
 # A new keyword is one more entry here.
-ATTENTION_KEYWORDS = {"layout": st.sampled_from(LAYOUTS)}
+ATTENTION_KEYWORDS = {
+    "layout": st.sampled_from(LAYOUTS),
+    "rotation": st.sampled_from(("m_then_rope", "rope_then_m")),
+}
 
 
 def _dense_m(g: torch.Generator, h: int) -> torch.Tensor:

@@ -58,17 +58,23 @@ def rotary_orthogonal(x: Tensor, M: Tensor, w: Tensor, s: Tensor | float, offset
     return torch.stack(rows, dim=1)
 
 
-def attention(q, k, v, M, w, s, bias, *, window, causal, q_offset, k_offset, key_padding_mask, layout):
+def attention(q, k, v, M, w, s, bias, *, window, causal, q_offset, k_offset, key_padding_mask, layout,
+              rotation="m_then_rope"):
     """Every logit on its own, each mask a condition on the positions (ECHO_SPEC 4).
 
     q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h) or None (the identity); bias: (2n - 1, H) or
-    None. A query with no key gives 0.
+    None. rotation "m_then_rope": q M then RoPE; "rope_then_m": RoPE then M. A query with no key gives 0.
     """
     B, H, Tq, h = q.shape
     Tk = k.shape[2]
     M = torch.eye(h, dtype=torch.float64) if M is None else M
     left, right = (window, window) if isinstance(window, int) else window or (None, None)
-    rope = lambda t: rope_matrix(s * t * w, layout)
+    rope_matrices = lambda t: rope_matrix(s * t * w, layout)
+    if rotation == "m_then_rope":
+        rope = lambda t, first=M: first @ rope_matrices(t)  # row vectors: u M, then RoPE
+        M = torch.eye(h, dtype=torch.float64)  # nothing after RoPE
+    else:
+        rope = rope_matrices
     rows = []
     for b, i in itertools.product(range(B), range(Tq)):
         pi = q_offset + i
