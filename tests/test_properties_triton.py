@@ -29,7 +29,6 @@ from property_strategies import property_settings, rel_err, rotary_cases, rotary
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-pytestmark = pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1")
 
 CASE_FLOOR = 100
 

@@ -7,6 +7,8 @@ import torch
 
 from echo_kernels import reference
 
+import brute_force
+
 f64 = torch.float64
 
 
@@ -152,49 +154,6 @@ def test_rotary_orthogonal_gradcheck():
 # --------------------------------------------------------------------------------------------------
 
 
-def rotate_by_hand(u, M, w, s, position, layout, rotation):
-    """q' or k' of one vector: RoPE(u M) ("m_then_rope") or RoPE(u) M ("rope_then_m"); M None = identity."""
-    if M is None:
-        return rope_by_hand(u, w, s, position, layout)
-    if rotation == "m_then_rope":
-        return rope_by_hand(u @ M, w, s, position, layout)
-    return rope_by_hand(u, w, s, position, layout) @ M
-
-
-def attention_by_hand(q, k, v, M, w, s, bias, window, causal, q_offset, k_offset, key_padding_mask, layout,
-                      rotation):
-    """Every logit one at a time, exactly as ECHO_SPEC section 4 states it."""
-    B, H, Tq, h = q.shape
-    Tk = k.shape[2]
-    out = torch.zeros(B, H, Tq, h, dtype=f64)
-    n = (bias.shape[0] + 1) // 2 if bias is not None else None
-    left, right = (window, window) if isinstance(window, int) else (window or (None, None))
-    for b in range(B):
-        for head in range(H):
-            for i in range(Tq):
-                pi = q_offset + i
-                qi = rotate_by_hand(q[b, head, i], M, w, s, pi, layout, rotation)
-                logits, values = [], []
-                for j in range(Tk):
-                    pj = k_offset + j
-                    if causal and pj > pi:
-                        continue
-                    if left is not None and not (pi - left <= pj <= pi + right):
-                        continue
-                    if key_padding_mask is not None and key_padding_mask[b, j]:
-                        continue
-                    kj = rotate_by_hand(k[b, head, j], M, w, s, pj, layout, rotation)
-                    logit = float(qi @ kj) / math.sqrt(h)
-                    if bias is not None:
-                        logit += float(bias[max(-(n - 1), min(n - 1, pi - pj)) + n - 1, head])
-                    logits.append(logit)
-                    values.append(v[b, head, j])
-                if logits:
-                    p = torch.softmax(torch.tensor(logits, dtype=f64), 0)
-                    out[b, head, i] = sum(pj * vj for pj, vj in zip(p, values))
-    return out
-
-
 ATTENTION_CASES = {
     "global": dict(),
     "causal": dict(causal=True),
@@ -233,7 +192,7 @@ def test_echo_attention_by_hand(case, rotation):
         mask[0, 4:] = True  # batch 0 has 4 real keys; with window (0, 0) its rows 4.. see none
     kwargs = dict(window=opts["window"], causal=opts["causal"], q_offset=opts["q_offset"],
                   k_offset=opts["k_offset"], key_padding_mask=mask, layout=opts["layout"], rotation=rotation)
-    expected = attention_by_hand(q, k, v, M, w, s, bias, **kwargs)
+    expected = brute_force.attention(q, k, v, M, w, s, bias, **kwargs)
     for chunk in (256, 3):  # one chunk, and several chunks with partial key ranges
         out = reference.echo_attention(q, k, v, M, w, s, bias, query_chunk=chunk, **kwargs)
         torch.testing.assert_close(out, expected, rtol=1e-11, atol=1e-11)
