@@ -81,6 +81,32 @@ def test_forward_far_positions_match_fp32_angles():
     assert rel_err(y, reference64(x, M, w, s, 1000, "half_split")) < 1e-4
 
 
+@pytest.mark.parametrize("offset", [10**5, 10**6, 10**7, 2 * 10**9])
+def test_forward_exact_at_any_reachable_angle(offset):
+    # phi up to ~1e9 rad (offset 2e9 at s w ~ 0.6): the angle reduction must stay exact where an
+    # fp32 Cody-Waite reduction is off by whole radians. Held to the fp32 reference: the fp32 angle
+    # itself is off by up to 64 rad at 1e9, the same in both.
+    x, M, w, s = make_inputs(1, 9, 2, 32, torch.float32, strided=False, seed=offset % 97)
+    w = w / w.max()
+    y = echo_kernels.rotary_orthogonal(x, M, w, s, offset=offset)
+    assert rel_err(y, reference.rotary_orthogonal(x, M, w, s, offset)) < 1e-6
+    x.requires_grad_()
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(echo_kernels.rotary_orthogonal(x, M, w, s, offset=offset), x, dy)
+    (ref_dx,) = torch.autograd.grad(reference.rotary_orthogonal(x, M, w, s, offset), x, dy)
+    assert rel_err(dx, ref_dx) < 1e-6
+
+
+def test_forward_beyond_exact_angles_is_nan_not_wrong():
+    # |phi| >= MAX_ANGLE (6.7e9 rad) is past what the kernel reduces exactly: NaN, never a wrong
+    # rotation; positions whose angles stay below it are unaffected.
+    x, M, w, _ = make_inputs(1, 4, 1, 32, torch.float32, strided=False)
+    w = torch.ones_like(w)
+    s = kernels.MAX_ANGLE.value / 1000.5  # positions 999 and 1000 below it, 1001 and 1002 beyond
+    y = echo_kernels.rotary_orthogonal(x, M, w, s, offset=999)
+    assert torch.isfinite(y[:, :2]).all() and torch.isnan(y[:, 2:]).all()
+
+
 def test_forward_float_scale_and_many_heads():
     # H = 7 heads is not a multiple of the heads a program takes: the last chunk is partial.
     x, M, w, _ = make_inputs(3, 20, 7, 32, torch.float32, strided=False)
