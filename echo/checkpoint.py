@@ -15,15 +15,34 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
+def load_weights_only(path: Path, what: str):
+    """torch.load of tensors, containers, numbers and strings only (weights_only: a pickle that would run
+    code, or build any other object, is refused); an unreadable file is a ValueError naming `what` it
+    should be."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated, foreign or code-carrying file: torch raises several kinds
+        raise ValueError(f"{path} is not a readable {what} (only tensors, containers, numbers and strings "
+                         f"are loaded, never code): {error}") from None
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object (a dict) in `path`; invalid JSON, or JSON of another kind, is a ValueError naming it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a JSON {type(value).__name__}")
+    return value
+
+
 def _read_config(folder: Path) -> dict:
     """config.json as a dict, checked to be an Echo's (model_type "echo")."""
     path = folder / "config.json"
     if not path.is_file():
         raise ValueError(f"{folder} is not an Echo checkpoint: it has no config.json")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    raw = read_json_object(path)
     if raw.get("model_type") != "echo":
         raise ValueError(f"{folder} is not an Echo checkpoint: config.json has model_type {raw.get('model_type')!r}, "
                          "expected 'echo'")
@@ -31,12 +50,30 @@ def _read_config(folder: Path) -> dict:
     return raw
 
 
+def _shard_names(folder: Path) -> list[str]:
+    """The shard file names of `folder`'s INDEX, each checked to name a file inside `folder`: an absolute
+    path or a `..` is a ValueError, so an index cannot point a load at files elsewhere. (Shards that are
+    links are followed: Hugging Face's cache links every snapshot file to its blob store.)"""
+    path = folder / INDEX
+    index = read_json_object(path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{path} needs a \"weight_map\" object of tensor name -> shard file name, "
+                         f"got {type(weight_map).__name__}")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        shard = Path(name)
+        if not name or shard.is_absolute() or ".." in shard.parts:
+            raise ValueError(f"{path}: shard {name!r} is not a file inside {folder}; shard names must be "
+                             "relative paths within the checkpoint folder")
+    return names
+
+
 def _weight_files(folder: Path) -> list[Path]:
     if (folder / WEIGHTS).is_file():
         return [folder / WEIGHTS]
     if (folder / INDEX).is_file():
-        index = json.loads((folder / INDEX).read_text())
-        names = sorted(set(index.get("weight_map", {}).values()))
+        names = _shard_names(folder)
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise ValueError(f"{folder}: shard(s) named in {INDEX} are missing: {', '.join(missing)}")

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import ConvAttention, EchoAttention, LocalGlobalAttention
+from .checkpoint import load_weights_only, read_json_object, read_tensors
 from .config import ECHO_DEFAULTS, EchoConfig
 from .positional import CombinedRotaryEmbedding, GivensSite
 
@@ -98,10 +99,7 @@ def read_whisper(source) -> WhisperWeights:
         return _hugging_face_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"no Whisper checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: torch raises several kinds
-        raise ValueError(f"{path} is not a readable openai-whisper checkpoint: {error}") from None
+    checkpoint = load_weights_only(path, "openai-whisper checkpoint")
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
         keys = sorted(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{path} is not an openai-whisper checkpoint: it needs 'dims' and 'model_state_dict' "
@@ -126,18 +124,16 @@ def _openai(dims: dict, tensors: dict, origin: str) -> WhisperWeights:
 def _hugging_face_folder(path: Path) -> WhisperWeights:
     from transformers import WhisperConfig
 
-    from .checkpoint import read_tensors
-
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path} is not a Hugging Face Whisper folder: it has no config.json")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    model_type = read_json_object(config_file).get("model_type")
     if model_type == "echo":
         raise ValueError(f"{path} is already an Echo folder: load it with Echo.from_pretrained")
     if model_type != "whisper":
         raise ValueError(f"{path} is not a Whisper: config.json has model_type {model_type!r}")
     if (path / "pytorch_model.bin").is_file() and not any(path.glob("*.safetensors")):
-        tensors = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        tensors = load_weights_only(path / "pytorch_model.bin", "PyTorch weights file")
     else:
         tensors = read_tensors(path)
     return _hugging_face(WhisperConfig.from_pretrained(path), tensors, str(path))

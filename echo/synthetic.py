@@ -19,6 +19,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import durable
+
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 VERBS = ("turn on", "turn off", "open", "close", "check", "start", "stop")
 OBJECTS = ("the light", "the radio", "the door", "the window", "the heater", "the music", "the fan")
@@ -95,13 +97,13 @@ def build_dataset(texts: list[str], folder: str | os.PathLike, seed: int = 0, wo
     with ThreadPoolExecutor(max(1, workers)) as pool:
         list(pool.map(lambda job: synthesize(*job), jobs))
     manifest = folder / "manifest.tsv"
-    manifest.write_text("".join(f"{path.name}\t{text}\n" for text, path, *_ in jobs))
+    durable.write_text(manifest, "".join(f"{path.name}\t{text}\n" for text, path, *_ in jobs))
     return manifest
 
 
 def read_manifest(path: str | os.PathLike) -> list[tuple[str, str]]:
     """(audio path, text) per non-empty line of a `path<TAB>text` manifest; relative paths are taken
-    from the manifest's folder. A line without a tab is a ValueError naming it."""
+    from the manifest's folder. A line without a tab, or a manifest without a line, is a ValueError naming it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -116,4 +118,7 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[str, str]]:
         if not audio_path.is_absolute():
             audio_path = path.parent / audio_path
         items.append((str(audio_path), text.strip()))
+    if not items:
+        raise ValueError(f"{path} lists no utterances: a manifest holds one 'audio path<TAB>text' line per "
+                         "utterance")
     return items

@@ -4,6 +4,7 @@
     python -m echo.train --manifest data/train.tsv --out runs/mine --preset tiny --steps 20000
     python -m echo.train ... --resume                      # continue exactly from runs/.../checkpoint.pt
     python -m echo.train ... --resume auto                 # the same, or from scratch if there is none yet
+    python -m echo.train ... --overwrite                   # delete the run already in --out, start afresh
     torchrun --nproc_per_node=4 -m echo.train ... [--fsdp] # DistributedDataParallel, or FSDP2 fully_shard
 
 A manifest holds one `audio path<TAB>text` line per utterance (relative paths from its folder). Audio is
@@ -14,8 +15,15 @@ Data order is a function of (seed, step) alone, so --resume reproduces an uninte
 N processes of a torchrun see between them the examples one process would see with N times the batch.
 The rotary base adapts once per optimizer step from the loss averaged over micro-batches and processes.
 
+An --out folder that already holds a run is refused unless --resume continues it or --overwrite deletes
+it. A resume must be given the arguments that define the run (DEFINES_THE_RUN: model, data, batch,
+optimiser, seed) as they were saved; the others (--steps to extend a run, --save-every, logging, time
+limits) may change. The checkpoint holds tensors, containers, numbers and strings only, and is loaded
+with torch.load(weights_only=True): reading it never runs code.
+
 Every file is replaced atomically (echo.durable), so a run killed at any moment resumes from its last
-checkpoint and then matches an uninterrupted run bit for bit. A step whose loss or gradient norm is not
+checkpoint and then matches an uninterrupted run bit for bit; what a killed save left behind is cleared
+at the next start. A step whose loss or gradient norm is not
 finite is skipped (its gradients dropped, no optimizer, scheduler or base update); --max-bad-steps of
 them in a row stop the run.
 """
@@ -27,7 +35,9 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,7 +51,8 @@ from tqdm import tqdm
 from echo_kernels.optional import MissingExtra, require
 
 from . import durable
-from .config import EchoConfig
+from .checkpoint import load_weights_only, read_json_object
+from .config import ECHO_DEFAULTS, EchoConfig
 from .model import Echo, shift_tokens_right
 
 PRESETS = {
@@ -97,9 +108,24 @@ def cached_features(items, args, config: EchoConfig, progress: bool):
     return mels, labels
 
 
+def fit_label(row: list[int], max_len: int) -> list[int]:
+    """A label row of at most max_len tokens: a longer one loses text tokens, never its last token
+    (<|endoftext|>), so the model still learns where the transcript ends."""
+    return row if len(row) <= max_len else row[:max_len - 1] + row[-1:]
+
+
+def warn_long_labels(labels: list[list[int]], max_len: int) -> int:
+    """How many label rows exceed max_len tokens (n_text_ctx); one warning saying so when any do."""
+    long = sum(len(row) > max_len for row in labels)
+    if long:
+        warnings.warn(f"{long} of {len(labels)} transcripts have more than n_text_ctx = {max_len} label tokens: "
+                      "their text is cut to fit, keeping <|endoftext|>", stacklevel=2)
+    return long
+
+
 def collate(mels: torch.Tensor, labels: list[list[int]], index: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows `index` -> (mel (B, n_mels, T), labels (B, L) padded with -100, cut to max_len)."""
-    rows = [labels[i][:max_len] for i in index]
+    """Rows `index` -> (mel (B, n_mels, T), labels (B, L) padded with -100, each cut to max_len by fit_label)."""
+    rows = [fit_label(labels[i], max_len) for i in index]
     L = max(len(r) for r in rows)
     out = torch.full((len(rows), L), -100, dtype=torch.long)
     for b, r in enumerate(rows):
@@ -219,14 +245,29 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, extra: d
         durable.write_file(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "elapsed", "config", "args", "world_size", "loss",
+                   "skipped_steps", "bad_steps_in_a_row")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """checkpoint.pt as save_checkpoint wrote it, loaded weights-only (never running code); a file that is
+    not one is a ValueError naming what it lacks."""
+    state = load_weights_only(path, "checkpoint of python -m echo.train")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a checkpoint of python -m echo.train: it holds a {type(state).__name__}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of this python -m echo.train: it lacks {', '.join(missing)}")
+    return state
+
+
+def restore_checkpoint(state: dict, model, optimizer, scheduler) -> None:
+    """Put read_checkpoint's model, optimizer and scheduler states into the training objects."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
     scheduler.load_state_dict(state["scheduler"])
-    return state
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -246,47 +287,103 @@ def trim_log(path: Path, step: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _bounded(kind, low, *, strict: bool = False):
+    """An argparse type: `kind` (int or float) of at least `low` (above it when strict); floats finite."""
+    def parse(text: str):
+        value = kind(text)  # a ValueError here is argparse's "invalid int value"
+        too_low = value <= low if strict else value < low
+        if too_low or (kind is float and not math.isfinite(value)):
+            bound = "greater than" if strict else "at least"
+            raise argparse.ArgumentTypeError(f"must be {bound} {low:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE, NATURAL = _bounded(int, 1), _bounded(int, 0)
+POSITIVE_FLOAT, NON_NEGATIVE_FLOAT = _bounded(float, 0, strict=True), _bounded(float, 0)
+
+# Every argument, by whether it defines the run (True) or may differ between a run and its --resume (False).
+# What defines the run decides the model, the data, the order it is seen in or the optimiser's updates: a
+# resume given another value would quietly continue a different run, so it is refused, naming each one.
+# What may change only says how long to train and how to save, log, parallelise or evaluate.
+DEFINES_THE_RUN = {
+    "manifest": True, "synthetic": True, "preset": True, "init": True, "seconds": True,
+    "batch_size": True, "grad_accum": True, "lr": True, "warmup": True, "weight_decay": True, "clip": True,
+    "seed": True,
+    # a new --steps extends (or shortens) a run: the cosine schedule is stretched to it from the resumed step
+    "steps": False, "max_minutes": False, "stop_after": False, "save_every": False, "log_every": False,
+    "max_bad_steps": False, "out": False, "data_dir": False, "workers": False, "progress": False,
+    # DDP and FSDP2 compute the same updates from the same full-state checkpoint; bf16 only follows the device
+    "fsdp": False, "bf16": False,
+    "resume": False, "overwrite": False, "eval_synthetic": False, "eval_only": False, "eval_kind": False,
+}
+
+
+def option_name(name: str) -> str:
+    """The option that sets argument `name`: --batch-size for batch_size, --no-bf16 for bf16."""
+    return {"progress": "--no-progress", "bf16": "--no-bf16"}.get(name, "--" + name.replace("_", "-"))
+
+
+MAY_CHANGE = ", ".join(option_name(name) for name, fixed in DEFINES_THE_RUN.items()
+                       if not fixed and name not in ("resume", "overwrite"))
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m echo.train", description=__doc__.splitlines()[0])
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--manifest", help="`audio path<TAB>text` per line")
-    data.add_argument("--synthetic", type=int, metavar="N", help="synthesise N training utterances with espeak-ng")
+    data.add_argument("--synthetic", type=POSITIVE, metavar="N",
+                      help="synthesise N training utterances with espeak-ng")
     p.add_argument("--out", required=True, help="folder for checkpoint.pt, log.jsonl, the final model, results")
     p.add_argument("--data-dir", help="where --synthetic writes its audio (default OUT/synthetic)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="speech-tiny")
     p.add_argument("--init", metavar="SOURCE",
                    help="start from this model instead of --preset: an Echo folder, or a Whisper (openai-whisper "
                         ".pt or Hugging Face folder) imported by Echo.from_whisper")
-    p.add_argument("--seconds", type=float,
+    p.add_argument("--seconds", type=POSITIVE_FLOAT,
                    help="clip length: audio is cut or zero-padded to it (default 3, or the --init model's window)")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps in all")
-    p.add_argument("--max-minutes", type=float, help="stop (and save) after this much training time")
-    p.add_argument("--batch-size", type=int, default=32, help="per process and micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    p.add_argument("--steps", type=NATURAL, default=2000, help="optimizer steps in all")
+    p.add_argument("--max-minutes", type=POSITIVE_FLOAT, help="stop (and save) after this much training time")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="per process and micro-batch")
+    p.add_argument("--grad-accum", type=POSITIVE, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=2e-3)
+    p.add_argument("--warmup", type=NATURAL, default=100)
+    p.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.01)
+    p.add_argument("--clip", type=NON_NEGATIVE_FLOAT, default=1.0, help="gradient norm clipping (0: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=POSITIVE, default=200)
+    p.add_argument("--log-every", type=POSITIVE, default=10)
     p.add_argument("--resume", nargs="?", const="always", choices=("always", "auto"),
                    help="continue from OUT/checkpoint.pt (an error if there is none); `--resume auto` "
-                        "starts from scratch when OUT has none yet, e.g. in a loop restarting a killed run")
-    p.add_argument("--max-bad-steps", type=int, default=3, metavar="K",
+                        "starts from scratch when OUT has none yet, e.g. in a loop restarting a killed run. "
+                        "The arguments that define the run must be the saved ones (a difference is an error "
+                        f"naming each); these may change: {MAY_CHANGE}")
+    p.add_argument("--overwrite", action="store_true",
+                   help="OUT already holds a run (checkpoint, log, model): delete it and start afresh")
+    p.add_argument("--max-bad-steps", type=POSITIVE, default=3, metavar="K",
                    help="stop with an error after K steps in a row whose loss or gradient norm is not finite "
                         "(each is skipped: no update)")
-    p.add_argument("--stop-after", type=int, metavar="K",
+    p.add_argument("--stop-after", type=POSITIVE, metavar="K",
                    help="stop (and save) after K optimizer steps of this run, e.g. to fit a time slot")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast on the GPU")
-    p.add_argument("--workers", type=int, default=4, help="threads for synthesis and audio loading")
-    p.add_argument("--eval-synthetic", type=int, default=0, metavar="N",
+    p.add_argument("--workers", type=POSITIVE, default=4, help="threads for synthesis and audio loading")
+    p.add_argument("--eval-synthetic", type=NATURAL, default=0, metavar="N",
                    help="after training, WER on N synthesised held-out texts (never in training)")
     p.add_argument("--eval-only", action="store_true", help="no training: evaluate OUT/model (with --eval-synthetic)")
     p.add_argument("--eval-kind", choices=("digits", "commands", "mixed"), default="digits")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.overwrite and args.resume:
+        parser.error("--overwrite deletes the run in OUT and starts afresh; --resume continues it: give one")
+    return args
 
 
 def load_data(args, rank: int, world: int) -> list[tuple[str, str]]:
@@ -315,7 +412,7 @@ def initial_model(args) -> Echo:
         return model
     source = Path(args.init)
     config_file = source / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "echo":
+    if config_file.is_file() and read_json_object(config_file).get("model_type") == "echo":
         model = Echo.from_pretrained(source)
     else:
         model = Echo.from_whisper(source)
@@ -327,6 +424,74 @@ def initial_model(args) -> Echo:
     return model
 
 
+# What a run writes in OUT. The synthetic data it may cache there (OUT/synthetic) is not part of a run: a
+# new run on the same data reuses it.
+RUN_FILES = ("checkpoint.pt", "model", "log.jsonl", "summary.json", "eval.json")
+
+
+def run_files(out: Path) -> list[str]:
+    """The RUN_FILES in `out`, counting those that only a killed write left (their temporary or aside)."""
+    return [name for name in RUN_FILES
+            if any(os.path.lexists(path) for path in (out / name, durable.temporary(out / name),
+                                                        durable.aside(out / name)))]
+
+
+def check_output(args, out: Path, checkpoint: Path) -> None:
+    """Refuse, before any data is prepared, a run that would destroy or mix with the one in `out`, or that
+    could not write its model."""
+    if args.resume == "always" and not checkpoint.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint} (run without --resume to train "
+                                "from scratch, or with --resume auto to do so whenever OUT has none yet)")
+    found = run_files(out)
+    if found and args.resume is None and not args.overwrite:
+        raise SystemExit(f"{out} already holds a run ({', '.join(found)}): give --resume to continue it, or "
+                         "--overwrite to delete it and start afresh (or choose another --out)")
+    model = out / "model"
+    if not args.overwrite and os.path.lexists(model) and not model.is_dir():
+        raise SystemExit(f"{model} is a file: the trained model is written there as a folder (move or remove it)")
+
+
+def prepare_output(args, out: Path) -> None:
+    """`out` created and shown writable (a file created and removed in it); with --overwrite the run in it
+    deleted; what a killed write left behind cleared."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".writable-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise SystemExit(f"--out {out}: cannot write there ({error})") from None
+    for name in RUN_FILES:
+        path = out / name
+        if args.overwrite:  # logs and checkpoints of the old run must not mix with the new one's
+            for leftover in (path, durable.temporary(path), durable.aside(path)):
+                durable.remove(leftover)
+        durable.recover(path)
+
+
+def resume_differences(saved: dict, args, config: EchoConfig, world: int) -> list[str]:
+    """`name: saved X, given Y` for each argument of DEFINES_THE_RUN, config key and process count in
+    which the checkpoint `saved` differs from this run."""
+    was = {name: saved["args"].get(name, "(not saved)") for name, fixed in DEFINES_THE_RUN.items() if fixed}
+    differences = [f"{option_name(name)}: saved {value!r}, given {getattr(args, name)!r}"
+                   for name, value in was.items() if value != getattr(args, name)]
+    differences += [f"model config {key}: saved {saved['config'].get(key, '(not saved)')!r}, "
+                    f"given {getattr(config, key)!r}"
+                    for key in ECHO_DEFAULTS if saved["config"].get(key, "(not saved)") != getattr(config, key)]
+    if saved["world_size"] != world:  # each optimizer step sees batch size x grad-accum x processes examples
+        differences.append(f"processes (torchrun's world size): saved {saved['world_size']}, given {world}")
+    return differences
+
+
+def check_resume(saved: dict, args, config: EchoConfig, world: int, path: Path) -> None:
+    """Refuse to resume from `path` with arguments that define another run (resume_differences)."""
+    differences = resume_differences(saved, args, config, world)
+    if differences:
+        raise SystemExit(f"--resume: {path} was saved by a run with other settings:\n  " + "\n  ".join(differences)
+                         + "\nGive the saved values to continue it, or start afresh with --overwrite (or another "
+                         f"--out). Only these may change on resume: {MAY_CHANGE}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # fail before minutes of synthesis or training, not after
@@ -334,8 +499,6 @@ def main(argv=None) -> int:
     if args.eval_synthetic:
         require("jiwer", "python -m echo.train --eval-synthetic (word error rate)")
     out = Path(args.out)
-    if args.max_bad_steps < 1:
-        raise SystemExit(f"--max-bad-steps must be at least 1, got {args.max_bad_steps}")
     if args.eval_only:
         if not args.eval_synthetic:
             raise SystemExit("--eval-only needs --eval-synthetic N")
@@ -347,22 +510,25 @@ def main(argv=None) -> int:
         print(f"WER {result['wer']:.4f} on {result['n']} held-out utterances", file=sys.stderr)
         return 0
     checkpoint = out / "checkpoint.pt"
-    if args.resume == "always" and not checkpoint.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint} (run without --resume to train "
-                                "from scratch, or with --resume auto to do so whenever OUT has none yet)")
+    check_output(args, out, checkpoint)
+    # paths as absolute ones: a resume from another working folder compares (and finds) the same files
+    args.manifest, args.init = (path and os.path.abspath(path) for path in (args.manifest, args.init))
     resume = args.resume is not None and checkpoint.exists()
     rank, world, device = dist_setup()
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for path in (checkpoint, out / "model", out / "summary.json", out / "log.jsonl"):
-            durable.recover(path)
+        prepare_output(args, out)
     torch.manual_seed(args.seed)
     progress = args.progress and rank == 0
 
     model = initial_model(args)
     config = model.config
+    saved = read_checkpoint(checkpoint) if resume else None
+    if saved is not None:
+        check_resume(saved, args, config, world, checkpoint)
     items = load_data(args, rank, world)
     mels, labels = cached_features(items, args, config, progress)
+    if rank == 0:
+        warn_long_labels(labels, config.n_text_ctx)
     model.to(device).train()
     module, replicated = wrap(model, world, device, args.fsdp)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -377,11 +543,11 @@ def main(argv=None) -> int:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step, elapsed, last_loss, skipped, bad_in_a_row = 0, 0.0, float("nan"), 0, 0
-    if resume:
-        state = load_checkpoint(checkpoint, module, optimizer, scheduler)
-        step, elapsed = state["step"], state.get("elapsed", 0.0)
-        last_loss, skipped, bad_in_a_row = (state.get("loss", float("nan")), state.get("skipped_steps", 0),
-                                            state.get("bad_steps_in_a_row", 0))
+    if saved is not None:
+        restore_checkpoint(saved, module, optimizer, scheduler)
+        step, elapsed = saved["step"], saved["elapsed"]
+        last_loss, skipped, bad_in_a_row = saved["loss"], saved["skipped_steps"], saved["bad_steps_in_a_row"]
+        saved = None  # the model and optimizer hold their own copies now
         if rank == 0:
             print(f"resumed from {checkpoint} at step {step}", file=sys.stderr)
     if rank == 0:
@@ -390,7 +556,7 @@ def main(argv=None) -> int:
     use_bf16 = args.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     per_step = args.batch_size * args.grad_accum * world
-    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    log = durable.open_append(out / "log.jsonl") if rank == 0 else None
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", disable=not progress)
     stopped_early = False
     start = time.perf_counter() - elapsed
@@ -461,7 +627,7 @@ def main(argv=None) -> int:
                 os.fsync(log.fileno())
             save_checkpoint(checkpoint, module, optimizer, scheduler, done,
                             {"elapsed": time.perf_counter() - start, "config": config.to_dict(),
-                             "args": vars(args), "loss": last_loss, "skipped_steps": skipped,
+                             "args": vars(args), "world_size": world, "loss": last_loss, "skipped_steps": skipped,
                              "bad_steps_in_a_row": bad_in_a_row},
                             rank)
         if out_of_time:
@@ -476,7 +642,12 @@ def main(argv=None) -> int:
     if rank == 0:
         final = Echo(config)
         final.load_state_dict(final_state)
-        durable.write_folder(out / "model", final.save_pretrained)
+        try:
+            durable.write_folder(out / "model", final.save_pretrained)
+        except OSError as error:
+            log.close()
+            raise SystemExit(f"the trained model could not be written to {out / 'model'}: {error} "
+                             f"({checkpoint} holds the last state saved)") from None
         summary = {"steps": done, "train_seconds": round(train_seconds, 1), "stopped_by_time": stopped_early,
                    "final_loss": last_loss, "skipped_steps": skipped, "base": model.base.item(),
                    "world_size": world,

@@ -1,6 +1,7 @@
 """A real `python -m echo.train` SIGKILLed at seeded random moments (during a step, during a checkpoint save,
 during the final model save) and restarted with --resume auto until done ends bit for bit where an
-uninterrupted run does: model, adaptive base, optimizer, scheduler, log, final model folder."""
+uninterrupted run does: model, adaptive base, optimizer, scheduler, log, final model folder. Each restart
+clears the half-written temporaries the kill before it left."""
 
 from __future__ import annotations
 
@@ -33,6 +34,14 @@ def written_since(path: Path, since_ns: int) -> bool:
         return False
 
 
+def left_before(path: Path, since_ns: int) -> bool:
+    """path exists and was last written before since_ns (one stat: a rename racing the check cannot fool it)."""
+    try:
+        return path.stat().st_mtime_ns <= since_ns
+    except FileNotFoundError:
+        return False
+
+
 class Run:
     """One `python -m echo.train ... --resume auto` subprocess, watched until the moment it is killed."""
 
@@ -59,6 +68,13 @@ class Run:
 
     def saving(self) -> bool:
         return written_since(durable.temporary(self.out / "checkpoint.pt"), self.started_ns)
+
+    def assert_temporaries_cleared(self) -> None:
+        """Once this run has started (rewritten the log it resumes), no temporary left by a killed run remains."""
+        log = self.out / "log.jsonl"
+        self.wait_until(lambda: written_since(log, self.started_ns) or self.process.poll() is not None, "the start")
+        for path in (durable.temporary(self.out / "checkpoint.pt"), durable.temporary(self.out / "model")):
+            assert not left_before(path, self.started_ns), f"{path.name} left by a killed run is still there"
 
     def kill(self) -> dict:
         """SIGKILL; what the kill left behind."""
@@ -125,8 +141,14 @@ def test_killed_runs_resume_to_an_uninterrupted_runs_result(manifest, tmp_path, 
             lambda run: kill_during_save(run, step_2),
             lambda run: kill_during_step(run, step_3, delay_3),
             kill_during_final_save]
-    left = [kill(start(attempt)) for attempt, kill in enumerate(plan)]
+    left = []
+    for attempt, kill in enumerate(plan):
+        run = start(attempt)
+        if attempt:  # the first run finds nothing: a killed run's log exists from the second on
+            run.assert_temporaries_cleared()
+        left.append(kill(run))
     last = start(len(plan))
+    last.assert_temporaries_cleared()  # the final model's temporary, left by the last kill
     reference = tmp_path / "reference"  # trained here while the last run starts
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the subprocesses (OMP_NUM_THREADS=1): the same summation order

@@ -20,7 +20,7 @@ def keep_every_checkpoint(monkeypatch) -> dict[int, dict]:
 
     def save_and_keep(path, model, optimizer, scheduler, step, extra, rank):
         save(path, model, optimizer, scheduler, step, extra, rank)
-        saved[step] = torch.load(path, weights_only=False)
+        saved[step] = torch.load(path, weights_only=True)
 
     monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
     return saved

@@ -47,7 +47,7 @@ def losses(out):
 
 
 def final_state(out):
-    return torch.load(Path(out) / "checkpoint.pt", weights_only=False)
+    return torch.load(Path(out) / "checkpoint.pt", weights_only=True)
 
 
 def subprocess_env() -> dict:
