@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import EchoConfig, to_echo_config
+from .config import EchoConfig, config_object, to_echo_config
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -24,6 +24,7 @@ def _read_config(folder: Path) -> dict:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    raw = config_object(raw, path)
     if raw.get("model_type") != "echo":
         raise ValueError(f"{folder} is not an Echo checkpoint: config.json has model_type {raw.get('model_type')!r}, "
                          "expected 'echo'")
