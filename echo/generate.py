@@ -91,7 +91,7 @@ def _check_language(language) -> None:
 
 
 def _int_at_least(name: str, value, minimum: int) -> int:
-    """value as an int (any integer type but bool): TypeError if it is none, ValueError if below `minimum`."""
+    """value as an int (any integer type but bool): TypeError if it is not one, ValueError if below `minimum`."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
     try:
