@@ -24,6 +24,8 @@ FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
 # whisper's vocabularies: English-only (51864), multilingual (51865, the card's) and large-v3's (51866)
 WHISPER_VOCAB_SIZES = (51864, 51865, 51866)
 WHISPER_VOCAB_SIZE = 51865
+# A 2-D waveform's channel axis is its axis of at most this many entries (7.1 surround has 8).
+MAX_CHANNELS = 8
 
 
 def _whisper():
@@ -32,11 +34,13 @@ def _whisper():
 
 
 def load_audio(source, sr: int = SAMPLE_RATE) -> np.ndarray:
-    """A path (decoded and resampled to `sr` mono by ffmpeg, as whisper does), a 1-D waveform array or a
+    """A path (decoded and resampled to `sr` mono by ffmpeg, as whisper does), or a waveform array or
     tensor (taken as already at `sr`) -> float32 numpy array (N,).
 
-    A missing file is a FileNotFoundError naming it; a file ffmpeg cannot decode, an empty waveform or
-    one holding NaN/inf is a ValueError.
+    A waveform is 1-D (samples,), or 2-D multichannel audio, (channels, samples) or (samples, channels),
+    mixed down to mono by averaging its channels (see downmix). A missing file is a FileNotFoundError
+    naming it; a file ffmpeg cannot decode, an empty waveform, one holding NaN/inf or a 2-D shape with
+    no single channel axis is a ValueError.
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -59,15 +63,32 @@ def load_audio(source, sr: int = SAMPLE_RATE) -> np.ndarray:
     if not isinstance(source, np.ndarray):
         raise TypeError(f"audio must be a path, a numpy array or a tensor, got {type(source).__name__}")
     audio = np.asarray(source, dtype=np.float32)
-    if audio.ndim == 2 and 1 in audio.shape:
-        audio = audio.reshape(-1)
-    if audio.ndim != 1:
-        raise ValueError(f"a waveform must be 1-D (samples,), got shape {audio.shape}")
     if audio.size == 0:
-        raise ValueError("the waveform is empty")
+        raise ValueError(f"the waveform is empty (shape {audio.shape})")
+    if audio.ndim == 2:
+        audio = downmix(audio)
+    if audio.ndim != 1:
+        raise ValueError(f"a waveform must be 1-D (samples,) or 2-D (channels, samples) / (samples, channels), "
+                         f"got shape {audio.shape}")
     if not np.isfinite(audio).all():
         raise ValueError("the waveform contains NaN or inf")
     return audio
+
+
+def downmix(audio: np.ndarray) -> np.ndarray:
+    """(channels, samples) or (samples, channels) -> (samples,), the mean of the channels.
+
+    The channel axis is the one of at most MAX_CHANNELS entries (an axis of 1 is mono either way). A
+    shape with both axes longer, or both no longer, has no single channel axis: a ValueError.
+    """
+    if 1 in audio.shape:
+        return audio.reshape(-1)
+    channel_axes = [axis for axis in (0, 1) if audio.shape[axis] <= MAX_CHANNELS]
+    if len(channel_axes) != 1:
+        raise ValueError(f"a 2-D waveform is one multichannel clip, (channels, samples) or (samples, channels) "
+                         f"with at most {MAX_CHANNELS} channels; shape {audio.shape} has no single such axis "
+                         "(pass a list of 1-D waveforms for a batch)")
+    return audio.mean(axis=channel_axes[0], dtype=np.float32)
 
 
 def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> Tensor:

@@ -3,13 +3,12 @@ before a single tensor is copied into the model."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from .config import EchoConfig, to_echo_config
+from .config import EchoConfig, read_json_object, to_echo_config
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -24,17 +23,6 @@ def load_weights_only(path: Path, what: str):
     except Exception as error:  # a truncated, foreign or code-carrying file: torch raises several kinds
         raise ValueError(f"{path} is not a readable {what} (only tensors, containers, numbers and strings "
                          f"are loaded, never code): {error}") from None
-
-
-def read_json_object(path: Path) -> dict:
-    """The JSON object (a dict) in `path`; invalid JSON, or JSON of another kind, is a ValueError naming it."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object, got a JSON {type(value).__name__}")
-    return value
 
 
 def _read_config(folder: Path) -> dict:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+from pathlib import Path
 
 from transformers import PretrainedConfig
 
@@ -104,13 +106,18 @@ class EchoConfig(PretrainedConfig):
             raise ValueError(f"EchoConfig.base_factor must be a number > 0, got {self.base_factor!r}")
         if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
             raise ValueError(f"EchoConfig.init_std must be a number >= 0, got {self.init_std!r}")
-        for key in ("pad_token_id", "decoder_start_token_id"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"EchoConfig.{key} must be a token id in [0, {self.vocab_size}), got {value!r}")
+        # eos_token_id ends every decoded row: None, or an id the model can never emit, would not.
+        for key in ("pad_token_id", "decoder_start_token_id", "eos_token_id"):
+            check_token_id(f"EchoConfig.{key}", getattr(self, key), self.vocab_size)
         for key in ("cross_attention", "checkpointing", "adaptive_base", "conv_attention"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"EchoConfig.{key} must be a bool, got {getattr(self, key)!r}")
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        """config.json as a dict (what from_pretrained and from_json_file read): a ValueError naming the
+        file where it is not valid JSON or holds something other than a JSON object."""
+        return read_json_object(json_file)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -133,6 +140,29 @@ class EchoConfig(PretrainedConfig):
     def givens_count(self, side: str) -> int:
         """N, the number of Givens rotations per site of that side (h/2 unless n_givens is set)."""
         return self.n_givens if self.n_givens is not None else self.head_width(side) // 2
+
+
+def check_token_id(name: str, value, vocab_size: int) -> None:
+    """ValueError naming `name` unless value is an int in [0, vocab_size)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size:
+        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value!r}")
+
+
+def read_json_object(path) -> dict:
+    """The JSON object (a dict) in the file `path`; invalid JSON, or JSON of another kind, is a ValueError
+    naming the file (config.json, a shard index, a checkpoint's metadata)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a JSON {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 # Every key Echo reads (the fields EchoConfig declares), with its default.

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from .attention import ConvAttention, EchoAttention, LocalGlobalAttention
-from .checkpoint import load_weights_only, read_json_object, read_tensors
-from .config import ECHO_DEFAULTS, EchoConfig
+from .checkpoint import load_weights_only, read_tensors
+from .config import ECHO_DEFAULTS, EchoConfig, read_json_object
 from .positional import CombinedRotaryEmbedding, GivensSite
 
 logger = logging.getLogger(__name__)

@@ -12,6 +12,8 @@ inputs batched together.
 
 from __future__ import annotations
 
+import math
+import operator
 import zlib
 from dataclasses import dataclass, field
 
@@ -58,6 +60,7 @@ def start_tokens(config, language: str | None, task: str | None, prompt=None) ->
     where language and task mean nothing and are refused."""
     from .audio import prompt_tokens, uses_whisper_vocab
 
+    _check_language(language)
     if prompt is not None:
         prompt = [int(t) for t in (prompt.tolist() if isinstance(prompt, Tensor) else prompt)]
         if not prompt:
@@ -79,6 +82,57 @@ def start_tokens(config, language: str | None, task: str | None, prompt=None) ->
         raise ValueError(f"this model's vocabulary ({config.vocab_size} tokens) is English-only: it has no "
                          f"language or task tokens, so language={language!r}, task={task!r} cannot be asked for")
     return prompt_tokens(code, task or "transcribe", vocab_size=config.vocab_size)
+
+
+def _check_language(language) -> None:
+    if language is not None and not isinstance(language, str):
+        raise TypeError(f"language must be None or a string, a code such as 'en' or a name such as 'french'; "
+                        f"got {type(language).__name__}")
+
+
+def _int_at_least(name: str, value, minimum: int) -> int:
+    """value as an int (any integer type but bool): TypeError if it is not one, ValueError if below `minimum`."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {number}")
+    return number
+
+
+def _temperatures(temperature) -> tuple[float, ...]:
+    """A temperature or a non-empty tuple/list of them -> tuple of finite floats >= 0 (NaN would decode
+    greedily without a word, inf would divide every logit into NaN)."""
+    values = tuple(temperature) if isinstance(temperature, (tuple, list)) else (temperature,)
+    if not values:
+        raise ValueError("temperature must be a number >= 0 or a non-empty tuple of them, got ()")
+    out = []
+    for t in values:
+        try:
+            if isinstance(t, (str, bytes, bool)):
+                raise TypeError
+            t = float(t)
+        except (TypeError, ValueError):
+            raise TypeError(f"temperature must be a number >= 0 (or a tuple of them), got {t!r}") from None
+        if not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (or a tuple of them), got {temperature!r}")
+        out.append(t)
+    return tuple(out)
+
+
+def end_token(config, eos_token_id: int | None = None) -> int:
+    """The id that ends a row: eos_token_id if given, else the config's; checked to be in the vocabulary,
+    where a row can emit it (the config may have been changed since it was checked)."""
+    from .config import check_token_id
+
+    if eos_token_id is None:
+        check_token_id("model.config.eos_token_id", config.eos_token_id, config.vocab_size)
+        return config.eos_token_id
+    check_token_id("eos_token_id", eos_token_id, config.vocab_size)
+    return eos_token_id
 
 
 def _multilingual(config) -> bool:
@@ -173,10 +227,11 @@ class _Stepper:
 
 
 def _sample_or_greedy(model, xa, mask, prompt: Tensor, max_new: int, temperature: float,
-                      generator: torch.Generator | None, use_cache: bool, pos: dict, suppress) -> list[Decoded]:
+                      generator: torch.Generator | None, use_cache: bool, pos: dict, suppress,
+                      eot: int | None = None) -> list[Decoded]:
     config = model.config
     N = prompt.shape[0]
-    eot = config.eos_token_id
+    eot = config.eos_token_id if eot is None else eot
     step = _Stepper(model, xa, mask, use_cache, pos)
     tokens = prompt
     sum_lp = torch.zeros(N, dtype=torch.float64)
@@ -203,10 +258,10 @@ def _sample_or_greedy(model, xa, mask, prompt: Tensor, max_new: int, temperature
 
 
 def _beam_search(model, xa, mask, prompt: Tensor, max_new: int, num_beams: int, use_cache: bool,
-                 pos: dict, suppress) -> list[Decoded]:
+                 pos: dict, suppress, eot: int | None = None) -> list[Decoded]:
     config = model.config
     N, K = prompt.shape[0], num_beams
-    eot, pad = config.eos_token_id, config.pad_token_id
+    eot, pad = config.eos_token_id if eot is None else eot, config.pad_token_id
     device = prompt.device
     expand = torch.arange(N, device=device).repeat_interleave(K)
     step = _Stepper(model, xa.index_select(0, expand), None if mask is None else mask.index_select(0, expand), use_cache, pos)
@@ -265,7 +320,7 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
              num_beams: int = 1, temperature: float | tuple[float, ...] = 0.0, language: str | None = None,
              task: str | None = None, prompt=None, use_cache: bool = True, compression_ratio_threshold: float | None = 2.4,
              logprob_threshold: float | None = -1.0, suppress_tokens="-1", suppress_blank: bool = True, seed: int = 0,
-             return_dict_in_generate: bool = False, **unused):
+             return_dict_in_generate: bool = False, eos_token_id: int | None = None, **unused):
     """mel (B, n_mels, T) -> token ids (B, P + n): the start sequence, then at most max_new_tokens tokens
     (default n_text_ctx // 2, whisper's sample_len), then pad_token_id after each row's <|endoftext|>.
 
@@ -276,6 +331,8 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     language=None detects each row's language as whisper does (English-only vocabularies have no language
     tokens). suppress_tokens and suppress_blank are whisper's (see logit_filter). `prompt` (token ids) replaces
     the start sequence. use_cache=False re-runs the decoder on the whole prefix at each step (same tokens).
+    eos_token_id (default: the config's) ends a row. A temperature must be finite and >= 0, max_new_tokens
+    an int >= 0 and language a string: anything else is a TypeError or ValueError naming it.
 
     openai-whisper (the speech extra) is needed for whisper's start tokens, its suppression lists and for
     judging text in the temperature fallback: with a `prompt`, one temperature, suppress_tokens=None and
@@ -290,11 +347,9 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     if unused:
         raise TypeError(f"generate() got unexpected arguments: {sorted(unused)}")
     _check_mel(config, input_features, attention_mask)
-    if not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
-    temperatures = tuple(temperature) if isinstance(temperature, (tuple, list)) else (float(temperature),)
-    if not temperatures or any(t < 0 for t in temperatures):
-        raise ValueError(f"temperature must be >= 0 (or a non-empty tuple of such), got {temperature!r}")
+    num_beams = _int_at_least("num_beams", num_beams, 1)
+    temperatures = _temperatures(temperature)
+    eot = end_token(config, eos_token_id)
     start = start_tokens(config, language, task, prompt)
     detect = prompt is None and language is None and _multilingual(config)
     suppress = logit_filter(config, len(start), suppress_tokens, suppress_blank)
@@ -303,7 +358,8 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     room = config.n_text_ctx - len(start)
     if room < 1:
         raise ValueError(f"the start sequence ({len(start)} tokens) leaves no room in n_text_ctx = {config.n_text_ctx}")
-    max_new = min(room, config.n_text_ctx // 2) if max_new_tokens is None else max(0, min(int(max_new_tokens), room))
+    max_new = (min(room, config.n_text_ctx // 2) if max_new_tokens is None
+               else min(_int_at_least("max_new_tokens", max_new_tokens, 0), room))
     was_training = model.training
     model.eval()
     device = input_features.device
@@ -329,10 +385,10 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
                 decoded = [Decoded([], 0.0) for _ in pending]
             elif t == 0 and num_beams > 1:
                 decoded = _beam_search(model, sub_xa, sub_mask, prompt_ids, max_new, num_beams, use_cache, pos,
-                                       suppress)
+                                       suppress, eot)
             else:
                 decoded = _sample_or_greedy(model, sub_xa, sub_mask, prompt_ids, max_new, t, generator, use_cache,
-                                            pos, suppress)
+                                            pos, suppress, eot)
             last = t_index == len(temperatures) - 1
             still = []
             for row, d in zip(pending, decoded):
@@ -340,7 +396,7 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
                 d.language = languages[row]
                 d.avg_logprob = d.sum_logprob / (len(d.tokens) + 1)
                 if judge_text:
-                    d.compression_ratio = compression_ratio(_text(config, d.tokens))
+                    d.compression_ratio = compression_ratio(_text(config, d.tokens, eot))
                 failed = ((judge_text and d.compression_ratio > compression_ratio_threshold)
                           or (logprob_threshold is not None and d.avg_logprob < logprob_threshold))
                 if failed and not last:
@@ -368,26 +424,24 @@ def start_language(language: str | None) -> str:
     return to_code.get(language, language)
 
 
-def _text(config, tokens: list[int]) -> str:
+def _text(config, tokens: list[int], eot: int) -> str:
     from .audio import decode_text, uses_whisper_vocab
 
     if uses_whisper_vocab(config):
         return decode_text(tokens, config.vocab_size)
-    return " ".join(str(t) for t in tokens if t != config.eos_token_id)
+    return " ".join(str(t) for t in tokens if t != eot)
 
 
 # ----------------------------------------------------------------------------------------------
 
 
 def _as_inputs(audio) -> tuple[list, bool]:
-    """One input or a batch -> (list of inputs, whether a batch was given)."""
-    import numpy as np
-
+    """One input or a batch -> (list of inputs, whether a batch was given). Only a list or tuple is a batch:
+    a 2-D array is one multichannel clip (see echo.audio.load_audio), as (B, samples) with B <= 8 could not
+    be told from (channels, samples)."""
     if isinstance(audio, (list, tuple)):
         if not audio:
             raise ValueError("transcribe() got an empty batch")
-        return list(audio), True
-    if isinstance(audio, (Tensor, np.ndarray)) and audio.ndim == 2 and audio.shape[0] > 1 and audio.shape[1] > 1:
         return list(audio), True
     return [audio], False
 
@@ -396,9 +450,15 @@ def _as_inputs(audio) -> tuple[list, bool]:
 def transcribe(model, audio, language: str | None = None, task: str | None = None, num_beams: int = 1,
                temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES, batch_size: int = 8,
                max_new_tokens: int | None = None, **generate_kwargs):
-    """audio: a path, a 16 kHz waveform (numpy array or tensor), or a list of them (or a 2-D (B, N) array)
+    """audio: one clip, or a list (or tuple) of clips for a batch
     -> {"text", "segments": [{"start", "end", "text", "tokens", ...}], "language"}, or a list of those for a
     batch.
+
+    A clip is a path (decoded to 16 kHz mono by ffmpeg) or a 16 kHz waveform, numpy array or tensor:
+    1-D (samples,) is mono; 2-D is one multichannel clip, (channels, samples) or (samples, channels),
+    whose channel axis is the one of at most 8 entries and whose channels are averaged. A 2-D array is
+    never a batch: with both axes longer than 8 (or both at most 8) it is a ValueError, so stack clips
+    in a list. batch_size (an int >= 1) is the number of windows decoded together.
 
     As whisper.transcribe without timestamps: the log-mel of the whole input is cut into consecutive windows
     of the model's input length (2 * n_audio_ctx frames: 30 s for the card's model), each zero-padded to that
@@ -409,6 +469,9 @@ def transcribe(model, audio, language: str | None = None, task: str | None = Non
     from .audio import HOP_LENGTH, SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
 
     config = model.config
+    batch_size = _int_at_least("batch_size", batch_size, 1)
+    _check_language(language)
+    eot = end_token(config, generate_kwargs.get("eos_token_id"))
     inputs, batched = _as_inputs(audio)
     window = 2 * config.n_audio_ctx  # mel frames per window
     device = next(model.parameters()).device
@@ -447,7 +510,7 @@ def transcribe(model, audio, language: str | None = None, task: str | None = Non
         d = decoded[j]
         results[i]["language"] = d.language
         results[i]["segments"].append({"start": round(s * seconds, 2), "end": round(e * seconds, 2),
-                                       "text": _text(config, d.tokens).strip(), "tokens": d.tokens,
+                                       "text": _text(config, d.tokens, eot).strip(), "tokens": d.tokens,
                                        "temperature": d.temperature, "avg_logprob": d.avg_logprob,
                                        "compression_ratio": d.compression_ratio})
     for r in results:

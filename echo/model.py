@@ -262,8 +262,13 @@ class Echo(PreTrainedModel):
 
     def encode(self, input_features: Tensor, attention_mask: Tensor | None = None,
                pos: dict | None = None) -> tuple[Tensor, Tensor | None]:
-        """mel (B, n_mels, T) -> (audio features (B, ceil(T/2), D), frame padding (B, ceil(T/2)) or None)."""
+        """mel (B, n_mels, T) -> (audio features (B, ceil(T/2), D), frame padding (B, ceil(T/2)) or None).
+
+        The mel is cast to the model's dtype here, where every path into the encoder passes: the
+        front end computes float32 features, and a bfloat16 or float16 model's convolutions need theirs.
+        """
         _check_mel(self.config, input_features, attention_mask)
+        input_features = _as_model_dtype(input_features, self.encoder.conv1.weight.dtype)
         padding = None
         if attention_mask is not None:
             padding = ~attention_mask[:, ::2].bool()
@@ -285,7 +290,8 @@ class Echo(PreTrainedModel):
         num_items_in_batch: Tensor | int | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
-        """input_features: (B, n_mels, T) log-mel; labels / decoder_input_ids: (B, L) token ids.
+        """input_features: (B, n_mels, T) log-mel (any floating dtype: cast to the model's);
+        labels / decoder_input_ids: (B, L) token ids of any integer dtype, used as int64.
 
         past_key_values (or `cache`, its newer transformers name): an EchoCache to continue from.
         The loss is the mean cross-entropy of the labelled tokens; given num_items_in_batch (the labelled
@@ -304,11 +310,13 @@ class Echo(PreTrainedModel):
             raise ValueError(f"past_key_values must be an EchoCache, got {type(cache).__name__}")
         if labels is not None:
             _check_tokens(config, "labels", labels, allow_ignore=True)
+            labels = labels.long()  # cross_entropy takes int64 targets only
             if decoder_input_ids is None:
                 decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
         if decoder_input_ids is None:
             raise ValueError("Echo.forward needs labels or decoder_input_ids")
         _check_tokens(config, "decoder_input_ids", decoder_input_ids, offset=cache.offset if cache else 0)
+        decoder_input_ids = decoder_input_ids.long()  # the embedding takes int32 and int64 indices only
         if labels is not None and labels.shape != decoder_input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids {tuple(decoder_input_ids.shape)} "
                              "must have the same shape")
@@ -442,6 +450,17 @@ def _check_mel(config: EchoConfig, mel, attention_mask) -> None:
         raise ValueError("input_features contains NaN or inf")
     if attention_mask is not None and tuple(attention_mask.shape) != (mel.shape[0], T):
         raise ValueError(f"attention_mask must have shape (B, T) = ({mel.shape[0]}, {T}), got {tuple(attention_mask.shape)}")
+
+
+def _as_model_dtype(mel: Tensor, dtype: torch.dtype) -> Tensor:
+    """mel in `dtype`; a ValueError where the cast overflows (float16 ends at 65504)."""
+    if mel.dtype == dtype:
+        return mel
+    cast = mel.to(dtype)
+    if not bool(torch.isfinite(cast).all()):
+        raise ValueError(f"input_features hold values beyond the range of the model's dtype {dtype} "
+                         f"(largest magnitude {mel.abs().max().item():g})")
+    return cast
 
 
 def _check_tokens(config: EchoConfig, name: str, ids, allow_ignore: bool = False, offset: int = 0) -> None:

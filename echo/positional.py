@@ -57,6 +57,16 @@ class GivensSite(nn.Module):
         self.register_buffer("pairs", pairs.clone())
         self.reset_r(orthogonal_r)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The pairs are not learned: the config fixes them, and a site grouped with others is built
+        # with its group's first pairs. Loaded pairs that differ would be ignored there and break the
+        # product elsewhere, so every load (any path through load_state_dict) checks them here.
+        if prefix + "pairs" in state_dict:
+            check_loaded_pairs(prefix + "pairs", state_dict[prefix + "pairs"], self.pairs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def reset_r(self, orthogonal: bool) -> None:
         with torch.no_grad():
             if orthogonal:
@@ -66,6 +76,20 @@ class GivensSite(nn.Module):
 
     def matrix(self) -> Tensor:
         return orthogonal_product(self.thetas, self.pairs, self.R, self.givens_first)
+
+
+def check_loaded_pairs(name: str, loaded: Tensor, built: Tensor) -> None:
+    """ValueError naming the buffer `name` unless `loaded` holds the (N, 2) pairs the config builds."""
+    if not isinstance(loaded, Tensor) or loaded.is_floating_point() or tuple(loaded.shape) != tuple(built.shape):
+        raise ValueError(f"{name}: the config builds {tuple(built.shape)} integer index pairs, the state dict holds "
+                         f"{getattr(loaded, 'dtype', type(loaded).__name__)} of shape "
+                         f"{tuple(getattr(loaded, 'shape', ()))}")
+    loaded, built = loaded.detach().cpu().long(), built.detach().cpu().long()
+    differ = (loaded != built).any(dim=1).nonzero()
+    if differ.numel():
+        k = int(differ[0, 0])
+        raise ValueError(f"{name}[{k}] = {tuple(loaded[k].tolist())}, but the config builds {tuple(built[k].tolist())}: "
+                         "index pairs are fixed by the config, so this state dict was saved under another one")
 
 
 def site_matrices(sites: dict[str, GivensSite]) -> dict[str, Tensor]:

@@ -81,8 +81,10 @@ def synthesize(text: str, path: str | os.PathLike, voice: str = "en-us", speed: 
     if not espeak_available():
         raise RuntimeError("synthesising speech needs the espeak-ng binary (apt-get install espeak-ng)")
     path = Path(path)
-    subprocess.run(["espeak-ng", "-w", str(path), "-s", str(speed), "-p", str(pitch), "-v", voice, text],
-                   check=True, capture_output=True)
+    # "--" ends the options, so a text starting with "-" is spoken, not parsed as one; with stdin
+    # closed espeak-ng never waits for text there.
+    subprocess.run(["espeak-ng", "-w", str(path), "-s", str(speed), "-p", str(pitch), "-v", voice, "--", text],
+                   check=True, capture_output=True, stdin=subprocess.DEVNULL)
     return path
 
 

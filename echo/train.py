@@ -51,8 +51,8 @@ from tqdm import tqdm
 from echo_kernels.optional import MissingExtra, require
 
 from . import durable
-from .checkpoint import load_weights_only, read_json_object
-from .config import ECHO_DEFAULTS, EchoConfig
+from .checkpoint import load_weights_only
+from .config import ECHO_DEFAULTS, EchoConfig, read_json_object
 from .model import Echo, shift_tokens_right
 
 PRESETS = {

@@ -202,9 +202,10 @@ def echo_attention(
         q' = RoPE(q) M, k' = RoPE(k) M     rotation = "rope_then_m"
 
     q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h), or None for the identity (plain RoPE in
-    either order: what the model passes once M is folded into its projections); w: (h/2,); s: scalar;
-    bias: (2n-1, H) or None; window: None (global), an int w (|i - j| <= w) or (left, right)
-    (key j kept iff i - left <= j <= i + right); key_padding_mask: (B, Tk) bool, True = padded.
+    either order: what the model passes once M is folded into its projections); w: (h/2,);
+    s: a float or a tensor of shape () or (1,); bias: (2n-1, H) or None; window: None (global),
+    an int w (|i - j| <= w) or (left, right) (key j kept iff i - left <= j <= i + right);
+    key_padding_mask: (B, Tk) bool, True = padded.
     Query i sits at position q_offset + i, key j at k_offset + j. Returns (B, H, Tq, h) in q's
     dtype; a query with no key left gives zeros.
     """

@@ -31,10 +31,13 @@ def shape(name: str, t: Tensor, expected: tuple, meaning: str) -> None:
 
 
 def scale(name: str, s: Tensor | float) -> None:
+    """A float, or a floating-point tensor of shape () or (1,): the ops broadcast s against the
+    (T, h/2) rotation angles, so a (1, 1) tensor would add a dimension to them."""
     if isinstance(s, Tensor):
         floating(name, s)
-        if s.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got shape {tuple(s.shape)}")
+        if s.dim() > 1 or s.numel() != 1:
+            raise ValueError(f"{name} must be a scalar: a float or a tensor of shape () or (1,), "
+                             f"got shape {tuple(s.shape)}")
     elif not isinstance(s, (int, float)) or isinstance(s, bool):
         raise ValueError(f"{name} must be a float or a scalar tensor, got {type(s).__name__}")
 

@@ -32,7 +32,7 @@ def rotary_orthogonal(
     """y = RoPE(x @ M) at positions offset + t, written in `layout` ("half_split" or "interleaved").
 
     x: (B, T, H, h), any strides (a transpose(1, 2) view of (B, H, T, h) is read in place);
-    M: (h, h); w: (h/2,) frequencies; s: scalar scale of the positions.
+    M: (h, h); w: (h/2,) frequencies; s: scale of the positions, a float or a tensor of shape () or (1,).
     Returns y: (B, T, H, h) in x's dtype, laid out like x where x is dense.
     """
     checks.floating("x", x)

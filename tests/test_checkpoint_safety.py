@@ -75,7 +75,7 @@ def test_shard_names_leaving_the_folder_are_refused(sharded, tmp_path, where):
 
 
 @pytest.mark.parametrize("index, message", [
-    ([], "must hold a JSON object, got a JSON list"),
+    ([], "must hold a JSON object, got a JSON array"),
     ({"metadata": {}}, 'needs a "weight_map" object .* got NoneType'),
     ({"weight_map": {"base": 3}}, 'needs a "weight_map" object'),
 ])
@@ -93,5 +93,5 @@ def test_an_index_that_is_not_json_is_a_clear_error(sharded):
 
 def test_a_config_that_is_not_a_json_object_is_a_clear_error(sharded):
     (sharded / "config.json").write_text(json.dumps(["model_type", "echo"]))
-    with pytest.raises(ValueError, match="config.json must hold a JSON object, got a JSON list"):
+    with pytest.raises(ValueError, match="config.json must hold a JSON object, got a JSON array"):
         Echo.from_pretrained(sharded)

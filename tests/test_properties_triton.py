@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from unittest import mock
 
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
