@@ -208,6 +208,11 @@ def echo_attention(
     key_padding_mask: (B, Tk) bool, True = padded.
     Query i sits at position q_offset + i, key j at k_offset + j. Returns (B, H, Tq, h) in q's
     dtype; a query with no key left gives zeros.
+
+    Masked keys contribute nothing even where their values are NaN or inf (0 * NaN would be NaN):
+    the reference and CPU paths leave them out exactly; the Triton kernels never read a padded key's
+    k or v, but a non-finite value at a key past the band (a causal future key, say) that shares a
+    key tile with keys the same query tile attends still reaches that tile's queries.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         checks.floating(name, t)

@@ -137,6 +137,27 @@ def relative_bias(bias: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
     return bias[rel].permute(2, 0, 1)
 
 
+def weighted_values(probs: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
+    """probs @ v with only the kept keys contributing.   probs: (..., C, K); v: (..., K, h); keep:
+    bool, broadcastable to probs, or None (every key kept). Returns (..., C, h).
+
+    A masked key's probability is 0, but 0 * NaN is NaN: a non-finite value at a padded or
+    causal-future key would reach every query through the plain product. So when v has non-finite
+    entries (checked here: this path is for verification and the CPU), those entries are left out of
+    the product and added back as p * v only where their key is kept, which is what the formula says.
+    """
+    finite = torch.isfinite(v)
+    if keep is None or bool(finite.all()):
+        return probs @ v
+    out = probs @ v.masked_fill(~finite, 0.0)
+    # keys holding a non-finite value in any batch row: usually few, so their (C, K', h) terms are cheap
+    cols = (~finite).any(-1).reshape(-1, v.shape[-2]).any(0).nonzero()[:, 0]
+    v_bad = v.masked_fill(finite, 0.0)[..., cols, :].unsqueeze(-3)  # (..., 1, K', h)
+    kept = keep.expand(probs.shape)[..., cols].unsqueeze(-1)  # (..., C, K', 1)
+    # masked before the product, so that its gradient is not 0 * NaN either
+    return out + (probs[..., cols].unsqueeze(-1) * v_bad.masked_fill(~kept, 0.0)).sum(-2)
+
+
 def rotate_for_attention(u: Tensor, M: Tensor | None, phi: Tensor, layout: str, rotation: str) -> Tensor:
     """q' or k' of ECHO_SPEC 4.   u: (..., T, h); M: (h, h) or None (the identity); phi: (T, h/2).
 
@@ -213,6 +234,6 @@ def echo_attention(
         # A row with no visible key would be softmax(-inf, ...) = NaN: give it zeros instead.
         any_key = keep.any(dim=-1, keepdim=True)
         probs = torch.softmax(logits.masked_fill(~any_key, 0.0), dim=-1) * any_key
-        chunks.append(probs @ v[:, :, k_lo:k_hi])
+        chunks.append(weighted_values(probs, v[:, :, k_lo:k_hi], keep))
     out = torch.cat(chunks, dim=2) if chunks else q_rot.new_zeros(q.shape)
     return out.to(q.dtype)

@@ -50,11 +50,12 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e
 
 
 @triton.jit
-def _load_pairs(ptr, rows, n_rows, stride_t, stride_d, HALF: tl.constexpr):
-    """The even and odd columns of a (rows, 2 HALF) tile as two fp32 (rows, HALF) tiles."""
+def _load_pairs(ptr, rows, row_ok, stride_t, stride_d, HALF: tl.constexpr):
+    """The even and odd columns of a (rows, 2 HALF) tile as two fp32 (rows, HALF) tiles; rows not
+    row_ok read as zeros (past the end, or padded keys: never a NaN that a zero weight would keep)."""
     cols = tl.arange(0, HALF)
     offs = rows[:, None] * stride_t + (2 * cols)[None, :] * stride_d
-    mask = rows[:, None] < n_rows
+    mask = row_ok[:, None]
     even = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
     odd = tl.load(ptr + offs + stride_d, mask=mask, other=0.0).to(tl.float32)
     return even, odd
@@ -84,10 +85,11 @@ def _rope_angles_step(cos0, sin0, first, s, W, HALF: tl.constexpr):
 
 
 @triton.jit
-def _load_full(ptr, rows, n_rows, stride_t, stride_d, HEAD: tl.constexpr):
+def _load_full(ptr, rows, row_ok, stride_t, stride_d, HEAD: tl.constexpr):
+    """A (rows, HEAD) fp32 tile; rows not row_ok read as zeros."""
     cols = tl.arange(0, HEAD)
     offs = rows[:, None] * stride_t + cols[None, :] * stride_d
-    return tl.load(ptr + offs, mask=rows[:, None] < n_rows, other=0.0).to(tl.float32)
+    return tl.load(ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -139,9 +141,10 @@ def _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION: tl.constexpr):
 
 
 @triton.jit
-def _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, first, s, W, HALF: tl.constexpr):
-    """RoPE halves (fp32) of the key tile at rows cols, whose first position is `first`."""
-    y1, y2 = _load_pairs(K, cols, Tk, stride_kt, stride_kd, HALF)
+def _rotated_k(K, cols, key_ok, stride_kt, stride_kd, cos0, sin0, first, s, W, HALF: tl.constexpr):
+    """RoPE halves (fp32) of the key tile at rows cols, whose first position is `first`; keys not
+    key_ok are zeros."""
+    y1, y2 = _load_pairs(K, cols, key_ok, stride_kt, stride_kd, HALF)
     kcos, ksin = _rope_angles_step(cos0, sin0, first, s, W, HALF)
     return y1 * kcos - y2 * ksin, y1 * ksin + y2 * kcos
 
@@ -181,11 +184,12 @@ def _fwd_tiles(
     DT = qa.dtype
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        ak, bk = _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
+        key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
+        ak, bk = _rotated_k(K, cols, key_ok, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
         logits = tl.dot(qa, tl.trans(ak.to(DT)), input_precision=PRECISION)
         logits = tl.dot(qb, tl.trans(bk.to(DT)), logits, input_precision=PRECISION)
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
-        keep = (rel <= left) & (rel >= -right) & _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)[None, :]
+        keep = (rel <= left) & (rel >= -right) & key_ok[None, :]
         logits = tl.where(keep, logits + _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 1))
         # Rows that have seen no key yet keep m = -inf; shift them by 0 so that exp gives 0, not NaN.
@@ -193,7 +197,7 @@ def _fwd_tiles(
         alpha = tl.exp2((m_i - m_safe) * LOG2E)
         p = tl.exp2((logits - m_safe[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
+        v = _load_full(V, cols, key_ok, stride_vt, stride_vd, HEAD).to(DT)
         acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -227,7 +231,7 @@ def _attn_fwd_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qpos = q_off + rows
-    x1, x2 = _load_pairs(Q, rows, Tq, stride_qt, stride_qd, HALF)
+    x1, x2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
     cos, sin = _rope_angles(qpos, s, W, HALF)
     a = x1 * cos - x2 * sin
     bq = x1 * sin + x2 * cos

@@ -69,7 +69,7 @@ from .attention import (
 def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb,
                HALF: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
     """RoPE halves of a query tile (fp32) and q''_A, q''_B (dot type); cos, sin of its angles."""
-    x1, x2 = _load_pairs(Q, rows, Tq, stride_qt, stride_qd, HALF)
+    x1, x2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
     a = x1 * cos - x2 * sin
     b = x1 * sin + x2 * cos
     qa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)
@@ -95,8 +95,8 @@ def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     b = pid_bh // H
     hd = pid_bh % H
-    o = _load_full(O + b * stride_ob + hd * stride_oh, rows, T, stride_ot, stride_od, HEAD)
-    do = _load_full(DO + b * stride_db + hd * stride_dh, rows, T, stride_dt, stride_dd, HEAD)
+    o = _load_full(O + b * stride_ob + hd * stride_oh, rows, rows < T, stride_ot, stride_od, HEAD)
+    do = _load_full(DO + b * stride_db + hd * stride_dh, rows, rows < T, stride_dt, stride_dd, HEAD)
     tl.store(Delta + pid_bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
 
     s = tl.load(S).to(tl.float32)
@@ -107,7 +107,7 @@ def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
         _, _, qa, qb = _rotated_q(Q, rows, T, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
                                   PRECISION)
     else:
-        x1, x2 = _load_pairs(Q, rows, T, stride_qt, stride_qd, HALF)
+        x1, x2 = _load_pairs(Q, rows, rows < T, stride_qt, stride_qd, HALF)
         qa = ((x1 * cos - x2 * sin) * scale).to(DT)
         qb = ((x1 * sin + x2 * cos) * scale).to(DT)
     offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
@@ -128,7 +128,9 @@ def _unrope_store(dA, dB, a, b, cos, sin, pos, DX, rows, n_rows, G, g_row, HEAD:
     mask = rows[:, None] < n_rows
     tl.store(DX + offs, (dA * cos + dB * sin).to(DX.dtype.element_ty), mask=mask)
     tl.store(DX + offs + 1, (dB * cos - dA * sin).to(DX.dtype.element_ty), mask=mask)
-    dphi = dB * a - dA * b
+    # A key no query attended has dA = dB = 0 and contributes nothing, even where its k is not finite
+    # (a padded key's, say): 0 * NaN would spread to every angle gradient.
+    dphi = tl.where((dA == 0.0) & (dB == 0.0), 0.0, dB * a - dA * b)
     tl.store(G + g_row * HALF + cols, tl.sum(dphi * pos.to(tl.float32)[:, None], 0))
 
 
@@ -160,7 +162,7 @@ def _dkdv_tiles(
         logits_t += _bias_tile(rel_t, Bias, stride_br, head_off, n_rel, REGION)
         lse = tl.load(Lse + rows, mask=rows < Tq, other=float("inf"))
         p_t = tl.where(keep_t, tl.exp2((logits_t - lse[None, :]) * LOG2E), 0.0)
-        do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD).to(DT)
+        do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD).to(DT)
         dv = tl.dot(p_t.to(DT), do, dv, input_precision=PRECISION)
         delta = tl.load(Delta + rows, mask=rows < Tq, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -204,11 +206,11 @@ def _attn_bwd_dkdv_kernel(
     kpos = k_off + cols
     first = k_off + pid_n * BLOCK_N
     kcos, ksin = _rope_angles(kpos, s, W, HALF)
-    y1, y2 = _load_pairs(K, cols, Tk, stride_kt, stride_kd, HALF)
+    key_ok = _key_ok(cols, Tk, Pad, b * stride_pb, stride_pt, HAS_PAD)  # padding belongs to the key
+    y1, y2 = _load_pairs(K, cols, key_ok, stride_kt, stride_kd, HALF)
     ak_dt = (y1 * kcos - y2 * ksin).to(DT)
     bk_dt = (y1 * ksin + y2 * kcos).to(DT)
-    v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
-    key_ok = _key_ok(cols, Tk, Pad, b * stride_pb, stride_pt, HAS_PAD)  # padding belongs to the key
+    v = _load_full(V, cols, key_ok, stride_vt, stride_vd, HEAD).to(DT)
 
     dak = tl.zeros([BLOCK_N, HALF], tl.float32)
     dbk = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -262,7 +264,7 @@ def _attn_bwd_unrope_kernel(
     cols = pid_n * BLOCK + tl.arange(0, BLOCK)
     kpos = k_off + cols
     kcos, ksin = _rope_angles(kpos, s, W, HALF)
-    y1, y2 = _load_pairs(K + b * stride_kb + hd * stride_kh, cols, Tk, stride_kt, stride_kd, HALF)
+    y1, y2 = _load_pairs(K + b * stride_kb + hd * stride_kh, cols, cols < Tk, stride_kt, stride_kd, HALF)
     ak = y1 * kcos - y2 * ksin
     bk = y1 * ksin + y2 * kcos
     offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
@@ -306,7 +308,7 @@ def _attn_bwd_dbias_diag_kernel(
     q_offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
     qa = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0).to(tl.float32)  # q'' from the pre-pass
     qb = tl.load(QQ + q_offs + HALF, mask=rows[:, None] < Tq, other=0.0).to(tl.float32)
-    do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD)
+    do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD)
     lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
     delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
     half = tl.arange(0, HALF)
@@ -348,16 +350,17 @@ def _dq_tiles(
     DT = qa.dtype
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        ak, bk = _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
+        key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
+        ak, bk = _rotated_k(K, cols, key_ok, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
         ak = ak.to(DT)
         bk = bk.to(DT)
         logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
         logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
-        keep = (rel <= left) & (rel >= -right) & _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)[None, :]
+        keep = (rel <= left) & (rel >= -right) & key_ok[None, :]
         logits += _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
         p = tl.where(keep, tl.exp2((logits - lse[:, None]) * LOG2E), 0.0)
-        v = _load_full(V, cols, Tk, stride_vt, stride_vd, HEAD).to(DT)
+        v = _load_full(V, cols, key_ok, stride_vt, stride_vd, HEAD).to(DT)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         # the pairs that the clamp sends to the end rows of the table (with n = 1 both are row 0)
@@ -410,7 +413,7 @@ def _attn_bwd_dq_kernel(
     qa = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0)  # q'' from the delta pre-pass
     qb = tl.load(QQ + q_offs + HALF, mask=rows[:, None] < Tq, other=0.0)
     cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_N), s, W, HALF)
-    do = _load_full(DO, rows, Tq, stride_ot, stride_od, HEAD).to(DT)
+    do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD).to(DT)
     lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
     delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
     dqa = tl.zeros([BLOCK_M, HALF], tl.float32)
@@ -487,7 +490,7 @@ def _attn_bwd_dq_unrotate_kernel(
         rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
         qpos = q_off + rows
         cos, sin = _rope_angles(qpos, s, W, HALF)
-        x1, x2 = _load_pairs(Q, rows, Tq, stride_qt, stride_qd, HALF)
+        x1, x2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
         a = x1 * cos - x2 * sin
         bq = x1 * sin + x2 * cos
         offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + half[None, :]

@@ -65,11 +65,12 @@ def blocks(Tq: int, Tk: int, left: int, right: int, shift: int, batch_heads: int
         yield a, b, lo, max(lo, hi)
 
 
-def _probabilities(q, k, bias, key_padding_mask, left, right, d0) -> Tensor:
-    """softmax of one block's logits; d0 = i - j of its top-left entry; rows with no key give 0.
+def _probabilities(q, k, bias, key_padding_mask, left, right, d0) -> tuple[Tensor, Tensor | None]:
+    """softmax of one block's logits, and which keys each query keeps; d0 = i - j of its top-left
+    entry; rows with no key give 0.
 
     q: (B*H, C, h); k: (B*H, K, h); bias: (2n-1, H) or None; key_padding_mask: (B, K) or None.
-    Returns (B*H, C, K).
+    Returns probs (B*H, C, K) and keep, bool broadcastable to it, or None where every key is kept.
     """
     C, K = q.shape[1], k.shape[1]
     if bias is None:
@@ -86,10 +87,10 @@ def _probabilities(q, k, bias, key_padding_mask, left, right, d0) -> Tensor:
         padding = key_padding_mask[:, None, None, :].expand(B, q.shape[0] // B, 1, K).reshape(-1, 1, K)
         keep = ~padding if keep is None else keep & ~padding
     if keep is None:
-        return torch.softmax(logits, dim=-1)
+        return torch.softmax(logits, dim=-1), None
     logits.masked_fill_(~keep, -math.inf)
     probs = torch.softmax(logits, dim=-1)
-    return probs.masked_fill_(~keep.any(dim=-1, keepdim=True), 0.0)  # softmax of a keyless row is NaN
+    return probs.masked_fill_(~keep.any(dim=-1, keepdim=True), 0.0), keep  # softmax of a keyless row is NaN
 
 
 def relative_bias_block(bias: Tensor, C: int, K: int, d0: int) -> Tensor:
@@ -128,11 +129,15 @@ class _BlockedAttention(torch.autograd.Function):
         B, H, Tq, h = q.shape
         q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
         out = q3.new_zeros(B * H, Tq, h)
+        values_finite = bool(torch.isfinite(v).all())  # else masked keys need reference.weighted_values
         for a, b, lo, hi in blocks(Tq, k.shape[2], left, right, shift, B * H):
             if hi > lo:
                 kpm = key_padding_mask[:, lo:hi] if key_padding_mask is not None else None
-                probs = _probabilities(q3[:, a:b], k3[:, lo:hi], bias, kpm, left, right, a + shift - lo)
-                torch.bmm(probs, v3[:, lo:hi], out=out[:, a:b])
+                probs, keep = _probabilities(q3[:, a:b], k3[:, lo:hi], bias, kpm, left, right, a + shift - lo)
+                if values_finite or keep is None:
+                    torch.bmm(probs, v3[:, lo:hi], out=out[:, a:b])
+                else:
+                    out[:, a:b] = reference.weighted_values(probs, v3[:, lo:hi], keep)
         out = out.view(B, H, Tq, h)
         ctx.save_for_backward(q, k, v, bias, key_padding_mask, out)
         ctx.masks = (left, right, shift)
@@ -149,14 +154,18 @@ class _BlockedAttention(torch.autograd.Function):
         want_dbias = bias is not None and ctx.needs_input_grad[3]
         dbias = torch.zeros_like(bias) if want_dbias else None
         minus_delta = -(do3 * out.view(B * H, Tq, h)).sum(-1, keepdim=True)  # -rowsum(P * dP)
+        # dP at a masked key is 0 * (dO . v); a non-finite v there must not make it NaN
+        values_finite = bool(torch.isfinite(v).all())
         for a, b, lo, hi in blocks(Tq, k.shape[2], left, right, shift, B * H):
             if hi == lo:
                 continue
             kpm = key_padding_mask[:, lo:hi] if key_padding_mask is not None else None
-            probs = _probabilities(q3[:, a:b], k3[:, lo:hi], bias, kpm, left, right, a + shift - lo)
+            probs, keep = _probabilities(q3[:, a:b], k3[:, lo:hi], bias, kpm, left, right, a + shift - lo)
             do = do3[:, a:b]
             dv[:, lo:hi].baddbmm_(probs.transpose(1, 2), do)
             dlogits = torch.baddbmm(minus_delta[:, a:b], do, v3[:, lo:hi].transpose(1, 2)).mul_(probs)
+            if keep is not None and not values_finite:
+                dlogits.masked_fill_(~keep, 0.0)
             torch.bmm(dlogits, k3[:, lo:hi], out=dq[:, a:b])
             dk[:, lo:hi].baddbmm_(dlogits.transpose(1, 2), q3[:, a:b])
             if want_dbias:
