@@ -19,6 +19,7 @@ microseconds per call. Both run the same launchers.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from . import checks, reference
 from .backend import register_kernel, requested_backend, triton_interpreted, use_kernel
-from .kernels import attention_cpu
+from .kernels import ATTENTION_HEAD_WIDTHS, attention_cpu
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,6 +161,36 @@ class _EagerAttention(torch.autograd.Function):
         return dq, dk, dv, dM, dw, ds, dbias, None, None, None, None, None, None
 
 
+def kernel_head_width(h: int) -> int:
+    """The head width of the Triton kernels that serves h: the smallest of ATTENTION_HEAD_WIDTHS >= h."""
+    for width in ATTENTION_HEAD_WIDTHS:
+        if width >= h:
+            return width
+    raise ValueError(f"head width h = {h} is wider than the Triton attention kernels serve (h <= "
+                     f"{ATTENTION_HEAD_WIDTHS[-1]}; built for {', '.join(map(str, ATTENTION_HEAD_WIDTHS))}); "
+                     "use fewer, narrower heads, or ECHO_BACKEND=reference for the plain-PyTorch path")
+
+
+def _widen_heads(q, k, v, M, w, layout: str, width: int):
+    """q, k, v (..., h), M (h, h) and w (h/2,) zero-padded to head width `width`, computing the same
+    attention: RoPE pairs (x[2m], x[2m+1]) are read from q and k, so they are padded at the end (the
+    new pairs are zeros at angle 0); M acts on RoPE's output, whose "half_split" layout puts a pair's
+    halves at m and width/2 + m, so M's rows and columns go where h's outputs land. q is scaled so that
+    the kernels' 1/sqrt(width) is 1/sqrt(h). The padding goes through autograd, which slices the
+    gradients back."""
+    h = q.shape[-1]
+    pad = (0, width - h)
+    q = torch.nn.functional.pad(q * math.sqrt(width / h), pad)
+    k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+    w = torch.nn.functional.pad(w, (0, (width - h) // 2))
+    if M is not None:
+        half = torch.arange(h // 2, device=M.device)
+        index = torch.cat([half, width // 2 + half]) if layout == "half_split" else torch.arange(h, device=M.device)
+        M = M.new_zeros(width, h).index_copy(0, index, M)
+        M = M.new_zeros(width, width).index_copy(1, index, M)
+    return q, k, v, M, w
+
+
 def _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
                       rotation):
     if not isinstance(s, Tensor):
@@ -168,10 +199,15 @@ def _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_o
         # RoPE(q M) . RoPE(k M): the kernels rotate what they are given, and autograd takes dM from here
         M = M.to(q.dtype)
         q, k, M = q @ M, k @ M, None
+    h, width = q.shape[-1], kernel_head_width(q.shape[-1])
+    if width != h:
+        q, k, v, M, w = _widen_heads(q, k, v, M, w, layout, width)
     args = (q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
     if torch.compiler.is_compiling():
-        return _attention_op(*args)[0]
-    return _EagerAttention.apply(*args)
+        out = _attention_op(*args)[0]
+    else:
+        out = _EagerAttention.apply(*args)
+    return out[..., :h] if width != h else out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,6 +244,10 @@ def echo_attention(
     key_padding_mask: (B, Tk) bool, True = padded.
     Query i sits at position q_offset + i, key j at k_offset + j. Returns (B, H, Tq, h) in q's
     dtype; a query with no key left gives zeros.
+
+    The Triton kernels are built for h in (32, 64, 128); other even widths up to 128 run on them
+    zero-padded to the next of those (same result, the cost of the wider head); wider heads are refused
+    there with a ValueError.
 
     Masked keys contribute nothing even where their values are NaN or inf (0 * NaN would be NaN):
     the reference and CPU paths leave them out exactly; the Triton kernels never read a padded key's

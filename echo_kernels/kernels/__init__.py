@@ -1,1 +1,6 @@
 """Kernels and their launchers (Triton, and the blocked CPU attention); echo_kernels/<op>.py registers them."""
+
+# Head widths the Triton attention kernels are built for: their tiles span the head as power-of-two
+# ranges, and a product's inner dimension must be 16 or more (h/2 >= 16). Other widths up to the
+# largest are served zero-padded to the next of these (echo_kernels.attention).
+ATTENTION_HEAD_WIDTHS = (32, 64, 128)

@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import ATTENTION_HEAD_WIDTHS
+
 UNBOUNDED = 1 << 30  # window side that reaches every key; positions stay far below it
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e)
 
@@ -59,6 +61,15 @@ def _load_pairs(ptr, rows, row_ok, stride_t, stride_d, HALF: tl.constexpr):
     even = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
     odd = tl.load(ptr + offs + stride_d, mask=mask, other=0.0).to(tl.float32)
     return even, odd
+
+
+@triton.jit
+def _tile_and_head(n_tiles):
+    """(tile, batch-head) of this program on a 1-D grid of n_tiles * B * H programs, tiles fastest (so
+    that programs running together share a head's keys in L2). A 1-D grid because CUDA caps a grid's
+    second axis at 65535, which B * H can pass; its first allows 2**31 - 1."""
+    pid = tl.program_id(0)
+    return pid % n_tiles, pid // n_tiles
 
 
 @triton.jit
@@ -210,7 +221,7 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, left, right, q_off, k_off, scale,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off, scale, n_tiles,
     HEAD: tl.constexpr, HAS_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -220,8 +231,7 @@ def _attn_fwd_kernel(
     scale: 1 / sqrt(h), applied to RoPE(q) when there is no P (P~ holds it otherwise)."""
     HALF: tl.constexpr = HEAD // 2
     DT = P.dtype.element_ty  # operand type of every tl.dot (fp32 under the interpreter for bf16)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _tile_and_head(n_tiles)
     b = pid_bh // H
     hd = pid_bh % H
     Q += b * stride_qb + hd * stride_qh
@@ -397,12 +407,12 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
     pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q)
     cfg = _short_query_blocks(_blocks_for(h, default_blocks), Tq)
-    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
-    _attn_fwd_kernel[grid](
+    n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
+    _attn_fwd_kernel[(n_tiles * B * H,)](
         q, k, v, P, w32, s32, bias_t, pad_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(),
         sbr, sbh, spb, spt,
-        H, Tq, Tk, n_rel, left, right, q_offset, k_offset, 1.0 / math.sqrt(h),
+        H, Tq, Tk, n_rel, left, right, q_offset, k_offset, 1.0 / math.sqrt(h), n_tiles,
         HEAD=h, HAS_P=has_p, HAS_BIAS=has_bias, HAS_PAD=has_pad,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -432,7 +442,7 @@ def aot_specs() -> list:
     from . import attention_backward as bwd
 
     specs = []
-    for h in (32, 64, 128):
+    for h in ATTENTION_HEAD_WIDTHS:
         for dt in ("bf16", "fp16"):
             f = default_blocks(h)
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "P", "Out")}

@@ -60,6 +60,7 @@ from .attention import (
     _rope_angles,
     _rotated_k,
     _split_regions,
+    _tile_and_head,
     layout_perm,
     p_arg,
     precision,
@@ -82,7 +83,7 @@ def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_
 @triton.jit
 def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
                            stride_ob, stride_oh, stride_ot, stride_od, stride_db, stride_dh, stride_dt, stride_dd,
-                           stride_qb, stride_qh, stride_qt, stride_qd, H, T, q_off, scale,
+                           stride_qb, stride_qh, stride_qt, stride_qd, H, T, q_off, scale, n_tiles,
                            HEAD: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr,
                            PRECISION: tl.constexpr):
     """Per query row: Delta[bh, t] = sum_d O[t, d] dO[t, d], the softmax correction, and
@@ -91,8 +92,8 @@ def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
     multiplying the queries again."""
     HALF: tl.constexpr = HEAD // 2
     DT = P.dtype.element_ty
-    pid_bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pid_m, pid_bh = _tile_and_head(n_tiles)
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
     b = pid_bh // H
     hd = pid_bh % H
     o = _load_full(O + b * stride_ob + hd * stride_oh, rows, rows < T, stride_ot, stride_od, HEAD)
@@ -180,7 +181,7 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, left, right, q_off, k_off,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles,
     HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -189,8 +190,7 @@ def _attn_bwd_dkdv_kernel(
     key angles again, and their sines are not worth registers next to the accumulators."""
     HALF: tl.constexpr = HEAD // 2
     DT = QQ.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _tile_and_head(n_tiles)
     b = pid_bh // H
     hd = pid_bh % H
     Q += b * stride_qb + hd * stride_qh
@@ -250,14 +250,13 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_unrope_kernel(
-    K, W, S, DKK, DK, G, stride_kb, stride_kh, stride_kt, stride_kd, H, Tk, k_off,
+    K, W, S, DKK, DK, G, stride_kb, stride_kh, stride_kt, stride_kd, H, Tk, k_off, n_tiles,
     HEAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """dk and the angle partial G[tile] of one (BLOCK) key tile from d(a_k, b_k) (DKK, fp32)."""
     HALF: tl.constexpr = HEAD // 2
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    tile = pid_bh * tl.num_programs(0) + pid_n
+    pid_n, pid_bh = _tile_and_head(n_tiles)
+    tile = pid_bh * n_tiles + pid_n
     b = pid_bh // H
     hd = pid_bh % H
     s = tl.load(S).to(tl.float32)
@@ -281,7 +280,7 @@ def _attn_bwd_dbias_diag_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, left, right, q_off, k_off,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles,
     HEAD: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The inner rows of dbias (|i - j| < n - 1) for one (BLOCK_M) query tile.
@@ -291,9 +290,8 @@ def _attn_bwd_dbias_diag_kernel(
     DBias[prog, r] = sum over this tile's queries of dS[i, i - r + n - 1].
     """
     HALF: tl.constexpr = HEAD // 2
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    prog = pid_bh * tl.num_programs(0) + pid_m
+    pid_m, pid_bh = _tile_and_head(n_tiles)
+    prog = pid_bh * n_tiles + pid_m
     b = pid_bh // H
     hd = pid_bh % H
     Q += b * stride_qb + hd * stride_qh
@@ -385,7 +383,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, left, right, q_off, k_off,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles,
     HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -395,9 +393,8 @@ def _attn_bwd_dq_kernel(
     the loop over key tiles keeps only q'', dO and the dq'' accumulators in registers."""
     HALF: tl.constexpr = HEAD // 2
     DT = QQ.dtype.element_ty
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    tile = pid_bh * tl.num_programs(0) + pid_m
+    pid_m, pid_bh = _tile_and_head(n_tiles)
+    tile = pid_bh * n_tiles + pid_m
     b = pid_bh // H
     hd = pid_bh % H
     Q += b * stride_qb + hd * stride_qh
@@ -456,10 +453,10 @@ def _attn_bwd_dq_kernel(
 def _attn_bwd_dq_unrotate_kernel(
     Q, P, W, S, DQQ, DQ, G, DP,
     stride_qb, stride_qh, stride_qt, stride_qd,
-    H, Tq, q_off, scale,
+    H, Tq, q_off, scale, n_groups,
     HEAD: tl.constexpr, HAS_P: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Query tiles pid_m, pid_m + grid[0], ... of one (batch, head): dq and the angle partial per
+    """Query tiles pid_m, pid_m + n_groups, ... of one (batch, head): dq and the angle partial per
     tile from d(q''_A, q''_B) (DQQ), and one partial of dP~ for the program.
 
     dP~ is an (h, h) sum over every query; one partial per tile would take more memory than dq
@@ -469,9 +466,8 @@ def _attn_bwd_dq_unrotate_kernel(
     """
     HALF: tl.constexpr = HEAD // 2
     DT = P.dtype.element_ty
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    prog = pid_bh * tl.num_programs(0) + pid_m
+    pid_m, pid_bh = _tile_and_head(n_groups)
+    prog = pid_bh * n_groups + pid_m
     n_tiles = tl.cdiv(Tq, BLOCK_M)
     b = pid_bh // H
     hd = pid_bh % H
@@ -485,7 +481,7 @@ def _attn_bwd_dq_unrotate_kernel(
         dp_ba = tl.zeros([HALF, HALF], tl.float32)
         dp_bb = tl.zeros([HALF, HALF], tl.float32)
     half = tl.arange(0, HALF)
-    for m in range(pid_m, n_tiles, tl.num_programs(0)):
+    for m in range(pid_m, n_tiles, n_groups):
         tile = pid_bh * n_tiles + m
         rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
         qpos = q_off + rows
@@ -630,31 +626,32 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     c = cfg["delta"]
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=dev)
     qq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)
-    _attn_bwd_delta_kernel[(triton.cdiv(Tq, c["BLOCK_M"]), B * H)](
-        out, do, delta, q, P, w32, s32, qq, *out.stride(), *do.stride(), *q.stride(), H, Tq, q_offset, scale,
+    n_tiles = triton.cdiv(Tq, c["BLOCK_M"])
+    _attn_bwd_delta_kernel[(n_tiles * B * H,)](
+        out, do, delta, q, P, w32, s32, qq, *out.stride(), *do.stride(), *q.stride(), H, Tq, q_offset, scale, n_tiles,
         HEAD=h, HAS_P=has_p, BLOCK=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
         num_stages=c["num_stages"])
 
     c = cfg["dkdv"]
     n_kblocks = triton.cdiv(Tk, c["BLOCK_N"])
     dkk = torch.empty((B, H, Tk, h), dtype=torch.float32, device=dev)  # d(a_k, b_k)
-    _attn_bwd_dkdv_kernel[(n_kblocks, B * H)](
-        q, k, v, do, qq, w32, s32, bias_t, pad_t, lse, delta, dkk, dv, *strides, *scalars,
+    _attn_bwd_dkdv_kernel[(n_kblocks * B * H,)](
+        q, k, v, do, qq, w32, s32, bias_t, pad_t, lse, delta, dkk, dv, *strides, *scalars, n_kblocks,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PRECISION=prec,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     c = cfg["unrope"]
     n_ktiles = triton.cdiv(Tk, c["BLOCK_M"])
     g_k = torch.empty((B * H * n_ktiles, half), dtype=torch.float32, device=dev)
-    _attn_bwd_unrope_kernel[(n_ktiles, B * H)](
-        k, w32, s32, dkk, dk, g_k, *k.stride(), H, Tk, k_offset, HEAD=h, BLOCK=c["BLOCK_M"],
+    _attn_bwd_unrope_kernel[(n_ktiles * B * H,)](
+        k, w32, s32, dkk, dk, g_k, *k.stride(), H, Tk, k_offset, n_ktiles, HEAD=h, BLOCK=c["BLOCK_M"],
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["dq"]
     n_qblocks = triton.cdiv(Tq, c["BLOCK_M"])
     dqq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)  # d(q''_A, q''_B)
     db_ends = torch.empty((B * H * n_qblocks, 2) if has_bias else (1,), dtype=torch.float32, device=dev)
-    _attn_bwd_dq_kernel[(n_qblocks, B * H)](
-        q, k, v, do, qq, w32, s32, bias_t, pad_t, lse, delta, dqq, db_ends, *strides, *scalars,
+    _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
+        q, k, v, do, qq, w32, s32, bias_t, pad_t, lse, delta, dqq, db_ends, *strides, *scalars, n_qblocks,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PRECISION=prec,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
@@ -664,8 +661,8 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     # dP~ partials bound the programs per (batch, head); without M every tile is its own program
     n_groups = _dq_programs_per_head(B * H, n_qtiles, dev) if has_p else n_qtiles
     dp_part = torch.empty((B * H * n_groups, h, h) if has_p else (1,), dtype=torch.float32, device=dev)
-    _attn_bwd_dq_unrotate_kernel[(n_groups, B * H)](
-        q, P, w32, s32, dqq, dq, g_q, dp_part, *q.stride(), H, Tq, q_offset, scale,
+    _attn_bwd_dq_unrotate_kernel[(n_groups * B * H,)](
+        q, P, w32, s32, dqq, dq, g_q, dp_part, *q.stride(), H, Tq, q_offset, scale, n_groups,
         HEAD=h, HAS_P=has_p, BLOCK_M=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
         num_stages=c["num_stages"])
 
@@ -673,8 +670,8 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         c = cfg["diag"]
         n_dtiles = triton.cdiv(Tq, c["BLOCK_M"])
         db_inner = torch.zeros((B * H * n_dtiles, 2 * n_rel - 1), dtype=torch.float32, device=dev)
-        _attn_bwd_dbias_diag_kernel[(n_dtiles, B * H)](
-            q, k, v, do, qq, w32, s32, bias_t, pad_t, lse, delta, db_inner, *strides, *scalars,
+        _attn_bwd_dbias_diag_kernel[(n_dtiles * B * H,)](
+            q, k, v, do, qq, w32, s32, bias_t, pad_t, lse, delta, db_inner, *strides, *scalars, n_dtiles,
             HEAD=h, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
             num_stages=c["num_stages"])
 

@@ -136,7 +136,7 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
 @triton.jit
 def _rotary_fwd_kernel(
     X, M, W, S, Y,
-    s_value, offset, T, H, n_head_chunks,
+    s_value, offset, T, H, n_head_chunks, n_t_blocks,
     stride_xb, stride_xt, stride_xh, stride_xd,
     stride_yb, stride_yt, stride_yh, stride_yd,
     stride_mk, stride_mn, stride_w,
@@ -144,9 +144,11 @@ def _rotary_fwd_kernel(
     HEADS, INTERLEAVED: tl.constexpr, S_IS_TENSOR: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Y[b, t, head, :] = layout(rotate(X[b, t, head, :] @ M)) for one (t block, b, head chunk)."""
-    pid_t = tl.program_id(0)
-    pid_b = tl.program_id(1) // n_head_chunks
-    head0 = (tl.program_id(1) % n_head_chunks) * HEADS
+    # a 1-D grid, t blocks fastest: CUDA caps a grid's second axis at 65535, which B * chunks can pass
+    pid_t = tl.program_id(0) % n_t_blocks
+    pid_bc = tl.program_id(0) // n_t_blocks
+    pid_b = pid_bc // n_head_chunks
+    head0 = (pid_bc % n_head_chunks) * HEADS
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     k = tl.arange(0, BLOCK_K)  # input features, padded to a power of two (h = 80 -> 128)
     p = tl.arange(0, BLOCK_P)  # pairs, padded likewise (40 -> 64)
@@ -342,9 +344,9 @@ def rotary_forward(
     heads = _heads_per_program(n_t_blocks * B, H, 4 * _programs_available(x.device))
     n_head_chunks = triton.cdiv(H, heads)
     s_ptr, s_value, s_is_tensor = _s_args(s, s_value, w)
-    _rotary_fwd_kernel[(n_t_blocks, B * n_head_chunks)](
+    _rotary_fwd_kernel[(n_t_blocks * B * n_head_chunks,)](
         x, M, w, s_ptr, y,
-        s_value, offset, T, H, n_head_chunks,
+        s_value, offset, T, H, n_head_chunks, n_t_blocks,
         *x.stride(), *y.stride(), *M.stride(), w.stride(0),
         HEAD_DIM=h, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=cfg["BLOCK_P"],
         HEADS=heads, INTERLEAVED=layout == "interleaved", S_IS_TENSOR=s_is_tensor, DOT_FP32=cfg["DOT_FP32"],

@@ -1,0 +1,104 @@
+"""echo_attention's Triton path at shapes the kernels are not built for: head widths other than
+32, 64 and 128 (served zero-padded), wider heads (refused), and more (batch, head) pairs than a
+CUDA grid's second axis holds (the launches use one axis)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import echo_kernels
+from echo_kernels import reference
+from echo_kernels.attention import kernel_head_width
+from echo_kernels.kernels import ATTENTION_HEAD_WIDTHS
+from echo_kernels.kernels import attention as kernel
+from echo_kernels.kernels import attention_backward as kernel_bwd
+
+from attention_cases import assert_gradients_match, call, cast, grads, make_inputs, rel_err
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = pytest.mark.skipif(not (ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"),
+                                reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def use_triton(monkeypatch):
+    monkeypatch.setenv("ECHO_BACKEND", "triton")
+    if not ON_GPU:
+        monkeypatch.setattr(kernel, "BLOCK_OVERRIDE", {"BLOCK_M": 16, "BLOCK_N": 16})
+
+
+def test_kernel_head_widths():
+    assert [kernel_head_width(h) for h in (2, 16, 32, 34, 48, 64, 80, 96, 128)] == \
+        [32, 32, 32, 64, 64, 64, 128, 128, 128]
+    assert ATTENTION_HEAD_WIDTHS == (32, 64, 128)
+
+
+@pytest.mark.parametrize("h, layout, rotation", [
+    (16, "half_split", "rope_then_m"),
+    (48, "interleaved", "m_then_rope"),
+    (80, "half_split", "no_m"),
+    (80, "interleaved", "rope_then_m"),
+])
+def test_other_head_widths_run_padded_and_match_reference(use_triton, h, layout, rotation):
+    """The padded launch computes the h-wide attention: output and every gradient (dM and dw at the
+    original size) against the float64 reference."""
+    inputs = make_inputs(B=2, H=2, Tq=21, Tk=27, h=h, n=4, pad=True, seed=h)
+    if rotation == "no_m":
+        inputs["M"] = None
+    options = dict(window=(6, 3), layout=layout, rotation="m_then_rope" if rotation == "no_m" else rotation)
+    do = torch.randn(2, 2, 21, h, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want_out, want = grads(reference.echo_attention, inputs, torch.float64, do, **options)
+    got_out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **options)
+    assert got_out.shape == (2, 2, 21, h)
+    assert rel_err(got_out, want_out) < 1e-5
+    assert {name: g.shape for name, g in got.items()} == {name: g.shape for name, g in want.items()}
+    assert_gradients_match(got, want, f"h={h}", inputs)
+
+
+def test_wider_heads_are_refused_with_the_supported_widths(use_triton):
+    inputs = cast(make_inputs(Tq=3, h=130), torch.float32)
+    with pytest.raises(ValueError, match=r"head width h = 130 is wider than the Triton attention kernels serve "
+                                         r"\(h <= 128; built for 32, 64, 128\)"):
+        call(echo_kernels.echo_attention, inputs)
+
+
+class _GridRecorder:
+    """Stands in for a kernel: records the grid of each launch, then launches the kernel."""
+
+    def __init__(self, fn, grids):
+        self.fn, self.grids = fn, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.fn[grid]
+
+
+def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch):
+    """CUDA caps a grid's second and third axes at 65535, which B * H can pass; the first takes 2**31 - 1."""
+    grids = []
+    for module, names in ((kernel, ["_attn_fwd_kernel"]),
+                          (kernel_bwd, [n for n in dir(kernel_bwd) if n.startswith("_attn_bwd_")])):
+        for name in names:
+            monkeypatch.setattr(module, name, _GridRecorder(getattr(module, name), grids))
+    inputs = make_inputs(B=2, H=3, Tq=20, h=32, n=4, pad=True)
+    do = torch.randn(2, 3, 20, 32, dtype=torch.float64)
+    grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=5, rotation="rope_then_m")
+    assert len(grids) == 7  # forward, delta, dkdv, unrope, dq, dq_unrotate, dbias
+    assert all(len(grid) == 1 for grid in grids), grids
+    assert all(grid[0] % (2 * 3) == 0 for grid in grids), grids  # every (batch, head) has its programs
+
+
+@pytest.mark.gpu
+def test_more_batch_heads_than_a_grid_axis_holds_gpu(use_triton):
+    """B * H = 70000 > 65535: forward and backward run and match the reference."""
+    inputs = make_inputs(B=2, H=35000, Tq=2, Tk=3, h=32, n=2, pad=False)
+    do = torch.randn(2, 35000, 2, 32, dtype=torch.float64)
+    want_out, want = grads(reference.echo_attention, inputs, torch.float64, do, device=DEVICE)
+    got_out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, device=DEVICE)
+    assert rel_err(got_out, want_out) < 1e-5
+    for name in ("q", "k", "v"):
+        assert rel_err(got[name], want[name]) < 1e-5, name
