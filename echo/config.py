@@ -9,6 +9,8 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
+from echo_kernels.kernels import ATTENTION_HEAD_WIDTHS
+
 logger = logging.getLogger(__name__)
 
 ROPE_LAYOUTS = ("half_split", "interleaved")
@@ -82,6 +84,11 @@ class EchoConfig(PretrainedConfig):
             h = width // heads
             if h % 2:
                 raise ValueError(f"EchoConfig: head width h = n_{side}_state / n_{side}_head = {h} must be even")
+            if h > ATTENTION_HEAD_WIDTHS[-1]:
+                raise ValueError(
+                    f"EchoConfig: head width h = n_{side}_state / n_{side}_head = {h} is wider than the attention "
+                    f"kernels serve (h <= {ATTENTION_HEAD_WIDTHS[-1]}; built for "
+                    f"{', '.join(map(str, ATTENTION_HEAD_WIDTHS))}, other even widths run zero-padded): use more heads")
             if self.n_givens is not None and not (
                 isinstance(self.n_givens, int) and not isinstance(self.n_givens, bool) and 1 <= self.n_givens <= h - 1
             ):
