@@ -148,7 +148,9 @@ def reports(arches=TARGETS) -> list[CompileReport]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "echo_kernels.aot", "--json", f.name, "--arch", *map(str, arches)]
-        subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if run.returncode != 0:  # the compiler's own message, not just an exit status
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr[-4000:]}")
         return [CompileReport(**row) for row in json.load(open(f.name))]
 
 

@@ -417,7 +417,7 @@ def _spec(h: int, dtype: torch.dtype, backward: bool, layout: str = "half_split"
         strided = ["x", "dy", "dx"]
     else:
         pointers = {"X": xt, "M": "*fp32", "W": "*fp32", "S": "*fp32", "Y": xt}
-        scalars = ["offset", "T", "H", "n_head_chunks"]
+        scalars = ["offset", "T", "H", "n_head_chunks", "n_t_blocks"]
         strided = ["x", "y"]
     signature = dict(pointers, s_value="fp32", **{n: i32 for n in scalars}, HEADS=i32)
     constexprs = {}
