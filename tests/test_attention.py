@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+import triton
 
 import echo_kernels
 from echo_kernels import aot, reference
@@ -376,9 +377,11 @@ def test_dispatch(monkeypatch):
 
 def test_aot_compile_report(aot_reports):
     """Every launch compiles for both targets, its dots become tensor-core instructions (wgmma on
-    sm_90), shared memory stays under 100 KB, and no launch spills registers (h = 32, 64, 128)."""
+    sm_90), shared memory stays under 100 KB, and its spills are those that the committed report of
+    the installed Triton records (h = 32, 64, 128)."""
     rows = [r for r in aot_reports if r.name.startswith("attention_")]
     names = {r.name for r in rows}
+    recorded = aot.recorded_spills(triton.__version__)
     parts = ("fwd", "bwd_delta", "bwd_dkdv", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate", "bwd_dbias",
              "fwd_no_m", "bwd_delta_no_m", "bwd_dq_unrotate_no_m")
     for h in (32, 64, 128):
@@ -395,10 +398,18 @@ def test_aot_compile_report(aot_reports):
         assert r.shared_bytes > 0, r.name
         assert r.registers > 0, r.name
         assert r.shared_bytes < 100 * 1024, r.name  # fits an A100 / H100 SM with room to spare
-        assert r.spilled_bytes == 0, r.name  # every pass, at every head width
+        assert r.spilled_bytes == recorded[(r.name, r.arch)], r.name  # as the committed report says
         if r.name.startswith(no_dot):
             assert not r.mma, r.name
             continue
         assert r.mma, r.name
         if "decode" not in r.name:  # a 16-row tile is below wgmma's 64 rows: mma.sync there
             assert r.wgmma == (r.arch == 90), r.name
+
+
+def test_ci_triton_attention_launches_spill_nothing():
+    """Under the Triton that CI installs, no attention launch spills registers (every pass, at every
+    head width); reports of other versions are recorded beside it, not held to this."""
+    spills = {key: n for key, n in aot.recorded_spills(aot.CI_TRITON).items() if key[0].startswith("attention_")}
+    assert len(spills) == 2 * len([s for s in aot.all_specs() if s.name.startswith("attention_")])
+    assert all(n == 0 for n in spills.values()), {k: n for k, n in spills.items() if n}
