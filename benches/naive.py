@@ -7,6 +7,9 @@
   into a (H, Tq, Tk) tensor and the masks built densely, even when a window leaves most of them out;
 - rotary_orthogonal: the rotations above, then cos/sin tables, then an elementwise pass.
 
+Angles, their cos and sin and the rotation by them are float32 whatever the activations' dtype, as
+in the model: the baseline differs in how it computes, not in what.
+
 `naive_ops()` swaps them into the Echo model, so benchmarks can time the same model three ways:
 compiled kernels, the reference path, and this. `orthogonal_product` is the per-rotation loop that
 builds M itself, the peer of the compiled op in bench_orthogonal.py.
@@ -73,13 +76,22 @@ def _times_m(x: Tensor, M) -> Tensor:
     return M.apply(x) if isinstance(M, GivensChain) else x @ M.to(x.dtype)
 
 
-def _rotate(u: Tensor, M, phi: Tensor, layout: str, rotation: str) -> Tensor:
+def _rope(u: Tensor, w: Tensor, s, positions: Tensor, layout: str) -> Tensor:
+    """RoPE(u) at `positions` with the angles, their cos and sin and the rotation in float32, as the
+    model computes them, whatever u's dtype (in bf16 the angle of position 1500 would be off by whole
+    radians); the result in u's dtype."""
+    s = s.float() if isinstance(s, Tensor) else s
+    phi = reference.rope_angles(w.float(), s, positions)
+    return reference.apply_rope(u.float(), phi, layout).to(u.dtype)
+
+
+def _rotate(u: Tensor, M, w: Tensor, s, positions: Tensor, layout: str, rotation: str) -> Tensor:
     """RoPE(u M) ("m_then_rope") or RoPE(u) M ("rope_then_m"); M None is the identity."""
     if M is None:
-        return reference.apply_rope(u, phi, layout)
+        return _rope(u, w, s, positions, layout)
     if rotation == "m_then_rope":
-        return reference.apply_rope(_times_m(u, M), phi, layout)
-    return _times_m(reference.apply_rope(u, phi, layout), M)
+        return _rope(_times_m(u, M), w, s, positions, layout)
+    return _times_m(_rope(u, w, s, positions, layout), M)
 
 
 def echo_attention(q, k, v, M, w, s, bias, *, window=None, causal=False, q_offset=0, k_offset=0,
@@ -88,8 +100,8 @@ def echo_attention(q, k, v, M, w, s, bias, *, window=None, causal=False, q_offse
     Tq, Tk, h = q.shape[2], k.shape[2], q.shape[3]
     q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device)
     k_pos = torch.arange(k_offset, k_offset + Tk, device=q.device)
-    q_rot = _rotate(q, M, reference.rope_angles(w.to(q.dtype), s, q_pos), layout, rotation)
-    k_rot = _rotate(k, M, reference.rope_angles(w.to(k.dtype), s, k_pos), layout, rotation)
+    q_rot = _rotate(q, M, w, s, q_pos, layout, rotation)
+    k_rot = _rotate(k, M, w, s, k_pos, layout, rotation)
     logits = q_rot @ k_rot.transpose(-1, -2) / math.sqrt(h)
     if bias is not None:
         logits = logits + reference.relative_bias(bias.to(logits.dtype), q_pos, k_pos)
@@ -106,7 +118,7 @@ def rotary_orthogonal(x, M, w, s=1.0, offset=0, layout="half_split") -> Tensor:
     """RoPE(x @ M) with M applied factor by factor, then cos/sin tables and an elementwise pass."""
     positions = torch.arange(offset, offset + x.shape[1], device=x.device)
     u = _times_m(x, M).transpose(1, 2)  # (B, H, T, h)
-    return reference.apply_rope(u, reference.rope_angles(w.to(u.dtype), s, positions), layout).transpose(1, 2)
+    return _rope(u, w, s, positions, layout).transpose(1, 2)
 
 
 @contextlib.contextmanager

@@ -2,8 +2,9 @@
 
 The Triton interpreter accepts code that the GPU compiler rejects, so each kernel module lists the
 launches it makes (`aot_specs()`: signature, constexprs, warps, stages) and this module compiles them
-for real GPU targets and reads back what matters for speed: shared memory, registers, spilled
-(local) bytes, and whether `tl.dot` became tensor-core instructions (mma on sm_80, wgmma on sm_90).
+for real GPU targets, each specialised as triton's JIT specialises that launch at Echo's real
+shapes (unit strides as constexpr 1, integers and pointers divisible by 16 marked so), and reads
+back what matters for speed: shared memory, registers, spilled (local) bytes, and whether `tl.dot` became tensor-core instructions (mma on sm_80, wgmma on sm_90).
 
     python -m echo_kernels.aot            # table for every kernel, both targets
     python -m echo_kernels.aot --json f   # the same as JSON
@@ -41,9 +42,32 @@ class KernelSpec:
     constexprs: dict[str, object] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
-    # integer arguments known to be multiples of 16 at real launches (strides of dense tensors);
-    # pointers always are (torch allocates 16-byte aligned), and the JIT specialises on both.
-    aligned: tuple[str, ...] = ()
+
+
+# The Triton that CI installs: its report is benches/results/aot-report.txt, where no attention launch
+# may spill. Reports of other versions are kept beside it as aot-report-triton-<version>.txt.
+CI_TRITON = "3.8.0"
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benches", "results")
+
+
+def report_path(version: str) -> str:
+    """The committed report of Triton `version` (the table `python -m echo_kernels.aot` prints)."""
+    name = "aot-report.txt" if version == CI_TRITON else f"aot-report-triton-{version}.txt"
+    return os.path.join(RESULTS, name)
+
+
+def recorded_spills(version: str) -> dict[tuple[str, int], int]:
+    """{(kernel, sm): spill-store bytes} of the committed report of Triton `version`."""
+    path = report_path(version)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no AOT report of Triton {version} at {path}: write it with "
+                                f"python -m echo_kernels.aot > {path}")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    if not lines or f"Triton {version};" not in lines[0]:
+        raise ValueError(f"{path} is not a report of Triton {version}: its header reads {lines[:1]}")
+    rows = [line.split() for line in lines[3:] if line.strip()]
+    return {(row[0], int(row[1])): int(row[4]) for row in rows}
 
 
 @dataclass
@@ -84,22 +108,116 @@ def _ptxas_usage(ptx: str) -> tuple[int, int, int]:
             int(stack.group(1)) if stack else -1)
 
 
-def _compile(spec: KernelSpec, arch: int):
-    """triton.compile of one launch for compute capability `arch`, as a real launch would build it."""
+def _jit_function(fn):
+    """The JITFunction of a kernel (under the interpreter the kernel is an interpreter object; its
+    Python function compiles as is)."""
+    from triton.runtime.jit import JITFunction
+
+    return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+
+
+def _echo_launches() -> list[tuple[object, tuple, dict]]:
+    """(kernel, args, kwargs) of every launch the launchers make at Echo's real shapes, captured and
+    not run: the medium model's width (1024) split into heads of h = 32, 64, 128, T = 1500 frames,
+    q, k, v and x as the head views of (B, T, D) projections, a bias table, a padding mask, with an M
+    and without; the decoding step (Tq = 1 against 448 cached keys); the rotary ops at every h."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    from .kernels import attention as attn, attention_backward as attn_bwd, rotary
+
+    launches = []
+    run = JITFunction.run
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
+    try:
+        B, D, T = 2, 1024, 1500
+        heads = lambda Tn, h, dt: torch.randn(B, Tn, D // h, h).to(dt).transpose(1, 2)  # (B, H, T, h) view
+        for h in (32, 64, 128):
+            for dt in (torch.bfloat16, torch.float16):
+                w, s = torch.rand(h // 2), torch.ones(1)
+                bias, pad = torch.randn(29, D // h), torch.zeros(B, T, dtype=torch.bool)
+                shapes = [(T, T, attn.UNBOUNDED, attn.UNBOUNDED, 0)]
+                if h == 64 and dt == torch.bfloat16:
+                    shapes.append((1, 448, attn.UNBOUNDED, 0, 447))
+                for Tq, Tk, left, right, q_off in shapes:
+                    q, k, v = heads(Tq, h, dt), heads(Tk, h, dt), heads(Tk, h, dt)
+                    for M in (torch.randn(h, h), None):
+                        args = (M, w, s, bias, pad[:, :Tk], left, right, q_off, 0, "half_split")
+                        out, lse = attn.forward(q, k, v, *args)
+                        attn_bwd.backward(torch.randn_like(out), q, k, v, out, lse, *args)
+        for h in rotary.HEAD_DIMS:
+            for dt, layout in [(torch.bfloat16, "half_split")] + ([(torch.float16, "half_split"), (
+                    torch.float32, "half_split"), (torch.bfloat16, "interleaved")] if h == 64 else []):
+                x = torch.randn(B, T, D // h, h).to(dt)
+                M, w, s = torch.randn(h, h), torch.rand(h // 2), torch.ones(1)
+                rotary.rotary_forward(x, M, w, s, 1.0, 0, layout)
+                rotary.rotary_backward(torch.randn_like(x), x, M, w, s, 1.0, 0, layout)
+    finally:
+        JITFunction.run = run
+    return launches
+
+
+def _matches(spec: KernelSpec, kernel, args: tuple, kwargs: dict) -> bool:
+    """Whether a captured launch is the one `spec` lists: the same kernel, constexprs, warps and
+    stages, and pointers of the same element types."""
+    import torch
+
+    if _jit_function(spec.fn).fn is not kernel.fn:
+        return False
+    bound = dict(zip(kernel.arg_names, args), **kwargs)
+    types = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
+             torch.bool: "*u8"}
+    pointers_agree = all(types.get(getattr(bound.get(name), "dtype", None)) == kind
+                         for name, kind in spec.signature.items() if kind.startswith("*"))
+    return (pointers_agree and all(bound.get(k) == v for k, v in spec.constexprs.items())
+            and bound.get("num_warps", 4) == spec.num_warps and bound.get("num_stages", 3) == spec.num_stages)
+
+
+def _jit_specialisation(fn, args: tuple, kwargs: dict, arch: int) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ASTSource, as triton's JIT builds them for this launch on
+    compute capability `arch`: integer arguments equal to 1 become constexprs, and integers and
+    pointers divisible by 16 carry the divisibility attribute, in the installed Triton's own terms
+    (its binder and _pack_args, the same from 3.6 to 3.8)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    if not hasattr(fn, "_pack_args"):
+        import triton
+
+        raise RuntimeError(f"triton {triton.__version__}: JITFunction has no _pack_args, so the JIT's "
+                           "specialisation of a launch cannot be reproduced; echo_kernels.aot supports "
+                           "Triton's binder and _pack_args API (3.6 to 3.8)")
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    launch = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+    bound, specialization, options = binder(*args, **launch)
+    _, signature, constexprs, attrs = fn._pack_args(backend, launch, bound, specialization, options)
+    return signature, constexprs, attrs
+
+
+_LAUNCHES: list = []
+
+
+def _compile(spec: KernelSpec, arch: int, launch: tuple[tuple, dict] | None = None):
+    """triton.compile of one launch for compute capability `arch`, specialised as the JIT specialises
+    the real launch that `spec` lists: `launch` (args, kwargs) where given, else the one of
+    _echo_launches that matches it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
 
-    # Under the interpreter the kernel is an interpreter object; its Python function compiles as is.
-    fn = spec.fn if isinstance(spec.fn, JITFunction) else JITFunction(spec.fn.fn)
-    divisible = [["tt.divisibility", 16]]
-    attrs = {
-        (fn.arg_names.index(name),): divisible
-        for name, kind in spec.signature.items()
-        if kind.startswith("*") or name in spec.aligned
-    }
-    source = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    fn = _jit_function(spec.fn)
+    if launch is None:
+        if not _LAUNCHES:
+            _LAUNCHES.extend(_echo_launches())
+        found = next((found for found in _LAUNCHES if _matches(spec, *found)), None)
+        if found is None:
+            raise ValueError(f"no launch at Echo's shapes matches the AOT spec {spec.name}: its constexprs, "
+                             "warps, stages or pointer types differ from every launch the launchers make")
+        launch = found[1:]
+    signature, constexprs, attrs = _jit_specialisation(fn, *launch, arch)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
@@ -119,9 +237,10 @@ def _report(spec: KernelSpec, arch: int, compiled, usage: tuple[int, int, int]) 
     )
 
 
-def compile_spec(spec: KernelSpec, arch: int) -> CompileReport:
-    """Compile one launch for compute capability `arch` (80, 90) and report on it."""
-    compiled = _compile(spec, arch)
+def compile_spec(spec: KernelSpec, arch: int, launch: tuple[tuple, dict] | None = None) -> CompileReport:
+    """Compile one launch for compute capability `arch` (80, 90) and report on it. launch: the
+    (args, kwargs) of a real launch of a kernel that Echo's launchers do not make."""
+    compiled = _compile(spec, arch, launch)
     return _report(spec, arch, compiled, _ptxas_usage(compiled.asm["ptx"]))
 
 

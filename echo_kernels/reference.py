@@ -237,3 +237,41 @@ def echo_attention(
         chunks.append(weighted_values(probs, v[:, :, k_lo:k_hi], keep))
     out = torch.cat(chunks, dim=2) if chunks else q_rot.new_zeros(q.shape)
     return out.to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# How far a low-precision result may land from this reference
+# --------------------------------------------------------------------------------------------------
+
+# Inputs that a low-precision run takes in its own dtype (and the output gradients, rounded apart).
+# Angles and positional parameters (M, w, s, the bias table) are not among them: the model computes
+# its frequencies in float32 from a float32 base whatever its dtype, under autocast its parameters
+# stay float32 too, and the kernels compute the angles in float32.
+ACTIVATIONS = ("q", "k", "v", "x")
+
+# Higham and Mary's probabilistic bound (SIAM J. Sci. Comput. 41(5), 2019): with roundings modelled
+# as independent and of mean zero, n of them perturb a value by at most LAMBDA sqrt(n) u, relatively,
+# with probability at least 1 - 2 exp(-LAMBDA^2 / 2) (above 0.99999 for LAMBDA = 5).
+LAMBDA = 5.0
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps / 2: a rounding to `dtype` moves a value by at most u of itself."""
+    return torch.finfo(dtype).eps / 2
+
+
+def rounding_tolerance(dtype: torch.dtype, roundings: int) -> float:
+    """Relative error allowed to a result whose elements pass through `roundings` roundings to
+    `dtype` on their way (operands cast for a matrix product, intermediates stored in `dtype`;
+    float32 accumulation is not counted), against this reference evaluated in float64 on the same
+    rounded inputs: LAMBDA sqrt(roundings) u."""
+    if roundings < 1:
+        raise ValueError(f"roundings must be a positive int, got {roundings!r}")
+    return LAMBDA * math.sqrt(roundings) * unit_roundoff(dtype)
+
+
+def round_activations(inputs: dict[str, Tensor | None], dtype: torch.dtype) -> dict[str, Tensor | None]:
+    """inputs with the ACTIVATIONS among them rounded to `dtype` and returned to their own dtype:
+    what a low-precision run is given, as the float64 reference sees it. The rest are unchanged."""
+    return {name: t.to(dtype).to(t.dtype) if name in ACTIVATIONS and t is not None else t
+            for name, t in inputs.items()}

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from echo_kernels import reference
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -25,11 +27,15 @@ def make_inputs(B=1, H=2, Tq=37, Tk=None, h=32, n=5, bias=True, pad=False, seed=
     return inputs
 
 
-def cast(inputs, dtype, device=DEVICE):
-    """inputs with every floating tensor in dtype, all on device."""
-    convert = lambda t: t.detach().to(device, dtype) if t is not None and t.is_floating_point() else (
-        t.to(device) if t is not None else None)
-    return {name: convert(t) for name, t in inputs.items()}
+def cast(inputs, dtype, device=DEVICE, activations_only=False):
+    """inputs with every floating tensor in dtype, all on device. activations_only: only q, k and v
+    in dtype, and M, w, s and the bias table in float32 (see reference.ACTIVATIONS)."""
+    def convert(name, t):
+        if t is None or not t.is_floating_point():
+            return t.to(device) if t is not None else None
+        keep32 = activations_only and name not in reference.ACTIVATIONS
+        return t.detach().to(device, torch.float32 if keep32 else dtype)
+    return {name: convert(name, t) for name, t in inputs.items()}
 
 
 def call(fn, inputs, **options):
@@ -48,9 +54,9 @@ def rel_err(got, want):
 GRAD_NAMES = ("q", "k", "v", "M", "w", "s", "bias")
 
 
-def grads(fn, inputs, dtype, do, device=DEVICE, **options):
-    """(out, {name: gradient}) of fn on inputs cast to dtype, for the output gradient do."""
-    leaves = cast(inputs, dtype, device)
+def grads(fn, inputs, dtype, do, device=DEVICE, activations_only=False, **options):
+    """(out, {name: gradient}) of fn on inputs cast to dtype (see cast), for the output gradient do."""
+    leaves = cast(inputs, dtype, device, activations_only)
     for name in GRAD_NAMES:
         if leaves[name] is not None:
             leaves[name].requires_grad_(True)
@@ -102,16 +108,20 @@ def case_inputs(case, rotation="m_then_rope", **kw):
     return inputs
 
 
+def s_error(got, want, inputs):
+    """|ds - ds_ref| against the size of ds's terms: ds = sum_m G_m w_m with G_m = dw_m / s, itself a
+    sum of dphi * pos over every query and key, terms that may nearly cancel."""
+    size = (want["w"].abs() * inputs["w"].abs()).sum() / inputs["s"].abs()
+    return ((got["s"].double().cpu() - want["s"]).abs() / size).item()
+
+
 def assert_gradients_match(got, want, case, inputs):
     """fp32 kernel gradients `got` against float64 `want`, with tolerances per gradient (case: a label)."""
     for name, g in want.items():
         if g.norm() < 1e-12:  # dbias with n = 1 sums whole softmax rows of dS: exactly 0
             assert got[name].abs().max() < 1e-4, name
         elif name == "s":
-            # ds = sum_m G_m w_m with G_m = dw_m / s, itself a sum of dphi * pos over every query and
-            # key: terms of size |G_m w_m| that may nearly cancel, so its error is judged against them.
-            size = (want["w"].abs() * inputs["w"].abs()).sum() / inputs["s"].abs()
-            err = ((got["s"].double().cpu() - g).abs() / size).item()
+            err = s_error(got, want, inputs)
             assert err < 5e-5, (case, name, err)
         else:
             tol = 5e-5 if name == "w" else 1e-5  # dw sums dphi * pos with cancellation: fp32 loses more

@@ -2,6 +2,7 @@
 report sees its tensor-core dot, its shared memory and its register use."""
 
 import pytest
+import torch
 import triton
 import triton.language as tl
 
@@ -22,7 +23,8 @@ def test_compile_report_sees_tensor_cores(arch):
         name="square", fn=_square_kernel,
         signature={"X": "*fp16", "Y": "*fp32", "stride": "i32", "N": "constexpr"}, constexprs={"N": 64},
     )
-    report = aot.compile_spec(spec, arch)
+    x, y = torch.empty(64, 64, dtype=torch.float16), torch.empty(64, 64, dtype=torch.float32)
+    report = aot.compile_spec(spec, arch, launch=((x, y, 64), {"N": 64}))
     assert report.mma
     assert report.wgmma == (arch == 90)  # wgmma exists only on Hopper
     assert report.shared_bytes > 0

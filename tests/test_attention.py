@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+import triton
 
 import echo_kernels
 from echo_kernels import aot, reference
@@ -19,7 +20,7 @@ from echo_kernels.kernels import attention as kernel
 from echo_kernels.kernels import attention_cpu
 
 from attention_cases import (CASES, GRAD_NAMES, ROTATIONS, assert_gradients_match, call, case_inputs, cast, grads,
-                             make_inputs, options, rel_err)
+                             make_inputs, options, rel_err, s_error)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -66,22 +67,38 @@ def test_forward_matches_reference(use_triton, case):
         assert rel_err(got, want) < 1e-5, case
 
 
+# Roundings to the low dtype on the way to each result, when the dots take that dtype (float32
+# accumulation is not counted). Forward: RoPE(q), P~, q P~, RoPE(k), the probabilities, the output.
+# Backward, the longest path (dq): those of q P~ and RoPE(k) again, the probabilities, dS, dq~ stored,
+# dq~ as an operand of the product with P~^T, dq stored.
+FORWARD_ROUNDINGS = 6
+BACKWARD_ROUNDINGS = 9
+
+
+def _forward_roundings(dtype):
+    """FORWARD_ROUNDINGS where the kernel's dots take `dtype`; else (bf16 under the interpreter) the
+    output's rounding alone."""
+    return FORWARD_ROUNDINGS if kernel.dot_dtype(dtype) == dtype else 1
+
+
+def _assert_low_precision_forward(case, dtype):
+    """q, k, v rounded to dtype (M, w, s, bias float32) against the float64 reference on those values."""
+    inputs = reference.round_activations(case_inputs(case), dtype)
+    want = call(reference.echo_attention, inputs, **options(case))
+    got = call(echo_kernels.echo_attention, cast(inputs, dtype, activations_only=True), **options(case))
+    assert got.dtype == dtype
+    err = rel_err(got, want)
+    assert err < reference.rounding_tolerance(dtype, _forward_roundings(dtype)), (case, err)
+
+
 @pytest.mark.parametrize("case", ["global_ragged_pad", "causal_window", "decode_window"])
 def test_forward_fp16(use_triton, case):
-    inputs = case_inputs(case)
-    want = call(reference.echo_attention, inputs, **options(case))
-    got = call(echo_kernels.echo_attention, cast(inputs, torch.float16), **options(case))
-    assert got.dtype == torch.float16
-    assert rel_err(got, want) < 1e-2
+    _assert_low_precision_forward(case, torch.float16)
 
 
 def test_forward_bf16(use_triton):
     """bf16 in and out (under the interpreter the tl.dot operands are fp32)."""
-    inputs = case_inputs("window_left_right")
-    want = call(reference.echo_attention, inputs, **options("window_left_right"))
-    got = call(echo_kernels.echo_attention, cast(inputs, torch.bfloat16), **options("window_left_right"))
-    assert got.dtype == torch.bfloat16
-    assert rel_err(got, want) < 2e-2
+    _assert_low_precision_forward("window_left_right", torch.bfloat16)
 
 
 def test_window_edges_are_inclusive(use_triton):
@@ -129,6 +146,19 @@ GRAD_CASES = ["global_ragged_pad", "window_left_right", "causal_window", "cross_
               "rows_without_keys", "n1", "n_beyond_T", "no_bias"]
 
 
+def _assert_low_precision_gradients(inputs, do, dtype, **opts):
+    """Output and gradients of a run with q, k, v and dO rounded to dtype (M, w, s, bias float32)
+    against the float64 reference on the same rounded values. dO's rounding is the run's input."""
+    inputs, do = reference.round_activations(inputs, dtype), do.to(dtype).double()
+    out_ref, want = grads(reference.echo_attention, inputs, torch.float64, do, **opts)
+    out, got = grads(echo_kernels.echo_attention, inputs, dtype, do, activations_only=True, **opts)
+    assert rel_err(out, out_ref) < reference.rounding_tolerance(dtype, _forward_roundings(dtype))
+    tol = reference.rounding_tolerance(dtype, BACKWARD_ROUNDINGS if kernel.dot_dtype(dtype) == dtype else 1)
+    for name, g in want.items():
+        err = s_error(got, want, inputs) if name == "s" else rel_err(got[name], g)
+        assert err < tol, (name, err, tol)
+
+
 @pytest.mark.parametrize("case", GRAD_CASES)
 def test_gradients_match_reference(use_triton, case):
     layout = "interleaved" if case in ("window_left_right", "n1") else "half_split"
@@ -170,10 +200,7 @@ def test_m_then_rope_runs_the_kernel_without_m(use_triton, monkeypatch):
 def test_gradients_fp16(use_triton):
     inputs = case_inputs("causal_window")
     do = torch.randn(1, 2, 60, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    _, want = grads(reference.echo_attention, inputs, torch.float64, do, **options("causal_window"))
-    _, got = grads(echo_kernels.echo_attention, inputs, torch.float16, do, **options("causal_window"))
-    for name, g in want.items():
-        assert rel_err(got[name], g) < 2e-2, name
+    _assert_low_precision_gradients(inputs, do, torch.float16, **options("causal_window"))
 
 
 def test_backward_is_deterministic(use_triton):
@@ -195,11 +222,7 @@ def test_encoder_shape_bf16_gpu(use_triton, window):
     """Echo encoder head width at T = 1500 in bf16, forward and gradients, against the reference."""
     inputs = make_inputs(B=2, H=4, Tq=1500, h=64, n=15, pad=True)
     do = torch.randn(2, 4, 1500, 64, dtype=torch.float64)
-    out_ref, want = grads(reference.echo_attention, inputs, torch.float32, do, window=window)
-    out, got = grads(echo_kernels.echo_attention, inputs, torch.bfloat16, do, window=window)
-    assert rel_err(out, out_ref) < 1e-2
-    for name, g in want.items():
-        assert rel_err(got[name], g) < 2e-2, name
+    _assert_low_precision_gradients(inputs, do, torch.bfloat16, window=window)
 
 
 @pytest.mark.gpu
@@ -335,9 +358,11 @@ def test_dispatch(monkeypatch):
 
 def test_aot_compile_report(aot_reports):
     """Every launch compiles for both targets, its dots become tensor-core instructions (wgmma on
-    sm_90), shared memory stays under 100 KB, and no launch spills registers (h = 32, 64, 128)."""
+    sm_90), shared memory stays under 100 KB, and its spills are those that the committed report of
+    the installed Triton records (h = 32, 64, 128)."""
     rows = [r for r in aot_reports if r.name.startswith("attention_")]
     names = {r.name for r in rows}
+    recorded = aot.recorded_spills(triton.__version__)
     parts = ("fwd", "bwd_delta", "bwd_dkdv", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate", "bwd_dbias",
              "fwd_no_m", "bwd_delta_no_m", "bwd_dq_unrotate_no_m")
     for h in (32, 64, 128):
@@ -354,10 +379,18 @@ def test_aot_compile_report(aot_reports):
         assert r.shared_bytes > 0, r.name
         assert r.registers > 0, r.name
         assert r.shared_bytes < 100 * 1024, r.name  # fits an A100 / H100 SM with room to spare
-        assert r.spilled_bytes == 0, r.name  # every pass, at every head width
+        assert r.spilled_bytes == recorded[(r.name, r.arch)], r.name  # as the committed report says
         if r.name.startswith(no_dot):
             assert not r.mma, r.name
             continue
         assert r.mma, r.name
         if "decode" not in r.name:  # a 16-row tile is below wgmma's 64 rows: mma.sync there
             assert r.wgmma == (r.arch == 90), r.name
+
+
+def test_ci_triton_attention_launches_spill_nothing():
+    """Under the Triton that CI installs, no attention launch spills registers (every pass, at every
+    head width); reports of other versions are recorded beside it, not held to this."""
+    spills = {key: n for key, n in aot.recorded_spills(aot.CI_TRITON).items() if key[0].startswith("attention_")}
+    assert len(spills) == 2 * len([s for s in aot.all_specs() if s.name.startswith("attention_")])
+    assert all(n == 0 for n in spills.values()), {k: n for k, n in spills.items() if n}

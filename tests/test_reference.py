@@ -94,7 +94,8 @@ def test_orthogonal_product_half_precision_computes_in_float32():
     M = reference.orthogonal_product(thetas.to(torch.bfloat16), pairs, R.to(torch.bfloat16))
     assert M.dtype == torch.bfloat16
     expected = reference.orthogonal_product(thetas.to(torch.bfloat16).double(), pairs, R.to(torch.bfloat16).double())
-    assert (M.double() - expected).norm() / expected.norm() < 1e-2
+    # float32 inside: only the output's rounding to bf16 is left
+    assert (M.double() - expected).norm() / expected.norm() < reference.rounding_tolerance(torch.bfloat16, 1)
 
 
 # --------------------------------------------------------------------------------------------------
