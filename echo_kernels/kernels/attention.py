@@ -195,11 +195,12 @@ def _fwd_tiles(
     DT = qa.dtype
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
-        ak, bk = _rotated_k(K, cols, key_ok, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
+        # a padded key's k only reaches its own logits, which the mask replaces
+        ak, bk = _rotated_k(K, cols, cols < Tk, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
         logits = tl.dot(qa, tl.trans(ak.to(DT)), input_precision=PRECISION)
         logits = tl.dot(qb, tl.trans(bk.to(DT)), logits, input_precision=PRECISION)
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
+        key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
         keep = (rel <= left) & (rel >= -right) & key_ok[None, :]
         logits = tl.where(keep, logits + _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 1))
@@ -208,7 +209,9 @@ def _fwd_tiles(
         alpha = tl.exp2((m_i - m_safe) * LOG2E)
         p = tl.exp2((logits - m_safe[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_full(V, cols, key_ok, stride_vt, stride_vd, HEAD).to(DT)
+        # a padded key's v meets p = 0 in the product, and 0 * NaN is NaN: zeroed after the load, whose
+        # mask then does not wait on the padding's (a dependent mask costs the pipelined loop registers)
+        v = tl.where(key_ok[:, None], _load_full(V, cols, cols < Tk, stride_vt, stride_vd, HEAD), 0.0).to(DT)
         acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -349,9 +352,7 @@ def window_ints(left: int, right: int, causal: bool = False) -> tuple[int, int]:
 
 def default_blocks(h: int) -> dict:
     """Forward tile sizes and launch shape per head width."""
-    if h <= 32:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if h <= 64:  # 8 warps: at 4 the (128, 64) tiles spill registers on sm_80 and sm_90
+    if h <= 64:  # 8 warps: at 4 the (128, 64) tiles spill registers on sm_80 (h = 32) and sm_90 (h = 64)
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
 

@@ -348,17 +348,19 @@ def _dq_tiles(
     DT = qa.dtype
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
+        # A padded key's k and v meet ds = p = 0 in the products below, and 0 * NaN is NaN: zeroed after
+        # the loads, whose masks then do not wait on the padding's (that costs the pipelined loop registers).
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
-        ak, bk = _rotated_k(K, cols, key_ok, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
-        ak = ak.to(DT)
-        bk = bk.to(DT)
+        ak, bk = _rotated_k(K, cols, cols < Tk, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
+        ak = tl.where(key_ok[:, None], ak, 0.0).to(DT)
+        bk = tl.where(key_ok[:, None], bk, 0.0).to(DT)
         logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
         logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
         keep = (rel <= left) & (rel >= -right) & key_ok[None, :]
         logits += _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
         p = tl.where(keep, tl.exp2((logits - lse[:, None]) * LOG2E), 0.0)
-        v = _load_full(V, cols, key_ok, stride_vt, stride_vd, HEAD).to(DT)
+        v = tl.where(key_ok[:, None], _load_full(V, cols, cols < Tk, stride_vt, stride_vd, HEAD), 0.0).to(DT)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         # the pairs that the clamp sends to the end rows of the table (with n = 1 both are row 0)
