@@ -1,6 +1,7 @@
 """Optional packages (echo_kernels.optional): the package, its tests and benches import without them, the
 main job runs without them, and code that needs one says which extra installs it."""
 
+import os
 import pkgutil
 import subprocess
 import sys
@@ -18,14 +19,20 @@ from echo_kernels.optional import OPTIONAL, MissingExtra, require
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Run first in a child interpreter: makes every optional package unimportable (None in sys.modules is
-# how Python spells "not installed" for import statements and importlib.util.find_spec alike).
-BLOCK = f"import sys\nfor name in {sorted(OPTIONAL)!r}:\n    sys.modules[name] = None\n"
+# The start-up hook that hides packages from a child interpreter (tests/hide_modules/sitecustomize.py).
+HIDE_SHIM = ROOT / "tests" / "hide_modules"
+
+
+def hiding_env(names) -> dict:
+    """os.environ, with the packages `names` unimportable in the Python processes started with it."""
+    path = os.pathsep.join(filter(None, [str(HIDE_SHIM), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "ECHO_HIDE_MODULES": " ".join(names)}
 
 
 def run_blocked(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK + code, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    """Runs `code` in a child interpreter in which every optional package is unimportable."""
+    return subprocess.run([sys.executable, "-c", "import sys\n" + code, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=hiding_env(sorted(OPTIONAL)))
 
 
 def package_modules() -> list[str]:
