@@ -109,6 +109,7 @@ def whisper_vocab_model():
                              pad_token_id=50257, decoder_start_token_id=50258)).eval()
 
 
+@pytest.mark.speech
 def test_generate_with_token_ids_needs_no_tokenizer(without):
     model = whisper_vocab_model()
     mel = torch.randn(2, 80, 32)
@@ -135,6 +136,7 @@ def test_require_names_the_extra(without, name):
     assert str(error.value) == f"doing X needs {distribution}, which is not installed: pip install 'echo-kernels[{extra}]'"
 
 
+@pytest.mark.speech
 def test_require_shows_a_broken_dependency_as_it_is(without):
     import tiktoken  # noqa: F401  (loaded so that whisper's import reaches it)
 
