@@ -112,6 +112,7 @@ step() {  # step NAME COMMAND...: run under NAME's limit, output to NAME.log as 
 build() {
     if [ "$mode" = rehearse ]; then
         echo "rehearsal: pip install skipped (this checkout is already installed)"
+        python3 -c "import importlib.util as u; print('hidden from Python:', *[m for m in '$ECHO_HIDE_MODULES'.split() if u.find_spec(m) is None])"
     else
         local arch
         arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || return 1
