@@ -64,7 +64,7 @@ def _refuse_speech_programs(event, args):
     """Audit hook: while an unmarked test runs, starting ffmpeg or espeak-ng fails that test."""
     if _refuse_programs and event == "subprocess.Popen":
         argv = args[1]
-        command = args[0] or (argv if isinstance(argv, (str, bytes, os.PathLike)) else argv[0])
+        command = args[0] or (argv if isinstance(argv, (str, bytes, os.PathLike)) else next(iter(argv), ""))
         program = os.path.basename(os.fsdecode(command).split(" ")[0])
         if program in SPEECH_PROGRAMS:
             raise RuntimeError(f"{program} is part of the speech extra: mark the test `speech`")

@@ -138,6 +138,7 @@ def results(benchmarks, previous: list[dict] = ()) -> dict | None:
         "device": device_name(),
         "gpu": GPU,
         "date": datetime.date.today().isoformat(),
+        "size": bench_size(),
         "torch": torch.__version__,
         "ceilings": ceilings(),
         "cases": cases,

@@ -15,7 +15,8 @@ STEPS = ["build", "correctness", "headline", "benches", "report"]
 
 
 def gpu_run(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def plan(*args: str) -> tuple[dict[str, int], int]:
@@ -74,14 +75,15 @@ def test_rehearsal_runs_every_step_and_brings_back_the_results(tmp_path):
     assert any(g.startswith("training step") for g in groups) and any(g.startswith("rotary") for g in groups)
     assert any(g.startswith("attention encoder_global fwd+bwd") for g in groups)
     # the headline step ran first, and its cases lead the file the next step appended to
-    headline = [c for c in cases if c["group"].startswith(("training step", "attention encoder_global fwd+bwd",
-                                                           "orthogonal_product cpu h64-N32-B88 fwd+bwd"))]
+    leads = ("training step", "attention encoder_global fwd+bwd", "orthogonal_product cpu h64-N32-B88 fwd+bwd")
+    headline = [c for c in cases if c["group"].startswith(leads)]
     assert cases[:len(headline)] == headline and len(headline) < len(cases)
-    rows = [line.split(" | ")[:2] for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    markdown = (out / "results.md").read_text()
+    rows = [line.split(" | ")[:2] for line in markdown.splitlines() if line.startswith("| ")]
     assert sorted((group.removeprefix("| "), name.strip("*")) for group, name in rows[1:]) == \
         sorted((case["group"], case["case"]) for case in cases)  # a row per case, under the header row
-    summary = (out / "results.md").read_text().split("## Steps (rehearse)")[1]
-    assert [line.split(":")[0] for line in summary.split("\n") if line.startswith("- ")] == [f"- {n}" for n in STEPS]
+    summary = markdown.split("## Steps (rehearse)")[1]
+    assert [line.split(":")[0] for line in summary.splitlines() if line.startswith("- ")] == [f"- {n}" for n in STEPS]
     build = (out / "build.log").read_text()
     assert "ECHO_BACKEND=auto, TRITON_INTERPRET=1" in build
     assert "hidden from Python: accelerate jiwer whisper" in build
@@ -91,8 +93,8 @@ def test_every_test_marked_gpu_is_in_the_correctness_step():
     script = SCRIPT.read_text()
     files = re.search(r"^CORRECTNESS_FILES=\((.*)\)$", script, re.MULTILINE).group(1).split()
     assert "tests/test_aot.py" not in files and all((ROOT / f).is_file() for f in files)
-    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu",
-                          "tests"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "-m", "gpu", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     marked = {line.split("::")[0] for line in run.stdout.splitlines() if line.startswith("tests/")}
     assert marked and marked <= set(files), marked - set(files)

@@ -154,11 +154,12 @@ SPEECH_MODULES = sorted(name for name, (_, extra) in OPTIONAL.items() if extra =
 
 def test_tests_that_need_the_speech_extra_are_named_not_run_without_it():
     run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                          "tests/test_audio.py", "tests/test_synthetic.py"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env=hiding_env(SPEECH_MODULES))
+                          "tests/test_audio.py", "tests/test_synthetic.py"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=hiding_env(SPEECH_MODULES))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     missing = f"not run (missing: {', '.join(SPEECH_MODULES)})"
-    named = {line.removeprefix(missing + ": ") for line in run.stdout.splitlines() if line.startswith(missing + ": ")}
+    prefix = missing + ": "
+    named = {line.removeprefix(prefix) for line in run.stdout.splitlines() if line.startswith(prefix)}
     assert named == {"tests/test_audio.py::test_log_mel_of_arctic_clips_equals_whisper[arctic_a0007.wav]",
                      "tests/test_audio.py::test_log_mel_of_arctic_clips_equals_whisper[arctic_a0009.wav]",
                      "tests/test_audio.py::test_pad_or_trim_is_whispers",
@@ -166,7 +167,7 @@ def test_tests_that_need_the_speech_extra_are_named_not_run_without_it():
                      "tests/test_audio.py::test_missing_and_unreadable_files_are_clear_errors",
                      "tests/test_synthetic.py::test_espeak_speech_is_read_at_16khz",
                      "tests/test_synthetic.py::test_train_synthetic_end_to_end"}
-    assert "tests/test_synthetic.py::test_manifest_errors" in run.stdout.splitlines()  # the others are collected
+    assert "tests/test_synthetic.py::test_manifest_errors" in run.stdout.splitlines()  # the rest are collected
     assert "2/9 tests collected (7 deselected)" in run.stdout
 
 
@@ -202,9 +203,10 @@ def test_a_test_that_needs_the_speech_extra_without_the_marker_fails(tmp_path):
     """Where the extra is installed (CI), the shared conftest.py runs every test not marked `speech` with
     whisper and jiwer hidden, in its process and in those it starts, and ffmpeg and espeak-ng refused."""
     (tmp_path / "test_marks.py").write_text(UNMARKED)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", "-rf",
-                          "test_marks.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+                          "test_marks.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": path})
     assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-4000:]
     failed = {line.split()[1].split(" ")[0] for line in run.stdout.splitlines() if line.startswith("FAILED ")}
     assert failed == {"test_marks.py::test_unmarked_whisper", "test_marks.py::test_unmarked_espeak",
