@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from echo_kernels import reference
-from harness import record
+from harness import TINY, record
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -44,7 +44,10 @@ GPU_SHAPES = {
 }
 CPU_SHAPES = {"small_global": (1, 4, 256, 64, None), "small_w32": (1, 4, 256, 64, 32),
               "encoder_global": (1, 4, 1500, 64, None)}
-SHAPES = GPU_SHAPES if ON_GPU else CPU_SHAPES
+# ECHO_BENCH_SIZE=tiny (harness.py): the same names, toy sizes.
+TINY_SHAPES = {"small_global": (1, 2, 32, 32, None), "small_w32": (1, 2, 32, 32, 8),
+               "encoder_global": (1, 2, 48, 32, None)}
+SHAPES = TINY_SHAPES if TINY else GPU_SHAPES if ON_GPU else CPU_SHAPES
 
 
 def make_inputs(B, H, T, h, requires_grad, with_m):

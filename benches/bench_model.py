@@ -27,7 +27,7 @@ from echo.config import TINY
 from echo.cache import EchoCache
 from echo_kernels import reference
 
-from harness import DEVICE, GPU, record, run_timed
+from harness import DEVICE, GPU, bench_size, record, run_timed
 from naive import naive_ops
 
 if GPU:
@@ -40,6 +40,10 @@ else:
     CONFIG = dict(TINY, checkpointing=False)
     BATCH, MEL_FRAMES, TEXT, DTYPE, ROUNDS = 1, 3000, 32, torch.float32, 3
 DECODE_STEPS = 32
+if bench_size() == "tiny":  # two blocks of width 64 on 0.3 s of audio
+    CONFIG = dict(n_audio_ctx=16, n_audio_state=64, n_audio_head=4, n_audio_layer=2, n_text_ctx=16,
+                  n_text_state=64, n_text_head=4, n_text_layer=2, checkpointing=False)
+    MEL_FRAMES, TEXT, DECODE_STEPS = 32, 8, 4
 ECHO_WAYS = ("echo", "reference", "naive")
 
 

@@ -5,14 +5,17 @@ medians reported) and tags each with `record(benchmark, role=..., bytes=..., flo
 "ours" for this package's implementation and "peer" for what it is compared against; bytes and flops
 are what the case must move and compute at the least. At the end of the run the harness divides them
 by the device's measured copy bandwidth and matrix rate and writes everything to one JSON file
-(ECHO_BENCH_JSON, default .benchmarks/echo-bench.json; see conftest.py), which
-`python -m echo_kernels.report` renders.
+(ECHO_BENCH_JSON, default .benchmarks/echo-bench.json; see conftest.py), rewritten as each case
+ends, which `python -m echo_kernels.report` renders.
+
+ECHO_BENCH_SIZE=tiny shrinks every case to a toy size, so that `bash benches/gpu_run.sh --rehearse`
+runs all the benches on a 2-core CPU in about a minute; its numbers only show that the plumbing works.
 """
 
 from __future__ import annotations
 
 import datetime
-import functools
+import os
 import platform
 import statistics
 import time
@@ -21,6 +24,17 @@ import torch
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
+
+
+def bench_size() -> str:
+    """ECHO_BENCH_SIZE: "full" (the default) or "tiny"."""
+    size = os.environ.get("ECHO_BENCH_SIZE", "full")
+    if size not in ("full", "tiny"):
+        raise ValueError(f"ECHO_BENCH_SIZE must be 'full' or 'tiny', got {size!r}")
+    return size
+
+
+TINY = bench_size() == "tiny"
 
 
 def device_name() -> str:
@@ -47,11 +61,27 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-@functools.lru_cache(maxsize=None)
+_ceilings: dict = {}
+
+
+def adopt_ceilings(values: dict) -> None:
+    """Use `values` (a results JSON's "ceilings") instead of measuring: a run continued across sessions
+    keeps one set of denominators."""
+    _ceilings.update(values)
+
+
 def ceilings() -> dict:
     """The device's copy bandwidth (bytes read + written per second) and matrix-product rate, measured
-    now on random data: the denominators of every roofline fraction in this run."""
+    once on random data: the denominators of every roofline fraction in this run."""
+    if not _ceilings:
+        _ceilings.update(_measure_ceilings())
+    return dict(_ceilings)
+
+
+def _measure_ceilings() -> dict:
     n_bytes, n, dtype = (1 << 30, 8192, torch.bfloat16) if GPU else (1 << 26, 1024, torch.float32)
+    if TINY:
+        n_bytes, n = 1 << 22, 256
     src = torch.randn(n_bytes // 4, device=DEVICE)
     dst = torch.empty_like(src)
     copy = median_seconds(lambda: dst.copy_(src), 20 if GPU else 5)
@@ -98,15 +128,17 @@ def _case(bench) -> dict:
     return row
 
 
-def results(benchmarks) -> dict | None:
-    """The run's results as the JSON `python -m echo_kernels.report` reads, or None if nothing ran."""
-    cases = [_case(b) for b in benchmarks if b]
+def results(benchmarks, previous: list[dict] = ()) -> dict | None:
+    """The run's results as the JSON `python -m echo_kernels.report` reads, or None if nothing ran.
+    previous: cases of an earlier session of the same run, kept ahead of this session's."""
+    cases = [*previous, *(_case(b) for b in benchmarks if b)]
     if not cases:
         return None
     return {
         "device": device_name(),
         "gpu": GPU,
         "date": datetime.date.today().isoformat(),
+        "size": bench_size(),
         "torch": torch.__version__,
         "ceilings": ceilings(),
         "cases": cases,

@@ -9,6 +9,7 @@ import torch
 from echo import audio
 
 SPEECH = Path(__file__).parent / "data" / "speech"
+pytestmark = pytest.mark.speech  # every test here compares with openai-whisper or reads audio with ffmpeg
 
 
 @pytest.mark.parametrize("name", ["arctic_a0007.wav", "arctic_a0009.wav"])

@@ -97,6 +97,7 @@ def replay(config, losses: list[float]) -> tuple[list[torch.Tensor], list[torch.
     return bases, prevs
 
 
+@pytest.mark.speech
 def test_gradient_accumulation_matches_one_bigger_batch(tmp_path):
     big_model, acc_model = tiny_echo(), tiny_echo()
     data = examples(big_model.config, 16)
@@ -117,6 +118,7 @@ def test_gradient_accumulation_matches_one_bigger_batch(tmp_path):
     torch.testing.assert_close(acc_model.prev_loss, big_model.prev_loss, rtol=1e-5, atol=0)
 
 
+@pytest.mark.speech
 def test_base_moves_once_per_optimizer_step_from_its_loss(tmp_path):
     model = tiny_echo()
     config = model.config
@@ -198,6 +200,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.speech
 def test_two_processes_end_with_the_same_base(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}

@@ -17,6 +17,8 @@ from echo.convert import main as convert_main
 from echo.generate import logit_filter
 from echo.positional import CombinedRotaryEmbedding, GivensSite
 
+pytestmark = pytest.mark.speech  # every test here builds an openai-whisper model
+
 SPEECH = Path(__file__).parent / "data" / "speech"
 CLIPS = ["arctic_a0007.wav", "arctic_a0009.wav"]
 AUDIO_CTX = 200  # 4-second windows: the ARCTIC clips fit one

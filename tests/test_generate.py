@@ -131,6 +131,7 @@ def test_argument_errors():
         model.generate(torch.randn(1, 80, 2 * model.config.n_audio_ctx + 1))
 
 
+@pytest.mark.speech
 def test_whisper_start_tokens_language_and_task():
     model = whisper_vocab_model()
     x = mel(B=2, T=100)
@@ -145,6 +146,7 @@ def test_whisper_start_tokens_language_and_task():
         model.generate(x, language="klingon")
 
 
+@pytest.mark.speech
 def test_language_is_detected_as_whisper_does():
     from echo.audio import get_tokenizer
 
@@ -160,6 +162,7 @@ def test_language_is_detected_as_whisper_does():
     assert out.sequences[:, 2].tolist() == [tok.transcribe] * 3
 
 
+@pytest.mark.speech
 def test_transcribe_long_audio_in_windows_and_batches():
     from echo.audio import load_audio
 
@@ -179,6 +182,7 @@ def test_transcribe_long_audio_in_windows_and_batches():
     assert single["segments"][0]["tokens"] == results[2]["segments"][0]["tokens"]
 
 
+@pytest.mark.speech
 def test_transcribe_thirty_second_windows_of_the_card():
     from echo.audio import load_audio
 
@@ -190,6 +194,7 @@ def test_transcribe_thirty_second_windows_of_the_card():
     assert [(s["start"], s["end"]) for s in result["segments"]] == [(0.0, 30.0), (30.0, 60.0), (60.0, 65.0)]
 
 
+@pytest.mark.speech
 def test_transcribe_edge_cases(tmp_path):
     model = whisper_vocab_model()
     with pytest.raises(FileNotFoundError, match="missing.wav"):

@@ -45,6 +45,7 @@ def test_generate_casts_float32_features_to_the_models_dtype(dtype):
         assert torch.isfinite(model(x, labels=torch.tensor([[5, 6], [7, 2]])).loss)
 
 
+@pytest.mark.speech
 @pytest.mark.parametrize("dtype", HALF)
 def test_transcribe_in_half_precision(dtype):
     model = random_model(seed=2).to(dtype)
@@ -63,6 +64,7 @@ def test_features_beyond_float16_are_refused():
 # --------------------------------------------------------------------------------------------------
 # multichannel audio and batch_size
 
+@pytest.mark.speech
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 @pytest.mark.parametrize("kind", ["numpy", "tensor"])
 @pytest.mark.parametrize("channels", [2, 6])
@@ -79,6 +81,7 @@ def test_a_multichannel_clip_is_one_clip_of_its_channel_mean(layout, kind, chann
     assert [s["tokens"] for s in result["segments"]] == [s["tokens"] for s in expected["segments"]]
 
 
+@pytest.mark.speech
 def test_a_list_of_clips_is_a_batch_whatever_their_channels():
     model = random_model(seed=3)
     stereo = np.stack([wave(0.3, seed=1), wave(0.3, seed=2)], axis=1)  # (samples, 2)
@@ -260,6 +263,7 @@ def test_zero_new_tokens_gives_the_start_sequence():
 # --------------------------------------------------------------------------------------------------
 # espeak-ng
 
+@pytest.mark.speech
 @pytest.mark.parametrize("text", ["-five two", "--version"])
 def test_a_text_starting_with_a_dash_is_spoken(tmp_path, text):
     path = synthetic.synthesize(text, tmp_path / "dash.wav")

@@ -1,6 +1,7 @@
 """Optional packages (echo_kernels.optional): the package, its tests and benches import without them, the
 main job runs without them, and code that needs one says which extra installs it."""
 
+import os
 import pkgutil
 import subprocess
 import sys
@@ -18,14 +19,20 @@ from echo_kernels.optional import OPTIONAL, MissingExtra, require
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Run first in a child interpreter: makes every optional package unimportable (None in sys.modules is
-# how Python spells "not installed" for import statements and importlib.util.find_spec alike).
-BLOCK = f"import sys\nfor name in {sorted(OPTIONAL)!r}:\n    sys.modules[name] = None\n"
+# The start-up hook that hides packages from a child interpreter (tests/hide_modules/sitecustomize.py).
+HIDE_SHIM = ROOT / "tests" / "hide_modules"
+
+
+def hiding_env(names) -> dict:
+    """os.environ, with the packages `names` unimportable in the Python processes started with it."""
+    path = os.pathsep.join(filter(None, [str(HIDE_SHIM), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "ECHO_HIDE_MODULES": " ".join(names)}
 
 
 def run_blocked(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK + code, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    """Runs `code` in a child interpreter in which every optional package is unimportable."""
+    return subprocess.run([sys.executable, "-c", "import sys\n" + code, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=hiding_env(sorted(OPTIONAL)))
 
 
 def package_modules() -> list[str]:
@@ -102,6 +109,7 @@ def whisper_vocab_model():
                              pad_token_id=50257, decoder_start_token_id=50258)).eval()
 
 
+@pytest.mark.speech
 def test_generate_with_token_ids_needs_no_tokenizer(without):
     model = whisper_vocab_model()
     mel = torch.randn(2, 80, 32)
@@ -128,6 +136,7 @@ def test_require_names_the_extra(without, name):
     assert str(error.value) == f"doing X needs {distribution}, which is not installed: pip install 'echo-kernels[{extra}]'"
 
 
+@pytest.mark.speech
 def test_require_shows_a_broken_dependency_as_it_is(without):
     import tiktoken  # noqa: F401  (loaded so that whisper's import reaches it)
 
@@ -138,3 +147,70 @@ def test_require_shows_a_broken_dependency_as_it_is(without):
     with pytest.raises(ImportError) as error:
         require("whisper", "doing X")
     assert not isinstance(error.value, MissingExtra) and error.value.name.startswith("tiktoken")
+
+
+SPEECH_MODULES = sorted(name for name, (_, extra) in OPTIONAL.items() if extra == "speech")
+
+
+def test_tests_that_need_the_speech_extra_are_named_not_run_without_it():
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "tests/test_audio.py", "tests/test_synthetic.py"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=hiding_env(SPEECH_MODULES))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    missing = f"not run (missing: {', '.join(SPEECH_MODULES)})"
+    prefix = missing + ": "
+    named = {line.removeprefix(prefix) for line in run.stdout.splitlines() if line.startswith(prefix)}
+    assert named == {"tests/test_audio.py::test_log_mel_of_arctic_clips_equals_whisper[arctic_a0007.wav]",
+                     "tests/test_audio.py::test_log_mel_of_arctic_clips_equals_whisper[arctic_a0009.wav]",
+                     "tests/test_audio.py::test_pad_or_trim_is_whispers",
+                     "tests/test_audio.py::test_tokenizer_is_whispers_multilingual_vocabulary",
+                     "tests/test_audio.py::test_missing_and_unreadable_files_are_clear_errors",
+                     "tests/test_synthetic.py::test_espeak_speech_is_read_at_16khz",
+                     "tests/test_synthetic.py::test_train_synthetic_end_to_end"}
+    assert "tests/test_synthetic.py::test_manifest_errors" in run.stdout.splitlines()  # the rest are collected
+    assert "2/9 tests collected (7 deselected)" in run.stdout
+
+
+UNMARKED = '''
+import subprocess
+import pytest
+
+def test_unmarked_whisper():
+    from echo.audio import get_tokenizer
+    get_tokenizer()
+
+def test_unmarked_espeak():
+    subprocess.run(["espeak-ng", "--version"], capture_output=True)
+
+def test_unmarked_child_process():
+    import sys
+    subprocess.run([sys.executable, "-c", "import jiwer"], check=True)
+
+def test_unmarked_without_the_extra():
+    assert subprocess.run(["true"]).returncode == 0
+
+@pytest.mark.speech
+def test_marked():
+    import jiwer, whisper
+    from echo.audio import get_tokenizer
+    get_tokenizer()
+    assert subprocess.run(["espeak-ng", "--version"], capture_output=True).returncode == 0
+'''
+
+
+@pytest.mark.speech
+def test_a_test_that_needs_the_speech_extra_without_the_marker_fails(tmp_path):
+    """Where the extra is installed (CI), the shared conftest.py runs every test not marked `speech` with
+    whisper and jiwer hidden, in its process and in those it starts, and ffmpeg and espeak-ng refused."""
+    (tmp_path / "test_marks.py").write_text(UNMARKED)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", "-rf",
+                          "test_marks.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": path})
+    assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-4000:]
+    failed = {line.split()[1].split(" ")[0] for line in run.stdout.splitlines() if line.startswith("FAILED ")}
+    assert failed == {"test_marks.py::test_unmarked_whisper", "test_marks.py::test_unmarked_espeak",
+                      "test_marks.py::test_unmarked_child_process"}, run.stdout[-4000:]
+    assert "2 passed" in run.stdout
+    assert "espeak-ng is part of the speech extra: mark the test `speech`" in run.stdout
+    assert "needs openai-whisper, which is not installed" in run.stdout

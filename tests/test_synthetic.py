@@ -27,6 +27,7 @@ def test_manifest_errors(tmp_path):
         synthetic.read_manifest(bad)
 
 
+@pytest.mark.speech
 def test_espeak_speech_is_read_at_16khz(tmp_path):
     from echo.audio import load_audio
 
@@ -37,6 +38,7 @@ def test_espeak_speech_is_read_at_16khz(tmp_path):
     assert 0.3 < wave.shape[0] / 16000 < 3.0 and abs(wave).max() > 0.05
 
 
+@pytest.mark.speech
 def test_train_synthetic_end_to_end(tmp_path):
     import jiwer
 

@@ -16,6 +16,8 @@ from echo import AdaptiveBaseCallback, Echo  # noqa: E402
 from echo import train  # noqa: E402
 from echo.audio import encode_text  # noqa: E402
 
+pytestmark = pytest.mark.speech  # python -m echo.train needs whisper's tokenizer
+
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):

@@ -19,6 +19,8 @@ from train_cases import common, final_state, records, subprocess_env, write_mani
 
 from echo import durable, train
 
+pytestmark = pytest.mark.speech  # python -m echo.train needs whisper's tokenizer
+
 STEPS = 8
 
 

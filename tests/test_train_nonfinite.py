@@ -13,6 +13,8 @@ from train_cases import common, final_state, poisoned, records, write_manifest
 
 from echo import Echo, train
 
+pytestmark = pytest.mark.speech  # python -m echo.train needs whisper's tokenizer
+
 
 def keep_every_checkpoint(monkeypatch) -> dict[int, dict]:
     """{step: the checkpoint written at it}, filled as training saves."""

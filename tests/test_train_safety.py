@@ -44,6 +44,7 @@ def no_data_preparation(monkeypatch):
     monkeypatch.setattr(train, "load_data", prepared)
 
 
+@pytest.mark.speech
 def test_a_checkpoint_that_runs_code_is_refused_on_resume(manifest, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "marker"
     out.mkdir()
@@ -55,6 +56,7 @@ def test_a_checkpoint_that_runs_code_is_refused_on_resume(manifest, tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.speech
 def test_a_checkpoint_loads_weights_only(manifest, tmp_path):
     assert train.main(common(manifest, tmp_path, "--steps", "1", "--batch-size", "2")) == 0
     state = train.read_checkpoint(tmp_path / "checkpoint.pt")
@@ -62,6 +64,7 @@ def test_a_checkpoint_loads_weights_only(manifest, tmp_path):
     assert set(train.CHECKPOINT_KEYS) <= set(state)
 
 
+@pytest.mark.speech
 @pytest.mark.parametrize("name", ["checkpoint.pt", "log.jsonl", "model", "checkpoint.pt.tmp"])
 def test_an_out_folder_holding_a_run_is_refused(manifest, tmp_path, no_data_preparation, name):
     (tmp_path / name).write_text("the old run's")
@@ -70,6 +73,7 @@ def test_an_out_folder_holding_a_run_is_refused(manifest, tmp_path, no_data_prep
     assert (tmp_path / name).read_text() == "the old run's"
 
 
+@pytest.mark.speech
 def test_overwrite_starts_afresh(manifest, tmp_path):
     (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in range(1, 6)))
     (tmp_path / "checkpoint.pt").write_text("not a checkpoint")
@@ -89,6 +93,7 @@ def test_overwrite_and_resume_together_are_an_error(manifest, tmp_path, capsys):
     assert "--overwrite deletes the run" in capsys.readouterr().err
 
 
+@pytest.mark.speech
 def test_resume_refuses_other_settings_and_allows_a_longer_run(manifest, tmp_path, monkeypatch):
     assert train.main(common(manifest, tmp_path, "--steps", "2", "--batch-size", "3", "--stop-after", "1")) == 0
     with monkeypatch.context() as patch:
@@ -126,6 +131,7 @@ def test_a_temporary_link_is_replaced_not_written_through(tmp_path):
     assert not durable.temporary(target).is_symlink() and not durable.temporary(target).exists()
 
 
+@pytest.mark.speech
 def test_a_training_run_never_writes_through_planted_links(manifest, tmp_path):
     outside_file, outside_folder = tmp_path / "outside.bin", tmp_path / "outside"
     outside_file.write_text("precious")
@@ -164,6 +170,7 @@ def test_arguments_out_of_range_are_refused(manifest, tmp_path, capsys, argument
     assert not tmp_path.joinpath("log.jsonl").exists()
 
 
+@pytest.mark.speech
 def test_an_empty_manifest_is_refused(tmp_path):
     empty = tmp_path / "empty.tsv"
     empty.write_text("\n\n")
@@ -171,12 +178,14 @@ def test_an_empty_manifest_is_refused(tmp_path):
         train.main(common(empty, tmp_path / "run", "--steps", "1"))
 
 
+@pytest.mark.speech
 def test_an_out_that_cannot_be_written_is_refused_at_once(manifest, tmp_path, no_data_preparation):
     (tmp_path / "file").write_text("a file, not a folder")
     with pytest.raises(SystemExit, match="--out .*file/run: cannot write there"):
         train.main(common(manifest, tmp_path / "file" / "run", "--steps", "1"))
 
 
+@pytest.mark.speech
 def test_a_model_path_that_is_a_file_is_refused_at_once(manifest, tmp_path, no_data_preparation):
     (tmp_path / "model").write_text("a file where the model folder goes")
     with pytest.raises(SystemExit, match="model is a file: the trained model is written there as a folder"):
@@ -186,6 +195,7 @@ def test_a_model_path_that_is_a_file_is_refused_at_once(manifest, tmp_path, no_d
     assert (tmp_path / "model").read_text() == "a file where the model folder goes"
 
 
+@pytest.mark.speech
 def test_a_final_model_that_cannot_be_written_is_an_error(manifest, tmp_path, monkeypatch):
     def fail(folder, write):
         raise PermissionError(13, "Permission denied", str(folder))
@@ -196,6 +206,7 @@ def test_a_final_model_that_cannot_be_written_is_an_error(manifest, tmp_path, mo
     assert final_state(tmp_path)["step"] == 1  # the checkpoint holds what was trained
 
 
+@pytest.mark.speech
 def test_a_long_transcript_keeps_its_end_of_text(tmp_path, monkeypatch):
     manifest = write_manifest(tmp_path / "data")
     lines = manifest.read_text().splitlines(keepends=True)

@@ -1,0 +1,100 @@
+"""benches/gpu_run.sh: its plan fits the time budgets, its arguments are checked, and its rehearsal on
+this CPU runs every step and leaves the results the GPU run would bring back."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benches" / "gpu_run.sh"
+STEPS = ["build", "correctness", "headline", "benches", "report"]
+
+
+def gpu_run(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def plan(*args: str) -> tuple[dict[str, int], int]:
+    """The steps and limits `--plan` prints, and its total line."""
+    run = gpu_run("--plan", *args)
+    assert run.returncode == 0, run.stderr
+    *lines, total = run.stdout.splitlines()
+    steps = {name: int(seconds) for name, seconds in (line.split() for line in lines)}
+    assert total.split()[0] == "total"
+    return steps, int(total.split()[1])
+
+
+def test_the_step_limits_fit_eight_minutes_and_four_quick():
+    full, full_total = plan()
+    quick, quick_total = plan("--quick")
+    assert list(full) == STEPS and list(quick) == ["build", "correctness", "headline", "report"]
+    assert full_total == sum(full.values()) <= 480
+    assert quick_total == sum(quick.values()) <= 240
+    assert all(seconds > 5 for seconds in (*full.values(), *quick.values()))  # more than the SIGTERM grace
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "RESULTS_DIR is required"),
+    (("--quick",), "RESULTS_DIR is required"),
+    (("--fast", "out"), "unknown option --fast"),
+    (("a", "b"), "usage: bash benches/gpu_run.sh"),
+    (("--quick", "--rehearse", "out"), "usage: bash benches/gpu_run.sh"),
+])
+def test_arguments_are_checked(args, message):
+    run = gpu_run(*args)
+    assert run.returncode == 2 and message in run.stderr and run.stdout == ""
+
+
+def test_a_results_dir_holding_files_is_refused(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    run = gpu_run("--rehearse", str(tmp_path))
+    assert run.returncode == 2 and "RESULTS_DIR must be absent or empty" in run.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_every_step_and_brings_back_the_results(tmp_path):
+    out = tmp_path / "results"
+    run = gpu_run("--rehearse", str(out), timeout=400)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    limits, _ = plan()
+    files = sorted(p.name for p in out.iterdir())
+    assert all((out / name).is_file() for name in files) and len(files) <= 8
+    assert files == sorted([f"{name}.log" for name in STEPS] + ["results.json", "results.md", "speedups.png"])
+    for name in STEPS:
+        last = (out / f"{name}.log").read_text().splitlines()[-1]
+        assert re.fullmatch(rf"== {name}: exit 0 after \d+ s \(limit {limits[name]} s\)", last), last
+    results = json.loads((out / "results.json").read_text())
+    cases = results["cases"]
+    groups = {case["group"] for case in cases}
+    assert any(g.startswith("training step") for g in groups) and any(g.startswith("rotary") for g in groups)
+    assert any(g.startswith("attention encoder_global fwd+bwd") for g in groups)
+    # the headline step ran first, and its cases lead the file the next step appended to
+    leads = ("training step", "attention encoder_global fwd+bwd", "orthogonal_product cpu h64-N32-B88 fwd+bwd")
+    headline = [c for c in cases if c["group"].startswith(leads)]
+    assert cases[:len(headline)] == headline and len(headline) < len(cases)
+    markdown = (out / "results.md").read_text()
+    rows = [line.split(" | ")[:2] for line in markdown.splitlines() if line.startswith("| ")]
+    assert sorted((group.removeprefix("| "), name.strip("*")) for group, name in rows[1:]) == \
+        sorted((case["group"], case["case"]) for case in cases)  # a row per case, under the header row
+    summary = markdown.split("## Steps (rehearse)")[1]
+    assert [line.split(":")[0] for line in summary.splitlines() if line.startswith("- ")] == [f"- {n}" for n in STEPS]
+    build = (out / "build.log").read_text()
+    assert "ECHO_BACKEND=auto, TRITON_INTERPRET=1" in build
+    assert "hidden from Python: accelerate jiwer whisper" in build
+
+
+def test_every_test_marked_gpu_is_in_the_correctness_step():
+    script = SCRIPT.read_text()
+    files = re.search(r"^CORRECTNESS_FILES=\((.*)\)$", script, re.MULTILINE).group(1).split()
+    assert "tests/test_aot.py" not in files and all((ROOT / f).is_file() for f in files)
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "-m", "gpu", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    marked = {line.split("::")[0] for line in run.stdout.splitlines() if line.startswith("tests/")}
+    assert marked and marked <= set(files), marked - set(files)
