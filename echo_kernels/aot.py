@@ -285,11 +285,17 @@ def main() -> None:
         return
     import triton
 
-    print(f"Triton {triton.__version__}; spill = ptxas spill stores, stack = stack frame (bytes)\n")
-    print(f"{'kernel':40} {'sm':>3} {'shared':>8} {'regs':>5} {'spill':>6} {'stack':>6} {'mma':>4} {'wgmma':>6}")
+    print(table(rows, triton.__version__))
+
+
+def table(rows: list[CompileReport], version: str) -> str:
+    """The report as committed (benches/results/aot-report*.txt; recorded_spills reads it back)."""
+    lines = [f"Triton {version}; spill = ptxas spill stores, stack = stack frame (bytes)", "",
+             f"{'kernel':40} {'sm':>3} {'shared':>8} {'regs':>5} {'spill':>6} {'stack':>6} {'mma':>4} {'wgmma':>6}"]
     for r in rows:
-        print(f"{r.name:40} {r.arch:>3} {r.shared_bytes:>8} {r.registers:>5} {r.spilled_bytes:>6} "
-              f"{r.stack_bytes:>6} {'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6}")
+        lines.append(f"{r.name:40} {r.arch:>3} {r.shared_bytes:>8} {r.registers:>5} {r.spilled_bytes:>6} "
+                     f"{r.stack_bytes:>6} {'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -358,7 +358,7 @@ def test_dispatch(monkeypatch):
 
 def test_aot_compile_report(aot_reports):
     """Every launch compiles for both targets, its dots become tensor-core instructions (wgmma on
-    sm_90), shared memory stays under 100 KB, and its spills are those that the committed report of
+    sm_90), shared memory stays under 128 KB, and its spills are those that the committed report of
     the installed Triton records (h = 32, 64, 128)."""
     rows = [r for r in aot_reports if r.name.startswith("attention_")]
     names = {r.name for r in rows}
@@ -378,7 +378,9 @@ def test_aot_compile_report(aot_reports):
         assert {x.arch for x in rows if x.name == r.name} == set(aot.TARGETS), r.name
         assert r.shared_bytes > 0, r.name
         assert r.registers > 0, r.name
-        assert r.shared_bytes < 100 * 1024, r.name  # fits an A100 / H100 SM with room to spare
+        # Registers hold the big tiles to one CTA per SM (8 warps of 200+ registers); its shared memory
+        # fits an A100 SM (164 KB) with room left for L1.
+        assert r.shared_bytes < 128 * 1024, r.name
         assert r.spilled_bytes == recorded[(r.name, r.arch)], r.name  # as the committed report says
         if r.name.startswith(no_dot):
             assert not r.mma, r.name

@@ -266,9 +266,11 @@ def test_aot_compiles_for_sm80_and_sm90(aot_reports):
               f"{'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6}")
         assert r.shared_bytes > 0  # M's slices and the x tile are staged in shared memory
         assert 0 < r.registers <= 255
-        # No register spills, but for h = 128 on sm_80 (a few hundred bytes at most: the forward's
-        # 64-row tiles are kept for Hopper's wgmma) and the fp32 backward (dots on the FMA units).
-        if "_h128_" in r.name or r.name.startswith("rotary_bwd_") and "_fp32_" in r.name:
+        # No register spills, but for tiles of 128 features (h = 80 and 128) on sm_80 (a few hundred
+        # bytes at most: the forward's 64-row tiles are kept for Hopper's wgmma, the backward's two
+        # (128, 64) dM accumulators stay in registers) and the fp32 backward (dots on the FMA units).
+        if ("_h128_" in r.name or "_h80_" in r.name) and r.arch == 80 or (
+                r.name.startswith("rotary_bwd_") and "_fp32_" in r.name):
             assert r.spilled_bytes <= 512, r.name
         else:
             assert r.spilled_bytes == 0, r.name

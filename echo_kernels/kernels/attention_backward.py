@@ -561,16 +561,16 @@ def default_blocks(h: int) -> dict:
             dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
             unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
             dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
-            unrotate=dict(BLOCK_M=64, num_warps=8, num_stages=2),
-            diag=dict(BLOCK_M=64, num_warps=8, num_stages=2),
+            unrotate=dict(BLOCK_M=64, num_warps=8, num_stages=1),  # 2 stages spill on sm_80
+            diag=dict(BLOCK_M=32, num_warps=4, num_stages=2),  # 8 warps are capped at 128 registers: spills
         )
     return dict(
         delta=dict(BLOCK_M=64, num_warps=8, num_stages=1),  # at 4 the rotation without P spills (sm_80, sm_90)
-        dkdv=dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
+        dkdv=dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1),  # 2 stages spill on sm_80
         unrope=dict(BLOCK_M=32, num_warps=4, num_stages=1),
-        dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
+        dq=dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1),  # 32 keys spill on sm_80
         unrotate=dict(BLOCK_M=16, num_warps=8, num_stages=1),
-        diag=dict(BLOCK_M=32, num_warps=8, num_stages=1),
+        diag=dict(BLOCK_M=16, num_warps=4, num_stages=1),  # 8 warps are capped at 128 registers: spills
     )
 
 

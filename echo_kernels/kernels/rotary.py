@@ -283,14 +283,13 @@ def _config(h: int, dtype: torch.dtype, backward: bool) -> dict:
     # The interpreter mishandles bf16 dots: do them in fp32 there (tests use fp32/fp16 anyway).
     dot_fp32 = dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
     block_t = BLOCK_T_BWD if backward else BLOCK_T
-    cfg = dict(BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_P=block_p, DOT_FP32=dot_fp32)
+    cfg = dict(BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_P=block_p, DOT_FP32=dot_fp32, num_stages=3)
     if backward:
         # From h = 64 up the (BLOCK_T, BLOCK_P) fp32 tensors and the two (BLOCK_K, BLOCK_P) dM
-        # accumulators are spread over 8 warps, and from h = 80 up (tiles padded to 128 features)
-        # and for fp32 (dots on the FMA units, operands in registers) the token tiles are halved:
-        # fewer spills on sm_80 and sm_90.
+        # accumulators are spread over 8 warps and the token tiles are halved (at 32 rows h = 64 spills
+        # on sm_80), as they are for fp32 (dots on the FMA units, operands in registers).
         cfg["num_warps"] = 8 if block_k >= 64 else 4
-        if block_k >= 128 or dtype == torch.float32:
+        if block_k >= 64 or dtype == torch.float32:
             cfg["BLOCK_T"] = BLOCK_T_BWD // 2
     else:
         # 8 warps from h = 64 up: at 4, h = 64 spills registers on sm_80 and sm_90. fp32 dots run
@@ -350,7 +349,7 @@ def rotary_forward(
         *x.stride(), *y.stride(), *M.stride(), w.stride(0),
         HEAD_DIM=h, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=cfg["BLOCK_P"],
         HEADS=heads, INTERLEAVED=layout == "interleaved", S_IS_TENSOR=s_is_tensor, DOT_FP32=cfg["DOT_FP32"],
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
 
@@ -386,7 +385,7 @@ def rotary_backward(
         *x.stride(), *dy.stride(), *dx.stride(), *M.stride(), w.stride(0),
         HEAD_DIM=h, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=cfg["BLOCK_P"],
         HEADS=heads, INTERLEAVED=layout == "interleaved", S_IS_TENSOR=s_is_tensor, DOT_FP32=cfg["DOT_FP32"],
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     # Fixed-order sums over the partials: the same bits on every run.
     dM = dm_part.sum(0).to(M.dtype)
@@ -439,7 +438,7 @@ def _spec(h: int, dtype: torch.dtype, backward: bool, layout: str = "half_split"
     return KernelSpec(
         name=f"rotary_{kind}_h{h}_{_TRITON_TYPES[dtype]}_{layout}",
         fn=_rotary_bwd_kernel if backward else _rotary_fwd_kernel,
-        signature=signature, constexprs=constexprs, num_warps=cfg["num_warps"],
+        signature=signature, constexprs=constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
