@@ -19,9 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from echo_kernels.optional import OPTIONAL
-
-SPEECH_MODULES = sorted(name for name, (_, extra) in OPTIONAL.items() if extra == "speech")
 SPEECH_PROGRAMS = ("ffmpeg", "espeak-ng")
 HIDDEN_FROM_UNMARKED = ("jiwer", "whisper")
 # On PYTHONPATH with ECHO_HIDE_MODULES set, hides those modules from every Python process started then.
@@ -34,7 +31,12 @@ _refuse_programs = False
 
 def missing_speech() -> list[str]:
     """The pieces of the speech extra this machine lacks (module or program names)."""
-    modules = [name for name in SPEECH_MODULES if importlib.util.find_spec(name) is None]
+    # imported here, not with this file: echo_kernels defines its Triton kernels at import, and
+    # tests/conftest.py must set TRITON_INTERPRET before that
+    from echo_kernels.optional import OPTIONAL
+
+    speech_modules = sorted(name for name, (_, extra) in OPTIONAL.items() if extra == "speech")
+    modules = [name for name in speech_modules if importlib.util.find_spec(name) is None]
     return modules + [name for name in SPEECH_PROGRAMS if shutil.which(name) is None]
 
 
