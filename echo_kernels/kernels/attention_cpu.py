@@ -44,7 +44,11 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
     q_folded = q_rope @ P if P is not None else q_rope / math.sqrt(h)
     k_rope = reference.apply_rope(k, reference.rope_angles(w, s, k_pos), layout)
     bias = bias.to(compute) if bias is not None else None
-    v = v.to(compute).contiguous()
+    v = v.to(compute)
+    if key_padding_mask is not None:  # a padded key's k and v never reach a product (0 * NaN is NaN)
+        gone = key_padding_mask[:, None, :, None]
+        k_rope, v = k_rope.masked_fill(gone, 0.0), v.masked_fill(gone, 0.0)
+    v = v.contiguous()
     shift = q_offset - k_offset
     out = _BlockedAttention.apply(q_folded, k_rope, v, bias, key_padding_mask, left, right, shift)
     return out.to(dtype)
@@ -121,6 +125,13 @@ def bias_gradient(dlogits: Tensor, d0: int, n: int) -> Tensor:
     return torch.stack([far_future, *band, far_past])
 
 
+def _values_finite(v: Tensor) -> bool:
+    """Whether v holds only finite values. A traced graph (torch.compile) cannot branch on data: there
+    it is taken as true, so a non-finite value past the band reaches the queries of its block, as on the
+    Triton kernels (padded keys are zeroed before, on every path)."""
+    return torch.compiler.is_compiling() or bool(torch.isfinite(v).all())
+
+
 class _BlockedAttention(torch.autograd.Function):
     """softmax(q k^T + bias + masks) v over (B, H, T, h) inputs, one query block at a time."""
 
@@ -129,7 +140,7 @@ class _BlockedAttention(torch.autograd.Function):
         B, H, Tq, h = q.shape
         q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
         out = q3.new_zeros(B * H, Tq, h)
-        values_finite = bool(torch.isfinite(v).all())  # else masked keys need reference.weighted_values
+        values_finite = _values_finite(v)  # else the band's masked keys need reference.weighted_values
         for a, b, lo, hi in blocks(Tq, k.shape[2], left, right, shift, B * H):
             if hi > lo:
                 kpm = key_padding_mask[:, lo:hi] if key_padding_mask is not None else None
@@ -155,7 +166,7 @@ class _BlockedAttention(torch.autograd.Function):
         dbias = torch.zeros_like(bias) if want_dbias else None
         minus_delta = -(do3 * out.view(B * H, Tq, h)).sum(-1, keepdim=True)  # -rowsum(P * dP)
         # dP at a masked key is 0 * (dO . v); a non-finite v there must not make it NaN
-        values_finite = bool(torch.isfinite(v).all())
+        values_finite = _values_finite(v)
         for a, b, lo, hi in blocks(Tq, k.shape[2], left, right, shift, B * H):
             if hi == lo:
                 continue
