@@ -1,12 +1,12 @@
 """Do attention's Givens angles learn? One training step of an Echo, then the mean |gradient| of every
 attention site's angles next to its R's.
 
-    python benches/attention_angle_gradients.py                       # the card's medium, 30 s of audio
+    python benches/attention_angle_gradients.py                       # the default medium, 30 s of audio
     python benches/attention_angle_gradients.py --seconds 10 --rotation rope_then_m
 
-The model is EchoConfig() with its defaults (the card's medium, about 700 M parameters, activation
-checkpointing on) unless --tiny is given; the input is random log-mel of --seconds seconds and 8
-random tokens. Prints one line per group of sites (encoder self-attention, decoder self-attention,
+The model is EchoConfig() with its defaults (the medium of docs/model.md, Configuration: about 700 M
+parameters, activation checkpointing on) unless --tiny is given; the input is random log-mel of --seconds
+seconds and 8 random tokens. Prints one line per group of sites (encoder self-attention, decoder self-attention,
 decoder cross-attention) and the ratio over all sites. Not a test: it takes minutes on a CPU.
 """
 

@@ -9,8 +9,9 @@ decoding steps), timed four ways in the same run:
 The model runs its default attention order, "m_then_rope", with M folded into the q and k
 projections (the naive way applies M in attention, factor by factor, as the formula reads).
 
-GPU: the model card's medium in bf16, batch 8, 30 s of audio, 448 text tokens. CPU: Whisper tiny's
-widths and depths (4 + 4 blocks of width 384) on one 30 s clip and 32 tokens, quick enough for CI.
+GPU: the default medium (docs/model.md, Configuration) in bf16, batch 8, 30 s of audio, 448 text tokens.
+CPU: Whisper tiny's widths and depths (4 + 4 blocks of width 384) on one 30 s clip and 32 tokens, quick
+enough for CI.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from harness import DEVICE, GPU, bench_size, record, run_timed
 from naive import naive_ops
 
 if GPU:
-    # The card's medium, with its activation checkpointing: without it the reference and naive ways
+    # The default medium, with its activation checkpointing: without it the reference and naive ways
     # (fp32 logits over 1500 x 1500 frames, 24 layers, batch 8) would not fit in 80 GB.
     CONFIG = dict(checkpointing=True)
     BATCH, MEL_FRAMES, TEXT, DTYPE, ROUNDS = 8, 3000, 448, torch.bfloat16, 5

@@ -1,7 +1,7 @@
 """The naive baseline: Echo's maths computed the way straightforward model code computes it.
 
 - the Givens rotations: a dense h x h matrix G_k per rotation, and each one multiplied into the
-  activations in turn (x @ G_1 @ ... @ G_N @ R, as the card's formula reads), site by site;
+  activations in turn (x @ G_1 @ ... @ G_N @ R, as the formula x (prod G) R reads), site by site;
 - echo_attention: q and k rotated as the formula reads (q M then RoPE, with M applied factor by
   factor, not folded into the projections), every logit materialised, the relative bias gathered
   into a (H, Tq, Tk) tensor and the masks built densely, even when a window leaves most of them out;

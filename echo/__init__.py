@@ -1,4 +1,4 @@
-"""echo: the Echo speech model (ECHO_SPEC.md) on the ops of echo_kernels.
+"""echo: the Echo speech model (docs/model.md) on the ops of echo_kernels.
 
     from echo import Echo, EchoConfig
     from echo import AdaptiveBaseCallback   # pass it to transformers' Trainer: callbacks=[AdaptiveBaseCallback()]

@@ -27,8 +27,8 @@ def timed(timings: dict, name: str):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m echo", description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("tiny", "medium", "test"), default="tiny",
-                        help="tiny: Whisper-tiny widths (about 30 M parameters); medium: the model card's "
-                             "(700 M); test: the 0.3 M model of the test suite")
+                        help="tiny: Whisper-tiny widths (about 30 M parameters); medium: "
+                             "EchoConfig's defaults (700 M); test: the 0.3 M model of the test suite")
     parser.add_argument("--medium", action="store_const", const="medium", dest="size", help="same as --size medium")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokens", type=int, default=5, help="tokens to decode greedily")

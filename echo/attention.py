@@ -1,4 +1,5 @@
-"""Attention sub-layers: Echo attention (ECHO_SPEC 4), local + global (6) and convolution + attention (7).
+"""Attention sub-layers: Echo attention, local + global and convolution + attention
+(docs/model.md: Attention, Local + global attention, Convolution + attention).
 
 Every sub-layer takes `pos`, the positional state computed once per forward by the model: the
 attention frequencies "w.audio" / "w.text" (from the current adaptive base) and one matrix M per
@@ -141,7 +142,7 @@ def encoder_attention(config: EchoConfig, *, out_proj: bool = True) -> nn.Module
 
 
 class ConvAttention(nn.Module):
-    """u: (B, T, D) -> (B, T, D) = Wo(LN_o(LN_c(conv(u)) + attn(u))) (ECHO_SPEC 7).
+    """u: (B, T, D) -> (B, T, D) = Wo(LN_o(LN_c(conv(u)) + attn(u))) (docs/model.md, Convolution + attention).
 
     conv is a grouped Conv1d(D, D, 3, padding=1, groups=H); attn has no output projection of its own.
     """
@@ -161,7 +162,8 @@ class ConvAttention(nn.Module):
 
 
 def encoder_mixer(config: EchoConfig) -> nn.Module:
-    """The self-attention sub-layer of an encoder block, as configured (sections 4, 6, 7)."""
+    """The self-attention sub-layer of an encoder block, as configured (docs/model.md:
+    Attention, Local + global attention, Convolution + attention)."""
     if config.conv_attention:
         return ConvAttention(config)
     return encoder_attention(config)

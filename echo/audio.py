@@ -1,8 +1,8 @@
 """Audio and text front end, on openai-whisper's own pieces: ffmpeg loading, log-mel, pad/trim, tokenizer.
 
 Nothing here re-implements a filterbank or a BPE: the mel filters and the vocabularies (English-only and
-multilingual; 51865 tokens is the model card's) ship inside the openai-whisper package and work offline. Install
-it with `pip install "echo-kernels[speech]"`; loading files also needs the `ffmpeg` binary.
+multilingual; 51865 tokens is the default EchoConfig's) ship inside the openai-whisper package and work
+offline. Install it with `pip install "echo-kernels[speech]"`; loading files also needs the `ffmpeg` binary.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ SAMPLE_RATE = 16000
 HOP_LENGTH = 160
 N_SAMPLES_30S = 30 * SAMPLE_RATE  # whisper's window: 480000 samples, 3000 mel frames
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
-# whisper's vocabularies: English-only (51864), multilingual (51865, the card's) and large-v3's (51866)
+# whisper's vocabularies: English-only (51864), multilingual (51865, EchoConfig's default) and large-v3's (51866)
 WHISPER_VOCAB_SIZES = (51864, 51865, 51866)
 WHISPER_VOCAB_SIZE = 51865
 # A 2-D waveform's channel axis is its axis of at most this many entries (7.1 surround has 8).

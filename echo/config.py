@@ -1,4 +1,4 @@
-"""EchoConfig: the keys of ECHO_SPEC section 1, their checks, and conversion from a WhisperConfig."""
+"""EchoConfig: the keys of docs/model.md, Configuration, their checks, and conversion from a WhisperConfig."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ ATTENTION_ROTATIONS = ("m_then_rope", "rope_then_m")
 LEGACY_ATTENTION_ROTATION = "rope_then_m"
 
 class EchoConfig(PretrainedConfig):
-    """Configuration of `echo.Echo` (ECHO_SPEC section 1), defaulting to the model card's "medium".
+    """Configuration of `echo.Echo` (docs/model.md, Configuration), defaulting to the "medium" model.
     Unknown keys are kept as attributes.
 
     n_givens=None means h/2 rotations per site; local_window=None means global attention only.
-    attention_rotation: "m_then_rope" (q' = RoPE(q M), the card's order, every angle learns) or
+    attention_rotation: "m_then_rope" (q' = RoPE(q M), x (prod G) R's order, every angle learns) or
     "rope_then_m" (q' = RoPE(q) M, the reference code's order, whose Givens angles cancel).
     """
 
@@ -182,8 +182,8 @@ ECHO_DEFAULTS = {
 def to_echo_config(config: PretrainedConfig) -> EchoConfig:
     """An EchoConfig from an EchoConfig (returned as is) or any other config carrying Echo's keys.
 
-    A WhisperConfig built as in the model card holds Echo's keys as extra attributes; its own
-    architecture keys (d_model, encoder_layers, ...) are ignored. Keys both configs define
+    A WhisperConfig in the form of docs/model.md, Configuration, holds Echo's keys as extra attributes;
+    its own architecture keys (d_model, encoder_layers, ...) are ignored. Keys both configs define
     (vocab_size, init_std, the special token ids) are read from it as they mean the same thing.
     """
     if isinstance(config, EchoConfig):
@@ -200,7 +200,7 @@ def to_echo_config(config: PretrainedConfig) -> EchoConfig:
     return EchoConfig(**values)
 
 
-# Whisper "tiny" widths and depths at the card's context lengths and vocabulary: the demo's default.
+# Whisper "tiny" widths and depths at the default context lengths and vocabulary: the demo's default.
 TINY = dict(n_audio_state=384, n_audio_head=6, n_audio_layer=4, n_text_state=384, n_text_head=6, n_text_layer=4)
 
 # A model small enough for tests on a laptop CPU (about 0.3 M parameters).

@@ -1,4 +1,5 @@
-"""Start from a pretrained Whisper (ECHO_SPEC 10): openai-whisper and Hugging Face checkpoints become Echo.
+"""Start from a pretrained Whisper (docs/model.md, Starting from Whisper): openai-whisper and Hugging Face
+checkpoints become Echo.
 
     model = Echo.from_whisper("small.en.pt")         # openai-whisper's checkpoint file (what whisper.load_model reads)
     model = Echo.from_whisper(whisper_model)         # a loaded whisper.model.Whisper
@@ -252,7 +253,8 @@ def _check(weights: WhisperWeights, model: nn.Module, config: EchoConfig) -> dic
 
 
 def _identity_start(model: nn.Module) -> None:
-    """Every extra of Echo at the identity (ECHO_SPEC 10); branches an override added contribute nothing."""
+    """Every extra of Echo at the identity (docs/model.md, Starting from Whisper); branches an override
+    added contribute nothing."""
     for module in model.modules():
         if isinstance(module, GivensSite):
             module.thetas.zero_()

@@ -6,7 +6,7 @@ fallback: a row whose text compresses too well (gzip ratio > 2.4, i.e. repetitiv
 log-probability is below -1 is decoded again at the next temperature.
 
 `transcribe`: paths, waveforms or tensors (one or a list) -> text, long audio cut into consecutive
-windows of the model's input length (30 s for the card's n_audio_ctx = 1500), all windows of all
+windows of the model's input length (30 s for the default n_audio_ctx = 1500), all windows of all
 inputs batched together.
 """
 
@@ -461,7 +461,7 @@ def transcribe(model, audio, language: str | None = None, task: str | None = Non
     in a list. batch_size (an int >= 1) is the number of windows decoded together.
 
     As whisper.transcribe without timestamps: the log-mel of the whole input is cut into consecutive windows
-    of the model's input length (2 * n_audio_ctx frames: 30 s for the card's model), each zero-padded to that
+    of the model's input length (2 * n_audio_ctx frames: 30 s at the default 1500), each zero-padded to that
     length and decoded on its own; the texts are joined. language=None on a multilingual vocabulary is
     detected once per input, from its first window. A missing file raises FileNotFoundError, an undecodable
     one ValueError; silence and very short clips give a (possibly empty) result.

@@ -1,4 +1,4 @@
-"""Echo: a Whisper-style encoder-decoder with Givens-orthogonal rotary positions (ECHO_SPEC.md)."""
+"""Echo: a Whisper-style encoder-decoder with Givens-orthogonal rotary positions (docs/model.md)."""
 
 from __future__ import annotations
 
@@ -136,8 +136,8 @@ class Echo(PreTrainedModel):
     """The Echo speech model: AudioEncoder + TextDecoder, Hugging Face style.
 
     Buffers `base` (the current rotary base of attention) and `prev_loss` (last training loss,
-    +inf at first) implement the self-adjusting base of ECHO_SPEC 5. By default a training forward
-    with labels moves the base; `defer_base_updates()` makes it move once per optimizer step instead
+    +inf at first) implement the self-adjusting base (docs/model.md, Adaptive base). By default a training
+    forward with labels moves the base; `defer_base_updates()` makes it move once per optimizer step instead
     (`step_base()`, which echo.AdaptiveBaseCallback calls under transformers' Trainer).
     """
 
@@ -167,13 +167,14 @@ class Echo(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module):
-        # modules initialise themselves at construction; apply_initialization() is ECHO_SPEC 8's scheme
+        # modules initialise themselves at construction; apply_initialization() is the scheme
+        # of docs/model.md, Encoder and decoder
         pass
 
     def apply_initialization(self) -> None:
-        """ECHO_SPEC 8: embedding N(0, init_std); conv1 xavier-normal, conv2 kaiming-normal (fan_out, relu),
-        zero conv biases; LayerNorm weight 1, bias 0; decoder Linear weights xavier-normal; attention R
-        orthogonal. Everything else keeps its construction-time value."""
+        """docs/model.md, Encoder and decoder: embedding N(0, init_std); conv1 xavier-normal, conv2
+        kaiming-normal (fan_out, relu), zero conv biases; LayerNorm weight 1, bias 0; decoder Linear weights
+        xavier-normal; attention R orthogonal. Everything else keeps its construction-time value."""
         with torch.no_grad():
             nn.init.normal_(self.decoder.token_embedding.weight, 0.0, self.config.init_std)
             nn.init.xavier_normal_(self.encoder.conv1.weight)
@@ -234,7 +235,8 @@ class Echo(PreTrainedModel):
         self.step_loss.zero_()
 
     def _adapt_base(self, loss_sum: Tensor, tokens: Tensor, num_items_given: bool) -> None:
-        """One training forward's share of ECHO_SPEC 5: loss_sum of its `tokens` labelled tokens."""
+        """One training forward's share of the adaptive base (docs/model.md, Adaptive base): loss_sum of its
+        `tokens` labelled tokens."""
         if self.step_loss is not None:
             if self.step_loss.device != loss_sum.device:
                 self.step_loss = self.step_loss.to(loss_sum.device)
@@ -392,7 +394,8 @@ class Echo(PreTrainedModel):
 
     @classmethod
     def from_whisper(cls, source, **overrides) -> "Echo":
-        """A pretrained Whisper as an Echo that computes its function (ECHO_SPEC 10); see echo.convert.
+        """A pretrained Whisper as an Echo that computes its function (docs/model.md, Starting
+        from Whisper); see echo.convert.
 
         source: openai-whisper's checkpoint file (.pt) or loaded Whisper, or a Hugging Face
         WhisperForConditionalGeneration or the folder it was saved to. overrides: EchoConfig keys that

@@ -1,5 +1,6 @@
-"""Positional machinery: Givens-orthogonal sites (ECHO_SPEC 2), the residual-stream rotary (3) and
-the learned, L2-normalised sinusoidal table (8)."""
+"""Positional machinery: Givens-orthogonal sites, the residual-stream rotary and the
+learned, L2-normalised sinusoidal table (docs/model.md: Givens-orthogonal matrix, Rotary embedding,
+Positional tables)."""
 
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def site_matrices(sites: dict[str, GivensSite]) -> dict[str, Tensor]:
 
 
 class CombinedRotaryEmbedding(nn.Module):
-    """Residual-stream rotary: per head-sized group, y = RoPE(x @ M), M = G_1 ... G_N R (ECHO_SPEC 3).
+    """Residual-stream rotary: per head-sized group, y = RoPE(x @ M), M = G_1 ... G_N R
+    (docs/model.md, Rotary embedding).
 
     x: (B, T, D) -> (B, T, D). The frequencies w are learned (initialised from base); s = 1.
     """

@@ -1,4 +1,4 @@
-"""echo_attention: rotary + Givens rotation, clamped relative bias and sliding window (ECHO_SPEC 4).
+"""echo_attention: rotary + Givens rotation, clamped relative bias and sliding window (docs/model.md, Attention).
 
 Two orders of rotation: "m_then_rope" (the default, RoPE(q M) . RoPE(k M)) and "rope_then_m"
 (RoPE(q) M . RoPE(k) M). M=None is the identity, for which the two agree: the model passes it in the

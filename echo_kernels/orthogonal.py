@@ -1,4 +1,5 @@
-"""orthogonal_product: the Givens-orthogonal matrix M = G_1 ... G_N R or R G_1 ... G_N (ECHO_SPEC 2).
+"""orthogonal_product: the Givens-orthogonal matrix M = G_1 ... G_N R or R G_1 ... G_N
+(docs/model.md, Givens-orthogonal matrix).
 
 Runs `torch.ops.echo_kernels.orthogonal_product` (csrc/: C++ on the CPU, CUDA on the GPU) where
 the extension serves the tensors' device, else the reference (see echo_kernels.backend).

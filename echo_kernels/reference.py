@@ -2,7 +2,7 @@
 
 Written for clarity, not speed. Every function works in float64 and keeps the autograd graph, so
 `torch.autograd.gradcheck` runs on it directly. Half-precision inputs are computed in float32 and
-cast back. Shapes and conventions follow ECHO_SPEC.md (row vectors, `x @ A`).
+cast back. Shapes and conventions follow docs/model.md (row vectors, `x @ A`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------------
-# Givens-orthogonal matrix (ECHO_SPEC section 2)
+# Givens-orthogonal matrix (docs/model.md, Givens-orthogonal matrix)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -62,7 +62,7 @@ def orthogonal_product(thetas: Tensor, pairs: Tensor, R: Tensor, givens_first: b
 
 
 # --------------------------------------------------------------------------------------------------
-# Rotary embedding (ECHO_SPEC section 3)
+# Rotary embedding (docs/model.md, Rotary embedding)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -105,7 +105,7 @@ def _as_compute(s: Tensor | float, dtype: torch.dtype) -> Tensor | float:
 
 
 # --------------------------------------------------------------------------------------------------
-# Attention (ECHO_SPEC section 4)
+# Attention (docs/model.md, Attention)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -159,7 +159,7 @@ def weighted_values(probs: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
 
 
 def rotate_for_attention(u: Tensor, M: Tensor | None, phi: Tensor, layout: str, rotation: str) -> Tensor:
-    """q' or k' of ECHO_SPEC 4.   u: (..., T, h); M: (h, h) or None (the identity); phi: (T, h/2).
+    """q' or k' (docs/model.md, Attention).   u: (..., T, h); M: (h, h) or None (the identity); phi: (T, h/2).
 
     "m_then_rope": RoPE(u @ M), the rotation choosing the basis in which RoPE's frequencies act.
     "rope_then_m": RoPE(u) @ M, whose logits see M only through M M^T.

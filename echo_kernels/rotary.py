@@ -1,4 +1,4 @@
-"""rotary_orthogonal: y = RoPE(x @ M), the residual-stream rotary of Echo (ECHO_SPEC 3).
+"""rotary_orthogonal: y = RoPE(x @ M), the residual-stream rotary of Echo (docs/model.md, Rotary embedding).
 
 The Triton kernel (echo_kernels.kernels.rotary) is reached three ways, cheapest first:
 

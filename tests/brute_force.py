@@ -60,7 +60,7 @@ def rotary_orthogonal(x: Tensor, M: Tensor, w: Tensor, s: Tensor | float, offset
 
 def attention(q, k, v, M, w, s, bias, *, window, causal, q_offset, k_offset, key_padding_mask, layout,
               rotation="m_then_rope"):
-    """Every logit on its own, each mask a condition on the positions (ECHO_SPEC 4).
+    """Every logit on its own, each mask a condition on the positions (docs/model.md, Attention).
 
     q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h) or None (the identity); bias: (2n - 1, H) or
     None. rotation "m_then_rope": q M then RoPE; "rope_then_m": RoPE then M. A query with no key gives 0.

@@ -85,7 +85,8 @@ def logged_losses(trainer: Seq2SeqTrainer) -> list[float]:
 
 
 def replay(config, losses: list[float]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """ECHO_SPEC 5 applied to one loss per step: the bases and prev_losses after each step."""
+    """docs/model.md, Adaptive base, applied to one loss per step: the bases and prev_losses after each
+    step."""
     base, prev = torch.tensor(float(config.base)), torch.tensor(math.inf)
     bases, prevs = [], []
     for loss in losses:

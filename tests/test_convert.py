@@ -1,6 +1,6 @@
-"""Starting from a pretrained Whisper (echo.convert, ECHO_SPEC 10): randomly initialised small Whispers of
-openai-whisper and of transformers, English-only and multilingual, 80 and 128 mels, become Echos that compute
-their function; greedy decoding and transcription give whisper's tokens and text; training moves the extras
+"""Starting from a pretrained Whisper (echo.convert; docs/model.md, Starting from Whisper): randomly
+initialised small Whispers of openai-whisper and of transformers, English-only and multilingual, 80 and
+128 mels, become Echos that compute their function; greedy decoding and transcription give whisper's tokens and text; training moves the extras
 off the identity; bad sources are clear errors."""
 
 import dataclasses

@@ -1,4 +1,5 @@
-"""EchoConfig: checks of impossible values, WhisperConfig conversion, and the model card's snippet."""
+"""EchoConfig: checks of impossible values, WhisperConfig conversion, and the WhisperConfig form of
+docs/model.md, Configuration."""
 
 import json
 
@@ -53,7 +54,7 @@ def test_whisper_config_keys_are_read_and_whisper_own_keys_ignored():
 
 
 def test_model_card_snippet_runs_unchanged(tmp_path, monkeypatch):
-    # the card's code, sizes shrunk; the lines below "config = ..." are verbatim
+    # the WhisperConfig form of docs/model.md, Configuration, with the sizes shrunk
     monkeypatch.chdir(tmp_path)
     device = "cpu"
     config = WhisperConfig(

@@ -186,7 +186,7 @@ def test_transcribe_long_audio_in_windows_and_batches():
 def test_transcribe_thirty_second_windows_of_the_card():
     from echo.audio import load_audio
 
-    model = whisper_vocab_model(n_audio_ctx=1500)  # the card's context: 3000 mel frames, 30 s per window
+    model = whisper_vocab_model(n_audio_ctx=1500)  # the default context: 3000 mel frames, 30 s per window
     conversation = load_audio(SPEECH / "conversation_30s.wav")
     assert len(model.transcribe(SPEECH / "conversation_30s.wav", max_new_tokens=1, temperature=0.0)["segments"]) == 1
     longer = np.concatenate([conversation, conversation, conversation[:16000 * 5]])  # 65 s

@@ -13,7 +13,7 @@ f64 = torch.float64
 
 
 def givens(h, i, j, theta):
-    """Dense G(i, j, theta) as ECHO_SPEC section 2 writes it."""
+    """Dense G(i, j, theta) as docs/model.md, Givens-orthogonal matrix, writes it."""
     G = torch.eye(h, dtype=f64)
     c, s = math.cos(theta), math.sin(theta)
     G[i, i], G[i, j], G[j, i], G[j, j] = c, -s, s, c
@@ -50,7 +50,7 @@ def test_orthogonal_product_is_the_product_of_dense_givens(givens_first, h, n):
 
 
 def test_orthogonal_product_row_convention():
-    """u @ G(i, j) gives u_i cos + u_j sin and -u_i sin + u_j cos (ECHO_SPEC section 2)."""
+    """u @ G(i, j) gives u_i cos + u_j sin and -u_i sin + u_j cos (docs/model.md, Givens)."""
     theta = 0.3
     M = reference.orthogonal_product(torch.tensor([theta], dtype=f64), torch.tensor([[1, 3]]), torch.eye(4, dtype=f64))
     u = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=f64)

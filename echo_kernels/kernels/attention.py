@@ -2,7 +2,7 @@
 
     out[b, t, i] = softmax_j(q'_i . k'_j / sqrt(h) + bias[clamp(i - j) + n - 1, t] + masks) @ v
 
-with q' and k' as the launcher is given them (ECHO_SPEC 4):
+with q' and k' as the launcher is given them (docs/model.md, Attention):
 
     M = None        q' = RoPE_s(q),      k' = RoPE_s(k)      the model's default: M folded upstream
     M given         q' = RoPE_s(q) @ M,  k' = RoPE_s(k) @ M  the "rope_then_m" order

@@ -1,4 +1,4 @@
-"""Triton kernels of y = RoPE(x @ M), forward and backward, and their launchers (ECHO_SPEC 3).
+"""Triton kernels of y = RoPE(x @ M), forward and backward, and their launchers (docs/model.md, Rotary embedding).
 
     x: (B, T, H, h), any strides (e.g. a transpose(1, 2) view of (B, H, T, h)); M: (h, h);
     w: (h/2,); s: scalar (a tensor when learned, else a float); positions offset + t.
