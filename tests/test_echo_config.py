@@ -53,7 +53,7 @@ def test_whisper_config_keys_are_read_and_whisper_own_keys_ignored():
     assert model.decoder.token_embedding.weight.shape == (SMALL["vocab_size"], SMALL["n_text_state"])
 
 
-def test_model_card_snippet_runs_unchanged(tmp_path, monkeypatch):
+def test_whisper_config_form_runs_unchanged(tmp_path, monkeypatch):
     # the WhisperConfig form of docs/model.md, Configuration, with the sizes shrunk
     monkeypatch.chdir(tmp_path)
     device = "cpu"

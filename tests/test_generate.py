@@ -183,7 +183,7 @@ def test_transcribe_long_audio_in_windows_and_batches():
 
 
 @pytest.mark.speech
-def test_transcribe_thirty_second_windows_of_the_card():
+def test_transcribe_thirty_second_windows_at_the_default_context():
     from echo.audio import load_audio
 
     model = whisper_vocab_model(n_audio_ctx=1500)  # the default context: 3000 mel frames, 30 s per window
