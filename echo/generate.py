@@ -24,6 +24,7 @@ from torch import Tensor
 from echo_kernels.optional import require
 
 from .cache import EchoCache
+from .inputs import check_mel
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -339,14 +340,13 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     suppress_blank=False, generate needs no optional package.
     """
     from .audio import uses_whisper_vocab
-    from .model import _check_mel
 
     config = model.config
     unused.pop("labels", None)
     unused = {k: v for k, v in unused.items() if v is not None and k not in ("synced_gpus", "generation_config")}
     if unused:
         raise TypeError(f"generate() got unexpected arguments: {sorted(unused)}")
-    _check_mel(config, input_features, attention_mask)
+    check_mel(config, input_features, attention_mask)
     num_beams = _int_at_least("num_beams", num_beams, 1)
     temperatures = _temperatures(temperature)
     eot = end_token(config, eos_token_id)

@@ -13,7 +13,7 @@ import torch
 
 from echo import Echo
 from echo.cache import EchoCache
-from echo.convert import main as convert_main
+from echo.convert.__main__ import main as convert_main
 from echo.generate import logit_filter
 from echo.positional import CombinedRotaryEmbedding, GivensSite
 
