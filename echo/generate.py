@@ -466,7 +466,7 @@ def transcribe(model, audio, language: str | None = None, task: str | None = Non
     detected once per input, from its first window. A missing file raises FileNotFoundError, an undecodable
     one ValueError; silence and very short clips give a (possibly empty) result.
     """
-    from .audio import HOP_LENGTH, SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
+    from .audio import FRAMES_PER_SECOND, HOP_LENGTH, load_audio, log_mel_spectrogram, pad_or_trim
 
     config = model.config
     batch_size = _int_at_least("batch_size", batch_size, 1)
@@ -505,7 +505,7 @@ def transcribe(model, audio, language: str | None = None, task: str | None = Non
                            language=lang, task=task, return_dict_in_generate=True, **generate_kwargs)
             decoded.update(zip(chunk, out.rows))
     results = [{"text": "", "segments": [], "language": languages[i]} for i in range(len(inputs))]
-    seconds = HOP_LENGTH / SAMPLE_RATE
+    seconds = 1 / FRAMES_PER_SECOND
     for j, (i, s, e, _) in enumerate(jobs):
         d = decoded[j]
         results[i]["language"] = d.language

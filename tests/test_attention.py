@@ -21,7 +21,8 @@ from echo_kernels.kernels import attention_common
 from echo_kernels.kernels import attention_cpu
 
 from attention_cases import (CASES, GRAD_NAMES, ROTATIONS, assert_gradients_match, call, case_inputs, cast, grads,
-                             make_inputs, options, rel_err, s_error)
+                             make_inputs, options, s_error)
+from numerics import rel_err
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

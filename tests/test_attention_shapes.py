@@ -17,7 +17,8 @@ from echo_kernels.kernels import attention as kernel
 from echo_kernels.kernels import attention_backward as kernel_bwd
 from echo_kernels.kernels import attention_common
 
-from attention_cases import assert_gradients_match, call, cast, grads, make_inputs, rel_err
+from attention_cases import assert_gradients_match, call, cast, grads, make_inputs
+from numerics import rel_err
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

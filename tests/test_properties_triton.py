@@ -24,7 +24,8 @@ from echo_kernels.kernels import rotary as rotary_kernels
 
 from attention_strategies import attention_cases, attention_gradient_terms, attention_grads
 from property_counts import counted
-from property_strategies import property_settings, rel_err, rotary_cases, rotary_gradient_terms, rotary_grads
+from numerics import rel_err
+from property_strategies import property_settings, rotary_cases, rotary_gradient_terms, rotary_grads
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

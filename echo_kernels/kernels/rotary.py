@@ -38,8 +38,6 @@ from torch import Tensor
 from ..backend import triton_interpreted
 from .spec import KernelSpec
 
-# Dtypes the kernels take for x (float64 stays with the reference).
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (32, 64, 80, 128)  # the widths that aot_specs() compiles; any even h >= 2 works
 BLOCK_T = 64  # forward: one warpgroup's worth of rows for the Hopper wgmma
 BLOCK_T_BWD = 32  # backward: half the rows, for the registers its dM accumulators need (16: see _config)
