@@ -24,6 +24,7 @@ from torch import Tensor
 from echo_kernels.optional import require
 
 from .cache import EchoCache
+from .inputs import check_mel
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -339,14 +340,13 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     suppress_blank=False, generate needs no optional package.
     """
     from .audio import uses_whisper_vocab
-    from .model import _check_mel
 
     config = model.config
     unused.pop("labels", None)
     unused = {k: v for k, v in unused.items() if v is not None and k not in ("synced_gpus", "generation_config")}
     if unused:
         raise TypeError(f"generate() got unexpected arguments: {sorted(unused)}")
-    _check_mel(config, input_features, attention_mask)
+    check_mel(config, input_features, attention_mask)
     num_beams = _int_at_least("num_beams", num_beams, 1)
     temperatures = _temperatures(temperature)
     eot = end_token(config, eos_token_id)
@@ -466,7 +466,7 @@ def transcribe(model, audio, language: str | None = None, task: str | None = Non
     detected once per input, from its first window. A missing file raises FileNotFoundError, an undecodable
     one ValueError; silence and very short clips give a (possibly empty) result.
     """
-    from .audio import HOP_LENGTH, SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
+    from .audio import FRAMES_PER_SECOND, HOP_LENGTH, load_audio, log_mel_spectrogram, pad_or_trim
 
     config = model.config
     batch_size = _int_at_least("batch_size", batch_size, 1)
@@ -505,7 +505,7 @@ def transcribe(model, audio, language: str | None = None, task: str | None = Non
                            language=lang, task=task, return_dict_in_generate=True, **generate_kwargs)
             decoded.update(zip(chunk, out.rows))
     results = [{"text": "", "segments": [], "language": languages[i]} for i in range(len(inputs))]
-    seconds = HOP_LENGTH / SAMPLE_RATE
+    seconds = 1 / FRAMES_PER_SECOND
     for j, (i, s, e, _) in enumerate(jobs):
         d = decoded[j]
         results[i]["language"] = d.language

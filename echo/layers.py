@@ -90,7 +90,6 @@ class MLP(nn.Module):
 
     def __init__(self, d: int, kind: str = "gelu"):
         super().__init__()
-        self.kind = kind
         if kind == "s1":
             self.net = nn.Sequential(
                 nn.Linear(d, 4 * d), BatchNorm(4 * d), nn.ReLU(), nn.Dropout(0.001), nn.GELU(),

@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from .attention import EchoAttention, encoder_mixer
 from .cache import EchoCache
 from .config import EchoConfig, to_echo_config
+from .inputs import as_model_dtype, check_mel, check_tokens
 from .layers import MLP, S1LayerNorm, checkpoint_contexts, layer_norm
 from .positional import (PAIR_SEED, CombinedRotaryEmbedding, GivensSite, LearnedSinusoidalEmbedding,
                          rope_frequencies, site_matrices)
@@ -269,8 +270,8 @@ class Echo(PreTrainedModel):
         The mel is cast to the model's dtype here, where every path into the encoder passes: the
         front end computes float32 features, and a bfloat16 or float16 model's convolutions need theirs.
         """
-        _check_mel(self.config, input_features, attention_mask)
-        input_features = _as_model_dtype(input_features, self.encoder.conv1.weight.dtype)
+        check_mel(self.config, input_features, attention_mask)
+        input_features = as_model_dtype(input_features, self.encoder.conv1.weight.dtype)
         padding = None
         if attention_mask is not None:
             padding = ~attention_mask[:, ::2].bool()
@@ -311,13 +312,13 @@ class Echo(PreTrainedModel):
         if cache is not None and not isinstance(cache, EchoCache):
             raise ValueError(f"past_key_values must be an EchoCache, got {type(cache).__name__}")
         if labels is not None:
-            _check_tokens(config, "labels", labels, allow_ignore=True)
+            check_tokens(config, "labels", labels, allow_ignore=True)
             labels = labels.long()  # cross_entropy takes int64 targets only
             if decoder_input_ids is None:
                 decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
         if decoder_input_ids is None:
             raise ValueError("Echo.forward needs labels or decoder_input_ids")
-        _check_tokens(config, "decoder_input_ids", decoder_input_ids, offset=cache.offset if cache else 0)
+        check_tokens(config, "decoder_input_ids", decoder_input_ids, offset=cache.offset if cache else 0)
         decoder_input_ids = decoder_input_ids.long()  # the embedding takes int32 and int64 indices only
         if labels is not None and labels.shape != decoder_input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids {tuple(decoder_input_ids.shape)} "
@@ -437,47 +438,3 @@ def shift_tokens_right(labels: Tensor, pad_token_id: int, decoder_start_token_id
     shifted[:, 1:] = labels[:, :-1]
     shifted[:, 0] = decoder_start_token_id
     return shifted.masked_fill(shifted == -100, pad_token_id)
-
-
-def _check_mel(config: EchoConfig, mel, attention_mask) -> None:
-    if not isinstance(mel, Tensor) or not mel.is_floating_point():
-        raise ValueError(f"input_features must be a floating-point tensor, got {getattr(mel, 'dtype', type(mel))}")
-    if mel.dim() != 3:
-        raise ValueError(f"input_features must have shape (B, n_mels, T), got {tuple(mel.shape)}")
-    if mel.shape[1] != config.n_mels:
-        raise ValueError(f"input_features has {mel.shape[1]} mel bins, the model expects n_mels = {config.n_mels}")
-    T = mel.shape[2]
-    if not 1 <= T <= 2 * config.n_audio_ctx:
-        raise ValueError(f"input_features has {T} frames; expected 1..2 * n_audio_ctx = {2 * config.n_audio_ctx}")
-    if not bool(torch.isfinite(mel).all()):
-        raise ValueError("input_features contains NaN or inf")
-    if attention_mask is not None and tuple(attention_mask.shape) != (mel.shape[0], T):
-        raise ValueError(f"attention_mask must have shape (B, T) = ({mel.shape[0]}, {T}), got {tuple(attention_mask.shape)}")
-
-
-def _as_model_dtype(mel: Tensor, dtype: torch.dtype) -> Tensor:
-    """mel in `dtype`; a ValueError where the cast overflows (float16 ends at 65504)."""
-    if mel.dtype == dtype:
-        return mel
-    cast = mel.to(dtype)
-    if not bool(torch.isfinite(cast).all()):
-        raise ValueError(f"input_features hold values beyond the range of the model's dtype {dtype} "
-                         f"(largest magnitude {mel.abs().max().item():g})")
-    return cast
-
-
-def _check_tokens(config: EchoConfig, name: str, ids, allow_ignore: bool = False, offset: int = 0) -> None:
-    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise ValueError(f"{name} must be an integer tensor, got {getattr(ids, 'dtype', type(ids))}")
-    if ids.dim() != 2:
-        raise ValueError(f"{name} must have shape (B, L), got {tuple(ids.shape)}")
-    if ids.shape[1] < 1 or offset + ids.shape[1] > config.n_text_ctx:
-        raise ValueError(f"{name} has length {ids.shape[1]} (after {offset} cached), more than "
-                         f"n_text_ctx = {config.n_text_ctx} or empty")
-    valid = (ids >= 0) & (ids < config.vocab_size)
-    if allow_ignore:
-        valid |= ids == -100
-    if not bool(valid.all()):
-        bad = ids[~valid][0].item()
-        allowed = "-100 or " if allow_ignore else ""
-        raise ValueError(f"{name} holds token id {bad}; expected {allowed}ids in [0, vocab_size = {config.vocab_size})")

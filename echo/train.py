@@ -52,7 +52,7 @@ from echo_kernels.optional import MissingExtra, require
 
 from . import durable
 from .checkpoint import load_weights_only
-from .config import ECHO_DEFAULTS, EchoConfig, read_json_object
+from .config import ECHO_DEFAULTS, TINY, EchoConfig, read_json_object
 from .model import Echo, shift_tokens_right
 
 PRESETS = {
@@ -62,7 +62,7 @@ PRESETS = {
     # for tests: smallest widths with whisper's vocabulary
     "test": dict(n_audio_state=32, n_audio_head=2, n_audio_layer=1, n_text_state=32, n_text_head=2,
                  n_text_layer=1, n_text_ctx=24, max_rel_dist=4, checkpointing=False),
-    "tiny": dict(n_audio_state=384, n_audio_head=6, n_audio_layer=4, n_text_state=384, n_text_head=6, n_text_layer=4),
+    "tiny": TINY,
     "medium": {},
 }
 
@@ -81,9 +81,9 @@ def featurize(items: list[tuple[str, str]], seconds: float, n_mels: int = 80, wo
               progress: bool = True, vocab_size: int = 51865) -> tuple[torch.Tensor, list[list[int]]]:
     """(path, text) pairs -> (log-mel (N, n_mels, seconds * 100), label token lists), by whisper's code
     (the tokenizer of a `vocab_size`-token whisper vocabulary)."""
-    from .audio import encode_text, log_mel_window
+    from .audio import SAMPLE_RATE, encode_text, log_mel_window
 
-    n_samples = int(round(seconds * 16000))
+    n_samples = int(round(seconds * SAMPLE_RATE))
     with ThreadPoolExecutor(max(1, workers)) as pool:
         mels = pool.map(lambda item: log_mel_window(item[0], n_samples, n_mels), items)
         mels = list(tqdm(mels, total=len(items), desc="log-mel", disable=not progress))

@@ -25,23 +25,14 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from .kernels.spec import KernelSpec
 
 # Modules whose `aot_specs()` list their kernels' launches.
-KERNEL_MODULES: tuple[str, ...] = ("echo_kernels.kernels.rotary", "echo_kernels.kernels.attention")
+KERNEL_MODULES: tuple[str, ...] = ("echo_kernels.kernels.rotary", "echo_kernels.kernels.attention",
+                                   "echo_kernels.kernels.attention_backward")
 TARGETS = (80, 90)
-
-
-@dataclass
-class KernelSpec:
-    """One launch configuration of a Triton kernel, as `triton.compile` needs it."""
-
-    name: str
-    fn: object  # triton JITFunction
-    signature: dict[str, str]  # argument -> "*fp32", "i32", ..., "constexpr"
-    constexprs: dict[str, object] = field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 3
 
 
 # The Triton that CI installs: its report is benches/results/aot-report.txt, where no attention launch
@@ -125,6 +116,7 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
     from triton.runtime.jit import JITFunction
 
     from .kernels import attention as attn, attention_backward as attn_bwd, rotary
+    from .kernels.attention_common import UNBOUNDED
 
     launches = []
     run = JITFunction.run
@@ -136,9 +128,9 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
             for dt in (torch.bfloat16, torch.float16):
                 w, s = torch.rand(h // 2), torch.ones(1)
                 bias, pad = torch.randn(29, D // h), torch.zeros(B, T, dtype=torch.bool)
-                shapes = [(T, T, attn.UNBOUNDED, attn.UNBOUNDED, 0)]
+                shapes = [(T, T, UNBOUNDED, UNBOUNDED, 0)]
                 if h == 64 and dt == torch.bfloat16:
-                    shapes.append((1, 448, attn.UNBOUNDED, 0, 447))
+                    shapes.append((1, 448, UNBOUNDED, 0, 447))
                 for Tq, Tk, left, right, q_off in shapes:
                     q, k, v = heads(Tq, h, dt), heads(Tk, h, dt), heads(Tk, h, dt)
                     for M in (torch.randn(h, h), None):

@@ -59,17 +59,18 @@ def _band(window, causal: bool) -> tuple[int, int]:
 
 def _launch_forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
     from .kernels import attention as kernel
+    from .kernels.attention_common import window_ints
 
-    left, right = kernel.window_ints(left, right)
+    left, right = window_ints(left, right)
     return kernel.forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
 
 
 def _launch_backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
                      layout):
-    from .kernels import attention as kernel
     from .kernels import attention_backward as kernel_bwd
+    from .kernels.attention_common import window_ints
 
-    left, right = kernel.window_ints(left, right)
+    left, right = window_ints(left, right)
     dq, dk, dv, dM, dw, ds, dbias = kernel_bwd.backward(
         do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
     ds = ds.reshape(s.shape).to(s.dtype)

@@ -8,6 +8,8 @@ import torch
 
 from echo_kernels import reference
 
+from numerics import rel_err
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -43,12 +45,6 @@ def call(fn, inputs, **options):
     i = inputs
     return fn(i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], i["bias"],
               key_padding_mask=i["key_padding_mask"], **options)
-
-
-def rel_err(got, want):
-    """||got - want|| / ||want||, in float64 on the CPU."""
-    want = want.double().cpu()
-    return ((got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 GRAD_NAMES = ("q", "k", "v", "M", "w", "s", "bias")

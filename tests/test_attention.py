@@ -17,10 +17,12 @@ import triton
 import echo_kernels
 from echo_kernels import aot, reference
 from echo_kernels.kernels import attention as kernel
+from echo_kernels.kernels import attention_common
 from echo_kernels.kernels import attention_cpu
 
 from attention_cases import (CASES, GRAD_NAMES, ROTATIONS, assert_gradients_match, call, case_inputs, cast, grads,
-                             make_inputs, options, rel_err, s_error)
+                             make_inputs, options, s_error)
+from numerics import rel_err
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -41,7 +43,7 @@ pytestmark = pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU
 def use_triton(monkeypatch):
     monkeypatch.setenv("ECHO_BACKEND", "triton")
     if not ON_GPU:
-        monkeypatch.setattr(kernel, "BLOCK_OVERRIDE", {"BLOCK_M": 16, "BLOCK_N": 16})
+        monkeypatch.setattr(attention_common, "BLOCK_OVERRIDE", {"BLOCK_M": 16, "BLOCK_N": 16})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,7 +80,7 @@ BACKWARD_ROUNDINGS = 9
 def _forward_roundings(dtype):
     """FORWARD_ROUNDINGS where the kernel's dots take `dtype`; else (bf16 under the interpreter) the
     output's rounding alone."""
-    return FORWARD_ROUNDINGS if kernel.dot_dtype(dtype) == dtype else 1
+    return FORWARD_ROUNDINGS if attention_common.dot_dtype(dtype) == dtype else 1
 
 
 def _assert_low_precision_forward(case, dtype):
@@ -153,7 +155,7 @@ def _assert_low_precision_gradients(inputs, do, dtype, **opts):
     out_ref, want = grads(reference.echo_attention, inputs, torch.float64, do, **opts)
     out, got = grads(echo_kernels.echo_attention, inputs, dtype, do, activations_only=True, **opts)
     assert rel_err(out, out_ref) < reference.rounding_tolerance(dtype, _forward_roundings(dtype))
-    tol = reference.rounding_tolerance(dtype, BACKWARD_ROUNDINGS if kernel.dot_dtype(dtype) == dtype else 1)
+    tol = reference.rounding_tolerance(dtype, BACKWARD_ROUNDINGS if attention_common.dot_dtype(dtype) == dtype else 1)
     for name, g in want.items():
         err = s_error(got, want, inputs) if name == "s" else rel_err(got[name], g)
         assert err < tol, (name, err, tol)

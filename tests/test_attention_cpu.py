@@ -14,7 +14,8 @@ from echo_kernels import reference
 from echo_kernels.attention import _band
 from echo_kernels.kernels import attention_cpu
 
-from attention_cases import CASES, ROTATIONS, call, case_inputs, cast, grads, make_inputs, options, rel_err
+from attention_cases import CASES, ROTATIONS, call, case_inputs, cast, grads, make_inputs, options
+from numerics import rel_err
 
 
 def blocked(q, k, v, M, w, s, bias, *, key_padding_mask=None, window=None, causal=False, q_offset=0,

@@ -15,8 +15,10 @@ from echo_kernels.attention import kernel_head_width
 from echo_kernels.kernels import ATTENTION_HEAD_WIDTHS
 from echo_kernels.kernels import attention as kernel
 from echo_kernels.kernels import attention_backward as kernel_bwd
+from echo_kernels.kernels import attention_common
 
-from attention_cases import assert_gradients_match, call, cast, grads, make_inputs, rel_err
+from attention_cases import assert_gradients_match, call, cast, grads, make_inputs
+from numerics import rel_err
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.skipif(not (ON_GPU or os.environ.get("TRITON_INTERPRET"
 def use_triton(monkeypatch):
     monkeypatch.setenv("ECHO_BACKEND", "triton")
     if not ON_GPU:
-        monkeypatch.setattr(kernel, "BLOCK_OVERRIDE", {"BLOCK_M": 16, "BLOCK_N": 16})
+        monkeypatch.setattr(attention_common, "BLOCK_OVERRIDE", {"BLOCK_M": 16, "BLOCK_N": 16})
 
 
 def test_kernel_head_widths():

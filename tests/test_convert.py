@@ -13,9 +13,11 @@ import torch
 
 from echo import Echo
 from echo.cache import EchoCache
-from echo.convert import main as convert_main
+from echo.convert.__main__ import main as convert_main
 from echo.generate import logit_filter
 from echo.positional import CombinedRotaryEmbedding, GivensSite
+
+from numerics import rel_err
 
 pytestmark = pytest.mark.speech  # every test here builds an openai-whisper model
 
@@ -70,10 +72,6 @@ def clip_mel(name: str, n_mels: int, frames: int = 2 * AUDIO_CTX) -> torch.Tenso
     return whisper.log_mel_spectrogram(audio, n_mels=n_mels)
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def tokens_for(vocab: int) -> torch.Tensor:
     sot = 50257 if vocab == 51864 else 50258
     return torch.tensor([[sot, 300, 1000, 7000, 220, 50000], [sot, 40, 5000, 9, 31000, 12]])
@@ -88,12 +86,12 @@ def test_openai_whisper_imports_exactly(vocab, n_mels):
     with torch.no_grad():
         audio = whisper_model.encoder(mel)
         expected = whisper_model.logits(tokens, audio)
-        assert rel(echo.encode(mel)[0], audio) < 1e-5
-        assert rel(echo(mel, decoder_input_ids=tokens).logits, expected) < 1e-5
+        assert rel_err(echo.encode(mel)[0], audio) < 1e-5
+        assert rel_err(echo(mel, decoder_input_ids=tokens).logits, expected) < 1e-5
         cache = EchoCache()  # token by token through the KV cache
         steps = [echo(mel if i == 0 else None, decoder_input_ids=tokens[:, i: i + 1], past_key_values=cache,
                       use_cache=True).logits for i in range(tokens.shape[1])]
-        assert rel(torch.cat(steps, dim=1), expected) < 1e-5
+        assert rel_err(torch.cat(steps, dim=1), expected) < 1e-5
     assert echo.config.vocab_size == vocab and echo.config.n_mels == n_mels
     assert echo.config.positional_norm == "none"
 
@@ -109,8 +107,8 @@ def test_hugging_face_whisper_imports_exactly(vocab, n_mels, tmp_path):
         audio = hf.model.encoder(mel).last_hidden_state
         for source in (hf, tmp_path / "hf"):
             echo = Echo.from_whisper(source)
-            assert rel(echo.encode(mel)[0], audio) < 1e-5
-            assert rel(echo(mel, decoder_input_ids=tokens).logits, expected) < 1e-5
+            assert rel_err(echo.encode(mel)[0], audio) < 1e-5
+            assert rel_err(echo(mel, decoder_input_ids=tokens).logits, expected) < 1e-5
     assert echo.config.decoder_start_token_id == hf.config.decoder_start_token_id
 
 
@@ -178,14 +176,14 @@ def test_checkpoint_file_converts_to_an_echo_folder(tmp_path, caplog):
         for loaded in (Echo.from_pretrained(tmp_path / "echo"),
                        AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "echo")):
             assert isinstance(loaded, Echo)
-            assert rel(loaded(mel, decoder_input_ids=tokens).logits, expected) < 1e-5
+            assert rel_err(loaded(mel, decoder_input_ids=tokens).logits, expected) < 1e-5
     with caplog.at_level(logging.WARNING, logger="echo.convert"):
         assert convert_main([str(tmp_path / "tiny.pt"), str(tmp_path / "local"), "--set", "local_window=8"]) == 0
     assert "start fresh" in caplog.text and "local_attn" in caplog.text
     local = Echo.from_pretrained(tmp_path / "local")
     assert local.config.local_window == 8
     with torch.no_grad():  # the fresh local branch adds nothing yet: still Whisper's function
-        assert rel(local(mel, decoder_input_ids=tokens).logits, expected) < 1e-5
+        assert rel_err(local(mel, decoder_input_ids=tokens).logits, expected) < 1e-5
 
 
 def test_bad_sources_are_clear_errors(tmp_path):

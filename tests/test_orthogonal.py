@@ -11,6 +11,8 @@ import torch
 import echo_kernels as ek
 from echo_kernels import _extension, backend, reference
 
+from numerics import rel_err
+
 
 op = torch.ops.echo_kernels.orthogonal_product if _extension.LOADED else None
 op_backward = torch.ops.echo_kernels.orthogonal_product_backward if _extension.LOADED else None
@@ -51,10 +53,6 @@ def inputs(h, n, kind="random", theta_batch=(), r_batch=(), dtype=torch.float64,
     return thetas, pairs, R
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 # -- forward and backward against the float64 reference ----------------------------------------------
 
 SIZES = [(h, n) for h in (16, 64, 128) for n in (1, h // 2, h * (h - 1) // 2)]
@@ -82,7 +80,7 @@ def test_forward_matches_reference(h, n, kind, givens_first):
     M = op(thetas, pairs, R, givens_first)
     expected = reference.orthogonal_product(thetas, pairs, R, givens_first)
     assert M.shape == expected.shape and M.dtype == torch.float64
-    assert rel(M, expected) < 1e-10
+    assert rel_err(M, expected) < 1e-10
 
 
 BACKWARD_CASES = [
@@ -105,13 +103,13 @@ def test_gradients_match_reference(h, n, kind, tb, rb, givens_first):
     R.requires_grad_(True)
     M = op(thetas, pairs, R, givens_first)
     expected = reference.orthogonal_product(thetas, pairs, R, givens_first)
-    assert rel(M, expected) < 1e-10
+    assert rel_err(M, expected) < 1e-10
     upstream = torch.randn(M.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     got = torch.autograd.grad(M, (thetas, R), upstream)
     want = torch.autograd.grad(expected, (thetas, R), upstream)
     for g, w in zip(got, want):
         assert g.shape == w.shape
-        assert rel(g, w) < 1e-10
+        assert rel_err(g, w) < 1e-10
 
 
 def test_empty_product_is_R():
@@ -225,20 +223,20 @@ def test_low_precision(dtype):
     assert M.dtype == dtype
     t64, r64 = thetas.detach().double().requires_grad_(True), R.detach().double().requires_grad_(True)
     expected = reference.orthogonal_product(t64, pairs, r64, True)
-    assert rel(M, expected) < tol
+    assert rel_err(M, expected) < tol
     upstream = torch.randn(M.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
     got = torch.autograd.grad(M, (thetas, R), upstream)
     want = torch.autograd.grad(expected, (t64, r64), upstream.double())
     for g, w, x in zip(got, want, (thetas, R)):
         assert g.dtype == x.dtype
-        assert rel(g, w) < tol
+        assert rel_err(g, w) < tol
 
 
 def test_mixed_dtypes_promote():
     thetas, pairs, R = inputs(16, 10, seed=8)
     M = op(thetas.float(), pairs, R.bfloat16(), True)
     assert M.dtype == torch.float32
-    assert rel(M, reference.orthogonal_product(thetas.float(), pairs, R.bfloat16(), True)) < 1e-5
+    assert rel_err(M, reference.orthogonal_product(thetas.float(), pairs, R.bfloat16(), True)) < 1e-5
 
 
 def assert_backward_deterministic(thetas, pairs, R):
@@ -371,12 +369,12 @@ def test_gpu_cuda_matches_reference(h, n, kind, tb, rb, givens_first, dtype):
     M = op(gpu_in[0], pairs.cuda(), gpu_in[1], givens_first)
     expected = op(ref_in[0], pairs, ref_in[1], givens_first)  # the CPU op, itself checked against the reference
     tol = 1e-10 if dtype == torch.float64 else 1e-5
-    assert rel(M.cpu(), expected) < tol
+    assert rel_err(M.cpu(), expected) < tol
     upstream = torch.randn(M.shape, dtype=dtype, generator=torch.Generator().manual_seed(3))
     got = torch.autograd.grad(M, gpu_in, upstream.cuda())
     want = torch.autograd.grad(expected, ref_in, upstream)
     for g, w in zip(got, want):
-        assert rel(g.cpu(), w) < (1e-9 if dtype == torch.float64 else 1e-4)
+        assert rel_err(g.cpu(), w) < (1e-9 if dtype == torch.float64 else 1e-4)
 
 
 @pytest.mark.gpu
@@ -386,7 +384,7 @@ def test_gpu_half_precision(dtype):
     M = op(thetas.cuda(), pairs.cuda(), R.cuda(), True)
     assert M.dtype == dtype
     expected = reference.orthogonal_product(thetas.double(), pairs, R.double(), True)
-    assert rel(M.cpu(), expected) < reference.rounding_tolerance(dtype, _roundings(dtype, pairs))
+    assert rel_err(M.cpu(), expected) < reference.rounding_tolerance(dtype, _roundings(dtype, pairs))
 
 
 @pytest.mark.gpu

@@ -22,11 +22,11 @@ from echo_kernels.kernels import attention_cpu
 
 import brute_force
 from attention_strategies import attention_cases, attention_gradient_terms, attention_grads
+from numerics import rel_err
 from property_counts import counted
 from property_strategies import (
     orthogonal_cases,
     property_settings,
-    rel_err,
     rotary_cases,
     rotary_gradient_terms,
     rotary_grads,

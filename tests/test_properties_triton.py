@@ -19,11 +19,13 @@ from hypothesis import strategies as st
 import echo_kernels
 from echo_kernels import reference
 from echo_kernels.kernels import attention as attention_kernel
+from echo_kernels.kernels import attention_common
 from echo_kernels.kernels import rotary as rotary_kernels
 
 from attention_strategies import attention_cases, attention_gradient_terms, attention_grads
 from property_counts import counted
-from property_strategies import property_settings, rel_err, rotary_cases, rotary_gradient_terms, rotary_grads
+from numerics import rel_err
+from property_strategies import property_settings, rotary_cases, rotary_gradient_terms, rotary_grads
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -49,7 +51,7 @@ def test_triton_attention_float32(case, tiles):
     override = dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1]) if tiles else {}
     forward = mock.patch.object(attention_kernel, "forward", wraps=attention_kernel.forward)
     with mock.patch.dict(os.environ, {"ECHO_BACKEND": "triton"}), \
-            mock.patch.dict(attention_kernel.BLOCK_OVERRIDE, override), forward as spy:
+            mock.patch.dict(attention_common.BLOCK_OVERRIDE, override), forward as spy:
         out, got = attention_grads(echo_kernels.echo_attention, inputs, do, torch.float32, case.options(),
                                    DEVICE)
     assert spy.call_count == 1  # the kernel ran

@@ -12,6 +12,8 @@ import echo_kernels
 from echo_kernels import aot, reference
 from echo_kernels.kernels import rotary as kernels
 
+from numerics import rel_err
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter mishandles bf16, so on the CPU the kernel is checked in fp32 and fp16.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -31,10 +33,6 @@ LAYOUTS = ("half_split", "interleaved")
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch):
     monkeypatch.setenv("ECHO_BACKEND", "triton")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make_inputs(B, T, H, h, dtype, strided, seed=0):

@@ -44,12 +44,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (
+from . import ATTENTION_HEAD_WIDTHS
+from .attention_common import (
     FUTURE,
     LOG2E,
     NEAR,
     NO_BIAS,
     PAST,
+    _bias_arg,
     _bias_tile,
     _blocks_for,
     _key_ok,
@@ -57,6 +59,7 @@ from .attention import (
     _load_full,
     _load_p,
     _load_pairs,
+    _pad_arg,
     _rope_angles,
     _rotated_k,
     _split_regions,
@@ -65,6 +68,7 @@ from .attention import (
     p_arg,
     precision,
 )
+from .spec import KernelSpec, signature_of
 
 @triton.jit
 def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb,
@@ -591,8 +595,6 @@ def _dq_programs_per_head(n_heads: int, n_tiles: int, device) -> int:
 
 
 def _common_args(q, k, v, do, bias, key_padding_mask):
-    from .attention import _bias_arg, _pad_arg
-
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
     pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), sbr, sbh, spb, spt)
@@ -699,3 +701,45 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         table[:, -1] += ends[:, 1]
         dbias = table.T.contiguous().to(bias.dtype)
     return dq, dk, dv, dM, dw, ds, dbias
+
+
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compile list (echo_kernels.aot)
+# --------------------------------------------------------------------------------------------------
+
+
+def aot_specs() -> list[KernelSpec]:
+    """The launches of the backward kernels at their default block sizes: h in {32, 64, 128}, bf16
+    and fp16, with a bias table and a key-padding mask, with M and without (names ending in _no_m)."""
+    specs = []
+    for h in ATTENTION_HEAD_WIDTHS:
+        for dt in ("bf16", "fp16"):
+            g = default_blocks(h)
+            ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
+            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32", G="*fp32",
+                        DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", scale="fp32")
+            for name, fn, ce in (
+                ("delta", _attn_bwd_delta_kernel, dict(
+                    HEAD=h, HAS_P=True, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),
+                ("delta_no_m", _attn_bwd_delta_kernel, dict(
+                    HEAD=h, HAS_P=False, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),
+                ("dkdv", _attn_bwd_dkdv_kernel, dict(
+                    HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dkdv"]["BLOCK_M"], BLOCK_N=g["dkdv"]["BLOCK_N"],
+                    PRECISION="tf32")),
+                ("unrope", _attn_bwd_unrope_kernel, dict(HEAD=h, BLOCK=g["unrope"]["BLOCK_M"])),
+                ("dq", _attn_bwd_dq_kernel, dict(
+                    HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dq"]["BLOCK_M"], BLOCK_N=g["dq"]["BLOCK_N"],
+                    PRECISION="tf32")),
+                ("dq_unrotate", _attn_bwd_dq_unrotate_kernel, dict(
+                    HEAD=h, HAS_P=True, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
+                ("dq_unrotate_no_m", _attn_bwd_dq_unrotate_kernel, dict(
+                    HEAD=h, HAS_P=False, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
+                ("dbias", _attn_bwd_dbias_diag_kernel, dict(
+                    HEAD=h, HAS_PAD=True, BLOCK_M=g["diag"]["BLOCK_M"], PRECISION="tf32")),
+            ):
+                c = g[{"delta_no_m": "delta", "dq_unrotate": "unrotate", "dq_unrotate_no_m": "unrotate",
+                       "dbias": "diag"}.get(name, name)]
+                specs.append(KernelSpec(
+                    f"attention_bwd_{name}_h{h}_{dt}", fn, signature_of(fn, ptrs, ce), ce,
+                    num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    return specs

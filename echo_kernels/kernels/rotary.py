@@ -29,15 +29,15 @@ in a fixed order: deterministic, no float atomics.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# Dtypes the kernels take for x (float64 stays with the reference).
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ..backend import triton_interpreted
+from .spec import KernelSpec
+
 HEAD_DIMS = (32, 64, 80, 128)  # the widths that aot_specs() compiles; any even h >= 2 works
 BLOCK_T = 64  # forward: one warpgroup's worth of rows for the Hopper wgmma
 BLOCK_T_BWD = 32  # backward: half the rows, for the registers its dM accumulators need (16: see _config)
@@ -271,17 +271,13 @@ def _rotary_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _config(h: int, dtype: torch.dtype, backward: bool) -> dict:
     """Block sizes and warps of a launch (the same as aot_specs() compiles)."""
     block_k = triton.next_power_of_2(h)
     block_p = max(16, triton.next_power_of_2(h // 2))  # tl.dot needs every dim >= 16
     block_k = max(16, block_k)
     # The interpreter mishandles bf16 dots: do them in fp32 there (tests use fp32/fp16 anyway).
-    dot_fp32 = dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
+    dot_fp32 = dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreted())
     block_t = BLOCK_T_BWD if backward else BLOCK_T
     cfg = dict(BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_P=block_p, DOT_FP32=dot_fp32, num_stages=3)
     if backward:
@@ -404,8 +400,6 @@ _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 
 
 def _spec(h: int, dtype: torch.dtype, backward: bool, layout: str = "half_split"):
-    from ..aot import KernelSpec
-
     cfg = _config(h, dtype, backward)
     xt = "*" + _TRITON_TYPES[dtype]
     i32 = "i32"

@@ -16,21 +16,18 @@ on; the parts they add start fresh, and the import says which.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import re
-import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .attention import ConvAttention, EchoAttention, LocalGlobalAttention
-from .checkpoint import load_weights_only, read_tensors
-from .config import ECHO_DEFAULTS, EchoConfig, read_json_object
-from .positional import CombinedRotaryEmbedding, GivensSite
+from ..attention import ConvAttention, EchoAttention, LocalGlobalAttention
+from ..checkpoint import load_weights_only, read_tensors
+from ..config import ECHO_DEFAULTS, EchoConfig, read_json_object
+from ..positional import CombinedRotaryEmbedding, GivensSite
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +106,7 @@ def read_whisper(source) -> WhisperWeights:
 
 
 def _openai(dims: dict, tensors: dict, origin: str) -> WhisperWeights:
-    from .audio import WHISPER_VOCAB_SIZES, get_tokenizer
+    from ..audio import WHISPER_VOCAB_SIZES, get_tokenizer
 
     if not isinstance(dims, dict) or set(dims) != set(DIMS):
         raise ValueError(f"{origin}: 'dims' must hold whisper's ModelDimensions fields {DIMS}, got {dims!r}")
@@ -314,40 +311,3 @@ def _report(model: nn.Module, config: EchoConfig, copied: set[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m echo.convert", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="openai-whisper .pt file, or a Hugging Face Whisper folder")
-    parser.add_argument("out_dir", help="the Echo folder to write (safetensors + config.json)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="an EchoConfig override, e.g. local_window=64 (JSON values); may be repeated")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = _value(value.strip())
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .model import Echo
-
-    try:
-        model = Echo.from_whisper(args.source, **overrides)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"python -m echo.convert: {error}")
-    model.save_pretrained(args.out_dir)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out_dir}: Echo with {n / 1e6:.1f} M parameters from {args.source}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

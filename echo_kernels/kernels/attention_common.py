@@ -1,0 +1,222 @@
+"""Pieces shared by the forward (echo_kernels.kernels.attention) and backward
+(echo_kernels.kernels.attention_backward) attention kernels and their launchers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import triton_interpreted
+
+UNBOUNDED = 1 << 30  # window side that reaches every key; positions stay far below it
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton pieces
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_pairs(ptr, rows, row_ok, stride_t, stride_d, HALF: tl.constexpr):
+    """The even and odd columns of a (rows, 2 HALF) tile as two fp32 (rows, HALF) tiles; rows not
+    row_ok read as zeros (past the end, or padded keys: never a NaN that a zero weight would keep)."""
+    cols = tl.arange(0, HALF)
+    offs = rows[:, None] * stride_t + (2 * cols)[None, :] * stride_d
+    mask = row_ok[:, None]
+    even = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    odd = tl.load(ptr + offs + stride_d, mask=mask, other=0.0).to(tl.float32)
+    return even, odd
+
+
+@triton.jit
+def _tile_and_head(n_tiles):
+    """(tile, batch-head) of this program on a 1-D grid of n_tiles * B * H programs, tiles fastest (so
+    that programs running together share a head's keys in L2). A 1-D grid because CUDA caps a grid's
+    second axis at 65535, which B * H can pass; its first allows 2**31 - 1."""
+    pid = tl.program_id(0)
+    return pid % n_tiles, pid // n_tiles
+
+
+@triton.jit
+def _rope_angles(pos, s, W, HALF: tl.constexpr):
+    """cos and sin of phi[t, m] = (s * pos[t]) * w[m], each (rows, HALF) fp32."""
+    w = tl.load(W + tl.arange(0, HALF)).to(tl.float32)
+    phi = (s * pos.to(tl.float32))[:, None] * w[None, :]
+    return tl.cos(phi), tl.sin(phi)
+
+
+@triton.jit
+def _rope_angles_step(cos0, sin0, first, s, W, HALF: tl.constexpr):
+    """cos and sin of phi = (s * (first + t)) * w for the rows t of a tile, by angle addition.
+
+    cos0, sin0: cos and sin of (s * t) * w for t = 0..rows-1, computed once per program. Only the
+    h/2 angles s * first * w are evaluated here, not a sine per element: precise sin/cos cost tens of
+    instructions each, more than the tile's matrix products.
+    """
+    w = tl.load(W + tl.arange(0, HALF)).to(tl.float32)
+    base = (s * first.to(tl.float32)) * w
+    cb = tl.cos(base)[None, :]
+    sb = tl.sin(base)[None, :]
+    return cb * cos0 - sb * sin0, sb * cos0 + cb * sin0
+
+
+@triton.jit
+def _load_full(ptr, rows, row_ok, stride_t, stride_d, HEAD: tl.constexpr):
+    """A (rows, HEAD) fp32 tile; rows not row_ok read as zeros."""
+    cols = tl.arange(0, HEAD)
+    offs = rows[:, None] * stride_t + cols[None, :] * stride_d
+    return tl.load(ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_p(P, HALF: tl.constexpr):
+    """The four (HALF, HALF) blocks of the permuted, scaled P (contiguous (2 HALF, 2 HALF))."""
+    r = tl.arange(0, HALF)[:, None]
+    c = tl.arange(0, HALF)[None, :]
+    aa = tl.load(P + r * (2 * HALF) + c)
+    ab = tl.load(P + r * (2 * HALF) + c + HALF)
+    ba = tl.load(P + (r + HALF) * (2 * HALF) + c)
+    bb = tl.load(P + (r + HALF) * (2 * HALF) + c + HALF)
+    return aa, ab, ba, bb
+
+
+# Key tiles fall in three regions by where the clamp of i - j sends them: wholly at i - j >= n - 1
+# (PAST: one bias value, the last row), straddling the diagonal (NEAR: a gather from the table), and
+# wholly at i - j <= -(n - 1) (FUTURE: the first row). Each region is its own loop, so no branch sits
+# inside a loop body (which would stop Triton from pipelining its loads). NO_BIAS: no table at all.
+NO_BIAS: tl.constexpr = tl.constexpr(0)
+PAST: tl.constexpr = tl.constexpr(1)
+NEAR: tl.constexpr = tl.constexpr(2)
+FUTURE: tl.constexpr = tl.constexpr(3)
+
+
+@triton.jit
+def _split_regions(lo, hi, last_past, first_future, BLOCK: tl.constexpr):
+    """Tile starts lo, lo + BLOCK, ... < hi, cut at d1 and d2: [lo, d1) start at most last_past,
+    [d2, hi) at least first_future, [d1, d2) between. The loops over them may be empty."""
+    top = tl.maximum(hi, lo)
+    n1 = tl.where(last_past >= lo, (last_past - lo) // BLOCK + 1, 0)
+    d1 = tl.minimum(lo + n1 * BLOCK, top)
+    n2 = tl.where(first_future > lo, (first_future - lo + BLOCK - 1) // BLOCK, 0)
+    d2 = tl.minimum(tl.maximum(lo + n2 * BLOCK, d1), top)
+    return d1, d2
+
+
+@triton.jit
+def _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION: tl.constexpr):
+    """bias[clamp(rel) + n - 1, head] for a tile of offsets rel = i - j, fp32 (see the regions)."""
+    if REGION == PAST:
+        return tl.load(Bias + (2 * n_rel - 2) * stride_br + head_off).to(tl.float32)
+    elif REGION == FUTURE:
+        return tl.load(Bias + head_off).to(tl.float32)
+    elif REGION == NEAR:
+        ridx = tl.minimum(tl.maximum(rel, 1 - n_rel), n_rel - 1) + n_rel - 1
+        return tl.load(Bias + ridx * stride_br + head_off).to(tl.float32)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _rotated_k(K, cols, key_ok, stride_kt, stride_kd, cos0, sin0, first, s, W, HALF: tl.constexpr):
+    """RoPE halves (fp32) of the key tile at rows cols, whose first position is `first`; keys not
+    key_ok are zeros."""
+    y1, y2 = _load_pairs(K, cols, key_ok, stride_kt, stride_kd, HALF)
+    kcos, ksin = _rope_angles_step(cos0, sin0, first, s, W, HALF)
+    return y1 * kcos - y2 * ksin, y1 * ksin + y2 * kcos
+
+
+@triton.jit
+def _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD: tl.constexpr):
+    """(cols,) keys that exist and are not padding."""
+    ok = cols < Tk
+    if HAS_PAD:
+        padded = tl.load(Pad + pad_off + cols * stride_pt, mask=cols < Tk, other=1)
+        ok = ok & (padded == 0)
+    return ok
+
+
+@triton.jit
+def _key_range(q_first, q_last, left, right, q_off, k_off, Tk, BLOCK_N: tl.constexpr):
+    """[lo, hi) key columns that queries q_first..q_last (rows) can reach; lo a multiple of BLOCK_N."""
+    lo = tl.maximum(q_off + q_first - left - k_off, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(q_off + q_last + right - k_off + 1, Tk)
+    return lo, hi
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def dot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Operand type of the kernels' tl.dot: the inputs' own, except bf16 under the interpreter."""
+    if dtype == torch.bfloat16 and triton_interpreted():
+        return torch.float32  # the interpreter mishandles bf16 arithmetic
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def precision(dtype: torch.dtype) -> str:
+    """fp32 operands are multiplied exactly (ieee), not in tf32."""
+    return "ieee" if dot_dtype(dtype) == torch.float32 else "tf32"
+
+
+def layout_perm(h: int, layout: str, device) -> torch.Tensor:
+    """Positions of RoPE's a-half then b-half in the layout: the row/column order of P~."""
+    half = torch.arange(h // 2, device=device)
+    if layout == "half_split":
+        return torch.cat([half, half + h // 2])
+    return torch.cat([2 * half, 2 * half + 1])
+
+
+def folded_p(M: torch.Tensor, layout: str) -> torch.Tensor:
+    """P~ = (M M^T)[perm][:, perm] / sqrt(h), fp32, (h, h)."""
+    h = M.shape[0]
+    Mf = M.float()
+    perm = layout_perm(h, layout, M.device)
+    return ((Mf @ Mf.T) / math.sqrt(h))[perm][:, perm].contiguous()
+
+
+def p_arg(M: torch.Tensor | None, layout: str, dtype: torch.dtype, device) -> tuple[torch.Tensor, bool]:
+    """(P, HAS_P) for the kernels: P~ in the dot type of `dtype` inputs, or without M a one-element
+    placeholder that only carries that type."""
+    if M is None:
+        return torch.zeros(1, dtype=dot_dtype(dtype), device=device), False
+    return folded_p(M, layout).to(dot_dtype(dtype)), True
+
+
+def window_ints(left: int, right: int) -> tuple[int, int]:
+    """Schema ints (-1 = unbounded) to the kernel's band sides."""
+    left = UNBOUNDED if left < 0 else left
+    right = UNBOUNDED if right < 0 else right
+    return left, right
+
+
+# Tests shrink the tiles (e.g. 16) so that ragged and multi-tile cases happen at small T. The one
+# override that the forward and backward launchers both read.
+BLOCK_OVERRIDE: dict = {}
+
+
+def _blocks_for(h: int, defaults) -> dict:
+    cfg = defaults(h)
+    cfg.update(BLOCK_OVERRIDE)
+    return cfg
+
+
+def _pad_arg(key_padding_mask, like):
+    if key_padding_mask is None:
+        return like, 0, 0, False
+    pad = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
+    return pad, pad.stride(0), pad.stride(1), True
+
+
+def _bias_arg(bias, like):
+    if bias is None:
+        return like, 0, 0, 1, False
+    return bias, bias.stride(0), bias.stride(1), (bias.shape[0] + 1) // 2, True

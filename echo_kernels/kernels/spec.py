@@ -1,0 +1,27 @@
+"""KernelSpec: one launch configuration of a Triton kernel, which each kernel module lists in its
+`aot_specs()` for echo_kernels.aot to compile ahead of time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+
+@dataclass
+class KernelSpec:
+    """One launch configuration of a Triton kernel, as `triton.compile` needs it."""
+
+    name: str
+    fn: object  # triton JITFunction
+    signature: dict[str, str]  # argument -> "*fp32", "i32", ..., "constexpr"
+    constexprs: dict[str, object] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def signature_of(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
+    """Every argument of `fn`: pointers as given, constexprs as such, the rest i32."""
+    py = getattr(fn, "fn", fn)  # JITFunction or interpreter wrapper around the Python function
+    names = list(inspect.signature(py).parameters)
+    return {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
