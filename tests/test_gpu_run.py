@@ -2,6 +2,7 @@
 this CPU runs every step and leaves the results the GPU run would bring back."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,8 +16,10 @@ STEPS = ["build", "correctness", "headline", "benches", "report"]
 
 
 def gpu_run(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    # the script runs `python3`: this test's interpreter, whether or not its environment is activated
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=dict(os.environ, PATH=path))
 
 
 def plan(*args: str) -> tuple[dict[str, int], int]:
