@@ -4,8 +4,6 @@ CUDA grid's second axis holds (the launches use one axis)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -22,8 +20,6 @@ from numerics import rel_err
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-pytestmark = pytest.mark.skipif(not (ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"),
-                                reason="needs a GPU or TRITON_INTERPRET=1")
 
 
 @pytest.fixture

@@ -41,7 +41,6 @@ import triton
 import triton.language as tl
 
 from . import ATTENTION_HEAD_WIDTHS
-
 from .attention_common import (
     FUTURE,
     LOG2E,
@@ -84,7 +83,7 @@ def _fwd_tiles(
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         # a padded key's k only reaches its own logits, which the mask replaces
-        ak, bk = _rotated_k(K, cols, cols < Tk, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
+        ak, bk = _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
         logits = tl.dot(qa, tl.trans(ak.to(DT)), input_precision=PRECISION)
         logits = tl.dot(qb, tl.trans(bk.to(DT)), logits, input_precision=PRECISION)
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j

@@ -355,7 +355,7 @@ def _dq_tiles(
         # A padded key's k and v meet ds = p = 0 in the products below, and 0 * NaN is NaN: zeroed after
         # the loads, whose masks then do not wait on the padding's (that costs the pipelined loop registers).
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
-        ak, bk = _rotated_k(K, cols, cols < Tk, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
+        ak, bk = _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
         ak = tl.where(key_ok[:, None], ak, 0.0).to(DT)
         bk = tl.where(key_ok[:, None], bk, 0.0).to(DT)
         logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)

@@ -122,10 +122,9 @@ def _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION: tl.constexpr):
 
 
 @triton.jit
-def _rotated_k(K, cols, key_ok, stride_kt, stride_kd, cos0, sin0, first, s, W, HALF: tl.constexpr):
-    """RoPE halves (fp32) of the key tile at rows cols, whose first position is `first`; keys not
-    key_ok are zeros."""
-    y1, y2 = _load_pairs(K, cols, key_ok, stride_kt, stride_kd, HALF)
+def _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, first, s, W, HALF: tl.constexpr):
+    """RoPE halves (fp32) of the key tile at rows cols (zeros from Tk on), whose first position is `first`."""
+    y1, y2 = _load_pairs(K, cols, cols < Tk, stride_kt, stride_kd, HALF)
     kcos, ksin = _rope_angles_step(cos0, sin0, first, s, W, HALF)
     return y1 * kcos - y2 * ksin, y1 * ksin + y2 * kcos
 
@@ -147,7 +146,6 @@ def _key_range(q_first, q_last, left, right, q_off, k_off, Tk, BLOCK_N: tl.const
     lo = (lo // BLOCK_N) * BLOCK_N
     hi = tl.minimum(q_off + q_last + right - k_off + 1, Tk)
     return lo, hi
-
 
 
 # --------------------------------------------------------------------------------------------------
