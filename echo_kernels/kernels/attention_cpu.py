@@ -152,7 +152,6 @@ class _BlockedAttention(torch.autograd.Function):
         out = out.view(B, H, Tq, h)
         ctx.save_for_backward(q, k, v, bias, key_padding_mask, out)
         ctx.masks = (left, right, shift)
-        ctx.values_finite = values_finite
         return out
 
     @staticmethod
@@ -166,8 +165,8 @@ class _BlockedAttention(torch.autograd.Function):
         want_dbias = bias is not None and ctx.needs_input_grad[3]
         dbias = torch.zeros_like(bias) if want_dbias else None
         minus_delta = -(do3 * out.view(B * H, Tq, h)).sum(-1, keepdim=True)  # -rowsum(P * dP)
-        # as in the forward: where v is not finite, dP at a masked key is 0 * (dO . v) = NaN, zeroed below
-        values_finite = ctx.values_finite
+        # dP at a masked key is 0 * (dO . v); a non-finite v there must not make it NaN
+        values_finite = _values_finite(v)
         for a, b, lo, hi in blocks(Tq, k.shape[2], left, right, shift, B * H):
             if hi == lo:
                 continue
