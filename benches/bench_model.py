@@ -116,9 +116,8 @@ def training_step(model, mel, labels):
 @torch.no_grad()
 def echo_inference(model, mel):
     """Encoder, then DECODE_STEPS greedy tokens one at a time through the KV cache."""
-    cache = EchoCache()
-    cache.pos = model.positional_state()
-    xa, _ = model.encode(mel, pos=cache.pos)
+    cache = EchoCache(positions=model.positional_state())
+    xa, _ = model.encode(mel, pos=cache.positions)
     token = torch.full((mel.shape[0], 1), model.config.decoder_start_token_id, device=mel.device)
     out = model(encoder_outputs=xa, decoder_input_ids=token, past_key_values=cache, use_cache=True)
     for _ in range(DECODE_STEPS - 1):

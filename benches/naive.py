@@ -67,9 +67,9 @@ class GivensChain:
         return x @ R if self.givens_first else x
 
 
-def site_chains(sites) -> dict[str, GivensChain]:
-    """Every Givens site's factors, site by site (replaces echo.positional.site_matrices)."""
-    return {name: GivensChain(site.thetas, site.pairs, site.R, site.givens_first) for name, site in sites.items()}
+def site_chains(sites) -> dict:
+    """{site: its GivensChain} for every Givens site, site by site (replaces echo.positional.site_matrices)."""
+    return {site: GivensChain(site.thetas, site.pairs, site.R, site.givens_first) for site in sites}
 
 
 def _times_m(x: Tensor, M) -> Tensor:

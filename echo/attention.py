@@ -1,9 +1,8 @@
 """Attention sub-layers: Echo attention, local + global and convolution + attention
 (docs/model.md: Attention, Local + global attention, Convolution + attention).
 
-Every sub-layer takes `pos`, the positional state computed once per forward by the model: the
-attention frequencies "w.audio" / "w.text" (from the current adaptive base) and one matrix M per
-Givens site, keyed by the site's module name.
+Every sub-layer takes `pos`, the PositionalState computed once per forward by the model: the
+attention frequencies of each side (from the current adaptive base) and one matrix M per Givens site.
 """
 
 from __future__ import annotations
@@ -14,9 +13,10 @@ from torch import Tensor, nn
 
 from echo_kernels import echo_attention
 
+from .cache import EchoCache, FoldedWeights, KeysValues
 from .config import EchoConfig
 from .layers import layer_norm
-from .positional import GivensSite, adjacent_pairs
+from .positional import GivensSite, PositionalState, adjacent_pairs
 
 # In the "m_then_rope" order, fold M into the q and k projections and give the op M=None (True), or
 # give the op M (False): the same maths, which the tests compare and the naive bench baseline uses.
@@ -70,44 +70,47 @@ class EchoAttention(nn.Module):
                                group=("attention", self.h, n, givens_first))
         self.s = nn.Parameter(torch.tensor(1.0))
         self.bias = nn.Parameter(torch.zeros(2 * config.max_rel_dist - 1, self.n_head))
-        self.cache_key = None  # set by the model: where this layer keeps its k and v in an EchoCache
 
     def _heads(self, t: Tensor) -> Tensor:
         B, T, _ = t.shape
         return t.view(B, T, self.n_head, self.h).transpose(1, 2)
 
-    def _projections(self, M: Tensor, cache) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    def _projections(self, M: Tensor, cache: EchoCache | None) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """(Wq, bq, Wk, M for the op): M folded into Wq, bq and Wk ("m_then_rope"), else as they are.
         A KV cache keeps the folded weights of its first step: M is fixed while decoding."""
         if self.rotation != "m_then_rope" or not FOLD_M:
             return self.query.weight, self.query.bias, self.key.weight, M
-        if cache is not None and self.cache_key in cache.folded:
-            return (*cache.folded[self.cache_key], None)
-        wq, bq = fold_rotation(self.query.weight, self.query.bias, M, self.n_head)
-        wk, _ = fold_rotation(self.key.weight, None, M, self.n_head)
-        if cache is not None:
-            cache.folded[self.cache_key] = (wq, bq, wk)
+
+        def fold() -> FoldedWeights:
+            wq, bq = fold_rotation(self.query.weight, self.query.bias, M, self.n_head)
+            wk, _ = fold_rotation(self.key.weight, None, M, self.n_head)
+            return wq, bq, wk
+
+        wq, bq, wk = fold() if cache is None else cache.folded_weights(self, fold)
         return wq, bq, wk, None
 
-    def forward(self, x: Tensor, pos: dict, xa: Tensor | None = None, key_padding_mask: Tensor | None = None,
-                cache=None, offset: int = 0) -> Tensor:
-        wq, bq, wk, M = self._projections(pos[self.site.key], cache)
-        q = F.linear(x, wq, bq)
-        if self.cross and cache is not None and self.cache_key in cache.kv:
-            # the encoder frames were projected on the first step
-            k, v = cache.kv[self.cache_key]
-        else:
-            if self.cross and xa is None:
-                raise ValueError("cross-attention needs the encoder output (input_features or encoder_outputs)")
-            source = xa if self.cross else x
-            k, v = self._heads(F.linear(source, wk)), self._heads(self.value(source))
+    def _keys_values(self, source: Tensor | None, wk: Tensor) -> KeysValues:
+        """source (B, Tk, D_kv) -> k, v (B, H, Tk, h), k by the (possibly folded) Wk. source None (a
+        cross-attention given no encoder output) is a ValueError."""
+        if source is None:
+            raise ValueError("cross-attention needs the encoder output (input_features or encoder_outputs)")
+        return self._heads(F.linear(source, wk)), self._heads(self.value(source))
+
+    def forward(self, x: Tensor, pos: PositionalState, xa: Tensor | None = None,
+                key_padding_mask: Tensor | None = None, cache: EchoCache | None = None, offset: int = 0) -> Tensor:
+        """offset: the position of x's first token (the tokens a KV cache holds before this step)."""
+        wq, bq, wk, M = self._projections(pos.matrix(self.site), cache)
+        q = self._heads(F.linear(x, wq, bq))
+        if not self.cross:
+            k, v = self._keys_values(x, wk)
             if cache is not None:
-                if not self.cross and self.cache_key in cache.kv:
-                    past_k, past_v = cache.kv[self.cache_key]
-                    k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-                cache.kv[self.cache_key] = (k, v)
+                k, v = cache.update(self, k, v)
+        elif cache is None:
+            k, v = self._keys_values(xa, wk)
+        else:  # the encoder frames are projected on the first step only
+            k, v = cache.cross(self, lambda: self._keys_values(xa, wk))
         a = echo_attention(
-            self._heads(q), k, v, M, pos[f"w.{self.side}"], self.s, self.bias,
+            q, k, v, M, pos.w(self.side), self.s, self.bias,
             window=self.window, causal=self.causal, q_offset=offset, k_offset=0,
             key_padding_mask=key_padding_mask, layout=self.layout, rotation=self.rotation,
         )
@@ -127,7 +130,7 @@ class LocalGlobalAttention(nn.Module):
         self.local_attn = EchoAttention(config, side, window=config.local_window, out_proj=out_proj)
         self.combine = nn.Linear(2 * d, d) if config.hybrid_combine == "linear" else None
 
-    def forward(self, x: Tensor, pos: dict, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, pos: PositionalState, key_padding_mask: Tensor | None = None) -> Tensor:
         g = self.global_attn(x, pos, key_padding_mask=key_padding_mask)
         l = self.local_attn(x, pos, key_padding_mask=key_padding_mask)
         if self.combine is None:
@@ -156,7 +159,7 @@ class ConvAttention(nn.Module):
         self.out_ln = layer_norm(config.layer_norm, d)
         self.out = nn.Linear(d, d)
 
-    def forward(self, u: Tensor, pos: dict, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, u: Tensor, pos: PositionalState, key_padding_mask: Tensor | None = None) -> Tensor:
         c = self.conv_ln(self.conv(u.transpose(1, 2)).transpose(1, 2))
         return self.out(self.out_ln(c + self.attn(u, pos, key_padding_mask=key_padding_mask)))
 

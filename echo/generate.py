@@ -25,6 +25,7 @@ from echo_kernels.optional import require
 
 from .cache import EchoCache
 from .inputs import check_mel
+from .positional import PositionalState
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -201,12 +202,10 @@ def logit_filter(config, sample_begin: int, suppress_tokens="-1", suppress_blank
 class _Stepper:
     """Logits of the next token for every row, through the KV cache or by re-running the whole prefix."""
 
-    def __init__(self, model, xa: Tensor, audio_mask: Tensor | None, use_cache: bool, pos: dict):
+    def __init__(self, model, xa: Tensor, audio_mask: Tensor | None, use_cache: bool, pos: PositionalState):
         self.model, self.xa, self.audio_mask, self.use_cache = model, xa, audio_mask, use_cache
-        self.cache = None
-        if use_cache:
-            self.cache = EchoCache()
-            self.cache.pos = pos  # the encoder's: every M is built once per generate call
+        # the encoder's positional state: every M is built once per generate call
+        self.cache = EchoCache(positions=pos) if use_cache else None
 
     def __call__(self, tokens: Tensor) -> Tensor:
         """tokens: (N, L) the whole sequence so far -> logits (N, vocab) of its next token."""
@@ -228,7 +227,7 @@ class _Stepper:
 
 
 def _sample_or_greedy(model, xa, mask, prompt: Tensor, max_new: int, temperature: float,
-                      generator: torch.Generator | None, use_cache: bool, pos: dict, suppress,
+                      generator: torch.Generator | None, use_cache: bool, pos: PositionalState, suppress,
                       eot: int | None = None) -> list[Decoded]:
     config = model.config
     N = prompt.shape[0]
@@ -259,7 +258,7 @@ def _sample_or_greedy(model, xa, mask, prompt: Tensor, max_new: int, temperature
 
 
 def _beam_search(model, xa, mask, prompt: Tensor, max_new: int, num_beams: int, use_cache: bool,
-                 pos: dict, suppress, eot: int | None = None) -> list[Decoded]:
+                 pos: PositionalState, suppress, eot: int | None = None) -> list[Decoded]:
     config = model.config
     N, K = prompt.shape[0], num_beams
     eot, pad = config.eos_token_id if eot is None else eot, config.pad_token_id

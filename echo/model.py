@@ -17,10 +17,12 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from .attention import EchoAttention, encoder_mixer
 from .cache import EchoCache
 from .config import EchoConfig, to_echo_config
+from .generate import generate as generate_function
+from .generate import transcribe as transcribe_function
 from .inputs import as_model_dtype, check_mel, check_tokens
 from .layers import MLP, S1LayerNorm, checkpoint_contexts, layer_norm
 from .positional import (PAIR_SEED, CombinedRotaryEmbedding, GivensSite, LearnedSinusoidalEmbedding,
-                         rope_frequencies, site_matrices)
+                         PositionalState, rope_frequencies, site_matrices)
 
 
 def run_block(block: nn.Module, checkpointing: bool, *args):
@@ -41,7 +43,7 @@ class EncoderBlock(nn.Module):
         self.mlp_ln = layer_norm(config.layer_norm, d)
         self.mlp = MLP(d, config.mlp)
 
-    def forward(self, x: Tensor, pos: dict, padding: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, pos: PositionalState, padding: Tensor | None) -> Tensor:
         x = x + self.attn(self.attn_ln(x), pos, key_padding_mask=padding)
         return x + self.mlp(self.mlp_ln(x))
 
@@ -62,7 +64,7 @@ class DecoderBlock(nn.Module):
         self.mlp_ln = layer_norm(config.layer_norm, d)
         self.mlp = MLP(d, config.mlp)
 
-    def forward(self, x: Tensor, xa: Tensor | None, pos: dict, padding: Tensor | None,
+    def forward(self, x: Tensor, xa: Tensor | None, pos: PositionalState, padding: Tensor | None,
                 audio_padding: Tensor | None, cache: EchoCache | None, offset: int) -> Tensor:
         x = x + self.attn(self.attn_ln(x), pos, key_padding_mask=padding, cache=cache, offset=offset)
         if self.cross_attn is not None:
@@ -90,11 +92,11 @@ class AudioEncoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_audio_layer))
         self.ln_post = layer_norm(config.layer_norm, d)
 
-    def forward(self, mel: Tensor, pos: dict, padding: Tensor | None = None) -> Tensor:
+    def forward(self, mel: Tensor, pos: PositionalState, padding: Tensor | None = None) -> Tensor:
         """padding: (B, ceil(T / 2)) bool, True = a padded frame."""
         x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x)).transpose(1, 2)
-        x = self.rotary(x, pos[self.rotary.site.key])
+        x = self.rotary(x, pos.matrix(self.rotary.site))
         x = x + self.positional(torch.arange(x.shape[1], device=x.device)).to(x.dtype)
         for block in self.blocks:
             x = run_block(block, self.checkpointing, x, pos, padding)
@@ -116,20 +118,20 @@ class TextDecoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_text_layer))
         self.ln = layer_norm(config.layer_norm, d)
 
-    def forward(self, tokens: Tensor, xa: Tensor | None, pos: dict, padding: Tensor | None = None,
+    def forward(self, tokens: Tensor, xa: Tensor | None, pos: PositionalState, padding: Tensor | None = None,
                 audio_padding: Tensor | None = None, cache: EchoCache | None = None) -> Tensor:
         """padding: (B, offset + T) bool over all text keys so far, True = padded."""
         offset = cache.offset if cache is not None else 0
         T = tokens.shape[1]
         x = self.token_embedding(tokens)
         x = x + self.positional(torch.arange(offset, offset + T, device=tokens.device)).to(x.dtype)
-        x = self.rotary(x, pos[self.rotary.site.key], offset)
+        x = self.rotary(x, pos.matrix(self.rotary.site), offset)
         for block in self.blocks:
             # a cached step mutates the cache, so it must not be re-run by checkpointing
             x = run_block(block, self.checkpointing and cache is None, x, xa, pos, padding, audio_padding, cache, offset)
         x = self.ln(x)
         if cache is not None:
-            cache.offset += T
+            cache.advance(T)
         return (x @ self.token_embedding.weight.to(x.dtype).T).float()
 
 
@@ -160,11 +162,6 @@ class Echo(PreTrainedModel):
         # (3,) float32 [sum of token losses, tokens, forwards] of the optimizer step so far, or None when
         # forward moves the base itself. Not a buffer: never saved, cast, or broadcast by DDP from rank 0.
         self.step_loss: Tensor | None = None
-        for name, module in self.named_modules():
-            if isinstance(module, GivensSite):
-                module.key = name
-            elif isinstance(module, EchoAttention):
-                module.cache_key = name
         self.post_init()
 
     def _init_weights(self, module):
@@ -195,14 +192,13 @@ class Echo(PreTrainedModel):
     # ------------------------------------------------------------------------------------------
     # positional state, computed once per forward outside any checkpointed region
 
-    def positional_state(self) -> dict[str, Tensor]:
-        """{"w.audio", "w.text": attention frequencies from the current base; site name: M}."""
-        pos = {
-            "w.audio": rope_frequencies(self.base, self.config.head_width("audio")),
-            "w.text": rope_frequencies(self.base, self.config.head_width("text")),
-        }
-        pos.update(site_matrices({n: m for n, m in self.named_modules() if isinstance(m, GivensSite)}))
-        return pos
+    def positional_state(self) -> PositionalState:
+        """The attention frequencies from the current base and the M of every Givens site of the model."""
+        return PositionalState(
+            w_audio=rope_frequencies(self.base, self.config.head_width("audio")),
+            w_text=rope_frequencies(self.base, self.config.head_width("text")),
+            matrices=site_matrices(m for m in self.modules() if isinstance(m, GivensSite)),
+        )
 
     def update_base(self, loss: Tensor) -> None:
         """base *= f if loss < prev_loss else base /= f; prev_loss = loss. On the device, no sync.
@@ -264,7 +260,7 @@ class Echo(PreTrainedModel):
     # ------------------------------------------------------------------------------------------
 
     def encode(self, input_features: Tensor, attention_mask: Tensor | None = None,
-               pos: dict | None = None) -> tuple[Tensor, Tensor | None]:
+               pos: PositionalState | None = None) -> tuple[Tensor, Tensor | None]:
         """mel (B, n_mels, T) -> (audio features (B, ceil(T/2), D), frame padding (B, ceil(T/2)) or None).
 
         The mel is cast to the model's dtype here, where every path into the encoder passes: the
@@ -272,9 +268,7 @@ class Echo(PreTrainedModel):
         """
         check_mel(self.config, input_features, attention_mask)
         input_features = as_model_dtype(input_features, self.encoder.conv1.weight.dtype)
-        padding = None
-        if attention_mask is not None:
-            padding = ~attention_mask[:, ::2].bool()
+        padding = frame_padding(attention_mask)
         pos = self.positional_state() if pos is None else pos
         return self.encoder(input_features, pos, padding), padding
 
@@ -302,7 +296,28 @@ class Echo(PreTrainedModel):
         Returns Seq2SeqLMOutput(loss, logits (B, L, vocab) float32, cache, encoder_last_hidden_state);
         the cache is returned when use_cache is set (read it as .cache or .past_key_values).
         """
-        config = self.config
+        cache, use_cache = self._cache_argument(past_key_values, cache, use_cache)
+        labels, decoder_input_ids = self._decoder_inputs(labels, decoder_input_ids, cache)
+        pos = self.positional_state() if cache is None else cache.positional_state(self.positional_state)
+        xa, audio_padding = self._audio(input_features, encoder_outputs, attention_mask, pos, cache)
+        padding = self._text_padding(decoder_attention_mask, decoder_input_ids, cache)
+        logits = self.decoder(decoder_input_ids, xa, pos, padding, audio_padding, cache)
+        loss = None if labels is None else self._loss(logits, labels, num_items_in_batch)
+        out = Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=xa,
+                              **{_CACHE_FIELD: cache if use_cache else None})
+        return out.to_tuple() if return_dict is False else out
+
+    # ------------------------------------------------------------------------------------------
+    # forward's steps, and its Hugging Face conventions
+
+    @staticmethod
+    def _cache_argument(past_key_values: EchoCache | None, cache: EchoCache | None,
+                        use_cache: bool | None) -> tuple[EchoCache | None, bool]:
+        """(the EchoCache to decode with, or None; whether forward returns it).
+
+        transformers names the cache past_key_values, newer versions `cache`: either is accepted, once.
+        use_cache None means "if a cache was given"; use_cache without one starts a new EchoCache.
+        """
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("pass the cache once, as past_key_values or as cache")
         cache = cache if cache is not None else past_key_values
@@ -311,6 +326,16 @@ class Echo(PreTrainedModel):
             cache = EchoCache()
         if cache is not None and not isinstance(cache, EchoCache):
             raise ValueError(f"past_key_values must be an EchoCache, got {type(cache).__name__}")
+        return cache, use_cache
+
+    def _decoder_inputs(self, labels: Tensor | None, decoder_input_ids: Tensor | None,
+                        cache: EchoCache | None) -> tuple[Tensor | None, Tensor]:
+        """(labels, decoder_input_ids), checked and int64, each (B, L).
+
+        As in transformers' seq2seq models, labels alone give decoder_input_ids = the labels shifted
+        right behind decoder_start_token_id (shift_tokens_right).
+        """
+        config = self.config
         if labels is not None:
             check_tokens(config, "labels", labels, allow_ignore=True)
             labels = labels.long()  # cross_entropy takes int64 targets only
@@ -323,73 +348,69 @@ class Echo(PreTrainedModel):
         if labels is not None and labels.shape != decoder_input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids {tuple(decoder_input_ids.shape)} "
                              "must have the same shape")
+        return labels, decoder_input_ids
 
-        if cache is not None and cache.pos is not None:
-            pos = cache.pos
-        else:
-            pos = self.positional_state()
-            if cache is not None:
-                cache.pos = pos
+    def _audio(self, input_features: Tensor | None, encoder_outputs, attention_mask: Tensor | None,
+               pos: PositionalState, cache: EchoCache | None) -> tuple[Tensor | None, Tensor | None]:
+        """(xa (B, Ta, Da), its frame padding (B, Ta) or None) for the decoder's cross-attention.
 
+        xa is encoded from input_features, or taken from encoder_outputs (a tensor, a tuple or a
+        BaseModelOutput, as transformers passes it), or None on a cached step past the first (the
+        cross-attention keys and values are in the cache, and the padding too).
+        """
         audio_padding = cache.audio_padding if cache is not None else None
         if encoder_outputs is not None:
             xa = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list, BaseModelOutput)) else encoder_outputs
             if attention_mask is not None:
-                audio_padding = ~attention_mask[:, ::2].bool()
+                audio_padding = frame_padding(attention_mask)
         elif input_features is not None:
             xa, audio_padding = self.encode(input_features, attention_mask, pos)
         elif cache is not None and cache.offset > 0:
-            xa = None  # cross-attention keys and values are in the cache
+            xa = None
         else:
             raise ValueError("Echo.forward needs input_features (or encoder_outputs)")
         if cache is not None:
             cache.audio_padding = audio_padding
+        return xa, audio_padding
 
-        padding = None
-        if decoder_attention_mask is not None:
-            offset = cache.offset if cache is not None else 0
-            padding = ~decoder_attention_mask.bool()
-            if padding.shape != (decoder_input_ids.shape[0], offset + decoder_input_ids.shape[1]):
-                raise ValueError(f"decoder_attention_mask must have shape (B, past + L) = "
-                                 f"({decoder_input_ids.shape[0]}, {offset + decoder_input_ids.shape[1]}), "
-                                 f"got {tuple(decoder_attention_mask.shape)}")
-        logits = self.decoder(decoder_input_ids, xa, pos, padding, audio_padding, cache)
+    @staticmethod
+    def _text_padding(decoder_attention_mask: Tensor | None, decoder_input_ids: Tensor,
+                      cache: EchoCache | None) -> Tensor | None:
+        """decoder_attention_mask (B, past + L), 1 = a real token -> padding (B, past + L) bool,
+        True = padded; None without a mask. past: the tokens the cache holds."""
+        if decoder_attention_mask is None:
+            return None
+        offset = cache.offset if cache is not None else 0
+        B, L = decoder_input_ids.shape
+        if decoder_attention_mask.shape != (B, offset + L):
+            raise ValueError(f"decoder_attention_mask must have shape (B, past + L) = ({B}, {offset + L}), "
+                             f"got {tuple(decoder_attention_mask.shape)}")
+        return ~decoder_attention_mask.bool()
 
-        loss = None
-        if labels is not None:
-            loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=-100, reduction="sum")
-            tokens = labels.ne(-100).sum()
-            if num_items_in_batch is None:
-                loss = loss_sum / tokens
-            else:
-                if isinstance(num_items_in_batch, Tensor):
-                    num_items_in_batch = num_items_in_batch.to(loss_sum.device)
-                loss = loss_sum / num_items_in_batch
-            if self.training and config.adaptive_base:
-                self._adapt_base(loss_sum, tokens, num_items_given=num_items_in_batch is not None)
-        out = Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=xa,
-                              **{_CACHE_FIELD: cache if use_cache else None})
-        return out.to_tuple() if return_dict is False else out
+    def _loss(self, logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
+        """() float32: the labelled tokens' summed cross-entropy over their count, or over
+        num_items_in_batch (transformers' Trainer: the labelled tokens of the whole accumulated batch).
+        A training forward also feeds the adaptive base (docs/model.md, Adaptive base)."""
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+        tokens = labels.ne(-100).sum()
+        if num_items_in_batch is None:
+            loss = loss_sum / tokens
+        else:
+            if isinstance(num_items_in_batch, Tensor):
+                num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+            loss = loss_sum / num_items_in_batch
+        if self.training and self.config.adaptive_base:
+            self._adapt_base(loss_sum, tokens, num_items_given=num_items_in_batch is not None)
+        return loss
 
     # ------------------------------------------------------------------------------------------
-    # decoding lives in echo/generate.py; these are its entry points
+    # decoding lives in echo/generate.py, outside the model as openai-whisper keeps it; bound here as the
+    # model's methods (model.generate(mel, ...) is generate(model, mel, ...)), which also override
+    # transformers' generate
 
-    def generate(self, input_features: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int | None = None,
-                 num_beams: int = 1, temperature=0.0, language: str | None = None, task: str | None = None,
-                 **kwargs):
-        """mel (B, n_mels, T) -> token ids (B, P + n); see echo.generate.generate."""
-        from .generate import generate
-
-        return generate(self, input_features, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                        num_beams=num_beams, temperature=temperature, language=language, task=task, **kwargs)
-
-    def transcribe(self, audio, **kwargs):
-        """A path, waveform or tensor (or a list of them) -> {"text", "segments", "language"} (or a list);
-        see echo.generate.transcribe."""
-        from .generate import transcribe
-
-        return transcribe(self, audio, **kwargs)
+    generate = generate_function
+    transcribe = transcribe_function
 
     # ------------------------------------------------------------------------------------------
 
@@ -438,3 +459,9 @@ def shift_tokens_right(labels: Tensor, pad_token_id: int, decoder_start_token_id
     shifted[:, 1:] = labels[:, :-1]
     shifted[:, 0] = decoder_start_token_id
     return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+def frame_padding(attention_mask: Tensor | None) -> Tensor | None:
+    """mel attention_mask (B, T), 1 = a real frame -> padding (B, ceil(T / 2)) bool of the encoder's
+    frames (its stride-2 convolution keeps every other one), True = padded; None -> None."""
+    return None if attention_mask is None else ~attention_mask[:, ::2].bool()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -93,22 +95,50 @@ def check_loaded_pairs(name: str, loaded: Tensor, built: Tensor) -> None:
                          "index pairs are fixed by the config, so this state dict was saved under another one")
 
 
-def site_matrices(sites: dict[str, GivensSite]) -> dict[str, Tensor]:
-    """{name: M} for every site, batching the sites of a group into one orthogonal_product call."""
-    groups: dict[object, list[str]] = defaultdict(list)
-    for name, site in sites.items():
-        groups[site.group if site.group is not None else name].append(name)
+def site_matrices(sites: Iterable[GivensSite]) -> dict[GivensSite, Tensor]:
+    """{site: M (h, h)} for every site, batching the sites of a group into one orthogonal_product call."""
+    groups: dict[object, list[GivensSite]] = defaultdict(list)
+    for site in sites:
+        groups[site.group if site.group is not None else site].append(site)
     out = {}
-    for names in groups.values():
-        first = sites[names[0]]
-        if len(names) == 1:
-            out[names[0]] = first.matrix()
+    for members in groups.values():
+        first = members[0]
+        if len(members) == 1:
+            out[first] = first.matrix()
             continue
-        thetas = torch.stack([sites[n].thetas for n in names])
-        R = torch.stack([sites[n].R for n in names])
+        thetas = torch.stack([site.thetas for site in members])
+        R = torch.stack([site.R for site in members])
         M = orthogonal_product(thetas, first.pairs, R, first.givens_first)
-        out.update(zip(names, M.unbind(0)))
+        out.update(zip(members, M.unbind(0)))
     return out
+
+
+@dataclass
+class PositionalState:
+    """The positional inputs of one forward, which every rotating sub-layer reads (docs/model.md:
+    Adaptive base, Givens-orthogonal matrix).
+
+    The model builds it once per forward, outside any checkpointed region (a checkpointed block re-run
+    reads it rather than rebuilding every M), and an EchoCache keeps the first step's while decoding.
+    w_audio: (h_audio / 2,), w_text: (h_text / 2,) float32: the attention frequencies from the current
+    base. matrices: M (h, h) of every Givens site of the model, keyed by the site itself.
+    """
+
+    w_audio: Tensor
+    w_text: Tensor
+    matrices: dict[GivensSite, Tensor]
+
+    def w(self, side: str) -> Tensor:
+        """The attention frequencies of side "audio" or "text"."""
+        if side == "audio":
+            return self.w_audio
+        if side == "text":
+            return self.w_text
+        raise ValueError(f"side must be 'audio' or 'text', got {side!r}")
+
+    def matrix(self, site: GivensSite) -> Tensor:
+        """(h, h): the M of `site`, one of the sites this state was built for."""
+        return self.matrices[site]
 
 
 class CombinedRotaryEmbedding(nn.Module):

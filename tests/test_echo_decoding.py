@@ -35,7 +35,7 @@ def test_cached_decoding_matches_the_full_forward(overrides):
     assert steps[-1][_CACHE_FIELD] is cache and cache.offset == tokens.shape[1]
     n_attention = model.config.n_text_layer * (2 if model.config.cross_attention else 1)
     assert len(cache.kv) == n_attention
-    k, v = cache.kv["decoder.blocks.0.attn"]
+    k, v = cache.kv[model.decoder.blocks[0].attn]
     assert k.shape == (2, model.config.n_text_head, tokens.shape[1], model.config.head_width("text"))
     stepped = torch.cat([s.logits for s in steps], dim=1)
     torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)

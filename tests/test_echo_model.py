@@ -185,8 +185,8 @@ def test_adaptive_base_follows_the_loss():
     torch.testing.assert_close(model.base, torch.tensor(expected, dtype=torch.float32))
     # every attention site's w comes from the current base
     pos = model.positional_state()
-    torch.testing.assert_close(pos["w.audio"], rope_frequencies(model.base, config.head_width("audio")))
-    torch.testing.assert_close(pos["w.text"], rope_frequencies(model.base, config.head_width("text")))
+    torch.testing.assert_close(pos.w_audio, rope_frequencies(model.base, config.head_width("audio")))
+    torch.testing.assert_close(pos.w_text, rope_frequencies(model.base, config.head_width("text")))
     # both branches of the rule, directly
     model.update_base(torch.tensor(0.0))
     b = model.base.clone()
