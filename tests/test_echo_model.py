@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
 import echo.attention
+import echo.positional
 from echo import Echo
 from echo.attention import EchoAttention
 from echo.config import small_config
 from echo.model import shift_tokens_right
-from echo.positional import rope_frequencies
+from echo.positional import GivensSite, rope_frequencies
 
 OPTIONS = {
     "default": {},
@@ -432,3 +433,39 @@ def test_demo_runs(capsys):
     assert "base before the step: 10000.00" in printed and "reloaded model identical: True" in printed
     for stage in ("build", "forward", "backward", "save", "load", "decode"):
         assert stage in printed
+
+
+def test_positional_state_holds_every_site_once_batching_grouped_sites(monkeypatch):
+    """One M per Givens site, keyed by the site; the attention sites share one orthogonal_product call,
+    each residual-stream rotary has its own; a side other than audio or text is a ValueError."""
+    model = build()
+    calls = []
+    real = echo.positional.orthogonal_product
+    monkeypatch.setattr(echo.positional, "orthogonal_product", lambda *a: calls.append(a[0].dim()) or real(*a))
+    pos = model.positional_state()
+    sites = [m for m in model.modules() if isinstance(m, GivensSite)]
+    assert set(pos.matrices) == set(sites) and len(pos.matrices) == len(sites)
+    assert sorted(calls) == [1, 1, 2]  # two rotaries alone, every attention site in one batched call
+    attn = model.decoder.blocks[0].attn
+    torch.testing.assert_close(pos.matrix(attn.site), attn.site.matrix())
+    assert pos.w("audio") is pos.w_audio and pos.w("text") is pos.w_text
+    with pytest.raises(ValueError, match="side must be 'audio' or 'text'"):
+        pos.w("image")
+
+
+def test_positional_state_encoder_and_decoder_compile_fullgraph():
+    """torch.compile traces the positional state (its matrices keyed by the sites), the encoder and the
+    decoder as one graph, with the eager logits."""
+    model = build().eval()
+    mel, labels = batch(model.config)
+
+    def logits(mel, tokens):
+        pos = model.positional_state()
+        return model.decoder(tokens, model.encoder(mel, pos), pos)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = logits(mel, labels)
+        got = torch.compile(logits, fullgraph=True)(mel, labels)
+    # inductor fuses and reorders the float32 sums: the same maths, not the same rounding
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

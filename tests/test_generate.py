@@ -4,6 +4,7 @@ temperature fallback, whisper's start tokens; transcription plumbing and its edg
 Nothing here asserts that an untrained model transcribes anything: only the mechanics are checked.
 """
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,22 @@ def test_transcribe_edge_cases(tmp_path):
     assert isinstance(silence["text"], str) and len(silence["segments"]) == 2  # 1-second windows
     short = model.transcribe(np.random.default_rng(0).standard_normal(1600).astype(np.float32) * 0.1, max_new_tokens=3)
     assert isinstance(short["text"], str) and short["segments"][0]["end"] == 0.1
+
+
+def test_generate_and_transcribe_are_echo_generate_functions_bound_to_the_model():
+    """model.generate(mel, ...) is echo.generate.generate(model, mel, ...): the bound method shows the
+    function's own signature and docstring, and it is Echo's, not transformers'."""
+    import echo.generate
+
+    assert Echo.generate is echo.generate.generate and Echo.transcribe is echo.generate.transcribe
+    model = random_model()
+    params = list(inspect.signature(model.generate).parameters)
+    assert params[:4] == ["input_features", "attention_mask", "max_new_tokens", "num_beams"]
+    assert {"prompt", "use_cache", "return_dict_in_generate"} <= set(params)
+    assert list(inspect.signature(model.transcribe).parameters)[:2] == ["audio", "language"]
+    assert model.generate.__doc__ == echo.generate.generate.__doc__
+    prompt = [model.config.decoder_start_token_id]
+    torch.testing.assert_close(model.generate(mel(B=1), max_new_tokens=3, prompt=prompt, suppress_tokens=None,
+                                              suppress_blank=False),
+                               echo.generate.generate(model, mel(B=1), max_new_tokens=3, prompt=prompt,
+                                                      suppress_tokens=None, suppress_blank=False), rtol=0, atol=0)
