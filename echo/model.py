@@ -303,9 +303,7 @@ class Echo(PreTrainedModel):
         padding = self._text_padding(decoder_attention_mask, decoder_input_ids, cache)
         logits = self.decoder(decoder_input_ids, xa, pos, padding, audio_padding, cache)
         loss = None if labels is None else self._loss(logits, labels, num_items_in_batch)
-        out = Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=xa,
-                              **{_CACHE_FIELD: cache if use_cache else None})
-        return out.to_tuple() if return_dict is False else out
+        return _output(loss, logits, xa, cache if use_cache else None, return_dict)
 
     # ------------------------------------------------------------------------------------------
     # forward's steps, and its Hugging Face conventions
@@ -443,6 +441,16 @@ class Echo(PreTrainedModel):
 
 # Seq2SeqLMOutput's cache field: `cache` in newer transformers, `past_key_values` before.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(Seq2SeqLMOutput)} else "past_key_values"
+
+
+
+def _output(loss: Tensor | None, logits: Tensor, xa: Tensor | None, cache: EchoCache | None,
+            return_dict: bool | None) -> Seq2SeqLMOutput | tuple:
+    """forward's result as transformers' seq2seq models give it: a Seq2SeqLMOutput, its cache under the
+    field name of the installed transformers; its to_tuple() (the fields that are not None) when
+    return_dict is False."""
+    out = Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=xa, **{_CACHE_FIELD: cache})
+    return out.to_tuple() if return_dict is False else out
 
 
 @functools.cache
