@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from echo_kernels import reference
-from echo_kernels.attention import _band
 from echo_kernels.kernels import attention_cpu
 
 from attention_cases import CASES, ROTATIONS, call, case_inputs, cast, grads, make_inputs, options
@@ -21,7 +20,7 @@ from numerics import rel_err
 def blocked(q, k, v, M, w, s, bias, *, key_padding_mask=None, window=None, causal=False, q_offset=0,
             k_offset=0, layout="half_split", rotation="m_then_rope"):
     """attention_cpu.attention with echo_attention's keyword arguments."""
-    left, right = _band(window, causal)
+    left, right = reference.window_bounds(window, causal)
     return attention_cpu.attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
                                    layout, rotation)
 
