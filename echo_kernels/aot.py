@@ -116,7 +116,7 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
     from triton.runtime.jit import JITFunction
 
     from .kernels import attention as attn, attention_backward as attn_bwd, rotary
-    from .kernels.attention_common import UNBOUNDED
+    from .reference import UNBOUNDED
 
     launches = []
     run = JITFunction.run

@@ -6,15 +6,14 @@ default order, having folded M into its q and k projections. The kernels serve M
 "rope_then_m"; "m_then_rope" with an M is computed as q M and k M in PyTorch (autograd takes dM
 from there), then the M=None kernel.
 
-CUDA tensors run the Triton kernels; CPU tensors run the blocked CPU path
-(echo_kernels.kernels.attention_cpu) under ECHO_BACKEND=auto, the reference under =reference, and the
-Triton kernels through the interpreter under =triton with TRITON_INTERPRET=1 (tests).
+CUDA tensors run the Triton kernels (echo_kernels.kernels.attention and .attention_backward); CPU
+tensors run the blocked CPU path (echo_kernels.kernels.attention_cpu) under ECHO_BACKEND=auto, the
+reference under =reference, and the Triton kernels through the interpreter under =triton with
+TRITON_INTERPRET=1 (tests). The window is the band (left, right) of echo_kernels.reference.window_bounds
+on every path, ints where an unbounded side is reference.UNBOUNDED.
 
-The Triton kernels (echo_kernels.kernels.attention and .attention_backward) are registered twice:
-as the torch ops `echo_kernels::echo_attention` / `echo_attention_backward` (custom_op + fake +
-autograd), which torch.compile, opcheck and FakeTensor tracing see, and as a plain autograd.Function
-that launches them directly, which eager mode uses because the op dispatcher costs tens of
-microseconds per call. Both run the same launchers.
+Read in the order every op file of the package keeps: the public function, its dispatch, then the
+registration of the kernels as a KernelOp.
 """
 
 from __future__ import annotations
@@ -26,194 +25,9 @@ import torch
 from torch import Tensor
 
 from . import checks, reference
-from .backend import register_kernel, requested_backend, triton_interpreted, use_kernel
+from .backend import TRITON_IMPORT_ERROR, register_kernel, requested_backend, triton_serves, use_kernel
+from .kernel_op import KernelOp
 from .kernels import ATTENTION_HEAD_WIDTHS, attention_cpu
-
-
-# --------------------------------------------------------------------------------------------------
-# Kernel dispatch
-# --------------------------------------------------------------------------------------------------
-
-
-def _triton_serves(device: torch.device) -> bool:
-    """CUDA tensors always (when triton imports); CPU tensors only through the interpreter."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
-
-
-register_kernel("echo_attention", _triton_serves, auto_on_cpu=False)
-
-
-def _band(window, causal: bool) -> tuple[int, int]:
-    """window and causal as the ops' two ints: key j kept iff i - left <= j <= i + right, -1 = unbounded."""
-    left, right = reference.window_bounds(window)
-    left = -1 if left == float("inf") else int(left)
-    right = -1 if right == float("inf") else int(right)
-    if causal:
-        right = 0  # j <= i, whatever the window allows on the right
-    return left, right
-
-
-def _launch_forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
-    from .kernels import attention as kernel
-    from .kernels.attention_common import window_ints
-
-    left, right = window_ints(left, right)
-    return kernel.forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
-
-
-def _launch_backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
-                     layout):
-    from .kernels import attention_backward as kernel_bwd
-    from .kernels.attention_common import window_ints
-
-    left, right = window_ints(left, right)
-    dq, dk, dv, dM, dw, ds, dbias = kernel_bwd.backward(
-        do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
-    ds = ds.reshape(s.shape).to(s.dtype)
-    return dq, dk, dv, dM, dw, ds, dbias
-
-
-# --------------------------------------------------------------------------------------------------
-# torch ops: what torch.compile and opcheck see
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("echo_kernels::echo_attention", mutates_args=())
-def _attention_op(
-    q: Tensor, k: Tensor, v: Tensor, M: Optional[Tensor], w: Tensor, s: Tensor, bias: Optional[Tensor],
-    key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int, k_offset: int, layout: str,
-) -> tuple[Tensor, Tensor]:
-    """(out (B, H, Tq, h), lse (B, H, Tq) fp32), in the "rope_then_m" order (M=None: RoPE only).
-    left/right: band sides, -1 = unbounded."""
-    return _launch_forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
-
-
-@_attention_op.register_fake
-def _(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
-    B, H, Tq, h = q.shape
-    return q.new_empty((B, H, Tq, h)), q.new_empty((B, H, Tq), dtype=torch.float32)
-
-
-@torch.library.custom_op("echo_kernels::echo_attention_backward", mutates_args=())
-def _attention_backward_op(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, M: Optional[Tensor], w: Tensor,
-    s: Tensor, bias: Optional[Tensor], key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int,
-    k_offset: int, layout: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dM, dw, ds, dbias); dM and dbias are empty (0,) when there is no M / bias table."""
-    dq, dk, dv, dM, dw, ds, dbias = _launch_backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask,
-                                                     left, right, q_offset, k_offset, layout)
-    dM = dM if dM is not None else q.new_empty((0,))
-    dbias = dbias if dbias is not None else q.new_empty((0,))
-    return dq, dk, dv, dM, dw, ds, dbias
-
-
-@_attention_backward_op.register_fake
-def _(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
-    dM = M.new_empty(M.shape) if M is not None else q.new_empty((0,))
-    dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty((0,))
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dM,
-            w.new_empty(w.shape), s.new_empty(s.shape), dbias)
-
-
-def _op_setup_context(ctx, inputs, output):
-    q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, M, w, s, bias, key_padding_mask)
-    ctx.args = (left, right, q_offset, k_offset, layout)
-
-
-def _op_backward(ctx, dout, dlse):
-    q, k, v, out, lse, M, w, s, bias, key_padding_mask = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv, dM, dw, ds, dbias = _attention_backward_op(
-        dout, q, k, v, out, lse, M, w, s, bias, key_padding_mask, *ctx.args)
-    return (dq, dk, dv, (dM if M is not None else None), dw, ds, (dbias if bias is not None else None),
-            None, None, None, None, None, None)
-
-
-_attention_op.register_autograd(_op_backward, setup_context=_op_setup_context)
-
-
-# --------------------------------------------------------------------------------------------------
-# Eager path: the same launchers without the dispatcher
-# --------------------------------------------------------------------------------------------------
-
-
-class _EagerAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
-        out, lse = _launch_forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
-                                   layout)
-        ctx.save_for_backward(q, k, v, out, lse, M, w, s, bias, key_padding_mask)
-        ctx.args = (left, right, q_offset, k_offset, layout)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, M, w, s, bias, key_padding_mask = ctx.saved_tensors
-        dq, dk, dv, dM, dw, ds, dbias = _launch_backward(
-            dout, q, k, v, out, lse, M, w, s, bias, key_padding_mask, *ctx.args)
-        return dq, dk, dv, dM, dw, ds, dbias, None, None, None, None, None, None
-
-
-def kernel_head_width(h: int) -> int:
-    """The head width of the Triton kernels that serves h: the smallest of ATTENTION_HEAD_WIDTHS >= h."""
-    for width in ATTENTION_HEAD_WIDTHS:
-        if width >= h:
-            return width
-    raise ValueError(f"head width h = {h} is wider than the Triton attention kernels serve (h <= "
-                     f"{ATTENTION_HEAD_WIDTHS[-1]}; built for {', '.join(map(str, ATTENTION_HEAD_WIDTHS))}); "
-                     "use fewer, narrower heads, or ECHO_BACKEND=reference for the plain-PyTorch path")
-
-
-def _widen_heads(q, k, v, M, w, layout: str, width: int):
-    """q, k, v (..., h), M (h, h) and w (h/2,) zero-padded to head width `width`, computing the same
-    attention: RoPE pairs (x[2m], x[2m+1]) are read from q and k, so they are padded at the end (the
-    new pairs are zeros at angle 0); M acts on RoPE's output, whose "half_split" layout puts a pair's
-    halves at m and width/2 + m, so M's rows and columns go where h's outputs land. q is scaled so that
-    the kernels' 1/sqrt(width) is 1/sqrt(h). The padding goes through autograd, which slices the
-    gradients back."""
-    h = q.shape[-1]
-    pad = (0, width - h)
-    q = torch.nn.functional.pad(q * math.sqrt(width / h), pad)
-    k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
-    w = torch.nn.functional.pad(w, (0, (width - h) // 2))
-    if M is not None:
-        half = torch.arange(h // 2, device=M.device)
-        index = torch.cat([half, width // 2 + half]) if layout == "half_split" else torch.arange(h, device=M.device)
-        M = M.new_zeros(width, h).index_copy(0, index, M)
-        M = M.new_zeros(width, width).index_copy(1, index, M)
-    return q, k, v, M, w
-
-
-def _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
-                      rotation):
-    if not isinstance(s, Tensor):
-        s = torch.tensor(float(s), dtype=torch.float32, device=q.device)
-    if M is not None and rotation == "m_then_rope":
-        # RoPE(q M) . RoPE(k M): the kernels rotate what they are given, and autograd takes dM from here
-        M = M.to(q.dtype)
-        q, k, M = q @ M, k @ M, None
-    h, width = q.shape[-1], kernel_head_width(q.shape[-1])
-    if width != h:
-        q, k, v, M, w = _widen_heads(q, k, v, M, w, layout, width)
-    args = (q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
-    if torch.compiler.is_compiling():
-        out = _attention_op(*args)[0]
-    else:
-        out = _EagerAttention.apply(*args)
-    return out[..., :h] if width != h else out
-
-
-# --------------------------------------------------------------------------------------------------
-# Public function
-# --------------------------------------------------------------------------------------------------
 
 
 def echo_attention(
@@ -290,16 +104,119 @@ def echo_attention(
     checks.layout(layout)
     checks.rotation(rotation)
     checks.same_device(q=q, k=k, v=v, M=M, w=w, s=s, bias=bias, key_padding_mask=key_padding_mask)
-    if isinstance(window, list):
-        window = tuple(window)
-    left, right = _band(window, causal)
+    if max(q_offset + Tq, k_offset + Tk) > reference.UNBOUNDED:
+        raise ValueError(f"positions must stay below 2**30 (the kernels' unbounded window side), got q_offset + Tq "
+                         f"= {q_offset + Tq}, k_offset + Tk = {k_offset + Tk}")
+    left, right = reference.window_bounds(window, causal)
+    return _dispatch(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, rotation)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------------
+
+
+def _dispatch(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, rotation):
+    """The Triton kernels, the blocked CPU path or the reference (echo_kernels.backend decides)."""
     if use_kernel("echo_attention", q.device):
         return _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
                                  layout, rotation)
     if q.device.type == "cpu" and requested_backend() == "auto":
         return attention_cpu.attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
                                        layout, rotation)
-    return reference.echo_attention(
-        q, k, v, M, w, s, bias, window=window, causal=causal, q_offset=q_offset, k_offset=k_offset,
-        key_padding_mask=key_padding_mask, layout=layout, rotation=rotation,
-    )
+    return reference.echo_attention(q, k, v, M, w, s, bias, window=(left, right), q_offset=q_offset,
+                                    k_offset=k_offset, key_padding_mask=key_padding_mask, layout=layout,
+                                    rotation=rotation)
+
+
+def _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
+                      rotation):
+    """The op's arguments from echo_attention's: s a tensor, M folded in or passed, heads widened."""
+    if not isinstance(s, Tensor):
+        s = torch.tensor(float(s), dtype=torch.float32, device=q.device)
+    if M is not None and rotation == "m_then_rope":
+        # RoPE(q M) . RoPE(k M): the kernels rotate what they are given, and autograd takes dM from here
+        M = M.to(q.dtype)
+        q, k, M = q @ M, k @ M, None
+    h, width = q.shape[-1], kernel_head_width(q.shape[-1])
+    if width != h:
+        q, k, v, M, w = _widen_heads(q, k, v, M, w, layout, width)
+    out, _ = _OP(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
+    return out[..., :h] if width != h else out
+
+
+def kernel_head_width(h: int) -> int:
+    """The head width of the Triton kernels that serves h: the smallest of ATTENTION_HEAD_WIDTHS >= h."""
+    for width in ATTENTION_HEAD_WIDTHS:
+        if width >= h:
+            return width
+    raise ValueError(f"head width h = {h} is wider than the Triton attention kernels serve (h <= "
+                     f"{ATTENTION_HEAD_WIDTHS[-1]}; built for {', '.join(map(str, ATTENTION_HEAD_WIDTHS))}); "
+                     "use fewer, narrower heads, or ECHO_BACKEND=reference for the plain-PyTorch path")
+
+
+def _widen_heads(q, k, v, M, w, layout: str, width: int):
+    """q, k, v (..., h), M (h, h) and w (h/2,) zero-padded to head width `width`, computing the same
+    attention: RoPE pairs (x[2m], x[2m+1]) are read from q and k, so they are padded at the end (the
+    new pairs are zeros at angle 0); M acts on RoPE's output, whose "half_split" layout puts a pair's
+    halves at m and width/2 + m, so M's rows and columns go where h's outputs land. q is scaled so that
+    the kernels' 1/sqrt(width) is 1/sqrt(h). The padding goes through autograd, which slices the
+    gradients back."""
+    h = q.shape[-1]
+    pad = (0, width - h)
+    q = torch.nn.functional.pad(q * math.sqrt(width / h), pad)
+    k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+    w = torch.nn.functional.pad(w, (0, (width - h) // 2))
+    if M is not None:
+        half = torch.arange(h // 2, device=M.device)
+        index = torch.cat([half, width // 2 + half]) if layout == "half_split" else torch.arange(h, device=M.device)
+        M = M.new_zeros(width, h).index_copy(0, index, M)
+        M = M.new_zeros(width, width).index_copy(1, index, M)
+    return q, k, v, M, w
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration: the launchers of the kernels, as the op echo_kernels::echo_attention
+# --------------------------------------------------------------------------------------------------
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, M: Optional[Tensor], w: Tensor, s: Tensor, bias: Optional[Tensor],
+             key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int, k_offset: int,
+             layout: str) -> tuple[Tensor, Tensor]:
+    """(out (B, H, Tq, h), lse (B, H, Tq) fp32), in the "rope_then_m" order (M=None: RoPE only);
+    left/right: the band of reference.window_bounds."""
+    return _kernels.forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
+
+
+def _forward_fake(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
+    B, H, Tq, h = q.shape
+    return q.new_empty((B, H, Tq, h)), q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, M: Optional[Tensor], w: Tensor, s: Tensor,
+              bias: Optional[Tensor], key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int,
+              k_offset: int, layout: str, out: Tensor, lse: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dM, dw, ds, dbias); dM and dbias are empty (0,) when there is no M / bias table."""
+    dq, dk, dv, dM, dw, ds, dbias = _kernels_backward.backward(
+        dout, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
+    dM = dM if dM is not None else q.new_empty((0,))
+    dbias = dbias if dbias is not None else q.new_empty((0,))
+    return dq, dk, dv, dM, dw, ds.reshape(s.shape), dbias
+
+
+def _backward_fake(dout, q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, out,
+                   lse):
+    dM = M.new_empty(M.shape) if M is not None else q.new_empty((0,))
+    dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty((0,))
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dM,
+            w.new_empty(w.shape), s.new_empty(s.shape, dtype=torch.float32), dbias)
+
+
+register_kernel("echo_attention", triton_serves, auto_on_cpu=False)
+if TRITON_IMPORT_ERROR is None:
+    from .kernels import attention as _kernels, attention_backward as _kernels_backward
+
+    _OP = KernelOp("echo_attention", _forward, _backward, forward_fake=_forward_fake,
+                   backward_fake=_backward_fake, differentiable=("q", "k", "v", "M", "w", "s", "bias"),
+                   save_outputs=True)

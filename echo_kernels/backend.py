@@ -17,6 +17,13 @@ from typing import Callable
 
 import torch
 
+try:  # the one import of optional Triton: without it the reference and the CPU path serve every call
+    import triton  # noqa: F401
+
+    TRITON_IMPORT_ERROR: str | None = None
+except ImportError as error:
+    TRITON_IMPORT_ERROR = f"{type(error).__name__}: {error}"
+
 BACKENDS = ("reference", "triton", "auto")
 
 # op name -> (predicate(device): a compiled kernel serves tensors there, used by auto on the CPU?)
@@ -35,6 +42,14 @@ def requested_backend() -> str:
 def triton_interpreted() -> bool:
     """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_serves(device: torch.device) -> bool:
+    """Whether the Triton kernels run tensors on `device`: CUDA ones whenever Triton imports, CPU ones
+    only through the interpreter."""
+    if TRITON_IMPORT_ERROR is not None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
 
 
 def register_kernel(op: str, serves: Callable[[torch.device], bool], *, auto_on_cpu: bool) -> None:

@@ -7,7 +7,7 @@ import os
 import torch
 
 from . import __version__, _extension
-from .backend import requested_backend
+from .backend import TRITON_IMPORT_ERROR, requested_backend
 
 
 def report() -> str:
@@ -20,12 +20,13 @@ def report() -> str:
         lines.append(f"  orthogonal_product CUDA kernel: {'yes' if cuda else 'no (built without the CUDA part)'}")
     else:
         lines.append(f"C++ extension: missing ({_extension.LOAD_ERROR}); orthogonal_product runs the reference")
-    try:
+    if TRITON_IMPORT_ERROR is None:
         import triton
 
         lines.append(f"Triton: {triton.__version__}")
-    except ImportError:
-        lines.append("Triton: not installed (on a GPU, rotary_orthogonal and echo_attention run the reference)")
+    else:
+        lines.append(f"Triton: missing ({TRITON_IMPORT_ERROR}); on a GPU, rotary_orthogonal and echo_attention "
+                     "run the reference")
     cpp = _extension.LOADED and _extension.has_kernel("orthogonal_product", "CPU")
     lines.append(f"CPU tensors under ECHO_BACKEND=auto: orthogonal_product {'in C++' if cpp else 'on the reference'}, "
                  "echo_attention blocked (kernels/attention_cpu.py), rotary_orthogonal on the reference")

@@ -109,25 +109,30 @@ def _as_compute(s: Tensor | float, dtype: torch.dtype) -> Tensor | float:
 # --------------------------------------------------------------------------------------------------
 
 
-def window_bounds(window: int | tuple[int, int] | None) -> tuple[float, float]:
-    """(left, right) of the band i - left <= j <= i + right; None is unbounded on both sides."""
+# A window side that reaches every key: echo_attention refuses positions from 2**30 on, so |i - j| stays
+# below it, and as an int it is the one representation of "unbounded" on every path down to the kernels.
+UNBOUNDED = 1 << 30
+
+
+def window_bounds(window: int | tuple[int, int] | None, causal: bool = False) -> tuple[int, int]:
+    """(left, right) of the band i - left <= j <= i + right: None is UNBOUNDED on both sides, causal
+    caps right at 0, and no side exceeds UNBOUNDED."""
     if window is None:
-        return math.inf, math.inf
-    if isinstance(window, int):
-        return window, window
-    return window[0], window[1]
+        left, right = UNBOUNDED, UNBOUNDED
+    elif isinstance(window, int):
+        left, right = window, window
+    else:
+        left, right = window
+    return min(left, UNBOUNDED), min(right, 0 if causal else UNBOUNDED)
 
 
 def attention_keep(
     q_pos: Tensor, k_pos: Tensor, window: int | tuple[int, int] | None, causal: bool
 ) -> Tensor:
     """Boolean (Tq, Tk): key j is visible to query i (causal and band masks, absolute positions)."""
-    left, right = window_bounds(window)
+    left, right = window_bounds(window, causal)
     rel = q_pos[:, None] - k_pos[None, :]  # i - j
-    keep = (rel <= left) & (-rel <= right)
-    if causal:
-        keep &= rel >= 0
-    return keep
+    return (rel <= left) & (-rel <= right)
 
 
 def relative_bias(bias: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
@@ -211,17 +216,15 @@ def echo_attention(
     k_rot = rotate_for_attention(k.to(compute), M, rope_angles(w, s, k_pos_all), layout, rotation)
     v = v.to(compute)
     bias = bias.to(compute) if bias is not None else None
-    left, right = window_bounds(window)
-    if causal:
-        right = min(right, 0)
+    left, right = window_bounds(window, causal)
 
     chunks = []
     for start in range(0, Tq, query_chunk):
         stop = min(start + query_chunk, Tq)
         q_pos = q_pos_all[start:stop]
         # keys reachable by this chunk: q_pos[0] - left <= k_offset + j <= q_pos[-1] + right
-        k_lo = 0 if left == math.inf else max(0, int(q_offset + start - left - k_offset))
-        k_hi = Tk if right == math.inf else min(Tk, max(0, int(q_offset + stop - 1 + right - k_offset + 1)))
+        k_lo = max(0, q_offset + start - left - k_offset)
+        k_hi = min(Tk, max(0, q_offset + stop - 1 + right - k_offset + 1))
         k_hi = max(k_hi, k_lo)
         k_pos = k_pos_all[k_lo:k_hi]
         logits = q_rot[:, :, start:stop] @ k_rot[:, :, k_lo:k_hi].transpose(-1, -2) / math.sqrt(h)

@@ -305,7 +305,7 @@ def test_opcheck(use_triton):
     args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], i["bias"], i["key_padding_mask"], 4, 2, 3, 0,
             "half_split")
     torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
-    args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], None, None, -1, 0, 0, 0, "interleaved")
+    args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], None, None, reference.UNBOUNDED, 0, 0, 0, "interleaved")
     torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
     args = (i["q"], i["k"], i["v"], None, i["w"], i["s"], i["bias"], i["key_padding_mask"], 4, 2, 3, 0,
             "half_split")
@@ -316,8 +316,8 @@ def test_opcheck(use_triton):
     for M in (d["M"], None):
         out, lse = torch.ops.echo_kernels.echo_attention(d["q"], d["k"], d["v"], M, d["w"], d["s"], d["bias"],
                                                           d["key_padding_mask"], 4, 2, 3, 0, "half_split")
-        args = (torch.randn_like(out), d["q"], d["k"], d["v"], out, lse, M, d["w"], d["s"], d["bias"],
-                d["key_padding_mask"], 4, 2, 3, 0, "half_split")
+        args = (torch.randn_like(out), d["q"], d["k"], d["v"], M, d["w"], d["s"], d["bias"],
+                d["key_padding_mask"], 4, 2, 3, 0, "half_split", out, lse)
         torch.library.opcheck(torch.ops.echo_kernels.echo_attention_backward.default, args)
 
 

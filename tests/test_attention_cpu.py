@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from echo_kernels import reference
-from echo_kernels.attention import _band
 from echo_kernels.kernels import attention_cpu
 
 from attention_cases import CASES, ROTATIONS, call, case_inputs, cast, grads, make_inputs, options
@@ -21,7 +20,7 @@ from numerics import rel_err
 def blocked(q, k, v, M, w, s, bias, *, key_padding_mask=None, window=None, causal=False, q_offset=0,
             k_offset=0, layout="half_split", rotation="m_then_rope"):
     """attention_cpu.attention with echo_attention's keyword arguments."""
-    left, right = _band(window, causal)
+    left, right = reference.window_bounds(window, causal)
     return attention_cpu.attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
                                    layout, rotation)
 
@@ -119,7 +118,7 @@ def test_a_window_visits_only_its_band():
     T, w, rows = 4096, 32, 16
     visited = sum((b - a) * (hi - lo) for a, b, lo, hi in attention_cpu.blocks(T, T, w, w, 0, 1 << 30))
     assert visited <= T * (2 * w + 1 + rows)
-    assert sum((b - a) * (hi - lo) for a, b, lo, hi in attention_cpu.blocks(T, T, -1, -1, 0, 1)) == T * T
+    assert sum((b - a) * (hi - lo) for a, b, lo, hi in attention_cpu.blocks(T, T, reference.UNBOUNDED, reference.UNBOUNDED, 0, 1)) == T * T
 
 
 def test_relative_bias_block_is_the_gathered_bias():

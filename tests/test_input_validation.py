@@ -208,6 +208,22 @@ def test_s_must_be_zero_or_one_dimensional():
         torch.testing.assert_close(ek.rotary_orthogonal(q, M, w, good), ek.rotary_orthogonal(q, M, w, 0.5))
 
 
+def test_attention_positions_stay_below_the_unbounded_window_side():
+    """An unbounded window side is the int reference.UNBOUNDED on every path, so positions must stay
+    below it; a window wider than it is the unbounded one."""
+    q = torch.randn(1, 2, 5, 4, dtype=torch.float64)
+    M, w, bias = torch.eye(4, dtype=torch.float64), torch.ones(2, dtype=torch.float64), None
+    for offsets in ({"q_offset": ek.reference.UNBOUNDED - 4}, {"k_offset": ek.reference.UNBOUNDED}):
+        with pytest.raises(ValueError, match=r"positions must stay below 2\*\*30"):
+            ek.echo_attention(q, q, q, M, w, 1.0, bias, **offsets)
+    last = ek.reference.UNBOUNDED - 5
+    unbounded = ek.echo_attention(q, q, q, M, w, 1.0, bias, q_offset=last, k_offset=last)
+    for window in ((2**40, 2**40), 2**62):
+        torch.testing.assert_close(ek.echo_attention(q, q, q, M, w, 1.0, bias, q_offset=last, k_offset=last,
+                                                     window=window), unbounded, rtol=0, atol=0)
+    assert ek.reference.window_bounds((2**40, 3), causal=True) == (ek.reference.UNBOUNDED, 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32])
 def test_token_ids_of_any_integer_dtype_are_read_as_int64(dtype):
     model, x = random_model(), mel(B=2)

@@ -391,3 +391,18 @@ def test_gpu_half_precision(dtype):
 def test_gpu_backward_is_deterministic():
     assert_backward_deterministic(
         *inputs(128, 2000, "random", (16,), (16,), dtype=torch.float32, seed=14, device="cuda"))
+
+
+def test_wider_than_the_compiled_op_runs_the_reference_and_says_so(monkeypatch):
+    from echo_kernels import orthogonal
+
+    monkeypatch.setattr(orthogonal, "_warned_wide", [])
+    monkeypatch.setenv("ECHO_BACKEND", "auto")
+    h = orthogonal.MAX_H + 2
+    g = torch.Generator().manual_seed(3)
+    thetas, R = torch.randn(4, generator=g), torch.randn(h, h, generator=g)
+    pairs = make_pairs("random", h, 4, g)
+    with pytest.warns(UserWarning, match=rf"takes h <= {orthogonal.MAX_H}; h = {h} runs the reference") as caught:
+        M = ek.orthogonal_product(thetas, pairs, R)
+    assert caught[0].filename == __file__  # the warning points at the caller
+    torch.testing.assert_close(M, reference.orthogonal_product(thetas, pairs, R), rtol=0, atol=0)

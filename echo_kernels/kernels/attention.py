@@ -206,7 +206,7 @@ def _short_query_blocks(cfg: dict, Tq: int) -> dict:
 def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
     """Launch the forward kernel. q: (B, H, Tq, h); k, v: (B, H, Tk, h), any strides; M: (h, h) or None.
 
-    left/right: kernel band sides (see window_ints). Returns out (B, H, Tq, h) in q's dtype,
+    left/right: the band of reference.window_bounds. Returns out (B, H, Tq, h) in q's dtype,
     contiguous, and lse (B, H, Tq) fp32 (+inf on rows with no key).
     """
     B, H, Tq, h = q.shape

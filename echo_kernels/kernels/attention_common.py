@@ -12,7 +12,6 @@ import triton.language as tl
 
 from ..backend import triton_interpreted
 
-UNBOUNDED = 1 << 30  # window side that reaches every key; positions stay far below it
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e)
 
 
@@ -187,13 +186,6 @@ def p_arg(M: torch.Tensor | None, layout: str, dtype: torch.dtype, device) -> tu
     if M is None:
         return torch.zeros(1, dtype=dot_dtype(dtype), device=device), False
     return folded_p(M, layout).to(dot_dtype(dtype)), True
-
-
-def window_ints(left: int, right: int) -> tuple[int, int]:
-    """Schema ints (-1 = unbounded) to the kernel's band sides."""
-    left = UNBOUNDED if left < 0 else left
-    right = UNBOUNDED if right < 0 else right
-    return left, right
 
 
 # Tests shrink the tiles (e.g. 16) so that ragged and multi-tile cases happen at small T. The one

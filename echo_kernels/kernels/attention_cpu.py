@@ -25,7 +25,8 @@ BLOCK_ELEMENTS = 1 << 21
 
 def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q_offset: int, k_offset: int,
               layout: str, rotation: str = "m_then_rope") -> Tensor:
-    """echo_attention's maths (see echo_kernels.attention). left/right: band sides, -1 = unbounded;
+    """echo_attention's maths (see echo_kernels.attention). left/right: the band of
+    reference.window_bounds;
     M: (h, h) or None (the identity)."""
     dtype, compute = q.dtype, reference._compute_dtype(q.dtype)
     Tq, Tk, h = q.shape[2], k.shape[2], q.shape[3]
@@ -57,15 +58,15 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
 def blocks(Tq: int, Tk: int, left: int, right: int, shift: int, batch_heads: int):
     """(a, b, lo, hi): query rows [a, b) meet only keys [lo, hi); shift = q_offset - k_offset.
 
-    Query i sees key j iff i + shift - left <= j <= i + shift + right (-1 = unbounded side).
+    Query i sees key j iff i + shift - left <= j <= i + shift + right.
     """
-    reach = Tk if left < 0 or right < 0 else min(Tk, left + right + 1)
+    reach = min(Tk, left + right + 1)
     rows = BLOCK_ELEMENTS // max(1, batch_heads * (reach + 256))
     rows = max(16, min(512, rows // 16 * 16))
     for a in range(0, Tq, rows):
         b = min(a + rows, Tq)
-        lo = 0 if left < 0 else min(Tk, max(0, a + shift - left))
-        hi = Tk if right < 0 else min(Tk, max(0, b - 1 + shift + right + 1))
+        lo = min(Tk, max(0, a + shift - left))
+        hi = min(Tk, max(0, b - 1 + shift + right + 1))
         yield a, b, lo, max(lo, hi)
 
 
@@ -83,9 +84,10 @@ def _probabilities(q, k, bias, key_padding_mask, left, right, d0) -> tuple[Tenso
         batch = q.shape[0] // bias.shape[1]
         logits = relative_bias_block(bias, C, K, d0).repeat(batch, 1, 1).baddbmm_(q, k.transpose(1, 2))
     keep = None
-    if (left >= 0 and d0 + C - 1 > left) or (right >= 0 and d0 - (K - 1) < -right):  # the band cuts the block
+    cuts_left, cuts_right = d0 + C - 1 > left, d0 - (K - 1) < -right  # the band cuts the block
+    if cuts_left or cuts_right:
         rel = d0 + torch.arange(C, device=q.device)[:, None] - torch.arange(K, device=q.device)[None, :]
-        keep = (rel <= left if left >= 0 else True) & (rel >= -right if right >= 0 else True)
+        keep = (rel <= left if cuts_left else True) & (rel >= -right if cuts_right else True)
     if key_padding_mask is not None:
         B = key_padding_mask.shape[0]
         padding = key_padding_mask[:, None, None, :].expand(B, q.shape[0] // B, 1, K).reshape(-1, 1, K)
