@@ -4,9 +4,12 @@ The Triton interpreter accepts code that the GPU compiler rejects, so each kerne
 launches it makes (`aot_specs()`: signature, constexprs, warps, stages) and this module compiles them
 for real GPU targets, each specialised as triton's JIT specialises that launch at Echo's real
 shapes (unit strides as constexpr 1, integers and pointers divisible by 16 marked so), and reads
-back what matters for speed: shared memory, registers, spilled (local) bytes, and whether `tl.dot` became tensor-core instructions (mma on sm_80, wgmma on sm_90).
+back what matters for speed: shared memory, registers, spilled (local) bytes, CTAs per SM, whether
+`tl.dot` became tensor-core instructions (mma on sm_80, wgmma on sm_90), and what each main loop
+executes (echo_kernels.sass: instructions, tensor-core ones, synchronous vs asynchronous global loads,
+exp2 and sin/cos on the special-function unit).
 
-    python -m echo_kernels.aot            # table for every kernel, both targets
+    python -m echo_kernels.aot            # the two tables for every kernel, both targets
     python -m echo_kernels.aot --json f   # the same as JSON
 
 Kernels defined under TRITON_INTERPRET=1 are interpreter objects, so `reports()` compiles in a
@@ -27,6 +30,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from . import sass
 from .kernels.spec import KernelSpec
 
 # Modules whose `aot_specs()` list their kernels' launches.
@@ -57,8 +61,30 @@ def recorded_spills(version: str) -> dict[tuple[str, int], int]:
         lines = f.read().splitlines()
     if not lines or f"Triton {version};" not in lines[0]:
         raise ValueError(f"{path} is not a report of Triton {version}: its header reads {lines[:1]}")
-    rows = [line.split() for line in lines[3:] if line.strip()]
-    return {(row[0], int(row[1])): int(row[4]) for row in rows}
+    return {(row[0], int(row[1])): int(row[4]) for row in _table_rows(lines, 0)}
+
+
+def recorded_loops(version: str) -> dict[tuple[str, int], list[sass.LoopCounts]]:
+    """{(kernel, sm): counts of its main loops} of the committed report of Triton `version`."""
+    with open(report_path(version)) as f:
+        rows = _table_rows(f.read().splitlines(), 1)
+    if not rows:
+        raise ValueError(f"{report_path(version)} has no main-loop table: write it again with "
+                         f"python -m echo_kernels.aot > {report_path(version)}")
+    loops: dict[tuple[str, int], list[sass.LoopCounts]] = {}
+    for row in rows:
+        counts = sass.LoopCounts(*map(int, row[3:9]))
+        loops.setdefault((row[0], int(row[1])), []).append(counts)
+    return loops
+
+
+def _table_rows(lines: list[str], index: int) -> list[list[str]]:
+    """The rows of table `index` of a report: each table is a title, a blank line, a header, rows."""
+    starts = [i for i, line in enumerate(lines) if line.startswith(("Triton ", "Main loops"))]
+    if index >= len(starts):
+        return []
+    end = next((i for i in range(starts[index] + 3, len(lines)) if not lines[i].strip()), len(lines))
+    return [line.split() for line in lines[starts[index] + 3:end]]
 
 
 @dataclass
@@ -71,6 +97,13 @@ class CompileReport:
     stack_bytes: int  # the stack frame (spills, and local arrays such as sin/cos's slow path)
     mma: bool  # tensor-core instructions of any generation
     wgmma: bool  # Hopper warpgroup MMA
+    ctas_per_sm: int  # CTAs resident on one SM at once (registers, shared memory, threads)
+    main_loops: list[sass.LoopCounts]  # the loops that hold tensor-core instructions, in address order
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "CompileReport":
+        """Back from dataclasses.asdict (the --json file)."""
+        return cls(**{**row, "main_loops": [sass.LoopCounts(**loop) for loop in row["main_loops"]]})
 
 
 def _triton_bin(tool: str) -> str:
@@ -214,7 +247,8 @@ def _compile(spec: KernelSpec, arch: int, launch: tuple[tuple, dict] | None = No
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def _report(spec: KernelSpec, arch: int, compiled, usage: tuple[int, int, int]) -> CompileReport:
+def _report(spec: KernelSpec, arch: int, compiled, usage: tuple[int, int, int],
+            main_loops: list[sass.LoopCounts]) -> CompileReport:
     ptx = compiled.asm["ptx"]
     registers, spilled, stack = usage
     return CompileReport(
@@ -226,14 +260,20 @@ def _report(spec: KernelSpec, arch: int, compiled, usage: tuple[int, int, int]) 
         stack_bytes=stack,
         mma=bool(re.search(r"\b(mma|wgmma)\.", ptx)),
         wgmma="wgmma." in ptx,
+        ctas_per_sm=sass.ctas_per_sm(arch, registers, compiled.metadata.shared, spec.num_warps),
+        main_loops=main_loops,
     )
+
+
+def _main_loops(compiled) -> list[sass.LoopCounts]:
+    return sass.main_loops(sass.disassemble(compiled.asm["cubin"]))
 
 
 def compile_spec(spec: KernelSpec, arch: int, launch: tuple[tuple, dict] | None = None) -> CompileReport:
     """Compile one launch for compute capability `arch` (80, 90) and report on it. launch: the
     (args, kwargs) of a real launch of a kernel that Echo's launchers do not make."""
     compiled = _compile(spec, arch, launch)
-    return _report(spec, arch, compiled, _ptxas_usage(compiled.asm["ptx"]))
+    return _report(spec, arch, compiled, _ptxas_usage(compiled.asm["ptx"]), _main_loops(compiled))
 
 
 def all_specs() -> list[KernelSpec]:
@@ -246,10 +286,12 @@ def all_specs() -> list[KernelSpec]:
 def _compile_all(arches) -> list[CompileReport]:
     jobs = [(spec, arch) for spec in all_specs() for arch in arches]
     compiled = [_compile(spec, arch) for spec, arch in jobs]
-    # ptxas runs as a child process per kernel: in parallel, one per core.
+    # ptxas and nvdisasm run as child processes per kernel: in parallel, one per core.
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         usages = list(pool.map(_ptxas_usage, [c.asm["ptx"] for c in compiled]))
-    return [_report(spec, arch, c, usage) for (spec, arch), c, usage in zip(jobs, compiled, usages)]
+        loops = list(pool.map(_main_loops, compiled))
+    return [_report(spec, arch, c, usage, main_loops)
+            for (spec, arch), c, usage, main_loops in zip(jobs, compiled, usages, loops)]
 
 
 def reports(arches=TARGETS) -> list[CompileReport]:
@@ -262,7 +304,7 @@ def reports(arches=TARGETS) -> list[CompileReport]:
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if run.returncode != 0:  # the compiler's own message, not just an exit status
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr[-4000:]}")
-        return [CompileReport(**row) for row in json.load(open(f.name))]
+        return [CompileReport.from_dict(row) for row in json.load(open(f.name))]
 
 
 def main() -> None:
@@ -281,12 +323,23 @@ def main() -> None:
 
 
 def table(rows: list[CompileReport], version: str) -> str:
-    """The report as committed (benches/results/aot-report*.txt; recorded_spills reads it back)."""
-    lines = [f"Triton {version}; spill = ptxas spill stores, stack = stack frame (bytes)", "",
-             f"{'kernel':40} {'sm':>3} {'shared':>8} {'regs':>5} {'spill':>6} {'stack':>6} {'mma':>4} {'wgmma':>6}"]
+    """The report as committed (benches/results/aot-report*.txt; recorded_spills and recorded_loops
+    read it back): per launch, then per main loop of each launch."""
+    lines = [f"Triton {version}; spill = ptxas spill stores, stack = stack frame (bytes), ctas = CTAs per SM", "",
+             f"{'kernel':40} {'sm':>3} {'shared':>8} {'regs':>5} {'spill':>6} {'stack':>6} {'mma':>4} {'wgmma':>6} "
+             f"{'ctas':>5}"]
     for r in rows:
         lines.append(f"{r.name:40} {r.arch:>3} {r.shared_bytes:>8} {r.registers:>5} {r.spilled_bytes:>6} "
-                     f"{r.stack_bytes:>6} {'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6}")
+                     f"{r.stack_bytes:>6} {'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6} "
+                     f"{r.ctas_per_sm:>5}")
+    lines += ["", "Main loops (SASS, static counts per loop body): instr = all, tc = tensor-core, sync / async = "
+              "global loads waited on / copied asynchronously (cp.async, TMA), ex2 and sincos on the MUFU", "",
+              f"{'kernel':40} {'sm':>3} {'loop':>4} {'instr':>6} {'tc':>4} {'sync':>5} {'async':>5} {'ex2':>4} "
+              f"{'sincos':>6} {'instr/tc':>8}"]
+    for r in rows:
+        for i, c in enumerate(r.main_loops):
+            lines.append(f"{r.name:40} {r.arch:>3} {i:>4} {c.instructions:>6} {c.tensor_core:>4} {c.sync_loads:>5} "
+                         f"{c.async_loads:>5} {c.exp2:>4} {c.sin_cos:>6} {c.per_tensor_core:>8.1f}")
     return "\n".join(lines)
 
 

@@ -360,11 +360,15 @@ def test_dispatch(monkeypatch):
 
 def test_aot_compile_report(aot_reports):
     """Every launch compiles for both targets, its dots become tensor-core instructions (wgmma on
-    sm_90), shared memory stays under 128 KB, and its spills are those that the committed report of
-    the installed Triton records (h = 32, 64, 128)."""
+    sm_90), shared memory stays under 128 KB, the forward's key loops hold its products, and its spills
+    and main loops' instruction counts are those that the committed report of the installed Triton
+    records (h = 32, 64, 128)."""
     rows = [r for r in aot_reports if r.name.startswith("attention_")]
     names = {r.name for r in rows}
     recorded = aot.recorded_spills(triton.__version__)
+    recorded_loops = aot.recorded_loops(triton.__version__)
+    forward = [r for r in rows if r.name.startswith("attention_fwd_")]
+    assert forward and all(r.main_loops and all(c.tensor_core > 0 for c in r.main_loops) for r in forward)
     parts = ("fwd", "bwd_delta", "bwd_dkdv", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate", "bwd_dbias",
              "fwd_no_m", "bwd_delta_no_m", "bwd_dq_unrotate_no_m")
     for h in (32, 64, 128):
@@ -384,6 +388,8 @@ def test_aot_compile_report(aot_reports):
         # fits an A100 SM (164 KB) with room left for L1.
         assert r.shared_bytes < 128 * 1024, r.name
         assert r.spilled_bytes == recorded[(r.name, r.arch)], r.name  # as the committed report says
+        assert r.main_loops == recorded_loops.get((r.name, r.arch), []), r.name  # kernels with no loop have no rows
+        assert r.ctas_per_sm >= 1, r.name
         if r.name.startswith(no_dot):
             assert not r.mma, r.name
             continue

@@ -7,6 +7,7 @@ Without a GPU the kernels run through the Triton interpreter (tests/conftest.py)
 
 import pytest
 import torch
+import triton
 
 import echo_kernels
 from echo_kernels import aot, reference
@@ -258,6 +259,8 @@ def test_aot_compiles_for_sm80_and_sm90(aot_reports):
     aot_reports = [r for r in aot_reports if r.name.startswith("rotary_")]
     names = {spec.name for spec in kernels.aot_specs()}
     assert {(r.name, r.arch) for r in aot_reports} == {(n, a) for n in names for a in aot.TARGETS}
+    recorded_loops = aot.recorded_loops(triton.__version__)
+    assert all(r.main_loops == recorded_loops.get((r.name, r.arch), []) for r in aot_reports)
     print(f"\n{'kernel':36} {'sm':>3} {'shared':>7} {'regs':>5} {'spill':>6} {'mma':>4} {'wgmma':>6}")
     for r in aot_reports:
         print(f"{r.name:36} {r.arch:>3} {r.shared_bytes:>7} {r.registers:>5} {r.spilled_bytes:>6} "
