@@ -369,7 +369,7 @@ def test_aot_compile_report(aot_reports):
     recorded_loops = aot.recorded_loops(triton.__version__)
     forward = [r for r in rows if r.name.startswith("attention_fwd_")]
     assert forward and all(r.main_loops and all(c.tensor_core > 0 for c in r.main_loops) for r in forward)
-    parts = ("fwd", "bwd_delta", "bwd_dkdv", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate", "bwd_dbias",
+    parts = ("rope_keys", "fwd", "bwd_delta", "bwd_dkdv", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate", "bwd_dbias",
              "fwd_no_m", "bwd_delta_no_m", "bwd_dq_unrotate_no_m")
     for h in (32, 64, 128):
         for dt in ("bf16", "fp16"):
@@ -379,10 +379,11 @@ def test_aot_compile_report(aot_reports):
     # Elementwise passes and row dot products, no matrix product: the RoPE undo of dk, the inner
     # rows of dbias, and without M the queries' rotation and its undo (no product with P).
     no_dot = ("attention_bwd_unrope_", "attention_bwd_dbias_", "attention_bwd_delta_no_m_",
-              "attention_bwd_dq_unrotate_no_m_")
+              "attention_bwd_dq_unrotate_no_m_", "attention_rope_keys_")
     for r in rows:
         assert {x.arch for x in rows if x.name == r.name} == set(aot.TARGETS), r.name
-        assert r.shared_bytes > 0, r.name
+        # every pass stages tiles in shared memory but the elementwise RoPE(k) one
+        assert (r.shared_bytes > 0) != r.name.startswith("attention_rope_keys_"), r.name
         assert r.registers > 0, r.name
         # Registers hold the big tiles to one CTA per SM (8 warps of 200+ registers); its shared memory
         # fits an A100 SM (164 KB) with room left for L1.

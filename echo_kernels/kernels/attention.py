@@ -12,7 +12,9 @@ echo_kernels.attention multiplies them first.)
 
 The kernel never forms q' and k'. Since q' k'^T = RoPE(q) (M M^T) RoPE(k)^T, the launcher folds
 P = M M^T / sqrt(h) once per call, each query tile computes q'' = RoPE(q) @ P on chip (inner dim h),
-and each key tile only needs RoPE(k): elementwise, no matrix product per key tile. Without M
+and the keys only need RoPE(k): one memory-bound pass (_rope_keys_kernel) writes it once per call as
+contiguous [a | b] rows in the dot type, so that the key loops read plain contiguous tiles, which the
+compiler pipelines as asynchronous copies, and spend no sine or cosine per visit. Without M
 (HAS_P false) q'' = RoPE(q) / sqrt(h): the only products left are attention's own, q'' RoPE(k)^T
 and p v. The gradients are still those of the formula above (the backward goes through P back to M).
 
@@ -72,20 +74,46 @@ from .spec import KernelSpec, signature_of
 
 
 @triton.jit
+def _rope_keys_kernel(
+    K, W, S, KK, stride_kb, stride_kh, stride_kt, stride_kd, H, Tk, k_off, n_tiles,
+    HEAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """RoPE(k) of one (BLOCK) key tile of one (batch, head): KK rows [a | b], contiguous, in KK's type
+    (the dot type, to which the key loops would round it anyway). BLOCK is the forward's key tile and
+    the angles are taken by the same angle addition from the tile's first position as the backward's
+    key tiles take them: the backward recomputes the forward's probabilities from the very same k'."""
+    HALF: tl.constexpr = HEAD // 2
+    pid_t, pid_bh = _tile_and_head(n_tiles)
+    K += (pid_bh // H) * stride_kb + (pid_bh % H) * stride_kh
+    s = tl.load(S).to(tl.float32)
+    cols = pid_t * BLOCK + tl.arange(0, BLOCK)
+    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK), s, W, HALF)
+    ak, bk = _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, k_off + pid_t * BLOCK, s, W, HALF)
+    offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    mask = cols[:, None] < Tk
+    tl.store(KK + offs, ak.to(KK.dtype.element_ty), mask=mask)
+    tl.store(KK + offs + HALF, bk.to(KK.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _fwd_tiles(
-    acc, m_i, l_i, lo, hi, qa, qb, qpos, K, V, W, s, cos0, sin0, Bias, stride_br, head_off, n_rel, Pad, pad_off,
-    stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk, left, right, k_off,
+    acc, m_i, l_i, lo, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Pad, pad_off,
+    stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
     HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Online softmax over the key tiles starting at lo, lo + BLOCK_N, ... < hi (one bias region)."""
+    """Online softmax over the key tiles starting at lo, lo + BLOCK_N, ... < hi (one bias region).
+    KK: this head's RoPE(k) rows [a | b], contiguous, in the dot type."""
     DT = qa.dtype
+    half = tl.arange(0, HALF)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         # a padded key's k only reaches its own logits, which the mask replaces
-        ak, bk = _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
-        logits = tl.dot(qa, tl.trans(ak.to(DT)), input_precision=PRECISION)
-        logits = tl.dot(qb, tl.trans(bk.to(DT)), logits, input_precision=PRECISION)
+        k_offs = cols[:, None] * HEAD + half[None, :]
+        ak = tl.load(KK + k_offs, mask=cols[:, None] < Tk, other=0.0)
+        bk = tl.load(KK + k_offs + HALF, mask=cols[:, None] < Tk, other=0.0)
+        logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
+        logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
         keep = (rel <= left) & (rel >= -right) & key_ok[None, :]
@@ -106,9 +134,8 @@ def _fwd_tiles(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, P, W, S, Bias, Pad, Out, Lse,
+    Q, KK, V, P, W, S, Bias, Pad, Out, Lse,
     stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_br, stride_bh, stride_pb, stride_pt,
     H, Tq, Tk, n_rel, left, right, q_off, k_off, scale, n_tiles,
@@ -117,6 +144,7 @@ def _attn_fwd_kernel(
 ):
     """One (BLOCK_M, HEAD) query tile of one (batch, head): Out tile and its log-sum-exp.
 
+    KK: RoPE(k) from _rope_keys_kernel, (B, H, Tk, h) contiguous in the dot type;
     P: the folded (h, h) P~ when HAS_P, else a placeholder whose element type is the dot type;
     scale: 1 / sqrt(h), applied to RoPE(q) when there is no P (P~ holds it otherwise)."""
     HALF: tl.constexpr = HEAD // 2
@@ -125,7 +153,7 @@ def _attn_fwd_kernel(
     b = pid_bh // H
     hd = pid_bh % H
     Q += b * stride_qb + hd * stride_qh
-    K += b * stride_kb + hd * stride_kh
+    KK += pid_bh * Tk * HEAD
     V += b * stride_vb + hd * stride_vh
     s = tl.load(S).to(tl.float32)
 
@@ -148,29 +176,24 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD], tl.float32)
-    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_N), s, W, HALF)
     q_first = q_off + pid_m * BLOCK_M
     lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
     if HAS_BIAS:
         d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
                                 q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
         acc, m_i, l_i = _fwd_tiles(
-            acc, m_i, l_i, lo, d1, qa, qb, qpos, K, V, W, s, cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, Pad,
-            b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
-            BLOCK_N, PAST, HAS_PAD, PRECISION)
+            acc, m_i, l_i, lo, d1, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb,
+            stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, PRECISION)
         acc, m_i, l_i = _fwd_tiles(
-            acc, m_i, l_i, d1, d2, qa, qb, qpos, K, V, W, s, cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, Pad,
-            b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
-            BLOCK_N, NEAR, HAS_PAD, PRECISION)
+            acc, m_i, l_i, d1, d2, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb,
+            stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, PRECISION)
         acc, m_i, l_i = _fwd_tiles(
-            acc, m_i, l_i, d2, hi, qa, qb, qpos, K, V, W, s, cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, Pad,
-            b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
-            BLOCK_N, FUTURE, HAS_PAD, PRECISION)
+            acc, m_i, l_i, d2, hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb,
+            stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, PRECISION)
     else:
         acc, m_i, l_i = _fwd_tiles(
-            acc, m_i, l_i, lo, hi, qa, qb, qpos, K, V, W, s, cos0, sin0, Bias, stride_br, hd * stride_bh, n_rel, Pad,
-            b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
-            BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
+            acc, m_i, l_i, lo, hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb,
+            stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
 
     # A row with no kept key gives zeros and lse = +inf, so that the backward's exp(l - lse) is 0.
     empty = l_i == 0.0
@@ -189,8 +212,22 @@ def _attn_fwd_kernel(
 def default_blocks(h: int) -> dict:
     """Forward tile sizes and launch shape per head width."""
     if h <= 64:  # 8 warps: at 4 the (128, 64) tiles spill registers on sm_80 (h = 32) and sm_90 (h = 64)
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)  # 3 stages of K and V: 128 KB shared
     return dict(BLOCK_M=128, BLOCK_N=16, num_warps=8, num_stages=2)  # 32 keys spill on sm_80
+
+
+def rotated_keys(k: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, k_offset: int, dot_type: torch.dtype,
+                 block: int) -> torch.Tensor:
+    """RoPE(k) for the key loops, by tiles of `block` keys (the forward's BLOCK_N).
+    k: (B, H, Tk, h) any strides -> (B, H, Tk, h) contiguous in dot_type, each row [a | b]
+    (a = k_even cos - k_odd sin, b = k_even sin + k_odd cos)."""
+    B, H, Tk, h = k.shape
+    kk = torch.empty((B, H, Tk, h), dtype=dot_type, device=k.device)
+    n_tiles = triton.cdiv(Tk, block)
+    if kk.numel():  # a memory-bound pass: 4 warps, nothing to pipeline
+        _rope_keys_kernel[(n_tiles * B * H,)](k, w32, s32, kk, *k.stride(), H, Tk, k_offset, n_tiles, HEAD=h,
+                                              BLOCK=block, num_warps=4, num_stages=1)
+    return kk
 
 
 def _short_query_blocks(cfg: dict, Tq: int) -> dict:
@@ -221,10 +258,11 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
     pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q)
     cfg = _short_query_blocks(_blocks_for(h, default_blocks), Tq)
+    kk = rotated_keys(k, w32, s32, k_offset, P.dtype, cfg["BLOCK_N"])
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     _attn_fwd_kernel[(n_tiles * B * H,)](
-        q, k, v, P, w32, s32, bias_t, pad_t, out, lse,
-        *q.stride(), *k.stride(), *v.stride(),
+        q, kk, v, P, w32, s32, bias_t, pad_t, out, lse,
+        *q.stride(), *v.stride(),
         sbr, sbh, spb, spt,
         H, Tq, Tk, n_rel, left, right, q_offset, k_offset, 1.0 / math.sqrt(h), n_tiles,
         HEAD=h, HAS_P=has_p, HAS_BIAS=has_bias, HAS_PAD=has_pad,
@@ -242,12 +280,17 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
 def aot_specs() -> list[KernelSpec]:
     """The launches of the forward kernel at its default block sizes:
     h in {32, 64, 128}, bf16 and fp16, with a bias table (n = 15) and a key-padding mask, with M
-    ("rope_then_m": P folded into q) and without (names ending in _no_m: the model's default order)."""
+    ("rope_then_m": P folded into q) and without (names ending in _no_m: the model's default order);
+    and the RoPE(k) pass before them."""
     specs = []
     for h in ATTENTION_HEAD_WIDTHS:
         for dt in ("bf16", "fp16"):
             f = default_blocks(h)
-            ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "P", "Out")}
+            ptrs = {"K": f"*{dt}", "KK": f"*{dt}", "W": "*fp32", "S": "*fp32"}
+            ce = dict(HEAD=h, BLOCK=f["BLOCK_N"])
+            specs.append(KernelSpec(f"attention_rope_keys_h{h}_{dt}", _rope_keys_kernel,
+                                    signature_of(_rope_keys_kernel, ptrs, ce), ce, num_warps=4, num_stages=1))
+            ptrs = {n: f"*{dt}" for n in ("Q", "KK", "V", "P", "Out")}
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", scale="fp32")
             for has_p, suffix in ((True, ""), (False, "_no_m")):
                 ce = dict(HEAD=h, HAS_P=has_p, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=f["BLOCK_M"],
