@@ -78,14 +78,14 @@ class _GridRecorder:
 def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch):
     """CUDA caps a grid's second and third axes at 65535, which B * H can pass; the first takes 2**31 - 1."""
     grids = []
-    for module, names in ((kernel, ["_attn_fwd_kernel"]),
+    for module, names in ((kernel, ["_rope_keys_kernel", "_attn_fwd_kernel"]),
                           (kernel_bwd, [n for n in dir(kernel_bwd) if n.startswith("_attn_bwd_")])):
         for name in names:
             monkeypatch.setattr(module, name, _GridRecorder(getattr(module, name), grids))
     inputs = make_inputs(B=2, H=3, Tq=20, h=32, n=4, pad=True)
     do = torch.randn(2, 3, 20, 32, dtype=torch.float64)
     grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=5, rotation="rope_then_m")
-    assert len(grids) == 7  # forward, delta, dkdv, unrope, dq, dq_unrotate, dbias
+    assert len(grids) == 8  # RoPE(k), forward, delta, dkdv, unrope, dq, dq_unrotate, dbias
     assert all(len(grid) == 1 for grid in grids), grids
     assert all(grid[0] % (2 * 3) == 0 for grid in grids), grids  # every (batch, head) has its programs
 
