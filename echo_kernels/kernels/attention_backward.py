@@ -68,6 +68,7 @@ from .attention_common import (
     p_arg,
     precision,
 )
+from .attention import default_blocks as forward_blocks, rotated_keys
 from .spec import KernelSpec, signature_of
 
 @triton.jit
@@ -343,21 +344,23 @@ def _attn_bwd_dbias_diag_kernel(
 
 @triton.jit
 def _dq_tiles(
-    dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
-    head_off, n_rel, Pad, pad_off, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk, left, right, k_off,
+    dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
+    head_off, n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
     HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Accumulate d(q''_A, q''_B) and the end-row sums of dS over the key tiles lo, ... < hi."""
+    """Accumulate d(q''_A, q''_B) and the end-row sums of dS over the key tiles lo, ... < hi.
+    KK: this head's RoPE(k) rows [a | b] as the forward computed them, contiguous, in the dot type."""
     DT = qa.dtype
+    half = tl.arange(0, HALF)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         # A padded key's k and v meet ds = p = 0 in the products below, and 0 * NaN is NaN: zeroed after
         # the loads, whose masks then do not wait on the padding's (that costs the pipelined loop registers).
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
-        ak, bk = _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, k_off + start, s, W, HALF)
-        ak = tl.where(key_ok[:, None], ak, 0.0).to(DT)
-        bk = tl.where(key_ok[:, None], bk, 0.0).to(DT)
+        k_offs = cols[:, None] * HEAD + half[None, :]
+        ak = tl.where(key_ok[:, None], tl.load(KK + k_offs, mask=cols[:, None] < Tk, other=0.0), 0.0).to(DT)
+        bk = tl.where(key_ok[:, None], tl.load(KK + k_offs + HALF, mask=cols[:, None] < Tk, other=0.0), 0.0).to(DT)
         logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
         logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
@@ -383,9 +386,7 @@ def _dq_tiles(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, QQ, W, S, Bias, Pad, Lse, Delta, DQQ, DBias,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
+    KK, V, DO, QQ, Bias, Pad, Lse, Delta, DQQ, DBias,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
@@ -396,18 +397,17 @@ def _attn_bwd_dq_kernel(
     """One (BLOCK_M) query tile: d(q''_A, q''_B) in the dot type (DQQ, contiguous rows [A | B]) and
     the two end rows of dbias (the pairs with i - j <= -(n - 1) and >= n - 1; with n = 1 both are
     row 0). Going back through P~ and RoPE, and the dP~ partials, are _attn_bwd_dq_unrotate_kernel's:
-    the loop over key tiles keeps only q'', dO and the dq'' accumulators in registers."""
+    the loop over key tiles keeps only q'', dO and the dq'' accumulators in registers. KK: RoPE(k) as
+    the forward's RoPE(k) pass writes it, (B, H, Tk, h) contiguous in the dot type."""
     HALF: tl.constexpr = HEAD // 2
     DT = QQ.dtype.element_ty
     pid_m, pid_bh = _tile_and_head(n_tiles)
     tile = pid_bh * n_tiles + pid_m
     b = pid_bh // H
     hd = pid_bh % H
-    Q += b * stride_qb + hd * stride_qh
-    K += b * stride_kb + hd * stride_kh
+    KK += pid_bh * Tk * HEAD
     V += b * stride_vb + hd * stride_vh
     DO += b * stride_ob + hd * stride_oh
-    s = tl.load(S).to(tl.float32)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qpos = q_off + rows
@@ -415,7 +415,6 @@ def _attn_bwd_dq_kernel(
     q_offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
     qa = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0)  # q'' from the delta pre-pass
     qb = tl.load(QQ + q_offs + HALF, mask=rows[:, None] < Tq, other=0.0)
-    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK_N), s, W, HALF)
     do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD).to(DT)
     lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
     delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
@@ -429,23 +428,23 @@ def _attn_bwd_dq_kernel(
         d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
                                 q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
         dqa, dqb, db_lo, db_hi = _dq_tiles(
-            dqa, dqb, db_lo, db_hi, lo, d1, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
-            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+            dqa, dqb, db_lo, db_hi, lo, d1, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
+            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk,
             left, right, k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, PRECISION)
         dqa, dqb, db_lo, db_hi = _dq_tiles(
-            dqa, dqb, db_lo, db_hi, d1, d2, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
-            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+            dqa, dqb, db_lo, db_hi, d1, d2, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
+            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk,
             left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, PRECISION)
         dqa, dqb, db_lo, db_hi = _dq_tiles(
-            dqa, dqb, db_lo, db_hi, d2, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
-            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+            dqa, dqb, db_lo, db_hi, d2, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
+            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk,
             left, right, k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, PRECISION)
         tl.store(DBias + tile * 2, tl.sum(db_lo, 0))
         tl.store(DBias + tile * 2 + 1, tl.sum(db_hi, 0))
     else:
         dqa, dqb, db_lo, db_hi = _dq_tiles(
-            dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, K, V, W, s, cos0, sin0, Bias, stride_br,
-            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt, stride_vd, Tk,
+            dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
+            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk,
             left, right, k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
 
     # Rounded to the dot type here, as the products with P~^T and [a b]^T take it anyway.
@@ -654,8 +653,10 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     n_qblocks = triton.cdiv(Tq, c["BLOCK_M"])
     dqq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)  # d(q''_A, q''_B)
     db_ends = torch.empty((B * H * n_qblocks, 2) if has_bias else (1,), dtype=torch.float32, device=dev)
-    _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
-        q, k, v, do, qq, w32, s32, bias_t, pad_t, lse, delta, dqq, db_ends, *strides, *scalars, n_qblocks,
+    # the keys exactly as the forward rotated them (its RoPE(k) pass, by its key tiles)
+    kk = rotated_keys(k, w32, s32, k_offset, P.dtype, _blocks_for(h, forward_blocks)["BLOCK_N"])
+    _attn_bwd_dq_kernel[(n_qblocks * B * H,)](  # strides[8:]: v's, dO's, the bias's, the padding's
+        kk, v, do, qq, bias_t, pad_t, lse, delta, dqq, db_ends, *strides[8:], *scalars, n_qblocks,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PRECISION=prec,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
@@ -715,7 +716,7 @@ def aot_specs() -> list[KernelSpec]:
     for h in ATTENTION_HEAD_WIDTHS:
         for dt in ("bf16", "fp16"):
             g = default_blocks(h)
-            ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
+            ptrs = {n: f"*{dt}" for n in ("Q", "K", "KK", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32", G="*fp32",
                         DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", scale="fp32")
             for name, fn, ce in (
