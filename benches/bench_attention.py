@@ -9,7 +9,10 @@ mask. Peers doing that same maths:
 - compiled: torch.compile of the reference;
 - on a GPU: FlexAttention (RoPE by a separate PyTorch pass, the bias
   table in a score_mod, the window as a block mask), compiled as FlexAttention must be; SDPA with a
-  dense additive bias (bias + band mask materialised as a (1, H, T, T) tensor).
+  dense additive bias (bias + band mask materialised as a (1, H, T, T) tensor);
+- on a GPU, global shapes only: plain (echo_kernels.plain_attention), flash attention with no RoPE, bias
+  or window on the same tiles as the kernel: the floor, not the same maths; its ratio to the kernel is
+  what the extras cost.
 And the same op given M, so that what the fold saves is measured:
 - kernel_unfolded: the default order with M applied by the op (q M and k M, then the kernel);
 - kernel_rope_then_m: the reference code's order, P = M M^T folded into the kernel's queries.
@@ -149,10 +152,16 @@ def run_sdpa(x, window):
     return torch.nn.functional.scaled_dot_product_attention(q, k, x["v"], attn_mask=dense)
 
 
+def run_plain(x, window):
+    import echo_kernels
+
+    return echo_kernels.plain_attention(x["q"], x["k"], x["v"])
+
+
 IMPLS = {"kernel": run_kernel, "reference": run_reference, "compiled": run_compiled,
          "kernel_unfolded": run_kernel, "kernel_rope_then_m": run_kernel_rope_then_m}
 if ON_GPU:
-    IMPLS.update(flex=run_flex, sdpa=run_sdpa)
+    IMPLS.update(flex=run_flex, sdpa=run_sdpa, plain=run_plain)
 WITH_M = ("kernel_unfolded", "kernel_rope_then_m")  # the cases whose op is given M
 
 
@@ -162,8 +171,10 @@ WITH_M = ("kernel_unfolded", "kernel_rope_then_m")  # the cases whose op is give
 
 
 # Beyond T = 4096 the dense and chunked peers need tens of GiB: there only the kernel and Flex run.
+# The plain kernel has no window: it runs the global shapes only.
 PARAMS = [(shape, impl) for shape in SHAPES for impl in IMPLS
-          if SHAPES[shape][2] <= 4096 or impl not in ("reference", "compiled", "sdpa")]
+          if (SHAPES[shape][2] <= 4096 or impl not in ("reference", "compiled", "sdpa"))
+          and (impl != "plain" or SHAPES[shape][4] is None)]
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])

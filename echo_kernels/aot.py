@@ -35,7 +35,7 @@ from .kernels.spec import KernelSpec
 
 # Modules whose `aot_specs()` list their kernels' launches.
 KERNEL_MODULES: tuple[str, ...] = ("echo_kernels.kernels.rotary", "echo_kernels.kernels.attention",
-                                   "echo_kernels.kernels.attention_backward")
+                                   "echo_kernels.kernels.attention_backward", "echo_kernels.kernels.plain_attention")
 TARGETS = (80, 90)
 
 
@@ -148,7 +148,7 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
     import torch
     from triton.runtime.jit import JITFunction
 
-    from .kernels import attention as attn, attention_backward as attn_bwd, rotary
+    from .kernels import attention as attn, attention_backward as attn_bwd, plain_attention as plain, rotary
     from .reference import UNBOUNDED
 
     launches = []
@@ -164,6 +164,10 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
                 shapes = [(T, T, UNBOUNDED, UNBOUNDED, 0)]
                 if h == 64 and dt == torch.bfloat16:
                     shapes.append((1, 448, UNBOUNDED, 0, 447))
+                if dt == torch.bfloat16:  # the plain flash kernels, the floor of the rows above
+                    q, k, v = (heads(T, h, dt) for _ in range(3))
+                    out, lse = plain.forward(q, k, v)
+                    plain.backward(torch.randn_like(out), q, k, v, out, lse)
                 for Tq, Tk, left, right, q_off in shapes:
                     q, k, v = heads(Tq, h, dt), heads(Tk, h, dt), heads(Tk, h, dt)
                     for M in (torch.randn(h, h), None):
@@ -190,7 +194,7 @@ def _matches(spec: KernelSpec, kernel, args: tuple, kwargs: dict) -> bool:
     if _jit_function(spec.fn).fn is not kernel.fn:
         return False
     bound = dict(zip(kernel.arg_names, args), **kwargs)
-    types = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
+    types = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8", torch.int32: "*i32",
              torch.bool: "*u8"}
     pointers_agree = all(types.get(getattr(bound.get(name), "dtype", None)) == kind
                          for name, kind in spec.signature.items() if kind.startswith("*"))

@@ -399,6 +399,26 @@ def test_aot_compile_report(aot_reports):
             assert r.wgmma == (r.arch == 90), r.name
 
 
+def test_fused_loops_against_the_plain_flash_kernel(aot_reports):
+    """Static targets (sm_90, bf16, h = 64, read from the SASS), against echo_kernels.plain_attention
+    at the same tiles: no spills; the plain kernels' loops and the fused dk/dv pass's load every tile
+    asynchronously; the fused forward's loop over the tiles inside the band (no mask, no synchronous
+    load: the masked loops' are the padding mask's bytes) executes at most 1.25x the plain forward's
+    instructions per tensor-core instruction."""
+    at = {r.name: r for r in aot_reports if r.arch == 90}
+    plain = [at[f"plain_attention_{part}_h64_bf16"] for part in ("fwd", "bwd_dkdv", "bwd_dq")]
+    fused = [at[f"attention_{part}_h64_bf16"] for part in ("fwd", "fwd_no_m", "bwd_dkdv", "bwd_dq")]
+    for r in plain + fused:
+        assert r.spilled_bytes == 0 and r.main_loops, r.name
+    for r in plain + fused[2:3]:
+        assert all(loop.sync_loads == 0 for loop in r.main_loops), r.name
+    floor = min(loop.per_tensor_core for loop in plain[0].main_loops)
+    for r in fused[:2]:
+        unmasked = [loop for loop in r.main_loops if loop.sync_loads == 0]
+        assert unmasked, r.name
+        assert min(loop.per_tensor_core for loop in unmasked) <= 1.25 * floor, r.name
+
+
 def test_ci_triton_attention_launches_spill_nothing():
     """Under the Triton that CI installs, no attention launch spills registers (every pass, at every
     head width); reports of other versions are recorded beside it, not held to this."""

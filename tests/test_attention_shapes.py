@@ -85,7 +85,7 @@ def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch):
     inputs = make_inputs(B=2, H=3, Tq=20, h=32, n=4, pad=True)
     do = torch.randn(2, 3, 20, 32, dtype=torch.float64)
     grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=5, rotation="rope_then_m")
-    assert len(grids) == 9  # RoPE(k), forward, delta, dkdv, unrope, RoPE(k) again for dq, dq, dq_unrotate, dbias
+    assert len(grids) == 9  # RoPE(k), forward, delta, RoPE(k) again, dkdv, unrope, dq, dq_unrotate, dbias
     assert all(len(grid) == 1 for grid in grids), grids
     assert all(grid[0] % (2 * 3) == 0 for grid in grids), grids  # every (batch, head) has its programs
 
@@ -100,3 +100,30 @@ def test_more_batch_heads_than_a_grid_axis_holds_gpu(use_triton):
     assert rel_err(got_out, want_out) < 1e-5
     for name in ("q", "k", "v"):
         assert rel_err(got[name], want[name]) < 1e-5, name
+
+
+@pytest.mark.skipif(ON_GPU, reason="watches the interpreter run the kernel's Python; on a GPU the report shows the loops")
+@pytest.mark.parametrize("padding, inner_end", [(None, 64), ("suffix", 32), ("first", 0)])
+def test_tiles_inside_the_band_run_the_unmasked_loop(use_triton, monkeypatch, padding, inner_end):
+    """Global attention over 64 keys in 16-key tiles: the forward's loop with no mask takes the key
+    tiles before the first padded key (none padded: all of them; padded from key 40 on: up to 32;
+    key 0 padded: none), and the result is the reference's either way."""
+    spans = []
+    inner = kernel._fwd_inner_tiles
+
+    def watched(acc, m_i, l_i, lo, hi, *rest):
+        spans.append((int(lo.handle.data[0]), int(hi.handle.data[0])))
+        return inner(acc, m_i, l_i, lo, hi, *rest)
+
+    monkeypatch.setattr(kernel, "_fwd_inner_tiles", watched)
+    inputs = make_inputs(B=2, Tq=64, n=2)
+    if padding is not None:
+        mask = torch.zeros(2, 64, dtype=torch.bool)
+        mask[:, 40:] = padding == "suffix"
+        mask[:, 0] = padding == "first"
+        inputs["key_padding_mask"] = mask
+    want = call(reference.echo_attention, inputs)
+    got = call(echo_kernels.echo_attention, cast(inputs, torch.float32))
+    assert rel_err(got, want) < 1e-5
+    covered = {start for lo, hi in spans for start in range(lo, hi, 16)}
+    assert covered == set(range(0, inner_end, 16))

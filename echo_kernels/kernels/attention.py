@@ -32,6 +32,12 @@ product does not depend on the order in which its terms are written).
 Windows are two ints, left and right (key j kept iff i - left <= j <= i + right, absolute
 positions); unbounded sides are a large sentinel, causal is right = min(right, 0). Each query tile
 loops only over the key tiles the band reaches, so local attention costs O(T w).
+
+Masks are paid only where they can bite, as Triton's fused-attention tutorial stages its loops: a key
+tile wholly inside the band of every query of the tile, whole (before Tk) and before the batch's first
+padded key runs a loop with no mask arithmetic and no mask load, its bias one value per region folded
+into the exponent; the band's edges, the ragged last tile, the tiles from the first padded key on and
+the bias gather near the diagonal take the masked loop.
 """
 
 from __future__ import annotations
@@ -133,8 +139,58 @@ def _fwd_tiles(
 
 
 @triton.jit
+def _fwd_inner_tiles(
+    acc, m_i, l_i, lo, hi, qa, qb, KK, V, bias_c, stride_vt, stride_vd,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """_fwd_tiles for key tiles wholly inside the band, before Tk and before any padded key: no mask
+    at all, and the region's one bias value bias_c (0 without a table) folded into the exponent."""
+    DT = qa.dtype
+    half = tl.arange(0, HALF)
+    dims = tl.arange(0, HEAD)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k_offs = cols[:, None] * HEAD + half[None, :]
+        logits = tl.dot(qa, tl.trans(tl.load(KK + k_offs)), input_precision=PRECISION)
+        logits = tl.dot(qb, tl.trans(tl.load(KK + k_offs + HALF)), logits, input_precision=PRECISION)
+        # every row sees every key of the tile, so the maximum is finite: no guard against -inf
+        m_new = tl.maximum(m_i, tl.max(logits, 1) + bias_c)
+        alpha = tl.exp2((m_i - m_new) * LOG2E)
+        p = tl.exp2(logits * LOG2E + ((bias_c - m_new) * LOG2E)[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd).to(DT)
+        acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_region(
+    acc, m_i, l_i, lo, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Pad,
+    pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
+    HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The key tiles lo, ... < hi of one region whose bias is one value (PAST, FUTURE, NO_BIAS), as the
+    tutorial stages its loops: the tiles in [inner_lo, inner_hi) (tile starts on lo's grid) by the loop
+    with no mask, the edges before and after by the masked one."""
+    a = tl.minimum(tl.maximum(inner_lo, lo), hi)
+    b = tl.maximum(tl.minimum(inner_hi, hi), a)
+    acc, m_i, l_i = _fwd_tiles(
+        acc, m_i, l_i, lo, a, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Pad, pad_off, stride_pt,
+        stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, PRECISION)
+    bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
+    acc, m_i, l_i = _fwd_inner_tiles(
+        acc, m_i, l_i, a, b, qa, qb, KK, V, bias_c, stride_vt, stride_vd, HALF, HEAD, BLOCK_N, PRECISION)
+    acc, m_i, l_i = _fwd_tiles(
+        acc, m_i, l_i, b, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Pad, pad_off, stride_pt,
+        stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, KK, V, P, W, S, Bias, Pad, Out, Lse,
+    Q, KK, V, P, W, S, Bias, Pad, PadStart, Out, Lse,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_br, stride_bh, stride_pb, stride_pt,
@@ -146,6 +202,7 @@ def _attn_fwd_kernel(
 
     KK: RoPE(k) from _rope_keys_kernel, (B, H, Tk, h) contiguous in the dot type;
     P: the folded (h, h) P~ when HAS_P, else a placeholder whose element type is the dot type;
+    PadStart: (B,) int32, each batch's first padded key (Tk if none), read when HAS_PAD;
     scale: 1 / sqrt(h), applied to RoPE(q) when there is no P (P~ holds it otherwise)."""
     HALF: tl.constexpr = HEAD // 2
     DT = P.dtype.element_ty  # operand type of every tl.dot (fp32 under the interpreter for bf16)
@@ -178,22 +235,33 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD], tl.float32)
     q_first = q_off + pid_m * BLOCK_M
     lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
+    # The tiles no mask can bite: every key inside the band of every query of the tile (from the last
+    # query's left edge to the first one's right edge), whole tiles before Tk and the first padded key.
+    inner_lo = tl.cdiv(tl.maximum(q_first + BLOCK_M - 1 - left - k_off, 0), BLOCK_N) * BLOCK_N
+    k_end = Tk
+    if HAS_PAD:
+        k_end = tl.minimum(k_end, tl.load(PadStart + b))
+    inner_hi = tl.minimum(q_first + right - k_off + 1, k_end)
+    inner_hi = tl.maximum(inner_hi, 0) // BLOCK_N * BLOCK_N
     if HAS_BIAS:
         d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
                                 q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
-        acc, m_i, l_i = _fwd_tiles(
-            acc, m_i, l_i, lo, d1, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb,
-            stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, PRECISION)
+        acc, m_i, l_i = _fwd_region(
+            acc, m_i, l_i, lo, d1, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
+            Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, PAST,
+            HAS_PAD, PRECISION)
         acc, m_i, l_i = _fwd_tiles(
             acc, m_i, l_i, d1, d2, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb,
             stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, PRECISION)
-        acc, m_i, l_i = _fwd_tiles(
-            acc, m_i, l_i, d2, hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb,
-            stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, PRECISION)
+        acc, m_i, l_i = _fwd_region(
+            acc, m_i, l_i, d2, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
+            Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, FUTURE,
+            HAS_PAD, PRECISION)
     else:
-        acc, m_i, l_i = _fwd_tiles(
-            acc, m_i, l_i, lo, hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb,
-            stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
+        acc, m_i, l_i = _fwd_region(
+            acc, m_i, l_i, lo, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
+            Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N,
+            NO_BIAS, HAS_PAD, PRECISION)
 
     # A row with no kept key gives zeros and lse = +inf, so that the backward's exp(l - lse) is 0.
     empty = l_i == 0.0
@@ -230,6 +298,14 @@ def rotated_keys(k: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, k_offset
     return kk
 
 
+def first_padded_key(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """(B, Tk) bool, True = padded -> (B,) int32: the index of each row's first padded key, Tk where
+    none is. Keys before it need no padding mask: the forward's unmasked loop runs up to it."""
+    Tk = key_padding_mask.shape[1]
+    first = key_padding_mask.to(torch.uint8).argmax(1)  # argmax gives the first of equal maxima
+    return torch.where(key_padding_mask.any(1), first, Tk).to(torch.int32)
+
+
 def _short_query_blocks(cfg: dict, Tq: int) -> dict:
     """Decoding (Tq = 1) and other short query runs: a 128-row tile would be almost all padding, so
     the tile shrinks, and a tile of 64 rows or fewer needs no more than 4 warps."""
@@ -257,11 +333,12 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     s32 = torch.as_tensor(s, dtype=torch.float32, device=q.device).detach().reshape(1)
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
     pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q)
+    pad_start = first_padded_key(key_padding_mask) if has_pad else lse
     cfg = _short_query_blocks(_blocks_for(h, default_blocks), Tq)
     kk = rotated_keys(k, w32, s32, k_offset, P.dtype, cfg["BLOCK_N"])
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     _attn_fwd_kernel[(n_tiles * B * H,)](
-        q, kk, v, P, w32, s32, bias_t, pad_t, out, lse,
+        q, kk, v, P, w32, s32, bias_t, pad_t, pad_start, out, lse,
         *q.stride(), *v.stride(),
         sbr, sbh, spb, spt,
         H, Tq, Tk, n_rel, left, right, q_offset, k_offset, 1.0 / math.sqrt(h), n_tiles,
@@ -291,7 +368,7 @@ def aot_specs() -> list[KernelSpec]:
             specs.append(KernelSpec(f"attention_rope_keys_h{h}_{dt}", _rope_keys_kernel,
                                     signature_of(_rope_keys_kernel, ptrs, ce), ce, num_warps=4, num_stages=1))
             ptrs = {n: f"*{dt}" for n in ("Q", "KK", "V", "P", "Out")}
-            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", scale="fp32")
+            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", PadStart="*i32", Lse="*fp32", scale="fp32")
             for has_p, suffix in ((True, ""), (False, "_no_m")):
                 ce = dict(HEAD=h, HAS_P=has_p, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=f["BLOCK_M"],
                           BLOCK_N=f["BLOCK_N"], PRECISION="tf32")

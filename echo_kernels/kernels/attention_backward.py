@@ -13,6 +13,9 @@ The passes, in launch order:
 
     delta      per query row: D, and q'' = RoPE(q) @ P~ in the dot type (written once, read by every
                pass below instead of each tile rotating and multiplying its queries again)
+    RoPE(k)    per key tile: RoPE(k) in the dot type, by the forward's own pass and tiles
+               (echo_kernels.kernels.attention.rotated_keys), so every pass below multiplies the very
+               k' the forward's probabilities came from, loading contiguous key rows
     dkdv       per key tile, looping over the query tiles the band reaches: dv and d(a_k, b_k) (fp32)
     unrope     per key tile: dk from d(a_k, b_k) (undoing RoPE) and the keys' angle partials
     dq         per query tile, looping over the key tiles: d(q''_A, q''_B) and the end rows of dbias
@@ -45,6 +48,8 @@ import triton
 import triton.language as tl
 
 from . import ATTENTION_HEAD_WIDTHS
+from .attention import default_blocks as forward_blocks
+from .attention import rotated_keys
 from .attention_common import (
     FUTURE,
     LOG2E,
@@ -61,14 +66,12 @@ from .attention_common import (
     _load_pairs,
     _pad_arg,
     _rope_angles,
-    _rotated_k,
     _split_regions,
     _tile_and_head,
     layout_perm,
     p_arg,
     precision,
 )
-from .attention import default_blocks as forward_blocks, rotated_keys
 from .spec import KernelSpec, signature_of
 
 @triton.jit
@@ -180,9 +183,7 @@ def _dkdv_tiles(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, QQ, W, S, Bias, Pad, Lse, Delta, DKK, DV,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
+    KK, V, DO, QQ, Bias, Pad, Lse, Delta, DKK, DV,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
@@ -192,29 +193,26 @@ def _attn_bwd_dkdv_kernel(
 ):
     """One (BLOCK_N, HEAD) key tile: dv, and d(a_k, b_k) in fp32 (DKK, contiguous rows [A | B]),
     which _attn_bwd_unrope_kernel turns into dk and the angle partials: undoing RoPE needs the
-    key angles again, and their sines are not worth registers next to the accumulators."""
+    key angles again, and their sines are not worth registers next to the accumulators.
+    KK: RoPE(k) as the forward's RoPE(k) pass writes it, (B, H, Tk, h) contiguous in the dot type."""
     HALF: tl.constexpr = HEAD // 2
     DT = QQ.dtype.element_ty
     pid_n, pid_bh = _tile_and_head(n_tiles)
     b = pid_bh // H
     hd = pid_bh % H
-    Q += b * stride_qb + hd * stride_qh
-    K += b * stride_kb + hd * stride_kh
     V += b * stride_vb + hd * stride_vh
     DO += b * stride_ob + hd * stride_oh
     QQ += pid_bh * Tq * HEAD
     Lse += pid_bh * Tq
     Delta += pid_bh * Tq
-    s = tl.load(S).to(tl.float32)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kpos = k_off + cols
     first = k_off + pid_n * BLOCK_N
-    kcos, ksin = _rope_angles(kpos, s, W, HALF)
     key_ok = _key_ok(cols, Tk, Pad, b * stride_pb, stride_pt, HAS_PAD)  # padding belongs to the key
-    y1, y2 = _load_pairs(K, cols, key_ok, stride_kt, stride_kd, HALF)
-    ak_dt = (y1 * kcos - y2 * ksin).to(DT)
-    bk_dt = (y1 * ksin + y2 * kcos).to(DT)
+    k_offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    ak_dt = tl.load(KK + k_offs, mask=key_ok[:, None], other=0.0)
+    bk_dt = tl.load(KK + k_offs + HALF, mask=key_ok[:, None], other=0.0)
     v = _load_full(V, cols, key_ok, stride_vt, stride_vd, HEAD).to(DT)
 
     dak = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -279,9 +277,7 @@ def _attn_bwd_unrope_kernel(
 
 @triton.jit
 def _attn_bwd_dbias_diag_kernel(
-    Q, K, V, DO, QQ, W, S, Bias, Pad, Lse, Delta, DBias,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
+    KK, V, DO, QQ, Bias, Pad, Lse, Delta, DBias,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
@@ -299,15 +295,12 @@ def _attn_bwd_dbias_diag_kernel(
     prog = pid_bh * n_tiles + pid_m
     b = pid_bh // H
     hd = pid_bh % H
-    Q += b * stride_qb + hd * stride_qh
-    K += b * stride_kb + hd * stride_kh
+    KK += pid_bh * Tk * HEAD
     V += b * stride_vb + hd * stride_vh
     DO += b * stride_ob + hd * stride_oh
-    s = tl.load(S).to(tl.float32)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qpos = q_off + rows
-    cos, sin = _rope_angles(qpos, s, W, HALF)
     q_offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
     qa = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0).to(tl.float32)  # q'' from the pre-pass
     qb = tl.load(QQ + q_offs + HALF, mask=rows[:, None] < Tq, other=0.0).to(tl.float32)
@@ -317,20 +310,12 @@ def _attn_bwd_dbias_diag_kernel(
     half = tl.arange(0, HALF)
     for r in range(1, 2 * n_rel - 2):
         rel = r - (n_rel - 1)  # i - j on this diagonal
-        kpos = qpos - rel
-        cols = kpos - k_off
+        cols = qpos - rel - k_off
         inside = (cols >= 0) & (cols < Tk) & (rows < Tq) & (rel <= left) & (rel >= -right)
-        offs = cols[:, None] * stride_kt + (2 * half)[None, :] * stride_kd
-        y1 = tl.load(K + offs, mask=inside[:, None], other=0.0).to(tl.float32)
-        y2 = tl.load(K + offs + stride_kd, mask=inside[:, None], other=0.0).to(tl.float32)
-        # phi_k = phi_q - (s rel) w: one angle per frequency, no sine per element
-        step = (s * rel.to(tl.float32)) * tl.load(W + half).to(tl.float32)
-        cs = tl.cos(step)[None, :]
-        sn = tl.sin(step)[None, :]
-        kcos = cos * cs + sin * sn
-        ksin = sin * cs - cos * sn
-        ak = y1 * kcos - y2 * ksin
-        bk = y1 * ksin + y2 * kcos
+        # the keys' rows of RoPE(k), as the forward and the other passes multiply them
+        k_offs = cols[:, None] * HEAD + half[None, :]
+        ak = tl.load(KK + k_offs, mask=inside[:, None], other=0.0).to(tl.float32)
+        bk = tl.load(KK + k_offs + HALF, mask=inside[:, None], other=0.0).to(tl.float32)
         logit = tl.sum(qa * ak, 1) + tl.sum(qb * bk, 1) + tl.load(Bias + r * stride_br + hd * stride_bh).to(tl.float32)
         if HAS_PAD:
             padded = tl.load(Pad + b * stride_pb + cols * stride_pt, mask=inside, other=1)
@@ -593,10 +578,11 @@ def _dq_programs_per_head(n_heads: int, n_tiles: int, device) -> int:
     return max(1, min(n_tiles, triton.cdiv(4 * sms, n_heads)))
 
 
-def _common_args(q, k, v, do, bias, key_padding_mask):
-    bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
-    pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), sbr, sbh, spb, spt)
+def _common_args(v, do, bias, key_padding_mask):
+    """The bias and padding arguments and the strides the dkdv, dq and dbias passes share."""
+    bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, v)
+    pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, v)
+    strides = (*v.stride(), *do.stride(), sbr, sbh, spb, spt)
     return bias_t, pad_t, strides, n_rel, has_bias, has_pad
 
 
@@ -620,7 +606,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     scale = 1.0 / math.sqrt(h)
     w32 = w.detach().float().contiguous()
     s32 = torch.as_tensor(s, dtype=torch.float32, device=dev).detach().reshape(1)
-    bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(q, k, v, do, bias, key_padding_mask)
+    bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(v, do, bias, key_padding_mask)
     scalars = (H, Tq, Tk, n_rel, left, right, q_offset, k_offset)
     prec = precision(q.dtype)
     cfg = {name: kernel_blocks(h, name) for name in default_blocks(h)}
@@ -635,11 +621,15 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         HEAD=h, HAS_P=has_p, BLOCK=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
         num_stages=c["num_stages"])
 
+    # RoPE(k) exactly as the forward rotated it (its pass, by its key tiles): the dk/dv, dq and dbias
+    # passes read these contiguous rows, and recompute the forward's very probabilities from them.
+    kk = rotated_keys(k, w32, s32, k_offset, P.dtype, _blocks_for(h, forward_blocks)["BLOCK_N"])
+
     c = cfg["dkdv"]
     n_kblocks = triton.cdiv(Tk, c["BLOCK_N"])
     dkk = torch.empty((B, H, Tk, h), dtype=torch.float32, device=dev)  # d(a_k, b_k)
     _attn_bwd_dkdv_kernel[(n_kblocks * B * H,)](
-        q, k, v, do, qq, w32, s32, bias_t, pad_t, lse, delta, dkk, dv, *strides, *scalars, n_kblocks,
+        kk, v, do, qq, bias_t, pad_t, lse, delta, dkk, dv, *strides, *scalars, n_kblocks,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PRECISION=prec,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     c = cfg["unrope"]
@@ -653,10 +643,8 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     n_qblocks = triton.cdiv(Tq, c["BLOCK_M"])
     dqq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)  # d(q''_A, q''_B)
     db_ends = torch.empty((B * H * n_qblocks, 2) if has_bias else (1,), dtype=torch.float32, device=dev)
-    # the keys exactly as the forward rotated them (its RoPE(k) pass, by its key tiles)
-    kk = rotated_keys(k, w32, s32, k_offset, P.dtype, _blocks_for(h, forward_blocks)["BLOCK_N"])
-    _attn_bwd_dq_kernel[(n_qblocks * B * H,)](  # strides[8:]: v's, dO's, the bias's, the padding's
-        kk, v, do, qq, bias_t, pad_t, lse, delta, dqq, db_ends, *strides[8:], *scalars, n_qblocks,
+    _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
+        kk, v, do, qq, bias_t, pad_t, lse, delta, dqq, db_ends, *strides, *scalars, n_qblocks,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PRECISION=prec,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
@@ -676,7 +664,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         n_dtiles = triton.cdiv(Tq, c["BLOCK_M"])
         db_inner = torch.zeros((B * H * n_dtiles, 2 * n_rel - 1), dtype=torch.float32, device=dev)
         _attn_bwd_dbias_diag_kernel[(n_dtiles * B * H,)](
-            q, k, v, do, qq, w32, s32, bias_t, pad_t, lse, delta, db_inner, *strides, *scalars, n_dtiles,
+            kk, v, do, qq, bias_t, pad_t, lse, delta, db_inner, *strides, *scalars, n_dtiles,
             HEAD=h, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
             num_stages=c["num_stages"])
 
