@@ -37,7 +37,7 @@ benches      140   0
 report        30  15
 "
 CORRECTNESS_FILES=(tests/test_attention.py tests/test_attention_shapes.py tests/test_masked_values.py tests/test_rotary.py
-                   tests/test_orthogonal.py tests/test_properties_triton.py)
+                   tests/test_orthogonal.py tests/test_properties_triton.py tests/test_plain_attention.py)
 CORRECTNESS_FULL="not aot"
 CORRECTNESS_QUICK="(gpu or forward_matches_reference or deterministic or bf16 or fp16) and not aot"
 GRACE=5  # a step gets SIGTERM GRACE seconds before its limit, SIGKILL at it

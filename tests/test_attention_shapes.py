@@ -102,28 +102,38 @@ def test_more_batch_heads_than_a_grid_axis_holds_gpu(use_triton):
         assert rel_err(got[name], want[name]) < 1e-5, name
 
 
-@pytest.mark.skipif(ON_GPU, reason="watches the interpreter run the kernel's Python; on a GPU the report shows the loops")
-@pytest.mark.parametrize("padding, inner_end", [(None, 64), ("suffix", 32), ("first", 0)])
-def test_tiles_inside_the_band_run_the_unmasked_loop(use_triton, monkeypatch, padding, inner_end):
-    """Global attention over 64 keys in 16-key tiles: the forward's loop with no mask takes the key
-    tiles before the first padded key (none padded: all of them; padded from key 40 on: up to 32;
-    key 0 padded: none), and the result is the reference's either way."""
-    spans = []
-    inner = kernel._fwd_inner_tiles
+@pytest.mark.skipif(ON_GPU, reason="watches the interpreter run the kernels' Python; on a GPU the report shows the loops")
+@pytest.mark.parametrize("padding, inner_keys", [(None, 64), ("suffix", 32), ("first", 0)])
+def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, padding, inner_keys):
+    """Global attention, 64 queries and keys in 16-wide tiles, n = 2: the forward's, dq's and dk/dv's
+    loops with no mask each take exactly the (query tile, key tile) pairs off the diagonal (where the
+    bias is one value) whose key tile lies before the first padded key (none padded: 4 key tiles;
+    padded from key 40 on: 2; key 0 padded: none), and values and gradients are the reference's."""
+    visits = {"forward": 0, "dq": 0, "dkdv": 0}
 
-    def watched(acc, m_i, l_i, lo, hi, *rest):
-        spans.append((int(lo.handle.data[0]), int(hi.handle.data[0])))
-        return inner(acc, m_i, l_i, lo, hi, *rest)
+    def watch(module, name, part):
+        inner = getattr(module, name)
 
-    monkeypatch.setattr(kernel, "_fwd_inner_tiles", watched)
-    inputs = make_inputs(B=2, Tq=64, n=2)
+        def watched(a, b, c, lo, hi, *rest):
+            visits[part] += (int(hi.handle.data[0]) - int(lo.handle.data[0])) // 16
+            return inner(a, b, c, lo, hi, *rest)
+
+        monkeypatch.setattr(module, name, watched)
+
+    watch(kernel, "_fwd_inner_tiles", "forward")
+    watch(kernel_bwd, "_dq_inner_tiles", "dq")
+    watch(kernel_bwd, "_dkdv_inner_tiles", "dkdv")
+    inputs = make_inputs(B=1, Tq=64, n=2)
     if padding is not None:
-        mask = torch.zeros(2, 64, dtype=torch.bool)
+        mask = torch.zeros(1, 64, dtype=torch.bool)
         mask[:, 40:] = padding == "suffix"
         mask[:, 0] = padding == "first"
         inputs["key_padding_mask"] = mask
-    want = call(reference.echo_attention, inputs)
-    got = call(echo_kernels.echo_attention, cast(inputs, torch.float32))
-    assert rel_err(got, want) < 1e-5
-    covered = {start for lo, hi in spans for start in range(lo, hi, 16)}
-    assert covered == set(range(0, inner_end, 16))
+    do = torch.randn(1, 2, 64, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want_out, want = grads(reference.echo_attention, inputs, torch.float64, do)
+    got_out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do)
+    assert rel_err(got_out, want_out) < 1e-5
+    assert_gradients_match(got, want, padding, inputs)
+    key_tiles = inner_keys // 16
+    pairs = 2 * (key_tiles * 4 - key_tiles)  # 2 heads; every query tile but the diagonal one
+    assert visits == {"forward": pairs, "dq": pairs, "dkdv": pairs}

@@ -58,6 +58,7 @@ from .attention_common import (
     _bias_arg,
     _bias_tile,
     _blocks_for,
+    _inner_keys,
     _key_ok,
     _key_range,
     _load_full,
@@ -235,14 +236,10 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD], tl.float32)
     q_first = q_off + pid_m * BLOCK_M
     lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
-    # The tiles no mask can bite: every key inside the band of every query of the tile (from the last
-    # query's left edge to the first one's right edge), whole tiles before Tk and the first padded key.
-    inner_lo = tl.cdiv(tl.maximum(q_first + BLOCK_M - 1 - left - k_off, 0), BLOCK_N) * BLOCK_N
     k_end = Tk
     if HAS_PAD:
         k_end = tl.minimum(k_end, tl.load(PadStart + b))
-    inner_hi = tl.minimum(q_first + right - k_off + 1, k_end)
-    inner_hi = tl.maximum(inner_hi, 0) // BLOCK_N * BLOCK_N
+    inner_lo, inner_hi = _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M, BLOCK_N)
     if HAS_BIAS:
         d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
                                 q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)

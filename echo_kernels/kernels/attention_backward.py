@@ -49,7 +49,7 @@ import triton.language as tl
 
 from . import ATTENTION_HEAD_WIDTHS
 from .attention import default_blocks as forward_blocks
-from .attention import rotated_keys
+from .attention import first_padded_key, rotated_keys
 from .attention_common import (
     FUTURE,
     LOG2E,
@@ -59,6 +59,7 @@ from .attention_common import (
     _bias_arg,
     _bias_tile,
     _blocks_for,
+    _inner_keys,
     _key_ok,
     _key_range,
     _load_full,
@@ -182,8 +183,61 @@ def _dkdv_tiles(
 
 
 @triton.jit
+def _dkdv_inner_tiles(
+    dak, dbk, dv, lo, hi, ak, bk, v, QQ, DO, Lse, Delta, bias_c, stride_ot, stride_od,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """_dkdv_tiles for whole query tiles that see every key of the tile (inside the band, keys not
+    padded): no mask, the region's one bias value bias_c folded into the exponent."""
+    DT = ak.dtype
+    half = tl.arange(0, HALF)
+    dims = tl.arange(0, HEAD)
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q_offs = rows[:, None] * HEAD + half[None, :]
+        qa = tl.load(QQ + q_offs)
+        qb = tl.load(QQ + q_offs + HALF)
+        logits_t = tl.dot(ak, tl.trans(qa), input_precision=PRECISION)
+        logits_t = tl.dot(bk, tl.trans(qb), logits_t, input_precision=PRECISION)
+        lse = tl.load(Lse + rows)
+        p_t = tl.exp2(logits_t * LOG2E + ((bias_c - lse) * LOG2E)[None, :])
+        do = tl.load(DO + rows[:, None] * stride_ot + dims[None, :] * stride_od).to(DT)
+        dv = tl.dot(p_t.to(DT), do, dv, input_precision=PRECISION)
+        delta = tl.load(Delta + rows)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(DT)
+        dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
+        dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
+    return dak, dbk, dv
+
+
+@triton.jit
+def _dkdv_region(
+    dak, dbk, dv, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta,
+    Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The query tiles lo, ... < hi of one region whose bias is one value (PAST, FUTURE, NO_BIAS):
+    [inner_lo, inner_hi) (starts on lo's grid) by the loop with no mask, the edges by the masked one."""
+    a = tl.minimum(tl.maximum(inner_lo, lo), hi)
+    b = tl.maximum(tl.minimum(inner_hi, hi), a)
+    dak, dbk, dv = _dkdv_tiles(
+        dak, dbk, dv, lo, a, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias, stride_br, head_off, n_rel,
+        stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M, REGION, PRECISION)
+    bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
+    dak, dbk, dv = _dkdv_inner_tiles(
+        dak, dbk, dv, a, b, ak, bk, v, QQ, DO, Lse, Delta, bias_c, stride_ot, stride_od, HALF, HEAD, BLOCK_M,
+        PRECISION)
+    dak, dbk, dv = _dkdv_tiles(
+        dak, dbk, dv, b, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias, stride_br, head_off, n_rel,
+        stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M, REGION, PRECISION)
+    return dak, dbk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
-    KK, V, DO, QQ, Bias, Pad, Lse, Delta, DKK, DV,
+    KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
@@ -222,27 +276,37 @@ def _attn_bwd_dkdv_kernel(
     lo = tl.maximum(first - right - q_off, 0)
     lo = (lo // BLOCK_M) * BLOCK_M
     hi = tl.minimum(first + BLOCK_N - 1 + left - q_off + 1, Tq)
+    # The query tiles no mask can bite: whole tiles before Tq whose every query has every key of this
+    # tile inside its band (from the last key's right edge to the first key's left edge), and none at
+    # all when this tile holds a padded key or keys past Tk.
+    k_end = Tk
+    if HAS_PAD:
+        k_end = tl.minimum(k_end, tl.load(PadStart + b))
+    inner_lo = tl.cdiv(tl.maximum(first + BLOCK_N - 1 - right - q_off, 0), BLOCK_M) * BLOCK_M
+    inner_hi = tl.minimum(first - q_off + 1, Tq - left) + left  # no int32 overflow at left = 2^30
+    inner_hi = tl.maximum(inner_hi, 0) // BLOCK_M * BLOCK_M
+    inner_hi = tl.where(pid_n * BLOCK_N + BLOCK_N <= k_end, inner_hi, 0)
     if HAS_BIAS:
         # seen from a key tile, the FUTURE query tiles come first and the PAST ones last
         d1, d2 = _split_regions(lo, hi, first - n_rel + 2 - q_off - BLOCK_M, first + BLOCK_N + n_rel - 2 - q_off,
                                 BLOCK_M)
-        dak, dbk, dv = _dkdv_tiles(
-            dak, dbk, dv, lo, d1, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias, stride_br,
-            hd * stride_bh, n_rel, stride_ot, stride_od, Tq,
-            left, right, q_off, HALF, HEAD, BLOCK_M, FUTURE, PRECISION)
+        dak, dbk, dv = _dkdv_region(
+            dak, dbk, dv, lo, d1, inner_lo, inner_hi, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias,
+            stride_br, hd * stride_bh, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M,
+            FUTURE, PRECISION)
         dak, dbk, dv = _dkdv_tiles(
             dak, dbk, dv, d1, d2, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias, stride_br,
             hd * stride_bh, n_rel, stride_ot, stride_od, Tq,
             left, right, q_off, HALF, HEAD, BLOCK_M, NEAR, PRECISION)
-        dak, dbk, dv = _dkdv_tiles(
-            dak, dbk, dv, d2, hi, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias, stride_br,
-            hd * stride_bh, n_rel, stride_ot, stride_od, Tq,
-            left, right, q_off, HALF, HEAD, BLOCK_M, PAST, PRECISION)
+        dak, dbk, dv = _dkdv_region(
+            dak, dbk, dv, d2, hi, inner_lo, inner_hi, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias,
+            stride_br, hd * stride_bh, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M,
+            PAST, PRECISION)
     else:
-        dak, dbk, dv = _dkdv_tiles(
-            dak, dbk, dv, lo, hi, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias, stride_br,
-            hd * stride_bh, n_rel, stride_ot, stride_od, Tq,
-            left, right, q_off, HALF, HEAD, BLOCK_M, NO_BIAS, PRECISION)
+        dak, dbk, dv = _dkdv_region(
+            dak, dbk, dv, lo, hi, inner_lo, inner_hi, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias,
+            stride_br, hd * stride_bh, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M,
+            NO_BIAS, PRECISION)
 
     tl.store(DV + pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :],
              dv.to(DV.dtype.element_ty), mask=cols[:, None] < Tk)
@@ -370,8 +434,68 @@ def _dq_tiles(
 
 
 @triton.jit
+def _dq_inner_tiles(
+    dqa, dqb, db, lo, hi, qa, qb, do, lse, delta, KK, V, bias_c, stride_vt, stride_vd,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, SUM_DS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """_dq_tiles for key tiles wholly inside the band, before Tk and before any padded key: no mask,
+    the region's one bias value bias_c folded into the exponent; SUM_DS: add dS's row sums to db."""
+    DT = qa.dtype
+    half = tl.arange(0, HALF)
+    dims = tl.arange(0, HEAD)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k_offs = cols[:, None] * HEAD + half[None, :]
+        ak = tl.load(KK + k_offs)
+        bk = tl.load(KK + k_offs + HALF)
+        logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
+        logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
+        p = tl.exp2(logits * LOG2E + ((bias_c - lse) * LOG2E)[:, None])
+        v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd).to(DT)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        if SUM_DS:
+            db += tl.sum(ds, 1)
+        ds = ds.to(DT)
+        dqa = tl.dot(ds, ak, dqa, input_precision=PRECISION)
+        dqb = tl.dot(ds, bk, dqb, input_precision=PRECISION)
+    return dqa, dqb, db
+
+
+@triton.jit
+def _dq_region(
+    dqa, dqb, db_lo, db_hi, lo, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
+    head_off, n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
+    HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The key tiles lo, ... < hi of one region whose bias is one value (PAST, FUTURE, NO_BIAS):
+    [inner_lo, inner_hi) (starts on lo's grid) by the loop with no mask, the edges by the masked one.
+    A PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the first (db_lo)."""
+    a = tl.minimum(tl.maximum(inner_lo, lo), hi)
+    b = tl.maximum(tl.minimum(inner_hi, hi), a)
+    dqa, dqb, db_lo, db_hi = _dq_tiles(
+        dqa, dqb, db_lo, db_hi, lo, a, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off, n_rel, Pad,
+        pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD,
+        PRECISION)
+    bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
+    if REGION == PAST:
+        dqa, dqb, db_hi = _dq_inner_tiles(dqa, dqb, db_hi, a, b, qa, qb, do, lse, delta, KK, V, bias_c, stride_vt,
+                                          stride_vd, HALF, HEAD, BLOCK_N, True, PRECISION)
+    else:
+        dqa, dqb, db_lo = _dq_inner_tiles(dqa, dqb, db_lo, a, b, qa, qb, do, lse, delta, KK, V, bias_c, stride_vt,
+                                          stride_vd, HALF, HEAD, BLOCK_N, REGION == FUTURE, PRECISION)
+    dqa, dqb, db_lo, db_hi = _dq_tiles(
+        dqa, dqb, db_lo, db_hi, b, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off, n_rel, Pad,
+        pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD,
+        PRECISION)
+    return dqa, dqb, db_lo, db_hi
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
-    KK, V, DO, QQ, Bias, Pad, Lse, Delta, DQQ, DBias,
+    KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DQQ, DBias,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
@@ -409,28 +533,33 @@ def _attn_bwd_dq_kernel(
     db_hi = tl.zeros([BLOCK_M], tl.float32)
 
     lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
+    # the key tiles no mask can bite, as the forward finds them
+    k_end = Tk
+    if HAS_PAD:
+        k_end = tl.minimum(k_end, tl.load(PadStart + b))
+    inner_lo, inner_hi = _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M, BLOCK_N)
     if HAS_BIAS:
         d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
                                 q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
-        dqa, dqb, db_lo, db_hi = _dq_tiles(
-            dqa, dqb, db_lo, db_hi, lo, d1, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
-            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk,
-            left, right, k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, PRECISION)
+        dqa, dqb, db_lo, db_hi = _dq_region(
+            dqa, dqb, db_lo, db_hi, lo, d1, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+            stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
+            k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, PRECISION)
         dqa, dqb, db_lo, db_hi = _dq_tiles(
             dqa, dqb, db_lo, db_hi, d1, d2, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
             hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk,
             left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, PRECISION)
-        dqa, dqb, db_lo, db_hi = _dq_tiles(
-            dqa, dqb, db_lo, db_hi, d2, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
-            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk,
-            left, right, k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, PRECISION)
+        dqa, dqb, db_lo, db_hi = _dq_region(
+            dqa, dqb, db_lo, db_hi, d2, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+            stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
+            k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, PRECISION)
         tl.store(DBias + tile * 2, tl.sum(db_lo, 0))
         tl.store(DBias + tile * 2 + 1, tl.sum(db_hi, 0))
     else:
-        dqa, dqb, db_lo, db_hi = _dq_tiles(
-            dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
-            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk,
-            left, right, k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
+        dqa, dqb, db_lo, db_hi = _dq_region(
+            dqa, dqb, db_lo, db_hi, lo, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+            stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
+            k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
 
     # Rounded to the dot type here, as the products with P~^T and [a b]^T take it anyway.
     offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
@@ -607,6 +736,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     w32 = w.detach().float().contiguous()
     s32 = torch.as_tensor(s, dtype=torch.float32, device=dev).detach().reshape(1)
     bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(v, do, bias, key_padding_mask)
+    pad_start = first_padded_key(key_padding_mask) if has_pad else lse
     scalars = (H, Tq, Tk, n_rel, left, right, q_offset, k_offset)
     prec = precision(q.dtype)
     cfg = {name: kernel_blocks(h, name) for name in default_blocks(h)}
@@ -629,7 +759,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     n_kblocks = triton.cdiv(Tk, c["BLOCK_N"])
     dkk = torch.empty((B, H, Tk, h), dtype=torch.float32, device=dev)  # d(a_k, b_k)
     _attn_bwd_dkdv_kernel[(n_kblocks * B * H,)](
-        kk, v, do, qq, bias_t, pad_t, lse, delta, dkk, dv, *strides, *scalars, n_kblocks,
+        kk, v, do, qq, bias_t, pad_t, pad_start, lse, delta, dkk, dv, *strides, *scalars, n_kblocks,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PRECISION=prec,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     c = cfg["unrope"]
@@ -644,7 +774,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     dqq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)  # d(q''_A, q''_B)
     db_ends = torch.empty((B * H * n_qblocks, 2) if has_bias else (1,), dtype=torch.float32, device=dev)
     _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
-        kk, v, do, qq, bias_t, pad_t, lse, delta, dqq, db_ends, *strides, *scalars, n_qblocks,
+        kk, v, do, qq, bias_t, pad_t, pad_start, lse, delta, dqq, db_ends, *strides, *scalars, n_qblocks,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PRECISION=prec,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
@@ -706,7 +836,7 @@ def aot_specs() -> list[KernelSpec]:
             g = default_blocks(h)
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "KK", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32", G="*fp32",
-                        DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", scale="fp32")
+                        DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", PadStart="*i32", scale="fp32")
             for name, fn, ce in (
                 ("delta", _attn_bwd_delta_kernel, dict(
                     HEAD=h, HAS_P=True, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),

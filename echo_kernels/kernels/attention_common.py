@@ -147,6 +147,17 @@ def _key_range(q_first, q_last, left, right, q_off, k_off, Tk, BLOCK_N: tl.const
     return lo, hi
 
 
+@triton.jit
+def _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[inner_lo, inner_hi): the key tiles (starts multiples of BLOCK_N) no mask can bite for the query
+    tile of BLOCK_M rows from position q_first: every key inside the band of every query of the tile
+    (from the last query's left edge to the first one's right edge), whole tiles before k_end (Tk,
+    or the batch's first padded key). Written so that an unbounded side (2^30) cannot overflow int32."""
+    inner_lo = tl.cdiv(tl.maximum(q_first + BLOCK_M - 1 - left - k_off, 0), BLOCK_N) * BLOCK_N
+    inner_hi = tl.minimum(q_first - k_off + 1, k_end - right) + right
+    return inner_lo, tl.maximum(inner_hi, 0) // BLOCK_N * BLOCK_N
+
+
 # --------------------------------------------------------------------------------------------------
 # Launcher helpers
 # --------------------------------------------------------------------------------------------------
