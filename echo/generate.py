@@ -137,6 +137,17 @@ def end_token(config, eos_token_id: int | None = None) -> int:
     return eos_token_id
 
 
+def _pad_token(config, pad_token_id: int | None) -> int:
+    """The id that fills a row after its end: pad_token_id if given, else the config's; checked to be in the
+    vocabulary."""
+    from .config import check_token_id
+
+    if pad_token_id is None:
+        return config.pad_token_id
+    check_token_id("pad_token_id", pad_token_id, config.vocab_size)
+    return pad_token_id
+
+
 def _multilingual(config) -> bool:
     """whisper's Whisper.is_multilingual, from the vocabulary size."""
     from .audio import uses_whisper_vocab
@@ -320,7 +331,8 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
              num_beams: int = 1, temperature: float | tuple[float, ...] = 0.0, language: str | None = None,
              task: str | None = None, prompt=None, use_cache: bool = True, compression_ratio_threshold: float | None = 2.4,
              logprob_threshold: float | None = -1.0, suppress_tokens="-1", suppress_blank: bool = True, seed: int = 0,
-             return_dict_in_generate: bool = False, eos_token_id: int | None = None, **unused):
+             return_dict_in_generate: bool = False, eos_token_id: int | None = None, pad_token_id: int | None = None,
+             **unused):
     """mel (B, n_mels, T) -> token ids (B, P + n): the start sequence, then at most max_new_tokens tokens
     (default n_text_ctx // 2, whisper's sample_len), then pad_token_id after each row's <|endoftext|>.
 
@@ -331,7 +343,8 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     language=None detects each row's language as whisper does (English-only vocabularies have no language
     tokens). suppress_tokens and suppress_blank are whisper's (see logit_filter). `prompt` (token ids) replaces
     the start sequence. use_cache=False re-runs the decoder on the whole prefix at each step (same tokens).
-    eos_token_id (default: the config's) ends a row. A temperature must be finite and >= 0, max_new_tokens
+    eos_token_id (default: the config's) ends a row; pad_token_id (default: the config's) fills the rows after their
+    end (the speech-recognition pipeline passes its tokenizer's). A temperature must be finite and >= 0, max_new_tokens
     an int >= 0 and language a string: anything else is a TypeError or ValueError naming it.
 
     openai-whisper (the speech extra) is needed for whisper's start tokens, its suppression lists and for
@@ -349,6 +362,7 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     num_beams = _int_at_least("num_beams", num_beams, 1)
     temperatures = _temperatures(temperature)
     eot = end_token(config, eos_token_id)
+    pad = _pad_token(config, pad_token_id)
     start = start_tokens(config, language, task, prompt)
     detect = prompt is None and language is None and _multilingual(config)
     suppress = logit_filter(config, len(start), suppress_tokens, suppress_blank)
@@ -408,7 +422,7 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     finally:
         model.train(was_training)
     P = len(start)
-    sequences = torch.full((B, P + max(len(d.tokens) for d in results)), config.pad_token_id, dtype=torch.long)
+    sequences = torch.full((B, P + max(len(d.tokens) for d in results)), pad, dtype=torch.long)
     sequences[:, :P] = starts.cpu()
     for b, d in enumerate(results):
         sequences[b, P: P + len(d.tokens)] = torch.tensor(d.tokens, dtype=torch.long)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import logging
 import warnings
 
 import torch
@@ -23,6 +25,8 @@ from .inputs import as_model_dtype, check_mel, check_tokens
 from .layers import MLP, S1LayerNorm, checkpoint_contexts, layer_norm
 from .positional import (PAIR_SEED, CombinedRotaryEmbedding, GivensSite, LearnedSinusoidalEmbedding,
                          PositionalState, rope_frequencies, site_matrices)
+
+logger = logging.getLogger(__name__)
 
 
 def run_block(block: nn.Module, checkpointing: bool, *args):
@@ -410,6 +414,12 @@ class Echo(PreTrainedModel):
     generate = generate_function
     transcribe = transcribe_function
 
+    @classmethod
+    def can_generate(cls) -> bool:
+        """True: Echo decodes with its own generate (not transformers' GenerationMixin). transformers reads
+        this to give the model a generation_config, which the speech-recognition pipeline consults."""
+        return True
+
     # ------------------------------------------------------------------------------------------
 
     @classmethod
@@ -424,6 +434,43 @@ class Echo(PreTrainedModel):
         from .convert import from_whisper
 
         return from_whisper(cls, source, **overrides)
+
+    def save_pretrained(self, save_directory, *args, processor="auto", **kwargs):
+        """transformers' save_pretrained (config.json + model.safetensors), and the processor beside them, so
+        that AutoProcessor and the "automatic-speech-recognition" pipeline load the folder.
+
+        processor: an EchoProcessor to save (checked to fit this model); "auto" (the default) builds
+        EchoProcessor.for_config(self.config) where it can be built (one of whisper's vocabularies, and
+        openai-whisper installed for its vocabulary files) and otherwise saves the model alone, logging a
+        warning that says why and how to add it; None saves the model alone. Returns what was saved.
+        """
+        processor = self._processor_to_save(processor)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if processor is not None and kwargs.get("is_main_process", True):
+            processor.save_pretrained(save_directory)
+        return processor
+
+    def _processor_to_save(self, processor):
+        from .audio import uses_whisper_vocab
+        from .processor import EchoProcessor
+
+        if processor is None:
+            return None
+        if isinstance(processor, EchoProcessor):
+            processor.check_matches(self.config)
+            return processor
+        if processor != "auto":
+            raise TypeError(f"processor must be an EchoProcessor, \"auto\" or None, got {type(processor).__name__}")
+        if not uses_whisper_vocab(self.config):
+            reason = f"its vocabulary of {self.config.vocab_size} tokens is not one of whisper's"
+        elif importlib.util.find_spec("whisper") is None:
+            reason = ("building whisper's tokenizer needs openai-whisper (pip install \"echo-kernels[speech]\"); "
+                      "or pass save_pretrained(..., processor=EchoProcessor.from_pretrained(folder))")
+        else:
+            return EchoProcessor.for_config(self.config)
+        logger.warning("Echo.save_pretrained: the model is saved without a processor (AutoProcessor and the "
+                       "speech-recognition pipeline need one): %s", reason)
+        return None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):

@@ -36,9 +36,10 @@ def main(argv=None) -> int:
         model = Echo.from_whisper(args.source, **overrides)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"python -m echo.convert: {error}")
-    model.save_pretrained(args.out_dir)
+    processor = model.save_pretrained(args.out_dir)  # beside the model when it can be built (else a warning)
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out_dir}: Echo with {n / 1e6:.1f} M parameters from {args.source}")
+    print(f"wrote {args.out_dir}: Echo with {n / 1e6:.1f} M parameters from {args.source}"
+          f"{', and its processor' if processor is not None else ''}")
     return 0
 
 
