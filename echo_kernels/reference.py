@@ -96,7 +96,9 @@ def rotary_orthogonal(
     T = x.shape[1]
     positions = torch.arange(offset, offset + T, device=x.device)
     phi = rope_angles(w.to(compute), _as_compute(s, compute), positions)  # (T, h/2)
-    u = (x.to(compute) @ M.to(compute)).transpose(1, 2)  # (B, H, T, h): T next to h for apply_rope
+    # one (B T H, h) x (h, h) product: matmul would take a strided x as B T products against copies of M
+    u = (x.to(compute).reshape(-1, x.shape[-1]) @ M.to(compute)).view(x.shape)
+    u = u.transpose(1, 2)  # (B, H, T, h): T next to h for apply_rope
     return apply_rope(u, phi, layout).transpose(1, 2).to(x.dtype)
 
 

@@ -52,11 +52,10 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
     if key_padding_mask is not None:  # a padded key's k and v never reach a product (0 * NaN is NaN)
         gone = key_padding_mask[:, None, :, None]
         k, v = k.masked_fill(gone, 0.0), v.masked_fill(gone, 0.0)
-    v = v.contiguous()
     shift = q_offset - k_offset
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q_folded, k, v, bias)):
-        out = _BlockedAttention.apply(q_folded, k, v, bias, key_padding_mask, left, right, shift)
-    else:
+        out = _BlockedAttention.apply(q_folded, k, v.contiguous(), bias, key_padding_mask, left, right, shift)
+    else:  # any strides: a decoding cache's values are a head view of the projection
         out = fused_attention(q_folded, k, v, bias, key_padding_mask, left, right, shift)
     return out.to(dtype)
 
