@@ -175,18 +175,17 @@ def test_fused_forward_float32(case):
     assert got.dtype == torch.float32 and rel_err(got, want) < 1e-5
 
 
-def test_fused_path_runs_without_gradients_only(monkeypatch):
-    """No input requiring a gradient, or grad mode off: scaled_dot_product_attention; else the blocked path."""
-    calls = []
-    monkeypatch.setattr(attention_cpu, "fused_attention",
-                        lambda *a, _f=attention_cpu.fused_attention: calls.append("fused") or _f(*a))
+def test_fused_forward_everywhere_blocked_backward_with_gradients():
+    """The forward is always the fused kernel's; only a call that wants gradients keeps a graph, whose
+    backward is the blocked one (exact bias gradient, probabilities recomputed from the logsumexp)."""
     inputs = case_inputs("causal_window")
-    call(blocked, inputs, **options("causal_window"))
-    with torch.no_grad():
-        call(blocked, {**inputs, "q": inputs["q"].requires_grad_(True)}, **options("causal_window"))
-    assert calls == ["fused", "fused"]
     out = call(blocked, inputs, **options("causal_window"))
-    assert calls == ["fused", "fused"] and out.requires_grad
+    with torch.no_grad():
+        also = call(blocked, {**inputs, "q": inputs["q"].clone().requires_grad_(True)}, **options("causal_window"))
+    assert out.grad_fn is None and also.grad_fn is None
+    trained = call(blocked, {**inputs, "bias": inputs["bias"].clone().requires_grad_(True)}, **options("causal_window"))
+    assert type(trained.grad_fn).__name__ == "_BlockedAttentionBackward"
+    assert torch.equal(trained.detach(), out)
 
 
 def test_fused_rows_without_keys_give_zeros():
@@ -212,6 +211,19 @@ def test_fused_non_finite_past_the_band_stays_out(where):
         got = call(blocked, inputs, **options("causal"))
     assert torch.isnan(got[0, 0, -1]).all() and torch.isfinite(got[0, 0, :-1]).all()
     assert rel_err(got[0, 0, :-1], want[0, 0, :-1]) < 1e-12
+    q = inputs["q"].clone().requires_grad_(True)
+    trained = call(blocked, {**inputs, "q": q}, **options("causal"))  # the blocked forward, no logsumexp
+    assert torch.equal(trained.detach()[0, 0, :-1], got[0, 0, :-1])
+
+
+def test_non_finite_value_past_the_band_keeps_gradients_finite():
+    inputs = case_inputs("causal")
+    inputs["v"] = inputs["v"].clone()
+    inputs["v"][0, 0, -1] = float("nan")
+    q = inputs["q"].clone().requires_grad_(True)
+    out = call(blocked, {**inputs, "q": q}, **options("causal"))
+    out[0, 0, :-1].sum().backward()
+    assert torch.isfinite(q.grad[0, 0, :-1]).all()  # the last query sees the NaN: its gradient is NaN
 
 
 @pytest.mark.parametrize("rotation", ["m_then_rope", "rope_then_m"])

@@ -56,7 +56,9 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q_folded, k, v, bias)):
         out = _BlockedAttention.apply(q_folded, k, v.contiguous(), bias, key_padding_mask, left, right, shift)
     else:  # any strides: a decoding cache's values are a head view of the projection
-        out = fused_attention(q_folded, k, v, bias, key_padding_mask, left, right, shift)
+        fused = fused_attention(q_folded, k, v, bias, key_padding_mask, left, right, shift)
+        out = fused[0] if fused is not None else _BlockedAttention.apply(q_folded, k, v.contiguous(), bias,
+                                                                         key_padding_mask, left, right, shift)
     return out.to(dtype)
 
 
@@ -76,51 +78,56 @@ def band_cuts(Tq: int, Tk: int, left: int, right: int, shift: int) -> bool:
     return Tq > 0 and Tk > 0 and (Tq - 1 + shift - left > 0 or shift + right < Tk - 1)
 
 
-def fused_attention(q, k, v, bias, key_padding_mask, left: int, right: int, shift: int) -> Tensor:
-    """softmax(q k^T + bias + masks) v by scaled_dot_product_attention, no autograd graph kept.
+def fused_attention(q, k, v, bias, key_padding_mask, left: int, right: int, shift: int
+                    ) -> tuple[Tensor, Tensor] | None:
+    """(softmax(q k^T + bias + masks) v, the logsumexp of each query's logits) by torch's fused CPU
+    attention (scaled_dot_product_attention's kernel, called for its logsumexp too), no autograd graph.
 
     q: (B, H, Tq, h) already scaled; k, v: (B, H, Tk, h), padded keys zeroed; bias: (2n-1, H) or None.
-    A query with no key gives zeros. An additive mask puts -inf on a masked key, and -inf + NaN is NaN:
-    where the band masks keys and k or v holds a non-finite value, the blocked path (which leaves masked
-    keys out exactly) computes it instead.
+    Returns out (B, H, Tq, h) and lse (B, H, Tq); a query with no key gives zeros (and any finite lse).
+    An additive mask puts -inf on a masked key, and -inf + NaN is NaN: where the band masks keys and k
+    or v holds a non-finite value this returns None, for the blocked path (which leaves masked keys out
+    exactly) to compute.
     """
     B, H, Tq, h = q.shape
     Tk = k.shape[2]
     cuts = band_cuts(Tq, Tk, left, right, shift)
     if cuts and not (_finite(k) and _finite(v)):
-        return _BlockedAttention.apply(q, k, v, bias, key_padding_mask, left, right, shift)
-    if not cuts and key_padding_mask is None:
-        if Tk == 0:
-            return q.new_zeros(B, H, Tq, h)
+        return None
+    if not cuts and key_padding_mask is None and Tk > 0:
         return _unmasked(q, k, v, bias, shift)
-    out = q.new_zeros(B, H, Tq, h)
+    out, lse = q.new_zeros(B, H, Tq, h), q.new_zeros(B, H, Tq)
     for a, b, lo, hi in blocks(Tq, Tk, left, right, shift, B * H):
         if hi > lo:
             kpm = key_padding_mask[:, lo:hi] if key_padding_mask is not None else None
             mask, has_key = _block_mask(bias, kpm, H, b - a, hi - lo, a + shift - lo, left, right, q)
-            block = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask,
-                                                   scale=1.0)
+            block, lse[:, :, a:b] = _SDPA(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask, scale=1.0)
             out[:, :, a:b] = block.masked_fill_(~has_key, 0.0) if has_key is not None else block
-    return out
+    return out, lse
 
 
-def _unmasked(q, k, v, bias, shift: int) -> Tensor:
-    """Every query sees every key: the bias alone is the mask. Its (Tq, Tk) block is Toeplitz; with the
-    keys taken in reverse order entry (i, j') is a function of i + j', a view of one (H, Tq + Tk - 1)
-    row with strides (1, 1), which the fused kernel reads in place instead of Tq x Tk stored values."""
+# What scaled_dot_product_attention runs on the CPU, called directly for the logsumexp it also returns
+# (the blocked backward recomputes probabilities from it).
+_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _unmasked(q, k, v, bias, shift: int) -> tuple[Tensor, Tensor]:
+    """fused_attention where every query sees every key: the bias alone is the mask. Its (Tq, Tk) block
+    is Toeplitz; with the keys taken in reverse order entry (i, j') is a function of i + j', a view of
+    one (H, Tq + Tk - 1) row with strides (1, 1), which the kernel reads in place instead of Tq x Tk
+    stored values. The order of the keys changes neither the output nor the logsumexp."""
     if bias is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        return _SDPA(q, k, v, scale=1.0)
     H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
     if Tq == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=relative_bias_block(bias, 1, Tk, shift)[None],
-                                              scale=1.0)
+        return _SDPA(q, k, v, attn_mask=relative_bias_block(bias, 1, Tk, shift)[None], scale=1.0)
     n = (bias.shape[0] + 1) // 2
     # key j' = Tk - 1 - j of the reversed keys: i - j = i + j' - (Tk - 1)
     offsets = shift - (Tk - 1) + torch.arange(Tq + Tk - 1, device=q.device)
     row = bias.T[:, offsets.clamp(-(n - 1), n - 1) + (n - 1)].contiguous()
     L = row.shape[1]
     mask = row.as_strided((1, H, Tq, Tk), (H * L, L, 1, 1))
-    return F.scaled_dot_product_attention(q, k.flip(2), v.flip(2), attn_mask=mask, scale=1.0)
+    return _SDPA(q, k.flip(2), v.flip(2), attn_mask=mask, scale=1.0)
 
 
 def _block_mask(bias, key_padding_mask, H: int, C: int, K: int, d0: int, left: int, right: int, like: Tensor
@@ -169,11 +176,12 @@ def blocks(Tq: int, Tk: int, left: int, right: int, shift: int, batch_heads: int
         yield a, b, lo, max(lo, hi)
 
 
-def _probabilities(q, k, bias, key_padding_mask, left, right, d0) -> tuple[Tensor, Tensor | None]:
+def _probabilities(q, k, bias, key_padding_mask, left, right, d0, lse=None) -> tuple[Tensor, Tensor | None]:
     """softmax of one block's logits, and which keys each query keeps; d0 = i - j of its top-left
     entry; rows with no key give 0.
 
-    q: (B*H, C, h); k: (B*H, K, h); bias: (2n-1, H) or None; key_padding_mask: (B, K) or None.
+    q: (B*H, C, h); k: (B*H, K, h); bias: (2n-1, H) or None; key_padding_mask: (B, K) or None;
+    lse: (B*H, C, 1), each query's logsumexp over all its keys, or None to compute the softmax here.
     Returns probs (B*H, C, K) and keep, bool broadcastable to it, or None where every key is kept.
     """
     C, K = q.shape[1], k.shape[1]
@@ -181,15 +189,19 @@ def _probabilities(q, k, bias, key_padding_mask, left, right, d0) -> tuple[Tenso
         logits = torch.bmm(q, k.transpose(1, 2))
     else:  # the bias written first, the product accumulated onto it: one pass less than adding after
         batch = q.shape[0] // bias.shape[1]
-        logits = relative_bias_block(bias, C, K, d0).repeat(batch, 1, 1).baddbmm_(q, k.transpose(1, 2))
+        block = relative_bias_block(bias, C, K, d0)  # a new tensor (flip copies), which one batch reuses
+        logits = (block if batch == 1 else block.repeat(batch, 1, 1)).baddbmm_(q, k.transpose(1, 2))
     keep = _keep(C, K, d0, left, right, q.device)
     if key_padding_mask is not None:
         B = key_padding_mask.shape[0]
         padding = key_padding_mask[:, None, None, :].expand(B, q.shape[0] // B, 1, K).reshape(-1, 1, K)
         keep = ~padding if keep is None else keep & ~padding
+    if keep is not None:
+        logits.masked_fill_(~keep, -math.inf)
+    if lse is not None:  # exp(-inf) = 0 at masked keys, and over the whole row of a query with none
+        return logits.sub_(lse).exp_(), keep
     if keep is None:
         return torch.softmax(logits, dim=-1), None
-    logits.masked_fill_(~keep, -math.inf)
     probs = torch.softmax(logits, dim=-1)
     return probs.masked_fill_(~keep.any(dim=-1, keepdim=True), 0.0), keep  # softmax of a keyless row is NaN
 
@@ -234,6 +246,12 @@ class _BlockedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, key_padding_mask, left, right, shift):
+        ctx.masks = (left, right, shift)
+        fused = fused_attention(q, k, v, bias, key_padding_mask, left, right, shift)
+        if fused is not None:  # the backward recomputes the probabilities from the logsumexp
+            out, lse = fused
+            ctx.save_for_backward(q, k, v, bias, key_padding_mask, out, lse)
+            return out
         B, H, Tq, h = q.shape
         q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
         out = q3.new_zeros(B * H, Tq, h)
@@ -248,17 +266,17 @@ class _BlockedAttention(torch.autograd.Function):
                 else:
                     out[:, a:b] = reference.weighted_values(probs, v3[:, lo:hi], keep)
         out = out.view(B, H, Tq, h)
-        ctx.save_for_backward(q, k, v, bias, key_padding_mask, out)
-        ctx.masks = (left, right, shift)
+        ctx.save_for_backward(q, k, v, bias, key_padding_mask, out, None)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, bias, key_padding_mask, out = ctx.saved_tensors
+        q, k, v, bias, key_padding_mask, out, lse = ctx.saved_tensors
         left, right, shift = ctx.masks
         B, H, Tq, h = q.shape
         q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
         do3 = dout.reshape(B * H, Tq, h)
+        lse3 = lse.reshape(B * H, Tq, 1) if lse is not None else None
         dq, dk, dv = torch.zeros_like(q3), torch.zeros_like(k3), torch.zeros_like(v3)
         want_dbias = bias is not None and ctx.needs_input_grad[3]
         dbias = torch.zeros_like(bias) if want_dbias else None
@@ -269,7 +287,8 @@ class _BlockedAttention(torch.autograd.Function):
             if hi == lo:
                 continue
             kpm = key_padding_mask[:, lo:hi] if key_padding_mask is not None else None
-            probs, keep = _probabilities(q3[:, a:b], k3[:, lo:hi], bias, kpm, left, right, a + shift - lo)
+            probs, keep = _probabilities(q3[:, a:b], k3[:, lo:hi], bias, kpm, left, right, a + shift - lo,
+                                         lse3[:, a:b] if lse3 is not None else None)
             do = do3[:, a:b]
             dv[:, lo:hi].baddbmm_(probs.transpose(1, 2), do)
             dlogits = torch.baddbmm(minus_delta[:, a:b], do, v3[:, lo:hi].transpose(1, 2)).mul_(probs)
