@@ -23,6 +23,10 @@ from .positional import GivensSite, PositionalState, adjacent_pairs
 # give the op M (False): the same maths, which the tests compare and the naive bench baseline uses.
 FOLD_M = True
 
+# While decoding on the CPU, keep the cached keys rotated (True) or raw, rotated by the op at every step
+# (False): the same maths; the naive bench baseline does the latter.
+ROTATE_CACHED_KEYS = True
+
 
 def fold_rotation(weight: Tensor, bias: Tensor | None, M: Tensor, n_head: int
                   ) -> tuple[Tensor, Tensor | None]:
@@ -111,7 +115,7 @@ class EchoAttention(nn.Module):
         wq, bq, wk, M = self._projections(pos.matrix(self.site), cache)
         q = self._heads(F.linear(x, wq, bq))
         w = pos.w(self.side)
-        if cache is not None and x.device.type == "cpu":
+        if cache is not None and x.device.type == "cpu" and ROTATE_CACHED_KEYS:
             # The CPU op rotates in PyTorch, each call anew: decoding would rotate every cached key (all
             # the encoder frames, for cross-attention) at every step. The cache keeps k' instead, rotated
             # once when stored, and the op is given q' and k' (w=None: no RoPE of its own). The Triton
