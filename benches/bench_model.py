@@ -4,7 +4,12 @@ decoding steps), timed four ways in the same run:
 - echo: the package as shipped (ECHO_BACKEND=auto: compiled kernels where the device has them);
 - reference: every op on its plain-PyTorch reference (ECHO_BACKEND=reference);
 - naive: the ops computed the way straightforward model code does (benches/naive.py);
-- hf-whisper: Hugging Face's WhisperForConditionalGeneration with SDPA at the same widths and depths.
+- hf-whisper: Hugging Face's WhisperForConditionalGeneration with SDPA at the same widths and depths;
+- openai-whisper: openai-whisper's Whisper (its attention also SDPA) at the same widths and depths.
+
+A third comparison, a 30 s transcription (log-mel of the waveform, then 32 greedy tokens after the
+English start sequence, the end token suppressed so that every model decodes all 32), runs Echo's
+transcribe against openai-whisper's decode and Hugging Face's generate.
 
 The model runs its default attention order, "m_then_rope", with M folded into the q and k
 projections (the naive way applies M in attention, factor by factor, as the formula reads).
@@ -46,6 +51,9 @@ if bench_size() == "tiny":  # two blocks of width 64 on 0.3 s of audio
                   n_text_state=64, n_text_head=4, n_text_layer=2, checkpointing=False)
     MEL_FRAMES, TEXT, DECODE_STEPS = 32, 8, 4
 ECHO_WAYS = ("echo", "reference", "naive")
+# openai-whisper is the speech extra: its cases are marked `speech` (the harness hides the extra from
+# the others, and names them as not run where it is missing)
+PEERS = ("hf-whisper", pytest.param("openai-whisper", marks=pytest.mark.speech))
 
 
 @contextlib.contextmanager
@@ -87,6 +95,19 @@ def whisper_model():
 
 
 @pytest.fixture(scope="module")
+def openai_whisper_model():
+    from whisper.model import ModelDimensions, Whisper
+
+    c = EchoConfig(**CONFIG)
+    dims = ModelDimensions(n_mels=c.n_mels, n_audio_ctx=c.n_audio_ctx, n_audio_state=c.n_audio_state,
+                           n_audio_head=c.n_audio_head, n_audio_layer=c.n_audio_layer, n_vocab=c.vocab_size,
+                           n_text_ctx=c.n_text_ctx, n_text_state=c.n_text_state, n_text_head=c.n_text_head,
+                           n_text_layer=c.n_text_layer)
+    torch.manual_seed(0)
+    return Whisper(dims).to(DEVICE, DTYPE)
+
+
+@pytest.fixture(scope="module")
 def batch():
     g = torch.Generator().manual_seed(0)
     mel = torch.randn(BATCH, 80, MEL_FRAMES, generator=g).to(DEVICE, DTYPE)
@@ -109,6 +130,17 @@ def model_flops(training: bool) -> float:
 def training_step(model, mel, labels):
     model.zero_grad(set_to_none=True)
     loss = model(input_features=mel, labels=labels).loss
+    loss.backward()
+    return loss
+
+
+def openai_training_step(model, mel, labels):
+    """openai-whisper's forward gives logits only: the same loss as the others (labels shifted right
+    behind the start token)."""
+    model.zero_grad(set_to_none=True)
+    start = torch.full_like(labels[:, :1], EchoConfig(**CONFIG).decoder_start_token_id)
+    logits = model(mel, torch.cat([start, labels[:, :-1]], dim=1))
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
     loss.backward()
     return loss
 
@@ -138,6 +170,22 @@ def whisper_inference(model, mel):
     return out.logits
 
 
+@torch.no_grad()
+def openai_whisper_inference(model, mel):
+    """openai-whisper's own KV cache (its hooks on the key and value projections), as its decoding uses it."""
+    cache, hooks = model.install_kv_cache_hooks()
+    try:
+        xa = model.embed_audio(mel)
+        tokens = torch.full((mel.shape[0], 1), EchoConfig(**CONFIG).decoder_start_token_id, device=mel.device)
+        for _ in range(DECODE_STEPS):
+            logits = model.decoder(tokens[:, -1:], xa, kv_cache=cache)
+            tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], dim=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits
+
+
 def test_naive_baseline_computes_the_same_model(echo_model, batch, monkeypatch):
     """The naive baseline is only a fair peer if it computes what the package computes."""
     mel, labels = batch[0][:1], batch[1][:1]
@@ -159,13 +207,16 @@ def same_model_tolerance(dtype: torch.dtype) -> float:
     return reference.rounding_tolerance(dtype, 2 + accumulated)
 
 
-@pytest.mark.parametrize("name", ECHO_WAYS + ("hf-whisper",))
-def test_training_step(benchmark, name, echo_model, whisper_model, batch, monkeypatch):
+@pytest.mark.parametrize("name", ECHO_WAYS + PEERS)
+def test_training_step(benchmark, name, echo_model, whisper_model, batch, monkeypatch, request):
     mel, labels = batch
     benchmark.group = f"training step B={BATCH} T={MEL_FRAMES} L={TEXT} {str(DTYPE)[6:]}"
     if name == "hf-whisper":
         model = whisper_model.train()
         run_timed(benchmark, training_step, args=(model, mel, labels), rounds=ROUNDS)
+    elif name == "openai-whisper":
+        model = request.getfixturevalue("openai_whisper_model").train()
+        run_timed(benchmark, openai_training_step, args=(model, mel, labels), rounds=ROUNDS)
     else:
         model = echo_model.train()
         with way(name, monkeypatch):
@@ -173,13 +224,73 @@ def test_training_step(benchmark, name, echo_model, whisper_model, batch, monkey
     record(benchmark, role="ours" if name == "echo" else "peer", flops=model_flops(training=True))
 
 
-@pytest.mark.parametrize("name", ECHO_WAYS + ("hf-whisper",))
-def test_inference(benchmark, name, echo_model, whisper_model, batch, monkeypatch):
+@pytest.mark.parametrize("name", ECHO_WAYS + PEERS)
+def test_inference(benchmark, name, echo_model, whisper_model, batch, monkeypatch, request):
     mel = batch[0]
     benchmark.group = f"inference B={BATCH} T={MEL_FRAMES} + {DECODE_STEPS} steps {str(DTYPE)[6:]}"
     if name == "hf-whisper":
         run_timed(benchmark, whisper_inference, args=(whisper_model.eval(), mel), rounds=ROUNDS)
+    elif name == "openai-whisper":
+        model = request.getfixturevalue("openai_whisper_model").eval()
+        run_timed(benchmark, openai_whisper_inference, args=(model, mel), rounds=ROUNDS)
     else:
         with way(name, monkeypatch):
             run_timed(benchmark, echo_inference, args=(echo_model.eval(), mel), rounds=ROUNDS)
     record(benchmark, role="ours" if name == "echo" else "peer", flops=model_flops(training=False))
+
+
+@pytest.fixture(scope="module")
+def waveform():
+    """One window of noise at 16 kHz: 30 s for the full models."""
+    g = torch.Generator().manual_seed(0)
+    return 0.1 * torch.randn(MEL_FRAMES * 160, generator=g)
+
+
+def echo_transcription(model, wave):
+    eot = model.config.eos_token_id
+    return model.transcribe(wave, language="en", temperature=0.0, max_new_tokens=DECODE_STEPS, suppress_tokens=[eot],
+                            suppress_blank=False, compression_ratio_threshold=None, logprob_threshold=None)
+
+
+def openai_whisper_transcription(model, wave):
+    import whisper
+
+    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(wave, MEL_FRAMES * 160), model.dims.n_mels)
+    options = whisper.DecodingOptions(language="en", without_timestamps=True, sample_len=DECODE_STEPS, fp16=False,
+                                      suppress_tokens=[EchoConfig(**CONFIG).eos_token_id], suppress_blank=False)
+    return whisper.decode(model, mel.to(DEVICE, DTYPE), options)
+
+
+def hf_whisper_transcription(model, wave, start):
+    from transformers import WhisperFeatureExtractor
+
+    extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
+    extractor.n_samples, extractor.nb_max_frames = MEL_FRAMES * 160, MEL_FRAMES  # the models' window (30 s full size)
+    mel = extractor(wave.numpy(), sampling_rate=16000, return_tensors="pt").input_features.to(DEVICE, DTYPE)
+    with torch.no_grad():
+        return model.generate(mel, decoder_input_ids=start, max_new_tokens=DECODE_STEPS, min_new_tokens=DECODE_STEPS,
+                              do_sample=False)
+
+
+@pytest.mark.speech  # whisper's tokenizer gives every model its start sequence
+@pytest.mark.parametrize("name", ("echo", "hf-whisper", "openai-whisper"))
+def test_transcription(benchmark, name, echo_model, whisper_model, openai_whisper_model, waveform):
+    """Waveform to DECODE_STEPS greedy tokens after the English start sequence, each library's own way."""
+    benchmark.group = f"transcription of {MEL_FRAMES // 100} s, {DECODE_STEPS} tokens {str(DTYPE)[6:]}"
+    if name == "echo":
+        result = run_timed(benchmark, echo_transcription, args=(echo_model.eval(), waveform), rounds=ROUNDS,
+                           warmup_rounds=1)
+        assert len(result["segments"][0]["tokens"]) == DECODE_STEPS
+    elif name == "openai-whisper":
+        result = run_timed(benchmark, openai_whisper_transcription, args=(openai_whisper_model.eval(), waveform),
+                           rounds=ROUNDS, warmup_rounds=1)
+        assert len(result.tokens) == DECODE_STEPS
+    else:
+        from echo.audio import prompt_tokens
+
+        c = EchoConfig(**CONFIG)
+        start = torch.tensor([prompt_tokens("en", "transcribe", vocab_size=c.vocab_size)], device=DEVICE)
+        result = run_timed(benchmark, hf_whisper_transcription, args=(whisper_model.eval(), waveform, start),
+                           rounds=ROUNDS, warmup_rounds=1)
+        assert result.shape[1] == DECODE_STEPS  # WhisperForConditionalGeneration.generate returns the new tokens
+    record(benchmark, role="ours" if name == "echo" else "peer")

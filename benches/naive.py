@@ -124,7 +124,7 @@ def rotary_orthogonal(x, M, w, s=1.0, offset=0, layout="half_split") -> Tensor:
 @contextlib.contextmanager
 def naive_ops():
     """Within the block, the Echo model computes with the naive ops above (M applied by the attention op,
-    not folded into the projections)."""
+    not folded into the projections; cached keys rotated by the op at every step)."""
     import echo.attention
     import echo.model
     import echo.positional
@@ -134,6 +134,7 @@ def naive_ops():
         (echo.positional, "rotary_orthogonal", rotary_orthogonal),
         (echo.attention, "echo_attention", echo_attention),
         (echo.attention, "FOLD_M", False),
+        (echo.attention, "ROTATE_CACHED_KEYS", False),
     ]
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     try:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from echo_kernels import echo_attention
+from echo_kernels.reference import rope_angles, rotate_for_attention
 
 from .cache import EchoCache, FoldedWeights, KeysValues
 from .config import EchoConfig
@@ -21,6 +22,10 @@ from .positional import GivensSite, PositionalState, adjacent_pairs
 # In the "m_then_rope" order, fold M into the q and k projections and give the op M=None (True), or
 # give the op M (False): the same maths, which the tests compare and the naive bench baseline uses.
 FOLD_M = True
+
+# While decoding on the CPU, keep the cached keys rotated (True) or raw, rotated by the op at every step
+# (False): the same maths; the naive bench baseline does the latter.
+ROTATE_CACHED_KEYS = True
 
 
 def fold_rotation(weight: Tensor, bias: Tensor | None, M: Tensor, n_head: int
@@ -96,12 +101,37 @@ class EchoAttention(nn.Module):
             raise ValueError("cross-attention needs the encoder output (input_features or encoder_outputs)")
         return self._heads(F.linear(source, wk)), self._heads(self.value(source))
 
+    def _rotated(self, u: Tensor, M: Tensor | None, w: Tensor, offset: int) -> Tensor:
+        """u (B, H, T, h) -> q' or k' (B, H, T, h) at positions offset + t, as echo_attention rotates
+        (angles in float32 or float64, whatever u's dtype)."""
+        compute = torch.promote_types(u.dtype, torch.float32)
+        phi = rope_angles(w.to(compute), self.s.to(compute), torch.arange(offset, offset + u.shape[2], device=u.device))
+        M = M.to(compute) if M is not None else None
+        return rotate_for_attention(u.to(compute), M, phi, self.layout, self.rotation).to(u.dtype)
+
     def forward(self, x: Tensor, pos: PositionalState, xa: Tensor | None = None,
                 key_padding_mask: Tensor | None = None, cache: EchoCache | None = None, offset: int = 0) -> Tensor:
         """offset: the position of x's first token (the tokens a KV cache holds before this step)."""
         wq, bq, wk, M = self._projections(pos.matrix(self.site), cache)
         q = self._heads(F.linear(x, wq, bq))
-        if not self.cross:
+        w = pos.w(self.side)
+        if cache is not None and x.device.type == "cpu" and ROTATE_CACHED_KEYS:
+            # The CPU op rotates in PyTorch, each call anew: decoding would rotate every cached key (all
+            # the encoder frames, for cross-attention) at every step. The cache keeps k' instead, rotated
+            # once when stored, and the op is given q' and k' (w=None: no RoPE of its own). The Triton
+            # kernels rotate inside the launch, where the raw keys cost nothing more.
+            q = self._rotated(q, M, w, offset)
+            if not self.cross:
+                k, v = self._keys_values(x, wk)
+                k, v = cache.update(self, self._rotated(k, M, w, offset), v)
+            else:
+                def project() -> KeysValues:
+                    k, v = self._keys_values(xa, wk)
+                    return self._rotated(k, M, w, 0), v
+
+                k, v = cache.cross(self, project)
+            M, w = None, None
+        elif not self.cross:
             k, v = self._keys_values(x, wk)
             if cache is not None:
                 k, v = cache.update(self, k, v)
@@ -110,7 +140,7 @@ class EchoAttention(nn.Module):
         else:  # the encoder frames are projected on the first step only
             k, v = cache.cross(self, lambda: self._keys_values(xa, wk))
         a = echo_attention(
-            q, k, v, M, pos.w(self.side), self.s, self.bias,
+            q, k, v, M, w, self.s, self.bias,
             window=self.window, causal=self.causal, q_offset=offset, k_offset=0,
             key_padding_mask=key_padding_mask, layout=self.layout, rotation=self.rotation,
         )

@@ -18,8 +18,9 @@ class EchoCache:
     """kv[layer] = (k, v), each (B, H, T, h), for every decoder self- and cross-attention layer (the
     EchoAttention module itself is the key).
 
-    Keys are stored before RoPE: echo_attention rotates them itself at their positions. In the
-    "m_then_rope" order they are stored as k M, projected with the folded weight (`folded[layer]`:
+    On CUDA keys are stored before RoPE: echo_attention's kernels rotate them at their positions. On
+    the CPU they are stored as k', rotated once (see EchoAttention.forward). In the "m_then_rope"
+    order they are projected with the folded weight (`folded[layer]`:
     that layer's (Wq, bq, Wk) with M folded in, made on the first step). `offset` counts the text
     positions already decoded; `positions` holds w and the site matrices M of the first step, so
     that decoding builds M and the folded weights once, not once per token. `audio_padding` (B, Ta)

@@ -35,7 +35,7 @@ def echo_attention(
     k: Tensor,
     v: Tensor,
     M: Tensor | None,
-    w: Tensor,
+    w: Tensor | None,
     s: Tensor | float,
     bias: Tensor | None,
     *,
@@ -53,8 +53,9 @@ def echo_attention(
         q' = RoPE(q) M, k' = RoPE(k) M     rotation = "rope_then_m"
 
     q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h), or None for the identity (plain RoPE in
-    either order: what the model passes once M is folded into its projections); w: (h/2,);
-    s: a float or a tensor of shape () or (1,); bias: (2n-1, H) or None; window: None (global),
+    either order: what the model passes once M is folded into its projections); w: (h/2,), or None
+    for no RoPE (q and k given rotated already, as a decoding cache keeps its keys: then q' = q M,
+    k' = k M in either order, and s is unused); s: a float or a tensor of shape () or (1,); bias: (2n-1, H) or None; window: None (global),
     an int w (|i - j| <= w) or (left, right) (key j kept iff i - left <= j <= i + right);
     key_padding_mask: (B, Tk) bool, True = padded.
     Query i sits at position q_offset + i, key j at k_offset + j. Returns (B, H, Tq, h) in q's
@@ -85,8 +86,9 @@ def echo_attention(
     if M is not None:
         checks.floating("M", M)
         checks.shape("M", M, (h, h), f"(h, h) = ({h}, {h})")
-    checks.floating("w", w)
-    checks.shape("w", w, (h // 2,), f"(h/2,) = ({h // 2},)")
+    if w is not None:
+        checks.floating("w", w)
+        checks.shape("w", w, (h // 2,), f"(h/2,) = ({h // 2},)")
     checks.scale("s", s)
     if bias is not None:
         checks.floating("bias", bias)
@@ -134,6 +136,8 @@ def _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_o
     """The op's arguments from echo_attention's: s a tensor, M folded in or passed, heads widened."""
     if not isinstance(s, Tensor):
         s = torch.tensor(float(s), dtype=torch.float32, device=q.device)
+    if w is None:  # angle 0 everywhere: the "interleaved" layout writes each pair back in place
+        w, layout = torch.zeros(q.shape[-1] // 2, dtype=torch.float32, device=q.device), "interleaved"
     if M is not None and rotation == "m_then_rope":
         # RoPE(q M) . RoPE(k M): the kernels rotate what they are given, and autograd takes dM from here
         M = M.to(q.dtype)

@@ -96,7 +96,9 @@ def rotary_orthogonal(
     T = x.shape[1]
     positions = torch.arange(offset, offset + T, device=x.device)
     phi = rope_angles(w.to(compute), _as_compute(s, compute), positions)  # (T, h/2)
-    u = (x.to(compute) @ M.to(compute)).transpose(1, 2)  # (B, H, T, h): T next to h for apply_rope
+    # one (B T H, h) x (h, h) product: matmul would take a strided x as B T products against copies of M
+    u = (x.to(compute).reshape(-1, x.shape[-1]) @ M.to(compute)).view(x.shape)
+    u = u.transpose(1, 2)  # (B, H, T, h): T next to h for apply_rope
     return apply_rope(u, phi, layout).transpose(1, 2).to(x.dtype)
 
 
@@ -163,12 +165,15 @@ def weighted_values(probs: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
     return out + (probs[..., cols].unsqueeze(-1) * v_bad.masked_fill(~kept, 0.0)).sum(-2)
 
 
-def rotate_for_attention(u: Tensor, M: Tensor | None, phi: Tensor, layout: str, rotation: str) -> Tensor:
-    """q' or k' (docs/model.md, Attention).   u: (..., T, h); M: (h, h) or None (the identity); phi: (T, h/2).
+def rotate_for_attention(u: Tensor, M: Tensor | None, phi: Tensor | None, layout: str, rotation: str) -> Tensor:
+    """q' or k' (docs/model.md, Attention).   u: (..., T, h); M: (h, h) or None (the identity); phi: (T, h/2),
+    or None for no RoPE (u rotated already: then u @ M in either order).
 
     "m_then_rope": RoPE(u @ M), the rotation choosing the basis in which RoPE's frequencies act.
     "rope_then_m": RoPE(u) @ M, whose logits see M only through M M^T.
     """
+    if phi is None:
+        return u @ M if M is not None else u
     if M is None:
         return apply_rope(u, phi, layout)
     if rotation == "m_then_rope":
@@ -200,7 +205,7 @@ def echo_attention(
         q' = RoPE(q) @ M, k' = RoPE(k) @ M     rotation = "rope_then_m"
 
     q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h) or None (the identity: then both orders are
-    plain RoPE); w: (h/2,); s: scalar; bias: (2n-1, H) or None; key_padding_mask: (B, Tk) bool,
+    plain RoPE); w: (h/2,), or None for no RoPE (q and k rotated already); s: scalar; bias: (2n-1, H) or None; key_padding_mask: (B, Tk) bool,
     True = padded. Query i sits at q_offset + i, key j at k_offset + j. Returns (B, H, Tq, h) in q's dtype.
 
     Queries are taken `query_chunk` at a time, and with a finite window only the keys the band can
@@ -210,10 +215,14 @@ def echo_attention(
     Tq, Tk, h = q.shape[2], k.shape[2], q.shape[3]
     q_pos_all = torch.arange(q_offset, q_offset + Tq, device=q.device)
     k_pos_all = torch.arange(k_offset, k_offset + Tk, device=q.device)
-    w, s = w.to(compute), _as_compute(s, compute)
     M = M.to(compute) if M is not None else None
-    q_rot = rotate_for_attention(q.to(compute), M, rope_angles(w, s, q_pos_all), layout, rotation)
-    k_rot = rotate_for_attention(k.to(compute), M, rope_angles(w, s, k_pos_all), layout, rotation)
+    if w is None:
+        q_phi = k_phi = None
+    else:
+        w, s = w.to(compute), _as_compute(s, compute)
+        q_phi, k_phi = rope_angles(w, s, q_pos_all), rope_angles(w, s, k_pos_all)
+    q_rot = rotate_for_attention(q.to(compute), M, q_phi, layout, rotation)
+    k_rot = rotate_for_attention(k.to(compute), M, k_phi, layout, rotation)
     v = v.to(compute)
     bias = bias.to(compute) if bias is not None else None
     left, right = window_bounds(window, causal)

@@ -1,4 +1,5 @@
-"""echo_attention's blocked CPU path (echo_kernels.kernels.attention_cpu) against the float64 reference.
+"""echo_attention's CPU paths (echo_kernels.kernels.attention_cpu) against the float64 reference: the
+fused path (scaled_dot_product_attention, taken where no gradient is wanted) and the blocked one.
 
 Every mask case runs twice: with the default blocks (usually one block here) and with blocks forced
 down to 16 query rows, so that keys are cut by the band, blocks start mid-band and the bias gradient is
@@ -154,3 +155,99 @@ def test_torch_compile_fullgraph(monkeypatch):
     _, got = grads(compiled, inputs, torch.float32, do, device="cpu", window=8)
     for name, g in want.items():
         assert rel_err(got[name], g) < 1e-5, name
+
+
+@pytest.mark.parametrize("rotation", ROTATIONS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_forward_matches_reference_float64(block_size, case, rotation):
+    """Without gradients the output comes from scaled_dot_product_attention, one additive mask per block."""
+    inputs = case_inputs(case, rotation, B=2)
+    opts = options(case, _layout(case), rotation)
+    want = call(reference.echo_attention, inputs, **opts)
+    with torch.no_grad():
+        got = call(blocked, inputs, **opts)
+    assert got.dtype == torch.float64 and rel_err(got, want) < 1e-12, (case, rel_err(got, want))
+
+
+@pytest.mark.parametrize("case", ["global", "cross", "decode", "offsets_causal", "rows_without_keys", "n_beyond_T"])
+def test_fused_forward_float32(case):
+    inputs = case_inputs(case, B=2)
+    want = call(reference.echo_attention, inputs, **options(case))
+    with torch.no_grad():
+        got = call(blocked, cast(inputs, torch.float32, "cpu"), **options(case))
+    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-5
+
+
+def test_fused_forward_everywhere_blocked_backward_with_gradients():
+    """The forward is always the fused kernel's; only a call that wants gradients keeps a graph, whose
+    backward is the blocked one (exact bias gradient, probabilities recomputed from the logsumexp)."""
+    inputs = case_inputs("causal_window")
+    out = call(blocked, inputs, **options("causal_window"))
+    with torch.no_grad():
+        also = call(blocked, {**inputs, "q": inputs["q"].clone().requires_grad_(True)}, **options("causal_window"))
+    assert out.grad_fn is None and also.grad_fn is None
+    trained = call(blocked, {**inputs, "bias": inputs["bias"].clone().requires_grad_(True)}, **options("causal_window"))
+    assert type(trained.grad_fn).__name__ == "_BlockedAttentionBackward"
+    assert torch.equal(trained.detach(), out)
+
+
+def test_fused_rows_without_keys_give_zeros():
+    inputs = make_inputs(B=2, Tq=24, Tk=30)
+    inputs["key_padding_mask"] = torch.zeros(2, 30, dtype=torch.bool)
+    inputs["key_padding_mask"][1] = True  # the second batch has no key at all
+    with torch.no_grad():
+        out = call(blocked, cast(inputs, torch.float32, "cpu"), window=(3, 2), k_offset=10)
+    want = call(reference.echo_attention, inputs, window=(3, 2), k_offset=10)
+    assert torch.isfinite(out).all() and (out[1] == 0).all() and (out[0, :, :8] == 0).all()
+    assert rel_err(out, want) < 1e-5
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_fused_non_finite_past_the_band_stays_out(where):
+    """An additive -inf mask would turn a NaN at a causal-future key into a NaN row; such inputs are
+    computed by the blocked path, which leaves masked keys out exactly, as the reference does."""
+    inputs = case_inputs("causal")
+    inputs[where] = inputs[where].clone()
+    inputs[where][0, 0, -1] = float("nan")  # the last key: only the last query sees it
+    want = call(reference.echo_attention, inputs, **options("causal"))
+    with torch.no_grad():
+        got = call(blocked, inputs, **options("causal"))
+    assert torch.isnan(got[0, 0, -1]).all() and torch.isfinite(got[0, 0, :-1]).all()
+    assert rel_err(got[0, 0, :-1], want[0, 0, :-1]) < 1e-12
+    q = inputs["q"].clone().requires_grad_(True)
+    trained = call(blocked, {**inputs, "q": q}, **options("causal"))  # the blocked forward, no logsumexp
+    assert torch.equal(trained.detach()[0, 0, :-1], got[0, 0, :-1])
+
+
+def test_non_finite_value_past_the_band_keeps_gradients_finite():
+    inputs = case_inputs("causal")
+    inputs["v"] = inputs["v"].clone()
+    inputs["v"][0, 0, -1] = float("nan")
+    q = inputs["q"].clone().requires_grad_(True)
+    out = call(blocked, {**inputs, "q": q}, **options("causal"))
+    out[0, 0, :-1].sum().backward()
+    assert torch.isfinite(q.grad[0, 0, :-1]).all()  # the last query sees the NaN: its gradient is NaN
+
+
+@pytest.mark.parametrize("rotation", ["m_then_rope", "rope_then_m"])
+@pytest.mark.parametrize("case", ["global_ragged_pad", "decode_window", "cross_window_offsets"])
+def test_keys_rotated_beforehand(case, rotation):
+    """w=None: q and k come rotated (RoPE at their positions, then M in the "rope_then_m" order) and
+    the op does no RoPE, with or without gradients."""
+    inputs = case_inputs(case)
+    opts = options(case, "interleaved", rotation)
+    want = call(reference.echo_attention, inputs, **opts)
+    Tq, Tk = inputs["q"].shape[2], inputs["k"].shape[2]
+    phi_q = reference.rope_angles(inputs["w"], inputs["s"], torch.arange(opts["q_offset"], opts["q_offset"] + Tq))
+    phi_k = reference.rope_angles(inputs["w"], inputs["s"], torch.arange(opts["k_offset"], opts["k_offset"] + Tk))
+    M = inputs["M"]
+    if rotation == "m_then_rope":  # the op applies M to what it is given, before no RoPE: fold it here
+        q, k = reference.apply_rope(inputs["q"] @ M, phi_q, "interleaved"), reference.apply_rope(inputs["k"] @ M, phi_k, "interleaved")
+        M = None
+    else:
+        q, k = reference.apply_rope(inputs["q"], phi_q, "interleaved"), reference.apply_rope(inputs["k"], phi_k, "interleaved")
+    rotated = {**inputs, "q": q, "k": k, "M": M, "w": None}
+    for fn in (reference.echo_attention, blocked):
+        assert rel_err(call(fn, rotated, **opts), want) < 1e-12, fn
+    with torch.no_grad():
+        assert rel_err(call(blocked, rotated, **opts), want) < 1e-12

@@ -1,9 +1,12 @@
-"""echo_attention on the CPU: query blocks against the keys their band reaches, flash-style.
+"""echo_attention on the CPU: torch's fused attention where no gradient is wanted, else query blocks
+against the keys their band reaches, flash-style.
 
 The rotations are folded as in the Triton kernel: in the "rope_then_m" order logits = RoPE(q) P RoPE(k)^T
 with P = M M^T / sqrt(h), so q is multiplied by P once and k needs only RoPE; in the "m_then_rope" order
-q and k are multiplied by M first (not at all when M is None) and q is only scaled by 1 / sqrt(h). The
-core (`_BlockedAttention`) then takes queries a block at a time. Its backward recomputes each block's
+q and k are multiplied by M first (not at all when M is None) and q is only scaled by 1 / sqrt(h). Keys
+are rotated once per call. Without gradients (`fused_attention`) the clamped bias, the band and the key
+padding become one additive mask for torch.nn.functional.scaled_dot_product_attention. With gradients
+the core (`_BlockedAttention`) takes queries a block at a time. Its backward recomputes each block's
 probabilities instead of keeping all Tq x Tk of them, and sums the bias gradient along the block's
 diagonals: autograd of a gathered (H, Tq, Tk) bias scatters every logit's gradient into a (2n-1)-row
 table one index at a time, which is what makes the reference slow on the CPU (over 40% of a training step
@@ -15,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
@@ -26,13 +30,10 @@ BLOCK_ELEMENTS = 1 << 21
 def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q_offset: int, k_offset: int,
               layout: str, rotation: str = "m_then_rope") -> Tensor:
     """echo_attention's maths (see echo_kernels.attention). left/right: the band of
-    reference.window_bounds;
-    M: (h, h) or None (the identity)."""
+    reference.window_bounds; M: (h, h) or None (the identity); w: (h/2,), or None where q and k come
+    rotated already (no RoPE here)."""
     dtype, compute = q.dtype, reference._compute_dtype(q.dtype)
-    Tq, Tk, h = q.shape[2], k.shape[2], q.shape[3]
-    w, s = w.to(compute), reference._as_compute(s, compute)
-    q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device)
-    k_pos = torch.arange(k_offset, k_offset + Tk, device=q.device)
+    h = q.shape[3]
     q, k = q.to(compute), k.to(compute)
     P = None
     if M is not None and rotation == "m_then_rope":
@@ -41,18 +42,123 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
     elif M is not None:
         M = M.to(compute)
         P = M @ M.T / math.sqrt(h)
-    q_rope = reference.apply_rope(q, reference.rope_angles(w, s, q_pos), layout)
-    q_folded = q_rope @ P if P is not None else q_rope / math.sqrt(h)
-    k_rope = reference.apply_rope(k, reference.rope_angles(w, s, k_pos), layout)
+    if w is not None:
+        w, s = w.to(compute), reference._as_compute(s, compute)
+        q = reference.apply_rope(q, _angles(w, s, q_offset, q.shape[2]), layout)
+        k = reference.apply_rope(k, _angles(w, s, k_offset, k.shape[2]), layout)
+    q_folded = q @ P if P is not None else q / math.sqrt(h)
     bias = bias.to(compute) if bias is not None else None
     v = v.to(compute)
     if key_padding_mask is not None:  # a padded key's k and v never reach a product (0 * NaN is NaN)
         gone = key_padding_mask[:, None, :, None]
-        k_rope, v = k_rope.masked_fill(gone, 0.0), v.masked_fill(gone, 0.0)
-    v = v.contiguous()
+        k, v = k.masked_fill(gone, 0.0), v.masked_fill(gone, 0.0)
     shift = q_offset - k_offset
-    out = _BlockedAttention.apply(q_folded, k_rope, v, bias, key_padding_mask, left, right, shift)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q_folded, k, v, bias)):
+        out = _BlockedAttention.apply(q_folded, k, v.contiguous(), bias, key_padding_mask, left, right, shift)
+    else:  # any strides: a decoding cache's values are a head view of the projection
+        fused = fused_attention(q_folded, k, v, bias, key_padding_mask, left, right, shift)
+        out = fused[0] if fused is not None else _BlockedAttention.apply(q_folded, k, v.contiguous(), bias,
+                                                                         key_padding_mask, left, right, shift)
     return out.to(dtype)
+
+
+def _angles(w: Tensor, s, offset: int, T: int) -> Tensor:
+    """(T, h/2): the rotary angles of positions offset .. offset + T - 1."""
+    return reference.rope_angles(w, s, torch.arange(offset, offset + T, device=w.device))
+
+
+# --------------------------------------------------------------------------------------------------
+# Without gradients: torch's fused attention, the bias and masks as one additive mask
+# --------------------------------------------------------------------------------------------------
+
+
+def band_cuts(Tq: int, Tk: int, left: int, right: int, shift: int) -> bool:
+    """Whether some query misses some key by the band alone (query i sees key j iff
+    i + shift - left <= j <= i + shift + right)."""
+    return Tq > 0 and Tk > 0 and (Tq - 1 + shift - left > 0 or shift + right < Tk - 1)
+
+
+def fused_attention(q, k, v, bias, key_padding_mask, left: int, right: int, shift: int
+                    ) -> tuple[Tensor, Tensor] | None:
+    """(softmax(q k^T + bias + masks) v, the logsumexp of each query's logits) by torch's fused CPU
+    attention (scaled_dot_product_attention's kernel, called for its logsumexp too), no autograd graph.
+
+    q: (B, H, Tq, h) already scaled; k, v: (B, H, Tk, h), padded keys zeroed; bias: (2n-1, H) or None.
+    Returns out (B, H, Tq, h) and lse (B, H, Tq); a query with no key gives zeros (and any finite lse).
+    An additive mask puts -inf on a masked key, and -inf + NaN is NaN: where the band masks keys and k
+    or v holds a non-finite value this returns None, for the blocked path (which leaves masked keys out
+    exactly) to compute.
+    """
+    B, H, Tq, h = q.shape
+    Tk = k.shape[2]
+    cuts = band_cuts(Tq, Tk, left, right, shift)
+    if cuts and not (_finite(k) and _finite(v)):
+        return None
+    if not cuts and key_padding_mask is None and Tk > 0:
+        return _unmasked(q, k, v, bias, shift)
+    out, lse = q.new_zeros(B, H, Tq, h), q.new_zeros(B, H, Tq)
+    for a, b, lo, hi in blocks(Tq, Tk, left, right, shift, B * H):
+        if hi > lo:
+            kpm = key_padding_mask[:, lo:hi] if key_padding_mask is not None else None
+            mask, has_key = _block_mask(bias, kpm, H, b - a, hi - lo, a + shift - lo, left, right, q)
+            block, lse[:, :, a:b] = _SDPA(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask, scale=1.0)
+            out[:, :, a:b] = block.masked_fill_(~has_key, 0.0) if has_key is not None else block
+    return out, lse
+
+
+# What scaled_dot_product_attention runs on the CPU, called directly for the logsumexp it also returns
+# (the blocked backward recomputes probabilities from it).
+_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _unmasked(q, k, v, bias, shift: int) -> tuple[Tensor, Tensor]:
+    """fused_attention where every query sees every key: the bias alone is the mask. Its (Tq, Tk) block
+    is Toeplitz; with the keys taken in reverse order entry (i, j') is a function of i + j', a view of
+    one (H, Tq + Tk - 1) row with strides (1, 1), which the kernel reads in place instead of Tq x Tk
+    stored values. The order of the keys changes neither the output nor the logsumexp."""
+    if bias is None:
+        return _SDPA(q, k, v, scale=1.0)
+    H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+    if Tq == 1:
+        return _SDPA(q, k, v, attn_mask=relative_bias_block(bias, 1, Tk, shift)[None], scale=1.0)
+    n = (bias.shape[0] + 1) // 2
+    # key j' = Tk - 1 - j of the reversed keys: i - j = i + j' - (Tk - 1)
+    offsets = shift - (Tk - 1) + torch.arange(Tq + Tk - 1, device=q.device)
+    row = bias.T[:, offsets.clamp(-(n - 1), n - 1) + (n - 1)].contiguous()
+    L = row.shape[1]
+    mask = row.as_strided((1, H, Tq, Tk), (H * L, L, 1, 1))
+    return _SDPA(q, k.flip(2), v.flip(2), attn_mask=mask, scale=1.0)
+
+
+def _block_mask(bias, key_padding_mask, H: int, C: int, K: int, d0: int, left: int, right: int, like: Tensor
+                ) -> tuple[Tensor, Tensor | None]:
+    """(additive mask (B or 1, H, C, K), has_key (B or 1, 1, C, 1) bool or None where every query keeps a
+    key) of one block whose top-left entry has i - j = d0. A query with no key gets a 0 row (a row of
+    -inf would be NaN in the softmax) and has_key False, for the caller to zero its output."""
+    mask = relative_bias_block(bias, C, K, d0)[None] if bias is not None else like.new_zeros(1, H, C, K)
+    keep = _keep(C, K, d0, left, right, like.device)
+    if key_padding_mask is not None:
+        pad_keep = ~key_padding_mask[:, None, None, :]
+        keep = pad_keep if keep is None else keep & pad_keep
+    if keep is None:
+        return mask, None
+    has_key = keep.any(-1, keepdim=True)
+    mask = mask.masked_fill(~keep, -math.inf).masked_fill_(~has_key, 0.0)
+    return mask, has_key
+
+
+def _keep(C: int, K: int, d0: int, left: int, right: int, device) -> Tensor | None:
+    """(C, K) bool: the band of a block whose top-left entry has i - j = d0; None where it keeps all."""
+    cuts_left, cuts_right = d0 + C - 1 > left, d0 - (K - 1) < -right
+    if not (cuts_left or cuts_right):
+        return None
+    rel = d0 + torch.arange(C, device=device)[:, None] - torch.arange(K, device=device)[None, :]
+    return (rel <= left if cuts_left else True) & (rel >= -right if cuts_right else True)
+
+
+# --------------------------------------------------------------------------------------------------
+# With gradients: blocks of queries, exact gradients of every input and of the bias table
+# --------------------------------------------------------------------------------------------------
 
 
 def blocks(Tq: int, Tk: int, left: int, right: int, shift: int, batch_heads: int):
@@ -70,11 +176,12 @@ def blocks(Tq: int, Tk: int, left: int, right: int, shift: int, batch_heads: int
         yield a, b, lo, max(lo, hi)
 
 
-def _probabilities(q, k, bias, key_padding_mask, left, right, d0) -> tuple[Tensor, Tensor | None]:
+def _probabilities(q, k, bias, key_padding_mask, left, right, d0, lse=None) -> tuple[Tensor, Tensor | None]:
     """softmax of one block's logits, and which keys each query keeps; d0 = i - j of its top-left
     entry; rows with no key give 0.
 
-    q: (B*H, C, h); k: (B*H, K, h); bias: (2n-1, H) or None; key_padding_mask: (B, K) or None.
+    q: (B*H, C, h); k: (B*H, K, h); bias: (2n-1, H) or None; key_padding_mask: (B, K) or None;
+    lse: (B*H, C, 1), each query's logsumexp over all its keys, or None to compute the softmax here.
     Returns probs (B*H, C, K) and keep, bool broadcastable to it, or None where every key is kept.
     """
     C, K = q.shape[1], k.shape[1]
@@ -82,19 +189,19 @@ def _probabilities(q, k, bias, key_padding_mask, left, right, d0) -> tuple[Tenso
         logits = torch.bmm(q, k.transpose(1, 2))
     else:  # the bias written first, the product accumulated onto it: one pass less than adding after
         batch = q.shape[0] // bias.shape[1]
-        logits = relative_bias_block(bias, C, K, d0).repeat(batch, 1, 1).baddbmm_(q, k.transpose(1, 2))
-    keep = None
-    cuts_left, cuts_right = d0 + C - 1 > left, d0 - (K - 1) < -right  # the band cuts the block
-    if cuts_left or cuts_right:
-        rel = d0 + torch.arange(C, device=q.device)[:, None] - torch.arange(K, device=q.device)[None, :]
-        keep = (rel <= left if cuts_left else True) & (rel >= -right if cuts_right else True)
+        block = relative_bias_block(bias, C, K, d0)  # a new tensor (flip copies), which one batch reuses
+        logits = (block if batch == 1 else block.repeat(batch, 1, 1)).baddbmm_(q, k.transpose(1, 2))
+    keep = _keep(C, K, d0, left, right, q.device)
     if key_padding_mask is not None:
         B = key_padding_mask.shape[0]
         padding = key_padding_mask[:, None, None, :].expand(B, q.shape[0] // B, 1, K).reshape(-1, 1, K)
         keep = ~padding if keep is None else keep & ~padding
+    if keep is not None:
+        logits.masked_fill_(~keep, -math.inf)
+    if lse is not None:  # exp(-inf) = 0 at masked keys, and over the whole row of a query with none
+        return logits.sub_(lse).exp_(), keep
     if keep is None:
         return torch.softmax(logits, dim=-1), None
-    logits.masked_fill_(~keep, -math.inf)
     probs = torch.softmax(logits, dim=-1)
     return probs.masked_fill_(~keep.any(dim=-1, keepdim=True), 0.0), keep  # softmax of a keyless row is NaN
 
@@ -127,11 +234,11 @@ def bias_gradient(dlogits: Tensor, d0: int, n: int) -> Tensor:
     return torch.stack([far_future, *band, far_past])
 
 
-def _values_finite(v: Tensor) -> bool:
-    """Whether v holds only finite values. A traced graph (torch.compile) cannot branch on data: there
+def _finite(t: Tensor) -> bool:
+    """Whether t holds only finite values. A traced graph (torch.compile) cannot branch on data: there
     it is taken as true, so a non-finite value past the band reaches the queries of its block, as on the
     Triton kernels (padded keys are zeroed before, on every path)."""
-    return torch.compiler.is_compiling() or bool(torch.isfinite(v).all())
+    return torch.compiler.is_compiling() or bool(torch.isfinite(t).all())
 
 
 class _BlockedAttention(torch.autograd.Function):
@@ -139,10 +246,17 @@ class _BlockedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, key_padding_mask, left, right, shift):
+        ctx.masks = (left, right, shift)
+        fused = fused_attention(q, k, v, bias, key_padding_mask, left, right, shift)
+        if fused is not None:  # the backward recomputes the probabilities from the logsumexp
+            out, lse = fused
+            ctx.save_for_backward(q, k, v, bias, key_padding_mask, out, lse)
+            return out
         B, H, Tq, h = q.shape
         q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
         out = q3.new_zeros(B * H, Tq, h)
-        values_finite = _values_finite(v)  # else the band's masked keys need reference.weighted_values
+        # else the band's masked keys need reference.weighted_values (padded keys' values are zeros)
+        values_finite = not band_cuts(Tq, k.shape[2], left, right, shift) or _finite(v)
         for a, b, lo, hi in blocks(Tq, k.shape[2], left, right, shift, B * H):
             if hi > lo:
                 kpm = key_padding_mask[:, lo:hi] if key_padding_mask is not None else None
@@ -152,28 +266,29 @@ class _BlockedAttention(torch.autograd.Function):
                 else:
                     out[:, a:b] = reference.weighted_values(probs, v3[:, lo:hi], keep)
         out = out.view(B, H, Tq, h)
-        ctx.save_for_backward(q, k, v, bias, key_padding_mask, out)
-        ctx.masks = (left, right, shift)
+        ctx.save_for_backward(q, k, v, bias, key_padding_mask, out, None)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, bias, key_padding_mask, out = ctx.saved_tensors
+        q, k, v, bias, key_padding_mask, out, lse = ctx.saved_tensors
         left, right, shift = ctx.masks
         B, H, Tq, h = q.shape
         q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
         do3 = dout.reshape(B * H, Tq, h)
+        lse3 = lse.reshape(B * H, Tq, 1) if lse is not None else None
         dq, dk, dv = torch.zeros_like(q3), torch.zeros_like(k3), torch.zeros_like(v3)
         want_dbias = bias is not None and ctx.needs_input_grad[3]
         dbias = torch.zeros_like(bias) if want_dbias else None
         minus_delta = -(do3 * out.view(B * H, Tq, h)).sum(-1, keepdim=True)  # -rowsum(P * dP)
         # dP at a masked key is 0 * (dO . v); a non-finite v there must not make it NaN
-        values_finite = _values_finite(v)
+        values_finite = not band_cuts(Tq, k.shape[2], left, right, shift) or _finite(v)
         for a, b, lo, hi in blocks(Tq, k.shape[2], left, right, shift, B * H):
             if hi == lo:
                 continue
             kpm = key_padding_mask[:, lo:hi] if key_padding_mask is not None else None
-            probs, keep = _probabilities(q3[:, a:b], k3[:, lo:hi], bias, kpm, left, right, a + shift - lo)
+            probs, keep = _probabilities(q3[:, a:b], k3[:, lo:hi], bias, kpm, left, right, a + shift - lo,
+                                         lse3[:, a:b] if lse3 is not None else None)
             do = do3[:, a:b]
             dv[:, lo:hi].baddbmm_(probs.transpose(1, 2), do)
             dlogits = torch.baddbmm(minus_delta[:, a:b], do, v3[:, lo:hi].transpose(1, 2)).mul_(probs)
