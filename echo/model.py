@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import logging
 import warnings
 
@@ -15,6 +14,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+
+from echo_kernels.optional import MissingExtra
 
 from .attention import EchoAttention, encoder_mixer
 from .cache import EchoCache
@@ -463,11 +464,11 @@ class Echo(PreTrainedModel):
             raise TypeError(f"processor must be an EchoProcessor, \"auto\" or None, got {type(processor).__name__}")
         if not uses_whisper_vocab(self.config):
             reason = f"its vocabulary of {self.config.vocab_size} tokens is not one of whisper's"
-        elif importlib.util.find_spec("whisper") is None:
-            reason = ("building whisper's tokenizer needs openai-whisper (pip install \"echo-kernels[speech]\"); "
-                      "or pass save_pretrained(..., processor=EchoProcessor.from_pretrained(folder))")
         else:
-            return EchoProcessor.for_config(self.config)
+            try:
+                return EchoProcessor.for_config(self.config)
+            except MissingExtra as missing:  # whisper's vocabulary files ship with openai-whisper
+                reason = f"{missing}; or pass save_pretrained(..., processor=EchoProcessor.from_pretrained(folder))"
         logger.warning("Echo.save_pretrained: the model is saved without a processor (AutoProcessor and the "
                        "speech-recognition pipeline need one): %s", reason)
         return None

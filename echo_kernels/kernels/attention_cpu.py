@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
@@ -119,7 +118,7 @@ def _unmasked(q, k, v, bias, shift: int) -> tuple[Tensor, Tensor]:
     if bias is None:
         return _SDPA(q, k, v, scale=1.0)
     H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
-    if Tq == 1:
+    if Tq == 1:  # a decoding step: one row of bias, where reversing the cached keys would copy them all
         return _SDPA(q, k, v, attn_mask=relative_bias_block(bias, 1, Tk, shift)[None], scale=1.0)
     n = (bias.shape[0] + 1) // 2
     # key j' = Tk - 1 - j of the reversed keys: i - j = i + j' - (Tk - 1)
