@@ -24,6 +24,7 @@ from .generate import generate as generate_function
 from .generate import transcribe as transcribe_function
 from .inputs import as_model_dtype, check_mel, check_tokens
 from .layers import MLP, S1LayerNorm, checkpoint_contexts, layer_norm
+from .logits import tied_logits
 from .positional import (PAIR_SEED, CombinedRotaryEmbedding, GivensSite, LearnedSinusoidalEmbedding,
                          PositionalState, rope_frequencies, site_matrices)
 
@@ -137,7 +138,7 @@ class TextDecoder(nn.Module):
         x = self.ln(x)
         if cache is not None:
             cache.advance(T)
-        return (x @ self.token_embedding.weight.to(x.dtype).T).float()
+        return tied_logits(x, self.token_embedding.weight)
 
 
 class Echo(PreTrainedModel):
