@@ -8,13 +8,15 @@ summed across blocks.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
 from echo_kernels import reference
 from echo_kernels.kernels import attention_cpu
 
-from attention_cases import CASES, ROTATIONS, call, case_inputs, cast, grads, make_inputs, options
+from attention_cases import GRAD_NAMES, CASES, ROTATIONS, call, case_inputs, cast, grads, make_inputs, options
 from numerics import rel_err
 
 
@@ -189,6 +191,36 @@ def test_fused_forward_everywhere_blocked_backward_with_gradients():
     trained = call(blocked, {**inputs, "bias": inputs["bias"].clone().requires_grad_(True)}, **options("causal_window"))
     assert type(trained.grad_fn).__name__ == "_BlockedAttentionBackward"
     assert torch.equal(trained.detach(), out)
+
+
+@pytest.mark.parametrize("Tq, Tk, n, q_offset, k_offset", [
+    (200, 200, 4, 0, 0), (150, 90, 6, 40, 0), (5, 300, 3, 150, 0), (64, 64, 1, 0, 0), (1, 47, 5, 46, 0)])
+@pytest.mark.parametrize("dbias", [True, False])
+def test_unmasked_backward_is_the_fused_kernels(Tq, Tk, n, q_offset, k_offset, dbias):
+    """Where every query sees every key, the backward is torch's fused one: dbias from the sums over each
+    query group (whole groups past the clamp, keys on both sides of it) and the strips recomputed near
+    each group's diagonal."""
+    inputs = make_inputs(B=2, Tq=Tq, Tk=Tk, n=n)
+    do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    opts = dict(q_offset=q_offset, k_offset=k_offset)
+    _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", **opts)
+    if not dbias:
+        inputs["bias"] = inputs["bias"].detach()
+    fused = mock.patch.object(attention_cpu, "_unmasked_backward", wraps=attention_cpu._unmasked_backward)
+    blocks = mock.patch.object(attention_cpu, "blocks", wraps=attention_cpu.blocks)
+    with fused as fused_spy, blocks as blocks_spy:
+        leaves = cast(inputs, torch.float64, "cpu")
+        for name in GRAD_NAMES if dbias else ("q", "k", "v", "M", "w", "s"):
+            leaves[name].requires_grad_(True)
+        call(blocked, leaves, **opts).backward(do)
+    assert fused_spy.call_count == 1 and blocks_spy.call_count == 0
+    for name, g in want.items():
+        if name == "bias" and not dbias:
+            assert leaves["bias"].grad is None
+        elif name == "bias" and n == 1:  # whole softmax rows: 0 up to rounding
+            assert g.abs().max() < 1e-12 and leaves[name].grad.abs().max() < 1e-12
+        else:
+            assert rel_err(leaves[name].grad, g) < 1e-11, (name, rel_err(leaves[name].grad, g))
 
 
 def test_fused_rows_without_keys_give_zeros():

@@ -111,22 +111,29 @@ _SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def _unmasked(q, k, v, bias, shift: int) -> tuple[Tensor, Tensor]:
-    """fused_attention where every query sees every key: the bias alone is the mask. Its (Tq, Tk) block
-    is Toeplitz; with the keys taken in reverse order entry (i, j') is a function of i + j', a view of
-    one (H, Tq + Tk - 1) row with strides (1, 1), which the kernel reads in place instead of Tq x Tk
-    stored values. The order of the keys changes neither the output nor the logsumexp."""
+    """fused_attention where every query sees every key: the bias alone is the mask."""
+    k, v, mask, _ = _unmasked_operands(k, v, bias, q.shape[2], shift)
+    return _SDPA(q, k, v, attn_mask=mask, scale=1.0)
+
+
+def _unmasked_operands(k, v, bias, Tq: int, shift: int) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    """(k, v, additive mask or None, whether k and v come reversed) for the fused kernel where every
+    query sees every key. The bias's (Tq, Tk) block is Toeplitz; with the keys taken in reverse order
+    entry (i, j') is a function of i + j', a view of one (H, Tq + Tk - 1) row with strides (1, 1), which
+    the kernel reads in place instead of Tq x Tk stored values. The order of the keys changes neither
+    the output nor the logsumexp; the gradients of reversed keys and values come reversed."""
     if bias is None:
-        return _SDPA(q, k, v, scale=1.0)
-    H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+        return k, v, None, False
+    H, Tk = bias.shape[1], k.shape[2]
     if Tq == 1:  # a decoding step: one row of bias, where reversing the cached keys would copy them all
-        return _SDPA(q, k, v, attn_mask=relative_bias_block(bias, 1, Tk, shift)[None], scale=1.0)
+        return k, v, relative_bias_block(bias, 1, Tk, shift)[None], False
     n = (bias.shape[0] + 1) // 2
     # key j' = Tk - 1 - j of the reversed keys: i - j = i + j' - (Tk - 1)
-    offsets = shift - (Tk - 1) + torch.arange(Tq + Tk - 1, device=q.device)
+    offsets = shift - (Tk - 1) + torch.arange(Tq + Tk - 1, device=k.device)
     row = bias.T[:, offsets.clamp(-(n - 1), n - 1) + (n - 1)].contiguous()
     L = row.shape[1]
     mask = row.as_strided((1, H, Tq, Tk), (H * L, L, 1, 1))
-    return _SDPA(q, k.flip(2), v.flip(2), attn_mask=mask, scale=1.0)
+    return k.flip(2), v.flip(2), mask, True
 
 
 def _block_mask(bias, key_padding_mask, H: int, C: int, K: int, d0: int, left: int, right: int, like: Tensor
@@ -229,8 +236,75 @@ def bias_gradient(dlogits: Tensor, d0: int, n: int) -> Tensor:
     strip, d = dlogits[..., p0:f0].sum(0), d0 - p0
     far_past = dlogits[..., :p0].sum((0, 2, 3)) + torch.tril(strip, diagonal=d - (n - 1)).sum((1, 2))
     far_future = dlogits[..., f0:].sum((0, 2, 3)) + torch.triu(strip, diagonal=d + (n - 1)).sum((1, 2))
-    band = [torch.diagonal(strip, offset=d - e, dim1=1, dim2=2).sum(-1) for e in range(-(n - 2), n - 1)]
-    return torch.stack([far_future, *band, far_past])
+    return torch.cat([far_future[None], _diagonal_sums(strip, d - (n - 2), 2 * n - 3).flip(0), far_past[None]])
+
+
+def _diagonal_sums(x: Tensor, first: int, count: int) -> Tensor:
+    """(count, H): the sums of x's (H, C, W) diagonals column - row = first, first + 1, .., first + count - 1.
+
+    With x zero-padded so that every one of them lies inside, diagonal t of row r is entry
+    r (W' + 1) + first' + t: a view with strides (W' + 1, 1), summed over rows in one call."""
+    H, C, W = x.shape
+    before, after = max(0, -first), max(0, C - 1 + first + count - W)
+    x = torch.nn.functional.pad(x, (before, after)) if before or after else x.contiguous()
+    Wp = W + before + after
+    diagonals = x.view(-1)[first + before:].as_strided((H, C, count), (C * Wp, Wp + 1, 1))
+    return diagonals.sum(1).T
+
+
+# The fused kernel's backward, called with the logsumexp of _SDPA's forward.
+_SDPA_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# Query groups whose per-key sums of the score gradients the fused backward returns for dbias.
+BIAS_GROUPS = 8
+MIN_GROUP_ROWS = 64  # fewer rows per group, and the per-group work costs more than the narrower strips save
+
+
+def _unmasked_backward(dout, q, k, v, bias, out, lse, left: int, right: int, shift: int, want_dbias: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(dq, dk, dv, dbias or None) of _unmasked's attention by torch's fused backward.
+
+    dbias sums the score gradients dS = P (dP - D) by offset; the fused kernel keeps dS to itself but
+    returns dk = dS^T q. With q widened by G one-hot columns (query i has a 1 in column i // C) and k, v,
+    out and dout by G zero columns, the logits are unchanged and dk's extra columns are the sums of dS
+    over each group of C queries, per key. A key beyond the clamp on one side for every query of a group
+    adds its group sum to that side's row of dbias; for the C + 2n - 4 keys near a group's diagonal the
+    dS are recomputed, as in the blocked backward, and summed by offset (bias_gradient).
+    """
+    B, H, Tq, h = q.shape
+    Tk = k.shape[2]
+    k_, v_, mask, reversed_keys = _unmasked_operands(k, v, bias, Tq, shift)
+    if not want_dbias:
+        dq, dk, dv = _SDPA_BACKWARD(dout, q, k_, v_, out, lse, 0.0, False, attn_mask=mask, scale=1.0)
+        return dq, (dk.flip(2) if reversed_keys else dk), (dv.flip(2) if reversed_keys else dv), None
+    C = -(-Tq // min(BIAS_GROUPS, -(-Tq // MIN_GROUP_ROWS)))
+    G = -(-Tq // C)
+    one_hot = torch.nn.functional.one_hot(torch.arange(Tq, device=q.device) // C, G).to(q.dtype)
+    widen = lambda t: torch.nn.functional.pad(t, (0, G))  # noqa: E731
+    q_ = torch.cat([q, one_hot.expand(B, H, Tq, G)], dim=-1)
+    dq, dk, dv = _SDPA_BACKWARD(widen(dout), q_, widen(k_), widen(v_), widen(out), lse, 0.0, False,
+                                attn_mask=mask, scale=1.0)
+    if reversed_keys:
+        dk, dv = dk.flip(2), dv.flip(2)
+    group_sums = dk[..., h:].sum(0)  # (H, Tk, G)
+    n = (bias.shape[0] + 1) // 2
+    dbias = torch.zeros_like(bias)
+    q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
+    do3 = dout.reshape(B * H, Tq, h)
+    minus_delta = -(do3 * out.reshape(B * H, Tq, h)).sum(-1, keepdim=True)
+    lse3 = lse.reshape(B * H, Tq, 1)
+    for g in range(G):
+        a, b = g * C, min(Tq, (g + 1) * C)
+        # keys before lo are past the clamp for every query of the group, keys from hi on beyond it
+        lo = min(Tk, max(0, a + shift - n + 2))
+        hi = min(Tk, max(lo, b + shift + n - 2))
+        dbias[-1] += group_sums[:, :lo, g].sum(1)
+        dbias[0] += group_sums[:, hi:, g].sum(1)
+        if hi > lo:
+            probs, _ = _probabilities(q3[:, a:b], k3[:, lo:hi], bias, None, left, right, a + shift - lo,
+                                      lse3[:, a:b])
+            dlogits = torch.baddbmm(minus_delta[:, a:b], do3[:, a:b], v3[:, lo:hi].transpose(1, 2)).mul_(probs)
+            dbias += bias_gradient(dlogits.view(B, H, b - a, hi - lo), a + shift - lo, n)
+    return dq[..., :h], dk[..., :h], dv[..., :h], dbias
 
 
 def _finite(t: Tensor) -> bool:
@@ -272,12 +346,17 @@ class _BlockedAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, bias, key_padding_mask, out, lse = ctx.saved_tensors
         left, right, shift = ctx.masks
+        want_dbias = bias is not None and ctx.needs_input_grad[3]
+        Tq, Tk = q.shape[2], k.shape[2]
+        if lse is not None and key_padding_mask is None and Tk > 0 and not band_cuts(Tq, Tk, left, right, shift):
+            # the forward was _unmasked's
+            dq, dk, dv, dbias = _unmasked_backward(dout, q, k, v, bias, out, lse, left, right, shift, want_dbias)
+            return dq, dk, dv, dbias, None, None, None, None
         B, H, Tq, h = q.shape
         q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
         do3 = dout.reshape(B * H, Tq, h)
         lse3 = lse.reshape(B * H, Tq, 1) if lse is not None else None
         dq, dk, dv = torch.zeros_like(q3), torch.zeros_like(k3), torch.zeros_like(v3)
-        want_dbias = bias is not None and ctx.needs_input_grad[3]
         dbias = torch.zeros_like(bias) if want_dbias else None
         minus_delta = -(do3 * out.view(B * H, Tq, h)).sum(-1, keepdim=True)  # -rowsum(P * dP)
         # dP at a masked key is 0 * (dO . v); a non-finite v there must not make it NaN
