@@ -236,20 +236,8 @@ def bias_gradient(dlogits: Tensor, d0: int, n: int) -> Tensor:
     strip, d = dlogits[..., p0:f0].sum(0), d0 - p0
     far_past = dlogits[..., :p0].sum((0, 2, 3)) + torch.tril(strip, diagonal=d - (n - 1)).sum((1, 2))
     far_future = dlogits[..., f0:].sum((0, 2, 3)) + torch.triu(strip, diagonal=d + (n - 1)).sum((1, 2))
-    return torch.cat([far_future[None], _diagonal_sums(strip, d - (n - 2), 2 * n - 3).flip(0), far_past[None]])
-
-
-def _diagonal_sums(x: Tensor, first: int, count: int) -> Tensor:
-    """(count, H): the sums of x's (H, C, W) diagonals column - row = first, first + 1, .., first + count - 1.
-
-    With x zero-padded so that every one of them lies inside, diagonal t of row r is entry
-    r (W' + 1) + first' + t: a view with strides (W' + 1, 1), summed over rows in one call."""
-    H, C, W = x.shape
-    before, after = max(0, -first), max(0, C - 1 + first + count - W)
-    x = torch.nn.functional.pad(x, (before, after)) if before or after else x.contiguous()
-    Wp = W + before + after
-    diagonals = x.view(-1)[first + before:].as_strided((H, C, count), (C * Wp, Wp + 1, 1))
-    return diagonals.sum(1).T
+    band = [torch.diagonal(strip, offset=d - e, dim1=1, dim2=2).sum(-1) for e in range(-(n - 2), n - 1)]
+    return torch.stack([far_future, *band, far_past])
 
 
 # The fused kernel's backward, called with the logsumexp of _SDPA's forward.
@@ -259,19 +247,16 @@ BIAS_GROUPS = 8
 MIN_GROUP_ROWS = 64  # fewer rows per group, and the per-group work costs more than the narrower strips save
 
 
-def _unmasked_backward(dout, q, k, v, bias, out, lse, left: int, right: int, shift: int, want_dbias: bool
+def _unmasked_backward(dout, q, k, v, bias, out, lse, shift: int, want_dbias: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(dq, dk, dv, dbias or None) of _unmasked's attention by torch's fused backward.
 
     dbias sums the score gradients dS = P (dP - D) by offset; the fused kernel keeps dS to itself but
     returns dk = dS^T q. With q widened by G one-hot columns (query i has a 1 in column i // C) and k, v,
     out and dout by G zero columns, the logits are unchanged and dk's extra columns are the sums of dS
-    over each group of C queries, per key. A key beyond the clamp on one side for every query of a group
-    adds its group sum to that side's row of dbias; for the C + 2n - 4 keys near a group's diagonal the
-    dS are recomputed, as in the blocked backward, and summed by offset (bias_gradient).
+    over each group of C queries, per key (see _near_diagonal_bias_gradient for the rest).
     """
     B, H, Tq, h = q.shape
-    Tk = k.shape[2]
     k_, v_, mask, reversed_keys = _unmasked_operands(k, v, bias, Tq, shift)
     if not want_dbias:
         dq, dk, dv = _SDPA_BACKWARD(dout, q, k_, v_, out, lse, 0.0, False, attn_mask=mask, scale=1.0)
@@ -285,26 +270,46 @@ def _unmasked_backward(dout, q, k, v, bias, out, lse, left: int, right: int, shi
                                 attn_mask=mask, scale=1.0)
     if reversed_keys:
         dk, dv = dk.flip(2), dv.flip(2)
-    group_sums = dk[..., h:].sum(0)  # (H, Tk, G)
-    n = (bias.shape[0] + 1) // 2
-    dbias = torch.zeros_like(bias)
-    q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
-    do3 = dout.reshape(B * H, Tq, h)
-    minus_delta = -(do3 * out.reshape(B * H, Tq, h)).sum(-1, keepdim=True)
-    lse3 = lse.reshape(B * H, Tq, 1)
-    for g in range(G):
-        a, b = g * C, min(Tq, (g + 1) * C)
-        # keys before lo are past the clamp for every query of the group, keys from hi on beyond it
-        lo = min(Tk, max(0, a + shift - n + 2))
-        hi = min(Tk, max(lo, b + shift + n - 2))
-        dbias[-1] += group_sums[:, :lo, g].sum(1)
-        dbias[0] += group_sums[:, hi:, g].sum(1)
-        if hi > lo:
-            probs, _ = _probabilities(q3[:, a:b], k3[:, lo:hi], bias, None, left, right, a + shift - lo,
-                                      lse3[:, a:b])
-            dlogits = torch.baddbmm(minus_delta[:, a:b], do3[:, a:b], v3[:, lo:hi].transpose(1, 2)).mul_(probs)
-            dbias += bias_gradient(dlogits.view(B, H, b - a, hi - lo), a + shift - lo, n)
+    dbias = _near_diagonal_bias_gradient(dout, q, k, v, bias, out, lse, dk[..., h:].sum(0), C, shift)
     return dq[..., :h], dk[..., :h], dv[..., :h], dbias
+
+
+def _near_diagonal_bias_gradient(dout, q, k, v, bias, out, lse, group_sums: Tensor, C: int, shift: int) -> Tensor:
+    """(2n-1, H): dbias from group_sums (H, Tk, G), the score gradients summed over each group of C
+    queries per key, and the score gradients recomputed near each group's diagonal.
+
+    A key past the clamp (i - j >= n - 1) for every query of its group adds its group sum to the last row,
+    a key beyond it on the other side to the first. The W = C + 2n - 4 keys from g C + shift - (n - 2) on
+    are near group g's diagonal; every group's strip has the same offsets (its top-left entry has
+    i - j = n - 2), so all strips are recomputed in one batch (keys outside 0 .. Tk - 1 masked), summed
+    over batch and groups, and summed by offset once (bias_gradient).
+    """
+    B, H, Tq, h = q.shape
+    Tk, G = k.shape[2], group_sums.shape[-1]
+    n = (bias.shape[0] + 1) // 2
+    if n == 1:  # one row: every pair's gradient, whichever side
+        return group_sums.sum((1, 2))[None]
+    W = C + 2 * n - 4
+    first = torch.arange(G, device=q.device)[:, None] * C + shift - (n - 2)  # (G, 1): each strip's first key
+    keys = torch.arange(Tk, device=q.device)[None, :]
+    past, beyond = (keys < first).T, (keys >= first + W).T  # (Tk, G)
+    ends = torch.stack([(group_sums * beyond).sum((1, 2)), (group_sums * past).sum((1, 2))])
+    positions = first + torch.arange(W, device=q.device)  # (G, W)
+    inside = (positions >= 0) & (positions < Tk)
+    rows = positions.clamp(0, Tk - 1).flatten()
+    pad = G * C - Tq  # the last group's missing queries: zero dO and D, so zero score gradients
+    grouped = lambda t: torch.nn.functional.pad(t.reshape(B * H, Tq, -1), (0, 0, 0, pad)).view(B * H, G, C, -1)  # noqa: E731
+    minus_delta = -(dout * out).sum(-1, keepdim=True)
+    logits = grouped(q) @ k.reshape(B * H, Tk, h)[:, rows].view(B * H, G, W, h).transpose(-1, -2)
+    logits = logits.view(B, H, G, C, W).add_(relative_bias_block(bias, C, W, n - 2)[None, :, None])
+    logits.masked_fill_(~inside[:, None, :], -math.inf)
+    probs = logits.view(B * H, G, C, W).sub_(grouped(lse[..., None])).exp_()
+    dp = grouped(dout) @ v.reshape(B * H, Tk, h)[:, rows].view(B * H, G, W, h).transpose(-1, -2)
+    dlogits = dp.add_(grouped(minus_delta)).mul_(probs).view(B, H, G, C, W).sum((0, 2))
+    dbias = bias_gradient(dlogits[None], n - 2, n)
+    dbias[0] += ends[0]
+    dbias[-1] += ends[1]
+    return dbias
 
 
 def _finite(t: Tensor) -> bool:
@@ -350,7 +355,7 @@ class _BlockedAttention(torch.autograd.Function):
         Tq, Tk = q.shape[2], k.shape[2]
         if lse is not None and key_padding_mask is None and Tk > 0 and not band_cuts(Tq, Tk, left, right, shift):
             # the forward was _unmasked's
-            dq, dk, dv, dbias = _unmasked_backward(dout, q, k, v, bias, out, lse, left, right, shift, want_dbias)
+            dq, dk, dv, dbias = _unmasked_backward(dout, q, k, v, bias, out, lse, shift, want_dbias)
             return dq, dk, dv, dbias, None, None, None, None
         B, H, Tq, h = q.shape
         q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
