@@ -8,7 +8,6 @@ attention frequencies of each side (from the current adaptive base) and one matr
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from echo_kernels import echo_attention
@@ -17,6 +16,7 @@ from echo_kernels.reference import rope_angles, rotate_for_attention
 from .cache import EchoCache, FoldedWeights, KeysValues
 from .config import EchoConfig
 from .layers import layer_norm
+from .linear import Linear, linear
 from .positional import GivensSite, PositionalState, adjacent_pairs
 
 # In the "m_then_rope" order, fold M into the q and k projections and give the op M=None (True), or
@@ -65,10 +65,10 @@ class EchoAttention(nn.Module):
         self.layout = config.rope_layout
         self.rotation = config.attention_rotation
         d_kv = d if d_kv is None else d_kv
-        self.query = nn.Linear(d, d)
-        self.key = nn.Linear(d_kv, d, bias=False)
-        self.value = nn.Linear(d_kv, d)
-        self.out = nn.Linear(d, d) if out_proj else None
+        self.query = Linear(d, d)
+        self.key = Linear(d_kv, d, bias=False)
+        self.value = Linear(d_kv, d)
+        self.out = Linear(d, d) if out_proj else None
         n = config.givens_count(side)
         givens_first = self.rotation == "m_then_rope"  # M = G_1 ... G_N R, as the residual-stream rotary
         self.site = GivensSite(self.h, adjacent_pairs(n), givens_first=givens_first, orthogonal_r=True,
@@ -99,7 +99,7 @@ class EchoAttention(nn.Module):
         cross-attention given no encoder output) is a ValueError."""
         if source is None:
             raise ValueError("cross-attention needs the encoder output (input_features or encoder_outputs)")
-        return self._heads(F.linear(source, wk)), self._heads(self.value(source))
+        return self._heads(linear(source, wk)), self._heads(self.value(source))
 
     def _rotated(self, u: Tensor, M: Tensor | None, w: Tensor, offset: int) -> Tensor:
         """u (B, H, T, h) -> q' or k' (B, H, T, h) at positions offset + t, as echo_attention rotates
@@ -113,7 +113,7 @@ class EchoAttention(nn.Module):
                 key_padding_mask: Tensor | None = None, cache: EchoCache | None = None, offset: int = 0) -> Tensor:
         """offset: the position of x's first token (the tokens a KV cache holds before this step)."""
         wq, bq, wk, M = self._projections(pos.matrix(self.site), cache)
-        q = self._heads(F.linear(x, wq, bq))
+        q = self._heads(linear(x, wq, bq))
         w = pos.w(self.side)
         if cache is not None and x.device.type == "cpu" and ROTATE_CACHED_KEYS:
             # The CPU op rotates in PyTorch, each call anew: decoding would rotate every cached key (all
@@ -158,7 +158,7 @@ class LocalGlobalAttention(nn.Module):
         d = getattr(config, f"n_{side}_state")
         self.global_attn = EchoAttention(config, side, out_proj=out_proj)
         self.local_attn = EchoAttention(config, side, window=config.local_window, out_proj=out_proj)
-        self.combine = nn.Linear(2 * d, d) if config.hybrid_combine == "linear" else None
+        self.combine = Linear(2 * d, d) if config.hybrid_combine == "linear" else None
 
     def forward(self, x: Tensor, pos: PositionalState, key_padding_mask: Tensor | None = None) -> Tensor:
         g = self.global_attn(x, pos, key_padding_mask=key_padding_mask)
@@ -187,7 +187,7 @@ class ConvAttention(nn.Module):
         self.conv_ln = layer_norm(config.layer_norm, d)
         self.attn = encoder_attention(config, out_proj=False)
         self.out_ln = layer_norm(config.layer_norm, d)
-        self.out = nn.Linear(d, d)
+        self.out = Linear(d, d)
 
     def forward(self, u: Tensor, pos: PositionalState, key_padding_mask: Tensor | None = None) -> Tensor:
         c = self.conv_ln(self.conv(u.transpose(1, 2)).transpose(1, 2))

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .linear import Linear
+
 _state = threading.local()
 
 
@@ -92,11 +94,11 @@ class MLP(nn.Module):
         super().__init__()
         if kind == "s1":
             self.net = nn.Sequential(
-                nn.Linear(d, 4 * d), BatchNorm(4 * d), nn.ReLU(), nn.Dropout(0.001), nn.GELU(),
-                nn.Linear(4 * d, d), BatchNorm(d), nn.ReLU(), nn.Dropout(0.001),
+                Linear(d, 4 * d), BatchNorm(4 * d), nn.ReLU(), nn.Dropout(0.001), nn.GELU(),
+                Linear(4 * d, d), BatchNorm(d), nn.ReLU(), nn.Dropout(0.001),
             )
         else:
-            self.net = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+            self.net = nn.Sequential(Linear(d, 4 * d), nn.GELU(), Linear(4 * d, d))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

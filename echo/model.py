@@ -24,7 +24,7 @@ from .generate import generate as generate_function
 from .generate import transcribe as transcribe_function
 from .inputs import as_model_dtype, check_mel, check_tokens
 from .layers import MLP, S1LayerNorm, checkpoint_contexts, layer_norm
-from .logits import tied_logits
+from .linear import tied_logits
 from .positional import (PAIR_SEED, CombinedRotaryEmbedding, GivensSite, LearnedSinusoidalEmbedding,
                          PositionalState, rope_frequencies, site_matrices)
 
