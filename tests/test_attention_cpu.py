@@ -12,12 +12,11 @@ from unittest import mock
 
 import pytest
 import torch
+from attention_cases import CASES, GRAD_NAMES, ROTATIONS, call, case_inputs, cast, grads, make_inputs, options
+from numerics import rel_err
 
 from echo_kernels import reference
 from echo_kernels.kernels import attention_cpu
-
-from attention_cases import GRAD_NAMES, CASES, ROTATIONS, call, case_inputs, cast, grads, make_inputs, options
-from numerics import rel_err
 
 
 def blocked(q, k, v, M, w, s, bias, *, key_padding_mask=None, window=None, causal=False, q_offset=0,
@@ -203,7 +202,7 @@ def test_unmasked_backward_is_the_fused_kernels(Tq, Tk, n, q_offset, k_offset, d
     each group's diagonal."""
     inputs = make_inputs(B=2, Tq=Tq, Tk=Tk, n=n)
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    opts = dict(q_offset=q_offset, k_offset=k_offset)
+    opts = {"q_offset": q_offset, "k_offset": k_offset}
     _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", **opts)
     if not dbias:
         inputs["bias"] = inputs["bias"].detach()

@@ -6,14 +6,13 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from numerics import rel_err
+from property_strategies import property_settings
 
 from echo import Echo
 from echo import linear as echo_linear
 from echo.config import small_config
 from echo.linear import Linear, linear, tied_logits, uses_inner_product
-
-from numerics import rel_err
-from property_strategies import property_settings
 
 FLOAT32_TOL = 1e-5
 

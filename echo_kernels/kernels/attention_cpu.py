@@ -77,6 +77,12 @@ def band_cuts(Tq: int, Tk: int, left: int, right: int, shift: int) -> bool:
     return Tq > 0 and Tk > 0 and (Tq - 1 + shift - left > 0 or shift + right < Tk - 1)
 
 
+def _sees_every_key(Tq: int, Tk: int, key_padding_mask, left: int, right: int, shift: int) -> bool:
+    """Whether every query sees every key (no band cut, no padding, some key): _unmasked's case, in the
+    forward and in the backward alike."""
+    return Tk > 0 and key_padding_mask is None and not band_cuts(Tq, Tk, left, right, shift)
+
+
 def fused_attention(q, k, v, bias, key_padding_mask, left: int, right: int, shift: int
                     ) -> tuple[Tensor, Tensor] | None:
     """(softmax(q k^T + bias + masks) v, the logsumexp of each query's logits) by torch's fused CPU
@@ -93,7 +99,7 @@ def fused_attention(q, k, v, bias, key_padding_mask, left: int, right: int, shif
     cuts = band_cuts(Tq, Tk, left, right, shift)
     if cuts and not (_finite(k) and _finite(v)):
         return None
-    if not cuts and key_padding_mask is None and Tk > 0:
+    if _sees_every_key(Tq, Tk, key_padding_mask, left, right, shift):
         return _unmasked(q, k, v, bias, shift)
     out, lse = q.new_zeros(B, H, Tq, h), q.new_zeros(B, H, Tq)
     for a, b, lo, hi in blocks(Tq, Tk, left, right, shift, B * H):
@@ -264,10 +270,9 @@ def _unmasked_backward(dout, q, k, v, bias, out, lse, shift: int, want_dbias: bo
     C = -(-Tq // min(BIAS_GROUPS, -(-Tq // MIN_GROUP_ROWS)))
     G = -(-Tq // C)
     one_hot = torch.nn.functional.one_hot(torch.arange(Tq, device=q.device) // C, G).to(q.dtype)
-    widen = lambda t: torch.nn.functional.pad(t, (0, G))  # noqa: E731
     q_ = torch.cat([q, one_hot.expand(B, H, Tq, G)], dim=-1)
-    dq, dk, dv = _SDPA_BACKWARD(widen(dout), q_, widen(k_), widen(v_), widen(out), lse, 0.0, False,
-                                attn_mask=mask, scale=1.0)
+    dout_, k_, v_, out_ = (torch.nn.functional.pad(t, (0, G)) for t in (dout, k_, v_, out))
+    dq, dk, dv = _SDPA_BACKWARD(dout_, q_, k_, v_, out_, lse, 0.0, False, attn_mask=mask, scale=1.0)
     if reversed_keys:
         dk, dv = dk.flip(2), dv.flip(2)
     dbias = _near_diagonal_bias_gradient(dout, q, k, v, bias, out, lse, dk[..., h:].sum(0), C, shift)
@@ -293,12 +298,14 @@ def _near_diagonal_bias_gradient(dout, q, k, v, bias, out, lse, group_sums: Tens
     first = torch.arange(G, device=q.device)[:, None] * C + shift - (n - 2)  # (G, 1): each strip's first key
     keys = torch.arange(Tk, device=q.device)[None, :]
     past, beyond = (keys < first).T, (keys >= first + W).T  # (Tk, G)
-    ends = torch.stack([(group_sums * beyond).sum((1, 2)), (group_sums * past).sum((1, 2))])
     positions = first + torch.arange(W, device=q.device)  # (G, W)
     inside = (positions >= 0) & (positions < Tk)
     rows = positions.clamp(0, Tk - 1).flatten()
     pad = G * C - Tq  # the last group's missing queries: zero dO and D, so zero score gradients
-    grouped = lambda t: torch.nn.functional.pad(t.reshape(B * H, Tq, -1), (0, 0, 0, pad)).view(B * H, G, C, -1)  # noqa: E731
+
+    def grouped(t: Tensor) -> Tensor:  # (B, H, Tq, d) -> (B*H, G, C, d)
+        return torch.nn.functional.pad(t.reshape(B * H, Tq, -1), (0, 0, 0, pad)).view(B * H, G, C, -1)
+
     minus_delta = -(dout * out).sum(-1, keepdim=True)
     logits = grouped(q) @ k.reshape(B * H, Tk, h)[:, rows].view(B * H, G, W, h).transpose(-1, -2)
     logits = logits.view(B, H, G, C, W).add_(relative_bias_block(bias, C, W, n - 2)[None, :, None])
@@ -307,8 +314,8 @@ def _near_diagonal_bias_gradient(dout, q, k, v, bias, out, lse, group_sums: Tens
     dp = grouped(dout) @ v.reshape(B * H, Tk, h)[:, rows].view(B * H, G, W, h).transpose(-1, -2)
     dlogits = dp.add_(grouped(minus_delta)).mul_(probs).view(B, H, G, C, W).sum((0, 2))
     dbias = bias_gradient(dlogits[None], n - 2, n)
-    dbias[0] += ends[0]
-    dbias[-1] += ends[1]
+    dbias[0] += (group_sums * beyond).sum((1, 2))
+    dbias[-1] += (group_sums * past).sum((1, 2))
     return dbias
 
 
@@ -352,12 +359,11 @@ class _BlockedAttention(torch.autograd.Function):
         q, k, v, bias, key_padding_mask, out, lse = ctx.saved_tensors
         left, right, shift = ctx.masks
         want_dbias = bias is not None and ctx.needs_input_grad[3]
-        Tq, Tk = q.shape[2], k.shape[2]
-        if lse is not None and key_padding_mask is None and Tk > 0 and not band_cuts(Tq, Tk, left, right, shift):
-            # the forward was _unmasked's
+        B, H, Tq, h = q.shape
+        Tk = k.shape[2]
+        if lse is not None and _sees_every_key(Tq, Tk, key_padding_mask, left, right, shift):
             dq, dk, dv, dbias = _unmasked_backward(dout, q, k, v, bias, out, lse, shift, want_dbias)
             return dq, dk, dv, dbias, None, None, None, None
-        B, H, Tq, h = q.shape
         q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
         do3 = dout.reshape(B * H, Tq, h)
         lse3 = lse.reshape(B * H, Tq, 1) if lse is not None else None
@@ -365,8 +371,8 @@ class _BlockedAttention(torch.autograd.Function):
         dbias = torch.zeros_like(bias) if want_dbias else None
         minus_delta = -(do3 * out.view(B * H, Tq, h)).sum(-1, keepdim=True)  # -rowsum(P * dP)
         # dP at a masked key is 0 * (dO . v); a non-finite v there must not make it NaN
-        values_finite = not band_cuts(Tq, k.shape[2], left, right, shift) or _finite(v)
-        for a, b, lo, hi in blocks(Tq, k.shape[2], left, right, shift, B * H):
+        values_finite = not band_cuts(Tq, Tk, left, right, shift) or _finite(v)
+        for a, b, lo, hi in blocks(Tq, Tk, left, right, shift, B * H):
             if hi == lo:
                 continue
             kpm = key_padding_mask[:, lo:hi] if key_padding_mask is not None else None
