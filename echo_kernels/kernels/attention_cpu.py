@@ -41,11 +41,18 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
     elif M is not None:
         M = M.to(compute)
         P = M @ M.T / math.sqrt(h)
+    scale = 1.0 / math.sqrt(h) if P is None else 1.0
     if w is not None:
+        # q' k'^T (and q' P k'^T, P permuted alike) is the same in every layout q' and k' share: the pairs
+        # stay interleaved, where the rotation is one complex product, and q takes the 1 / sqrt(h) with it
         w, s = w.to(compute), reference._as_compute(s, compute)
-        q = reference.apply_rope(q, _angles(w, s, q_offset, q.shape[2]), layout)
-        k = reference.apply_rope(k, _angles(w, s, k_offset, k.shape[2]), layout)
-    q_folded = q @ P if P is not None else q / math.sqrt(h)
+        q = rotate_pairs(q, _angles(w, s, q_offset, q.shape[2]), scale)
+        k = rotate_pairs(k, _angles(w, s, k_offset, k.shape[2]))
+        if P is not None and layout == "half_split":
+            order = _half_split_order(h, P.device)
+            P = P[order][:, order]
+        scale = 1.0
+    q_folded = q @ P if P is not None else q * scale if scale != 1.0 else q
     bias = bias.to(compute) if bias is not None else None
     v = v.to(compute)
     if key_padding_mask is not None:  # a padded key's k and v never reach a product (0 * NaN is NaN)
@@ -59,6 +66,25 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
         out = fused[0] if fused is not None else _BlockedAttention.apply(q_folded, k, v.contiguous(), bias,
                                                                          key_padding_mask, left, right, shift)
     return out.to(dtype)
+
+
+def rotate_pairs(u: Tensor, phi: Tensor, scale: float = 1.0) -> Tensor:
+    """u (..., T, h) with each pair (u[2m], u[2m+1]) rotated by phi (T, h/2) and multiplied by `scale`,
+    written interleaved: reference.apply_rope's "interleaved" layout as one complex product, where its real
+    formula takes six passes. Traced by torch.compile, the real formula (which it fuses into one loop)."""
+    if torch.compiler.is_compiling():
+        rotated = reference.apply_rope(u, phi, "interleaved")
+        return rotated * scale if scale != 1.0 else rotated
+    turn = torch.polar(torch.full_like(phi, scale), phi)
+    pairs = u.unflatten(-1, (-1, 2))
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # a complex view needs each pair adjacent and aligned
+    return torch.view_as_real(torch.view_as_complex(pairs) * turn).flatten(-2)
+
+
+def _half_split_order(h: int, device) -> Tensor:
+    """(h,): the "half_split" index of each "interleaved" slot (2m -> m, 2m + 1 -> h/2 + m)."""
+    return torch.arange(h, device=device).view(2, h // 2).T.flatten()
 
 
 def _angles(w: Tensor, s, offset: int, T: int) -> Tensor:
@@ -235,15 +261,28 @@ def bias_gradient(dlogits: Tensor, d0: int, n: int) -> Tensor:
     if n == 1:
         return dlogits.sum((0, 2, 3))[None]
     # Columns left of p0 are past the band for every row, columns from f0 on beyond it: plain sums.
-    # Only the strip between needs the triangles and diagonals (offset e lies on column - row = d0 - e).
+    # Only the strip between needs its diagonals (offset e lies on column - row = d0 - e).
     C, K = dlogits.shape[-2:]
     p0 = min(max(d0 - n + 2, 0), K)
     f0 = min(max(C + d0 + n - 2, 0), K)
-    strip, d = dlogits[..., p0:f0].sum(0), d0 - p0
-    far_past = dlogits[..., :p0].sum((0, 2, 3)) + torch.tril(strip, diagonal=d - (n - 1)).sum((1, 2))
-    far_future = dlogits[..., f0:].sum((0, 2, 3)) + torch.triu(strip, diagonal=d + (n - 1)).sum((1, 2))
-    band = [torch.diagonal(strip, offset=d - e, dim1=1, dim2=2).sum(-1) for e in range(-(n - 2), n - 1)]
-    return torch.stack([far_future, *band, far_past])
+    dbias = diagonal_sums(dlogits[..., p0:f0].sum(0), d0 - p0, n)
+    dbias[0] += dlogits[..., f0:].sum((0, 2, 3))
+    dbias[-1] += dlogits[..., :p0].sum((0, 2, 3))
+    return dbias
+
+
+def diagonal_sums(strip: Tensor, d0: int, n: int) -> Tensor:
+    """(2n-1, H): strip (H, C, K) summed over each clamped offset i - j = d0 + row - column.
+
+    Skewed, row r moved right by C - r, every diagonal column - row = o becomes column o + C: one sum
+    over the rows gives all the diagonals' sums, where summing them one at a time takes 2n-3 passes.
+    """
+    H, C, K = strip.shape
+    pad = torch.nn.functional.pad
+    skewed = pad(pad(strip, (C, 0)).flatten(1), (0, C)).view(H, C, K + C + 1)
+    offsets = d0 + C - torch.arange(K + C + 1, device=strip.device)  # i - j of each skewed column
+    rows = offsets.clamp(-(n - 1), n - 1) + (n - 1)
+    return strip.new_zeros(2 * n - 1, H).index_add_(0, rows, skewed.sum(1).T)
 
 
 # The fused kernel's backward, called with the logsumexp of _SDPA's forward.
@@ -286,8 +325,7 @@ def _near_diagonal_bias_gradient(dout, q, k, v, bias, out, lse, group_sums: Tens
     A key past the clamp (i - j >= n - 1) for every query of its group adds its group sum to the last row,
     a key beyond it on the other side to the first. The W = C + 2n - 4 keys from g C + shift - (n - 2) on
     are near group g's diagonal; every group's strip has the same offsets (its top-left entry has
-    i - j = n - 2), so all strips are recomputed in one batch (keys outside 0 .. Tk - 1 masked), summed
-    over batch and groups, and summed by offset once (bias_gradient).
+    i - j = n - 2), so the strips' score gradients are summed over batch and groups, and by offset once.
     """
     B, H, Tq, h = q.shape
     Tk, G = k.shape[2], group_sums.shape[-1]
@@ -295,28 +333,38 @@ def _near_diagonal_bias_gradient(dout, q, k, v, bias, out, lse, group_sums: Tens
     if n == 1:  # one row: every pair's gradient, whichever side
         return group_sums.sum((1, 2))[None]
     W = C + 2 * n - 4
-    first = torch.arange(G, device=q.device)[:, None] * C + shift - (n - 2)  # (G, 1): each strip's first key
-    keys = torch.arange(Tk, device=q.device)[None, :]
-    past, beyond = (keys < first).T, (keys >= first + W).T  # (Tk, G)
-    positions = first + torch.arange(W, device=q.device)  # (G, W)
-    inside = (positions >= 0) & (positions < Tk)
-    rows = positions.clamp(0, Tk - 1).flatten()
-    pad = G * C - Tq  # the last group's missing queries: zero dO and D, so zero score gradients
-
-    def grouped(t: Tensor) -> Tensor:  # (B, H, Tq, d) -> (B*H, G, C, d)
-        return torch.nn.functional.pad(t.reshape(B * H, Tq, -1), (0, 0, 0, pad)).view(B * H, G, C, -1)
-
-    minus_delta = -(dout * out).sum(-1, keepdim=True)
-    logits = grouped(q) @ k.reshape(B * H, Tk, h)[:, rows].view(B * H, G, W, h).transpose(-1, -2)
-    logits = logits.view(B, H, G, C, W).add_(relative_bias_block(bias, C, W, n - 2)[None, :, None])
-    logits.masked_fill_(~inside[:, None, :], -math.inf)
-    probs = logits.view(B * H, G, C, W).sub_(grouped(lse[..., None])).exp_()
-    dp = grouped(dout) @ v.reshape(B * H, Tk, h)[:, rows].view(B * H, G, W, h).transpose(-1, -2)
-    dlogits = dp.add_(grouped(minus_delta)).mul_(probs).view(B, H, G, C, W).sum((0, 2))
-    dbias = bias_gradient(dlogits[None], n - 2, n)
-    dbias[0] += (group_sums * beyond).sum((1, 2))
-    dbias[-1] += (group_sums * past).sum((1, 2))
+    first = shift - (n - 2)  # group 0's first key; group g's is first + g C
+    q3, dout3, lse3 = q.reshape(B * H, Tq, h), dout.reshape(B * H, Tq, h), lse.reshape(B * H, Tq, 1)
+    minus_delta = -(dout3 * out.reshape(B * H, Tq, h)).sum(-1, keepdim=True)
+    k_rows, v_rows = (_strip_rows(t.reshape(B * H, Tk, h), first, (G - 1) * C + W) for t in (k, v))
+    strip_bias = relative_bias_block(bias, C, W, n - 2).repeat(B, 1, 1)  # (B*H, C, W), alike in every strip
+    dlogits = q.new_zeros(B * H, C, W)
+    for g in range(G):
+        a, b = g * C, min(g * C + C, Tq)
+        keys = slice(g * C, g * C + W)
+        # the probabilities from the forward's logsumexp: exp(bias - lse + q k^T), one pass on top of the product
+        probs = torch.baddbmm(strip_bias[:, : b - a] - lse3[:, a:b], q3[:, a:b], k_rows[:, keys].transpose(1, 2))
+        probs.exp_()
+        probs[..., : max(0, -(first + g * C))] = 0.0  # keys before 0 and from Tk on: zero rows of k_rows
+        probs[..., max(0, Tk - first - g * C):] = 0.0
+        dp = torch.baddbmm(minus_delta[:, a:b], dout3[:, a:b], v_rows[:, keys].transpose(1, 2))
+        dlogits[:, : b - a].addcmul_(dp, probs)
+    dbias = diagonal_sums(dlogits.view(B, H, C, W).sum(0), n - 2, n)
+    keys = torch.arange(Tk, device=q.device)[:, None]
+    starts = first + torch.arange(G, device=q.device)[None, :] * C
+    dbias[0] += (group_sums * (keys >= starts + W)).sum((1, 2))
+    dbias[-1] += (group_sums * (keys < starts)).sum((1, 2))
     return dbias
+
+
+def _strip_rows(t: Tensor, first: int, length: int) -> Tensor:
+    """(N, length, h): row p is t's row first + p, zeros where that is outside t (N, T, h)."""
+    N, T, h = t.shape
+    rows = t.new_zeros(N, length, h)
+    lo, hi = max(0, first), min(T, first + length)
+    if hi > lo:
+        rows[:, lo - first: hi - first] = t[:, lo:hi]
+    return rows
 
 
 def _finite(t: Tensor) -> bool:
