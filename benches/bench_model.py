@@ -7,6 +7,10 @@ decoding steps), timed four ways in the same run:
 - hf-whisper: Hugging Face's WhisperForConditionalGeneration with SDPA at the same widths and depths;
 - openai-whisper: openai-whisper's Whisper (its attention also SDPA) at the same widths and depths.
 
+The ways take turns, round by round (harness.alternating_rounds: one pytest case per way and round, the
+first round of each way after its warm-up calls), and each is reported with the median of its rounds:
+on a shared machine whose speed drifts, ways timed one after the other would meet different weather.
+
 A third comparison, a 30 s transcription (log-mel of the waveform, then 32 greedy tokens after the
 English start sequence, the end token suppressed so that every model decodes all 32), runs Echo's
 transcribe against openai-whisper's decode and Hugging Face's generate.
@@ -33,7 +37,7 @@ from echo.config import TINY
 from echo.cache import EchoCache
 from echo_kernels import reference
 
-from harness import DEVICE, GPU, bench_size, record, run_timed
+from harness import DEVICE, GPU, alternating_rounds, bench_size, record, run_timed
 from naive import naive_ops
 
 if GPU:
@@ -207,36 +211,41 @@ def same_model_tolerance(dtype: torch.dtype) -> float:
     return reference.rounding_tolerance(dtype, 2 + accumulated)
 
 
-@pytest.mark.parametrize("name", ECHO_WAYS + PEERS)
-def test_training_step(benchmark, name, echo_model, whisper_model, batch, monkeypatch, request):
+def timed_round(benchmark, fn, args, round_: int) -> object:
+    """One round of an alternating_rounds case; the first round of each way runs two warm-up calls first."""
+    return run_timed(benchmark, fn, args=args, rounds=1, warmup_rounds=2 if round_ == 0 else 0)
+
+
+@pytest.mark.parametrize("name, round_", alternating_rounds(ECHO_WAYS + PEERS, ROUNDS))
+def test_training_step(benchmark, name, round_, echo_model, whisper_model, batch, monkeypatch, request):
     mel, labels = batch
     benchmark.group = f"training step B={BATCH} T={MEL_FRAMES} L={TEXT} {str(DTYPE)[6:]}"
     if name == "hf-whisper":
         model = whisper_model.train()
-        run_timed(benchmark, training_step, args=(model, mel, labels), rounds=ROUNDS)
+        timed_round(benchmark, training_step, (model, mel, labels), round_)
     elif name == "openai-whisper":
         model = request.getfixturevalue("openai_whisper_model").train()
-        run_timed(benchmark, openai_training_step, args=(model, mel, labels), rounds=ROUNDS)
+        timed_round(benchmark, openai_training_step, (model, mel, labels), round_)
     else:
         model = echo_model.train()
         with way(name, monkeypatch):
-            run_timed(benchmark, training_step, args=(model, mel, labels), rounds=ROUNDS)
-    record(benchmark, role="ours" if name == "echo" else "peer", flops=model_flops(training=True))
+            timed_round(benchmark, training_step, (model, mel, labels), round_)
+    record(benchmark, role="ours" if name == "echo" else "peer", case=name, flops=model_flops(training=True))
 
 
-@pytest.mark.parametrize("name", ECHO_WAYS + PEERS)
-def test_inference(benchmark, name, echo_model, whisper_model, batch, monkeypatch, request):
+@pytest.mark.parametrize("name, round_", alternating_rounds(ECHO_WAYS + PEERS, ROUNDS))
+def test_inference(benchmark, name, round_, echo_model, whisper_model, batch, monkeypatch, request):
     mel = batch[0]
     benchmark.group = f"inference B={BATCH} T={MEL_FRAMES} + {DECODE_STEPS} steps {str(DTYPE)[6:]}"
     if name == "hf-whisper":
-        run_timed(benchmark, whisper_inference, args=(whisper_model.eval(), mel), rounds=ROUNDS)
+        timed_round(benchmark, whisper_inference, (whisper_model.eval(), mel), round_)
     elif name == "openai-whisper":
         model = request.getfixturevalue("openai_whisper_model").eval()
-        run_timed(benchmark, openai_whisper_inference, args=(model, mel), rounds=ROUNDS)
+        timed_round(benchmark, openai_whisper_inference, (model, mel), round_)
     else:
         with way(name, monkeypatch):
-            run_timed(benchmark, echo_inference, args=(echo_model.eval(), mel), rounds=ROUNDS)
-    record(benchmark, role="ours" if name == "echo" else "peer", flops=model_flops(training=False))
+            timed_round(benchmark, echo_inference, (echo_model.eval(), mel), round_)
+    record(benchmark, role="ours" if name == "echo" else "peer", case=name, flops=model_flops(training=False))
 
 
 @pytest.fixture(scope="module")
@@ -273,17 +282,18 @@ def hf_whisper_transcription(model, wave, start):
 
 
 @pytest.mark.speech  # whisper's tokenizer gives every model its start sequence
-@pytest.mark.parametrize("name", ("echo", "hf-whisper", "openai-whisper"))
-def test_transcription(benchmark, name, echo_model, whisper_model, openai_whisper_model, waveform):
+@pytest.mark.parametrize("name, round_", alternating_rounds(("echo", "hf-whisper", "openai-whisper"), ROUNDS))
+def test_transcription(benchmark, name, round_, echo_model, whisper_model, openai_whisper_model, waveform):
     """Waveform to DECODE_STEPS greedy tokens after the English start sequence, each library's own way."""
     benchmark.group = f"transcription of {MEL_FRAMES // 100} s, {DECODE_STEPS} tokens {str(DTYPE)[6:]}"
+    warmup_rounds = 1 if round_ == 0 else 0
     if name == "echo":
-        result = run_timed(benchmark, echo_transcription, args=(echo_model.eval(), waveform), rounds=ROUNDS,
-                           warmup_rounds=1)
+        result = run_timed(benchmark, echo_transcription, args=(echo_model.eval(), waveform), rounds=1,
+                           warmup_rounds=warmup_rounds)
         assert len(result["segments"][0]["tokens"]) == DECODE_STEPS
     elif name == "openai-whisper":
         result = run_timed(benchmark, openai_whisper_transcription, args=(openai_whisper_model.eval(), waveform),
-                           rounds=ROUNDS, warmup_rounds=1)
+                           rounds=1, warmup_rounds=warmup_rounds)
         assert len(result.tokens) == DECODE_STEPS
     else:
         from echo.audio import prompt_tokens
@@ -291,6 +301,6 @@ def test_transcription(benchmark, name, echo_model, whisper_model, openai_whispe
         c = EchoConfig(**CONFIG)
         start = torch.tensor([prompt_tokens("en", "transcribe", vocab_size=c.vocab_size)], device=DEVICE)
         result = run_timed(benchmark, hf_whisper_transcription, args=(whisper_model.eval(), waveform, start),
-                           rounds=ROUNDS, warmup_rounds=1)
+                           rounds=1, warmup_rounds=warmup_rounds)
         assert result.shape[1] == DECODE_STEPS  # WhisperForConditionalGeneration.generate returns the new tokens
-    record(benchmark, role="ours" if name == "echo" else "peer")
+    record(benchmark, role="ours" if name == "echo" else "peer", case=name)

@@ -113,6 +113,21 @@ def record(benchmark, *, role: str, bytes: float | None = None, flops: float | N
     benchmark.extra_info.update(role=role, bytes=bytes, flops=flops, **extra)
 
 
+def alternating_rounds(ways, rounds: int) -> list:
+    """pytest parameters (way, round) with every way's round r before any way's round r + 1: a drift in
+    a shared machine's speed then reaches every way alike, where ways timed one after the other can land
+    in different weather. ways: names or pytest.param(name, marks=...). Each way is recorded under its
+    name (`record(..., case=name)`) and the results give it the median of all its rounds."""
+    import pytest
+
+    params = []
+    for r in range(rounds):
+        for way in ways:
+            name, marks = (way.values[0], way.marks) if hasattr(way, "values") else (way, ())
+            params.append(pytest.param(name, r, marks=marks, id=f"{name}-round{r}"))
+    return params
+
+
 def run_timed(benchmark, fn, *, rounds: int, warmup_rounds: int = 2, args=()):
     """benchmark.pedantic with the device synchronised inside the timed region."""
 
@@ -126,22 +141,41 @@ def run_timed(benchmark, fn, *, rounds: int, warmup_rounds: int = 2, args=()):
 
 def _case(bench) -> dict:
     """bench: pytest-benchmark's record of one finished case (its Metadata)."""
-    median = bench.stats.median
     info = dict(bench.extra_info)
-    limits = ceilings()
     case = info.pop("case", None) or bench.param or bench.name
-    row = {"group": bench.group, "case": case, "median_s": median, **info}
-    if info.get("bytes"):
-        row["bandwidth_fraction"] = info["bytes"] / median / limits["copy_bandwidth"]
-    if info.get("flops"):
-        row["flops_fraction"] = info["flops"] / median / limits["matmul_flops"]
+    return {"group": bench.group, "case": case, "median_s": bench.stats.median, "times_s": bench.stats.data, **info}
+
+
+def _rounds_merged(rows: list[dict]) -> list[dict]:
+    """One row per (group, case), in order of first appearance: a case timed in alternating rounds, one
+    pytest case per round (see alternating_rounds), gets the median of all its rounds' times."""
+    merged: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        key = (row["group"], row["case"])
+        times = row.get("times_s", [row["median_s"]])  # a row of an earlier results file may have none
+        if key in merged:
+            merged[key]["times_s"] = merged[key]["times_s"] + times
+        else:
+            merged[key] = {**row, "times_s": times}
+    for row in merged.values():
+        row["median_s"] = statistics.median(row["times_s"])
+    return list(merged.values())
+
+
+def _with_fractions(row: dict) -> dict:
+    """row with what its median makes of the device's copy bandwidth and matrix rate."""
+    limits = ceilings()
+    if row.get("bytes"):
+        row["bandwidth_fraction"] = row["bytes"] / row["median_s"] / limits["copy_bandwidth"]
+    if row.get("flops"):
+        row["flops_fraction"] = row["flops"] / row["median_s"] / limits["matmul_flops"]
     return row
 
 
 def results(benchmarks, previous: list[dict] = ()) -> dict | None:
     """The run's results as the JSON `python -m echo_kernels.report` reads, or None if nothing ran.
     previous: cases of an earlier session of the same run, kept ahead of this session's."""
-    cases = [*previous, *(_case(b) for b in benchmarks if b)]
+    cases = [_with_fractions(row) for row in _rounds_merged([*previous, *(_case(b) for b in benchmarks if b)])]
     if not cases:
         return None
     return {

@@ -1,0 +1,34 @@
+"""The bench harness (benches/harness.py): ways timed in alternating rounds, one row per way in the results."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+import harness  # noqa: E402
+
+
+def test_alternating_rounds_put_every_ways_round_before_the_next_round():
+    params = harness.alternating_rounds(("a", pytest.param("b", marks=pytest.mark.speech)), 3)
+    assert [p.values for p in params] == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert [p.id for p in params][:2] == ["a-round0", "b-round0"]
+    assert all(p.marks == () for p in params[::2])
+    assert all([m.name for m in p.marks] == ["speech"] for p in params[1::2])
+
+
+def test_rounds_of_a_way_merge_into_one_row_with_the_median_of_all_its_times(monkeypatch):
+    monkeypatch.setattr(harness, "_ceilings", {"copy_bandwidth": 1e9, "matmul_flops": 1e12, "matmul_dtype": "float32"})
+    rows = [
+        {"group": "g", "case": "ours", "median_s": 3.0, "times_s": [3.0], "role": "ours", "flops": 2e12},
+        {"group": "g", "case": "peer", "median_s": 5.0, "times_s": [5.0], "role": "peer"},
+        {"group": "g", "case": "ours", "median_s": 1.0, "times_s": [1.0], "role": "ours", "flops": 2e12},
+        {"group": "g", "case": "peer", "median_s": 4.0, "times_s": [4.0, 9.0], "role": "peer"},
+        {"group": "h", "case": "ours", "median_s": 7.0, "role": "ours"},  # a results file's row without times
+    ]
+    merged = [harness._with_fractions(row) for row in harness._rounds_merged(rows)]
+    assert [(row["group"], row["case"], row["median_s"]) for row in merged] == [
+        ("g", "ours", 2.0), ("g", "peer", 5.0), ("h", "ours", 7.0)]
+    assert merged[0]["times_s"] == [3.0, 1.0] and merged[1]["times_s"] == [5.0, 4.0, 9.0]
+    assert merged[0]["flops_fraction"] == pytest.approx(2e12 / 2.0 / 1e12)
+    assert rows[0]["times_s"] == [3.0] and "times_s" not in rows[4]  # the rows given are left as they were
