@@ -196,10 +196,11 @@ def test_fused_forward_everywhere_blocked_backward_with_gradients():
 @pytest.mark.parametrize("Tq, Tk, n, q_offset, k_offset", [
     (200, 200, 4, 0, 0), (150, 90, 6, 40, 0), (5, 300, 3, 150, 0), (64, 64, 1, 0, 0), (1, 47, 5, 46, 0)])
 @pytest.mark.parametrize("dbias", [True, False])
-def test_unmasked_backward_is_the_fused_kernels(Tq, Tk, n, q_offset, k_offset, dbias):
+def test_unmasked_backward_is_the_fused_kernels(Tq, Tk, n, q_offset, k_offset, dbias, monkeypatch):
     """Where every query sees every key, the backward is torch's fused one: dbias from the sums over each
     query group (whole groups past the clamp, keys on both sides of it) and the strips recomputed near
-    each group's diagonal."""
+    each group's diagonal. (From FUSED_BACKWARD_ROWS queries on: here from 1.)"""
+    monkeypatch.setattr(attention_cpu, "FUSED_BACKWARD_ROWS", 1)
     inputs = make_inputs(B=2, Tq=Tq, Tk=Tk, n=n)
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     opts = {"q_offset": q_offset, "k_offset": k_offset}
@@ -221,6 +222,20 @@ def test_unmasked_backward_is_the_fused_kernels(Tq, Tk, n, q_offset, k_offset, d
             assert g.abs().max() < 1e-12 and leaves[name].grad.abs().max() < 1e-12
         else:
             assert rel_err(leaves[name].grad, g) < 1e-11, (name, rel_err(leaves[name].grad, g))
+
+
+@pytest.mark.parametrize("Tq", [attention_cpu.FUSED_BACKWARD_ROWS - 1, attention_cpu.FUSED_BACKWARD_ROWS])
+def test_fewer_queries_than_fused_backward_rows_take_the_blocked_backward(Tq):
+    """Every query sees every key in both; the blocked backward is the faster below FUSED_BACKWARD_ROWS."""
+    inputs = make_inputs(B=1, Tq=Tq, Tk=300, n=5)
+    do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", q_offset=7)
+    fused = mock.patch.object(attention_cpu, "_unmasked_backward", wraps=attention_cpu._unmasked_backward)
+    with fused as fused_spy:
+        _, got = grads(blocked, inputs, torch.float64, do, device="cpu", q_offset=7)
+    assert fused_spy.call_count == (Tq >= attention_cpu.FUSED_BACKWARD_ROWS)
+    for name, g in want.items():
+        assert rel_err(got[name], g) < 1e-11, (name, rel_err(got[name], g))
 
 
 def test_fused_rows_without_keys_give_zeros():
