@@ -226,13 +226,20 @@ def test_unmasked_backward_is_the_fused_kernels(Tq, Tk, n, q_offset, k_offset, d
 
 @pytest.mark.parametrize("Tq", [attention_cpu.FUSED_BACKWARD_ROWS - 1, attention_cpu.FUSED_BACKWARD_ROWS])
 def test_fewer_queries_than_fused_backward_rows_take_the_blocked_backward(Tq):
-    """Every query sees every key in both; the blocked backward is the faster below FUSED_BACKWARD_ROWS."""
-    inputs = make_inputs(B=1, Tq=Tq, Tk=300, n=5)
+    """Every query sees every key in both; the blocked backward is the faster below FUSED_BACKWARD_ROWS.
+    As in the model (M folded into the projections), q, k and v come as head views of (B, T, H, h)
+    projections, so the output of the fused forward is such a view too."""
+
+    def heads_of_projections(q, k, v, *args, **options):
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        return blocked(q, k, v, *args, **options)
+
+    inputs = {**make_inputs(B=2, Tq=Tq, Tk=300, n=5), "M": None}
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", q_offset=7)
     fused = mock.patch.object(attention_cpu, "_unmasked_backward", wraps=attention_cpu._unmasked_backward)
     with fused as fused_spy:
-        _, got = grads(blocked, inputs, torch.float64, do, device="cpu", q_offset=7)
+        _, got = grads(heads_of_projections, inputs, torch.float64, do, device="cpu", q_offset=7)
     assert fused_spy.call_count == (Tq >= attention_cpu.FUSED_BACKWARD_ROWS)
     for name, g in want.items():
         assert rel_err(got[name], g) < 1e-11, (name, rel_err(got[name], g))

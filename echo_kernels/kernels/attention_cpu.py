@@ -422,7 +422,7 @@ class _BlockedAttention(torch.autograd.Function):
         lse3 = lse.reshape(B * H, Tq, 1) if lse is not None else None
         dq, dk, dv = torch.zeros_like(q3), torch.zeros_like(k3), torch.zeros_like(v3)
         dbias = torch.zeros_like(bias) if want_dbias else None
-        minus_delta = -(do3 * out.view(B * H, Tq, h)).sum(-1, keepdim=True)  # -rowsum(P * dP)
+        minus_delta = -(do3 * out.reshape(B * H, Tq, h)).sum(-1, keepdim=True)  # -rowsum(P * dP)
         # dP at a masked key is 0 * (dO . v); a non-finite v there must not make it NaN
         values_finite = not band_cuts(Tq, Tk, left, right, shift) or _finite(v)
         for a, b, lo, hi in blocks(Tq, Tk, left, right, shift, B * H):
