@@ -42,7 +42,7 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
     elif M is not None:
         M = M.to(compute)
         P = M @ M.T / math.sqrt(h)
-    scale = 1.0 / math.sqrt(h) if P is None else 1.0
+    scale = 1.0 / math.sqrt(h) if P is None else 1.0  # P carries it in the "rope_then_m" order
     if w is not None:
         # q' k'^T (and q' P k'^T, P permuted alike) is the same in every layout q' and k' share: the pairs
         # stay interleaved, where the rotation is one complex product, and q takes the 1 / sqrt(h) with it
@@ -52,8 +52,8 @@ def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q
         if P is not None and layout == "half_split":
             order = _half_split_order(h, P.device)
             P = P[order][:, order]
-        scale = 1.0
-    q_folded = q @ P if P is not None else q * scale if scale != 1.0 else q
+        scale = 1.0  # taken by the rotation
+    q_folded = q @ P if P is not None else (q * scale if scale != 1.0 else q)
     bias = bias.to(compute) if bias is not None else None
     v = v.to(compute)
     if key_padding_mask is not None:  # a padded key's k and v never reach a product (0 * NaN is NaN)
