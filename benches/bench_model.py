@@ -211,9 +211,9 @@ def same_model_tolerance(dtype: torch.dtype) -> float:
     return reference.rounding_tolerance(dtype, 2 + accumulated)
 
 
-def timed_round(benchmark, fn, args, round_: int) -> object:
-    """One round of an alternating_rounds case; the first round of each way runs two warm-up calls first."""
-    return run_timed(benchmark, fn, args=args, rounds=1, warmup_rounds=2 if round_ == 0 else 0)
+def timed_round(benchmark, fn, args, round_: int, warmup_calls: int = 2) -> object:
+    """One round of an alternating_rounds case; the first round of each way runs `warmup_calls` first."""
+    return run_timed(benchmark, fn, args=args, rounds=1, warmup_rounds=warmup_calls if round_ == 0 else 0)
 
 
 @pytest.mark.parametrize("name, round_", alternating_rounds(ECHO_WAYS + PEERS, ROUNDS))
@@ -286,21 +286,19 @@ def hf_whisper_transcription(model, wave, start):
 def test_transcription(benchmark, name, round_, echo_model, whisper_model, openai_whisper_model, waveform):
     """Waveform to DECODE_STEPS greedy tokens after the English start sequence, each library's own way."""
     benchmark.group = f"transcription of {MEL_FRAMES // 100} s, {DECODE_STEPS} tokens {str(DTYPE)[6:]}"
-    warmup_rounds = 1 if round_ == 0 else 0
     if name == "echo":
-        result = run_timed(benchmark, echo_transcription, args=(echo_model.eval(), waveform), rounds=1,
-                           warmup_rounds=warmup_rounds)
+        result = timed_round(benchmark, echo_transcription, (echo_model.eval(), waveform), round_, warmup_calls=1)
         assert len(result["segments"][0]["tokens"]) == DECODE_STEPS
     elif name == "openai-whisper":
-        result = run_timed(benchmark, openai_whisper_transcription, args=(openai_whisper_model.eval(), waveform),
-                           rounds=1, warmup_rounds=warmup_rounds)
+        result = timed_round(benchmark, openai_whisper_transcription, (openai_whisper_model.eval(), waveform), round_,
+                             warmup_calls=1)
         assert len(result.tokens) == DECODE_STEPS
     else:
         from echo.audio import prompt_tokens
 
         c = EchoConfig(**CONFIG)
         start = torch.tensor([prompt_tokens("en", "transcribe", vocab_size=c.vocab_size)], device=DEVICE)
-        result = run_timed(benchmark, hf_whisper_transcription, args=(whisper_model.eval(), waveform, start),
-                           rounds=1, warmup_rounds=warmup_rounds)
+        result = timed_round(benchmark, hf_whisper_transcription, (whisper_model.eval(), waveform, start), round_,
+                             warmup_calls=1)
         assert result.shape[1] == DECODE_STEPS  # WhisperForConditionalGeneration.generate returns the new tokens
     record(benchmark, role="ours" if name == "echo" else "peer", case=name)

@@ -20,6 +20,7 @@ import platform
 import statistics
 import time
 
+import pytest
 import torch
 
 GPU = torch.cuda.is_available()
@@ -118,8 +119,6 @@ def alternating_rounds(ways, rounds: int) -> list:
     a shared machine's speed then reaches every way alike, where ways timed one after the other can land
     in different weather. ways: names or pytest.param(name, marks=...). Each way is recorded under its
     name (`record(..., case=name)`) and the results give it the median of all its rounds."""
-    import pytest
-
     params = []
     for r in range(rounds):
         for way in ways:
