@@ -97,7 +97,7 @@ def extension_modules():
     if with_cuda:
         cpp_extension.CUDA_HOME = cuda_home
 
-    sources = ["csrc/orthogonal.cpp"]
+    sources = ["csrc/orthogonal.cpp", "csrc/biased_attention_cpu.cpp"]
     cxx = ["-O3", "-DECHO_KERNELS_PYTHON_MODULE"]
     nvcc = ["-O3", "-lineinfo", "-DECHO_KERNELS_PYTHON_MODULE"]
     if with_cuda:

@@ -1,9 +1,10 @@
 """echo_attention's CPU paths (echo_kernels.kernels.attention_cpu) against the float64 reference: the
-fused path (scaled_dot_product_attention, taken where no gradient is wanted) and the blocked one.
+fused forward (scaled_dot_product_attention), the C++ backward (echo_kernels::biased_attention_backward,
+whose own cases are in test_biased_attention_cpu.py) and the PyTorch blocked one.
 
-Every mask case runs twice: with the default blocks (usually one block here) and with blocks forced
-down to 16 query rows, so that keys are cut by the band, blocks start mid-band and the bias gradient is
-summed across blocks.
+Every mask case runs three ways: with the default blocks (usually one block here) and with blocks forced
+down to 16 query rows, so that keys are cut by the band and blocks start mid-band, both with the C++
+backward; and with the blocked backward in PyTorch at 16 rows, whose bias gradient is summed across blocks.
 """
 
 from __future__ import annotations
@@ -27,11 +28,26 @@ def blocked(q, k, v, M, w, s, bias, *, key_padding_mask=None, window=None, causa
                                    layout, rotation)
 
 
-@pytest.fixture(params=["default_blocks", "small_blocks"])
+@pytest.fixture(params=["default_blocks", "small_blocks", "python_backward"])
 def block_size(request, monkeypatch):
-    if request.param == "small_blocks":
+    if request.param != "default_blocks":
         monkeypatch.setattr(attention_cpu, "BLOCK_ELEMENTS", 1)  # 16 query rows per block
+    if request.param == "python_backward":
+        python_backward(monkeypatch)
     return request.param
+
+
+@pytest.fixture(params=["compiled_backward", "python_backward"])
+def backward(request, monkeypatch):
+    if request.param == "python_backward":
+        python_backward(monkeypatch)
+    return request.param
+
+
+def python_backward(monkeypatch):
+    """Take the PyTorch blocked backward, as without the extension (its warning already said)."""
+    monkeypatch.setattr(attention_cpu, "COMPILED_BACKWARD", False)
+    monkeypatch.setattr(attention_cpu, "_said_missing", True)
 
 
 def _layout(case):
@@ -80,7 +96,7 @@ def test_half_precision_is_computed_in_float32(dtype):
 
 
 @pytest.mark.parametrize("rotation", ["m_then_rope", "rope_then_m"])
-def test_gradcheck(rotation):
+def test_gradcheck(backward, rotation):
     inputs = make_inputs(B=1, H=2, Tq=9, Tk=11, h=8, n=3, pad=True)
     inputs["key_padding_mask"][0, :3] = False
     leaves = [inputs[name].requires_grad_(True) for name in ("q", "k", "v", "M", "w", "s", "bias")]
@@ -92,7 +108,7 @@ def test_gradcheck(rotation):
     assert torch.autograd.gradcheck(fn, leaves)
 
 
-def test_rows_without_keys_give_zeros():
+def test_rows_without_keys_give_zeros(backward):
     inputs = make_inputs(B=2, Tq=24, Tk=30)
     inputs["key_padding_mask"] = torch.zeros(2, 30, dtype=torch.bool)
     inputs["key_padding_mask"][1] = True  # the second batch has no key at all
@@ -131,7 +147,7 @@ def test_relative_bias_block_is_the_gathered_bias():
     assert torch.equal(got, reference.relative_bias(bias, q_pos, k_pos))
 
 
-def test_is_deterministic():
+def test_is_deterministic(backward):
     inputs = make_inputs(B=2, Tq=40, pad=True)
     do = torch.randn(2, 2, 40, 32, dtype=torch.float64)
     _, first = grads(blocked, inputs, torch.float32, do, device="cpu", window=8)
@@ -140,7 +156,7 @@ def test_is_deterministic():
         assert torch.equal(first[name], second[name]), name
 
 
-def test_torch_compile_fullgraph(monkeypatch):
+def test_torch_compile_fullgraph(backward, monkeypatch):
     """torch.compile traces the blocked path whole, forward and backward, with the same results."""
     import echo_kernels
 
@@ -193,56 +209,41 @@ def test_fused_forward_everywhere_blocked_backward_with_gradients():
     assert torch.equal(trained.detach(), out)
 
 
-@pytest.mark.parametrize("Tq, Tk, n, q_offset, k_offset", [
-    (200, 200, 4, 0, 0), (150, 90, 6, 40, 0), (5, 300, 3, 150, 0), (64, 64, 1, 0, 0), (1, 47, 5, 46, 0)])
-@pytest.mark.parametrize("dbias", [True, False])
-def test_unmasked_backward_is_the_fused_kernels(Tq, Tk, n, q_offset, k_offset, dbias, monkeypatch):
-    """Where every query sees every key, the backward is torch's fused one: dbias from the sums over each
-    query group (whole groups past the clamp, keys on both sides of it) and the strips recomputed near
-    each group's diagonal. (From FUSED_BACKWARD_ROWS queries on: here from 1.)"""
-    monkeypatch.setattr(attention_cpu, "FUSED_BACKWARD_ROWS", 1)
-    inputs = make_inputs(B=2, Tq=Tq, Tk=Tk, n=n)
-    do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    opts = {"q_offset": q_offset, "k_offset": k_offset}
-    _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", **opts)
-    if not dbias:
-        inputs["bias"] = inputs["bias"].detach()
-    fused = mock.patch.object(attention_cpu, "_unmasked_backward", wraps=attention_cpu._unmasked_backward)
-    blocks = mock.patch.object(attention_cpu, "blocks", wraps=attention_cpu.blocks)
-    with fused as fused_spy, blocks as blocks_spy:
-        leaves = cast(inputs, torch.float64, "cpu")
-        for name in GRAD_NAMES if dbias else ("q", "k", "v", "M", "w", "s"):
-            leaves[name].requires_grad_(True)
-        call(blocked, leaves, **opts).backward(do)
-    assert fused_spy.call_count == 1 and blocks_spy.call_count == 0
-    for name, g in want.items():
-        if name == "bias" and not dbias:
-            assert leaves["bias"].grad is None
-        elif name == "bias" and n == 1:  # whole softmax rows: 0 up to rounding
-            assert g.abs().max() < 1e-12 and leaves[name].grad.abs().max() < 1e-12
-        else:
-            assert rel_err(leaves[name].grad, g) < 1e-11, (name, rel_err(leaves[name].grad, g))
-
-
-@pytest.mark.parametrize("Tq", [attention_cpu.FUSED_BACKWARD_ROWS - 1, attention_cpu.FUSED_BACKWARD_ROWS])
-def test_fewer_queries_than_fused_backward_rows_take_the_blocked_backward(Tq):
-    """Every query sees every key in both; the blocked backward is the faster below FUSED_BACKWARD_ROWS.
-    As in the model (M folded into the projections), q, k and v come as head views of (B, T, H, h)
-    projections, so the output of the fused forward is such a view too."""
+def test_compiled_backward_has_it_all():
+    """Every backward after the fused forward is the C++ one, whose dbias comes from the pass that holds the
+    score gradients; as in the model (M folded into the projections), q, k and v come as head views of
+    (B, T, H, h) projections, so the output of the fused forward is such a view too."""
 
     def heads_of_projections(q, k, v, *args, **options):
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
         return blocked(q, k, v, *args, **options)
 
-    inputs = {**make_inputs(B=2, Tq=Tq, Tk=300, n=5), "M": None}
+    assert attention_cpu.COMPILED_BACKWARD  # the extension is built (test_orthogonal.py says why if not)
+    inputs = {**make_inputs(B=2, Tq=40, Tk=300, n=5, pad=True), "M": None}
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", q_offset=7)
-    fused = mock.patch.object(attention_cpu, "_unmasked_backward", wraps=attention_cpu._unmasked_backward)
-    with fused as fused_spy:
-        _, got = grads(heads_of_projections, inputs, torch.float64, do, device="cpu", q_offset=7)
-    assert fused_spy.call_count == (Tq >= attention_cpu.FUSED_BACKWARD_ROWS)
+    _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", q_offset=7, window=(30, 90))
+    compiled = mock.patch.object(attention_cpu, "_compiled_backward", wraps=attention_cpu._compiled_backward)
+    blocks = mock.patch.object(attention_cpu, "blocks", wraps=attention_cpu.blocks)
+    with compiled as compiled_spy, blocks as blocks_spy:
+        _, got = grads(heads_of_projections, inputs, torch.float64, do, device="cpu", q_offset=7, window=(30, 90))
+    assert compiled_spy.call_count == 1
+    assert blocks_spy.call_count == 1  # the forward's: the band cuts keys
     for name, g in want.items():
         assert rel_err(got[name], g) < 1e-11, (name, rel_err(got[name], g))
+
+
+def test_missing_compiled_backward_is_said_once(monkeypatch):
+    monkeypatch.setattr(attention_cpu, "COMPILED_BACKWARD", False)
+    monkeypatch.setattr(attention_cpu, "_said_missing", False)
+    inputs = make_inputs(B=1, Tq=20, n=4)
+    do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu")
+    with pytest.warns(UserWarning, match="biased_attention_backward") as said:
+        _, got = grads(blocked, inputs, torch.float64, do, device="cpu")
+        grads(blocked, inputs, torch.float64, do, device="cpu")
+    assert len([w for w in said if "biased_attention_backward" in str(w.message)]) == 1
+    for name, g in want.items():
+        assert rel_err(got[name], g) < 1e-11, name
 
 
 def test_fused_rows_without_keys_give_zeros():
@@ -273,7 +274,7 @@ def test_fused_non_finite_past_the_band_stays_out(where):
     assert torch.equal(trained.detach()[0, 0, :-1], got[0, 0, :-1])
 
 
-def test_non_finite_value_past_the_band_keeps_gradients_finite():
+def test_non_finite_value_past_the_band_keeps_gradients_finite(backward):
     inputs = case_inputs("causal")
     inputs["v"] = inputs["v"].clone()
     inputs["v"][0, 0, -1] = float("nan")

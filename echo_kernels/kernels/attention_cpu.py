@@ -1,27 +1,28 @@
-"""echo_attention on the CPU: torch's fused attention (scaled_dot_product_attention's kernels) where it
-serves, else query blocks against the keys their band reaches, flash-style (docs/model.md, Kernels).
+"""echo_attention on the CPU: torch's fused attention (scaled_dot_product_attention's kernels) for the
+forward, and the C++ backward of the package's extension (docs/model.md, Kernels).
 
 The rotations are folded as in the Triton kernel: in the "rope_then_m" order logits = RoPE(q) P RoPE(k)^T
 with P = M M^T / sqrt(h), so q is multiplied by P once and k needs only RoPE; in the "m_then_rope" order
 q and k are multiplied by M first (not at all when M is None) and q is only scaled by 1 / sqrt(h). Keys
 are rotated once per call. The forward (`fused_attention`) turns the clamped bias, the band and the key
 padding into one additive mask for the fused kernel, which also returns each query's logsumexp. The
-backward (`_BlockedAttention`) is the fused kernel's where every query sees every key and there are
-FUSED_BACKWARD_ROWS queries or more, its dbias from widened queries (`_unmasked_backward`); else it takes
-queries a block at a time, recomputes their probabilities from the logsumexp instead of keeping all
-Tq x Tk of them, and sums the bias gradient along each block's diagonals: autograd of a gathered
-(H, Tq, Tk) bias scatters every logit's gradient into a (2n-1)-row table one index at a time, which is
-what makes the reference slow on the CPU.
+backward (`_BlockedAttention`) is echo_kernels::biased_attention_backward (csrc/biased_attention_cpu.cpp):
+it recomputes the probabilities from the logsumexp block by block and sums the bias gradient from the
+score gradients while they are in cache. Where the forward kept no logsumexp, or the extension is
+missing (said once), the backward takes queries a block at a time in PyTorch and sums each block's
+bias gradient along its diagonals: autograd of a gathered (H, Tq, Tk) bias scatters every logit's
+gradient into a (2n-1)-row table one index at a time, which is what makes the reference slow on the CPU.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import _extension, reference
 
 # Elements of one block's (B, H, C, K) logits: small enough to stay in cache-friendly tens of MB.
 BLOCK_ELEMENTS = 1 << 21
@@ -144,29 +145,24 @@ _SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def _unmasked(q, k, v, bias, shift: int) -> tuple[Tensor, Tensor]:
-    """fused_attention where every query sees every key: the bias alone is the mask."""
-    k, v, mask, _ = _unmasked_operands(k, v, bias, q.shape[2], shift)
-    return _SDPA(q, k, v, attn_mask=mask, scale=1.0)
+    """fused_attention where every query sees every key: the bias alone is the mask.
 
-
-def _unmasked_operands(k, v, bias, Tq: int, shift: int) -> tuple[Tensor, Tensor, Tensor | None, bool]:
-    """(k, v, additive mask or None, whether k and v come reversed) for the fused kernel where every
-    query sees every key. The bias's (Tq, Tk) block is Toeplitz; with the keys taken in reverse order
-    entry (i, j') is a function of i + j', a view of one (H, Tq + Tk - 1) row with strides (1, 1), which
-    the kernel reads in place instead of Tq x Tk stored values. The order of the keys changes neither
-    the output nor the logsumexp; the gradients of reversed keys and values come reversed."""
+    The bias's (Tq, Tk) block is Toeplitz; with the keys taken in reverse order entry (i, j') is a function
+    of i + j', a view of one (H, Tq + Tk - 1) row with strides (1, 1), which the kernel reads in place
+    instead of Tq x Tk stored values. The order of the keys changes neither the output nor the logsumexp.
+    """
+    Tq, Tk = q.shape[2], k.shape[2]
     if bias is None:
-        return k, v, None, False
-    H, Tk = bias.shape[1], k.shape[2]
+        return _SDPA(q, k, v, scale=1.0)
     if Tq == 1:  # a decoding step: one row of bias, where reversing the cached keys would copy them all
-        return k, v, relative_bias_block(bias, 1, Tk, shift)[None], False
-    n = (bias.shape[0] + 1) // 2
+        return _SDPA(q, k, v, attn_mask=relative_bias_block(bias, 1, Tk, shift)[None], scale=1.0)
+    H, n = bias.shape[1], (bias.shape[0] + 1) // 2
     # key j' = Tk - 1 - j of the reversed keys: i - j = i + j' - (Tk - 1)
     offsets = shift - (Tk - 1) + torch.arange(Tq + Tk - 1, device=k.device)
     row = bias.T[:, offsets.clamp(-(n - 1), n - 1) + (n - 1)].contiguous()
     L = row.shape[1]
     mask = row.as_strided((1, H, Tq, Tk), (H * L, L, 1, 1))
-    return k.flip(2), v.flip(2), mask, True
+    return _SDPA(q, k.flip(2), v.flip(2), attn_mask=mask, scale=1.0)
 
 
 def _block_mask(bias, key_padding_mask, H: int, C: int, K: int, d0: int, left: int, right: int, like: Tensor
@@ -286,89 +282,33 @@ def diagonal_sums(strip: Tensor, d0: int, n: int) -> Tensor:
     return strip.new_zeros(2 * n - 1, H).index_add_(0, rows, skewed.sum(1).T)
 
 
-# From this many queries on, the backward where every query sees every key is the fused kernel's; below, the
-# blocked one measured faster on the CPU (the decoder's 32 queries against 1500 encoder frames: 1.9x).
-FUSED_BACKWARD_ROWS = 256
-# The fused kernel's backward, called with the logsumexp of _SDPA's forward.
-_SDPA_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-# Query groups whose per-key sums of the score gradients the fused backward returns for dbias.
-BIAS_GROUPS = 8
-MIN_GROUP_ROWS = 64  # fewer rows per group, and the per-group work costs more than the narrower strips save
+# Whether the extension has the C++ backward (read once: torch.compile traces the choice).
+COMPILED_BACKWARD = _extension.has_kernel("biased_attention_backward", "CPU")
+_said_missing = False
 
 
-def _unmasked_backward(dout, q, k, v, bias, out, lse, shift: int, want_dbias: bool
+def _compiled_backward(dout, q, k, v, bias, key_padding_mask, out, lse, left: int, right: int, shift: int
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(dq, dk, dv, dbias or None) of _unmasked's attention by torch's fused backward.
-
-    dbias sums the score gradients dS = P (dP - D) by offset; the fused kernel keeps dS to itself but
-    returns dk = dS^T q. With q widened by G one-hot columns (query i has a 1 in column i // C) and k, v,
-    out and dout by G zero columns, the logits are unchanged and dk's extra columns are the sums of dS
-    over each group of C queries, per key (see _near_diagonal_bias_gradient for the rest).
-    """
-    B, H, Tq, h = q.shape
-    k_, v_, mask, reversed_keys = _unmasked_operands(k, v, bias, Tq, shift)
-    if not want_dbias:
-        dq, dk, dv = _SDPA_BACKWARD(dout, q, k_, v_, out, lse, 0.0, False, attn_mask=mask, scale=1.0)
-        return dq, (dk.flip(2) if reversed_keys else dk), (dv.flip(2) if reversed_keys else dv), None
-    C = -(-Tq // min(BIAS_GROUPS, -(-Tq // MIN_GROUP_ROWS)))
-    G = -(-Tq // C)
-    one_hot = torch.nn.functional.one_hot(torch.arange(Tq, device=q.device) // C, G).to(q.dtype)
-    q_ = torch.cat([q, one_hot.expand(B, H, Tq, G)], dim=-1)
-    dout_, k_, v_, out_ = (torch.nn.functional.pad(t, (0, G)) for t in (dout, k_, v_, out))
-    dq, dk, dv = _SDPA_BACKWARD(dout_, q_, k_, v_, out_, lse, 0.0, False, attn_mask=mask, scale=1.0)
-    if reversed_keys:
-        dk, dv = dk.flip(2), dv.flip(2)
-    dbias = _near_diagonal_bias_gradient(dout, q, k, v, bias, out, lse, dk[..., h:].sum(0), C, shift)
-    return dq[..., :h], dk[..., :h], dv[..., :h], dbias
+    """(dq, dk, dv, dbias or None without a bias) by echo_kernels::biased_attention_backward."""
+    dq, dk, dv, dbias = torch.ops.echo_kernels.biased_attention_backward(dout, q, k, v, out, lse, bias,
+                                                                        key_padding_mask, left, right, shift)
+    return dq, dk, dv, (dbias if bias is not None else None)
 
 
-def _near_diagonal_bias_gradient(dout, q, k, v, bias, out, lse, group_sums: Tensor, C: int, shift: int) -> Tensor:
-    """(2n-1, H): dbias from group_sums (H, Tk, G), the score gradients summed over each group of C
-    queries per key, and the score gradients recomputed near each group's diagonal.
-
-    A key past the clamp (i - j >= n - 1) for every query of its group adds its group sum to the last row,
-    a key beyond it on the other side to the first. The W = C + 2n - 4 keys from g C + shift - (n - 2) on
-    are near group g's diagonal; every group's strip has the same offsets (its top-left entry has
-    i - j = n - 2), so the strips' score gradients are summed over batch and groups, and by offset once.
-    """
-    B, H, Tq, h = q.shape
-    Tk, G = k.shape[2], group_sums.shape[-1]
-    n = (bias.shape[0] + 1) // 2
-    if n == 1:  # one row: every pair's gradient, whichever side
-        return group_sums.sum((1, 2))[None]
-    W = C + 2 * n - 4
-    first = shift - (n - 2)  # group 0's first key; group g's is first + g C
-    q3, dout3, lse3 = q.reshape(B * H, Tq, h), dout.reshape(B * H, Tq, h), lse.reshape(B * H, Tq, 1)
-    minus_delta = -(dout3 * out.reshape(B * H, Tq, h)).sum(-1, keepdim=True)
-    k_rows, v_rows = (_strip_rows(t.reshape(B * H, Tk, h), first, (G - 1) * C + W) for t in (k, v))
-    strip_bias = relative_bias_block(bias, C, W, n - 2).repeat(B, 1, 1)  # (B*H, C, W), alike in every strip
-    dlogits = q.new_zeros(B * H, C, W)
-    for g in range(G):
-        a, b = g * C, min(g * C + C, Tq)
-        keys = slice(g * C, g * C + W)
-        # the probabilities from the forward's logsumexp: exp(bias - lse + q k^T), one pass on top of the product
-        probs = torch.baddbmm(strip_bias[:, : b - a] - lse3[:, a:b], q3[:, a:b], k_rows[:, keys].transpose(1, 2))
-        probs.exp_()
-        probs[..., : max(0, -(first + g * C))] = 0.0  # keys before 0 and from Tk on: zero rows of k_rows
-        probs[..., max(0, Tk - first - g * C):] = 0.0
-        dp = torch.baddbmm(minus_delta[:, a:b], dout3[:, a:b], v_rows[:, keys].transpose(1, 2))
-        dlogits[:, : b - a].addcmul_(dp, probs)
-    dbias = diagonal_sums(dlogits.view(B, H, C, W).sum(0), n - 2, n)
-    keys = torch.arange(Tk, device=q.device)[:, None]
-    starts = first + torch.arange(G, device=q.device)[None, :] * C
-    dbias[0] += (group_sums * (keys >= starts + W)).sum((1, 2))
-    dbias[-1] += (group_sums * (keys < starts)).sum((1, 2))
-    return dbias
+if COMPILED_BACKWARD:
+    @torch.library.register_fake("echo_kernels::biased_attention_backward")
+    def _(dout, q, k, v, out, lse, bias, key_padding_mask, left, right, shift):
+        dbias = q.new_empty(bias.shape if bias is not None else (0, q.shape[1]))
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias  # contiguous, as the kernel's
 
 
-def _strip_rows(t: Tensor, first: int, length: int) -> Tensor:
-    """(N, length, h): row p is t's row first + p, zeros where that is outside t (N, T, h)."""
-    N, T, h = t.shape
-    rows = t.new_zeros(N, length, h)
-    lo, hi = max(0, first), min(T, first + length)
-    if hi > lo:
-        rows[:, lo - first: hi - first] = t[:, lo:hi]
-    return rows
+def _say_missing_backward() -> None:
+    global _said_missing
+    if not _said_missing:
+        _said_missing = True
+        warnings.warn("echo_kernels: the C++ extension has no biased_attention_backward "
+                      f"({_extension.LOAD_ERROR or 'built without it'}); echo_attention's CPU backward runs "
+                      "in PyTorch, slower", stacklevel=3)
 
 
 def _finite(t: Tensor) -> bool:
@@ -411,12 +351,13 @@ class _BlockedAttention(torch.autograd.Function):
         q, k, v, bias, key_padding_mask, out, lse = ctx.saved_tensors
         left, right, shift = ctx.masks
         want_dbias = bias is not None and ctx.needs_input_grad[3]
+        if lse is not None and COMPILED_BACKWARD:
+            dq, dk, dv, dbias = _compiled_backward(dout, q, k, v, bias, key_padding_mask, out, lse, left, right, shift)
+            return dq, dk, dv, (dbias if want_dbias else None), None, None, None, None
+        if lse is not None:
+            _say_missing_backward()
         B, H, Tq, h = q.shape
         Tk = k.shape[2]
-        fused = Tq >= FUSED_BACKWARD_ROWS and _sees_every_key(Tq, Tk, key_padding_mask, left, right, shift)
-        if lse is not None and fused:
-            dq, dk, dv, dbias = _unmasked_backward(dout, q, k, v, bias, out, lse, shift, want_dbias)
-            return dq, dk, dv, dbias, None, None, None, None
         q3, k3, v3 = (t.reshape(B * H, t.shape[2], h) for t in (q, k, v))
         do3 = dout.reshape(B * H, Tq, h)
         lse3 = lse.reshape(B * H, Tq, 1) if lse is not None else None
