@@ -1,5 +1,5 @@
-"""Generated cases on the CPU paths: the blocked CPU attention (float64 and float32) and the C++
-orthogonal_product (float64) against the float64 reference, and the reference itself against the
+"""Generated cases on the CPU paths: the CPU attention (float64 and float32; its backward in C++, and in
+PyTorch as without the extension) and the C++ orthogonal_product (float64) against the float64 reference, and the reference itself against the
 brute-force formulas of tests/brute_force.py. Forward and every gradient.
 
 Hypothesis draws the cases (tests/attention_strategies.py, tests/property_strategies.py) derandomized;
@@ -39,18 +39,26 @@ FLOAT64_TOL = 1e-10
 FLOAT32_TOL = 2e-5  # the largest error seen over these cases is about 5e-6
 
 
-def _assert_attention_matches(case, dtype, tol, small_blocks):
-    """echo_attention on CPU tensors of dtype (the blocked path under ECHO_BACKEND=auto) against the
-    float64 reference: the output and the gradients of q, k, v, M, w, s and bias."""
+# How the CPU attention runs a case: its backward in C++ or in PyTorch (as without the extension), with the
+# default blocks or blocks of 16 query rows, which start inside the band and add up dbias across blocks.
+CPU_PATHS = ("compiled", "compiled_small_blocks", "python_small_blocks")
+
+
+def _assert_attention_matches(case, dtype, tol, path):
+    """echo_attention on CPU tensors of dtype (attention_cpu under ECHO_BACKEND=auto) against the float64
+    reference: the output and the gradients of q, k, v, M, w, s and bias."""
     inputs, do = case.inputs(), case.output_gradient()
     out_ref, want = attention_grads(reference.echo_attention, inputs, do, torch.float64, case.options())
-    blocked = mock.patch.object(attention_cpu, "attention", wraps=attention_cpu.attention)
-    # 1: blocks of 16 query rows, which start inside the band and add up dbias across blocks
-    elements = 1 if small_blocks else attention_cpu.BLOCK_ELEMENTS
-    with mock.patch.dict(os.environ, {"ECHO_BACKEND": "auto"}), blocked as spy, \
-            mock.patch.object(attention_cpu, "BLOCK_ELEMENTS", elements):
+    cpu_path = mock.patch.object(attention_cpu, "attention", wraps=attention_cpu.attention)
+    compiled = mock.patch.object(attention_cpu, "_compiled_backward", wraps=attention_cpu._compiled_backward)
+    elements = attention_cpu.BLOCK_ELEMENTS if path == "compiled" else 1
+    with mock.patch.dict(os.environ, {"ECHO_BACKEND": "auto"}), cpu_path as spy, compiled as compiled_spy, \
+            mock.patch.object(attention_cpu, "BLOCK_ELEMENTS", elements), \
+            mock.patch.object(attention_cpu, "COMPILED_BACKWARD", path != "python_small_blocks"), \
+            mock.patch.object(attention_cpu, "_said_missing", True):
         out, got = attention_grads(echo_kernels.echo_attention, inputs, do, dtype, case.options())
-    assert spy.call_count == 1  # the blocked path ran, not the reference
+    assert spy.call_count == 1  # the CPU path ran, not the reference
+    assert compiled_spy.call_count == (path != "python_small_blocks")
     assert out.dtype == dtype and out.shape == out_ref.shape
     assert rel_err(out, out_ref) < tol
     terms = attention_gradient_terms(case, inputs, do)
@@ -61,17 +69,17 @@ def _assert_attention_matches(case, dtype, tol, small_blocks):
 
 
 @property_settings(max_examples=200)
-@given(case=attention_cases(HEAD_WIDTHS, max_len=48), small_blocks=st.booleans())
+@given(case=attention_cases(HEAD_WIDTHS, max_len=48), path=st.sampled_from(CPU_PATHS))
 @counted
-def test_blocked_attention_float64(case, small_blocks):
-    _assert_attention_matches(case, torch.float64, FLOAT64_TOL, small_blocks)
+def test_cpu_attention_float64(case, path):
+    _assert_attention_matches(case, torch.float64, FLOAT64_TOL, path)
 
 
 @property_settings(max_examples=150)
-@given(case=attention_cases(HEAD_WIDTHS, max_len=48), small_blocks=st.booleans())
+@given(case=attention_cases(HEAD_WIDTHS, max_len=48), path=st.sampled_from(CPU_PATHS))
 @counted
-def test_blocked_attention_float32(case, small_blocks):
-    _assert_attention_matches(case, torch.float32, FLOAT32_TOL, small_blocks)
+def test_cpu_attention_float32(case, path):
+    _assert_attention_matches(case, torch.float32, FLOAT32_TOL, path)
 
 
 def value_and_grads(fn, leaves, upstream):
