@@ -51,17 +51,17 @@ constexpr int64_t kBlockElements = 1 << 17;
 #define ECHO_VECTOR_CLONES
 #endif
 
-// x[j] <- exp(x[j] + add). float: 2^n 2^f with n = round(x log2 e) put in the exponent bits and 2^f on
-// |f| <= 1/2 by its Taylor polynomial to degree 7 (relative error below 2e-7, a float32 rounding's order);
-// written so the compiler vectorizes it, where std::exp stays a scalar call. Below -87 the result is about
-// 1e-38 instead of smaller: it is a probability next to at least one of 1 in the row.
+// x[j] <- exp(x[j] + add). float: e^y = 2^n e^f with n = round(y / ln 2) put in the exponent bits and
+// f = y - n ln 2 (ln 2 in two parts, the first exact times n: Cody and Waite's reduction) taken by its
+// Taylor polynomial to degree 7 on |f| <= ln 2 / 2; written so the compiler vectorizes it, where std::exp
+// stays a scalar call. Below -87 the result is about 1e-38 instead of smaller: it is a probability next to
+// at least one of 1 in its row.
 ECHO_VECTOR_CLONES void exp_shifted(float* __restrict x, float add, int64_t count) {
   for (int64_t j = 0; j < count; ++j) {
     float y = x[j] + add;
     y = y > -87.0f ? y : -87.0f;
-    const float t = y * 1.44269504088896341f;
-    const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 leaves no fraction bits
-    const float f = (t - n) * 0.693147180559945309f;  // 2^(t - n) = e^f
+    const float n = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // 1.5 * 2^23: rounds to nearest
+    const float f = (y - n * 0.693145751953125f) - n * 1.42860676533018707e-6f;
     float p = 1.98412698e-4f;
     p = p * f + 1.38888889e-3f;
     p = p * f + 8.33333333e-3f;
@@ -273,7 +273,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biased_attention_back
   const at::Tensor padded = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
   const int64_t n = bias ? (table.size(0) + 1) / 2 : 1;
   at::Tensor dq = at::zeros_like(q3), dk = at::zeros_like(k3), dv = at::zeros_like(v3);
-  at::Tensor dbias_heads = at::zeros({BH, bias ? 2 * n - 1 : 0}, q.options().dtype(at::kDouble));
+  // each head's row of sums on cache lines of its own (rows of 8 doubles): heads of different threads
+  const int64_t rows_of_bias = bias ? 2 * n - 1 : 0;
+  at::Tensor dbias_heads = at::zeros({BH, (rows_of_bias + 7) / 8 * 8}, q.options().dtype(at::kDouble));
   const int64_t cols = std::max<int64_t>(std::min(kBlockKeys, Tk), 1);
   const int64_t rows = std::max<int64_t>(std::min<int64_t>(std::clamp<int64_t>(kBlockElements / cols, 16, 256), Tq), 1);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "biased_attention_backward_cpu", [&] {
@@ -290,7 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biased_attention_back
     });
   });
   // (2n - 1, H), the batch summed in order; (0, H) without a bias
-  const at::Tensor dbias = dbias_heads.view({B, H, dbias_heads.size(1)}).sum(0).t().contiguous().to(q.scalar_type());
+  const at::Tensor dbias =
+      dbias_heads.narrow(1, 0, rows_of_bias).view({B, H, rows_of_bias}).sum(0).t().contiguous().to(q.scalar_type());
   return {dq.view(q.sizes()), dk.view(k.sizes()), dv.view(v.sizes()), dbias};
 }
 

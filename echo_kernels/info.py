@@ -18,8 +18,11 @@ def report() -> str:
         cuda = _extension.cuda_compiled()
         lines.append(f"  orthogonal_product CPU kernel:  {'yes' if cpu else 'no'}")
         lines.append(f"  orthogonal_product CUDA kernel: {'yes' if cuda else 'no (built without the CUDA part)'}")
+        attention = _extension.has_kernel("biased_attention_backward", "CPU")
+        lines.append(f"  biased_attention_backward CPU kernel (echo_attention's CPU backward): {'yes' if attention else 'no'}")
     else:
-        lines.append(f"C++ extension: missing ({_extension.LOAD_ERROR}); orthogonal_product runs the reference")
+        lines.append(f"C++ extension: missing ({_extension.LOAD_ERROR}); orthogonal_product runs the reference, "
+                     "echo_attention's CPU backward the PyTorch blocked one")
     if TRITON_IMPORT_ERROR is None:
         import triton
 
@@ -29,7 +32,7 @@ def report() -> str:
                      "run the reference")
     cpp = _extension.LOADED and _extension.has_kernel("orthogonal_product", "CPU")
     lines.append(f"CPU tensors under ECHO_BACKEND=auto: orthogonal_product {'in C++' if cpp else 'on the reference'}, "
-                 "echo_attention blocked (kernels/attention_cpu.py), rotary_orthogonal on the reference")
+                 "echo_attention by kernels/attention_cpu.py, rotary_orthogonal on the reference")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     lines.append(f"CUDA device: {gpu}")
     lines.append(f"ECHO_BACKEND={requested_backend()}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
