@@ -37,9 +37,11 @@
 namespace echo_kernels {
 namespace {
 
-// A block of the logits: up to kBlockKeys keys (a key block of k and v, 64 KB at h = 64 in float32, stays in
-// L1/L2 across the block's products) and as many queries as make kBlockElements, with the score gradients
+// A block of the logits: up to kBlockRows queries, and keys to make kBlockElements but at least kBlockKeys
+// (a key block of k and v, 128 KB each at h = 64 in float32, stays in cache across the block's products;
+// fewer queries, as in a decoder's cross-attention, take more keys per product), with the score gradients
 // beside them ~1 MB (float32): L2-sized.
+constexpr int64_t kBlockRows = 256;
 constexpr int64_t kBlockKeys = 512;
 constexpr int64_t kBlockElements = 1 << 17;
 
@@ -186,7 +188,7 @@ void score_gradients_row(scalar_t* row, const scalar_t* prow, const Head<scalar_
 }
 
 template <typename scalar_t>
-void head_backward(const Head<scalar_t>& hd, at::Tensor& logits, at::Tensor& dlogits, int64_t rows) {
+void head_backward(const Head<scalar_t>& hd, at::Tensor& logits, at::Tensor& dlogits, int64_t rows, int64_t cols) {
   const int64_t Tq = hd.q.size(0), Tk = hd.k.size(0), n = hd.n;
   const int64_t ld = logits.stride(0);
   for (int64_t a = 0; a < Tq; a += rows) {
@@ -196,8 +198,8 @@ void head_backward(const Head<scalar_t>& hd, at::Tensor& logits, at::Tensor& dlo
     // the keys some query of the block sees: from the first row's band start to the last row's end
     const int64_t first = row_keys(a + hd.shift, n, hd.left, hd.right, Tk).lo;
     const int64_t last = row_keys(a + c - 1 + hd.shift, n, hd.left, hd.right, Tk).hi;
-    for (int64_t j0 = first; j0 < last; j0 += kBlockKeys) {
-      const int64_t w = std::min(kBlockKeys, last - j0);
+    for (int64_t j0 = first; j0 < last; j0 += cols) {
+      const int64_t w = std::min(cols, last - j0);
       const at::Tensor k_blk = hd.k.narrow(0, j0, w), v_blk = hd.v.narrow(0, j0, w);
       at::Tensor p = logits.narrow(0, 0, c).narrow(1, 0, w), ds = dlogits.narrow(0, 0, c).narrow(1, 0, w);
       at::mm_out(p, q_blk, k_blk.t());
@@ -276,8 +278,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biased_attention_back
   // each head's row of sums on cache lines of its own (rows of 8 doubles): heads of different threads
   const int64_t rows_of_bias = bias ? 2 * n - 1 : 0;
   at::Tensor dbias_heads = at::zeros({BH, (rows_of_bias + 7) / 8 * 8}, q.options().dtype(at::kDouble));
-  const int64_t cols = std::max<int64_t>(std::min(kBlockKeys, Tk), 1);
-  const int64_t rows = std::max<int64_t>(std::min<int64_t>(std::clamp<int64_t>(kBlockElements / cols, 16, 256), Tq), 1);
+  const int64_t rows = std::clamp<int64_t>(Tq, 1, kBlockRows);
+  const int64_t cols = std::clamp<int64_t>(std::max(kBlockKeys, kBlockElements / rows), 1, std::max<int64_t>(Tk, 1));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "biased_attention_backward_cpu", [&] {
     at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
       at::Tensor logits = at::empty({rows, cols}, q3.options()), dlogits = at::empty_like(logits);
@@ -287,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biased_attention_back
                                 bias ? table.data_ptr<scalar_t>() + bh % H : nullptr, H, n,
                                 key_padding_mask ? padded[bh / H].data_ptr<bool>() : nullptr, left, right, shift,
                                 bias ? dbias_heads[bh].data_ptr<double>() : nullptr};
-        head_backward<scalar_t>(hd, logits, dlogits, rows);
+        head_backward<scalar_t>(hd, logits, dlogits, rows, cols);
       }
     });
   });
