@@ -28,7 +28,7 @@ BACKENDS = ("reference", "triton", "auto")
 
 # op name -> (predicate(device): a compiled kernel serves tensors there, used by auto on the CPU?)
 _KERNELS: dict[str, tuple[Callable[[torch.device], bool], bool]] = {}
-_warned: set[tuple[str, str]] = set()
+_warned: set[object] = set()
 
 
 def requested_backend() -> str:
@@ -76,10 +76,17 @@ def use_kernel(op: str, device: torch.device) -> bool:
             )
         return True
     wanted = device.type != "cpu" or auto_on_cpu
-    if wanted and not available and (op, device.type) not in _warned:
-        _warned.add((op, device.type))
-        warnings.warn(
-            f"echo_kernels: no compiled {op} for {device.type} tensors; running the reference",
-            stacklevel=3,
-        )
+    if wanted and not available:
+        warn_once((op, device.type), f"echo_kernels: no compiled {op} for {device.type} tensors; running the reference",
+                  stacklevel=3)
     return wanted and available
+
+
+def warn_once(key: object, message: str, stacklevel: int = 2) -> None:
+    """Warn `message` the first time `key` comes, so a missing kernel is said once, not on every call.
+
+    stacklevel counts from the caller of warn_once, as warnings.warn's does from its own caller.
+    """
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=stacklevel + 1)

@@ -9,14 +9,13 @@ the tensors' device, else the reference (see echo_kernels.backend).
 
 from __future__ import annotations
 
-import warnings
 import weakref
 
 import torch
 from torch import Tensor
 
 from . import _extension, checks, reference
-from .backend import register_kernel, use_kernel
+from .backend import register_kernel, use_kernel, warn_once
 from .kernel_op import KernelOp
 
 
@@ -74,7 +73,6 @@ def _check_pairs(pairs: Tensor, n: int, h: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 MAX_H = 256  # the widest R the compiled op takes (csrc/orthogonal.h: kMaxH)
-_warned_wide: list[bool] = []
 
 
 def _dispatch(thetas: Tensor, pairs: Tensor, R: Tensor, givens_first: bool) -> Tensor:
@@ -88,10 +86,8 @@ def _kernel_takes(h: int) -> bool:
     """Whether the compiled op takes R of width h; warns once when it does not."""
     if h <= MAX_H:
         return True
-    if not _warned_wide:
-        _warned_wide.append(True)
-        warnings.warn(f"echo_kernels: the compiled orthogonal_product takes h <= {MAX_H}; h = {h} runs the reference",
-                      stacklevel=4)
+    warn_once("orthogonal_product width", f"echo_kernels: the compiled orthogonal_product takes h <= {MAX_H}; "
+              f"h = {h} runs the reference", stacklevel=4)
     return False
 
 

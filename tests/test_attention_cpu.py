@@ -16,7 +16,7 @@ import torch
 from attention_cases import CASES, GRAD_NAMES, ROTATIONS, call, case_inputs, cast, grads, make_inputs, options
 from numerics import rel_err
 
-from echo_kernels import reference
+from echo_kernels import backend, reference
 from echo_kernels.kernels import attention_cpu
 
 
@@ -47,7 +47,7 @@ def backward(request, monkeypatch):
 def python_backward(monkeypatch):
     """Take the PyTorch blocked backward, as without the extension (its warning already said)."""
     monkeypatch.setattr(attention_cpu, "COMPILED_BACKWARD", False)
-    monkeypatch.setattr(attention_cpu, "_said_missing", True)
+    monkeypatch.setattr(backend, "_warned", {"biased_attention_backward"})
 
 
 def _layout(case):
@@ -234,7 +234,7 @@ def test_compiled_backward_has_it_all():
 
 def test_missing_compiled_backward_is_said_once(monkeypatch):
     monkeypatch.setattr(attention_cpu, "COMPILED_BACKWARD", False)
-    monkeypatch.setattr(attention_cpu, "_said_missing", False)
+    monkeypatch.setattr(backend, "_warned", set())
     inputs = make_inputs(B=1, Tq=20, n=4)
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu")

@@ -17,12 +17,12 @@ gradient into a (2n-1)-row table one index at a time, which is what makes the re
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
 from .. import _extension, reference
+from ..backend import warn_once
 
 # Elements of one block's (B, H, C, K) logits: small enough to stay in cache-friendly tens of MB.
 BLOCK_ELEMENTS = 1 << 21
@@ -284,15 +284,13 @@ def diagonal_sums(strip: Tensor, d0: int, n: int) -> Tensor:
 
 # Whether the extension has the C++ backward (read once: torch.compile traces the choice).
 COMPILED_BACKWARD = _extension.has_kernel("biased_attention_backward", "CPU")
-_said_missing = False
 
 
 def _compiled_backward(dout, q, k, v, bias, key_padding_mask, out, lse, left: int, right: int, shift: int
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(dq, dk, dv, dbias or None without a bias) by echo_kernels::biased_attention_backward."""
-    dq, dk, dv, dbias = torch.ops.echo_kernels.biased_attention_backward(dout, q, k, v, out, lse, bias,
-                                                                        key_padding_mask, left, right, shift)
-    return dq, dk, dv, (dbias if bias is not None else None)
+    """(dq, dk, dv, dbias: (0, H) without a bias) by echo_kernels::biased_attention_backward."""
+    return torch.ops.echo_kernels.biased_attention_backward(dout, q, k, v, out, lse, bias, key_padding_mask,
+                                                            left, right, shift)
 
 
 if COMPILED_BACKWARD:
@@ -303,12 +301,9 @@ if COMPILED_BACKWARD:
 
 
 def _say_missing_backward() -> None:
-    global _said_missing
-    if not _said_missing:
-        _said_missing = True
-        warnings.warn("echo_kernels: the C++ extension has no biased_attention_backward "
-                      f"({_extension.LOAD_ERROR or 'built without it'}); echo_attention's CPU backward runs "
-                      "in PyTorch, slower", stacklevel=3)
+    warn_once("biased_attention_backward", "echo_kernels: the C++ extension has no biased_attention_backward "
+              f"({_extension.LOAD_ERROR or 'built without it'}); echo_attention's CPU backward runs in PyTorch, "
+              "slower", stacklevel=3)
 
 
 def _finite(t: Tensor) -> bool:
