@@ -287,7 +287,7 @@ COMPILED_BACKWARD = _extension.has_kernel("biased_attention_backward", "CPU")
 
 
 def _compiled_backward(dout, q, k, v, bias, key_padding_mask, out, lse, left: int, right: int, shift: int
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias: (0, H) without a bias) by echo_kernels::biased_attention_backward."""
     return torch.ops.echo_kernels.biased_attention_backward(dout, q, k, v, out, lse, bias, key_padding_mask,
                                                             left, right, shift)
