@@ -97,9 +97,13 @@ def extension_modules():
     if with_cuda:
         cpp_extension.CUDA_HOME = cuda_home
 
-    sources = ["csrc/orthogonal.cpp", "csrc/biased_attention_cpu.cpp"]
+    sources = ["csrc/orthogonal.cpp", "csrc/biased_attention_cpu.cpp", "csrc/parallel_threads.cpp"]
     cxx = ["-O3", "-DECHO_KERNELS_PYTHON_MODULE"]
     nvcc = ["-O3", "-lineinfo", "-DECHO_KERNELS_PYTHON_MODULE"]
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # ATen's at::parallel_for is compiled into the caller: without OpenMP it runs every chunk on the
+        # calling thread. The OpenMP calls resolve to the runtime libtorch_cpu loads (none linked here).
+        cxx.append("-fopenmp")
     if with_cuda:
         sources.append("csrc/orthogonal_cuda.cu")
         for d in pip_cuda_include_dirs():  # after the toolkit's own headers, like CPATH

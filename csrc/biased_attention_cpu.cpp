@@ -17,6 +17,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mul.h>
@@ -34,8 +35,27 @@
 #include <tuple>
 #include <utility>
 
+// MKL's thread count for the calling thread alone, where torch is built with MKL (libtorch_cpu exports it;
+// elsewhere the weak reference is null). torch turns MKL's dynamic threading off, so a BLAS call inside one
+// of at::parallel_for's threads would start a team of its own on cores the other threads are using.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace echo_kernels {
 namespace {
+
+// Within its scope the calling thread's BLAS calls run on that thread only.
+class SerialBlas {
+ public:
+  SerialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);  // 0: back to the global count
+  }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  int previous_;
+};
 
 // A block of the logits: up to kBlockRows queries, and keys to make kBlockElements but at least kBlockKeys
 // (a key block of k and v, 128 KB each at h = 64 in float32, stays in cache across the block's products;
@@ -282,6 +302,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biased_attention_back
   const int64_t cols = std::clamp<int64_t>(std::max(kBlockKeys, kBlockElements / rows), 1, std::max<int64_t>(Tk, 1));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "biased_attention_backward_cpu", [&] {
     at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+      const SerialBlas serial;  // the heads are the parallelism
+      // a worker thread starts without the caller's dispatch state: autograd would see q, k, v needing grad
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
       at::Tensor logits = at::empty({rows, cols}, q3.options()), dlogits = at::empty_like(logits);
       for (int64_t bh = begin; bh < end; ++bh) {
         const Head<scalar_t> hd{q3[bh], k3[bh], v3[bh], do3[bh], dq[bh], dk[bh], dv[bh],

@@ -20,6 +20,8 @@ def report() -> str:
         lines.append(f"  orthogonal_product CUDA kernel: {'yes' if cuda else 'no (built without the CUDA part)'}")
         attention = _extension.has_kernel("biased_attention_backward", "CPU")
         lines.append(f"  biased_attention_backward CPU kernel (echo_attention's CPU backward): {'yes' if attention else 'no'}")
+        threads = torch.ops.echo_kernels.parallel_threads()
+        lines.append(f"  CPU kernels' threads: {threads} of torch's {torch.get_num_threads()}")
     else:
         lines.append(f"C++ extension: missing ({_extension.LOAD_ERROR}); orthogonal_product runs the reference, "
                      "echo_attention's CPU backward the PyTorch blocked one")

@@ -117,6 +117,37 @@ def test_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.fixture
+def torch_threads():
+    """Sets torch's intra-op thread count for a test, restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_kernels_run_on_torchs_threads(torch_threads):
+    """at::parallel_for gives the extension's CPU kernels as many threads as torch has (setup.py says why
+    that needs -fopenmp)."""
+    for threads in (1, 2, 3):
+        torch_threads(threads)
+        assert torch.ops.echo_kernels.parallel_threads() == threads
+
+
+def test_same_bits_on_any_number_of_threads(torch_threads):
+    """Each head belongs to one thread and its products run on that thread alone: the thread count
+    changes nothing, also for inputs that require grad (worker threads start with autograd on)."""
+    c = dict(B=2, H=3, Tq=300, Tk=600, h=32, n=5, left=40, right=UNBOUNDED, shift=0, padded=True, seed=4, scale=1.0)
+    q, k, v, bias, padding, dout = (t.float() if t is not None and t.is_floating_point() else t for t in inputs(c))
+    out, lse = attention(q, k, v, bias, padding, c["left"], c["right"], c["shift"])
+    q, k, v, bias = (t.requires_grad_() for t in (q, k, v, bias))
+    got = {}
+    for threads in (1, 2, 4):
+        torch_threads(threads)
+        got[threads] = op(dout, q, k, v, out, lse, bias, padding, c["left"], c["right"], c["shift"])
+    assert all(torch.equal(a, b) for a, b in zip(got[1], got[2]))
+    assert all(torch.equal(a, b) for a, b in zip(got[1], got[4]))
+
+
 def test_opcheck():
     """Schema, fake (torch.compile traces it) and dispatcher registration agree with the kernel."""
     c = dict(B=2, H=2, Tq=20, Tk=30, h=8, n=3, left=4, right=UNBOUNDED, shift=2, padded=True, seed=2, scale=1.0)

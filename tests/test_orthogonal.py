@@ -344,6 +344,7 @@ def test_info_reports_backends():
 
     text = info.report()
     assert "orthogonal_product CPU kernel:  yes" in text
+    assert f"CPU kernels' threads: {torch.get_num_threads()} of torch's {torch.get_num_threads()}" in text
 
 
 # -- the CUDA kernel (run by the GPU script) ---------------------------------------------------------
