@@ -7,9 +7,10 @@ decoding steps), timed four ways in the same run:
 - hf-whisper: Hugging Face's WhisperForConditionalGeneration with SDPA at the same widths and depths;
 - openai-whisper: openai-whisper's Whisper (its attention also SDPA) at the same widths and depths.
 
-The ways take turns, round by round (harness.alternating_rounds: one pytest case per way and round, the
-first round of each way after its warm-up calls), and each is reported with the median of its rounds:
-on a shared machine whose speed drifts, ways timed one after the other would meet different weather.
+The ways take turns, round by round (harness.alternating_rounds: one pytest case per way and round, each
+round starting one way later, the first round of each way after its warm-up calls), and each is reported
+with the median of its rounds: on a shared machine whose speed drifts, ways timed one after the other
+would meet different weather.
 
 A third comparison, a 30 s transcription (log-mel of the waveform, then 32 greedy tokens after the
 English start sequence, the end token suppressed so that every model decodes all 32), runs Echo's

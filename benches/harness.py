@@ -115,13 +115,16 @@ def record(benchmark, *, role: str, bytes: float | None = None, flops: float | N
 
 
 def alternating_rounds(ways, rounds: int) -> list:
-    """pytest parameters (way, round) with every way's round r before any way's round r + 1: a drift in
-    a shared machine's speed then reaches every way alike, where ways timed one after the other can land
-    in different weather. ways: names or pytest.param(name, marks=...). Each way is recorded under its
-    name (`record(..., case=name)`) and the results give it the median of all its rounds."""
+    """pytest parameters (way, round) with every way's round r before any way's round r + 1, and each
+    round starting one way later than the one before: a drift in a shared machine's speed then reaches
+    every way alike, where ways timed one after the other can land in different weather, and no way
+    always follows the same one (which leaves it the other's memory and caches). ways: names or
+    pytest.param(name, marks=...). Each way is recorded under its name (`record(..., case=name)`) and
+    the results give it the median of all its rounds."""
     params = []
     for r in range(rounds):
-        for way in ways:
+        turn = r % len(ways)
+        for way in ways[turn:] + ways[:turn]:
             name, marks = (way.values[0], way.marks) if hasattr(way, "values") else (way, ())
             params.append(pytest.param(name, r, marks=marks, id=f"{name}-round{r}"))
     return params

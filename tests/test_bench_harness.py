@@ -11,10 +11,20 @@ import harness  # noqa: E402
 
 def test_alternating_rounds_put_every_ways_round_before_the_next_round():
     params = harness.alternating_rounds(("a", pytest.param("b", marks=pytest.mark.speech)), 3)
-    assert [p.values for p in params] == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
-    assert [p.id for p in params][:2] == ["a-round0", "b-round0"]
-    assert all(p.marks == () for p in params[::2])
-    assert all([m.name for m in p.marks] == ["speech"] for p in params[1::2])
+    assert [p.values for p in params] == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]
+    assert [p.id for p in params][:4] == ["a-round0", "b-round0", "b-round1", "a-round1"]
+    assert all([m.name for m in p.marks] == (["speech"] if p.values[0] == "b" else []) for p in params)
+
+
+def test_alternating_rounds_give_every_way_every_place_in_a_round():
+    ways, rounds = ("a", "b", "c"), 6
+    params = harness.alternating_rounds(ways, rounds)
+    places = {way: [] for way in ways}
+    for r in range(rounds):
+        for place, p in enumerate(params[r * len(ways):(r + 1) * len(ways)]):
+            assert p.values[1] == r
+            places[p.values[0]].append(place)
+    assert all(sorted(p) == [0, 0, 1, 1, 2, 2] for p in places.values())
 
 
 def test_rounds_of_a_way_merge_into_one_row_with_the_median_of_all_its_times(monkeypatch):
