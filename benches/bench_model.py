@@ -48,8 +48,10 @@ if GPU:
     BATCH, MEL_FRAMES, TEXT, DTYPE, ROUNDS = 8, 3000, 448, torch.bfloat16, 5
 else:
     # Whisper tiny's widths and depths (the demo's model) on the 30 s window every clip is padded to.
+    # Ten rounds: a round's time on a shared 2-core machine moves by 10-20%, five left the medians' ratios
+    # a few percent apart from run to run.
     CONFIG = dict(TINY, checkpointing=False)
-    BATCH, MEL_FRAMES, TEXT, DTYPE, ROUNDS = 1, 3000, 32, torch.float32, 5
+    BATCH, MEL_FRAMES, TEXT, DTYPE, ROUNDS = 1, 3000, 32, torch.float32, 10
 DECODE_STEPS = 32
 if bench_size() == "tiny":  # two blocks of width 64 on 0.3 s of audio
     CONFIG = dict(n_audio_ctx=16, n_audio_state=64, n_audio_head=4, n_audio_layer=2, n_text_ctx=16,
