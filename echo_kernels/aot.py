@@ -148,7 +148,8 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
     import torch
     from triton.runtime.jit import JITFunction
 
-    from .kernels import attention as attn, attention_backward as attn_bwd, plain_attention as plain, rotary
+    from .kernels import ECHO_MAX_REL_DIST, attention as attn, attention_backward as attn_bwd, plain_attention as plain
+    from .kernels import rotary
     from .reference import UNBOUNDED
 
     launches = []
@@ -160,7 +161,7 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
         for h in (32, 64, 128):
             for dt in (torch.bfloat16, torch.float16):
                 w, s = torch.rand(h // 2), torch.ones(1)
-                bias, pad = torch.randn(29, D // h), torch.zeros(B, T, dtype=torch.bool)
+                bias, pad = torch.randn(2 * ECHO_MAX_REL_DIST - 1, D // h), torch.zeros(B, T, dtype=torch.bool)
                 shapes = [(T, T, UNBOUNDED, UNBOUNDED, 0)]
                 if h == 64 and dt == torch.bfloat16:
                     shapes.append((1, 448, UNBOUNDED, 0, 447))

@@ -369,17 +369,17 @@ def test_aot_compile_report(aot_reports):
     recorded_loops = aot.recorded_loops(triton.__version__)
     forward = [r for r in rows if r.name.startswith("attention_fwd_")]
     assert forward and all(r.main_loops and all(c.tensor_core > 0 for c in r.main_loops) for r in forward)
-    parts = ("rope_keys", "fwd", "bwd_delta", "bwd_dkdv", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate", "bwd_dbias",
+    parts = ("rope_keys", "fwd", "bwd_delta", "bwd_dkdv", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate",
              "fwd_no_m", "bwd_delta_no_m", "bwd_dq_unrotate_no_m")
     for h in (32, 64, 128):
         for dt in ("bf16", "fp16"):
             for part in parts:
                 assert f"attention_{part}_h{h}_{dt}" in names
     assert {"attention_fwd_decode_h64_bf16", "attention_fwd_decode_no_m_h64_bf16"} <= names
-    # Elementwise passes and row dot products, no matrix product: the RoPE undo of dk, the inner
-    # rows of dbias, and without M the queries' rotation and its undo (no product with P).
-    no_dot = ("attention_bwd_unrope_", "attention_bwd_dbias_", "attention_bwd_delta_no_m_",
-              "attention_bwd_dq_unrotate_no_m_", "attention_rope_keys_")
+    # Elementwise passes, no matrix product: the RoPE undo of dk, and without M the queries' rotation
+    # and its undo (no product with P).
+    no_dot = ("attention_bwd_unrope_", "attention_bwd_delta_no_m_", "attention_bwd_dq_unrotate_no_m_",
+              "attention_rope_keys_")
     for r in rows:
         assert {x.arch for x in rows if x.name == r.name} == set(aot.TARGETS), r.name
         # every pass stages tiles in shared memory but the elementwise RoPE(k) one
@@ -397,6 +397,18 @@ def test_aot_compile_report(aot_reports):
         assert r.mma, r.name
         if "decode" not in r.name:  # a 16-row tile is below wgmma's 64 rows: mma.sync there
             assert r.wgmma == (r.arch == 90), r.name
+
+
+def test_aot_compiles_the_bias_diagonals_of_echos_table():
+    """The report's launches carry the bias table of Echo's default configuration, so the dq kernel's
+    diagonal sums are compiled at the width the model runs them (2n - 3 = 27 rows in a 32-wide tile)."""
+    from echo import EchoConfig
+    from echo_kernels.kernels import ECHO_MAX_REL_DIST, attention_backward
+
+    assert ECHO_MAX_REL_DIST == EchoConfig().max_rel_dist
+    dq = [s for s in aot.all_specs() if s.name.startswith("attention_bwd_dq_h")]
+    assert dq and all(s.constexprs["N_DIAG"] == 32 for s in dq)
+    assert [attention_backward.inner_diagonals(n) for n in (1, 2, 3, 15, 16, 17)] == [1, 1, 4, 32, 32, 32]
 
 
 def test_fused_loops_against_the_plain_flash_kernel(aot_reports):

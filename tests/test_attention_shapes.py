@@ -85,7 +85,7 @@ def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch):
     inputs = make_inputs(B=2, H=3, Tq=20, h=32, n=4, pad=True)
     do = torch.randn(2, 3, 20, 32, dtype=torch.float64)
     grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=5, rotation="rope_then_m")
-    assert len(grids) == 9  # RoPE(k), forward, delta, RoPE(k) again, dkdv, unrope, dq, dq_unrotate, dbias
+    assert len(grids) == 8  # RoPE(k), forward, delta, RoPE(k) again, dkdv, unrope, dq (with dbias), dq_unrotate
     assert all(len(grid) == 1 for grid in grids), grids
     assert all(grid[0] % (2 * 3) == 0 for grid in grids), grids  # every (batch, head) has its programs
 

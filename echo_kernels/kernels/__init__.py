@@ -4,3 +4,7 @@
 # ranges, and a product's inner dimension must be 16 or more (h/2 >= 16). Other widths up to the
 # largest are served zero-padded to the next of these (echo_kernels.attention).
 ATTENTION_HEAD_WIDTHS = (32, 64, 128)
+
+# n of the bias table in Echo's default configuration (EchoConfig.max_rel_dist): the ahead-of-time
+# report compiles the backward's bias-diagonal sums for its (2n - 1)-row table.
+ECHO_MAX_REL_DIST = 15

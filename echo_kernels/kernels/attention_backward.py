@@ -18,21 +18,21 @@ The passes, in launch order:
                k' the forward's probabilities came from, loading contiguous key rows
     dkdv       per key tile, looping over the query tiles the band reaches: dv and d(a_k, b_k) (fp32)
     unrope     per key tile: dk from d(a_k, b_k) (undoing RoPE) and the keys' angle partials
-    dq         per query tile, looping over the key tiles: d(q''_A, q''_B) and the end rows of dbias
+    dq         per query tile, looping over the key tiles: d(q''_A, q''_B) and the tile's share of dbias
     unrotate   a few programs per (batch, head), each over several query tiles: d(a_q, b_q) =
                d(q'') P~^T, dq (undoing RoPE), the queries' angle partials, one dP~ partial per program
                (without M: one program per tile, d(a_q, b_q) = d(q'') / sqrt(h), no dP~ at all)
-    diag       per query tile: the inner rows of dbias
 
 dkdv and dq recompute the logits tile by tile, as flash attention does, and hold only their
 accumulators and the operands of the tile at hand: the RoPE undo, the angles and the (h, h) dP~ sums
 live in the light passes, which keeps every pass free of register spills (python -m
 echo_kernels.aot). dphi = a db - b da gives the gradient of the angles phi = s * pos * w.
 
-dbias is split by where the clamp sends the pairs. The two end rows (|i - j| >= n - 1: nearly every
-pair) are row sums of dS accumulated in the dq kernel's loop. The 2n - 3 inner rows are single
-diagonals i - j = const: a third kernel recomputes just those scores, one per query and diagonal, as
-row dot products (O(T n h), nothing like a tile pass per diagonal).
+dbias is summed where dS already is, in the dq kernel's loop, split by where the clamp sends the
+pairs. The two end rows (|i - j| >= n - 1: nearly every pair) are row sums of dS. The 2n - 3 inner
+rows are single diagonals i - j = const, which only the tiles straddling the diagonal (NEAR) hold:
+each such tile is skewed by a gather along its keys so that every diagonal becomes a column, and one
+sum over its queries gives all of them.
 
 Everything that sums over tiles is written as per-program partials and reduced by torch.sum in a
 fixed order: dbias, dP~ and the angle gradients. No float atomics, so the same inputs give the same
@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ATTENTION_HEAD_WIDTHS
+from . import ATTENTION_HEAD_WIDTHS, ECHO_MAX_REL_DIST
 from .attention import default_blocks as forward_blocks
 from .attention import first_padded_key, rotated_keys
 from .attention_common import (
@@ -340,65 +340,15 @@ def _attn_bwd_unrope_kernel(
 
 
 @triton.jit
-def _attn_bwd_dbias_diag_kernel(
-    KK, V, DO, QQ, Bias, Pad, Lse, Delta, DBias,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_ob, stride_oh, stride_ot, stride_od,
-    stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles,
-    HEAD: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The inner rows of dbias (|i - j| < n - 1) for one (BLOCK_M) query tile.
-
-    Row r of the table gets the score gradient of one diagonal i - j = r - (n - 1), so each query
-    needs only 2n - 3 scores, one per diagonal: recomputed here as row dot products, O(T n h) in all.
-    DBias[prog, r] = sum over this tile's queries of dS[i, i - r + n - 1].
-    """
-    HALF: tl.constexpr = HEAD // 2
-    pid_m, pid_bh = _tile_and_head(n_tiles)
-    prog = pid_bh * n_tiles + pid_m
-    b = pid_bh // H
-    hd = pid_bh % H
-    KK += pid_bh * Tk * HEAD
-    V += b * stride_vb + hd * stride_vh
-    DO += b * stride_ob + hd * stride_oh
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    qpos = q_off + rows
-    q_offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
-    qa = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0).to(tl.float32)  # q'' from the pre-pass
-    qb = tl.load(QQ + q_offs + HALF, mask=rows[:, None] < Tq, other=0.0).to(tl.float32)
-    do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD)
-    lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
-    delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
-    half = tl.arange(0, HALF)
-    for r in range(1, 2 * n_rel - 2):
-        rel = r - (n_rel - 1)  # i - j on this diagonal
-        cols = qpos - rel - k_off
-        inside = (cols >= 0) & (cols < Tk) & (rows < Tq) & (rel <= left) & (rel >= -right)
-        # the keys' rows of RoPE(k), as the forward and the other passes multiply them
-        k_offs = cols[:, None] * HEAD + half[None, :]
-        ak = tl.load(KK + k_offs, mask=inside[:, None], other=0.0).to(tl.float32)
-        bk = tl.load(KK + k_offs + HALF, mask=inside[:, None], other=0.0).to(tl.float32)
-        logit = tl.sum(qa * ak, 1) + tl.sum(qb * bk, 1) + tl.load(Bias + r * stride_br + hd * stride_bh).to(tl.float32)
-        if HAS_PAD:
-            padded = tl.load(Pad + b * stride_pb + cols * stride_pt, mask=inside, other=1)
-            inside = inside & (padded == 0)
-        p = tl.where(inside, tl.exp2((logit - lse) * LOG2E), 0.0)
-        vrow = tl.load(V + cols[:, None] * stride_vt + tl.arange(0, HEAD)[None, :] * stride_vd,
-                       mask=inside[:, None], other=0.0).to(tl.float32)
-        ds = p * (tl.sum(do * vrow, 1) - delta)
-        tl.store(DBias + prog * (2 * n_rel - 1) + r, tl.sum(ds, 0))
-
-
-@triton.jit
 def _dq_tiles(
-    dqa, dqb, db_lo, db_hi, lo, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
+    dqa, dqb, db_lo, db_hi, db_mid, lo, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
     head_off, n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
-    HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PAD: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Accumulate d(q''_A, q''_B) and the end-row sums of dS over the key tiles lo, ... < hi.
+    """Accumulate d(q''_A, q''_B) and the bias table's sums of dS over the key tiles lo, ... < hi:
+    per query row, the end rows' (db_lo, db_hi); in a NEAR tile also the inner rows' (db_mid[d],
+    table row d + 1: the diagonal i - j = d - (n - 2)), summed over the tile's queries.
     KK: this head's RoPE(k) rows [a | b] as the forward computed them, contiguous, in the dot type."""
     DT = qa.dtype
     half = tl.arange(0, HALF)
@@ -427,10 +377,20 @@ def _dq_tiles(
         elif REGION == NEAR:
             db_lo += tl.sum(tl.where(rel <= 1 - n_rel, ds, 0.0), 1)
             db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
+            # The 2n - 3 inner rows are single diagonals: skew the tile so that diagonal d is column d
+            # (query i's entry of it sits at key column i - (d - (n - 2)) of the tile), then one sum
+            # over the queries gives every diagonal's share of this tile.
+            diag = tl.arange(0, N_DIAG)
+            col = (qpos - (k_off + start) + n_rel - 2)[:, None] - diag[None, :]
+            on = (col >= 0) & (col < BLOCK_N) & (diag < 2 * n_rel - 3)[None, :]
+            # columns off the tile wrap into it (BLOCK_N is a power of two): a gather's index must be
+            # inside, and `on` drops them
+            skewed = tl.gather(ds, col & (BLOCK_N - 1), 1)
+            db_mid += tl.sum(tl.where(on, skewed, 0.0), 0)
         ds = ds.to(DT)
         dqa = tl.dot(ds, ak, dqa, input_precision=PRECISION)
         dqb = tl.dot(ds, bk, dqb, input_precision=PRECISION)
-    return dqa, dqb, db_lo, db_hi
+    return dqa, dqb, db_lo, db_hi, db_mid
 
 
 @triton.jit
@@ -465,20 +425,20 @@ def _dq_inner_tiles(
 
 @triton.jit
 def _dq_region(
-    dqa, dqb, db_lo, db_hi, lo, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
-    head_off, n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
+    dqa, dqb, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+    stride_br, head_off, n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
-    HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PAD: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The key tiles lo, ... < hi of one region whose bias is one value (PAST, FUTURE, NO_BIAS):
     [inner_lo, inner_hi) (starts on lo's grid) by the loop with no mask, the edges by the masked one.
     A PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the first (db_lo)."""
     a = tl.minimum(tl.maximum(inner_lo, lo), hi)
     b = tl.maximum(tl.minimum(inner_hi, hi), a)
-    dqa, dqb, db_lo, db_hi = _dq_tiles(
-        dqa, dqb, db_lo, db_hi, lo, a, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off, n_rel, Pad,
-        pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD,
-        PRECISION)
+    dqa, dqb, db_lo, db_hi, db_mid = _dq_tiles(
+        dqa, dqb, db_lo, db_hi, db_mid, lo, a, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off,
+        n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION,
+        HAS_PAD, N_DIAG, PRECISION)
     bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
     if REGION == PAST:
         dqa, dqb, db_hi = _dq_inner_tiles(dqa, dqb, db_hi, a, b, qa, qb, do, lse, delta, KK, V, bias_c, stride_vt,
@@ -486,11 +446,11 @@ def _dq_region(
     else:
         dqa, dqb, db_lo = _dq_inner_tiles(dqa, dqb, db_lo, a, b, qa, qb, do, lse, delta, KK, V, bias_c, stride_vt,
                                           stride_vd, HALF, HEAD, BLOCK_N, REGION == FUTURE, PRECISION)
-    dqa, dqb, db_lo, db_hi = _dq_tiles(
-        dqa, dqb, db_lo, db_hi, b, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off, n_rel, Pad,
-        pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD,
-        PRECISION)
-    return dqa, dqb, db_lo, db_hi
+    dqa, dqb, db_lo, db_hi, db_mid = _dq_tiles(
+        dqa, dqb, db_lo, db_hi, db_mid, b, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off,
+        n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION,
+        HAS_PAD, N_DIAG, PRECISION)
+    return dqa, dqb, db_lo, db_hi, db_mid
 
 
 @triton.jit
@@ -501,13 +461,14 @@ def _attn_bwd_dq_kernel(
     stride_br, stride_bh, stride_pb, stride_pt,
     H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles,
     HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One (BLOCK_M) query tile: d(q''_A, q''_B) in the dot type (DQQ, contiguous rows [A | B]) and
-    the two end rows of dbias (the pairs with i - j <= -(n - 1) and >= n - 1; with n = 1 both are
-    row 0). Going back through P~ and RoPE, and the dP~ partials, are _attn_bwd_dq_unrotate_kernel's:
-    the loop over key tiles keeps only q'', dO and the dq'' accumulators in registers. KK: RoPE(k) as
-    the forward's RoPE(k) pass writes it, (B, H, Tk, h) contiguous in the dot type."""
+    this tile's share of dbias, DBias[tile, r] = sum of its dS over the pairs with clamp(i - j) + n - 1
+    = r (N_DIAG: a power of two at least 2n - 3, the inner rows). Going back through P~ and RoPE, and
+    the dP~ partials, are _attn_bwd_dq_unrotate_kernel's: the loop over key tiles keeps only q'', dO
+    and the dq'' accumulators in registers. KK: RoPE(k) as the forward's RoPE(k) pass writes it,
+    (B, H, Tk, h) contiguous in the dot type."""
     HALF: tl.constexpr = HEAD // 2
     DT = QQ.dtype.element_ty
     pid_m, pid_bh = _tile_and_head(n_tiles)
@@ -531,6 +492,7 @@ def _attn_bwd_dq_kernel(
     dqb = tl.zeros([BLOCK_M, HALF], tl.float32)
     db_lo = tl.zeros([BLOCK_M], tl.float32)
     db_hi = tl.zeros([BLOCK_M], tl.float32)
+    db_mid = tl.zeros([N_DIAG], tl.float32)
 
     lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
     # the key tiles no mask can bite, as the forward finds them
@@ -541,25 +503,32 @@ def _attn_bwd_dq_kernel(
     if HAS_BIAS:
         d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
                                 q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
-        dqa, dqb, db_lo, db_hi = _dq_region(
-            dqa, dqb, db_lo, db_hi, lo, d1, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+        dqa, dqb, db_lo, db_hi, db_mid = _dq_region(
+            dqa, dqb, db_lo, db_hi, db_mid, lo, d1, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
             stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
-            k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, PRECISION)
-        dqa, dqb, db_lo, db_hi = _dq_tiles(
-            dqa, dqb, db_lo, db_hi, d1, d2, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
+            k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, N_DIAG, PRECISION)
+        dqa, dqb, db_lo, db_hi, db_mid = _dq_tiles(
+            dqa, dqb, db_lo, db_hi, db_mid, d1, d2, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
             hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk,
-            left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, PRECISION)
-        dqa, dqb, db_lo, db_hi = _dq_region(
-            dqa, dqb, db_lo, db_hi, d2, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+            left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, N_DIAG, PRECISION)
+        dqa, dqb, db_lo, db_hi, db_mid = _dq_region(
+            dqa, dqb, db_lo, db_hi, db_mid, d2, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
             stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
-            k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, PRECISION)
-        tl.store(DBias + tile * 2, tl.sum(db_lo, 0))
-        tl.store(DBias + tile * 2 + 1, tl.sum(db_hi, 0))
+            k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, N_DIAG, PRECISION)
+        # with n = 1 the table is one row, which both ends share
+        n_rows = 2 * n_rel - 1
+        base = DBias + tile * n_rows
+        diag = tl.arange(0, N_DIAG)
+        tl.store(base + 1 + diag, db_mid, mask=diag < n_rows - 2)
+        db_lo = tl.sum(db_lo, 0)
+        db_hi = tl.sum(db_hi, 0)
+        tl.store(base, tl.where(n_rows == 1, db_lo + db_hi, db_lo))
+        tl.store(base + n_rows - 1, db_hi, mask=n_rows > 1)
     else:
-        dqa, dqb, db_lo, db_hi = _dq_region(
-            dqa, dqb, db_lo, db_hi, lo, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+        dqa, dqb, db_lo, db_hi, db_mid = _dq_region(
+            dqa, dqb, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
             stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
-            k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, PRECISION)
+            k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, N_DIAG, PRECISION)
 
     # Rounded to the dot type here, as the products with P~^T and [a b]^T take it anyway.
     offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
@@ -670,7 +639,6 @@ def default_blocks(h: int) -> dict:
             unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
             dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
             unrotate=dict(BLOCK_M=64, num_warps=4, num_stages=2),
-            diag=dict(BLOCK_M=64, num_warps=8, num_stages=2),
         )
     if h <= 64:
         return dict(
@@ -679,7 +647,6 @@ def default_blocks(h: int) -> dict:
             unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
             dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
             unrotate=dict(BLOCK_M=64, num_warps=8, num_stages=1),  # 2 stages spill on sm_80
-            diag=dict(BLOCK_M=32, num_warps=4, num_stages=2),  # 8 warps are capped at 128 registers: spills
         )
     return dict(
         delta=dict(BLOCK_M=64, num_warps=8, num_stages=1),  # at 4 the rotation without P spills (sm_80, sm_90)
@@ -687,8 +654,13 @@ def default_blocks(h: int) -> dict:
         unrope=dict(BLOCK_M=32, num_warps=4, num_stages=1),
         dq=dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1),  # 32 keys spill on sm_80
         unrotate=dict(BLOCK_M=16, num_warps=8, num_stages=1),
-        diag=dict(BLOCK_M=16, num_warps=4, num_stages=1),  # 8 warps are capped at 128 registers: spills
     )
+
+
+def inner_diagonals(n_rel: int) -> int:
+    """N_DIAG of the dq kernel: the 2n - 3 inner rows of a (2n - 1)-row bias table rounded up to a
+    power of two (a tile's length in Triton), at least 1."""
+    return triton.next_power_of_2(max(2 * n_rel - 3, 1))
 
 
 def kernel_blocks(h: int, kernel: str) -> dict:
@@ -772,11 +744,12 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     c = cfg["dq"]
     n_qblocks = triton.cdiv(Tq, c["BLOCK_M"])
     dqq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)  # d(q''_A, q''_B)
-    db_ends = torch.empty((B * H * n_qblocks, 2) if has_bias else (1,), dtype=torch.float32, device=dev)
+    # each query tile's share of the (2n - 1)-row bias table
+    db_part = torch.empty((B, H, n_qblocks, 2 * n_rel - 1) if has_bias else (1,), dtype=torch.float32, device=dev)
     _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
-        kk, v, do, qq, bias_t, pad_t, pad_start, lse, delta, dqq, db_ends, *strides, *scalars, n_qblocks,
-        HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PRECISION=prec,
-        num_warps=c["num_warps"], num_stages=c["num_stages"])
+        kk, v, do, qq, bias_t, pad_t, pad_start, lse, delta, dqq, db_part, *strides, *scalars, n_qblocks,
+        HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+        N_DIAG=inner_diagonals(n_rel), PRECISION=prec, num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["unrotate"]
     n_qtiles = triton.cdiv(Tq, c["BLOCK_M"])
@@ -788,15 +761,6 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         q, P, w32, s32, dqq, dq, g_q, dp_part, *q.stride(), H, Tq, q_offset, scale, n_groups,
         HEAD=h, HAS_P=has_p, BLOCK_M=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
         num_stages=c["num_stages"])
-
-    if has_bias and n_rel > 1:
-        c = cfg["diag"]
-        n_dtiles = triton.cdiv(Tq, c["BLOCK_M"])
-        db_inner = torch.zeros((B * H * n_dtiles, 2 * n_rel - 1), dtype=torch.float32, device=dev)
-        _attn_bwd_dbias_diag_kernel[(n_dtiles * B * H,)](
-            kk, v, do, qq, bias_t, pad_t, lse, delta, db_inner, *strides, *scalars, n_dtiles,
-            HEAD=h, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
-            num_stages=c["num_stages"])
 
     # Fixed-order reductions of the per-program partials.
     g = g_q.sum(0) + g_k.sum(0)  # sum_t dphi[t, m] pos[t] over queries and keys
@@ -810,15 +774,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         dP[perm[:, None], perm[None, :]] = dp_part.sum(0) / math.sqrt(h)
         Mf = M.float()
         dM = ((dP + dP.T) @ Mf).to(M.dtype)  # P = M M^T
-    dbias = None
-    if has_bias:
-        ends = db_ends.view(B, H, n_qblocks, 2).sum((0, 2))  # (H, 2)
-        table = torch.zeros((H, 2 * n_rel - 1), dtype=torch.float32, device=dev)
-        if n_rel > 1:
-            table += db_inner.view(B, H, n_dtiles, 2 * n_rel - 1).sum((0, 2))
-        table[:, 0] += ends[:, 0]
-        table[:, -1] += ends[:, 1]
-        dbias = table.T.contiguous().to(bias.dtype)
+    dbias = db_part.sum((0, 2)).T.contiguous().to(bias.dtype) if has_bias else None
     return dq, dk, dv, dM, dw, ds, dbias
 
 
@@ -848,16 +804,13 @@ def aot_specs() -> list[KernelSpec]:
                 ("unrope", _attn_bwd_unrope_kernel, dict(HEAD=h, BLOCK=g["unrope"]["BLOCK_M"])),
                 ("dq", _attn_bwd_dq_kernel, dict(
                     HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dq"]["BLOCK_M"], BLOCK_N=g["dq"]["BLOCK_N"],
-                    PRECISION="tf32")),
+                    N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION="tf32")),
                 ("dq_unrotate", _attn_bwd_dq_unrotate_kernel, dict(
                     HEAD=h, HAS_P=True, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
                 ("dq_unrotate_no_m", _attn_bwd_dq_unrotate_kernel, dict(
                     HEAD=h, HAS_P=False, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
-                ("dbias", _attn_bwd_dbias_diag_kernel, dict(
-                    HEAD=h, HAS_PAD=True, BLOCK_M=g["diag"]["BLOCK_M"], PRECISION="tf32")),
             ):
-                c = g[{"delta_no_m": "delta", "dq_unrotate": "unrotate", "dq_unrotate_no_m": "unrotate",
-                       "dbias": "diag"}.get(name, name)]
+                c = g[{"delta_no_m": "delta", "dq_unrotate": "unrotate", "dq_unrotate_no_m": "unrotate"}.get(name, name)]
                 specs.append(KernelSpec(
                     f"attention_bwd_{name}_h{h}_{dt}", fn, signature_of(fn, ptrs, ce), ce,
                     num_warps=c["num_warps"], num_stages=c["num_stages"]))
