@@ -11,6 +11,7 @@ exp2 and sin/cos on the special-function unit).
 
     python -m echo_kernels.aot            # the two tables for every kernel, both targets
     python -m echo_kernels.aot --json f   # the same as JSON
+    python -m echo_kernels.aot --sass attention_fwd_h64_bf16 --arch 90   # one launch's SASS, loops marked
 
 Kernels defined under TRITON_INTERPRET=1 are interpreter objects, so `reports()` compiles in a
 child process with the interpreter off.
@@ -312,11 +313,32 @@ def reports(arches=TARGETS) -> list[CompileReport]:
         return [CompileReport.from_dict(row) for row in json.load(open(f.name))]
 
 
+def sass_listing(name: str, arch: int) -> str:
+    """The SASS of the launch `name` (a kernel row of the report) compiled for `arch`, its main loops
+    marked (echo_kernels.sass.mark_main_loops)."""
+    spec = next((s for s in all_specs() if s.name == name), None)
+    if spec is None:
+        raise ValueError(f"no launch named {name!r}: the report's first table lists them")
+    return sass.mark_main_loops(sass.disassemble(_compile(spec, arch).asm["cubin"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(TARGETS))
     parser.add_argument("--json", help="write the reports to this file as JSON")
+    parser.add_argument("--sass", metavar="NAME", help="print the SASS of this launch, its main loops marked")
     args = parser.parse_args()
+    if args.sass:
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":  # interpreter objects do not compile: see reports()
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            sys.exit(subprocess.run([sys.executable, "-m", "echo_kernels.aot", *sys.argv[1:]], env=env).returncode)
+        for arch in args.arch:
+            try:
+                listing = sass_listing(args.sass, arch)
+            except ValueError as e:
+                parser.error(str(e))
+            print(f"// {args.sass}, sm_{arch}\n{listing}")
+        return
     rows = reports(args.arch)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,11 +1,12 @@
 """What a compiled kernel's main loops execute, read from its SASS (the GPU's own instructions).
 
-`python -m echo_kernels.aot --sass` uses it: each cubin is disassembled with the nvdisasm that Triton
+`python -m echo_kernels.aot` uses it: each cubin is disassembled with the nvdisasm that Triton
 ships, loops are found as backward branches, and the loops holding tensor-core instructions (the key
 loops of attention, the token loops of rotary) are counted: all instructions, tensor-core ones,
 synchronous global loads (LDG, which stall the warp until the data lands) against asynchronous copies
 (LDGSTS = cp.async, UTMALDG = TMA, which the compiler pipelines), and the special-function unit
 (MUFU: exp2, sin, cos). No GPU is needed: this is what the hardware would run, not how fast.
+`python -m echo_kernels.aot --sass NAME` prints one launch's SASS with those loops marked.
 """
 
 from __future__ import annotations
@@ -89,14 +90,40 @@ def count(instructions: list[Instruction]) -> LoopCounts:
     )
 
 
-def main_loops(sass: str) -> list[LoopCounts]:
-    """Counts of each outermost loop that holds tensor-core instructions, in address order (a loop
-    nested in another is counted as part of it)."""
-    instructions, labels = parse(sass)
+def main_loop_spans(instructions: list[Instruction], labels: dict[str, int]) -> list[tuple[int, int]]:
+    """(first, last) addresses of each outermost loop that holds tensor-core instructions, in address
+    order (a loop nested in another is part of it)."""
     spans = [(a, b) for a, b in loops(instructions, labels)
              if any(op.opcode.split(".")[0] in TENSOR_CORE for op in instructions if a <= op.address <= b)]
-    outermost = [(a, b) for a, b in spans if not any(c <= a and b <= d and (c, d) != (a, b) for c, d in spans)]
-    return [count([ins for ins in instructions if a <= ins.address <= b]) for a, b in outermost]
+    return [(a, b) for a, b in spans if not any(c <= a and b <= d and (c, d) != (a, b) for c, d in spans)]
+
+
+def main_loops(sass: str) -> list[LoopCounts]:
+    """Counts of each main loop (main_loop_spans), in address order."""
+    instructions, labels = parse(sass)
+    return [count([ins for ins in instructions if a <= ins.address <= b])
+            for a, b in main_loop_spans(instructions, labels)]
+
+
+def mark_main_loops(sass: str) -> str:
+    """The SASS text with a comment line before and after each main loop, the opening one with its
+    counts, numbered as the report numbers them: what to read when a loop's counts look wrong."""
+    instructions, labels = parse(sass)
+    spans = main_loop_spans(instructions, labels)
+    starts = {a: i for i, (a, _) in enumerate(spans)}
+    ends = {b: i for i, (_, b) in enumerate(spans)}
+    lines = []
+    for line in sass.splitlines():
+        found = _INSTRUCTION.match(line)
+        address = int(found.group(1), 16) if found else None
+        if address in starts:
+            i = starts[address]
+            body = [ins for ins in instructions if spans[i][0] <= ins.address <= spans[i][1]]
+            lines.append(f"        // ---- main loop {i}: {count(body)}")
+        lines.append(line)
+        if address in ends:
+            lines.append(f"        // ---- end of main loop {ends[address]}")
+    return "\n".join(lines)
 
 
 def disassemble(cubin: bytes) -> str:

@@ -1,6 +1,10 @@
 """The ahead-of-time compile report itself: a known kernel compiles for sm_80 and sm_90 and the
 report sees its tensor-core dot, its shared memory and its register use."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import triton
@@ -31,3 +35,26 @@ def test_compile_report_sees_tensor_cores(arch):
     assert 0 < report.registers <= 255
     assert report.spilled_bytes == 0
 
+
+
+def test_sass_listing_marks_the_loops_the_report_counts():
+    """`python -m echo_kernels.aot --sass NAME` (here from under the interpreter, as the tests run):
+    one launch's SASS, each main loop opened by the counts that the committed report records for it."""
+    name = "plain_attention_fwd_h64_bf16"
+    run = subprocess.run([sys.executable, "-m", "echo_kernels.aot", "--sass", name, "--arch", "90"],
+                         capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert lines[0] == f"// {name}, sm_90"
+    recorded = aot.recorded_loops(triton.__version__)[(name, 90)]
+    assert len(recorded) == 2  # the plain forward: whole key tiles, then the masked ragged one
+    opened = [line.split(": ", 1)[1] for line in lines if "// ---- main loop " in line]
+    assert opened == [str(loop) for loop in recorded]
+    assert sum("// ---- end of main loop " in line for line in lines) == len(recorded)
+    assert any("HGMMA" in line for line in lines)
+
+
+def test_sass_listing_refuses_an_unknown_launch():
+    run = subprocess.run([sys.executable, "-m", "echo_kernels.aot", "--sass", "no_such_kernel"],
+                         capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert run.returncode == 2 and "no launch named 'no_such_kernel'" in run.stderr

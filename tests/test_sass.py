@@ -63,3 +63,14 @@ def test_a_kernel_without_tensor_core_loops_has_no_main_loop():
 ])
 def test_ctas_per_sm(arch, registers, shared, warps, expected):
     assert sass.ctas_per_sm(arch, registers, shared, warps) == expected
+
+
+def test_mark_main_loops_brackets_each_main_loop_with_its_counts():
+    marked = sass.mark_main_loops(SASS).splitlines()
+    opening = [i for i, line in enumerate(marked) if "// ---- main loop 0:" in line]
+    closing = [i for i, line in enumerate(marked) if "// ---- end of main loop 0" in line]
+    assert len(opening) == 1 and len(closing) == 1
+    assert "/*0030*/" in marked[opening[0] + 1]  # the loop's first instruction, after its label
+    assert "/*00b0*/" in marked[closing[0] - 1]  # its backward branch
+    assert str(sass.main_loops(SASS)[0]) in marked[opening[0]]
+    assert [line for line in marked if "// ----" not in line] == SASS.splitlines()  # nothing else changes
