@@ -107,21 +107,24 @@ class CompileReport:
         return cls(**{**row, "main_loops": [sass.LoopCounts(**loop) for loop in row["main_loops"]]})
 
 
-def _triton_bin(tool: str) -> str:
-    import triton
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself assembles `arch` with: from 3.9 on, sm_90 takes the newer of the two it
+    ships (whose PTX version the older one refuses)."""
+    from triton.backends.nvidia import compiler
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    return compiler.get_ptxas(arch).path
 
 
 def _ptxas_usage(ptx: str) -> tuple[int, int, int]:
     """(registers, spill-store bytes, stack bytes) as `ptxas -v` reports them for this PTX, run with
     the flags Triton's own build uses (its bundled ptxas; its register-allocation workaround)."""
     target = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)
+    arch = int(re.match(r"sm_(\d+)", target).group(1))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        base = [_triton_bin("ptxas"), "-lineinfo", "-v", f"--gpu-name={target}", path, "-o", path + ".o"]
+        base = [_ptxas(arch), "-lineinfo", "-v", f"--gpu-name={target}", path, "-o", path + ".o"]
         run = subprocess.run([*base[:3], "--regAllocOptLevel=2", *base[3:]], capture_output=True, text=True)
         if run.returncode != 0:  # an older ptxas without that option
             run = subprocess.run(base, capture_output=True, text=True, check=True)
