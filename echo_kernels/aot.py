@@ -117,7 +117,7 @@ def _ptxas(arch: int) -> str:
 
 def _ptxas_usage(ptx: str) -> tuple[int, int, int]:
     """(registers, spill-store bytes, stack bytes) as `ptxas -v` reports them for this PTX, run with
-    the flags Triton's own build uses (its bundled ptxas; its register-allocation workaround)."""
+    the ptxas and flags Triton's own build uses (_ptxas; its register-allocation workaround)."""
     target = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)
     arch = int(re.match(r"sm_(\d+)", target).group(1))
     with tempfile.TemporaryDirectory() as folder:
@@ -303,16 +303,26 @@ def _compile_all(arches) -> list[CompileReport]:
             for (spec, arch), c, usage, main_loops in zip(jobs, compiled, usages, loops)]
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _without_interpreter(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`python -m echo_kernels.aot ARGS` in a child process with the interpreter off: kernels defined
+    under it are interpreter objects, which do not compile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "echo_kernels.aot", *args], env=env, **kwargs)
+
+
 def reports(arches=TARGETS) -> list[CompileReport]:
     """Compile every kernel for every target, in a child process when the interpreter is on."""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not _interpreted():
         return _compile_all(arches)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, "-m", "echo_kernels.aot", "--json", f.name, "--arch", *map(str, arches)]
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        args = ["--json", f.name, "--arch", *map(str, arches)]
+        run = _without_interpreter(args, capture_output=True, text=True)
         if run.returncode != 0:  # the compiler's own message, not just an exit status
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr[-4000:]}")
+            raise RuntimeError(f"python -m echo_kernels.aot {' '.join(args)} failed:\n{run.stderr[-4000:]}")
         return [CompileReport.from_dict(row) for row in json.load(open(f.name))]
 
 
@@ -332,9 +342,8 @@ def main() -> None:
     parser.add_argument("--sass", metavar="NAME", help="print the SASS of this launch, its main loops marked")
     args = parser.parse_args()
     if args.sass:
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":  # interpreter objects do not compile: see reports()
-            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-            sys.exit(subprocess.run([sys.executable, "-m", "echo_kernels.aot", *sys.argv[1:]], env=env).returncode)
+        if _interpreted():
+            sys.exit(_without_interpreter(sys.argv[1:]).returncode)
         for arch in args.arch:
             try:
                 listing = sass_listing(args.sass, arch)

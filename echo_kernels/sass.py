@@ -108,8 +108,8 @@ def main_loops(sass: str) -> list[LoopCounts]:
 def mark_main_loops(sass: str) -> str:
     """The SASS text with a comment line before and after each main loop, the opening one with its
     counts, numbered as the report numbers them: what to read when a loop's counts look wrong."""
-    instructions, labels = parse(sass)
-    spans = main_loop_spans(instructions, labels)
+    spans = main_loop_spans(*parse(sass))
+    counts = main_loops(sass)
     starts = {a: i for i, (a, _) in enumerate(spans)}
     ends = {b: i for i, (_, b) in enumerate(spans)}
     lines = []
@@ -117,9 +117,7 @@ def mark_main_loops(sass: str) -> str:
         found = _INSTRUCTION.match(line)
         address = int(found.group(1), 16) if found else None
         if address in starts:
-            i = starts[address]
-            body = [ins for ins in instructions if spans[i][0] <= ins.address <= spans[i][1]]
-            lines.append(f"        // ---- main loop {i}: {count(body)}")
+            lines.append(f"        // ---- main loop {starts[address]}: {counts[starts[address]]}")
         lines.append(line)
         if address in ends:
             lines.append(f"        // ---- end of main loop {ends[address]}")

@@ -36,7 +36,6 @@ def test_compile_report_sees_tensor_cores(arch):
     assert report.spilled_bytes == 0
 
 
-
 def test_sass_listing_marks_the_loops_the_report_counts():
     """`python -m echo_kernels.aot --sass NAME` (here from under the interpreter, as the tests run):
     one launch's SASS, each main loop opened by the counts that the committed report records for it."""
