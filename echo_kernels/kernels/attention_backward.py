@@ -379,10 +379,11 @@ def _dq_tiles(
             db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
             # The 2n - 3 inner rows are single diagonals: skew the tile so that diagonal d is column d
             # (query i's entry of it sits at key column i - (d - (n - 2)) of the tile), then one sum
-            # over the queries gives every diagonal's share of this tile.
+            # over the queries gives every diagonal's share of this tile. Columns d >= 2n - 3 (N_DIAG
+            # rounds up) sum end-row pairs that db_lo and db_hi already hold: the kernel does not store them.
             diag = tl.arange(0, N_DIAG)
             col = (qpos - (k_off + start) + n_rel - 2)[:, None] - diag[None, :]
-            on = (col >= 0) & (col < BLOCK_N) & (diag < 2 * n_rel - 3)[None, :]
+            on = (col >= 0) & (col < BLOCK_N)
             # columns off the tile wrap into it (BLOCK_N is a power of two): a gather's index must be
             # inside, and `on` drops them
             skewed = tl.gather(ds, col & (BLOCK_N - 1), 1)
