@@ -12,7 +12,9 @@ mask. Peers doing that same maths:
   dense additive bias (bias + band mask materialised as a (1, H, T, T) tensor);
 - on a GPU, global shapes only: plain (echo_kernels.plain_attention), flash attention with no RoPE, bias
   or window on the same tiles as the kernel: the floor, not the same maths; its ratio to the kernel is
-  what the extras cost.
+  what the extras cost;
+- on Hopper, the encoder shapes: kernel_sm80_tiles, the kernel on sm_80's tile table instead of its
+  own (docs/model.md, "Tile tables"): what sm_90's larger tiles gain.
 And the same op given M, so that what the fold saves is measured:
 - kernel_unfolded: the default order with M applied by the op (q M and k M, then the kernel);
 - kernel_rope_then_m: the reference code's order, P = M M^T folded into the kernel's queries.
@@ -26,6 +28,7 @@ encoder's T = 1500.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -158,11 +161,23 @@ def run_plain(x, window):
     return echo_kernels.plain_attention(x["q"], x["k"], x["v"])
 
 
+def sm80_tiles():
+    """The attention kernels on sm_80's tile table, whatever the GPU: forward and backward."""
+    from echo_kernels.kernels.attention_common import tiles_of
+
+    return tiles_of(80)
+
+
 IMPLS = {"kernel": run_kernel, "reference": run_reference, "compiled": run_compiled,
          "kernel_unfolded": run_kernel, "kernel_rope_then_m": run_kernel_rope_then_m}
 if ON_GPU:
     IMPLS.update(flex=run_flex, sdpa=run_sdpa, plain=run_plain)
 WITH_M = ("kernel_unfolded", "kernel_rope_then_m")  # the cases whose op is given M
+# Cases run inside a context (forward and backward): the kernel on the other tile table.
+CONTEXTS = {}
+if ON_GPU and torch.cuda.get_device_capability()[0] == 9:
+    IMPLS["kernel_sm80_tiles"] = run_kernel
+    CONTEXTS["kernel_sm80_tiles"] = sm80_tiles
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,10 +186,11 @@ WITH_M = ("kernel_unfolded", "kernel_rope_then_m")  # the cases whose op is give
 
 
 # Beyond T = 4096 the dense and chunked peers need tens of GiB: there only the kernel and Flex run.
-# The plain kernel has no window: it runs the global shapes only.
+# The plain kernel has no window: it runs the global shapes only. The other tile table runs the encoder's.
 PARAMS = [(shape, impl) for shape in SHAPES for impl in IMPLS
           if (SHAPES[shape][2] <= 4096 or impl not in ("reference", "compiled", "sdpa"))
-          and (impl != "plain" or SHAPES[shape][4] is None)]
+          and (impl != "plain" or SHAPES[shape][4] is None)
+          and (impl != "kernel_sm80_tiles" or shape.startswith("encoder"))]
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
@@ -186,9 +202,10 @@ def test_attention(benchmark, shape, impl, backward):
     do = torch.randn(B, H, T, h, device=DEVICE, dtype=DTYPE)
 
     def step():
-        out = fn(x, window)
-        if backward:
-            torch.autograd.grad(out, leaves, do)
+        with CONTEXTS.get(impl, contextlib.nullcontext)():
+            out = fn(x, window)
+            if backward:
+                torch.autograd.grad(out, leaves, do)
         if ON_GPU:
             torch.cuda.synchronize()
 

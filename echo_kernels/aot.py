@@ -1,13 +1,13 @@
 """Ahead-of-time compile of every Triton kernel for sm_80 and sm_90, on a machine without a GPU.
 
 The Triton interpreter accepts code that the GPU compiler rejects, so each kernel module lists the
-launches it makes (`aot_specs()`: signature, constexprs, warps, stages) and this module compiles them
-for real GPU targets, each specialised as triton's JIT specialises that launch at Echo's real
-shapes (unit strides as constexpr 1, integers and pointers divisible by 16 marked so), and reads
-back what matters for speed: shared memory, registers, spilled (local) bytes, CTAs per SM, whether
-`tl.dot` became tensor-core instructions (mma on sm_80, wgmma on sm_90), and what each main loop
-executes (echo_kernels.sass: instructions, tensor-core ones, synchronous vs asynchronous global loads,
-exp2 and sin/cos on the special-function unit).
+launches it makes on each target (`aot_specs(arch)`: signature, constexprs, warps, stages, from the
+target's tile table) and this module compiles them for it, each specialised as triton's JIT
+specialises that launch at Echo's real shapes (unit strides as constexpr 1, integers and pointers
+divisible by 16 marked so), and reads back what matters for speed: shared memory, registers, spilled
+(local) bytes, CTAs per SM, whether `tl.dot` became tensor-core instructions (mma on sm_80, wgmma on
+sm_90), and what each main loop executes (echo_kernels.sass: instructions, tensor-core ones,
+synchronous vs asynchronous global loads, exp2 and sin/cos on the special-function unit).
 
     python -m echo_kernels.aot            # the two tables for every kernel, both targets
     python -m echo_kernels.aot --json f   # the same as JSON
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from . import sass
 from .kernels.spec import KernelSpec
 
-# Modules whose `aot_specs()` list their kernels' launches.
+# Modules whose `aot_specs(arch)` list their kernels' launches on each target.
 KERNEL_MODULES: tuple[str, ...] = ("echo_kernels.kernels.rotary", "echo_kernels.kernels.attention",
                                    "echo_kernels.kernels.attention_backward", "echo_kernels.kernels.plain_attention")
 TARGETS = (80, 90)
@@ -99,6 +99,7 @@ class CompileReport:
     mma: bool  # tensor-core instructions of any generation
     wgmma: bool  # Hopper warpgroup MMA
     ctas_per_sm: int  # CTAs resident on one SM at once (registers, shared memory, threads)
+    launch: str  # block sizes, warps, stages: "128x64/8w/2s" (launch_shape)
     main_loops: list[sass.LoopCounts]  # the loops that hold tensor-core instructions, in address order
 
     @classmethod
@@ -145,10 +146,11 @@ def _jit_function(fn):
 
 
 def _echo_launches() -> list[tuple[object, tuple, dict]]:
-    """(kernel, args, kwargs) of every launch the launchers make at Echo's real shapes, captured and
-    not run: the medium model's width (1024) split into heads of h = 32, 64, 128, T = 1500 frames,
-    q, k, v and x as the head views of (B, T, D) projections, a bias table, a padding mask, with an M
-    and without; the decoding step (Tq = 1 against 448 cached keys); the rotary ops at every h."""
+    """(kernel, args, kwargs) of every launch the launchers make at Echo's real shapes on the tile
+    table in force (kernels.attention_common.tiles_of), captured and not run: the medium model's width
+    (1024) split into heads of h = 32, 64, 128, T = 1500 frames, q, k, v and x as the head views of
+    (B, T, D) projections, a bias table, a padding mask, with an M and without; the decoding step
+    (Tq = 1 against 448 cached keys); the rotary ops at every h."""
     import torch
     from triton.runtime.jit import JITFunction
 
@@ -230,7 +232,7 @@ def _jit_specialisation(fn, args: tuple, kwargs: dict, arch: int) -> tuple[dict,
     return signature, constexprs, attrs
 
 
-_LAUNCHES: list = []
+_LAUNCHES: dict[int, list] = {}  # arch -> _echo_launches() on its tile table, captured once
 
 
 def _compile(spec: KernelSpec, arch: int, launch: tuple[tuple, dict] | None = None):
@@ -241,11 +243,14 @@ def _compile(spec: KernelSpec, arch: int, launch: tuple[tuple, dict] | None = No
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from .kernels.attention_common import tiles_of
+
     fn = _jit_function(spec.fn)
     if launch is None:
-        if not _LAUNCHES:
-            _LAUNCHES.extend(_echo_launches())
-        found = next((found for found in _LAUNCHES if _matches(spec, *found)), None)
+        if arch not in _LAUNCHES:
+            with tiles_of(arch):
+                _LAUNCHES[arch] = _echo_launches()
+        found = next((found for found in _LAUNCHES[arch] if _matches(spec, *found)), None)
         if found is None:
             raise ValueError(f"no launch at Echo's shapes matches the AOT spec {spec.name}: its constexprs, "
                              "warps, stages or pointer types differ from every launch the launchers make")
@@ -271,7 +276,17 @@ def _report(spec: KernelSpec, arch: int, compiled, usage: tuple[int, int, int],
         wgmma="wgmma." in ptx,
         ctas_per_sm=sass.ctas_per_sm(arch, registers, compiled.metadata.shared, spec.num_warps),
         main_loops=main_loops,
+        launch=launch_shape(spec),
     )
+
+
+def launch_shape(spec: KernelSpec) -> str:
+    """The tile and launch shape of a launch, as the report prints it: its block sizes (BLOCK_M x
+    BLOCK_N; BLOCK where one axis is tiled; the rotary kernel's BLOCK_T x BLOCK_K x BLOCK_P), warps,
+    stages."""
+    c = spec.constexprs
+    sizes = [str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK", "BLOCK_T", "BLOCK_K", "BLOCK_P") if k in c]
+    return f"{'x'.join(sizes) or '-'}/{spec.num_warps}w/{spec.num_stages}s"
 
 
 def _main_loops(compiled) -> list[sass.LoopCounts]:
@@ -285,15 +300,20 @@ def compile_spec(spec: KernelSpec, arch: int, launch: tuple[tuple, dict] | None 
     return _report(spec, arch, compiled, _ptxas_usage(compiled.asm["ptx"]), _main_loops(compiled))
 
 
-def all_specs() -> list[KernelSpec]:
+def all_specs(arch: int) -> list[KernelSpec]:
+    """Every launch to compile for `arch`, at the sizes of its tile table."""
     specs = []
     for module in KERNEL_MODULES:
-        specs.extend(importlib.import_module(module).aot_specs())
+        specs.extend(importlib.import_module(module).aot_specs(arch))
     return specs
 
 
 def _compile_all(arches) -> list[CompileReport]:
-    jobs = [(spec, arch) for spec in all_specs() for arch in arches]
+    by_arch = {arch: {spec.name: spec for spec in all_specs(arch)} for arch in arches}
+    names = list(by_arch[arches[0]])
+    if any(list(specs) != names for specs in by_arch.values()):  # a report row is one launch on each target
+        raise ValueError(f"the targets {list(arches)} list launches of different names")
+    jobs = [(by_arch[arch][name], arch) for name in names for arch in arches]
     compiled = [_compile(spec, arch) for spec, arch in jobs]
     # ptxas and nvdisasm run as child processes per kernel: in parallel, one per core.
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
@@ -329,7 +349,7 @@ def reports(arches=TARGETS) -> list[CompileReport]:
 def sass_listing(name: str, arch: int) -> str:
     """The SASS of the launch `name` (a kernel row of the report) compiled for `arch`, its main loops
     marked (echo_kernels.sass.mark_main_loops)."""
-    spec = next((s for s in all_specs() if s.name == name), None)
+    spec = next((s for s in all_specs(arch) if s.name == name), None)
     if spec is None:
         raise ValueError(f"no launch named {name!r}: the report's first table lists them")
     return sass.mark_main_loops(sass.disassemble(_compile(spec, arch).asm["cubin"]))
@@ -364,13 +384,14 @@ def main() -> None:
 def table(rows: list[CompileReport], version: str) -> str:
     """The report as committed (benches/results/aot-report*.txt; recorded_spills and recorded_loops
     read it back): per launch, then per main loop of each launch."""
-    lines = [f"Triton {version}; spill = ptxas spill stores, stack = stack frame (bytes), ctas = CTAs per SM", "",
+    lines = [f"Triton {version}; spill = ptxas spill stores, stack = stack frame (bytes), "
+             "ctas = CTAs per SM, launch = block sizes / warps / stages", "",
              f"{'kernel':40} {'sm':>3} {'shared':>8} {'regs':>5} {'spill':>6} {'stack':>6} {'mma':>4} {'wgmma':>6} "
-             f"{'ctas':>5}"]
+             f"{'ctas':>5} {'launch':>16}"]
     for r in rows:
         lines.append(f"{r.name:40} {r.arch:>3} {r.shared_bytes:>8} {r.registers:>5} {r.spilled_bytes:>6} "
                      f"{r.stack_bytes:>6} {'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6} "
-                     f"{r.ctas_per_sm:>5}")
+                     f"{r.ctas_per_sm:>5} {r.launch:>16}")
     lines += ["", "Main loops (SASS, static counts per loop body): instr = all, tc = tensor-core, sync / async = "
               "global loads waited on / copied asynchronously (cp.async, TMA), ex2 and sincos on the MUFU", "",
               f"{'kernel':40} {'sm':>3} {'loop':>4} {'instr':>6} {'tc':>4} {'sync':>5} {'async':>5} {'ex2':>4} "

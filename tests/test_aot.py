@@ -57,3 +57,11 @@ def test_sass_listing_refuses_an_unknown_launch():
     run = subprocess.run([sys.executable, "-m", "echo_kernels.aot", "--sass", "no_such_kernel"],
                          capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="0"))
     assert run.returncode == 2 and "no launch named 'no_such_kernel'" in run.stderr
+
+
+def test_launch_shape_names_blocks_warps_and_stages():
+    spec = lambda **ce: aot.KernelSpec("k", _square_kernel, {}, ce, num_warps=8, num_stages=2)
+    assert aot.launch_shape(spec(HEAD=64, BLOCK_M=128, BLOCK_N=64, PRECISION="tf32")) == "128x64/8w/2s"
+    assert aot.launch_shape(spec(HEAD=64, BLOCK=32)) == "32/8w/2s"
+    assert aot.launch_shape(spec(BLOCK_T=64, BLOCK_K=128, BLOCK_P=32)) == "64x128x32/8w/2s"
+    assert aot.launch_shape(spec(N=64)) == "-/8w/2s"

@@ -57,7 +57,6 @@ from .attention_common import (
     PAST,
     _bias_arg,
     _bias_tile,
-    _blocks_for,
     _inner_keys,
     _key_ok,
     _key_range,
@@ -71,6 +70,8 @@ from .attention_common import (
     _tile_and_head,
     p_arg,
     precision,
+    tile_arch,
+    with_override,
 )
 from .spec import KernelSpec, signature_of
 
@@ -274,11 +275,23 @@ def _attn_fwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def default_blocks(h: int) -> dict:
-    """Forward tile sizes and launch shape per head width."""
-    if h <= 64:  # 8 warps: at 4 the (128, 64) tiles spill registers on sm_80 (h = 32) and sm_90 (h = 64)
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)  # 3 stages of K and V: 128 KB shared
-    return dict(BLOCK_M=128, BLOCK_N=16, num_warps=8, num_stages=2)  # 32 keys spill on sm_80
+# Forward tile sizes and launch shape per (head width, tile table: attention_common.tile_arch).
+_FORWARD_BLOCKS = {
+    # 8 warps: at 4 the (128, 64) tiles spill registers on sm_80 (h = 32)
+    (32, 80): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    (64, 80): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    (128, 80): dict(BLOCK_M=128, BLOCK_N=16, num_warps=8, num_stages=2),  # 32 keys spill
+    # twice the keys per tile: a fifth fewer loop instructions per key inside the band at h = 64
+    (32, 90): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    (64, 90): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    (128, 90): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+}
+
+
+def default_blocks(h: int, arch: int) -> dict:
+    """The forward's tiles and launch shape at head width h (a built width) on the tile table of
+    `arch`, chosen so that no launch spills registers (python -m echo_kernels.aot)."""
+    return dict(_FORWARD_BLOCKS[h, arch])
 
 
 def rotated_keys(k: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, k_offset: int, dot_type: torch.dtype,
@@ -289,10 +302,16 @@ def rotated_keys(k: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, k_offset
     B, H, Tk, h = k.shape
     kk = torch.empty((B, H, Tk, h), dtype=dot_type, device=k.device)
     n_tiles = triton.cdiv(Tk, block)
-    if kk.numel():  # a memory-bound pass: 4 warps, nothing to pipeline
+    if kk.numel():  # a memory-bound pass: nothing to pipeline
         _rope_keys_kernel[(n_tiles * B * H,)](k, w32, s32, kk, *k.stride(), H, Tk, k_offset, n_tiles, HEAD=h,
-                                              BLOCK=block, num_warps=4, num_stages=1)
+                                              BLOCK=block, num_warps=rope_keys_warps(h, block), num_stages=1)
     return kk
+
+
+def rope_keys_warps(h: int, block: int) -> int:
+    """Warps of the RoPE(k) pass: 4, and 8 for tiles past 64 x 64 elements, where 4 spill registers
+    (sm_90)."""
+    return 8 if block * h > 64 * 64 else 4
 
 
 def first_padded_key(key_padding_mask: torch.Tensor) -> torch.Tensor:
@@ -331,7 +350,7 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
     pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q)
     pad_start = first_padded_key(key_padding_mask) if has_pad else lse
-    cfg = _short_query_blocks(_blocks_for(h, default_blocks), Tq)
+    cfg = _short_query_blocks(with_override(default_blocks(h, tile_arch(q.device))), Tq)
     kk = rotated_keys(k, w32, s32, k_offset, P.dtype, cfg["BLOCK_N"])
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     _attn_fwd_kernel[(n_tiles * B * H,)](
@@ -351,19 +370,20 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
 # --------------------------------------------------------------------------------------------------
 
 
-def aot_specs() -> list[KernelSpec]:
-    """The launches of the forward kernel at its default block sizes:
+def aot_specs(arch: int) -> list[KernelSpec]:
+    """The launches of the forward kernel at the block sizes of `arch`'s tile table:
     h in {32, 64, 128}, bf16 and fp16, with a bias table (n = 15) and a key-padding mask, with M
     ("rope_then_m": P folded into q) and without (names ending in _no_m: the model's default order);
     and the RoPE(k) pass before them."""
     specs = []
     for h in ATTENTION_HEAD_WIDTHS:
         for dt in ("bf16", "fp16"):
-            f = default_blocks(h)
+            f = default_blocks(h, arch)
             ptrs = {"K": f"*{dt}", "KK": f"*{dt}", "W": "*fp32", "S": "*fp32"}
             ce = dict(HEAD=h, BLOCK=f["BLOCK_N"])
             specs.append(KernelSpec(f"attention_rope_keys_h{h}_{dt}", _rope_keys_kernel,
-                                    signature_of(_rope_keys_kernel, ptrs, ce), ce, num_warps=4, num_stages=1))
+                                    signature_of(_rope_keys_kernel, ptrs, ce), ce,
+                                    num_warps=rope_keys_warps(h, f["BLOCK_N"]), num_stages=1))
             ptrs = {n: f"*{dt}" for n in ("Q", "KK", "V", "P", "Out")}
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", PadStart="*i32", Lse="*fp32", scale="fp32")
             for has_p, suffix in ((True, ""), (False, "_no_m")):

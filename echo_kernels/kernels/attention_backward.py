@@ -58,7 +58,6 @@ from .attention_common import (
     PAST,
     _bias_arg,
     _bias_tile,
-    _blocks_for,
     _inner_keys,
     _key_ok,
     _key_range,
@@ -72,6 +71,8 @@ from .attention_common import (
     layout_perm,
     p_arg,
     precision,
+    tile_arch,
+    with_override,
 )
 from .spec import KernelSpec, signature_of
 
@@ -626,36 +627,47 @@ def _attn_bwd_dq_unrotate_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def default_blocks(h: int) -> dict:
-    """Tile sizes and launch shape of each backward kernel per head width, chosen so that none of
-    them spills registers on sm_80 or sm_90 (python -m echo_kernels.aot).
+# The memory-bound passes, per head width: the same launch on both tile tables.
+_LIGHT_BLOCKS = {
+    32: dict(delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
+             unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
+             unrotate=dict(BLOCK_M=64, num_warps=4, num_stages=2)),
+    64: dict(delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
+             unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
+             unrotate=dict(BLOCK_M=64, num_warps=8, num_stages=1)),  # 2 stages spill on sm_80
+    128: dict(delta=dict(BLOCK_M=64, num_warps=8, num_stages=1),  # at 4 the rotation without P spills
+              unrope=dict(BLOCK_M=32, num_warps=4, num_stages=1),
+              unrotate=dict(BLOCK_M=16, num_warps=8, num_stages=1)),
+}
 
-    On sm_80 a chain of dots puts every warp along the rows of the tile (16 rows each at least),
-    and each warp then holds whole copies of the second operands: hence the short query tiles of
-    dkdv (BLOCK_M, the operands' rows) and the 32-key tiles of dq."""
-    if h <= 32:
-        return dict(
-            delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
-            dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-            unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
-            dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
-            unrotate=dict(BLOCK_M=64, num_warps=4, num_stages=2),
-        )
-    if h <= 64:
-        return dict(
-            delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
-            dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-            unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
-            dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
-            unrotate=dict(BLOCK_M=64, num_warps=8, num_stages=1),  # 2 stages spill on sm_80
-        )
-    return dict(
-        delta=dict(BLOCK_M=64, num_warps=8, num_stages=1),  # at 4 the rotation without P spills (sm_80, sm_90)
-        dkdv=dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1),  # 2 stages spill on sm_80
-        unrope=dict(BLOCK_M=32, num_warps=4, num_stages=1),
-        dq=dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1),  # 32 keys spill on sm_80
-        unrotate=dict(BLOCK_M=16, num_warps=8, num_stages=1),
-    )
+# The two passes that recompute the logits, per (head width, tile table). On sm_80 a chain of dots
+# puts every warp along the rows of the tile (16 rows each at least), and each warp then holds whole
+# copies of the second operands: hence dkdv's short query tiles (BLOCK_M, those operands' rows) and
+# dq's short key tiles. sm_90's warpgroup products read that operand from shared memory, so its
+# tiles are larger: of the shapes that spill nothing, those whose loop inside the band executes the
+# fewest instructions per (query, key) pair (docs/model.md, "Tile tables").
+_HEAVY_BLOCKS = {
+    (32, 80): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+                   dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
+    (64, 80): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+                   # 64 queries: at 128 the tile takes 108 KB of shared memory, past sm_86's and sm_89's 99
+                   dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)),
+    (128, 80): dict(dkdv=dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1),  # 2 stages spill
+                    dq=dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1)),  # 32 keys spill
+    (32, 90): dict(dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                   dq=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+    (64, 90): dict(dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                   dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
+    (128, 90): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+                    dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),  # 64 keys spill
+}
+
+
+def default_blocks(h: int, arch: int) -> dict:
+    """{kernel: tile sizes and launch shape} of the backward at head width h (a built width) on the
+    tile table of `arch` (attention_common.tile_arch), chosen so that no launch spills registers
+    (python -m echo_kernels.aot)."""
+    return {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
 
 
 def inner_diagonals(n_rel: int) -> int:
@@ -664,11 +676,9 @@ def inner_diagonals(n_rel: int) -> int:
     return triton.next_power_of_2(max(2 * n_rel - 3, 1))
 
 
-def kernel_blocks(h: int, kernel: str) -> dict:
-    """default_blocks(h)[kernel], with the test override of BLOCK_M / BLOCK_N where it has them."""
-    cfg = dict(default_blocks(h)[kernel])
-    cfg.update({k: v for k, v in _blocks_for(h, lambda _: {}).items() if k in cfg})
-    return cfg
+def kernel_blocks(h: int, kernel: str, arch: int) -> dict:
+    """default_blocks(h, arch)[kernel], with the tests' BLOCK_OVERRIDE."""
+    return with_override(default_blocks(h, arch)[kernel])
 
 
 def _dq_programs_per_head(n_heads: int, n_tiles: int, device) -> int:
@@ -712,7 +722,8 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     pad_start = first_padded_key(key_padding_mask) if has_pad else lse
     scalars = (H, Tq, Tk, n_rel, left, right, q_offset, k_offset)
     prec = precision(q.dtype)
-    cfg = {name: kernel_blocks(h, name) for name in default_blocks(h)}
+    arch = tile_arch(dev)
+    cfg = {name: kernel_blocks(h, name, arch) for name in default_blocks(h, arch)}
 
     # Delta and q'' = RoPE(q) @ P~, read by the dk/dv, dq and dbias kernels.
     c = cfg["delta"]
@@ -726,7 +737,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
 
     # RoPE(k) exactly as the forward rotated it (its pass, by its key tiles): the dk/dv, dq and dbias
     # passes read these contiguous rows, and recompute the forward's very probabilities from them.
-    kk = rotated_keys(k, w32, s32, k_offset, P.dtype, _blocks_for(h, forward_blocks)["BLOCK_N"])
+    kk = rotated_keys(k, w32, s32, k_offset, P.dtype, with_override(forward_blocks(h, arch))["BLOCK_N"])
 
     c = cfg["dkdv"]
     n_kblocks = triton.cdiv(Tk, c["BLOCK_N"])
@@ -784,13 +795,14 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
 # --------------------------------------------------------------------------------------------------
 
 
-def aot_specs() -> list[KernelSpec]:
-    """The launches of the backward kernels at their default block sizes: h in {32, 64, 128}, bf16
-    and fp16, with a bias table and a key-padding mask, with M and without (names ending in _no_m)."""
+def aot_specs(arch: int) -> list[KernelSpec]:
+    """The launches of the backward kernels at the block sizes of `arch`'s tile table: h in
+    {32, 64, 128}, bf16 and fp16, with a bias table and a key-padding mask, with M and without
+    (names ending in _no_m)."""
     specs = []
     for h in ATTENTION_HEAD_WIDTHS:
         for dt in ("bf16", "fp16"):
-            g = default_blocks(h)
+            g = default_blocks(h, arch)
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "KK", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32", G="*fp32",
                         DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", PadStart="*i32", scale="fp32")

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -199,15 +201,54 @@ def p_arg(M: torch.Tensor | None, layout: str, dtype: torch.dtype, device) -> tu
     return folded_p(M, layout).to(dot_dtype(dtype)), True
 
 
+# Each kernel module's `default_blocks(h, arch)` holds two tile tables (docs/model.md, "Tile tables").
+# sm_90's warpgroup products read their second operand from shared memory, so the same registers hold
+# larger tiles there than under sm_80's mma.sync, where every warp keeps whole copies of it. The sm_80
+# table serves every GPU but Hopper, so its launches fit the 99 KB of shared memory a block gets on
+# sm_86 and sm_89.
+TILE_TABLES = (80, 90)
+_FORCED_TABLE: list[int] = []
+
+
+def tile_arch(device: torch.device) -> int:
+    """The tile table of launches on `device`: 90 on compute capability 9.x, 80 on every other GPU
+    and under the interpreter; inside `tiles_of(arch)`, arch."""
+    if _FORCED_TABLE:
+        return _FORCED_TABLE[-1]
+    if device.type != "cuda":
+        return 80
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return 90 if _major_capability(index) == 9 else 80
+
+
+@functools.lru_cache(maxsize=None)
+def _major_capability(index: int) -> int:
+    """Once per GPU: launchers ask at every call (a decoding step is a few of them)."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@contextlib.contextmanager
+def tiles_of(arch: int):
+    """Launch with the tile table of `arch` whatever the device: the ahead-of-time compile captures
+    each target's launches so, the tests run sm_90's tiles under the interpreter, and the benches
+    time sm_80's on Hopper."""
+    if arch not in TILE_TABLES:
+        raise ValueError(f"no tile table for sm_{arch}: there are {TILE_TABLES}")
+    _FORCED_TABLE.append(arch)
+    try:
+        yield
+    finally:
+        _FORCED_TABLE.pop()
+
+
 # Tests shrink the tiles (e.g. 16) so that ragged and multi-tile cases happen at small T. The one
 # override that the forward and backward launchers both read.
 BLOCK_OVERRIDE: dict = {}
 
 
-def _blocks_for(h: int, defaults) -> dict:
-    cfg = defaults(h)
-    cfg.update(BLOCK_OVERRIDE)
-    return cfg
+def with_override(blocks: dict) -> dict:
+    """One launch's row of a tile table, with the tests' BLOCK_OVERRIDE of the sizes it has."""
+    return {**blocks, **{k: v for k, v in BLOCK_OVERRIDE.items() if k in blocks}}
 
 
 def _pad_arg(key_padding_mask, like):

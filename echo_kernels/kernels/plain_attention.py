@@ -24,7 +24,7 @@ from . import ATTENTION_HEAD_WIDTHS
 from .attention import default_blocks as forward_blocks
 from .attention_backward import default_blocks as backward_blocks
 from .attention_backward import kernel_blocks
-from .attention_common import LOG2E, _blocks_for, _tile_and_head, precision
+from .attention_common import LOG2E, _tile_and_head, precision, tile_arch, with_override
 from .spec import KernelSpec, signature_of
 
 
@@ -192,7 +192,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Te
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    c = _blocks_for(h, forward_blocks)
+    c = with_override(forward_blocks(h, tile_arch(q.device)))
     n_tiles = triton.cdiv(Tq, c["BLOCK_M"])
     _plain_fwd_kernel[(n_tiles * B * H,)](
         q, k, v, out, lse, Tq, Tk, _scales(h)[0], n_tiles, HEAD=h, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
@@ -209,7 +209,7 @@ def backward(do, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.T
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     qk_scale, sm_scale = _scales(h)
-    blocks = {name: kernel_blocks(h, name) for name in ("delta", "dkdv", "dq")}
+    blocks = {name: kernel_blocks(h, name, tile_arch(q.device)) for name in ("delta", "dkdv", "dq")}
     prec = precision(q.dtype)
     c = blocks["delta"]
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
@@ -234,12 +234,13 @@ def backward(do, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.T
 # --------------------------------------------------------------------------------------------------
 
 
-def aot_specs() -> list[KernelSpec]:
-    """The plain kernels at Echo's tiles: h in {32, 64, 128}, bf16 (the floor of the bf16 rows of
+def aot_specs(arch: int) -> list[KernelSpec]:
+    """The plain kernels at Echo's tiles on `arch`'s table: h in {32, 64, 128}, bf16 (the floor of the
+    bf16 rows of
     the attention kernels in the report)."""
     specs = []
     for h in ATTENTION_HEAD_WIDTHS:
-        f, g = forward_blocks(h), backward_blocks(h)
+        f, g = forward_blocks(h, arch), backward_blocks(h, arch)
         ptrs = {n: "*bf16" for n in ("Q", "K", "V", "DO", "Out", "DQ", "DK", "DV")}
         ptrs.update(Lse="*fp32", Delta="*fp32", qk_scale="fp32", sm_scale="fp32")
         for name, fn, ce, c in (

@@ -436,9 +436,9 @@ def _spec(h: int, dtype: torch.dtype, backward: bool, layout: str = "half_split"
     )
 
 
-def aot_specs() -> list:
-    """The launches to compile ahead of time: bf16 (the speed case) at every h, forward and backward,
-    plus fp16, fp32 and the interleaved layout at h = 64."""
+def aot_specs(arch: int) -> list:
+    """The launches to compile ahead of time, the same for every target `arch`: bf16 (the speed case)
+    at every h, forward and backward, plus fp16, fp32 and the interleaved layout at h = 64."""
     specs = []
     for backward in (False, True):
         specs += [_spec(h, torch.bfloat16, backward) for h in HEAD_DIMS]

@@ -1,5 +1,5 @@
 """KernelSpec: one launch configuration of a Triton kernel, which each kernel module lists in its
-`aot_specs()` for echo_kernels.aot to compile ahead of time.
+`aot_specs(arch)` for echo_kernels.aot to compile ahead of time.
 """
 
 from __future__ import annotations
