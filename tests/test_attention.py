@@ -16,6 +16,7 @@ import triton
 
 import echo_kernels
 from echo_kernels import aot, reference
+from echo_kernels.kernels import ATTENTION_HEAD_WIDTHS
 from echo_kernels.kernels import attention as kernel
 from echo_kernels.kernels import attention_common
 from echo_kernels.kernels import attention_cpu
@@ -241,12 +242,14 @@ def test_hopper_takes_the_sm90_table_gpu():
 
 
 @pytest.mark.parametrize("window", [None, (200, 150)])
+@pytest.mark.parametrize("h", ATTENTION_HEAD_WIDTHS)
 @pytest.mark.parametrize("arch", attention_common.TILE_TABLES)
-def test_each_tile_table_matches_reference(monkeypatch, arch, window):
-    """Each table's own tiles at h = 64 (no test override): T = 300 spans several query and key tiles
-    of either, the window (200, 150) leaves key tiles wholly inside the band and cuts others, Echo's
-    bias table (n = 15) and padding in one batch only (so the other runs the unmasked loop). Output
-    and every gradient against the float64 reference, every launch taking its row of the table."""
+def test_each_tile_table_matches_reference(monkeypatch, arch, h, window):
+    """Each table's own tiles at each built head width (no test override): T = 300 spans several
+    query and key tiles of either, the window (200, 150) leaves key tiles wholly inside the band and
+    cuts others, Echo's bias table (n = 15) and padding in one batch only (so the other runs the
+    unmasked loop). Output and every gradient against the float64 reference, every launch taking its
+    row of the table."""
     from echo_kernels.kernels import ECHO_MAX_REL_DIST, attention_backward
 
     monkeypatch.setenv("ECHO_BACKEND", "triton")
@@ -255,7 +258,7 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, window):
     rows_of = attention_backward.kernel_blocks
     monkeypatch.setattr(attention_backward, "kernel_blocks",
                         lambda h, name, table: backward_tables.append(table) or rows_of(h, name, table))
-    inputs = make_inputs(B=2, H=2, Tq=300, h=64, n=ECHO_MAX_REL_DIST, pad=True)
+    inputs = make_inputs(B=2, H=2, Tq=300, h=h, n=ECHO_MAX_REL_DIST, pad=True)
     inputs["key_padding_mask"][0] = False
     inputs["M"] = None if window else inputs["M"]
     opts = dict(window=window, rotation="rope_then_m")
@@ -265,8 +268,8 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, window):
         out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
     assert rel_err(out, out_ref) < 1e-5
     assert_gradients_match(got, want, f"sm_{arch}", inputs)
-    assert forward_rows == [kernel.default_blocks(64, arch)]
-    assert backward_tables == [arch] * len(attention_backward.default_blocks(64, arch))
+    assert forward_rows == [kernel.default_blocks(h, arch)]
+    assert backward_tables == [arch] * len(attention_backward.default_blocks(h, arch))
 
 
 # --------------------------------------------------------------------------------------------------

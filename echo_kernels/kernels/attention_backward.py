@@ -644,8 +644,9 @@ _LIGHT_BLOCKS = {
 # puts every warp along the rows of the tile (16 rows each at least), and each warp then holds whole
 # copies of the second operands: hence dkdv's short query tiles (BLOCK_M, those operands' rows) and
 # dq's short key tiles. sm_90's warpgroup products read that operand from shared memory, so its
-# tiles are larger: of the shapes that spill nothing, those whose loop inside the band executes the
-# fewest instructions per (query, key) pair (docs/model.md, "Tile tables").
+# tiles can be larger: of the shapes that spill nothing under Triton 3.6, 3.8 and 3.9, those whose
+# loop inside the band executes the fewest instructions per (query, key) pair (docs/model.md,
+# "Tile tables").
 _HEAVY_BLOCKS = {
     (32, 80): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
                    dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
@@ -655,9 +656,9 @@ _HEAVY_BLOCKS = {
     (128, 80): dict(dkdv=dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1),  # 2 stages spill
                     dq=dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1)),  # 32 keys spill
     (32, 90): dict(dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-                   dq=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-    (64, 90): dict(dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-                   dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
+                   dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)),  # 64 keys spill (3.6)
+    (64, 90): dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),  # 4 warps spill (3.6)
+                   dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)),  # 64 keys spill (3.6)
     (128, 90): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
                     dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),  # 64 keys spill
 }
