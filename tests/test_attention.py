@@ -9,6 +9,7 @@ since it is slow and mostly waits on a child process.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -488,6 +489,17 @@ def test_fused_loops_against_the_plain_flash_kernel(aot_reports):
         assert unmasked, fused
         assert min(unmasked) <= bound * min(loop.per_tensor_core for loop in floor.main_loops), fused
     assert all(loop.sync_loads == 0 for loop in at["attention_bwd_dkdv_h64_bf16"].main_loops)
+
+
+def test_sm90_loops_inside_the_band_load_asynchronously(aot_reports):
+    """On sm_90's tile table, at every head width and dtype, the forward's, dk/dv's and dq's loop over
+    the key tiles inside the band waits on no global load (every tile an asynchronous copy) and runs
+    on warpgroup MMA."""
+    heavy = re.compile(r"attention_(fwd|fwd_no_m|bwd_dkdv|bwd_dq)_h\d+_(bf16|fp16)$")
+    rows = [r for r in aot_reports if r.arch == 90 and heavy.match(r.name)]
+    assert len(rows) == 4 * 2 * len(ATTENTION_HEAD_WIDTHS)
+    for r in rows:
+        assert r.wgmma and any(loop.sync_loads == 0 for loop in r.main_loops), r.name
 
 
 def test_ci_triton_attention_launches_spill_nothing():
