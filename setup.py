@@ -2,10 +2,12 @@
 
 The CPU part of the extension is always built. The CUDA part is built when torch is a CUDA build and
 a CUDA toolkit (nvcc) is found; ECHO_KERNELS_CUDA=0 or 1 forces it off or on. TORCH_CUDA_ARCH_LIST
-defaults to "8.0;9.0". The toolkit is CUDA_HOME (or CUDA_PATH) when set, else the folder of the real
-nvcc behind the one on PATH (which may be a wrapper script naming it), else /usr/local/cuda. Headers
-that torch includes but a bare toolkit lacks (cuBLAS, cuSPARSE, cuSOLVER) are taken from the pip
-packages `nvidia-*` that come with the CUDA build of torch.
+defaults to "8.0;9.0+PTX": machine code for sm_80 (which sm_86 and sm_89 run) and sm_90, and sm_90's
+PTX, which the driver compiles for newer GPUs (Blackwell) on first use. The toolkit is CUDA_HOME
+(or CUDA_PATH) when set, else the folder of the real nvcc behind the one on PATH (which may be a
+wrapper script naming it), else /usr/local/cuda. Headers that torch includes but a bare toolkit lacks
+(cuBLAS, cuSPARSE, cuSOLVER) are taken from the pip packages `nvidia-*` that come with the CUDA
+build of torch.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def extension_modules():
     if with_cuda:
         # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
         os.environ["CUDA_HOME"] = cuda_home
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     from torch.utils import cpp_extension
 
     if with_cuda:
