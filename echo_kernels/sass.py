@@ -98,18 +98,22 @@ def main_loop_spans(instructions: list[Instruction], labels: dict[str, int]) -> 
     return [(a, b) for a, b in spans if not any(c <= a and b <= d and (c, d) != (a, b) for c, d in spans)]
 
 
+def _spans_and_counts(sass: str) -> tuple[list[tuple[int, int]], list[LoopCounts]]:
+    """main_loop_spans of a listing, and the counts of each span."""
+    instructions, labels = parse(sass)
+    spans = main_loop_spans(instructions, labels)
+    return spans, [count([ins for ins in instructions if a <= ins.address <= b]) for a, b in spans]
+
+
 def main_loops(sass: str) -> list[LoopCounts]:
     """Counts of each main loop (main_loop_spans), in address order."""
-    instructions, labels = parse(sass)
-    return [count([ins for ins in instructions if a <= ins.address <= b])
-            for a, b in main_loop_spans(instructions, labels)]
+    return _spans_and_counts(sass)[1]
 
 
 def mark_main_loops(sass: str) -> str:
     """The SASS text with a comment line before and after each main loop, the opening one with its
     counts, numbered as the report numbers them: what to read when a loop's counts look wrong."""
-    spans = main_loop_spans(*parse(sass))
-    counts = main_loops(sass)
+    spans, counts = _spans_and_counts(sass)
     starts = {a: i for i, (a, _) in enumerate(spans)}
     ends = {b: i for i, (_, b) in enumerate(spans)}
     lines = []

@@ -254,11 +254,10 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, h, window):
     from echo_kernels.kernels import ECHO_MAX_REL_DIST, attention_backward
 
     monkeypatch.setenv("ECHO_BACKEND", "triton")
-    forward_rows, backward_tables = [], []
+    forward_rows, backward_rows = [], []
     monkeypatch.setattr(kernel, "with_override", lambda row: forward_rows.append(row) or dict(row))
-    rows_of = attention_backward.kernel_blocks
-    monkeypatch.setattr(attention_backward, "kernel_blocks",
-                        lambda h, name, table: backward_tables.append(table) or rows_of(h, name, table))
+    monkeypatch.setattr(attention_backward, "with_override",
+                        lambda row: backward_rows.append(row) or dict(row))
     inputs = make_inputs(B=2, H=2, Tq=300, h=h, n=ECHO_MAX_REL_DIST, pad=True)
     inputs["key_padding_mask"][0] = False
     inputs["M"] = None if window else inputs["M"]
@@ -270,7 +269,9 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, h, window):
     assert rel_err(out, out_ref) < 1e-5
     assert_gradients_match(got, want, f"sm_{arch}", inputs)
     assert forward_rows == [kernel.default_blocks(h, arch)]
-    assert backward_tables == [arch] * len(attention_backward.default_blocks(h, arch))
+    # each backward pass's row, then the forward's key tiles for the RoPE(k) pass
+    backward_table = attention_backward.default_blocks(h, arch)
+    assert backward_rows == [*backward_table.values(), kernel.default_blocks(h, arch)]
 
 
 # --------------------------------------------------------------------------------------------------

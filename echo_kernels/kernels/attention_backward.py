@@ -677,11 +677,6 @@ def inner_diagonals(n_rel: int) -> int:
     return triton.next_power_of_2(max(2 * n_rel - 3, 1))
 
 
-def kernel_blocks(h: int, kernel: str, arch: int) -> dict:
-    """default_blocks(h, arch)[kernel], with the tests' BLOCK_OVERRIDE."""
-    return with_override(default_blocks(h, arch)[kernel])
-
-
 def _dq_programs_per_head(n_heads: int, n_tiles: int, device) -> int:
     """Programs per (batch, head) for the dq unrotate kernel: about four per multiprocessor in all."""
     if device.type == "cuda":
@@ -724,7 +719,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     scalars = (H, Tq, Tk, n_rel, left, right, q_offset, k_offset)
     prec = precision(q.dtype)
     arch = tile_arch(dev)
-    cfg = {name: kernel_blocks(h, name, arch) for name in default_blocks(h, arch)}
+    cfg = {name: with_override(row) for name, row in default_blocks(h, arch).items()}
 
     # Delta and q'' = RoPE(q) @ P~, read by the dk/dv, dq and dbias kernels.
     c = cfg["delta"]

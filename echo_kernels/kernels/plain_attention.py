@@ -23,7 +23,6 @@ import triton.language as tl
 from . import ATTENTION_HEAD_WIDTHS
 from .attention import default_blocks as forward_blocks
 from .attention_backward import default_blocks as backward_blocks
-from .attention_backward import kernel_blocks
 from .attention_common import LOG2E, _tile_and_head, precision, tile_arch, with_override
 from .spec import KernelSpec, signature_of
 
@@ -209,7 +208,8 @@ def backward(do, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.T
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     qk_scale, sm_scale = _scales(h)
-    blocks = {name: kernel_blocks(h, name, tile_arch(q.device)) for name in ("delta", "dkdv", "dq")}
+    table = backward_blocks(h, tile_arch(q.device))
+    blocks = {name: with_override(table[name]) for name in ("delta", "dkdv", "dq")}
     prec = precision(q.dtype)
     c = blocks["delta"]
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
@@ -235,9 +235,8 @@ def backward(do, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def aot_specs(arch: int) -> list[KernelSpec]:
-    """The plain kernels at Echo's tiles on `arch`'s table: h in {32, 64, 128}, bf16 (the floor of the
-    bf16 rows of
-    the attention kernels in the report)."""
+    """The plain kernels at Echo's tiles on `arch`'s table: h in {32, 64, 128}, bf16 (the floor of
+    the bf16 rows of the attention kernels in the report)."""
     specs = []
     for h in ATTENTION_HEAD_WIDTHS:
         f, g = forward_blocks(h, arch), backward_blocks(h, arch)
