@@ -5,7 +5,8 @@
 // of one batch entry, held in shared memory as lines[p * kLd + lane] (position p, padded stride kLd
 // so that the transposed loads of the row-line case are free of bank conflicts). Steps are taken
 // kTile at a time: the warp stages their pairs and cos/sin in shared memory, then every lane applies
-// them to its line in order (pairs may overlap, so within a line the steps are sequential). Steps
+// them to its line in order (pairs may overlap, so within a line the steps are sequential). Each
+// tile's angles and pairs are read into registers while the tile before it is applied. Steps
 // are taken in groups of four: when the four pairs touch eight distinct rows (or two by two), their
 // loads are issued together, which shortens the chain of shared-memory round trips a lane waits on;
 // disjoint rotations commute, so the result is the same bits as one at a time.
@@ -75,25 +76,58 @@ __device__ __forceinline__ void store_lines(const acc_t* lines, dst_t* __restric
   }
 }
 
-// Stage steps t0 .. t0+nt-1: cos/sin of their angle and the shared offsets of rows i and j.
-// A bad pair (the host checks them for the CPU op and the public function; a direct call on CUDA is
-// caught here) stops the kernel with a device-side assert; in builds without asserts it is skipped.
+// One lane's share of a tile's steps as read from global memory (steps lane and lane + 32 of the tile):
+// read for the next tile before the current one is applied, so that the loads' latency hides behind
+// that work instead of stalling the warp at every tile.
+constexpr int kStepsPerLane = kTile / kLines;
+
+template <typename acc_t>
+struct StepLoads {
+  acc_t phi[kStepsPerLane];
+  int64_t i[kStepsPerLane], j[kStepsPerLane];
+};
+
+// Read steps t0 .. t0+nt-1: the angle each applies and its pair (rows i, j).
 template <bool kRows, typename acc_t>
-__device__ __forceinline__ void stage_steps(const acc_t* __restrict__ theta, const int64_t* __restrict__ pairs, int N,
-                                            int h, int t0, int nt, int lane, acc_t* tc, acc_t* ts, int* ti, int* tj) {
-  for (int u = lane; u < nt; u += kLines) {
-    const int t = t0 + u;
-    const int k = kRows ? t : N - 1 - t;
-    const acc_t phi = kRows ? -theta[k] : theta[k];
-    acc_t s, c;
-    sin_cos(phi, &s, &c);
-    tc[u] = c;
-    ts[u] = s;
-    const int64_t i = pairs[2 * k], j = pairs[2 * k + 1];
-    const bool ok = 0 <= i && i < h && 0 <= j && j < h && i != j;
-    CUDA_KERNEL_ASSERT(ok && "orthogonal_product: pairs must hold i != j, both in [0, h)");
-    ti[u] = ok ? static_cast<int>(i) * kLd : -1;
-    tj[u] = ok ? static_cast<int>(j) * kLd : -1;
+__device__ __forceinline__ StepLoads<acc_t> load_steps(const acc_t* __restrict__ theta,
+                                                       const int64_t* __restrict__ pairs, int N, int t0, int nt,
+                                                       int lane) {
+  StepLoads<acc_t> loads{};
+#pragma unroll
+  for (int r = 0; r < kStepsPerLane; ++r) {
+    const int u = lane + r * kLines;
+    if (u < nt) {
+      const int t = t0 + u;
+      const int k = kRows ? t : N - 1 - t;
+      loads.phi[r] = kRows ? -theta[k] : theta[k];
+      loads.i[r] = pairs[2 * k];
+      loads.j[r] = pairs[2 * k + 1];
+    }
+  }
+  return loads;
+}
+
+// Stage the nt steps of a tile that load_steps read: cos/sin of their angle and the shared offsets
+// of rows i and j. A bad pair (the host checks them for the CPU op and the public function; a direct
+// call on CUDA is caught here) stops the kernel with a device-side assert; in builds without asserts
+// it is skipped.
+template <typename acc_t>
+__device__ __forceinline__ void stage_steps(const StepLoads<acc_t>& loads, int h, int nt, int lane, acc_t* tc,
+                                            acc_t* ts, int* ti, int* tj) {
+#pragma unroll
+  for (int r = 0; r < kStepsPerLane; ++r) {
+    const int u = lane + r * kLines;
+    if (u < nt) {
+      acc_t s, c;
+      sin_cos(loads.phi[r], &s, &c);
+      tc[u] = c;
+      ts[u] = s;
+      const int64_t i = loads.i[r], j = loads.j[r];
+      const bool ok = 0 <= i && i < h && 0 <= j && j < h && i != j;
+      CUDA_KERNEL_ASSERT(ok && "orthogonal_product: pairs must hold i != j, both in [0, h)");
+      ti[u] = ok ? static_cast<int>(i) * kLd : -1;
+      tj[u] = ok ? static_cast<int>(j) * kLd : -1;
+    }
   }
 }
 
@@ -202,13 +236,15 @@ __global__ void __launch_bounds__(kLines)
   const acc_t* theta = thetas + b * N;
 
   load_lines<kRows>(R + b * hh, lines, h, l0, nl, lane);
+  StepLoads<acc_t> next = load_steps<kRows>(theta, pairs, N, 0, min(kTile, N), lane);
   for (int t0 = 0; t0 < N; t0 += kTile) {
     const int nt = min(kTile, N - t0);
     __syncthreads();  // the previous tile is done with tc/ts/ti/tj (and the loads are visible)
-    stage_steps<kRows>(theta, pairs, N, h, t0, nt, lane, tc, ts, ti, tj);
+    stage_steps(next, h, nt, lane, tc, ts, ti, tj);
     __syncthreads();
     group_flags(ti, tj, nt, lane, tf);
     __syncthreads();
+    if (t0 + kTile < N) next = load_steps<kRows>(theta, pairs, N, t0 + kTile, min(kTile, N - t0 - kTile), lane);
     if (lane < nl) {
       for (int u0 = 0; u0 < nt; u0 += kGroup) {
         const int f = tf[u0 / kGroup];
@@ -258,14 +294,16 @@ __global__ void __launch_bounds__(kLines)
 
   load_lines<kRows>(M + b * hh, m, h, l0, nl, lane);
   load_lines<kRows>(grad + b * hh, a, h, l0, nl, lane);
+  StepLoads<acc_t> next = load_steps<kRows>(theta, pairs, N, max(0, N - kTile), min(kTile, N), lane);
   for (int t1 = N; t1 > 0; t1 -= kTile) {
     const int t0 = max(0, t1 - kTile);
     const int nt = t1 - t0;
     __syncthreads();  // the previous tile's reduction has read part and the stage arrays
-    stage_steps<kRows>(theta, pairs, N, h, t0, nt, lane, tc, ts, ti, tj);
+    stage_steps(next, h, nt, lane, tc, ts, ti, tj);
     __syncthreads();
     group_flags(ti, tj, nt, lane, tf);
     __syncthreads();
+    if (t0 > 0) next = load_steps<kRows>(theta, pairs, N, max(0, t0 - kTile), t0 - max(0, t0 - kTile), lane);
     const bool active = lane < nl;  // every lane still writes its (zero) share of part
     for (int u0 = kGroup * ((nt - 1) / kGroup); u0 >= 0; u0 -= kGroup) {  // groups, last first
       const int f = tf[u0 / kGroup];
