@@ -19,23 +19,24 @@ And the same op given M, so that what the fold saves is measured:
 - kernel_unfolded: the default order with M applied by the op (q M and k M, then the kernel);
 - kernel_rope_then_m: the reference code's order, P = M M^T folded into the kernel's queries.
 
-Each case records, in benchmark.extra_info: TFLOP/s over the computed (kept) query-key pairs
-(4 h flops per pair forward, 2.5 times that backward), and on a GPU the peak memory beyond the
-inputs (extra_fraction_of_qkvo: beyond q, k, v, out and the gradients, over the size of q, k, v and
-out). On the CPU the kernel, the reference and its torch.compile run at small shapes and at the
+Each case records, in benchmark.extra_info: the flops of the computed (kept) query-key pairs (4 h per
+pair forward, 2.5 times that backward; the results give TFLOP/s), and on a GPU the peak memory beyond
+the inputs (extra_fraction_of_qkvo: beyond q, k, v, out and the gradients, over the size of q, k, v
+and out). On the CPU the kernel, the reference and its torch.compile run at small shapes and at the
 encoder's T = 1500.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import pytest
 import torch
 
 from echo_kernels import reference
-from harness import TINY, record
+from harness import TINY, alternating_rounds, record, run_timed
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -187,50 +188,62 @@ if ON_GPU and torch.cuda.get_device_capability()[0] == 9:
 
 # Beyond T = 4096 the dense and chunked peers need tens of GiB: there only the kernel and Flex run.
 # The plain kernel has no window: it runs the global shapes only. The other tile table runs the encoder's.
-PARAMS = [(shape, impl) for shape in SHAPES for impl in IMPLS
-          if (SHAPES[shape][2] <= 4096 or impl not in ("reference", "compiled", "sdpa"))
-          and (impl != "plain" or SHAPES[shape][4] is None)
-          and (impl != "kernel_sm80_tiles" or shape.startswith("encoder"))]
+def _impls(shape: str) -> list[str]:
+    return [impl for impl in IMPLS
+            if (SHAPES[shape][2] <= 4096 or impl not in ("reference", "compiled", "sdpa"))
+            and (impl != "plain" or SHAPES[shape][4] is None)
+            and (impl != "kernel_sm80_tiles" or shape.startswith("encoder"))]
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("shape,impl", PARAMS, ids=[f"{s}-{i}" for s, i in PARAMS])
-def test_attention(benchmark, shape, impl, backward):
+# The ways of one shape take turns, round by round (harness.alternating_rounds), each round CALLS timed
+# calls: timed one after the other, a shared CPU's drift made the kernel look 20% slower than itself
+# given an M. The first round of each way also compiles, autotunes and warms up, untimed.
+ROUNDS, CALLS = (4, 5) if ON_GPU else (3, 1)
+PARAMS = [pytest.param(shape, backward, *way.values, id=f"{shape}-{way.id}-{'fwd_bwd' if backward else 'fwd'}")
+          for shape in SHAPES for backward in (False, True) for way in alternating_rounds(_impls(shape), ROUNDS)]
+
+
+@functools.lru_cache(maxsize=2)
+def _case_inputs(shape: str, backward: bool, with_m: bool):
+    """The inputs of a shape's cases, made once for all their rounds (one shape's rounds run together)."""
+    B, H, T, h, _ = SHAPES[shape]
+    x, leaves = make_inputs(B, H, T, h, requires_grad=backward, with_m=with_m)
+    return x, leaves, torch.randn(B, H, T, h, device=DEVICE, dtype=DTYPE)
+
+
+@pytest.mark.parametrize("shape,backward,impl,round_", PARAMS)
+def test_attention(benchmark, shape, backward, impl, round_):
     B, H, T, h, window = SHAPES[shape]
-    x, leaves = make_inputs(B, H, T, h, requires_grad=backward, with_m=impl in WITH_M)
+    x, leaves, do = _case_inputs(shape, backward, impl in WITH_M)
     fn = IMPLS[impl]
-    do = torch.randn(B, H, T, h, device=DEVICE, dtype=DTYPE)
 
     def step():
         with CONTEXTS.get(impl, contextlib.nullcontext)():
             out = fn(x, window)
             if backward:
                 torch.autograd.grad(out, leaves, do)
-        if ON_GPU:
-            torch.cuda.synchronize()
 
     benchmark.group = f"attention {shape} {'fwd+bwd' if backward else 'fwd'} {str(DTYPE)[6:]}"
-    step()  # compile / autotune / warm caches outside the timing
     peak = None
-    if ON_GPU:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        peak = torch.cuda.max_memory_allocated() - base
-    benchmark.pedantic(step, rounds=20 if ON_GPU else 3, warmup_rounds=2 if ON_GPU else 1)
+    if round_ == 0:
+        step()  # compile / autotune / warm caches outside the timing
+        if ON_GPU:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+    run_timed(benchmark, step, rounds=CALLS, warmup_rounds=(2 if ON_GPU else 1) if round_ == 0 else 0)
 
-    flops = 4 * h * B * H * kept_pairs(T, window) * (3.5 if backward else 1.0)
-    seconds = benchmark.stats.stats.median
     out_bytes = B * H * T * h * x["q"].element_size()
-    # What a call needs beyond q, k, v and out (and, backward, the gradients it returns).
+    # What a call needs beyond q, k, v and out (and, backward, the gradients it returns): round 0's.
     extra = None if peak is None else peak - out_bytes * (4 if backward else 1)
     record(
         benchmark,
         role="ours" if impl == "kernel" else "peer",
         case=impl,
-        flops=flops,
-        tflops=flops / seconds / 1e12,
+        flops=4 * h * B * H * kept_pairs(T, window) * (3.5 if backward else 1.0),
         peak_bytes_beyond_inputs=peak,
         extra_fraction_of_qkvo=None if extra is None else extra / (4 * out_bytes),
         shape=dict(B=B, H=H, T=T, h=h, window=window, dtype=str(DTYPE)),

@@ -165,11 +165,13 @@ def _rounds_merged(rows: list[dict]) -> list[dict]:
 
 
 def _with_fractions(row: dict) -> dict:
-    """row with what its median makes of the device's copy bandwidth and matrix rate."""
+    """row with what its median makes of the device's copy bandwidth and matrix rate (and the TFLOP/s
+    it reaches)."""
     limits = ceilings()
     if row.get("bytes"):
         row["bandwidth_fraction"] = row["bytes"] / row["median_s"] / limits["copy_bandwidth"]
     if row.get("flops"):
+        row["tflops"] = row["flops"] / row["median_s"] / 1e12
         row["flops_fraction"] = row["flops"] / row["median_s"] / limits["matmul_flops"]
     return row
 

@@ -41,4 +41,6 @@ def test_rounds_of_a_way_merge_into_one_row_with_the_median_of_all_its_times(mon
         ("g", "ours", 2.0), ("g", "peer", 5.0), ("h", "ours", 7.0)]
     assert merged[0]["times_s"] == [3.0, 1.0] and merged[1]["times_s"] == [5.0, 4.0, 9.0]
     assert merged[0]["flops_fraction"] == pytest.approx(2e12 / 2.0 / 1e12)
+    assert merged[0]["tflops"] == pytest.approx(2e12 / 2.0 / 1e12)  # from the merged median, not a round's
+    assert "tflops" not in merged[1]  # no flops given
     assert rows[0]["times_s"] == [3.0] and "times_s" not in rows[4]  # the rows given are left as they were
