@@ -356,6 +356,8 @@ GPU_CASES = [
     (100, 300, "disjoint", (5,), ()),
     (128, 8128, "all", (2,), (2,)),
     (256, 1000, "random", (3,), (3,)),
+    # about the kernel's 64-step tiles, each read while the one before it is applied
+    *[(32, n, "random", (2,), (2,)) for n in (63, 64, 65, 128, 129)],
 ]
 
 
