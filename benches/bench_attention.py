@@ -14,7 +14,10 @@ mask. Peers doing that same maths:
   or window on the same tiles as the kernel: the floor, not the same maths; its ratio to the kernel is
   what the extras cost;
 - on Hopper, the encoder shapes: kernel_sm80_tiles, the kernel on sm_80's tile table instead of its
-  own (docs/model.md, "Tile tables"): what sm_90's larger tiles gain.
+  own (docs/model.md, "Tile tables"): what sm_90's larger tiles gain;
+- on a GPU, forward and backward: kernel_other_dq, the kernel with the dk/dv pass summing dq where
+  its tile table has the dq pass do it, or the other way round (docs/model.md, "Backward
+  passes"): the two backward shapes, timed against each other.
 And the same op given M, so that what the fold saves is measured:
 - kernel_unfolded: the default order with M applied by the op (q M and k M, then the kernel);
 - kernel_rope_then_m: the reference code's order, P = M M^T folded into the kernel's queries.
@@ -169,6 +172,15 @@ def sm80_tiles():
     return tiles_of(80)
 
 
+def other_dq_summing():
+    """The backward summing dq the other way from its tile table's (kernels.attention_backward)."""
+    from echo_kernels.kernels import attention_backward
+    from echo_kernels.kernels.attention_common import tile_arch
+
+    table = tile_arch(torch.device(DEVICE))
+    return attention_backward.dq_in_key_pass(not attention_backward.DQ_IN_KEY_PASS[table])
+
+
 IMPLS = {"kernel": run_kernel, "reference": run_reference, "compiled": run_compiled,
          "kernel_unfolded": run_kernel, "kernel_rope_then_m": run_kernel_rope_then_m}
 if ON_GPU:
@@ -179,6 +191,9 @@ CONTEXTS = {}
 if ON_GPU and torch.cuda.get_device_capability()[0] == 9:
     IMPLS["kernel_sm80_tiles"] = run_kernel
     CONTEXTS["kernel_sm80_tiles"] = sm80_tiles
+if ON_GPU:
+    IMPLS["kernel_other_dq"] = run_kernel
+    CONTEXTS["kernel_other_dq"] = other_dq_summing
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,11 +203,13 @@ if ON_GPU and torch.cuda.get_device_capability()[0] == 9:
 
 # Beyond T = 4096 the dense and chunked peers need tens of GiB: there only the kernel and Flex run.
 # The plain kernel has no window: it runs the global shapes only. The other tile table runs the encoder's.
-def _impls(shape: str) -> list[str]:
+# The other way of summing dq changes the backward only.
+def _impls(shape: str, backward: bool) -> list[str]:
     return [impl for impl in IMPLS
             if (SHAPES[shape][2] <= 4096 or impl not in ("reference", "compiled", "sdpa"))
             and (impl != "plain" or SHAPES[shape][4] is None)
-            and (impl != "kernel_sm80_tiles" or shape.startswith("encoder"))]
+            and (impl != "kernel_sm80_tiles" or shape.startswith("encoder"))
+            and (impl != "kernel_other_dq" or backward)]
 
 
 # The ways of one shape take turns, round by round (harness.alternating_rounds), each round CALLS timed
@@ -200,7 +217,8 @@ def _impls(shape: str) -> list[str]:
 # given an M. The first round of each way also compiles, autotunes and warms up, untimed.
 ROUNDS, CALLS = (4, 5) if ON_GPU else (3, 1)
 PARAMS = [pytest.param(shape, backward, *way.values, id=f"{shape}-{way.id}-{'fwd_bwd' if backward else 'fwd'}")
-          for shape in SHAPES for backward in (False, True) for way in alternating_rounds(_impls(shape), ROUNDS)]
+          for shape in SHAPES for backward in (False, True)
+          for way in alternating_rounds(_impls(shape, backward), ROUNDS)]
 
 
 @functools.lru_cache(maxsize=2)

@@ -180,7 +180,9 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
                     for M in (torch.randn(h, h), None):
                         args = (M, w, s, bias, pad[:, :Tk], left, right, q_off, 0, "half_split")
                         out, lse = attn.forward(q, k, v, *args)
-                        attn_bwd.backward(torch.randn_like(out), q, k, v, out, lse, *args)
+                        for dq_in_key_pass in (False, True):  # both ways of summing dq
+                            with attn_bwd.dq_in_key_pass(dq_in_key_pass):
+                                attn_bwd.backward(torch.randn_like(out), q, k, v, out, lse, *args)
         for h in rotary.HEAD_DIMS:
             for dt, layout in [(torch.bfloat16, "half_split")] + ([(torch.float16, "half_split"), (
                     torch.float32, "half_split"), (torch.bfloat16, "interleaved")] if h == 64 else []):
@@ -392,8 +394,9 @@ def table(rows: list[CompileReport], version: str) -> str:
         lines.append(f"{r.name:40} {r.arch:>3} {r.shared_bytes:>8} {r.registers:>5} {r.spilled_bytes:>6} "
                      f"{r.stack_bytes:>6} {'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6} "
                      f"{r.ctas_per_sm:>5} {r.launch:>16}")
-    lines += ["", "Main loops (SASS, static counts per loop body): instr = all, tc = tensor-core, sync / async = "
-              "global loads waited on / copied asynchronously (cp.async, TMA), ex2 and sincos on the MUFU", "",
+    lines += ["", "Main loops (SASS, the innermost loops with tensor-core instructions, static counts per "
+              "loop body): instr = all, tc = tensor-core, sync / async = global loads waited on / copied "
+              "asynchronously (cp.async, TMA), ex2 and sincos on the MUFU", "",
               f"{'kernel':40} {'sm':>3} {'loop':>4} {'instr':>6} {'tc':>4} {'sync':>5} {'async':>5} {'ex2':>4} "
               f"{'sincos':>6} {'instr/tc':>8}"]
     for r in rows:

@@ -91,11 +91,13 @@ def count(instructions: list[Instruction]) -> LoopCounts:
 
 
 def main_loop_spans(instructions: list[Instruction], labels: dict[str, int]) -> list[tuple[int, int]]:
-    """(first, last) addresses of each outermost loop that holds tensor-core instructions, in address
-    order (a loop nested in another is part of it)."""
+    """(first, last) addresses of each innermost loop that holds tensor-core instructions, in address
+    order: a loop around such loops (a program's loop over its tiles, each with its own loops over the
+    other operand) is not one, its inner loops are; a loop without tensor-core instructions nested in
+    one is part of it."""
     spans = [(a, b) for a, b in loops(instructions, labels)
              if any(op.opcode.split(".")[0] in TENSOR_CORE for op in instructions if a <= op.address <= b)]
-    return [(a, b) for a, b in spans if not any(c <= a and b <= d and (c, d) != (a, b) for c, d in spans)]
+    return [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
 
 
 def _spans_and_counts(sass: str) -> tuple[list[tuple[int, int]], list[LoopCounts]]:

@@ -19,7 +19,7 @@ import echo_kernels
 from echo_kernels import aot, reference
 from echo_kernels.kernels import ATTENTION_HEAD_WIDTHS
 from echo_kernels.kernels import attention as kernel
-from echo_kernels.kernels import attention_common
+from echo_kernels.kernels import attention_backward, attention_common
 from echo_kernels.kernels import attention_cpu
 
 from attention_cases import (CASES, GRAD_NAMES, ROTATIONS, assert_gradients_match, call, case_inputs, cast, grads,
@@ -163,15 +163,18 @@ def _assert_low_precision_gradients(inputs, do, dtype, **opts):
         assert err < tol, (name, err, tol)
 
 
+@pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
 @pytest.mark.parametrize("case", GRAD_CASES)
-def test_gradients_match_reference(use_triton, case):
+def test_gradients_match_reference(use_triton, case, dq_in_key_pass):
+    """Every gradient against the float64 reference, dq summed by the dq pass and by the dk/dv pass."""
     layout = "interleaved" if case in ("window_left_right", "n1") else "half_split"
     rotation = ROTATIONS[GRAD_CASES.index(case) % 3]
     inputs = case_inputs(case, rotation, B=2)
     B, H, Tq, h = inputs["q"].shape
     do = torch.randn(B, H, Tq, h, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     _, want = grads(reference.echo_attention, inputs, torch.float64, do, **options(case, layout, rotation))
-    _, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **options(case, layout, rotation))
+    with attention_backward.dq_in_key_pass(dq_in_key_pass):
+        _, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **options(case, layout, rotation))
     assert ("M" in got) == (rotation != "no_m")
     assert_gradients_match(got, want, case, inputs)
 
@@ -207,13 +210,45 @@ def test_gradients_fp16(use_triton):
     _assert_low_precision_gradients(inputs, do, torch.float16, **options("causal_window"))
 
 
-def test_backward_is_deterministic(use_triton):
+@pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
+def test_backward_is_deterministic(use_triton, dq_in_key_pass):
     inputs = make_inputs(B=2, Tq=40, pad=True)
     do = torch.randn(2, 2, 40, 32, dtype=torch.float64)
-    _, first = grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=8)
-    _, second = grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=8)
+    with attention_backward.dq_in_key_pass(dq_in_key_pass):
+        _, first = grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=8)
+        _, second = grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=8)
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+def test_key_pass_sums_dq_by_groups_of_key_tiles(use_triton, monkeypatch):
+    """The dk/dv pass summing dq, one (batch, head) split into 3 programs of key tiles (5 tiles: 2, 2
+    and 1), each with its own dq sum: no dq pass launches (each pass takes its row once), every
+    gradient matches the float64 reference, and a second run gives the same bits."""
+    groups, rows = [], []
+    monkeypatch.setattr(attention_backward, "_multiprocessors", lambda device: 3)
+    count = attention_backward._key_groups_per_head
+    monkeypatch.setattr(attention_backward, "_key_groups_per_head",
+                        lambda *args: groups.append(count(*args)) or groups[-1])
+    launch = attention_backward.with_override
+    monkeypatch.setattr(attention_backward, "with_override", lambda row: rows.append(row) or launch(row))
+    arch = attention_common.tile_arch(torch.device(DEVICE))
+    T = 5 * (attention_backward._KEY_PASS_BLOCKS[32, arch]["BLOCK_N"] if ON_GPU else 16) - 10
+    inputs = make_inputs(B=1, H=1, Tq=T, pad=True)
+    do = torch.randn(1, 1, T, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    opts = dict(window=(T // 3, T // 7), rotation="rope_then_m")
+    _, want = grads(reference.echo_attention, inputs, torch.float64, do, **opts)
+    with attention_backward.dq_in_key_pass(True):
+        _, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
+        _, again = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
+    assert groups == [3, 3]
+    table = attention_backward._LIGHT_BLOCKS[32]
+    key_pass = attention_backward._KEY_PASS_BLOCKS[32, arch]
+    assert rows[:4] == [table["delta"], table["unrope"], table["unrotate"], key_pass]
+    assert len(rows) == 10  # and the forward's RoPE(k) row, each run
+    assert_gradients_match(got, want, "groups", inputs)
+    for name in got:
+        assert torch.equal(got[name], again[name]), name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,16 +277,17 @@ def test_hopper_takes_the_sm90_table_gpu():
     assert attention_common.tile_arch(torch.device("cuda")) == (90 if major == 9 else 80)
 
 
+@pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
 @pytest.mark.parametrize("window", [None, (200, 150)])
 @pytest.mark.parametrize("h", ATTENTION_HEAD_WIDTHS)
 @pytest.mark.parametrize("arch", attention_common.TILE_TABLES)
-def test_each_tile_table_matches_reference(monkeypatch, arch, h, window):
-    """Each table's own tiles at each built head width (no test override): T = 300 spans several
-    query and key tiles of either, the window (200, 150) leaves key tiles wholly inside the band and
-    cuts others, Echo's bias table (n = 15) and padding in one batch only (so the other runs the
-    unmasked loop). Output and every gradient against the float64 reference, every launch taking its
-    row of the table."""
-    from echo_kernels.kernels import ECHO_MAX_REL_DIST, attention_backward
+def test_each_tile_table_matches_reference(monkeypatch, arch, h, window, dq_in_key_pass):
+    """Each table's own tiles at each built head width (no test override), dq summed either way: T =
+    300 spans several query and key tiles of either, the window (200, 150) leaves key tiles wholly
+    inside the band and cuts others, Echo's bias table (n = 15) and padding in one batch only (so the
+    other runs the unmasked loop). Output and every gradient against the float64 reference, every
+    launch taking its row of the table."""
+    from echo_kernels.kernels import ECHO_MAX_REL_DIST
 
     monkeypatch.setenv("ECHO_BACKEND", "triton")
     forward_rows, backward_rows = [], []
@@ -264,13 +300,14 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, h, window):
     opts = dict(window=window, rotation="rope_then_m")
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     out_ref, want = grads(reference.echo_attention, inputs, torch.float64, do, **opts)
-    with attention_common.tiles_of(arch):
+    with attention_common.tiles_of(arch), attention_backward.dq_in_key_pass(dq_in_key_pass):
         out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
+        backward_table = attention_backward.default_blocks(h, arch)
     assert rel_err(out, out_ref) < 1e-5
     assert_gradients_match(got, want, f"sm_{arch}", inputs)
     assert forward_rows == [kernel.default_blocks(h, arch)]
+    assert ("dq" in backward_table) != dq_in_key_pass
     # each backward pass's row, then the forward's key tiles for the RoPE(k) pass
-    backward_table = attention_backward.default_blocks(h, arch)
     assert backward_rows == [*backward_table.values(), kernel.default_blocks(h, arch)]
 
 
@@ -279,12 +316,15 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, h, window):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
 @pytest.mark.parametrize("window", [None, 256])
-def test_encoder_shape_bf16_gpu(use_triton, window):
-    """Echo encoder head width at T = 1500 in bf16, forward and gradients, against the reference."""
+def test_encoder_shape_bf16_gpu(use_triton, window, dq_in_key_pass):
+    """Echo encoder head width at T = 1500 in bf16, forward and gradients, against the reference,
+    dq summed either way."""
     inputs = make_inputs(B=2, H=4, Tq=1500, h=64, n=15, pad=True)
     do = torch.randn(2, 4, 1500, 64, dtype=torch.float64)
-    _assert_low_precision_gradients(inputs, do, torch.bfloat16, window=window)
+    with attention_backward.dq_in_key_pass(dq_in_key_pass):
+        _assert_low_precision_gradients(inputs, do, torch.bfloat16, window=window)
 
 
 @pytest.mark.gpu
@@ -429,7 +469,7 @@ def test_aot_compile_report(aot_reports):
     recorded_loops = aot.recorded_loops(triton.__version__)
     forward = [r for r in rows if r.name.startswith("attention_fwd_")]
     assert forward and all(r.main_loops and all(c.tensor_core > 0 for c in r.main_loops) for r in forward)
-    parts = ("rope_keys", "fwd", "bwd_delta", "bwd_dkdv", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate",
+    parts = ("rope_keys", "fwd", "bwd_delta", "bwd_dkdv", "bwd_dkdv_dq", "bwd_unrope", "bwd_dq", "bwd_dq_unrotate",
              "fwd_no_m", "bwd_delta_no_m", "bwd_dq_unrotate_no_m")
     for h in (32, 64, 128):
         for dt in ("bf16", "fp16"):
@@ -463,14 +503,17 @@ SHARED_PER_BLOCK = {80: 99 * 1024, 90: 227 * 1024}
 
 
 def test_aot_compiles_the_bias_diagonals_of_echos_table():
-    """The report's launches carry the bias table of Echo's default configuration, so the dq kernel's
-    diagonal sums are compiled at the width the model runs them (2n - 3 = 27 rows in a 32-wide tile)."""
+    """The report's launches carry the bias table of Echo's default configuration, so the diagonal sums
+    of the dq kernel and of the dk/dv kernel summing dq are compiled at the width the model runs them
+    (2n - 3 = 27 rows in a 32-wide tile)."""
     from echo import EchoConfig
-    from echo_kernels.kernels import ECHO_MAX_REL_DIST, attention_backward
+    from echo_kernels.kernels import ECHO_MAX_REL_DIST
 
     assert ECHO_MAX_REL_DIST == EchoConfig().max_rel_dist
-    dq = [s for arch in aot.TARGETS for s in aot.all_specs(arch) if s.name.startswith("attention_bwd_dq_h")]
-    assert dq and all(s.constexprs["N_DIAG"] == 32 for s in dq)
+    summing = [s for arch in aot.TARGETS for s in aot.all_specs(arch)
+               if s.name.startswith(("attention_bwd_dq_h", "attention_bwd_dkdv_dq_h"))]
+    assert len(summing) == 2 * 2 * 2 * len(ATTENTION_HEAD_WIDTHS)  # 2 kernels, 2 dtypes, 2 targets
+    assert all(s.constexprs["N_DIAG"] == 32 for s in summing)
     assert [attention_backward.inner_diagonals(n) for n in (1, 2, 3, 15, 16, 17)] == [1, 1, 4, 32, 32, 32]
 
 
@@ -490,6 +533,29 @@ def test_fused_loops_against_the_plain_flash_kernel(aot_reports):
         assert unmasked, fused
         assert min(unmasked) <= bound * min(loop.per_tensor_core for loop in floor.main_loops), fused
     assert all(loop.sync_loads == 0 for loop in at["attention_bwd_dkdv_h64_bf16"].main_loops)
+
+
+def _warp_instructions_per_pair(report) -> float:
+    """Warp-instructions per (query, key) pair of a pass's loop over the tiles inside the band, the
+    fewest of its main loops' (one tile of BLOCK_M x BLOCK_N pairs per iteration, num_warps warps)."""
+    tiles, warps = report.launch.split("/")[:2]
+    rows, cols = map(int, tiles.split("x"))
+    return min(loop.instructions for loop in report.main_loops) * int(warps[:-1]) / (rows * cols)
+
+
+def test_key_pass_against_the_dkdv_and_dq_passes(aot_reports):
+    """The dk/dv pass summing dq, statically (sm_90, bf16, h = 32 and 64, docs/model.md, "Backward
+    passes"): every loop loads its query tiles asynchronously and runs on warpgroup MMA, and the one
+    inside the band executes fewer warp-instructions per (query, key) pair than the dk/dv and dq
+    passes' together, by at least a fifth (it makes five products where they make seven). Its
+    synchronous loads are the dq sums it adds to."""
+    at = {r.name: r for r in aot_reports if r.arch == 90}
+    for h in (32, 64):
+        key_pass = at[f"attention_bwd_dkdv_dq_h{h}_bf16"]
+        assert key_pass.wgmma and all(loop.async_loads > 0 for loop in key_pass.main_loops)
+        two_passes = (_warp_instructions_per_pair(at[f"attention_bwd_dkdv_h{h}_bf16"])
+                      + _warp_instructions_per_pair(at[f"attention_bwd_dq_h{h}_bf16"]))
+        assert _warp_instructions_per_pair(key_pass) < 0.8 * two_passes, h
 
 
 def test_sm90_loops_inside_the_band_load_asynchronously(aot_reports):

@@ -75,7 +75,8 @@ class _GridRecorder:
         return self.fn[grid]
 
 
-def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch):
+@pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
+def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch, dq_in_key_pass):
     """CUDA caps a grid's second and third axes at 65535, which B * H can pass; the first takes 2**31 - 1."""
     grids = []
     for module, names in ((kernel, ["_rope_keys_kernel", "_attn_fwd_kernel"]),
@@ -84,8 +85,10 @@ def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch):
             monkeypatch.setattr(module, name, _GridRecorder(getattr(module, name), grids))
     inputs = make_inputs(B=2, H=3, Tq=20, h=32, n=4, pad=True)
     do = torch.randn(2, 3, 20, 32, dtype=torch.float64)
-    grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=5, rotation="rope_then_m")
-    assert len(grids) == 8  # RoPE(k), forward, delta, RoPE(k) again, dkdv, unrope, dq (with dbias), dq_unrotate
+    with kernel_bwd.dq_in_key_pass(dq_in_key_pass):
+        grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=5, rotation="rope_then_m")
+    # RoPE(k), forward, delta, RoPE(k) again, dkdv, unrope, dq (with dbias; not when dkdv sums dq), dq_unrotate
+    assert len(grids) == (7 if dq_in_key_pass else 8)
     assert all(len(grid) == 1 for grid in grids), grids
     assert all(grid[0] % (2 * 3) == 0 for grid in grids), grids  # every (batch, head) has its programs
 
@@ -103,26 +106,30 @@ def test_more_batch_heads_than_a_grid_axis_holds_gpu(use_triton):
 
 
 @pytest.mark.skipif(ON_GPU, reason="watches the interpreter run the kernels' Python; on a GPU the report shows the loops")
+@pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
 @pytest.mark.parametrize("padding, inner_keys", [(None, 64), ("suffix", 32), ("first", 0)])
-def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, padding, inner_keys):
+def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, padding, inner_keys,
+                                                     dq_in_key_pass):
     """Global attention, 64 queries and keys in 16-wide tiles, n = 2: the forward's, dq's and dk/dv's
     loops with no mask each take exactly the (query tile, key tile) pairs off the diagonal (where the
     bias is one value) whose key tile lies before the first padded key (none padded: 4 key tiles;
-    padded from key 40 on: 2; key 0 padded: none), and values and gradients are the reference's."""
+    padded from key 40 on: 2; key 0 padded: none), and values and gradients are the reference's. When
+    the dk/dv pass sums dq, its loop takes them and the dq pass does not run."""
     visits = {"forward": 0, "dq": 0, "dkdv": 0}
 
-    def watch(module, name, part):
+    def watch(module, name, part, lo_at):
         inner = getattr(module, name)
 
-        def watched(a, b, c, lo, hi, *rest):
+        def watched(*args):
+            lo, hi = args[lo_at], args[lo_at + 1]  # the tile range, after the accumulators
             visits[part] += (int(hi.handle.data[0]) - int(lo.handle.data[0])) // 16
-            return inner(a, b, c, lo, hi, *rest)
+            return inner(*args)
 
         monkeypatch.setattr(module, name, watched)
 
-    watch(kernel, "_fwd_inner_tiles", "forward")
-    watch(kernel_bwd, "_dq_inner_tiles", "dq")
-    watch(kernel_bwd, "_dkdv_inner_tiles", "dkdv")
+    watch(kernel, "_fwd_inner_tiles", "forward", 3)
+    watch(kernel_bwd, "_dq_inner_tiles", "dq", 3)
+    watch(kernel_bwd, "_dkdv_inner_tiles", "dkdv", 4)
     inputs = make_inputs(B=1, Tq=64, n=2)
     if padding is not None:
         mask = torch.zeros(1, 64, dtype=torch.bool)
@@ -131,9 +138,10 @@ def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, p
         inputs["key_padding_mask"] = mask
     do = torch.randn(1, 2, 64, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     want_out, want = grads(reference.echo_attention, inputs, torch.float64, do)
-    got_out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do)
+    with kernel_bwd.dq_in_key_pass(dq_in_key_pass):
+        got_out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do)
     assert rel_err(got_out, want_out) < 1e-5
     assert_gradients_match(got, want, padding, inputs)
     key_tiles = inner_keys // 16
     pairs = 2 * (key_tiles * 4 - key_tiles)  # 2 heads; every query tile but the diagonal one
-    assert visits == {"forward": pairs, "dq": pairs, "dkdv": pairs}
+    assert visits == {"forward": pairs, "dq": 0 if dq_in_key_pass else pairs, "dkdv": pairs}

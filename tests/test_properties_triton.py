@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import echo_kernels
 from echo_kernels import reference
 from echo_kernels.kernels import attention as attention_kernel
-from echo_kernels.kernels import attention_common
+from echo_kernels.kernels import attention_backward, attention_common
 from echo_kernels.kernels import rotary as rotary_kernels
 
 from attention_strategies import attention_cases, attention_gradient_terms, attention_grads
@@ -43,15 +43,17 @@ TILES = st.tuples(st.sampled_from((16, 32)), st.sampled_from((16, 32))) if INTER
 
 
 @property_settings(max_examples=60)
-@given(case=attention_cases(ATTENTION_HEAD_WIDTHS, max_len=32), tiles=TILES)
+@given(case=attention_cases(ATTENTION_HEAD_WIDTHS, max_len=32), tiles=TILES, dq_in_key_pass=st.booleans())
 @counted
-def test_triton_attention_float32(case, tiles):
+def test_triton_attention_float32(case, tiles, dq_in_key_pass):
+    """Output and gradients, dq summed by the dq pass or by the dk/dv pass."""
     inputs, do = case.inputs(), case.output_gradient()
     out_ref, want = attention_grads(reference.echo_attention, inputs, do, torch.float64, case.options())
     override = dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1]) if tiles else {}
     forward = mock.patch.object(attention_kernel, "forward", wraps=attention_kernel.forward)
     with mock.patch.dict(os.environ, {"ECHO_BACKEND": "triton"}), \
-            mock.patch.dict(attention_common.BLOCK_OVERRIDE, override), forward as spy:
+            mock.patch.dict(attention_common.BLOCK_OVERRIDE, override), forward as spy, \
+            attention_backward.dq_in_key_pass(dq_in_key_pass):
         out, got = attention_grads(echo_kernels.echo_attention, inputs, do, torch.float32, case.options(),
                                    DEVICE)
     assert spy.call_count == 1  # the kernel ran

@@ -42,10 +42,36 @@ def test_loops_are_backward_branches():
     assert sass.loops(*sass.parse(SASS)) == [(0x30, 0xB0), (0x70, 0x90), (0xC0, 0xD0)]
 
 
-def test_main_loops_count_the_outermost_loop_with_tensor_core_instructions():
+def test_main_loops_count_a_loop_with_tensor_core_instructions_and_what_it_nests():
     (loop,) = sass.main_loops(SASS)  # the inner loop is counted in it; the sine loop has no product
     assert loop == sass.LoopCounts(instructions=8, tensor_core=1, sync_loads=1, async_loads=2, exp2=1, sin_cos=1)
     assert loop.per_tensor_core == 8.0
+
+
+# A program's loop over its tiles, each tile with two loops of products (the dk/dv pass summing dq).
+NESTED = """
+        .text.kernel:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+.L_x_1:
+        /*0020*/                   HMMA.16816.F32.BF16 R12, R16, R20, R12 ;
+        /*0030*/               @P1 BRA `(.L_x_1) ;
+        /*0040*/                   STG.E desc[UR4][R4.64], R2 ;
+.L_x_2:
+        /*0050*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
+        /*0060*/                   HMMA.16816.F32.BF16 R12, R16, R20, R12 ;
+        /*0070*/                   MUFU.EX2 R9, R9 ;
+        /*0080*/               @P2 BRA `(.L_x_2) ;
+        /*0090*/               @P3 BRA `(.L_x_0) ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_main_loops_are_the_innermost_loops_with_tensor_core_instructions():
+    first, second = sass.main_loops(NESTED)  # not the loop around them
+    assert first == sass.LoopCounts(instructions=2, tensor_core=1, sync_loads=0, async_loads=0, exp2=0, sin_cos=0)
+    assert second == sass.LoopCounts(instructions=4, tensor_core=1, sync_loads=0, async_loads=1, exp2=1, sin_cos=0)
 
 
 def test_a_kernel_without_tensor_core_loops_has_no_main_loop():

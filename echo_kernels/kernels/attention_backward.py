@@ -34,6 +34,13 @@ rows are single diagonals i - j = const, which only the tiles straddling the dia
 each such tile is skewed by a gather along its keys so that every diagonal becomes a column, and one
 sum over its queries gives all of them.
 
+The dq pass recomputes the logits, p and dP that dkdv already had: seven products in all, exp twice.
+Where DQ_IN_KEY_PASS says so, dkdv sums dq and dbias itself and the dq pass does not run (five
+products, exp once): each program takes the key tiles of one (batch, head) in turn (a group of them,
+when there are fewer heads than multiprocessors), adds each tile's d(q'') shares to its own fp32 sum of
+the head's queries, and the launcher adds the groups' sums in order. Flash attention's one-pass
+backward adds dq with float atomics instead, in whatever order the programs reach them.
+
 Everything that sums over tiles is written as per-program partials and reduced by torch.sum in a
 fixed order: dbias, dP~ and the angle gradients. No float atomics, so the same inputs give the same
 bits every run.
@@ -41,6 +48,7 @@ bits every run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -146,17 +154,72 @@ def _unrope_store(dA, dB, a, b, cos, sin, pos, DX, rows, n_rows, G, g_row, HEAD:
 
 
 @triton.jit
+def _bias_row_sums(ds, db_lo, db_hi, db_mid, rel, col0, n_rel, REGION: tl.constexpr, SKEW: tl.constexpr,
+                   N_DIAG: tl.constexpr):
+    """Add a tile of dS to the bias table's sums, row by row of the tile (queries in the dq pass, keys
+    in the dk/dv pass): the end rows' (db_lo, db_hi: the pairs the clamp sends there; with n = 1 both
+    are row 0) and, in a NEAR tile, the inner rows' (db_mid[d], table row d + 1: the diagonal
+    i - j = d - (n - 2)), summed over the tile's rows.
+
+    The inner rows are single diagonals: the tile is skewed so that diagonal d becomes column d (row
+    r's entry of it sits at column col0[r] + SKEW d of the tile), and one sum over the rows gives every
+    diagonal's share of the tile. Columns d >= 2n - 3 (N_DIAG rounds up) sum end-row pairs that db_lo
+    and db_hi already hold: they are not stored.
+    """
+    if REGION == PAST:
+        db_hi += tl.sum(ds, 1)
+    elif REGION == FUTURE:
+        db_lo += tl.sum(ds, 1)
+    elif REGION == NEAR:
+        db_lo += tl.sum(tl.where(rel <= 1 - n_rel, ds, 0.0), 1)
+        db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
+        col = col0[:, None] + SKEW * tl.arange(0, N_DIAG)[None, :]
+        on = (col >= 0) & (col < ds.shape[1])
+        # columns off the tile wrap into it (its width is a power of two): a gather's index must be
+        # inside, and `on` drops them
+        skewed = tl.gather(ds, col & (ds.shape[1] - 1), 1)
+        db_mid += tl.sum(tl.where(on, skewed, 0.0), 0)
+    return db_lo, db_hi, db_mid
+
+
+@triton.jit
+def _store_bias_sums(DBias, db_lo, db_hi, db_mid, n_rel, N_DIAG: tl.constexpr):
+    """One program's share of the (2n - 1)-row bias table's gradient, at DBias (fp32, 2n - 1 values)."""
+    n_rows = 2 * n_rel - 1
+    diag = tl.arange(0, N_DIAG)
+    tl.store(DBias + 1 + diag, db_mid, mask=diag < n_rows - 2)
+    db_lo = tl.sum(db_lo, 0)
+    db_hi = tl.sum(db_hi, 0)
+    # with n = 1 the table is one row, which both ends share
+    tl.store(DBias, tl.where(n_rows == 1, db_lo + db_hi, db_lo))
+    tl.store(DBias + n_rows - 1, db_hi, mask=n_rows > 1)
+
+
+@triton.jit
+def _add_dq(ds_t, ak, bk, DQQ, rows, mask, HALF: tl.constexpr, HEAD: tl.constexpr, PRECISION: tl.constexpr):
+    """DQQ[rows] += dS (a_k, b_k): one key tile's share of a query tile's d(q''_A, q''_B), fp32 rows
+    [A | B]. Only this program adds to these rows (_attn_bwd_dkdv_kernel): no atomics."""
+    ds = tl.trans(ds_t)
+    offs = rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    tl.store(DQQ + offs, tl.dot(ds, ak, tl.load(DQQ + offs, mask=mask), input_precision=PRECISION), mask=mask)
+    tl.store(DQQ + offs + HALF, tl.dot(ds, bk, tl.load(DQQ + offs + HALF, mask=mask), input_precision=PRECISION),
+             mask=mask)
+
+
+@triton.jit
 def _dkdv_tiles(
-    dak, dbk, dv, lo, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta,
+    dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ,
     Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
-    PRECISION: tl.constexpr,
+    WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Accumulate dk (as d(a_k, b_k)) and dv over the query tiles lo, lo + BLOCK_M, ... < hi.
+    """Accumulate dk (as d(a_k, b_k)) and dv over the query tiles lo, lo + BLOCK_M, ... < hi; WITH_DQ
+    also add each query tile's share of d(q'') (_add_dq) and sum dS into the bias table's rows per
+    key (_bias_row_sums).
 
     Tiles are kept transposed, (keys, queries), as in Triton's fused-attention tutorial: every
     transpose then falls on a tl.dot's second operand, which goes through shared memory anyway.
-    QQ, Lse and Delta point at this (batch, head)'s rows.
+    QQ, Lse, Delta and DQQ point at this (batch, head)'s rows.
     """
     DT = ak.dtype
     half = tl.arange(0, HALF)
@@ -177,19 +240,27 @@ def _dkdv_tiles(
         dv = tl.dot(p_t.to(DT), do, dv, input_precision=PRECISION)
         delta = tl.load(Delta + rows, mask=rows < Tq, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(DT)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if WITH_DQ:
+            db_lo, db_hi, db_mid = _bias_row_sums(ds_t, db_lo, db_hi, db_mid, rel_t, kpos - (q_off + start) - n_rel + 2,
+                                                  n_rel, REGION, 1, N_DIAG)
+        ds_t = ds_t.to(DT)
         dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
         dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
-    return dak, dbk, dv
+        if WITH_DQ:
+            _add_dq(ds_t, ak, bk, DQQ, rows, rows[:, None] < Tq, HALF, HEAD, PRECISION)
+    return dak, dbk, dv, db_lo, db_hi, db_mid
 
 
 @triton.jit
 def _dkdv_inner_tiles(
-    dak, dbk, dv, lo, hi, ak, bk, v, QQ, DO, Lse, Delta, bias_c, stride_ot, stride_od,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+    dak, dbk, dv, db, lo, hi, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, stride_ot, stride_od,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, WITH_DQ: tl.constexpr, SUM_DS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """_dkdv_tiles for whole query tiles that see every key of the tile (inside the band, keys not
-    padded): no mask, the region's one bias value bias_c folded into the exponent."""
+    padded): no mask, the region's one bias value bias_c folded into the exponent; WITH_DQ and
+    SUM_DS: add dS's row sums (per key) to db."""
     DT = ak.dtype
     half = tl.arange(0, HALF)
     dims = tl.arange(0, HEAD)
@@ -206,53 +277,105 @@ def _dkdv_inner_tiles(
         dv = tl.dot(p_t.to(DT), do, dv, input_precision=PRECISION)
         delta = tl.load(Delta + rows)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(DT)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if WITH_DQ:
+            if SUM_DS:
+                db += tl.sum(ds_t, 1)
+        ds_t = ds_t.to(DT)
         dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
         dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
-    return dak, dbk, dv
+        if WITH_DQ:
+            _add_dq(ds_t, ak, bk, DQQ, rows, None, HALF, HEAD, PRECISION)
+    return dak, dbk, dv, db
 
 
 @triton.jit
 def _dkdv_region(
-    dak, dbk, dv, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta,
-    Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off,
+    dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta,
+    DQQ, Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
-    PRECISION: tl.constexpr,
+    WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The query tiles lo, ... < hi of one region whose bias is one value (PAST, FUTURE, NO_BIAS):
-    [inner_lo, inner_hi) (starts on lo's grid) by the loop with no mask, the edges by the masked one."""
+    [inner_lo, inner_hi) (starts on lo's grid) by the loop with no mask, the edges by the masked one.
+    WITH_DQ, a PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the first."""
     a = tl.minimum(tl.maximum(inner_lo, lo), hi)
     b = tl.maximum(tl.minimum(inner_hi, hi), a)
-    dak, dbk, dv = _dkdv_tiles(
-        dak, dbk, dv, lo, a, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias, stride_br, head_off, n_rel,
-        stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M, REGION, PRECISION)
-    bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
-    dak, dbk, dv = _dkdv_inner_tiles(
-        dak, dbk, dv, a, b, ak, bk, v, QQ, DO, Lse, Delta, bias_c, stride_ot, stride_od, HALF, HEAD, BLOCK_M,
+    dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
+        dak, dbk, dv, db_lo, db_hi, db_mid, lo, a, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias, stride_br,
+        head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, N_DIAG,
         PRECISION)
-    dak, dbk, dv = _dkdv_tiles(
-        dak, dbk, dv, b, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias, stride_br, head_off, n_rel,
-        stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M, REGION, PRECISION)
-    return dak, dbk, dv
+    bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
+    if REGION == PAST:
+        dak, dbk, dv, db_hi = _dkdv_inner_tiles(
+            dak, dbk, dv, db_hi, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, stride_ot, stride_od, HALF, HEAD,
+            BLOCK_M, WITH_DQ, True, PRECISION)
+    else:
+        dak, dbk, dv, db_lo = _dkdv_inner_tiles(
+            dak, dbk, dv, db_lo, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, stride_ot, stride_od, HALF, HEAD,
+            BLOCK_M, WITH_DQ, REGION == FUTURE, PRECISION)
+    dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
+        dak, dbk, dv, db_lo, db_hi, db_mid, b, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias, stride_br,
+        head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, N_DIAG,
+        PRECISION)
+    return dak, dbk, dv, db_lo, db_hi, db_mid
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV,
+    KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_br, stride_bh, stride_pb, stride_pt,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles, n_groups,
+    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Without WITH_DQ, one key tile per program (_dkdv_key_tile). WITH_DQ, the key tiles pid_g,
+    pid_g + n_groups, ... of one (batch, head), one after the other: each adds its shares of
+    d(q''_A, q''_B) to the program's own fp32 sum (DQQ, (B, H, n_groups, Tq, h), zeros at launch,
+    which the launcher adds up group by group), so that no two programs add to the same rows
+    and the sums come out the same, bit for bit, every run."""
+    if WITH_DQ:
+        pid_g, pid_bh = _tile_and_head(n_groups)
+        DQQ += (pid_bh * n_groups + pid_g) * Tq * HEAD
+        for pid_n in range(pid_g, n_tiles, n_groups):
+            _dkdv_key_tile(
+                pid_n, pid_bh, KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, stride_vb,
+                stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br, stride_bh,
+                stride_pb, stride_pt, H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD,
+                BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
+            tl.debug_barrier()  # the next key tile reads the sums this one wrote, maybe in other threads
+    else:
+        pid_n, pid_bh = _tile_and_head(n_tiles)
+        _dkdv_key_tile(
+            pid_n, pid_bh, KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, stride_vb, stride_vh,
+            stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br, stride_bh, stride_pb,
+            stride_pt, H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M,
+            BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
+
+
+@triton.jit
+def _dkdv_key_tile(
+    pid_n, pid_bh, KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
     H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles,
     HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_N, HEAD) key tile: dv, and d(a_k, b_k) in fp32 (DKK, contiguous rows [A | B]),
-    which _attn_bwd_unrope_kernel turns into dk and the angle partials: undoing RoPE needs the
-    key angles again, and their sines are not worth registers next to the accumulators.
-    KK: RoPE(k) as the forward's RoPE(k) pass writes it, (B, H, Tk, h) contiguous in the dot type."""
+    """Key tile pid_n (BLOCK_N keys) of head pid_bh: dv, and d(a_k, b_k) in fp32 (DKK, contiguous
+    rows [A | B]), which _attn_bwd_unrope_kernel turns into dk and the angle partials: undoing RoPE
+    needs the key angles again, and their sines are not worth registers next to the accumulators.
+    KK: RoPE(k) as the forward's RoPE(k) pass writes it, (B, H, Tk, h) contiguous in the dot type.
+    WITH_DQ (the dq pass then does not run), also: d(q''_A, q''_B) added to DQQ (this head's rows),
+    and this tile's share of dbias, DBias[tile] (as the dq kernel writes a query tile's).
+    """
     HALF: tl.constexpr = HEAD // 2
     DT = QQ.dtype.element_ty
-    pid_n, pid_bh = _tile_and_head(n_tiles)
     b = pid_bh // H
     hd = pid_bh % H
     V += b * stride_vb + hd * stride_vh
@@ -266,13 +389,16 @@ def _attn_bwd_dkdv_kernel(
     first = k_off + pid_n * BLOCK_N
     key_ok = _key_ok(cols, Tk, Pad, b * stride_pb, stride_pt, HAS_PAD)  # padding belongs to the key
     k_offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
-    ak_dt = tl.load(KK + k_offs, mask=key_ok[:, None], other=0.0)
-    bk_dt = tl.load(KK + k_offs + HALF, mask=key_ok[:, None], other=0.0)
+    ak = tl.load(KK + k_offs, mask=key_ok[:, None], other=0.0)
+    bk = tl.load(KK + k_offs + HALF, mask=key_ok[:, None], other=0.0)
     v = _load_full(V, cols, key_ok, stride_vt, stride_vd, HEAD).to(DT)
 
     dak = tl.zeros([BLOCK_N, HALF], tl.float32)
     dbk = tl.zeros([BLOCK_N, HALF], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD], tl.float32)
+    db_lo = tl.zeros([BLOCK_N], tl.float32)  # the bias table's sums (WITH_DQ)
+    db_hi = tl.zeros([BLOCK_N], tl.float32)
+    db_mid = tl.zeros([N_DIAG], tl.float32)
     # Queries i reach key j iff j - right <= i <= j + left: the band seen from the key side.
     lo = tl.maximum(first - right - q_off, 0)
     lo = (lo // BLOCK_M) * BLOCK_M
@@ -287,33 +413,36 @@ def _attn_bwd_dkdv_kernel(
     inner_hi = tl.minimum(first - q_off + 1, Tq - left) + left  # no int32 overflow at left = 2^30
     inner_hi = tl.maximum(inner_hi, 0) // BLOCK_M * BLOCK_M
     inner_hi = tl.where(pid_n * BLOCK_N + BLOCK_N <= k_end, inner_hi, 0)
+    head_off = hd * stride_bh
     if HAS_BIAS:
         # seen from a key tile, the FUTURE query tiles come first and the PAST ones last
         d1, d2 = _split_regions(lo, hi, first - n_rel + 2 - q_off - BLOCK_M, first + BLOCK_N + n_rel - 2 - q_off,
                                 BLOCK_M)
-        dak, dbk, dv = _dkdv_region(
-            dak, dbk, dv, lo, d1, inner_lo, inner_hi, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias,
-            stride_br, hd * stride_bh, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M,
-            FUTURE, PRECISION)
-        dak, dbk, dv = _dkdv_tiles(
-            dak, dbk, dv, d1, d2, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias, stride_br,
-            hd * stride_bh, n_rel, stride_ot, stride_od, Tq,
-            left, right, q_off, HALF, HEAD, BLOCK_M, NEAR, PRECISION)
-        dak, dbk, dv = _dkdv_region(
-            dak, dbk, dv, d2, hi, inner_lo, inner_hi, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias,
-            stride_br, hd * stride_bh, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M,
-            PAST, PRECISION)
+        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
+            dak, dbk, dv, db_lo, db_hi, db_mid, lo, d1, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+            BLOCK_M, FUTURE, WITH_DQ, N_DIAG, PRECISION)
+        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
+            dak, dbk, dv, db_lo, db_hi, db_mid, d1, d2, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
+            stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M, NEAR,
+            WITH_DQ, N_DIAG, PRECISION)
+        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
+            dak, dbk, dv, db_lo, db_hi, db_mid, d2, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+            BLOCK_M, PAST, WITH_DQ, N_DIAG, PRECISION)
+        if WITH_DQ:
+            _store_bias_sums(DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1), db_lo, db_hi, db_mid, n_rel,
+                             N_DIAG)
     else:
-        dak, dbk, dv = _dkdv_region(
-            dak, dbk, dv, lo, hi, inner_lo, inner_hi, ak_dt, bk_dt, v, kpos, key_ok, QQ, DO, Lse, Delta, Bias,
-            stride_br, hd * stride_bh, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M,
-            NO_BIAS, PRECISION)
+        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
+            dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+            BLOCK_M, NO_BIAS, WITH_DQ, N_DIAG, PRECISION)
 
     tl.store(DV + pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :],
              dv.to(DV.dtype.element_ty), mask=cols[:, None] < Tk)
-    offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
-    tl.store(DKK + offs, dak, mask=cols[:, None] < Tk)
-    tl.store(DKK + offs + HALF, dbk, mask=cols[:, None] < Tk)
+    tl.store(DKK + k_offs, dak, mask=cols[:, None] < Tk)
+    tl.store(DKK + k_offs + HALF, dbk, mask=cols[:, None] < Tk)
 
 
 @triton.jit
@@ -370,25 +499,8 @@ def _dq_tiles(
         v = tl.where(key_ok[:, None], _load_full(V, cols, cols < Tk, stride_vt, stride_vd, HEAD), 0.0).to(DT)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        # the pairs that the clamp sends to the end rows of the table (with n = 1 both are row 0)
-        if REGION == PAST:
-            db_hi += tl.sum(ds, 1)
-        elif REGION == FUTURE:
-            db_lo += tl.sum(ds, 1)
-        elif REGION == NEAR:
-            db_lo += tl.sum(tl.where(rel <= 1 - n_rel, ds, 0.0), 1)
-            db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
-            # The 2n - 3 inner rows are single diagonals: skew the tile so that diagonal d is column d
-            # (query i's entry of it sits at key column i - (d - (n - 2)) of the tile), then one sum
-            # over the queries gives every diagonal's share of this tile. Columns d >= 2n - 3 (N_DIAG
-            # rounds up) sum end-row pairs that db_lo and db_hi already hold: the kernel does not store them.
-            diag = tl.arange(0, N_DIAG)
-            col = (qpos - (k_off + start) + n_rel - 2)[:, None] - diag[None, :]
-            on = (col >= 0) & (col < BLOCK_N)
-            # columns off the tile wrap into it (BLOCK_N is a power of two): a gather's index must be
-            # inside, and `on` drops them
-            skewed = tl.gather(ds, col & (BLOCK_N - 1), 1)
-            db_mid += tl.sum(tl.where(on, skewed, 0.0), 0)
+        db_lo, db_hi, db_mid = _bias_row_sums(ds, db_lo, db_hi, db_mid, rel, qpos - (k_off + start) + n_rel - 2, n_rel,
+                                              REGION, -1, N_DIAG)
         ds = ds.to(DT)
         dqa = tl.dot(ds, ak, dqa, input_precision=PRECISION)
         dqb = tl.dot(ds, bk, dqb, input_precision=PRECISION)
@@ -517,15 +629,7 @@ def _attn_bwd_dq_kernel(
             dqa, dqb, db_lo, db_hi, db_mid, d2, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
             stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
             k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, N_DIAG, PRECISION)
-        # with n = 1 the table is one row, which both ends share
-        n_rows = 2 * n_rel - 1
-        base = DBias + tile * n_rows
-        diag = tl.arange(0, N_DIAG)
-        tl.store(base + 1 + diag, db_mid, mask=diag < n_rows - 2)
-        db_lo = tl.sum(db_lo, 0)
-        db_hi = tl.sum(db_hi, 0)
-        tl.store(base, tl.where(n_rows == 1, db_lo + db_hi, db_lo))
-        tl.store(base + n_rows - 1, db_hi, mask=n_rows > 1)
+        _store_bias_sums(DBias + tile * (2 * n_rel - 1), db_lo, db_hi, db_mid, n_rel, N_DIAG)
     else:
         dqa, dqb, db_lo, db_hi, db_mid = _dq_region(
             dqa, dqb, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
@@ -663,11 +767,50 @@ _HEAVY_BLOCKS = {
                     dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),  # 64 keys spill
 }
 
+# The dk/dv pass when it also sums dq (DQ_IN_KEY_PASS): dk/dv's accumulators, and per query tile one
+# product more and the bias table's sums. On sm_80, the spill-free shape whose loop inside the band
+# executes the fewest warp-instructions per (query, key) pair; on sm_90 no shape tried spills nothing
+# under Triton 3.8, and these spill least (docs/model.md, "Backward passes").
+_KEY_PASS_BLOCKS = {
+    (32, 80): dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+    (64, 80): dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+    (128, 80): dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
+    (32, 90): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+    (64, 90): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+    (128, 90): dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+}
+
+# Where dq is summed, per tile table (docs/model.md, "Backward passes"). False: by the dq pass, a
+# program per query tile over its key tiles, which recomputes the logits, p and dP there (seven
+# products in all, exp twice). True: by the dk/dv pass (five products, exp once), a program per
+# (batch, head), or a few when the heads are fewer than the multiprocessors, each taking its key tiles
+# one after another and adding their shares to its own fp32 sum of the head's queries.
+DQ_IN_KEY_PASS = {80: False, 90: False}
+_FORCED_DQ: list[bool] = []
+
+
+@contextlib.contextmanager
+def dq_in_key_pass(on: bool):
+    """Sum dq where `on` says, whatever DQ_IN_KEY_PASS holds for the device (the benches time both)."""
+    _FORCED_DQ.append(bool(on))
+    try:
+        yield
+    finally:
+        _FORCED_DQ.pop()
+
+
+def sums_dq_in_key_pass(arch: int) -> bool:
+    """Whether the backward on the tile table of `arch` sums dq in the dk/dv pass."""
+    return _FORCED_DQ[-1] if _FORCED_DQ else DQ_IN_KEY_PASS[arch]
+
 
 def default_blocks(h: int, arch: int) -> dict:
-    """{kernel: tile sizes and launch shape} of the backward at head width h (a built width) on the
-    tile table of `arch` (attention_common.tile_arch), chosen so that no launch spills registers
-    (python -m echo_kernels.aot)."""
+    """{kernel: tile sizes and launch shape} of the backward's passes at head width h (a built
+    width) on the tile table of `arch` (attention_common.tile_arch), in launch order, chosen so that
+    no launch spills registers (python -m echo_kernels.aot). Without a dq pass (sums_dq_in_key_pass)
+    the dk/dv pass takes its row of _KEY_PASS_BLOCKS."""
+    if sums_dq_in_key_pass(arch):
+        return {**_LIGHT_BLOCKS[h], "dkdv": _KEY_PASS_BLOCKS[h, arch]}
     return {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
 
 
@@ -677,13 +820,24 @@ def inner_diagonals(n_rel: int) -> int:
     return triton.next_power_of_2(max(2 * n_rel - 3, 1))
 
 
+def _multiprocessors(device) -> int:
+    """The GPU's multiprocessors; under the interpreter 2, so that the programs sized by it below each
+    loop over several tiles, and a few heads split their key tiles in groups."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
 def _dq_programs_per_head(n_heads: int, n_tiles: int, device) -> int:
     """Programs per (batch, head) for the dq unrotate kernel: about four per multiprocessor in all."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 1  # the interpreter: few programs, so that each one loops over several tiles
-    return max(1, min(n_tiles, triton.cdiv(4 * sms, n_heads)))
+    return max(1, min(n_tiles, triton.cdiv(4 * _multiprocessors(device), n_heads)))
+
+
+def _key_groups_per_head(n_heads: int, n_tiles: int, device) -> int:
+    """Programs per (batch, head) of the dk/dv pass when it sums dq: as many as fit one wave of one
+    program per multiprocessor (a second, part-filled wave would leave most of them idle), at least
+    one; each holds its own (Tq, h) fp32 sum of dq, which the launcher adds up."""
+    return max(1, min(n_tiles, _multiprocessors(device) // n_heads))
 
 
 def _common_args(v, do, bias, key_padding_mask):
@@ -738,10 +892,20 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     c = cfg["dkdv"]
     n_kblocks = triton.cdiv(Tk, c["BLOCK_N"])
     dkk = torch.empty((B, H, Tk, h), dtype=torch.float32, device=dev)  # d(a_k, b_k)
-    _attn_bwd_dkdv_kernel[(n_kblocks * B * H,)](
-        kk, v, do, qq, bias_t, pad_t, pad_start, lse, delta, dkk, dv, *strides, *scalars, n_kblocks,
-        HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PRECISION=prec,
-        num_warps=c["num_warps"], num_stages=c["num_stages"])
+    n_rows = 2 * n_rel - 1  # of the bias table
+    with_dq = "dq" not in cfg
+    if with_dq:  # each program's sum of d(q''_A, q''_B), each key tile's share of the bias table
+        key_groups = _key_groups_per_head(B * H, n_kblocks, dev)
+        dqq = torch.zeros((B, H, key_groups, Tq, h), dtype=torch.float32, device=dev)
+        db_part = torch.empty((B, H, n_kblocks, n_rows) if has_bias else (1,), dtype=torch.float32, device=dev)
+        grid = key_groups * B * H
+    else:  # the dq pass writes these; this kernel does not touch them
+        key_groups, dqq, db_part, grid = 1, dkk, dkk, n_kblocks * B * H
+    _attn_bwd_dkdv_kernel[(grid,)](
+        kk, v, do, qq, bias_t, pad_t, pad_start, lse, delta, dkk, dv, dqq, db_part, *strides, *scalars, n_kblocks,
+        key_groups, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+        WITH_DQ=with_dq, N_DIAG=inner_diagonals(n_rel), PRECISION=prec, num_warps=c["num_warps"],
+        num_stages=c["num_stages"])
     c = cfg["unrope"]
     n_ktiles = triton.cdiv(Tk, c["BLOCK_M"])
     g_k = torch.empty((B * H * n_ktiles, half), dtype=torch.float32, device=dev)
@@ -749,15 +913,19 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         k, w32, s32, dkk, dk, g_k, *k.stride(), H, Tk, k_offset, n_ktiles, HEAD=h, BLOCK=c["BLOCK_M"],
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-    c = cfg["dq"]
-    n_qblocks = triton.cdiv(Tq, c["BLOCK_M"])
-    dqq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)  # d(q''_A, q''_B)
-    # each query tile's share of the (2n - 1)-row bias table
-    db_part = torch.empty((B, H, n_qblocks, 2 * n_rel - 1) if has_bias else (1,), dtype=torch.float32, device=dev)
-    _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
-        kk, v, do, qq, bias_t, pad_t, pad_start, lse, delta, dqq, db_part, *strides, *scalars, n_qblocks,
-        HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-        N_DIAG=inner_diagonals(n_rel), PRECISION=prec, num_warps=c["num_warps"], num_stages=c["num_stages"])
+    if with_dq:
+        # the groups' sums added in a fixed order, rounded to the dot type as the dq pass writes them
+        dqq = dqq.sum(2).to(P.dtype)
+    else:
+        c = cfg["dq"]
+        n_qblocks = triton.cdiv(Tq, c["BLOCK_M"])
+        dqq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)  # d(q''_A, q''_B)
+        # each query tile's share of the bias table
+        db_part = torch.empty((B, H, n_qblocks, n_rows) if has_bias else (1,), dtype=torch.float32, device=dev)
+        _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
+            kk, v, do, qq, bias_t, pad_t, pad_start, lse, delta, dqq, db_part, *strides, *scalars, n_qblocks,
+            HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+            N_DIAG=inner_diagonals(n_rel), PRECISION=prec, num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["unrotate"]
     n_qtiles = triton.cdiv(Tq, c["BLOCK_M"])
@@ -794,14 +962,17 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
 def aot_specs(arch: int) -> list[KernelSpec]:
     """The launches of the backward kernels at the block sizes of `arch`'s tile table: h in
     {32, 64, 128}, bf16 and fp16, with a bias table and a key-padding mask, with M and without
-    (names ending in _no_m)."""
+    (names ending in _no_m); the dk/dv pass summing dq (dkdv_dq) beside the dk/dv and dq passes,
+    whichever DQ_IN_KEY_PASS picks."""
     specs = []
     for h in ATTENTION_HEAD_WIDTHS:
         for dt in ("bf16", "fp16"):
-            g = default_blocks(h, arch)
+            g = {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "KK", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32", G="*fp32",
                         DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", PadStart="*i32", scale="fp32")
+            dkdv_ptrs = dict(ptrs, DQQ="*fp32")  # dq's fp32 sums (without dq, a placeholder of that type)
+            key_pass = _KEY_PASS_BLOCKS[h, arch]
             for name, fn, ce in (
                 ("delta", _attn_bwd_delta_kernel, dict(
                     HEAD=h, HAS_P=True, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),
@@ -809,7 +980,10 @@ def aot_specs(arch: int) -> list[KernelSpec]:
                     HEAD=h, HAS_P=False, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),
                 ("dkdv", _attn_bwd_dkdv_kernel, dict(
                     HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dkdv"]["BLOCK_M"], BLOCK_N=g["dkdv"]["BLOCK_N"],
-                    PRECISION="tf32")),
+                    WITH_DQ=False, N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION="tf32")),
+                ("dkdv_dq", _attn_bwd_dkdv_kernel, dict(
+                    HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=key_pass["BLOCK_M"], BLOCK_N=key_pass["BLOCK_N"],
+                    WITH_DQ=True, N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION="tf32")),
                 ("unrope", _attn_bwd_unrope_kernel, dict(HEAD=h, BLOCK=g["unrope"]["BLOCK_M"])),
                 ("dq", _attn_bwd_dq_kernel, dict(
                     HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dq"]["BLOCK_M"], BLOCK_N=g["dq"]["BLOCK_N"],
@@ -819,8 +993,10 @@ def aot_specs(arch: int) -> list[KernelSpec]:
                 ("dq_unrotate_no_m", _attn_bwd_dq_unrotate_kernel, dict(
                     HEAD=h, HAS_P=False, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
             ):
-                c = g[{"delta_no_m": "delta", "dq_unrotate": "unrotate", "dq_unrotate_no_m": "unrotate"}.get(name, name)]
+                c = {"delta_no_m": g["delta"], "dq_unrotate": g["unrotate"], "dq_unrotate_no_m": g["unrotate"],
+                     "dkdv_dq": key_pass}.get(name) or g[name]
+                kinds = dkdv_ptrs if name.startswith("dkdv") else ptrs
                 specs.append(KernelSpec(
-                    f"attention_bwd_{name}_h{h}_{dt}", fn, signature_of(fn, ptrs, ce), ce,
+                    f"attention_bwd_{name}_h{h}_{dt}", fn, signature_of(fn, kinds, ce), ce,
                     num_warps=c["num_warps"], num_stages=c["num_stages"]))
     return specs
