@@ -1,5 +1,5 @@
-"""Pieces shared by the forward (echo_kernels.kernels.attention) and backward
-(echo_kernels.kernels.attention_backward) attention kernels and their launchers.
+"""Pieces shared by the attention kernels, forward (echo_kernels.kernels.attention) and backward
+(echo_kernels.kernels.attention_backward_keys and _queries), and by their launchers.
 """
 
 from __future__ import annotations
@@ -159,6 +159,70 @@ def _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M: tl.constexpr, BLOCK
     inner_hi = tl.minimum(q_first - k_off + 1, k_end - right) + right
     return inner_lo, tl.maximum(inner_hi, 0) // BLOCK_N * BLOCK_N
 
+
+# The backward's passes over key tiles and over query tiles both undo RoPE and sum dS into the bias
+# table's rows.
+
+
+@triton.jit
+def _unrope_store(dA, dB, a, b, cos, sin, pos, DX, rows, n_rows, G, g_row, HEAD: tl.constexpr):
+    """Undo RoPE on (dA, dB): write dx (contiguous rows of HEAD) and the angle partial.
+
+    a = x1 cos - x2 sin, b = x1 sin + x2 cos, so dx1 = dA cos + dB sin, dx2 = dB cos - dA sin and
+    dphi = dB a - dA b. G[g_row, m] = sum_t dphi[t, m] pos[t]: phi = (s pos) w gives ds and dw from it.
+    """
+    HALF: tl.constexpr = HEAD // 2
+    cols = tl.arange(0, HALF)
+    offs = rows[:, None] * HEAD + (2 * cols)[None, :]
+    mask = rows[:, None] < n_rows
+    tl.store(DX + offs, (dA * cos + dB * sin).to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + offs + 1, (dB * cos - dA * sin).to(DX.dtype.element_ty), mask=mask)
+    # A key no query attended has dA = dB = 0 and contributes nothing, even where its k is not finite
+    # (a padded key's, say): 0 * NaN would spread to every angle gradient.
+    dphi = tl.where((dA == 0.0) & (dB == 0.0), 0.0, dB * a - dA * b)
+    tl.store(G + g_row * HALF + cols, tl.sum(dphi * pos.to(tl.float32)[:, None], 0))
+
+
+@triton.jit
+def _bias_row_sums(ds, db_lo, db_hi, db_mid, rel, col0, n_rel, REGION: tl.constexpr, SKEW: tl.constexpr,
+                   N_DIAG: tl.constexpr):
+    """Add a tile of dS to the bias table's sums, row by row of the tile (queries in the dq pass, keys
+    in the dk/dv pass): the end rows' (db_lo, db_hi: the pairs the clamp sends there; with n = 1 both
+    are row 0) and, in a NEAR tile, the inner rows' (db_mid[d], table row d + 1: the diagonal
+    i - j = d - (n - 2)), summed over the tile's rows.
+
+    The inner rows are single diagonals: the tile is skewed so that diagonal d becomes column d (row
+    r's entry of it sits at column col0[r] + SKEW d of the tile), and one sum over the rows gives every
+    diagonal's share of the tile. Columns d >= 2n - 3 (N_DIAG rounds up) sum end-row pairs that db_lo
+    and db_hi already hold: they are not stored.
+    """
+    if REGION == PAST:
+        db_hi += tl.sum(ds, 1)
+    elif REGION == FUTURE:
+        db_lo += tl.sum(ds, 1)
+    elif REGION == NEAR:
+        db_lo += tl.sum(tl.where(rel <= 1 - n_rel, ds, 0.0), 1)
+        db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
+        col = col0[:, None] + SKEW * tl.arange(0, N_DIAG)[None, :]
+        on = (col >= 0) & (col < ds.shape[1])
+        # columns off the tile wrap into it (its width is a power of two): a gather's index must be
+        # inside, and `on` drops them
+        skewed = tl.gather(ds, col & (ds.shape[1] - 1), 1)
+        db_mid += tl.sum(tl.where(on, skewed, 0.0), 0)
+    return db_lo, db_hi, db_mid
+
+
+@triton.jit
+def _store_bias_sums(DBias, db_lo, db_hi, db_mid, n_rel, N_DIAG: tl.constexpr):
+    """One program's share of the (2n - 1)-row bias table's gradient, at DBias (fp32, 2n - 1 values)."""
+    n_rows = 2 * n_rel - 1
+    diag = tl.arange(0, N_DIAG)
+    tl.store(DBias + 1 + diag, db_mid, mask=diag < n_rows - 2)
+    db_lo = tl.sum(db_lo, 0)
+    db_hi = tl.sum(db_hi, 0)
+    # with n = 1 the table is one row, which both ends share
+    tl.store(DBias, tl.where(n_rows == 1, db_lo + db_hi, db_lo))
+    tl.store(DBias + n_rows - 1, db_hi, mask=n_rows > 1)
 
 # --------------------------------------------------------------------------------------------------
 # Launcher helpers

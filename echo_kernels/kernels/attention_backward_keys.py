@@ -1,0 +1,305 @@
+"""Fused Echo attention, backward: the passes over key tiles (the notation, and how the passes fit
+together: echo_kernels.kernels.attention_backward, which launches them).
+
+    dkdv    per key tile, looping over the query tiles the band reaches: dv and d(a_k, b_k) (fp32);
+            with WITH_DQ ("the key pass") also each query tile's share of d(q'') and the bias table's
+            sums, so that the dq pass does not run
+    unrope  per key tile: dk from d(a_k, b_k) (undoing RoPE) and the keys' angle partials
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .attention_common import (
+    FUTURE,
+    LOG2E,
+    NEAR,
+    NO_BIAS,
+    PAST,
+    _bias_row_sums,
+    _bias_tile,
+    _key_ok,
+    _load_full,
+    _load_pairs,
+    _rope_angles,
+    _split_regions,
+    _store_bias_sums,
+    _tile_and_head,
+    _unrope_store,
+)
+
+
+@triton.jit
+def _add_dq(ds_t, ak, bk, DQQ, rows, mask, HALF: tl.constexpr, HEAD: tl.constexpr, PRECISION: tl.constexpr):
+    """DQQ[rows] += dS (a_k, b_k): one key tile's share of a query tile's d(q''_A, q''_B), fp32 rows
+    [A | B]. Only this program adds to these rows (_attn_bwd_dkdv_kernel): no atomics."""
+    ds = tl.trans(ds_t)
+    offs = rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    tl.store(DQQ + offs, tl.dot(ds, ak, tl.load(DQQ + offs, mask=mask), input_precision=PRECISION), mask=mask)
+    tl.store(DQQ + offs + HALF, tl.dot(ds, bk, tl.load(DQQ + offs + HALF, mask=mask), input_precision=PRECISION),
+             mask=mask)
+
+
+@triton.jit
+def _dkdv_tiles(
+    dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ,
+    Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
+    WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Accumulate dk (as d(a_k, b_k)) and dv over the query tiles lo, lo + BLOCK_M, ... < hi; WITH_DQ
+    also add each query tile's share of d(q'') (_add_dq) and sum dS into the bias table's rows per
+    key (_bias_row_sums).
+
+    Tiles are kept transposed, (keys, queries), as in Triton's fused-attention tutorial: every
+    transpose then falls on a tl.dot's second operand, which goes through shared memory anyway.
+    QQ, Lse, Delta and DQQ point at this (batch, head)'s rows.
+    """
+    DT = ak.dtype
+    half = tl.arange(0, HALF)
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        qpos = q_off + rows
+        q_offs = rows[:, None] * HEAD + half[None, :]
+        qa = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0)
+        qb = tl.load(QQ + q_offs + HALF, mask=rows[:, None] < Tq, other=0.0)
+        logits_t = tl.dot(ak, tl.trans(qa), input_precision=PRECISION)
+        logits_t = tl.dot(bk, tl.trans(qb), logits_t, input_precision=PRECISION)
+        rel_t = qpos[None, :] - kpos[:, None]  # i - j
+        keep_t = (rel_t <= left) & (rel_t >= -right) & key_ok[:, None]
+        logits_t += _bias_tile(rel_t, Bias, stride_br, head_off, n_rel, REGION)
+        lse = tl.load(Lse + rows, mask=rows < Tq, other=float("inf"))
+        p_t = tl.where(keep_t, tl.exp2((logits_t - lse[None, :]) * LOG2E), 0.0)
+        do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD).to(DT)
+        dv = tl.dot(p_t.to(DT), do, dv, input_precision=PRECISION)
+        delta = tl.load(Delta + rows, mask=rows < Tq, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if WITH_DQ:
+            db_lo, db_hi, db_mid = _bias_row_sums(ds_t, db_lo, db_hi, db_mid, rel_t, kpos - (q_off + start) - n_rel + 2,
+                                                  n_rel, REGION, 1, N_DIAG)
+        ds_t = ds_t.to(DT)
+        dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
+        dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
+        if WITH_DQ:
+            _add_dq(ds_t, ak, bk, DQQ, rows, rows[:, None] < Tq, HALF, HEAD, PRECISION)
+    return dak, dbk, dv, db_lo, db_hi, db_mid
+
+
+@triton.jit
+def _dkdv_inner_tiles(
+    dak, dbk, dv, db, lo, hi, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, stride_ot, stride_od,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, WITH_DQ: tl.constexpr, SUM_DS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """_dkdv_tiles for whole query tiles that see every key of the tile (inside the band, keys not
+    padded): no mask, the region's one bias value bias_c folded into the exponent; WITH_DQ and
+    SUM_DS: add dS's row sums (per key) to db."""
+    DT = ak.dtype
+    half = tl.arange(0, HALF)
+    dims = tl.arange(0, HEAD)
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q_offs = rows[:, None] * HEAD + half[None, :]
+        qa = tl.load(QQ + q_offs)
+        qb = tl.load(QQ + q_offs + HALF)
+        logits_t = tl.dot(ak, tl.trans(qa), input_precision=PRECISION)
+        logits_t = tl.dot(bk, tl.trans(qb), logits_t, input_precision=PRECISION)
+        lse = tl.load(Lse + rows)
+        p_t = tl.exp2(logits_t * LOG2E + ((bias_c - lse) * LOG2E)[None, :])
+        do = tl.load(DO + rows[:, None] * stride_ot + dims[None, :] * stride_od).to(DT)
+        dv = tl.dot(p_t.to(DT), do, dv, input_precision=PRECISION)
+        delta = tl.load(Delta + rows)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if WITH_DQ:
+            if SUM_DS:
+                db += tl.sum(ds_t, 1)
+        ds_t = ds_t.to(DT)
+        dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
+        dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
+        if WITH_DQ:
+            _add_dq(ds_t, ak, bk, DQQ, rows, None, HALF, HEAD, PRECISION)
+    return dak, dbk, dv, db
+
+
+@triton.jit
+def _dkdv_region(
+    dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta,
+    DQQ, Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
+    WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The query tiles lo, ... < hi of one region whose bias is one value (PAST, FUTURE, NO_BIAS):
+    [inner_lo, inner_hi) (starts on lo's grid) by the loop with no mask, the edges by the masked one.
+    WITH_DQ, a PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the first."""
+    a = tl.minimum(tl.maximum(inner_lo, lo), hi)
+    b = tl.maximum(tl.minimum(inner_hi, hi), a)
+    dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
+        dak, dbk, dv, db_lo, db_hi, db_mid, lo, a, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias, stride_br,
+        head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, N_DIAG,
+        PRECISION)
+    bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
+    if REGION == PAST:
+        dak, dbk, dv, db_hi = _dkdv_inner_tiles(
+            dak, dbk, dv, db_hi, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, stride_ot, stride_od, HALF, HEAD,
+            BLOCK_M, WITH_DQ, True, PRECISION)
+    else:
+        dak, dbk, dv, db_lo = _dkdv_inner_tiles(
+            dak, dbk, dv, db_lo, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, stride_ot, stride_od, HALF, HEAD,
+            BLOCK_M, WITH_DQ, REGION == FUTURE, PRECISION)
+    dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
+        dak, dbk, dv, db_lo, db_hi, db_mid, b, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias, stride_br,
+        head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, N_DIAG,
+        PRECISION)
+    return dak, dbk, dv, db_lo, db_hi, db_mid
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_br, stride_bh, stride_pb, stride_pt,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles, n_groups,
+    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Without WITH_DQ, one key tile per program (_dkdv_key_tile). WITH_DQ, the key tiles pid_g,
+    pid_g + n_groups, ... of one (batch, head), one after the other: each adds its shares of
+    d(q''_A, q''_B) to the program's own fp32 sum (DQQ, (B, H, n_groups, Tq, h), zeros at launch,
+    which the launcher adds up group by group), so that no two programs add to the same rows
+    and the sums come out the same, bit for bit, every run."""
+    if WITH_DQ:
+        pid_g, pid_bh = _tile_and_head(n_groups)
+        DQQ += (pid_bh * n_groups + pid_g) * Tq * HEAD
+        for pid_n in range(pid_g, n_tiles, n_groups):
+            _dkdv_key_tile(
+                pid_n, pid_bh, KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, stride_vb,
+                stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br, stride_bh,
+                stride_pb, stride_pt, H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD,
+                BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
+            tl.debug_barrier()  # the next key tile reads the sums this one wrote, maybe in other threads
+    else:
+        pid_n, pid_bh = _tile_and_head(n_tiles)
+        _dkdv_key_tile(
+            pid_n, pid_bh, KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, stride_vb, stride_vh,
+            stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br, stride_bh, stride_pb,
+            stride_pt, H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M,
+            BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
+
+
+@triton.jit
+def _dkdv_key_tile(
+    pid_n, pid_bh, KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_br, stride_bh, stride_pb, stride_pt,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles,
+    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Key tile pid_n (BLOCK_N keys) of head pid_bh: dv, and d(a_k, b_k) in fp32 (DKK, contiguous
+    rows [A | B]), which _attn_bwd_unrope_kernel turns into dk and the angle partials: undoing RoPE
+    needs the key angles again, and their sines are not worth registers next to the accumulators.
+    KK: RoPE(k) as the forward's RoPE(k) pass writes it, (B, H, Tk, h) contiguous in the dot type.
+    WITH_DQ (the dq pass then does not run), also: d(q''_A, q''_B) added to DQQ (this head's rows),
+    and this tile's share of dbias, DBias[tile] (as the dq kernel writes a query tile's).
+    """
+    HALF: tl.constexpr = HEAD // 2
+    DT = QQ.dtype.element_ty
+    b = pid_bh // H
+    hd = pid_bh % H
+    V += b * stride_vb + hd * stride_vh
+    DO += b * stride_ob + hd * stride_oh
+    QQ += pid_bh * Tq * HEAD
+    Lse += pid_bh * Tq
+    Delta += pid_bh * Tq
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kpos = k_off + cols
+    first = k_off + pid_n * BLOCK_N
+    key_ok = _key_ok(cols, Tk, Pad, b * stride_pb, stride_pt, HAS_PAD)  # padding belongs to the key
+    k_offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    ak = tl.load(KK + k_offs, mask=key_ok[:, None], other=0.0)
+    bk = tl.load(KK + k_offs + HALF, mask=key_ok[:, None], other=0.0)
+    v = _load_full(V, cols, key_ok, stride_vt, stride_vd, HEAD).to(DT)
+
+    dak = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dbk = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD], tl.float32)
+    db_lo = tl.zeros([BLOCK_N], tl.float32)  # the bias table's sums (WITH_DQ)
+    db_hi = tl.zeros([BLOCK_N], tl.float32)
+    db_mid = tl.zeros([N_DIAG], tl.float32)
+    # Queries i reach key j iff j - right <= i <= j + left: the band seen from the key side.
+    lo = tl.maximum(first - right - q_off, 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(first + BLOCK_N - 1 + left - q_off + 1, Tq)
+    # The query tiles no mask can bite: whole tiles before Tq whose every query has every key of this
+    # tile inside its band (from the last key's right edge to the first key's left edge), and none at
+    # all when this tile holds a padded key or keys past Tk.
+    k_end = Tk
+    if HAS_PAD:
+        k_end = tl.minimum(k_end, tl.load(PadStart + b))
+    inner_lo = tl.cdiv(tl.maximum(first + BLOCK_N - 1 - right - q_off, 0), BLOCK_M) * BLOCK_M
+    inner_hi = tl.minimum(first - q_off + 1, Tq - left) + left  # no int32 overflow at left = 2^30
+    inner_hi = tl.maximum(inner_hi, 0) // BLOCK_M * BLOCK_M
+    inner_hi = tl.where(pid_n * BLOCK_N + BLOCK_N <= k_end, inner_hi, 0)
+    head_off = hd * stride_bh
+    if HAS_BIAS:
+        # seen from a key tile, the FUTURE query tiles come first and the PAST ones last
+        d1, d2 = _split_regions(lo, hi, first - n_rel + 2 - q_off - BLOCK_M, first + BLOCK_N + n_rel - 2 - q_off,
+                                BLOCK_M)
+        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
+            dak, dbk, dv, db_lo, db_hi, db_mid, lo, d1, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+            BLOCK_M, FUTURE, WITH_DQ, N_DIAG, PRECISION)
+        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
+            dak, dbk, dv, db_lo, db_hi, db_mid, d1, d2, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
+            stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M, NEAR,
+            WITH_DQ, N_DIAG, PRECISION)
+        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
+            dak, dbk, dv, db_lo, db_hi, db_mid, d2, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+            BLOCK_M, PAST, WITH_DQ, N_DIAG, PRECISION)
+        if WITH_DQ:
+            _store_bias_sums(DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1), db_lo, db_hi, db_mid, n_rel,
+                             N_DIAG)
+    else:
+        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
+            dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+            BLOCK_M, NO_BIAS, WITH_DQ, N_DIAG, PRECISION)
+
+    tl.store(DV + pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :],
+             dv.to(DV.dtype.element_ty), mask=cols[:, None] < Tk)
+    tl.store(DKK + k_offs, dak, mask=cols[:, None] < Tk)
+    tl.store(DKK + k_offs + HALF, dbk, mask=cols[:, None] < Tk)
+
+
+@triton.jit
+def _attn_bwd_unrope_kernel(
+    K, W, S, DKK, DK, G, stride_kb, stride_kh, stride_kt, stride_kd, H, Tk, k_off, n_tiles,
+    HEAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dk and the angle partial G[tile] of one (BLOCK) key tile from d(a_k, b_k) (DKK, fp32)."""
+    HALF: tl.constexpr = HEAD // 2
+    pid_n, pid_bh = _tile_and_head(n_tiles)
+    tile = pid_bh * n_tiles + pid_n
+    b = pid_bh // H
+    hd = pid_bh % H
+    s = tl.load(S).to(tl.float32)
+    cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+    kpos = k_off + cols
+    kcos, ksin = _rope_angles(kpos, s, W, HALF)
+    y1, y2 = _load_pairs(K + b * stride_kb + hd * stride_kh, cols, cols < Tk, stride_kt, stride_kd, HALF)
+    ak = y1 * kcos - y2 * ksin
+    bk = y1 * ksin + y2 * kcos
+    offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    dak = tl.load(DKK + offs, mask=cols[:, None] < Tk, other=0.0)
+    dbk = tl.load(DKK + offs + HALF, mask=cols[:, None] < Tk, other=0.0)
+    _unrope_store(dak, dbk, ak, bk, kcos, ksin, kpos, DK + pid_bh * Tk * HEAD, cols, Tk, G, tile, HEAD)

@@ -1,0 +1,342 @@
+"""Fused Echo attention, backward: the passes over query tiles (the notation, and how the passes fit
+together: echo_kernels.kernels.attention_backward, which launches them).
+
+    delta     per query tile: D = rowsum(O dO), and q'' = RoPE(q) @ P~ in the dot type
+    dq        per query tile, looping over the key tiles the band reaches: d(q''_A, q''_B) and the
+              tile's share of dbias
+    unrotate  a few programs per (batch, head): dq from d(q'') (through P~ and RoPE), the queries'
+              angle partials and dP~ partials
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .attention_common import (
+    FUTURE,
+    LOG2E,
+    NEAR,
+    NO_BIAS,
+    PAST,
+    _bias_row_sums,
+    _bias_tile,
+    _inner_keys,
+    _key_ok,
+    _key_range,
+    _load_full,
+    _load_p,
+    _load_pairs,
+    _rope_angles,
+    _split_regions,
+    _store_bias_sums,
+    _tile_and_head,
+    _unrope_store,
+)
+
+
+@triton.jit
+def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb,
+               HALF: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
+    """RoPE halves of a query tile (fp32) and q''_A, q''_B (dot type); cos, sin of its angles."""
+    x1, x2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
+    a = x1 * cos - x2 * sin
+    b = x1 * sin + x2 * cos
+    qa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)
+    qa = tl.dot(b.to(DT), p_ba, qa, input_precision=PRECISION)
+    qb = tl.dot(a.to(DT), p_ab, input_precision=PRECISION)
+    qb = tl.dot(b.to(DT), p_bb, qb, input_precision=PRECISION)
+    return a, b, qa.to(DT), qb.to(DT)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
+                           stride_ob, stride_oh, stride_ot, stride_od, stride_db, stride_dh, stride_dt, stride_dd,
+                           stride_qb, stride_qh, stride_qt, stride_qd, H, T, q_off, scale, n_tiles,
+                           HEAD: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """Per query row: Delta[bh, t] = sum_d O[t, d] dO[t, d], the softmax correction, and
+    q'' = [a_q b_q] @ P~ (or [a_q b_q] * scale without P) in the dot type (QQ, contiguous rows
+    [q''_A | q''_B]), which the dk/dv kernel reads for every key tile instead of rotating and
+    multiplying the queries again."""
+    HALF: tl.constexpr = HEAD // 2
+    DT = P.dtype.element_ty
+    pid_m, pid_bh = _tile_and_head(n_tiles)
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    b = pid_bh // H
+    hd = pid_bh % H
+    o = _load_full(O + b * stride_ob + hd * stride_oh, rows, rows < T, stride_ot, stride_od, HEAD)
+    do = _load_full(DO + b * stride_db + hd * stride_dh, rows, rows < T, stride_dt, stride_dd, HEAD)
+    tl.store(Delta + pid_bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
+
+    s = tl.load(S).to(tl.float32)
+    cos, sin = _rope_angles(q_off + rows, s, W, HALF)
+    Q += b * stride_qb + hd * stride_qh
+    if HAS_P:
+        p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+        _, _, qa, qb = _rotated_q(Q, rows, T, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
+                                  PRECISION)
+    else:
+        x1, x2 = _load_pairs(Q, rows, rows < T, stride_qt, stride_qd, HALF)
+        qa = ((x1 * cos - x2 * sin) * scale).to(DT)
+        qb = ((x1 * sin + x2 * cos) * scale).to(DT)
+    offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    tl.store(QQ + offs, qa, mask=rows[:, None] < T)
+    tl.store(QQ + offs + HALF, qb, mask=rows[:, None] < T)
+
+
+@triton.jit
+def _dq_tiles(
+    dqa, dqb, db_lo, db_hi, db_mid, lo, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
+    head_off, n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
+    HAS_PAD: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Accumulate d(q''_A, q''_B) and the bias table's sums of dS over the key tiles lo, ... < hi:
+    per query row, the end rows' (db_lo, db_hi); in a NEAR tile also the inner rows' (db_mid[d],
+    table row d + 1: the diagonal i - j = d - (n - 2)), summed over the tile's queries.
+    KK: this head's RoPE(k) rows [a | b] as the forward computed them, contiguous, in the dot type."""
+    DT = qa.dtype
+    half = tl.arange(0, HALF)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        # A padded key's k and v meet ds = p = 0 in the products below, and 0 * NaN is NaN: zeroed after
+        # the loads, whose masks then do not wait on the padding's (that costs the pipelined loop registers).
+        key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
+        k_offs = cols[:, None] * HEAD + half[None, :]
+        ak = tl.where(key_ok[:, None], tl.load(KK + k_offs, mask=cols[:, None] < Tk, other=0.0), 0.0).to(DT)
+        bk = tl.where(key_ok[:, None], tl.load(KK + k_offs + HALF, mask=cols[:, None] < Tk, other=0.0), 0.0).to(DT)
+        logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
+        logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
+        rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
+        keep = (rel <= left) & (rel >= -right) & key_ok[None, :]
+        logits += _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
+        p = tl.where(keep, tl.exp2((logits - lse[:, None]) * LOG2E), 0.0)
+        v = tl.where(key_ok[:, None], _load_full(V, cols, cols < Tk, stride_vt, stride_vd, HEAD), 0.0).to(DT)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        db_lo, db_hi, db_mid = _bias_row_sums(ds, db_lo, db_hi, db_mid, rel, qpos - (k_off + start) + n_rel - 2, n_rel,
+                                              REGION, -1, N_DIAG)
+        ds = ds.to(DT)
+        dqa = tl.dot(ds, ak, dqa, input_precision=PRECISION)
+        dqb = tl.dot(ds, bk, dqb, input_precision=PRECISION)
+    return dqa, dqb, db_lo, db_hi, db_mid
+
+
+@triton.jit
+def _dq_inner_tiles(
+    dqa, dqb, db, lo, hi, qa, qb, do, lse, delta, KK, V, bias_c, stride_vt, stride_vd,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, SUM_DS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """_dq_tiles for key tiles wholly inside the band, before Tk and before any padded key: no mask,
+    the region's one bias value bias_c folded into the exponent; SUM_DS: add dS's row sums to db."""
+    DT = qa.dtype
+    half = tl.arange(0, HALF)
+    dims = tl.arange(0, HEAD)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k_offs = cols[:, None] * HEAD + half[None, :]
+        ak = tl.load(KK + k_offs)
+        bk = tl.load(KK + k_offs + HALF)
+        logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
+        logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
+        p = tl.exp2(logits * LOG2E + ((bias_c - lse) * LOG2E)[:, None])
+        v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd).to(DT)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        if SUM_DS:
+            db += tl.sum(ds, 1)
+        ds = ds.to(DT)
+        dqa = tl.dot(ds, ak, dqa, input_precision=PRECISION)
+        dqb = tl.dot(ds, bk, dqb, input_precision=PRECISION)
+    return dqa, dqb, db
+
+
+@triton.jit
+def _dq_region(
+    dqa, dqb, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+    stride_br, head_off, n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
+    HAS_PAD: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The key tiles lo, ... < hi of one region whose bias is one value (PAST, FUTURE, NO_BIAS):
+    [inner_lo, inner_hi) (starts on lo's grid) by the loop with no mask, the edges by the masked one.
+    A PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the first (db_lo)."""
+    a = tl.minimum(tl.maximum(inner_lo, lo), hi)
+    b = tl.maximum(tl.minimum(inner_hi, hi), a)
+    dqa, dqb, db_lo, db_hi, db_mid = _dq_tiles(
+        dqa, dqb, db_lo, db_hi, db_mid, lo, a, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off,
+        n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION,
+        HAS_PAD, N_DIAG, PRECISION)
+    bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
+    if REGION == PAST:
+        dqa, dqb, db_hi = _dq_inner_tiles(dqa, dqb, db_hi, a, b, qa, qb, do, lse, delta, KK, V, bias_c, stride_vt,
+                                          stride_vd, HALF, HEAD, BLOCK_N, True, PRECISION)
+    else:
+        dqa, dqb, db_lo = _dq_inner_tiles(dqa, dqb, db_lo, a, b, qa, qb, do, lse, delta, KK, V, bias_c, stride_vt,
+                                          stride_vd, HALF, HEAD, BLOCK_N, REGION == FUTURE, PRECISION)
+    dqa, dqb, db_lo, db_hi, db_mid = _dq_tiles(
+        dqa, dqb, db_lo, db_hi, db_mid, b, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off,
+        n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION,
+        HAS_PAD, N_DIAG, PRECISION)
+    return dqa, dqb, db_lo, db_hi, db_mid
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DQQ, DBias,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_br, stride_bh, stride_pb, stride_pt,
+    H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles,
+    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (BLOCK_M) query tile: d(q''_A, q''_B) in the dot type (DQQ, contiguous rows [A | B]) and
+    this tile's share of dbias, DBias[tile, r] = sum of its dS over the pairs with clamp(i - j) + n - 1
+    = r (N_DIAG: a power of two at least 2n - 3, the inner rows). Going back through P~ and RoPE, and
+    the dP~ partials, are _attn_bwd_dq_unrotate_kernel's: the loop over key tiles keeps only q'', dO
+    and the dq'' accumulators in registers. KK: RoPE(k) as the forward's RoPE(k) pass writes it,
+    (B, H, Tk, h) contiguous in the dot type."""
+    HALF: tl.constexpr = HEAD // 2
+    DT = QQ.dtype.element_ty
+    pid_m, pid_bh = _tile_and_head(n_tiles)
+    tile = pid_bh * n_tiles + pid_m
+    b = pid_bh // H
+    hd = pid_bh % H
+    KK += pid_bh * Tk * HEAD
+    V += b * stride_vb + hd * stride_vh
+    DO += b * stride_ob + hd * stride_oh
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qpos = q_off + rows
+    q_first = q_off + pid_m * BLOCK_M
+    q_offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    qa = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0)  # q'' from the delta pre-pass
+    qb = tl.load(QQ + q_offs + HALF, mask=rows[:, None] < Tq, other=0.0)
+    do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD).to(DT)
+    lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
+    delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
+    dqa = tl.zeros([BLOCK_M, HALF], tl.float32)
+    dqb = tl.zeros([BLOCK_M, HALF], tl.float32)
+    db_lo = tl.zeros([BLOCK_M], tl.float32)
+    db_hi = tl.zeros([BLOCK_M], tl.float32)
+    db_mid = tl.zeros([N_DIAG], tl.float32)
+
+    lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
+    # the key tiles no mask can bite, as the forward finds them
+    k_end = Tk
+    if HAS_PAD:
+        k_end = tl.minimum(k_end, tl.load(PadStart + b))
+    inner_lo, inner_hi = _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M, BLOCK_N)
+    if HAS_BIAS:
+        d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
+                                q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
+        dqa, dqb, db_lo, db_hi, db_mid = _dq_region(
+            dqa, dqb, db_lo, db_hi, db_mid, lo, d1, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+            stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
+            k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, N_DIAG, PRECISION)
+        dqa, dqb, db_lo, db_hi, db_mid = _dq_tiles(
+            dqa, dqb, db_lo, db_hi, db_mid, d1, d2, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
+            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk,
+            left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, N_DIAG, PRECISION)
+        dqa, dqb, db_lo, db_hi, db_mid = _dq_region(
+            dqa, dqb, db_lo, db_hi, db_mid, d2, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+            stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
+            k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, N_DIAG, PRECISION)
+        _store_bias_sums(DBias + tile * (2 * n_rel - 1), db_lo, db_hi, db_mid, n_rel, N_DIAG)
+    else:
+        dqa, dqb, db_lo, db_hi, db_mid = _dq_region(
+            dqa, dqb, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+            stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
+            k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, N_DIAG, PRECISION)
+
+    # Rounded to the dot type here, as the products with P~^T and [a b]^T take it anyway.
+    offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    mask = rows[:, None] < Tq
+    tl.store(DQQ + offs, dqa.to(DT), mask=mask)
+    tl.store(DQQ + offs + HALF, dqb.to(DT), mask=mask)
+
+
+@triton.jit
+def _attn_bwd_dq_unrotate_kernel(
+    Q, P, W, S, DQQ, DQ, G, DP,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    H, Tq, q_off, scale, n_groups,
+    HEAD: tl.constexpr, HAS_P: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Query tiles pid_m, pid_m + n_groups, ... of one (batch, head): dq and the angle partial per
+    tile from d(q''_A, q''_B) (DQQ), and one partial of dP~ for the program.
+
+    dP~ is an (h, h) sum over every query; one partial per tile would take more memory than dq
+    itself, so the launcher gives each (batch, head) just enough programs to fill the GPU and each
+    program sums its tiles' shares on chip. Without P (HAS_P false) d(a, b) = d(q'') * scale and
+    there is no dP~: DP is not written.
+    """
+    HALF: tl.constexpr = HEAD // 2
+    DT = P.dtype.element_ty
+    pid_m, pid_bh = _tile_and_head(n_groups)
+    prog = pid_bh * n_groups + pid_m
+    n_tiles = tl.cdiv(Tq, BLOCK_M)
+    b = pid_bh // H
+    hd = pid_bh % H
+    Q += b * stride_qb + hd * stride_qh
+    s = tl.load(S).to(tl.float32)
+
+    if HAS_P:
+        p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+        dp_aa = tl.zeros([HALF, HALF], tl.float32)
+        dp_ab = tl.zeros([HALF, HALF], tl.float32)
+        dp_ba = tl.zeros([HALF, HALF], tl.float32)
+        dp_bb = tl.zeros([HALF, HALF], tl.float32)
+    half = tl.arange(0, HALF)
+    for m in range(pid_m, n_tiles, n_groups):
+        tile = pid_bh * n_tiles + m
+        rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
+        qpos = q_off + rows
+        cos, sin = _rope_angles(qpos, s, W, HALF)
+        x1, x2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
+        a = x1 * cos - x2 * sin
+        bq = x1 * sin + x2 * cos
+        offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + half[None, :]
+        mask = rows[:, None] < Tq
+        dqa = tl.load(DQQ + offs, mask=mask, other=0.0)
+        dqb = tl.load(DQQ + offs + HALF, mask=mask, other=0.0)
+
+        # q''_A = a P~_AA + b P~_BA and q''_B = a P~_AB + b P~_BB, so d(a, b) = d(q''_A, q''_B) P~^T.
+        if not HAS_P:
+            da = dqa.to(tl.float32) * scale
+            db = dqb.to(tl.float32) * scale
+        elif HALF >= 64:
+            # Transposed: P~'s blocks are then the first operands, which mma.sync spreads over the
+            # warps rather than copying whole into each (sm_80); 64 rows still suit wgmma.
+            dqa_t = tl.trans(dqa)
+            dqb_t = tl.trans(dqb)
+            da = tl.dot(p_aa, dqa_t, input_precision=PRECISION)
+            da = tl.trans(tl.dot(p_ab, dqb_t, da, input_precision=PRECISION))
+            db = tl.dot(p_ba, dqa_t, input_precision=PRECISION)
+            db = tl.trans(tl.dot(p_bb, dqb_t, db, input_precision=PRECISION))
+        else:
+            da = tl.dot(dqa, tl.trans(p_aa), input_precision=PRECISION)
+            da = tl.dot(dqb, tl.trans(p_ab), da, input_precision=PRECISION)
+            db = tl.dot(dqa, tl.trans(p_ba), input_precision=PRECISION)
+            db = tl.dot(dqb, tl.trans(p_bb), db, input_precision=PRECISION)
+        _unrope_store(da, db, a, bq, cos, sin, qpos, DQ + pid_bh * Tq * HEAD, rows, Tq, G, tile, HEAD)
+
+        if HAS_P:  # this tile's share of dP~ = [a b]^T [dq''_A dq''_B]
+            a_t = tl.trans(a.to(DT))
+            b_t = tl.trans(bq.to(DT))
+            dp_aa = tl.dot(a_t, dqa, dp_aa, input_precision=PRECISION)
+            dp_ab = tl.dot(a_t, dqb, dp_ab, input_precision=PRECISION)
+            dp_ba = tl.dot(b_t, dqa, dp_ba, input_precision=PRECISION)
+            dp_bb = tl.dot(b_t, dqb, dp_bb, input_precision=PRECISION)
+
+    if HAS_P:
+        r = tl.arange(0, HALF)[:, None]
+        c = tl.arange(0, HALF)[None, :]
+        base = DP + prog * HEAD * HEAD
+        tl.store(base + r * HEAD + c, dp_aa)
+        tl.store(base + r * HEAD + c + HALF, dp_ab)
+        tl.store(base + (r + HALF) * HEAD + c, dp_ba)
+        tl.store(base + (r + HALF) * HEAD + c + HALF, dp_bb)
