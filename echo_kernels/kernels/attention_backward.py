@@ -159,8 +159,8 @@ def default_blocks(h: int, arch: int) -> dict:
 
 
 def inner_diagonals(n_rel: int) -> int:
-    """N_DIAG of the dq kernel: the 2n - 3 inner rows of a (2n - 1)-row bias table rounded up to a
-    power of two (a tile's length in Triton), at least 1."""
+    """N_DIAG of the dq and dk/dv kernels: the 2n - 3 inner rows of a (2n - 1)-row bias table rounded
+    up to a power of two (a tile's length in Triton), at least 1."""
     return triton.next_power_of_2(max(2 * n_rel - 3, 1))
 
 
