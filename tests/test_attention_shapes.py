@@ -13,6 +13,8 @@ from echo_kernels.attention import kernel_head_width
 from echo_kernels.kernels import ATTENTION_HEAD_WIDTHS
 from echo_kernels.kernels import attention as kernel
 from echo_kernels.kernels import attention_backward as kernel_bwd
+from echo_kernels.kernels import attention_backward_keys as key_passes
+from echo_kernels.kernels import attention_backward_queries as query_passes
 from echo_kernels.kernels import attention_common
 
 from attention_cases import assert_gradients_match, call, cast, grads, make_inputs
@@ -128,8 +130,8 @@ def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, p
         monkeypatch.setattr(module, name, watched)
 
     watch(kernel, "_fwd_inner_tiles", "forward", 3)
-    watch(kernel_bwd, "_dq_inner_tiles", "dq", 3)
-    watch(kernel_bwd, "_dkdv_inner_tiles", "dkdv", 4)
+    watch(query_passes, "_dq_inner_tiles", "dq", 3)
+    watch(key_passes, "_dkdv_inner_tiles", "dkdv", 4)
     inputs = make_inputs(B=1, Tq=64, n=2)
     if padding is not None:
         mask = torch.zeros(1, 64, dtype=torch.bool)
