@@ -385,7 +385,7 @@ def aot_specs(arch: int) -> list[KernelSpec]:
                                     signature_of(_rope_keys_kernel, ptrs, ce), ce,
                                     num_warps=rope_keys_warps(h, f["BLOCK_N"]), num_stages=1))
             ptrs = {n: f"*{dt}" for n in ("Q", "KK", "V", "P", "Out")}
-            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", PadStart="*i32", Lse="*fp32", scale="fp32")
+            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*i32", PadStart="*i32", Lse="*fp32", scale="fp32")
             for has_p, suffix in ((True, ""), (False, "_no_m")):
                 ce = dict(HEAD=h, HAS_P=has_p, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=f["BLOCK_M"],
                           BLOCK_N=f["BLOCK_N"], PRECISION="tf32")
