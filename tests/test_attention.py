@@ -528,7 +528,7 @@ def test_fused_loops_against_the_plain_flash_kernel(aot_reports):
                                 ("bwd_dkdv", "bwd_dkdv", 1.4)):
         ours, floor = at[f"attention_{fused}_h64_bf16"], at[f"plain_attention_{plain}_h64_bf16"]
         assert ours.spilled_bytes == 0 and floor.spilled_bytes == 0, fused
-        assert len(ours.main_loops) == 7, fused  # three bias regions, each split at the band's edges, and NEAR
+        assert len(ours.main_loops) == 7, fused  # PAST and FUTURE: edge, unmasked, edge; NEAR: one masked loop
         for report in (ours, floor):
             assert report.main_loops and all(loop.sync_loads == 0 for loop in report.main_loops), report.name
         inner = min(loop.per_tensor_core for loop in ours.main_loops)
