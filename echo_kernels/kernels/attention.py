@@ -348,7 +348,7 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     w32 = w.detach().float().contiguous()
     s32 = torch.as_tensor(s, dtype=torch.float32, device=q.device).detach().reshape(1)
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
-    pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q)
+    pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q, torch.int32)
     pad_start = first_padded_key(key_padding_mask) if has_pad else lse
     cfg = _short_query_blocks(with_override(default_blocks(h, tile_arch(q.device))), Tq)
     kk = rotated_keys(k, w32, s32, k_offset, P.dtype, cfg["BLOCK_N"])

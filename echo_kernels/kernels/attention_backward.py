@@ -185,14 +185,11 @@ def _key_groups_per_head(n_heads: int, n_tiles: int, device) -> int:
 
 
 def _common_args(v, do, bias, key_padding_mask):
-    """The bias and padding arguments and the strides the dkdv and dq passes share: the padding as
-    the dq pass's int32 flags and as the dk/dv pass's bytes (attention_common._pad_arg), which have
-    the same strides."""
+    """The bias and padding arguments and the strides the dkdv, dq and dbias passes share."""
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, v)
-    pad_words, spb, spt, has_pad = _pad_arg(key_padding_mask, v)
-    pad_bytes = _pad_arg(key_padding_mask, v, torch.uint8)[0]
+    pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, v)
     strides = (*v.stride(), *do.stride(), sbr, sbh, spb, spt)
-    return bias_t, pad_words, pad_bytes, strides, n_rel, has_bias, has_pad
+    return bias_t, pad_t, strides, n_rel, has_bias, has_pad
 
 
 def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
@@ -215,7 +212,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     scale = 1.0 / math.sqrt(h)
     w32 = w.detach().float().contiguous()
     s32 = torch.as_tensor(s, dtype=torch.float32, device=dev).detach().reshape(1)
-    bias_t, pad_words, pad_bytes, strides, n_rel, has_bias, has_pad = _common_args(v, do, bias, key_padding_mask)
+    bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(v, do, bias, key_padding_mask)
     pad_start = first_padded_key(key_padding_mask) if has_pad else lse
     scalars = (H, Tq, Tk, n_rel, left, right, q_offset, k_offset)
     prec = precision(q.dtype)
@@ -249,7 +246,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     else:  # the dq pass writes these; this kernel does not touch them
         key_groups, dqq, db_part, grid = 1, dkk, dkk, n_kblocks * B * H
     _attn_bwd_dkdv_kernel[(grid,)](
-        kk, v, do, qq, bias_t, pad_bytes, pad_start, lse, delta, dkk, dv, dqq, db_part, *strides, *scalars, n_kblocks,
+        kk, v, do, qq, bias_t, pad_t, pad_start, lse, delta, dkk, dv, dqq, db_part, *strides, *scalars, n_kblocks,
         key_groups, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
         WITH_DQ=with_dq, N_DIAG=inner_diagonals(n_rel), PRECISION=prec, num_warps=c["num_warps"],
         num_stages=c["num_stages"])
@@ -270,7 +267,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         # each query tile's share of the bias table
         db_part = torch.empty((B, H, n_qblocks, n_rows) if has_bias else (1,), dtype=torch.float32, device=dev)
         _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
-            kk, v, do, qq, bias_t, pad_words, pad_start, lse, delta, dqq, db_part, *strides, *scalars, n_qblocks,
+            kk, v, do, qq, bias_t, pad_t, pad_start, lse, delta, dqq, db_part, *strides, *scalars, n_qblocks,
             HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
             N_DIAG=inner_diagonals(n_rel), PRECISION=prec, num_warps=c["num_warps"], num_stages=c["num_stages"])
 
@@ -316,10 +313,9 @@ def aot_specs(arch: int) -> list[KernelSpec]:
         for dt in ("bf16", "fp16"):
             g = {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "KK", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
-            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*i32", Lse="*fp32", Delta="*fp32", G="*fp32",
+            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32", G="*fp32",
                         DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", PadStart="*i32", scale="fp32")
-            # dq's fp32 sums (without dq, a placeholder of that type); the padding's bytes
-            dkdv_ptrs = dict(ptrs, DQQ="*fp32", Pad="*u8")
+            dkdv_ptrs = dict(ptrs, DQQ="*fp32")  # dq's fp32 sums (without dq, a placeholder of that type)
             key_pass = _KEY_PASS_BLOCKS[h, arch]
             for name, fn, ce in (
                 ("delta", _attn_bwd_delta_kernel, dict(

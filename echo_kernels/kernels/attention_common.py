@@ -315,16 +315,15 @@ def with_override(blocks: dict) -> dict:
     return {**blocks, **{k: v for k, v in BLOCK_OVERRIDE.items() if k in blocks}}
 
 
-def _pad_arg(key_padding_mask, like, dtype=torch.int32):
-    """(flags, batch stride, key stride, whether there are any) of a (B, Tk) bool key_padding_mask,
-    contiguous (so both kinds below have the same strides). int32 for the kernels that load them
-    inside their pipelined loops: a 4-byte element is copied asynchronously, a byte is waited on.
-    torch.uint8, the mask's own bytes, for the dk/dv pass, which loads them once per key tile (as
-    int32 its sm_80 tile at h = 64 spills)."""
+def _pad_arg(key_padding_mask, like, dtype=torch.uint8):
+    """(flags, batch stride, key stride, whether there are any) of a (B, Tk) bool key_padding_mask:
+    its own bytes, or int32 for the forward, whose masked loops load a key tile's flags inside the
+    pipeline, where a 4-byte element is copied asynchronously and a byte is waited on. The backward
+    keeps the bytes: dk/dv loads a tile's flags once, before its loops, and as int32 the dq pass holds
+    more registers, which costs it a CTA per SM on sm_90 (docs/model.md, "Attention")."""
     if key_padding_mask is None:
         return like, 0, 0, False
-    pad = key_padding_mask.contiguous()
-    pad = pad.view(torch.uint8) if dtype == torch.uint8 else pad.to(dtype)
+    pad = key_padding_mask.view(torch.uint8) if dtype == torch.uint8 else key_padding_mask.to(dtype)
     return pad, pad.stride(0), pad.stride(1), True
 
 
