@@ -314,12 +314,13 @@ def rope_keys_warps(h: int, block: int) -> int:
     return 8 if block * h > 64 * 64 else 4
 
 
-def first_padded_key(key_padding_mask: torch.Tensor) -> torch.Tensor:
-    """(B, Tk) bool, True = padded -> (B,) int32: the index of each row's first padded key, Tk where
-    none is. Keys before it need no padding mask: the forward's unmasked loop runs up to it."""
-    Tk = key_padding_mask.shape[1]
-    first = key_padding_mask.to(torch.uint8).argmax(1)  # argmax gives the first of equal maxima
-    return torch.where(key_padding_mask.any(1), first, Tk).to(torch.int32)
+def first_padded_key(pad_flags: torch.Tensor) -> torch.Tensor:
+    """(B, Tk) padding flags as the kernels read them (attention_common._pad_arg: 1 = padded, bytes or
+    int32) -> (B,) int32: the index of each row's first padded key, Tk where none is. Keys before it
+    need no padding mask: the forward's unmasked loop runs up to it."""
+    Tk = pad_flags.shape[1]
+    first = pad_flags.argmax(1)  # argmax gives the first of equal maxima
+    return torch.where(pad_flags.amax(1) > 0, first, Tk).to(torch.int32)
 
 
 def _short_query_blocks(cfg: dict, Tq: int) -> dict:
@@ -349,7 +350,7 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     s32 = torch.as_tensor(s, dtype=torch.float32, device=q.device).detach().reshape(1)
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
     pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q, torch.int32)
-    pad_start = first_padded_key(key_padding_mask) if has_pad else lse
+    pad_start = first_padded_key(pad_t) if has_pad else lse
     cfg = _short_query_blocks(with_override(default_blocks(h, tile_arch(q.device))), Tq)
     kk = rotated_keys(k, w32, s32, k_offset, P.dtype, cfg["BLOCK_N"])
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])

@@ -213,7 +213,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     w32 = w.detach().float().contiguous()
     s32 = torch.as_tensor(s, dtype=torch.float32, device=dev).detach().reshape(1)
     bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(v, do, bias, key_padding_mask)
-    pad_start = first_padded_key(key_padding_mask) if has_pad else lse
+    pad_start = first_padded_key(pad_t) if has_pad else lse
     scalars = (H, Tq, Tk, n_rel, left, right, q_offset, k_offset)
     prec = precision(q.dtype)
     arch = tile_arch(dev)
