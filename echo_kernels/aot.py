@@ -13,8 +13,11 @@ synchronous vs asynchronous global loads, exp2 and sin/cos on the special-functi
     python -m echo_kernels.aot --json f   # the same as JSON
     python -m echo_kernels.aot --sass attention_fwd_h64_bf16 --arch 90   # one launch's SASS, loops marked
 
-Kernels defined under TRITON_INTERPRET=1 are interpreter objects, so `reports()` compiles in a
-child process with the interpreter off.
+The compile runs in a process of its own, with the interpreter off: kernels defined under
+TRITON_INTERPRET=1 are interpreter objects, which do not compile, and finding the launches swaps
+triton's JITFunction.run for a recorder (`_echo_launches`), which in a process that also runs kernels
+(a test session on a GPU) would record that process's own launches instead of running them. `reports()`
+starts that process; the command line is it.
 """
 
 from __future__ import annotations
@@ -337,9 +340,7 @@ def _without_interpreter(args: list[str], **kwargs) -> subprocess.CompletedProce
 
 
 def reports(arches=TARGETS) -> list[CompileReport]:
-    """Compile every kernel for every target, in a child process when the interpreter is on."""
-    if not _interpreted():
-        return _compile_all(arches)
+    """Compile every kernel for every target, in a child process (see the module's docstring)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         args = ["--json", f.name, "--arch", *map(str, arches)]
         run = _without_interpreter(args, capture_output=True, text=True)
@@ -363,9 +364,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the reports to this file as JSON")
     parser.add_argument("--sass", metavar="NAME", help="print the SASS of this launch, its main loops marked")
     args = parser.parse_args()
+    if _interpreted():
+        sys.exit(_without_interpreter(sys.argv[1:]).returncode)
     if args.sass:
-        if _interpreted():
-            sys.exit(_without_interpreter(sys.argv[1:]).returncode)
         for arch in args.arch:
             try:
                 listing = sass_listing(args.sass, arch)
@@ -373,7 +374,7 @@ def main() -> None:
                 parser.error(str(e))
             print(f"// {args.sass}, sm_{arch}\n{listing}")
         return
-    rows = reports(args.arch)
+    rows = _compile_all(args.arch)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)

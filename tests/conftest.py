@@ -24,8 +24,9 @@ torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 # The ahead-of-time compile of every Triton kernel (echo_kernels.aot) takes minutes on two cores.
-# It runs once per session, in a thread started as soon as a collected test asks for it, so that it
-# overlaps the interpreter tests, which are mostly single-threaded Python.
+# It runs once per session, in a child process (echo_kernels.aot.reports) that a thread starts as
+# soon as a collected test asks for it, so that it overlaps the interpreter tests, which are mostly
+# single-threaded Python.
 _aot: dict = {}
 _aot_thread: threading.Thread | None = None
 
@@ -37,6 +38,16 @@ def _compile_all() -> None:
         _aot["reports"] = aot.reports()
     except Exception as error:  # re-raised in the tests that use the reports
         _aot["error"] = error
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k and -m deselect: they see the mark
+def pytest_collection_modifyitems(items):
+    """Every test that reads the ahead-of-time compile carries the mark `aot`, so that `-k "not aot"`
+    leaves the compile out (benches/gpu_run.sh: on a GPU machine the tests run the kernels, and the
+    compile of both targets is CI's)."""
+    for item in items:
+        if "aot_reports" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.aot)
 
 
 def pytest_collection_finish(session):

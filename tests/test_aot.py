@@ -88,3 +88,23 @@ def test_launch_shape_names_blocks_warps_and_stages():
     assert aot.launch_shape(spec(HEAD=64, BLOCK=32)) == "32/8w/2s"
     assert aot.launch_shape(spec(BLOCK_T=64, BLOCK_K=128, BLOCK_P=32)) == "64x128x32/8w/2s"
     assert aot.launch_shape(spec(N=64)) == "-/8w/2s"
+
+
+def test_reports_compile_in_a_child_process_with_the_interpreter_on_or_off(monkeypatch, tmp_path):
+    """Finding the launches swaps JITFunction.run for a recorder: in the calling process (a test session
+    on a GPU, where the compile ran in a thread beside the kernel tests) it would record that session's
+    own launches instead of running them. So reports() always starts `python -m echo_kernels.aot`."""
+    monkeypatch.setattr(aot, "_compile_all", lambda arches: pytest.fail("compiled in the calling process"))
+    children = []
+
+    def child(args, **kwargs):
+        children.append(args)
+        with open(args[args.index("--json") + 1], "w") as f:
+            f.write("[]")
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(aot, "_without_interpreter", child)
+    for interpreted in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpreted)
+        assert aot.reports((80,)) == []
+    assert [args[2:] for args in children] == [["--arch", "80"]] * 2
