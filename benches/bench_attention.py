@@ -11,8 +11,8 @@ mask. Peers doing that same maths:
   table in a score_mod, the window as a block mask), compiled as FlexAttention must be; SDPA with a
   dense additive bias (bias + band mask materialised as a (1, H, T, T) tensor);
 - on a GPU, global shapes only: plain (echo_kernels.plain_attention), flash attention with no RoPE, bias
-  or window on the same tiles as the kernel: the floor, not the same maths; its ratio to the kernel is
-  what the extras cost;
+  or window on the same tiles as the kernel: the floor, not the same maths (its backward has no bias
+  gradient to take); its ratio to the kernel is what the extras cost;
 - on Hopper, the encoder shapes: kernel_sm80_tiles, the kernel on sm_80's tile table instead of its
   own (docs/model.md, "Tile tables"): what sm_90's larger tiles gain;
 - on a GPU, forward and backward: kernel_other_dq, the kernel with the dk/dv pass summing dq where
@@ -114,10 +114,11 @@ def run_kernel_rope_then_m(x, window):
 
 
 def _rotate(x):
-    """q' and k' by a separate RoPE pass (M is in the projections): what FlexAttention and SDPA get."""
+    """q' and k' by a separate RoPE pass (M is in the projections), in q's dtype: what FlexAttention and
+    SDPA get. (The reference rotates in float32, and both peers want q, k and v in one dtype.)"""
     T = x["q"].shape[2]
     phi = reference.rope_angles(x["w"], x["s"], torch.arange(T, device=DEVICE))
-    return reference.apply_rope(x["q"], phi), reference.apply_rope(x["k"], phi)
+    return tuple(reference.apply_rope(x[name], phi).to(x[name].dtype) for name in ("q", "k"))
 
 
 _flex_cache: dict = {}
@@ -181,17 +182,24 @@ def other_dq_summing():
     return attention_backward.dq_in_key_pass(not attention_backward.DQ_IN_KEY_PASS[table])
 
 
+# The GPU's ways run in the CPU rehearsal too (TINY), so that their code has run before a GPU sees it:
+# there plain falls back to SDPA and the two contexts change nothing. FlexAttention does not: on the CPU it
+# has no backward, and its forward is a C++ build.
+GPU_WAYS = ON_GPU or TINY
 IMPLS = {"kernel": run_kernel, "reference": run_reference, "compiled": run_compiled,
          "kernel_unfolded": run_kernel, "kernel_rope_then_m": run_kernel_rope_then_m}
 if ON_GPU:
-    IMPLS.update(flex=run_flex, sdpa=run_sdpa, plain=run_plain)
+    IMPLS["flex"] = run_flex
+if GPU_WAYS:
+    IMPLS.update(sdpa=run_sdpa, plain=run_plain)
 WITH_M = ("kernel_unfolded", "kernel_rope_then_m")  # the cases whose op is given M
+QKV_ONLY = ("plain",)  # no bias table: the backward differentiates q, k and v alone
 # Cases run inside a context (forward and backward): the kernel on the other tile table.
 CONTEXTS = {}
-if ON_GPU and torch.cuda.get_device_capability()[0] == 9:
+if TINY or (ON_GPU and torch.cuda.get_device_capability()[0] == 9):
     IMPLS["kernel_sm80_tiles"] = run_kernel
     CONTEXTS["kernel_sm80_tiles"] = sm80_tiles
-if ON_GPU:
+if GPU_WAYS:
     IMPLS["kernel_other_dq"] = run_kernel
     CONTEXTS["kernel_other_dq"] = other_dq_summing
 
@@ -234,12 +242,13 @@ def test_attention(benchmark, shape, backward, impl, round_):
     B, H, T, h, window = SHAPES[shape]
     x, leaves, do = _case_inputs(shape, backward, impl in WITH_M)
     fn = IMPLS[impl]
+    wrt = leaves[:3] if impl in QKV_ONLY else leaves
 
     def step():
         with CONTEXTS.get(impl, contextlib.nullcontext)():
             out = fn(x, window)
             if backward:
-                torch.autograd.grad(out, leaves, do)
+                torch.autograd.grad(out, wrt, do)
 
     benchmark.group = f"attention {shape} {'fwd+bwd' if backward else 'fwd'} {str(DTYPE)[6:]}"
     peak = None

@@ -19,7 +19,8 @@
 #   results.json   every finished bench case, rewritten as each case ends (benches/conftest.py)
 #   results.md     the table of cases, the steps' exit codes and times, the tests that could not run
 #   speedups.png   the speed-up plot (when matplotlib is installed)
-#   NAME.log       one per step, its output as it comes, ending "== NAME: exit RC after S s (limit L s)"
+#   NAME.log       one per step, its output as it comes (a failure's traceback as it fails), ending
+#                  "== NAME: exit RC after S s (limit L s)"
 #
 # --rehearse runs the same steps on a CPU, for CI: no pip install (the checkout is already installed),
 # Triton kernels under TRITON_INTERPRET=1, benches at ECHO_BENCH_SIZE=tiny without their torch.compile
@@ -30,14 +31,15 @@ set -uo pipefail
 # name, seconds under the full run, seconds under --quick (0: not run). Each column sums to at most 470
 # and 230: 10 s are left for the script around the steps, under the 480 s and 240 s budgets.
 PLAN="
-build        110 110
-correctness   95  45
-headline      95  60
-benches      140   0
-report        30  15
+build         90  90
+correctness  170  80
+headline     100  45
+benches       90   0
+report        20  15
 "
-CORRECTNESS_FILES=(tests/test_attention.py tests/test_attention_shapes.py tests/test_masked_values.py tests/test_rotary.py
-                   tests/test_orthogonal.py tests/test_properties_triton.py tests/test_plain_attention.py)
+# Smallest first where a file's kernels are few, so that one slow file leaves the others some time
+CORRECTNESS_FILES=(tests/test_plain_attention.py tests/test_attention.py tests/test_rotary.py tests/test_orthogonal.py
+                   tests/test_attention_shapes.py tests/test_masked_values.py tests/test_properties_triton.py)
 CORRECTNESS_FULL="not aot"
 CORRECTNESS_QUICK="(gpu or forward_matches_reference or deterministic or bf16 or fp16) and not aot"
 GRACE=5  # a step gets SIGTERM GRACE seconds before its limit, SIGKILL at it
@@ -83,7 +85,10 @@ out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 export ECHO_BENCH_JSON="$out/results.json" ECHO_BENCH_APPEND=1
-pytest_args=(-q -p no:cacheprovider)
+# stream_failures (benches/stream_failures.py): each failure's traceback in the log as it happens, since
+# a step killed at its limit never prints pytest's summary
+export PYTHONPATH="$PWD/benches${PYTHONPATH:+:$PYTHONPATH}"
+pytest_args=(-q -p no:cacheprovider -p stream_failures --tb=short)
 bench_filter=()
 correctness_filter=$CORRECTNESS_FULL
 [ "$mode" = full ] || correctness_filter=$CORRECTNESS_QUICK

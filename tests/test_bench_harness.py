@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 import harness  # noqa: E402
@@ -44,3 +45,17 @@ def test_rounds_of_a_way_merge_into_one_row_with_the_median_of_all_its_times(mon
     assert merged[0]["tflops"] == pytest.approx(2e12 / 2.0 / 1e12)  # from the merged median, not a round's
     assert "tflops" not in merged[1]  # no flops given
     assert rows[0]["times_s"] == [3.0] and "times_s" not in rows[4]  # the rows given are left as they were
+
+
+def test_the_sdpa_peer_runs_in_the_dtype_it_is_given():
+    """RoPE by the reference rotates in float32; the peers' q and k go back to q's dtype, which SDPA and
+    FlexAttention need v to share (benches/bench_attention.py)."""
+    import bench_attention
+
+    x, _ = bench_attention.make_inputs(1, 2, 24, 32, requires_grad=False, with_m=False)
+    x.update({name: x[name].to(torch.bfloat16).requires_grad_() for name in ("q", "k", "v")})
+    assert [t.dtype for t in bench_attention._rotate(x)] == [torch.bfloat16] * 2
+    out = bench_attention.run_sdpa(x, 4)
+    assert out.dtype == torch.bfloat16
+    dq, dk, dv = torch.autograd.grad(out.float().square().sum(), [x["q"], x["k"], x["v"]])
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in (dq, dk, dv))

@@ -95,12 +95,57 @@ def test_rehearsal_runs_every_step_and_brings_back_the_results(tmp_path):
     assert "hidden from Python: accelerate jiwer whisper" in build
 
 
+def _correctness_files(script: str) -> list[str]:
+    return re.search(r"^CORRECTNESS_FILES=\(([^)]*)\)", script, re.MULTILINE).group(1).split()
+
+
+def _collected(*args: str) -> set[str]:
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode in (0, 5), run.stdout[-4000:] + run.stderr[-4000:]  # 5: none collected
+    return {line for line in run.stdout.splitlines() if line.startswith("tests/") and "::" in line}
+
+
 def test_every_test_marked_gpu_is_in_the_correctness_step():
     script = SCRIPT.read_text()
-    files = re.search(r"^CORRECTNESS_FILES=\(([^)]*)\)", script, re.MULTILINE).group(1).split()
+    files = _correctness_files(script)
     assert "tests/test_aot.py" not in files and all((ROOT / f).is_file() for f in files)
-    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                          "-m", "gpu", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    marked = {line.split("::")[0] for line in run.stdout.splitlines() if line.startswith("tests/")}
+    marked = {test.split("::")[0] for test in _collected("-m", "gpu", "tests")}
     assert marked and marked <= set(files), marked - set(files)
+
+
+def test_a_failure_is_in_the_log_before_the_session_ends(tmp_path):
+    """benches/stream_failures.py writes a failure's traceback as the test fails: a step killed at its
+    limit (here: a test that ends the process, so pytest never prints its summary) still says why."""
+    (tmp_path / "test_killed.py").write_text(
+        "import os\n\n"
+        "def test_fails():\n    error = 0.25\n    assert error < 1e-5, 'forward'\n\n"
+        "def test_killed():\n    os._exit(3)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benches"), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "stream_failures",
+                          "--tb=short", "test_killed.py"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "FAILED (call) test_killed.py::test_fails" in run.stdout
+    assert "AssertionError: forward" in run.stdout and "assert 0.25 < 1e-05" in run.stdout
+    assert "short test summary" not in run.stdout  # the summary never came: the lines above are the plugin's
+
+
+def test_the_steps_stream_their_failures():
+    script = SCRIPT.read_text()
+    assert re.search(r"^pytest_args=\(.*-p stream_failures --tb=short\)", script, re.MULTILINE)
+    assert (ROOT / "benches" / "stream_failures.py").is_file()
+
+
+def test_the_correctness_step_leaves_out_every_test_of_the_ahead_of_time_compile():
+    """Its tests run kernels on the GPU; the tests that read echo_kernels.aot's compile (marked `aot` by
+    tests/conftest.py) stay in CI, whatever their names."""
+    script = SCRIPT.read_text()
+    files = _correctness_files(script)
+    filters = [re.search(rf'^{name}="([^"]*)"', script, re.MULTILINE).group(1)
+               for name in ("CORRECTNESS_FULL", "CORRECTNESS_QUICK")]
+    reading_the_compile = _collected(*files, "-m", "aot")
+    assert "tests/test_attention.py::test_fused_loops_against_the_plain_flash_kernel" in reading_the_compile
+    for selection in filters:
+        run = _collected(*files, "-k", selection)
+        assert run and not run & reading_the_compile, (selection, run & reading_the_compile)
