@@ -107,8 +107,9 @@ def case_inputs(case, rotation="m_then_rope", **kw):
 def s_error(got, want, inputs):
     """|ds - ds_ref| against the size of ds's terms: ds = sum_m G_m w_m with G_m = dw_m / s, itself a
     sum of dphi * pos over every query and key, terms that may nearly cancel."""
-    size = (want["w"].abs() * inputs["w"].abs()).sum() / inputs["s"].abs()
-    return ((got["s"].double().cpu() - want["s"]).abs() / size).item()
+    cpu = {name: t.detach().double().cpu() for name, t in (("w", want["w"]), ("s", want["s"]), ("got", got["s"]))}
+    size = (cpu["w"].abs() * inputs["w"].abs()).sum() / inputs["s"].abs()  # inputs: the CPU float64 dict
+    return ((cpu["got"] - cpu["s"]).abs() / size).item()
 
 
 def assert_gradients_match(got, want, case, inputs):
