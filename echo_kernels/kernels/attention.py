@@ -57,10 +57,10 @@ from .attention_common import (
     PAST,
     _bias_arg,
     _bias_tile,
+    _in_band,
     _inner_keys,
     _key_ok,
     _key_range,
-    _load_full,
     _load_p,
     _load_pairs,
     _pad_arg,
@@ -114,6 +114,7 @@ def _fwd_tiles(
     KK: this head's RoPE(k) rows [a | b], contiguous, in the dot type."""
     DT = qa.dtype
     half = tl.arange(0, HALF)
+    dims = tl.arange(0, HEAD)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         # a padded key's k only reaches its own logits, which the mask replaces
@@ -124,7 +125,7 @@ def _fwd_tiles(
         logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
-        keep = (rel <= left) & (rel >= -right) & key_ok[None, :]
+        keep = _in_band(rel, left, right) & key_ok[None, :]
         logits = tl.where(keep, logits + _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 1))
         # Rows that have seen no key yet keep m = -inf; shift them by 0 so that exp gives 0, not NaN.
@@ -133,9 +134,12 @@ def _fwd_tiles(
         p = tl.exp2((logits - m_safe[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         # a padded key's v meets p = 0 in the product, and 0 * NaN is NaN: zeroed after the load, whose
-        # mask then does not wait on the padding's (a dependent mask costs the pipelined loop registers)
-        v = tl.where(key_ok[:, None], _load_full(V, cols, cols < Tk, stride_vt, stride_vd, HEAD), 0.0).to(DT)
-        acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PRECISION)
+        # mask then does not wait on the padding's (a dependent mask costs the pipelined loop registers);
+        # in its own dtype, not through fp32 (a conversion each way per element)
+        v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, mask=cols[:, None] < Tk, other=0.0)
+        if HAS_PAD:
+            v = tl.where(key_ok[:, None], v, 0.0)
+        acc = tl.dot(p.to(DT), v.to(DT), acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 

@@ -21,6 +21,7 @@ from .attention_common import (
     PAST,
     _bias_row_sums,
     _bias_tile,
+    _in_band,
     _inner_keys,
     _key_ok,
     _key_range,
@@ -98,21 +99,28 @@ def _dq_tiles(
     KK: this head's RoPE(k) rows [a | b] as the forward computed them, contiguous, in the dot type."""
     DT = qa.dtype
     half = tl.arange(0, HALF)
+    dims = tl.arange(0, HEAD)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         # A padded key's k and v meet ds = p = 0 in the products below, and 0 * NaN is NaN: zeroed after
         # the loads, whose masks then do not wait on the padding's (that costs the pipelined loop registers).
+        # Keys past Tk the loads' masks zero already; v in its own dtype, not through fp32.
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
         k_offs = cols[:, None] * HEAD + half[None, :]
-        ak = tl.where(key_ok[:, None], tl.load(KK + k_offs, mask=cols[:, None] < Tk, other=0.0), 0.0).to(DT)
-        bk = tl.where(key_ok[:, None], tl.load(KK + k_offs + HALF, mask=cols[:, None] < Tk, other=0.0), 0.0).to(DT)
+        ak = tl.load(KK + k_offs, mask=cols[:, None] < Tk, other=0.0)
+        bk = tl.load(KK + k_offs + HALF, mask=cols[:, None] < Tk, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, mask=cols[:, None] < Tk, other=0.0)
+        if HAS_PAD:
+            ak = tl.where(key_ok[:, None], ak, 0.0)
+            bk = tl.where(key_ok[:, None], bk, 0.0)
+            v = tl.where(key_ok[:, None], v, 0.0)
+        ak, bk, v = ak.to(DT), bk.to(DT), v.to(DT)
         logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
         logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
-        keep = (rel <= left) & (rel >= -right) & key_ok[None, :]
+        keep = _in_band(rel, left, right) & key_ok[None, :]
         logits += _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
         p = tl.where(keep, tl.exp2((logits - lse[:, None]) * LOG2E), 0.0)
-        v = tl.where(key_ok[:, None], _load_full(V, cols, cols < Tk, stride_vt, stride_vd, HEAD), 0.0).to(DT)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         db_lo, db_hi, db_mid = _bias_row_sums(ds, db_lo, db_hi, db_mid, rel, qpos - (k_off + start) + n_rel - 2, n_rel,

@@ -131,6 +131,15 @@ def _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, first, s, W, HALF:
 
 
 @triton.jit
+def _in_band(rel, left, right):
+    """Whether rel = i - j lies in the band -right <= rel <= left, by one unsigned comparison:
+    0 <= rel + right <= left + right. Positions stay below 2^30 and each side at most 2^30, so rel + right
+    fits int32, and left + right is summed unsigned. tl.cast, not .to: the JIT passes a side equal to 1 as
+    a plain int."""
+    return (rel + right).to(tl.uint32) <= tl.cast(left, tl.uint32) + tl.cast(right, tl.uint32)
+
+
+@triton.jit
 def _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD: tl.constexpr):
     """(cols,) keys that exist and are not padding."""
     ok = cols < Tk
