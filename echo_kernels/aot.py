@@ -15,7 +15,7 @@ synchronous vs asynchronous global loads, exp2 and sin/cos on the special-functi
 
 The compile runs in a process of its own, with the interpreter off: kernels defined under
 TRITON_INTERPRET=1 are interpreter objects, which do not compile, and finding the launches swaps
-triton's JITFunction.run for a recorder (`_echo_launches`), which in a process that also runs kernels
+triton's JITFunction.run for a recorder (`recording_launches`), which in a process that also runs kernels
 (a test session on a GPU) would record that process's own launches instead of running them. `reports()`
 starts that process; the command line is it.
 """
@@ -23,6 +23,7 @@ starts that process; the command line is it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -148,6 +149,22 @@ def _jit_function(fn):
     return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
 
 
+@contextlib.contextmanager
+def recording_launches():
+    """Inside, every Triton launch is appended to the list this yields as (kernel, args, kwargs), and
+    not run: triton's JITFunction.run is swapped for a recorder, for every thread, so only in a process
+    that runs no kernel of its own (see the module's docstring)."""
+    from triton.runtime.jit import JITFunction
+
+    launches: list[tuple[object, tuple, dict]] = []
+    run = JITFunction.run
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
+    try:
+        yield launches
+    finally:
+        JITFunction.run = run
+
+
 def _echo_launches() -> list[tuple[object, tuple, dict]]:
     """(kernel, args, kwargs) of every launch the launchers make at Echo's real shapes on the tile
     table in force (kernels.attention_common.tiles_of), captured and not run: the medium model's width
@@ -155,16 +172,12 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
     (B, T, D) projections, a bias table, a padding mask, with an M and without; the decoding step
     (Tq = 1 against 448 cached keys); the rotary ops at every h."""
     import torch
-    from triton.runtime.jit import JITFunction
 
     from .kernels import ECHO_MAX_REL_DIST, attention as attn, attention_backward as attn_bwd, plain_attention as plain
     from .kernels import rotary
     from .reference import UNBOUNDED
 
-    launches = []
-    run = JITFunction.run
-    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
-    try:
+    with recording_launches() as launches:
         B, D, T = 2, 1024, 1500
         heads = lambda Tn, h, dt: torch.randn(B, Tn, D // h, h).to(dt).transpose(1, 2)  # (B, H, T, h) view
         for h in (32, 64, 128):
@@ -193,8 +206,6 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
                 M, w, s = torch.randn(h, h), torch.rand(h // 2), torch.ones(1)
                 rotary.rotary_forward(x, M, w, s, 1.0, 0, layout)
                 rotary.rotary_backward(torch.randn_like(x), x, M, w, s, 1.0, 0, layout)
-    finally:
-        JITFunction.run = run
     return launches
 
 

@@ -108,3 +108,16 @@ def test_reports_compile_in_a_child_process_with_the_interpreter_on_or_off(monke
         monkeypatch.setenv("TRITON_INTERPRET", interpreted)
         assert aot.reports((80,)) == []
     assert [args[2:] for args in children] == [["--arch", "80"]] * 2
+
+
+
+def test_band_sides_equal_to_one_compile_as_the_jit_specialises_them():
+    """The JIT passes an integer argument equal to 1 as a plain int (a constexpr), on which a tensor's
+    methods do not exist; the interpreter, which does not specialise, cannot show that. So the forward
+    and the dq pass, given the band (1, 1), compile for sm_90 with both sides specialised so
+    (tests/compile_band_of_one.py, in a child process with the interpreter off, as echo_kernels.aot)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "compile_band_of_one.py")
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.split() == ["_attn_fwd_kernel", "_attn_bwd_dq_kernel"], run.stdout
