@@ -90,7 +90,7 @@ def test_launch_shape_names_blocks_warps_and_stages():
     assert aot.launch_shape(spec(N=64)) == "-/8w/2s"
 
 
-def test_reports_compile_in_a_child_process_with_the_interpreter_on_or_off(monkeypatch, tmp_path):
+def test_reports_compile_in_a_child_process_with_the_interpreter_on_or_off(monkeypatch):
     """Finding the launches swaps JITFunction.run for a recorder: in the calling process (a test session
     on a GPU, where the compile ran in a thread beside the kernel tests) it would record that session's
     own launches instead of running them. So reports() always starts `python -m echo_kernels.aot`."""
@@ -108,7 +108,6 @@ def test_reports_compile_in_a_child_process_with_the_interpreter_on_or_off(monke
         monkeypatch.setenv("TRITON_INTERPRET", interpreted)
         assert aot.reports((80,)) == []
     assert [args[2:] for args in children] == [["--arch", "80"]] * 2
-
 
 
 def test_band_sides_equal_to_one_compile_as_the_jit_specialises_them():
