@@ -9,7 +9,8 @@
 # Steps, in this order, each under its own time limit (PLAN below), so a hang costs that step only:
 #   build        pip install -e . with the CUDA extension for this GPU's arch only; python -m echo_kernels.info
 #   correctness  the kernel tests on CUDA tensors (fp32, fp16, bf16, the encoder shape, determinism):
-#                CORRECTNESS_FILES, whose tests marked gpu run there too; the AOT compile tests stay in CI
+#                CORRECTNESS_FILES, whose tests marked gpu run there too; the AOT compile tests stay in CI;
+#                shared among sessions side by side (one per two cores), a line per test
 #   headline     the bench cases of README's headline comparisons (marked `headline` in benches/conftest.py)
 #   benches      every other bench case (not under --quick)
 #   report       results.md and speedups.png from whatever results.json holds; runs even when a step before
@@ -88,7 +89,13 @@ export ECHO_BENCH_JSON="$out/results.json" ECHO_BENCH_APPEND=1
 # stream_failures (benches/stream_failures.py): each failure's traceback in the log as it happens, since
 # a step killed at its limit never prints pytest's summary
 export PYTHONPATH="$PWD/benches${PYTHONPATH:+:$PYTHONPATH}"
-pytest_args=(-q -p no:cacheprovider -p stream_failures --tb=short)
+pytest_args=(-p no:cacheprovider -p stream_failures --tb=short)
+# Triton compiles a kernel on one core, and compiles are most of a kernel test's time on a fresh machine:
+# the correctness step runs its tests in a session per two cores (2 to 8 sessions), each a share of them
+# (ECHO_TEST_SHARD, tests/conftest.py), a line per test
+shards=$(( $(nproc) / 2 ))
+(( shards >= 2 )) || shards=2
+(( shards <= 8 )) || shards=8
 bench_filter=()
 correctness_filter=$CORRECTNESS_FULL
 [ "$mode" = full ] || correctness_filter=$CORRECTNESS_QUICK
@@ -128,6 +135,20 @@ build() {
     python3 -m echo_kernels.info
 }
 
+sharded() {  # sharded PYTEST_COMMAND...: $shards sessions of it side by side, each line tagged with its shard
+    set -o pipefail
+    local i pids=() rc=0
+    for ((i = 0; i < shards; i++)); do
+        # a subshell, so that its pid's status is the pipeline's (pipefail): the tests', not sed's
+        (ECHO_TEST_SHARD="$i/$shards" "$@" 2>&1 | sed -u "s|^|[shard $i/$shards] |") &
+        pids+=($!)
+    done
+    for i in "${pids[@]}"; do
+        wait "$i" || rc=1
+    done
+    return $rc
+}
+
 report() {
     local rc=0
     rm -f "$out/results.json.partial"  # left only by a session killed while it wrote
@@ -156,13 +177,14 @@ report() {
     return $rc
 }
 steps=$(plan | awk '{print $1}' | tr '\n' ' ')
-export -f build report
-export mode out steps
+export -f build sharded report
+export mode out steps shards
 
 step build bash -c build
-step correctness python3 -m pytest "${pytest_args[@]}" --durations=15 "${CORRECTNESS_FILES[@]}" -k "$correctness_filter"
-step headline python3 -m pytest "${pytest_args[@]}" -s benches -m headline "${bench_filter[@]}"
-step benches python3 -m pytest "${pytest_args[@]}" -s benches -m "not headline" "${bench_filter[@]}"
+step correctness bash -c 'sharded "$@"' sharded python3 -m pytest "${pytest_args[@]}" -v --durations=5 \
+    "${CORRECTNESS_FILES[@]}" -k "$correctness_filter"
+step headline python3 -m pytest -q "${pytest_args[@]}" -s benches -m headline "${bench_filter[@]}"
+step benches python3 -m pytest -q "${pytest_args[@]}" -s benches -m "not headline" "${bench_filter[@]}"
 step report bash -c report
 echo "results in $out (exit $status)"
 exit $status

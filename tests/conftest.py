@@ -40,14 +40,38 @@ def _compile_all() -> None:
         _aot["error"] = error
 
 
-@pytest.hookimpl(tryfirst=True)  # before -k and -m deselect: they see the mark
-def pytest_collection_modifyitems(items):
-    """Every test that reads the ahead-of-time compile carries the mark `aot`, so that `-k "not aot"`
-    leaves the compile out (benches/gpu_run.sh: on a GPU machine the tests run the kernels, and the
-    compile of both targets is CI's)."""
+def _shard() -> tuple[int, int] | None:
+    """ECHO_TEST_SHARD="i/n": this session runs the i-th of n shares of the selected tests."""
+    value = os.environ.get("ECHO_TEST_SHARD")
+    if not value:
+        return None
+    index, _, count = value.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise pytest.UsageError(f"ECHO_TEST_SHARD must be 'i/n' with 0 <= i < n, got {value!r}")
+    return int(index), int(count)
+
+
+@pytest.hookimpl(hookwrapper=True)  # around -k and -m's deselection
+def pytest_collection_modifyitems(config, items):
+    """Before -k and -m deselect: every test that reads the ahead-of-time compile carries the mark
+    `aot`, so that `-k "not aot"` leaves the compile out (benches/gpu_run.sh: on a GPU machine the tests
+    run the kernels, and the compile of both targets is CI's).
+
+    After them, under ECHO_TEST_SHARD="i/n": every n-th test left, from the i-th, so that n sessions side
+    by side run each selected test once (benches/gpu_run.sh, where Triton's compiles, one core each, are
+    most of a test's time). Dealt in turn, so that a module's many cases of one kernel are spread."""
     for item in items:
         if "aot_reports" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.aot)
+    yield
+    shard = _shard()
+    if shard is None:
+        return
+    index, count = shard
+    dropped = [item for position, item in enumerate(items) if position % count != index]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = items[index::count]
 
 
 def pytest_collection_finish(session):

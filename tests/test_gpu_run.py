@@ -77,10 +77,17 @@ def test_rehearsal_runs_every_step_and_brings_back_the_results(tmp_path):
     groups = {case["group"] for case in cases}
     assert any(g.startswith("training step") for g in groups) and any(g.startswith("rotary") for g in groups)
     assert any(g.startswith("attention encoder_global fwd+bwd") for g in groups)
-    # the headline step ran first, and its cases lead the file the next step appended to
-    leads = ("training step", "attention encoder_global fwd+bwd", "orthogonal_product cpu h64-N32-B88 fwd+bwd")
-    headline = [c for c in cases if c["group"].startswith(leads)]
+    # the headline step ran first, and its cases lead the file the next step appended to: of the attention
+    # groups at the encoder's shape, the fused and plain kernels' (FlexAttention's only on a GPU)
+    def headline_case(case):
+        if case["group"].startswith("attention encoder_global"):
+            return case["case"] in ("kernel", "plain")
+        return case["group"].startswith(("training step", "orthogonal_product cpu h64-N32-B88 fwd+bwd"))
+    headline = [c for c in cases if headline_case(c)]
+    assert {c["group"].split()[0] for c in headline} == {"training", "attention", "orthogonal_product"}
     assert cases[:len(headline)] == headline and len(headline) < len(cases)
+    assert any(c["group"].startswith("attention encoder_global") and c["case"] == "reference"
+               for c in cases[len(headline):])
     markdown = (out / "results.md").read_text()
     rows = [line.split(" | ")[:2] for line in markdown.splitlines() if line.startswith("| ")]
     assert sorted((group.removeprefix("| "), name.strip("*")) for group, name in rows[1:]) == \
@@ -99,9 +106,10 @@ def _correctness_files(script: str) -> list[str]:
     return re.search(r"^CORRECTNESS_FILES=\(([^)]*)\)", script, re.MULTILINE).group(1).split()
 
 
-def _collected(*args: str) -> set[str]:
+def _collected(*args: str, shard: str = "") -> set[str]:
+    env = dict(os.environ, ECHO_TEST_SHARD=shard)
     run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode in (0, 5), run.stdout[-4000:] + run.stderr[-4000:]  # 5: none collected
     return {line for line in run.stdout.splitlines() if line.startswith("tests/") and "::" in line}
 
@@ -149,3 +157,37 @@ def test_the_correctness_step_leaves_out_every_test_of_the_ahead_of_time_compile
     for selection in filters:
         run = _collected(*files, "-k", selection)
         assert run and not run & reading_the_compile, (selection, run & reading_the_compile)
+
+
+def test_the_correctness_step_shares_its_tests_among_sessions_side_by_side():
+    """Each of n sessions under ECHO_TEST_SHARD="i/n" runs every n-th test -k leaves: together, each
+    selected test once."""
+    script = SCRIPT.read_text()
+    assert re.search(r"^step correctness bash -c 'sharded \"\$@\"' sharded python3 -m pytest", script, re.MULTILINE)
+    files = _correctness_files(script)[:2]
+    whole = _collected(*files, "-k", "not aot")
+    shares = [_collected(*files, "-k", "not aot", shard=f"{i}/3") for i in range(3)]
+    assert len(whole) > 30 and all(len(share) >= len(whole) // 3 for share in shares)
+    assert set().union(*shares) == whole and sum(map(len, shares)) == len(whole)
+
+
+@pytest.mark.parametrize("shard", ["3/3", "1", "a/2", "-1/2"])
+def test_a_shard_out_of_range_is_refused(shard):
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "tests/test_checks.py"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, ECHO_TEST_SHARD=shard))
+    assert run.returncode == 4 and "ECHO_TEST_SHARD must be 'i/n'" in run.stderr, run.stdout + run.stderr
+
+
+def test_a_failing_shard_fails_the_step():
+    """benches/gpu_run.sh's `sharded` returns the tests' status, not that of the filter tagging their lines."""
+    function = re.search(r"^sharded\(\) \{.*?^\}$", SCRIPT.read_text(), re.MULTILINE | re.DOTALL).group(0)
+    script = function + """
+shards=3
+sharded bash -c 'echo "ran $ECHO_TEST_SHARD"; [ "$ECHO_TEST_SHARD" != 1/3 ]'; echo "one failed: $?"
+sharded bash -c 'echo "ran $ECHO_TEST_SHARD"'; echo "none failed: $?"
+"""
+    run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    lines = run.stdout.splitlines()
+    assert lines[3] == "one failed: 1" and lines[7] == "none failed: 0", run.stdout + run.stderr
+    assert sorted(lines[:3]) == sorted(lines[4:7]) == [f"[shard {i}/3] ran {i}/3" for i in range(3)]
