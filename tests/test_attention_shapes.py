@@ -67,13 +67,13 @@ def test_wider_heads_are_refused_with_the_supported_widths(use_triton):
 
 
 class _GridRecorder:
-    """Stands in for a kernel: records the grid of each launch, then launches the kernel."""
+    """Stands in for a kernel: records the name and grid of each launch, then launches the kernel."""
 
     def __init__(self, fn, grids):
         self.fn, self.grids = fn, grids
 
     def __getitem__(self, grid):
-        self.grids.append(grid)
+        self.grids.append((self.fn.fn.__name__, grid))
         return self.fn[grid]
 
 
@@ -81,7 +81,7 @@ class _GridRecorder:
 def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch, dq_in_key_pass):
     """CUDA caps a grid's second and third axes at 65535, which B * H can pass; the first takes 2**31 - 1."""
     grids = []
-    for module, names in ((kernel, ["_rope_keys_kernel", "_attn_fwd_kernel"]),
+    for module, names in ((kernel, ["_rope_keys_kernel", "_near_bias_kernel", "_attn_fwd_kernel"]),
                           (kernel_bwd, [n for n in dir(kernel_bwd) if n.startswith("_attn_bwd_")])):
         for name in names:
             monkeypatch.setattr(module, name, _GridRecorder(getattr(module, name), grids))
@@ -89,10 +89,13 @@ def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch, dq_in_key_pass
     do = torch.randn(2, 3, 20, 32, dtype=torch.float64)
     with kernel_bwd.dq_in_key_pass(dq_in_key_pass):
         grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=5, rotation="rope_then_m")
-    # RoPE(k), forward, delta, RoPE(k) again, dkdv, unrope, dq (with dbias; not when dkdv sums dq), dq_unrotate
-    assert len(grids) == (7 if dq_in_key_pass else 8)
-    assert all(len(grid) == 1 for grid in grids), grids
-    assert all(grid[0] % (2 * 3) == 0 for grid in grids), grids  # every (batch, head) has its programs
+    # RoPE(k), NEAR bias tiles, forward, delta, RoPE(k) again, dkdv, unrope, dq (with dbias; not when dkdv
+    # sums dq), dq_unrotate
+    assert len(grids) == (8 if dq_in_key_pass else 9)
+    assert all(len(grid) == 1 for _, grid in grids), grids
+    # every (batch, head) has its programs; the NEAR bias table is one per head, which all batches read
+    assert all(grid[0] % (3 if name == "_near_bias_kernel" else 2 * 3) == 0 for name, grid in grids), grids
+    assert [name for name, _ in grids].count("_near_bias_kernel") == 1
 
 
 @pytest.mark.gpu

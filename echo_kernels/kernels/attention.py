@@ -104,14 +104,28 @@ def _rope_keys_kernel(
 
 
 @triton.jit
+def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_tiles,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) fp32 tile of the bias of one head at the offset i - j = first + STEP * t of its
+    top-left entry: Tiles[head, t], from the same gather as the backward's NEAR tiles (_bias_tile)."""
+    pid_t, hd = _tile_and_head(n_tiles)
+    rel = first + pid_t * STEP + tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]
+    bias = _bias_tile(rel, Bias, stride_br, hd * stride_bh, n_rel, NEAR)
+    offs = (hd * n_tiles + pid_t) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N \
+        + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(Tiles + offs, bias)
+
+
+@triton.jit
 def _fwd_tiles(
-    acc, m_i, l_i, lo, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Pad, pad_off,
+    acc, m_i, l_i, lo, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
     stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
-    HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, STEP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Online softmax over the key tiles starting at lo, lo + BLOCK_N, ... < hi (one bias region).
-    KK: this head's RoPE(k) rows [a | b], contiguous, in the dot type."""
+    KK: this head's RoPE(k) rows [a | b], contiguous, in the dot type. With BIAS_TILES, a NEAR tile's bias
+    is the tile Tiles[(tile_of - start) / STEP] of this head's table (near_bias_tiles), else a gather."""
     DT = qa.dtype
     half = tl.arange(0, HALF)
     dims = tl.arange(0, HEAD)
@@ -126,7 +140,14 @@ def _fwd_tiles(
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
         keep = _in_band(rel, left, right) & key_ok[None, :]
-        logits = tl.where(keep, logits + _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION), float("-inf"))
+        if REGION == NEAR and BIAS_TILES:
+            # a contiguous tile, which the pipeline copies in 16-byte pieces: the gather's index arithmetic
+            # and one 4-byte copy per entry were most of this loop's instructions
+            rows = (tile_of - start) // STEP * qa.shape[0] + tl.arange(0, qa.shape[0])
+            bias = tl.load(Tiles + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :])
+        else:
+            bias = _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
+        logits = tl.where(keep, logits + bias, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 1))
         # Rows that have seen no key yet keep m = -inf; shift them by 0 so that exp gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -182,35 +203,41 @@ def _fwd_region(
     with no mask, the edges before and after by the masked one."""
     a = tl.minimum(tl.maximum(inner_lo, lo), hi)
     b = tl.maximum(tl.minimum(inner_hi, hi), a)
+    # the edges of a one-value region read no table of NEAR tiles
     acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, lo, a, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Pad, pad_off, stride_pt,
-        stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, PRECISION)
+        acc, m_i, l_i, lo, a, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Bias, 0, Pad, pad_off,
+        stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, False, 1,
+        PRECISION)
     bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
     acc, m_i, l_i = _fwd_inner_tiles(
         acc, m_i, l_i, a, b, qa, qb, KK, V, bias_c, stride_vt, stride_vd, HALF, HEAD, BLOCK_N, PRECISION)
     acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, b, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Pad, pad_off, stride_pt,
-        stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, PRECISION)
+        acc, m_i, l_i, b, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Bias, 0, Pad, pad_off,
+        stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, False, 1,
+        PRECISION)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, KK, V, P, W, S, Bias, Pad, PadStart, Out, Lse,
+    Q, KK, V, P, W, S, Bias, Tiles, Pad, PadStart, Out, Lse,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, left, right, q_off, k_off, scale, n_tiles,
+    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off, k_off, scale, n_tiles,
     HEAD: tl.constexpr, HAS_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BIAS_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One (BLOCK_M, HEAD) query tile of one (batch, head): Out tile and its log-sum-exp.
 
     KK: RoPE(k) from _rope_keys_kernel, (B, H, Tk, h) contiguous in the dot type;
     P: the folded (h, h) P~ when HAS_P, else a placeholder whose element type is the dot type;
+    Tiles: with BIAS_TILES, (H, n_bias_tiles, BLOCK_M, BLOCK_N) fp32, the bias of the NEAR tiles from
+    near_bias_tiles, the tile t at i - j = first_bias_tile + STEP t in its top-left entry;
     PadStart: (B,) int32, each batch's first padded key (Tk if none), read when HAS_PAD;
     scale: 1 / sqrt(h), applied to RoPE(q) when there is no P (P~ holds it otherwise)."""
     HALF: tl.constexpr = HEAD // 2
+    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N  # near_bias_tiles' step
     DT = P.dtype.element_ty  # operand type of every tl.dot (fp32 under the interpreter for bf16)
     pid_m, pid_bh = _tile_and_head(n_tiles)
     b = pid_bh // H
@@ -252,9 +279,13 @@ def _attn_fwd_kernel(
             acc, m_i, l_i, lo, d1, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
             Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, PAST,
             HAS_PAD, PRECISION)
+        # the NEAR tiles' offsets i - j at their top-left entries are q_first - k_off - start: multiples of
+        # STEP apart, so (q_first - k_off - first_bias_tile - start) / STEP is a tile's place in the table
         acc, m_i, l_i = _fwd_tiles(
-            acc, m_i, l_i, d1, d2, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb,
-            stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, PRECISION)
+            acc, m_i, l_i, d1, d2, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
+            Tiles + hd * n_bias_tiles * (BLOCK_M * BLOCK_N), q_first - k_off - first_bias_tile, Pad, b * stride_pb,
+            stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, BIAS_TILES,
+            STEP, PRECISION)
         acc, m_i, l_i = _fwd_region(
             acc, m_i, l_i, d2, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
             Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, FUTURE,
@@ -308,14 +339,39 @@ def rotated_keys(k: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, k_offset
     n_tiles = triton.cdiv(Tk, block)
     if kk.numel():  # a memory-bound pass: nothing to pipeline
         _rope_keys_kernel[(n_tiles * B * H,)](k, w32, s32, kk, *k.stride(), H, Tk, k_offset, n_tiles, HEAD=h,
-                                              BLOCK=block, num_warps=rope_keys_warps(h, block), num_stages=1)
+                                              BLOCK=block, num_warps=tile_pass_warps(block * h), num_stages=1)
     return kk
 
 
-def rope_keys_warps(h: int, block: int) -> int:
-    """Warps of the RoPE(k) pass: 4, and 8 for tiles past 64 x 64 elements, where 4 spill registers
-    (sm_90)."""
-    return 8 if block * h > 64 * 64 else 4
+def tile_pass_warps(elements: int) -> int:
+    """Warps of a memory-bound pass over tiles of `elements` (RoPE(k), the NEAR bias tiles): 4, and 8 for
+    tiles past 64 x 64 elements, where 4 spill registers (sm_90)."""
+    return 8 if elements > 64 * 64 else 4
+
+
+def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int,
+                    block_n: int) -> tuple[torch.Tensor, int]:
+    """The forward's NEAR key tiles' bias, as a table of (block_m, block_n) tiles per head.
+
+    bias: (2n - 1, H), n = n_rel; offset: q_offset - k_offset. A NEAR tile (attention_common: neither
+    wholly at i - j >= n - 1 nor wholly at i - j <= 1 - n) of the query tile at row r0 and the key tile at
+    column c0 has i - j = delta + r - c at its entry (r, c), delta = offset + r0 - c0, and
+    3 - n - block_m <= delta <= block_n + n - 3. Tile rows are multiples of block_m and tile columns of
+    block_n, so the deltas are those of that range congruent to offset modulo step = min(block_m,
+    block_n): a few tiles, which every query tile and batch of the launch shares.
+
+    Returns (tiles (H, count, block_m, block_n) fp32, first): tile t is the bias at delta = first + step t.
+    """
+    step = min(block_m, block_n)
+    lowest = 3 - n_rel - block_m
+    first = lowest + (offset - lowest) % step
+    count = (block_n + n_rel - 3 - first) // step + 1
+    H = bias.shape[1]
+    tiles = torch.empty((H, count, block_m, block_n), dtype=torch.float32, device=bias.device)
+    _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, count, BLOCK_M=block_m,
+                                    BLOCK_N=block_n, STEP=step, num_warps=tile_pass_warps(block_m * block_n),
+                                    num_stages=1)
+    return tiles, first
 
 
 def first_padded_key(pad_flags: torch.Tensor) -> torch.Tensor:
@@ -355,15 +411,21 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
     pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q, torch.int32)
     pad_start = first_padded_key(pad_t) if has_pad else lse
-    cfg = _short_query_blocks(with_override(default_blocks(h, tile_arch(q.device))), Tq)
+    blocks = with_override(default_blocks(h, tile_arch(q.device)))
+    cfg = _short_query_blocks(blocks, Tq)
     kk = rotated_keys(k, w32, s32, k_offset, P.dtype, cfg["BLOCK_N"])
+    # the short query tiles of decoding gather their NEAR bias: a few rows, where a table is a launch per step
+    bias_tiles = has_bias and cfg["BLOCK_M"] == blocks["BLOCK_M"]
+    tiles, first_tile = (near_bias_tiles(bias_t, n_rel, q_offset - k_offset, cfg["BLOCK_M"], cfg["BLOCK_N"])
+                         if bias_tiles else (lse, 0))
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     _attn_fwd_kernel[(n_tiles * B * H,)](
-        q, kk, v, P, w32, s32, bias_t, pad_t, pad_start, out, lse,
+        q, kk, v, P, w32, s32, bias_t, tiles, pad_t, pad_start, out, lse,
         *q.stride(), *v.stride(),
         sbr, sbh, spb, spt,
-        H, Tq, Tk, n_rel, left, right, q_offset, k_offset, 1.0 / math.sqrt(h), n_tiles,
-        HEAD=h, HAS_P=has_p, HAS_BIAS=has_bias, HAS_PAD=has_pad,
+        H, Tq, Tk, n_rel, tiles.shape[1] if bias_tiles else 1, first_tile, left, right, q_offset, k_offset,
+        1.0 / math.sqrt(h), n_tiles,
+        HEAD=h, HAS_P=has_p, HAS_BIAS=has_bias, HAS_PAD=has_pad, BIAS_TILES=bias_tiles,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -379,7 +441,7 @@ def aot_specs(arch: int) -> list[KernelSpec]:
     """The launches of the forward kernel at the block sizes of `arch`'s tile table:
     h in {32, 64, 128}, bf16 and fp16, with a bias table (n = 15) and a key-padding mask, with M
     ("rope_then_m": P folded into q) and without (names ending in _no_m: the model's default order);
-    and the RoPE(k) pass before them."""
+    and the passes before them: RoPE(k), and the NEAR tiles' bias (near_bias_tiles)."""
     specs = []
     for h in ATTENTION_HEAD_WIDTHS:
         for dt in ("bf16", "fp16"):
@@ -388,18 +450,24 @@ def aot_specs(arch: int) -> list[KernelSpec]:
             ce = dict(HEAD=h, BLOCK=f["BLOCK_N"])
             specs.append(KernelSpec(f"attention_rope_keys_h{h}_{dt}", _rope_keys_kernel,
                                     signature_of(_rope_keys_kernel, ptrs, ce), ce,
-                                    num_warps=rope_keys_warps(h, f["BLOCK_N"]), num_stages=1))
+                                    num_warps=tile_pass_warps(h * f["BLOCK_N"]), num_stages=1))
+            if dt == "bf16":  # the bias table is fp32 whatever the inputs
+                ce = dict(BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], STEP=min(f["BLOCK_M"], f["BLOCK_N"]))
+                specs.append(KernelSpec(f"attention_near_bias_h{h}", _near_bias_kernel,
+                                        signature_of(_near_bias_kernel, {"Bias": "*fp32", "Tiles": "*fp32"}, ce), ce,
+                                        num_warps=tile_pass_warps(f["BLOCK_M"] * f["BLOCK_N"]), num_stages=1))
             ptrs = {n: f"*{dt}" for n in ("Q", "KK", "V", "P", "Out")}
-            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*i32", PadStart="*i32", Lse="*fp32", scale="fp32")
+            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Tiles="*fp32", Pad="*i32", PadStart="*i32", Lse="*fp32",
+                        scale="fp32")
             for has_p, suffix in ((True, ""), (False, "_no_m")):
-                ce = dict(HEAD=h, HAS_P=has_p, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=f["BLOCK_M"],
+                ce = dict(HEAD=h, HAS_P=has_p, HAS_BIAS=True, HAS_PAD=True, BIAS_TILES=True, BLOCK_M=f["BLOCK_M"],
                           BLOCK_N=f["BLOCK_N"], PRECISION="tf32")
                 specs.append(KernelSpec(
                     f"attention_fwd{suffix}_h{h}_{dt}", _attn_fwd_kernel, signature_of(_attn_fwd_kernel, ptrs, ce),
                     ce, num_warps=f["num_warps"], num_stages=f["num_stages"]))
                 if h == 64 and dt == "bf16":  # the decoding launch (Tq = 1 against a KV cache)
                     d = _short_query_blocks(f, 1)
-                    ce = dict(ce, BLOCK_M=d["BLOCK_M"])
+                    ce = dict(ce, BLOCK_M=d["BLOCK_M"], BIAS_TILES=False)
                     specs.append(KernelSpec(
                         f"attention_fwd_decode{suffix}_h{h}_{dt}", _attn_fwd_kernel,
                         signature_of(_attn_fwd_kernel, ptrs, ce), ce, num_warps=d["num_warps"],
