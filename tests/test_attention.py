@@ -475,14 +475,16 @@ def test_aot_compile_report(aot_reports):
             for part in parts:
                 assert f"attention_{part}_h{h}_{dt}" in names
     assert {"attention_fwd_decode_h64_bf16", "attention_fwd_decode_no_m_h64_bf16"} <= names
+    assert {f"attention_near_bias_h{h}" for h in (32, 64, 128)} <= names
     # Elementwise passes, no matrix product: the RoPE undo of dk, and without M the queries' rotation
-    # and its undo (no product with P).
-    no_dot = ("attention_bwd_unrope_", "attention_bwd_delta_no_m_", "attention_bwd_dq_unrotate_no_m_",
-              "attention_rope_keys_")
+    # and its undo (no product with P); the forward's RoPE(k) and NEAR bias tiles, which hold no tile in
+    # shared memory either.
+    unstaged = ("attention_rope_keys_", "attention_near_bias_")
+    no_dot = ("attention_bwd_unrope_", "attention_bwd_delta_no_m_", "attention_bwd_dq_unrotate_no_m_", *unstaged)
     for r in rows:
         assert {x.arch for x in rows if x.name == r.name} == set(aot.TARGETS), r.name
-        # every pass stages tiles in shared memory but the elementwise RoPE(k) one
-        assert (r.shared_bytes > 0) != r.name.startswith("attention_rope_keys_"), r.name
+        # every pass stages tiles in shared memory but the forward's two elementwise ones
+        assert (r.shared_bytes > 0) != r.name.startswith(unstaged), r.name
         assert r.registers > 0, r.name
         assert r.shared_bytes <= SHARED_PER_BLOCK[r.arch], r.name
         assert r.spilled_bytes == recorded[(r.name, r.arch)], r.name  # as the committed report says

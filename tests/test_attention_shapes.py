@@ -115,11 +115,12 @@ def test_more_batch_heads_than_a_grid_axis_holds_gpu(use_triton):
 @pytest.mark.parametrize("padding, inner_keys", [(None, 64), ("suffix", 32), ("first", 0)])
 def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, padding, inner_keys,
                                                      dq_in_key_pass):
-    """Global attention, 64 queries and keys in 16-wide tiles, n = 2: the forward's, dq's and dk/dv's
-    loops with no mask each take exactly the (query tile, key tile) pairs off the diagonal (where the
-    bias is one value) whose key tile lies before the first padded key (none padded: 4 key tiles;
-    padded from key 40 on: 2; key 0 padded: none), and values and gradients are the reference's. When
-    the dk/dv pass sums dq, its loop takes them and the dq pass does not run."""
+    """Global attention, 64 queries and keys in 16-wide tiles, n = 2: the dq and dk/dv passes' loops
+    with no mask each take exactly the (query tile, key tile) pairs off the diagonal (where the bias is
+    one value), and the forward's those and the diagonal ones (whose bias it reads from its table), whose
+    key tile lies before the first padded key (none padded: 4 key tiles; padded from key 40 on: 2; key 0
+    padded: none), and values and gradients are the reference's. When the dk/dv pass sums dq, its loop
+    takes them and the dq pass does not run."""
     visits = {"forward": 0, "dq": 0, "dkdv": 0}
 
     def watch(module, name, part, lo_at):
@@ -149,4 +150,4 @@ def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, p
     assert_gradients_match(got, want, padding, inputs)
     key_tiles = inner_keys // 16
     pairs = 2 * (key_tiles * 4 - key_tiles)  # 2 heads; every query tile but the diagonal one
-    assert visits == {"forward": pairs, "dq": 0 if dq_in_key_pass else pairs, "dkdv": pairs}
+    assert visits == {"forward": 2 * key_tiles * 4, "dq": 0 if dq_in_key_pass else pairs, "dkdv": pairs}

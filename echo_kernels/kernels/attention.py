@@ -36,8 +36,10 @@ loops only over the key tiles the band reaches, so local attention costs O(T w).
 Masks are paid only where they can bite, as Triton's fused-attention tutorial stages its loops: a key
 tile wholly inside the band of every query of the tile, whole (before Tk) and before the batch's first
 padded key runs a loop with no mask arithmetic and no mask load, its bias one value per region folded
-into the exponent; the band's edges, the ragged last tile, the tiles from the first padded key on and
-the bias gather near the diagonal take the masked loop.
+into the exponent, or near the diagonal, where the clamp lets it vary, a tile of it read whole from a
+table written once per call (near_bias_tiles); the band's edges, the ragged last tile and the tiles
+from the first padded key on take the masked loop (and so do all of decoding's tiles near the diagonal,
+which gather their bias).
 """
 
 from __future__ import annotations
@@ -117,6 +119,15 @@ def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_tiles,
 
 
 @triton.jit
+def _near_bias(Tiles, tile_of, start, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr):
+    """The (ROWS, BLOCK_N) fp32 bias of the NEAR key tile from column `start`: the tile (tile_of - start) /
+    STEP of this head's table (near_bias_tiles), one contiguous block, which the pipeline copies in
+    16-byte pieces (a gather computes an index and issues a 4-byte copy per entry)."""
+    rows = (tile_of - start) // STEP * ROWS + tl.arange(0, ROWS)
+    return tl.load(Tiles + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :])
+
+
+@triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, lo, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
     stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
@@ -141,10 +152,7 @@ def _fwd_tiles(
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
         keep = _in_band(rel, left, right) & key_ok[None, :]
         if REGION == NEAR and BIAS_TILES:
-            # a contiguous tile, which the pipeline copies in 16-byte pieces: the gather's index arithmetic
-            # and one 4-byte copy per entry were most of this loop's instructions
-            rows = (tile_of - start) // STEP * qa.shape[0] + tl.arange(0, qa.shape[0])
-            bias = tl.load(Tiles + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :])
+            bias = _near_bias(Tiles, tile_of, start, qa.shape[0], BLOCK_N, STEP)
         else:
             bias = _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
         logits = tl.where(keep, logits + bias, float("-inf"))
@@ -167,11 +175,13 @@ def _fwd_tiles(
 
 @triton.jit
 def _fwd_inner_tiles(
-    acc, m_i, l_i, lo, hi, qa, qb, KK, V, bias_c, stride_vt, stride_vd,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    acc, m_i, l_i, lo, hi, qa, qb, KK, V, bias_c, Tiles, tile_of, stride_vt, stride_vd,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr, STEP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """_fwd_tiles for key tiles wholly inside the band, before Tk and before any padded key: no mask
-    at all, and the region's one bias value bias_c (0 without a table) folded into the exponent."""
+    at all. The bias: in a NEAR region, each tile's from the table (_near_bias); in the others, the
+    region's one value bias_c (0 without a table), folded into the exponent."""
     DT = qa.dtype
     half = tl.arange(0, HALF)
     dims = tl.arange(0, HEAD)
@@ -181,9 +191,14 @@ def _fwd_inner_tiles(
         logits = tl.dot(qa, tl.trans(tl.load(KK + k_offs)), input_precision=PRECISION)
         logits = tl.dot(qb, tl.trans(tl.load(KK + k_offs + HALF)), logits, input_precision=PRECISION)
         # every row sees every key of the tile, so the maximum is finite: no guard against -inf
-        m_new = tl.maximum(m_i, tl.max(logits, 1) + bias_c)
+        if REGION == NEAR:
+            logits += _near_bias(Tiles, tile_of, start, qa.shape[0], BLOCK_N, STEP)
+            m_new = tl.maximum(m_i, tl.max(logits, 1))
+            p = tl.exp2((logits - m_new[:, None]) * LOG2E)
+        else:
+            m_new = tl.maximum(m_i, tl.max(logits, 1) + bias_c)
+            p = tl.exp2(logits * LOG2E + ((bias_c - m_new) * LOG2E)[:, None])
         alpha = tl.exp2((m_i - m_new) * LOG2E)
-        p = tl.exp2(logits * LOG2E + ((bias_c - m_new) * LOG2E)[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd).to(DT)
         acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -193,28 +208,31 @@ def _fwd_inner_tiles(
 
 @triton.jit
 def _fwd_region(
-    acc, m_i, l_i, lo, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Pad,
-    pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
+    acc, m_i, l_i, lo, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles,
+    tile_of, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
-    HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, STEP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The key tiles lo, ... < hi of one region whose bias is one value (PAST, FUTURE, NO_BIAS), as the
-    tutorial stages its loops: the tiles in [inner_lo, inner_hi) (tile starts on lo's grid) by the loop
-    with no mask, the edges before and after by the masked one."""
+    """The key tiles lo, ... < hi of one region (its bias one value: PAST, FUTURE, NO_BIAS; or NEAR's from
+    the table, BIAS_TILES), as the tutorial stages its loops: the tiles in [inner_lo, inner_hi) (tile
+    starts on lo's grid) by the loop with no mask, the edges before and after by the masked one."""
     a = tl.minimum(tl.maximum(inner_lo, lo), hi)
     b = tl.maximum(tl.minimum(inner_hi, hi), a)
-    # the edges of a one-value region read no table of NEAR tiles
     acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, lo, a, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Bias, 0, Pad, pad_off,
-        stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, False, 1,
-        PRECISION)
-    bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
+        acc, m_i, l_i, lo, a, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
+        stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, BIAS_TILES,
+        STEP, PRECISION)
+    if REGION == NEAR:
+        bias_c = 0.0  # each tile's bias comes from the table
+    else:
+        bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
     acc, m_i, l_i = _fwd_inner_tiles(
-        acc, m_i, l_i, a, b, qa, qb, KK, V, bias_c, stride_vt, stride_vd, HALF, HEAD, BLOCK_N, PRECISION)
+        acc, m_i, l_i, a, b, qa, qb, KK, V, bias_c, Tiles, tile_of, stride_vt, stride_vd, HALF, HEAD, BLOCK_N,
+        REGION, STEP, PRECISION)
     acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, b, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Bias, 0, Pad, pad_off,
-        stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, False, 1,
-        PRECISION)
+        acc, m_i, l_i, b, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
+        stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, BIAS_TILES,
+        STEP, PRECISION)
     return acc, m_i, l_i
 
 
@@ -277,24 +295,31 @@ def _attn_fwd_kernel(
                                 q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
         acc, m_i, l_i = _fwd_region(
             acc, m_i, l_i, lo, d1, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
-            Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, PAST,
-            HAS_PAD, PRECISION)
+            Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
+            BLOCK_N, PAST, HAS_PAD, False, STEP, PRECISION)
         # the NEAR tiles' offsets i - j at their top-left entries are q_first - k_off - start: multiples of
         # STEP apart, so (q_first - k_off - first_bias_tile - start) / STEP is a tile's place in the table
-        acc, m_i, l_i = _fwd_tiles(
-            acc, m_i, l_i, d1, d2, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
-            Tiles + hd * n_bias_tiles * (BLOCK_M * BLOCK_N), q_first - k_off - first_bias_tile, Pad, b * stride_pb,
-            stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, BIAS_TILES,
-            STEP, PRECISION)
+        tiles = Tiles + hd * n_bias_tiles * (BLOCK_M * BLOCK_N)
+        tile_of = q_first - k_off - first_bias_tile
+        if BIAS_TILES:  # staged as the one-value regions: tiles inside the band and before any padding unmasked
+            acc, m_i, l_i = _fwd_region(
+                acc, m_i, l_i, d1, d2, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh,
+                n_rel, tiles, tile_of, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
+                HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, True, STEP, PRECISION)
+        else:  # decoding: the gather, whose every tile takes the masked loop
+            acc, m_i, l_i = _fwd_tiles(
+                acc, m_i, l_i, d1, d2, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, tiles, tile_of,
+                Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N,
+                NEAR, HAS_PAD, False, STEP, PRECISION)
         acc, m_i, l_i = _fwd_region(
             acc, m_i, l_i, d2, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
-            Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, FUTURE,
-            HAS_PAD, PRECISION)
+            Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
+            BLOCK_N, FUTURE, HAS_PAD, False, STEP, PRECISION)
     else:
         acc, m_i, l_i = _fwd_region(
             acc, m_i, l_i, lo, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
-            Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N,
-            NO_BIAS, HAS_PAD, PRECISION)
+            Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
+            BLOCK_N, NO_BIAS, HAS_PAD, False, STEP, PRECISION)
 
     # A row with no kept key gives zeros and lse = +inf, so that the backward's exp(l - lse) is 0.
     empty = l_i == 0.0

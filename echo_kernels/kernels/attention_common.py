@@ -87,7 +87,8 @@ def _load_p(P, HALF: tl.constexpr):
 
 
 # Key tiles fall in three regions by where the clamp of i - j sends them: wholly at i - j >= n - 1
-# (PAST: one bias value, the last row), straddling the diagonal (NEAR: a gather from the table), and
+# (PAST: one bias value, the last row), straddling the diagonal (NEAR: a gather from the table, which the
+# forward makes once per call into whole tiles: kernels.attention.near_bias_tiles), and
 # wholly at i - j <= -(n - 1) (FUTURE: the first row). Each region is its own loop, so no branch sits
 # inside a loop body (which would stop Triton from pipelining its loads). NO_BIAS: no table at all.
 NO_BIAS: tl.constexpr = tl.constexpr(0)
