@@ -46,7 +46,7 @@ def test_each_tile_is_the_bias_at_its_offsets_and_every_near_tile_has_one(block_
 
     # The pairs a forward launch makes: query tiles from row offset (positions minus the key offset),
     # key tiles from column 0. A pair is NEAR unless all its i - j >= n - 1 or all <= 1 - n; its
-    # top-left entry's i - j must be one of the table's, and no table tile is one no pair needs.
+    # top-left entry's i - j must be one of the table's, and the table spans the NEAR range and no more.
     deltas = {offset + row - col for row in range(0, 8 * block_m, block_m) for col in range(0, 8 * block_n, block_n)}
     near = {d for d in deltas if d - (block_n - 1) < n - 1 and d + (block_m - 1) > 1 - n}
     table = {first + step * t for t in range(count)}
