@@ -89,13 +89,17 @@ def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch, dq_in_key_pass
     do = torch.randn(2, 3, 20, 32, dtype=torch.float64)
     with kernel_bwd.dq_in_key_pass(dq_in_key_pass):
         grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=5, rotation="rope_then_m")
-    # RoPE(k), NEAR bias tiles, forward, delta, RoPE(k) again, dkdv, unrope, dq (with dbias; not when dkdv
-    # sums dq), dq_unrotate
-    assert len(grids) == (8 if dq_in_key_pass else 9)
+    # RoPE(k), NEAR bias tiles, forward, delta, RoPE(k) again, dkdv's NEAR bias tiles, dkdv, unrope, dq's
+    # NEAR bias tiles and dq (with dbias; neither when dkdv sums dq), dq_unrotate
+    names = [name for name, _ in grids]
+    tables = ["_near_bias_kernel"] * (2 if dq_in_key_pass else 3)
+    assert [name for name in names if name != "_near_bias_kernel"] == [
+        "_rope_keys_kernel", "_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_rope_keys_kernel", "_attn_bwd_dkdv_kernel",
+        "_attn_bwd_unrope_kernel", *([] if dq_in_key_pass else ["_attn_bwd_dq_kernel"]), "_attn_bwd_dq_unrotate_kernel"]
+    assert [name for name in names if name == "_near_bias_kernel"] == tables
     assert all(len(grid) == 1 for _, grid in grids), grids
-    # every (batch, head) has its programs; the NEAR bias table is one per head, which all batches read
+    # every (batch, head) has its programs; a NEAR bias table is one per head, which all batches read
     assert all(grid[0] % (3 if name == "_near_bias_kernel" else 2 * 3) == 0 for name, grid in grids), grids
-    assert [name for name, _ in grids].count("_near_bias_kernel") == 1
 
 
 @pytest.mark.gpu
@@ -115,12 +119,12 @@ def test_more_batch_heads_than_a_grid_axis_holds_gpu(use_triton):
 @pytest.mark.parametrize("padding, inner_keys", [(None, 64), ("suffix", 32), ("first", 0)])
 def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, padding, inner_keys,
                                                      dq_in_key_pass):
-    """Global attention, 64 queries and keys in 16-wide tiles, n = 2: the dq and dk/dv passes' loops
-    with no mask each take exactly the (query tile, key tile) pairs off the diagonal (where the bias is
-    one value), and the forward's those and the diagonal ones (whose bias it reads from its table), whose
-    key tile lies before the first padded key (none padded: 4 key tiles; padded from key 40 on: 2; key 0
-    padded: none), and values and gradients are the reference's. When the dk/dv pass sums dq, its loop
-    takes them and the dq pass does not run."""
+    """Global attention, 64 queries and keys in 16-wide tiles, n = 2: the loops with no mask take exactly
+    the (query tile, key tile) pairs whose key tile lies before the first padded key (none padded: 4 key
+    tiles; padded from key 40 on: 2; key 0 padded: none): the forward's and the dk/dv pass's those on the
+    diagonal too (whose bias each reads from its table), the dq pass's (and the dk/dv pass's when it sums
+    dq, the dq pass then not running) only those off it, where the bias is one value, since they sum a
+    diagonal tile's dS along its diagonals in the masked loop. Values and gradients are the reference's."""
     visits = {"forward": 0, "dq": 0, "dkdv": 0}
 
     def watch(module, name, part, lo_at):
@@ -149,5 +153,7 @@ def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, p
     assert rel_err(got_out, want_out) < 1e-5
     assert_gradients_match(got, want, padding, inputs)
     key_tiles = inner_keys // 16
-    pairs = 2 * (key_tiles * 4 - key_tiles)  # 2 heads; every query tile but the diagonal one
-    assert visits == {"forward": 2 * key_tiles * 4, "dq": 0 if dq_in_key_pass else pairs, "dkdv": pairs}
+    pairs = 2 * key_tiles * 4  # 2 heads, every query tile
+    off_diagonal = 2 * (key_tiles * 4 - key_tiles)
+    assert visits == {"forward": pairs, "dq": 0 if dq_in_key_pass else off_diagonal,
+                      "dkdv": off_diagonal if dq_in_key_pass else pairs}

@@ -1,9 +1,9 @@
-"""kernels.attention.near_bias_tiles: the table of bias tiles the forward reads for the key tiles that
-straddle the diagonal, against the float64 reference's bias, and the NEAR tiles of every (query tile,
-key tile) pair that kernels.attention_common's regions make, each found in it.
+"""kernels.attention.near_bias_tiles: the tables of bias tiles the forward and the backward's passes read
+for the tiles that straddle the diagonal, against the float64 reference's bias, and the NEAR tiles of
+every (query tile, key tile) pair that kernels.attention_common's regions make, each found in them.
 
-Without a GPU the table's kernel runs through the Triton interpreter (tests/conftest.py); the forward
-that reads the table is checked against the reference in tests/test_attention.py and
+Without a GPU the table's kernel runs through the Triton interpreter (tests/conftest.py); the passes
+that read the tables are checked against the reference in tests/test_attention.py and
 tests/test_properties_triton.py, whose tiles (16 or 32 rows each way) and offsets put every case here
 within reach.
 """
@@ -52,3 +52,28 @@ def test_each_tile_is_the_bias_at_its_offsets_and_every_near_tile_has_one(block_
     table = {first + step * t for t in range(count)}
     assert near <= table
     assert first - step < 3 - n - block_m <= first and first + step * (count - 1) <= block_n + n - 3 < first + step * count
+
+
+@property_settings(max_examples=30)
+@given(block_m=BLOCKS, block_n=BLOCKS, n=st.integers(1, 70), offset=st.integers(-300, 300),
+       heads=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_the_reversed_table_holds_the_key_pass_tiles(block_m, block_n, n, offset, heads, seed):
+    """The dk/dv pass holds its tiles as (keys, queries) and takes its table of the reversed bias rows at the
+    key offset minus the query offset (kernels.attention_backward): tile t at entry (c, r) is the bias at
+    j - i = first + step t + c - r, and every NEAR (key tile, query tile) pair's top-left j - i is in it."""
+    bias = torch.randn(2 * n - 1, heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    tiles, first = near_bias_tiles(bias.flip(0).to(DEVICE, torch.float32), n, -offset, block_n, block_m)
+    step = min(block_m, block_n)
+    count = tiles.shape[1]
+    assert tiles.shape == (heads, count, block_n, block_m)
+
+    # queries r, keys first + step t + c: i - j = r - c - (first + step t), transposed to (keys, queries)
+    want = torch.stack([reference.relative_bias(bias, torch.arange(block_m), first + step * t + torch.arange(block_n))
+                        for t in range(count)], 1).transpose(2, 3)
+    assert torch.equal(tiles.cpu(), want.float())
+
+    # key tiles from column 0, query tiles from row offset: j - i = c0 - offset - r0 at the top-left entry
+    deltas = {col - offset - row for row in range(0, 8 * block_m, block_m) for col in range(0, 8 * block_n, block_n)}
+    # i - j = r - c - d over the tile: NEAR unless all of it >= n - 1 or all <= 1 - n
+    near = {d for d in deltas if -d - (block_n - 1) < n - 1 and block_m - 1 - d > 1 - n}
+    assert near <= {first + step * t for t in range(count)}

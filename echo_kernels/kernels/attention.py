@@ -65,6 +65,7 @@ from .attention_common import (
     _key_range,
     _load_p,
     _load_pairs,
+    _near_bias,
     _pad_arg,
     _rope_angles,
     _rotated_k,
@@ -109,22 +110,13 @@ def _rope_keys_kernel(
 def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_tiles,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) fp32 tile of the bias of one head at the offset i - j = first + STEP * t of its
-    top-left entry: Tiles[head, t], from the same gather as the backward's NEAR tiles (_bias_tile)."""
+    top-left entry: Tiles[head, t], by the gather (_bias_tile) that decoding's NEAR tiles run."""
     pid_t, hd = _tile_and_head(n_tiles)
     rel = first + pid_t * STEP + tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]
     bias = _bias_tile(rel, Bias, stride_br, hd * stride_bh, n_rel, NEAR)
     offs = (hd * n_tiles + pid_t) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N \
         + tl.arange(0, BLOCK_N)[None, :]
     tl.store(Tiles + offs, bias)
-
-
-@triton.jit
-def _near_bias(Tiles, tile_of, start, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr):
-    """The (ROWS, BLOCK_N) fp32 bias of the NEAR key tile from column `start`: the tile (tile_of - start) /
-    STEP of this head's table (near_bias_tiles), one contiguous block, which the pipeline copies in
-    16-byte pieces (a gather computes an index and issues a 4-byte copy per entry)."""
-    rows = (tile_of - start) // STEP * ROWS + tl.arange(0, ROWS)
-    return tl.load(Tiles + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :])
 
 
 @triton.jit
@@ -376,14 +368,16 @@ def tile_pass_warps(elements: int) -> int:
 
 def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int,
                     block_n: int) -> tuple[torch.Tensor, int]:
-    """The forward's NEAR key tiles' bias, as a table of (block_m, block_n) tiles per head.
+    """The bias of the NEAR tiles of a launch's (block_m, block_n) tiles, as a table of them per head.
 
     bias: (2n - 1, H), n = n_rel; offset: q_offset - k_offset. A NEAR tile (attention_common: neither
     wholly at i - j >= n - 1 nor wholly at i - j <= 1 - n) of the query tile at row r0 and the key tile at
     column c0 has i - j = delta + r - c at its entry (r, c), delta = offset + r0 - c0, and
     3 - n - block_m <= delta <= block_n + n - 3. Tile rows are multiples of block_m and tile columns of
     block_n, so the deltas are those of that range congruent to offset modulo step = min(block_m,
-    block_n): a few tiles, which every query tile and batch of the launch shares.
+    block_n): a few tiles, which every query tile and batch of the launch shares. A pass holding its tiles
+    as (keys, queries) (the backward's dk/dv) takes the table of bias.flip(0) at -offset, block sides
+    swapped: bias[clamp(i - j)] = bias.flip(0)[clamp(j - i)].
 
     Returns (tiles (H, count, block_m, block_n) fp32, first): tile t is the bias at delta = first + step t.
     """
@@ -397,6 +391,16 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int,
                                     BLOCK_N=block_n, STEP=step, num_warps=tile_pass_warps(block_m * block_n),
                                     num_stages=1)
     return tiles, first
+
+
+def near_bias_args(bias: torch.Tensor | None, n_rel: int, offset: int, block_m: int, block_n: int,
+                   like: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """A kernel's Tiles, n_bias_tiles and first_bias_tile: near_bias_tiles' table of (block_m, block_n)
+    tiles, or without a bias (None) the placeholder `like`, which no loop reads."""
+    if bias is None:
+        return like, 1, 0
+    tiles, first = near_bias_tiles(bias, n_rel, offset, block_m, block_n)
+    return tiles, tiles.shape[1], first
 
 
 def first_padded_key(pad_flags: torch.Tensor) -> torch.Tensor:
@@ -441,14 +445,14 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     kk = rotated_keys(k, w32, s32, k_offset, P.dtype, cfg["BLOCK_N"])
     # the short query tiles of decoding gather their NEAR bias: a few rows, where a table is a launch per step
     bias_tiles = has_bias and cfg["BLOCK_M"] == blocks["BLOCK_M"]
-    tiles, first_tile = (near_bias_tiles(bias_t, n_rel, q_offset - k_offset, cfg["BLOCK_M"], cfg["BLOCK_N"])
-                         if bias_tiles else (lse, 0))
+    tiles, n_bias_tiles, first_tile = near_bias_args(bias_t if bias_tiles else None, n_rel, q_offset - k_offset,
+                                                     cfg["BLOCK_M"], cfg["BLOCK_N"], lse)
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     _attn_fwd_kernel[(n_tiles * B * H,)](
         q, kk, v, P, w32, s32, bias_t, tiles, pad_t, pad_start, out, lse,
         *q.stride(), *v.stride(),
         sbr, sbh, spb, spt,
-        H, Tq, Tk, n_rel, tiles.shape[1] if bias_tiles else 1, first_tile, left, right, q_offset, k_offset,
+        H, Tq, Tk, n_rel, n_bias_tiles, first_tile, left, right, q_offset, k_offset,
         1.0 / math.sqrt(h), n_tiles,
         HEAD=h, HAS_P=has_p, HAS_BIAS=has_bias, HAS_PAD=has_pad, BIAS_TILES=bias_tiles,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype),

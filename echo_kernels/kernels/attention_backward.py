@@ -29,8 +29,17 @@ and the launcher.
 
 dkdv and dq recompute the logits tile by tile, as flash attention does, and hold only their
 accumulators and the operands of the tile at hand: the RoPE undo, the angles and the (h, h) dP~ sums
-live in the light passes, which keeps every pass free of register spills (python -m
-echo_kernels.aot). dphi = a db - b da gives the gradient of the angles phi = s * pos * w.
+live in the light passes, which keeps every pass free of register spills under Triton 3.8 (python -m
+echo_kernels.aot; docs/model.md, "Tile tables", for 3.6 and 3.9). dphi = a db - b da gives the
+gradient of the angles phi = s * pos * w.
+
+Both stage their loops as the forward does: tiles inside the band and before any padding take a loop
+with no mask. Each reads the bias of a tile straddling the diagonal (NEAR) whole, from its own table of
+the few there are (echo_kernels.kernels.attention.near_bias_tiles at the pass's tile shape; dkdv's
+(keys, queries) tiles are those of the bias rows reversed, at j - i). The dk/dv pass stages its NEAR
+tiles too; a pass that sums dbias (dq, or dkdv summing dq) takes them all in its masked loop, since the
+gather that sums their dS along the diagonals costs registers in a loop of its own (on sm_90 at h = 64,
+the dq pass would run two CTAs per SM instead of three).
 
 dbias is summed where dS already is, in the dq kernel's loop, split by where the clamp sends the
 pairs. The two end rows (|i - j| >= n - 1: nearly every pair) are row sums of dS. The 2n - 3 inner
@@ -60,7 +69,7 @@ import triton
 
 from . import ATTENTION_HEAD_WIDTHS, ECHO_MAX_REL_DIST
 from .attention import default_blocks as forward_blocks
-from .attention import first_padded_key, rotated_keys
+from .attention import first_padded_key, near_bias_args, rotated_keys
 from .attention_backward_keys import _attn_bwd_dkdv_kernel, _attn_bwd_unrope_kernel
 from .attention_backward_queries import (
     _attn_bwd_delta_kernel,
@@ -94,7 +103,10 @@ _LIGHT_BLOCKS = {
 # dq's short key tiles. sm_90's warpgroup products read that operand from shared memory, so its
 # tiles can be larger: of the shapes that spill nothing under Triton 3.6, 3.8 and 3.9, those whose
 # loop inside the band executes the fewest instructions per (query, key) pair (docs/model.md,
-# "Tile tables").
+# "Tile tables"). Since its NEAR tiles inside the band have a loop of their own, sm_90's dk/dv pass at
+# h = 64 and 128 spills a few bytes under 3.6 and 3.9, all before and between its loops, none inside
+# one; of the shapes tried at h = 64, only 32 x 128 spills nothing there, at 23% more instructions per
+# pair (3.6).
 _HEAVY_BLOCKS = {
     (32, 80): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
                    dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
@@ -151,7 +163,7 @@ def sums_dq_in_key_pass(arch: int) -> bool:
 def default_blocks(h: int, arch: int) -> dict:
     """{kernel: tile sizes and launch shape} of the backward's passes at head width h (a built
     width) on the tile table of `arch` (attention_common.tile_arch), in launch order, chosen so that
-    no launch spills registers (python -m echo_kernels.aot). Without a dq pass (sums_dq_in_key_pass)
+    no launch spills registers under Triton 3.8 (python -m echo_kernels.aot). Without a dq pass (sums_dq_in_key_pass)
     the dk/dv pass takes its row of _KEY_PASS_BLOCKS."""
     if sums_dq_in_key_pass(arch):
         return {**_LIGHT_BLOCKS[h], "dkdv": _KEY_PASS_BLOCKS[h, arch]}
@@ -214,7 +226,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     s32 = torch.as_tensor(s, dtype=torch.float32, device=dev).detach().reshape(1)
     bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(v, do, bias, key_padding_mask)
     pad_start = first_padded_key(pad_t) if has_pad else lse
-    scalars = (H, Tq, Tk, n_rel, left, right, q_offset, k_offset)
+    sizes, band = (H, Tq, Tk, n_rel), (left, right, q_offset, k_offset)
     prec = precision(q.dtype)
     arch = tile_arch(dev)
     cfg = {name: with_override(row) for name, row in default_blocks(h, arch).items()}
@@ -234,6 +246,9 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     kk = rotated_keys(k, w32, s32, k_offset, P.dtype, with_override(forward_blocks(h, arch))["BLOCK_N"])
 
     c = cfg["dkdv"]
+    # the NEAR tiles' bias as (keys, queries) tiles: the table of the reversed bias rows at j - i
+    near = near_bias_args(None if bias is None else bias.flip(0), n_rel, k_offset - q_offset, c["BLOCK_N"],
+                          c["BLOCK_M"], lse)
     n_kblocks = triton.cdiv(Tk, c["BLOCK_N"])
     dkk = torch.empty((B, H, Tk, h), dtype=torch.float32, device=dev)  # d(a_k, b_k)
     n_rows = 2 * n_rel - 1  # of the bias table
@@ -246,10 +261,10 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     else:  # the dq pass writes these; this kernel does not touch them
         key_groups, dqq, db_part, grid = 1, dkk, dkk, n_kblocks * B * H
     _attn_bwd_dkdv_kernel[(grid,)](
-        kk, v, do, qq, bias_t, pad_t, pad_start, lse, delta, dkk, dv, dqq, db_part, *strides, *scalars, n_kblocks,
-        key_groups, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-        WITH_DQ=with_dq, N_DIAG=inner_diagonals(n_rel), PRECISION=prec, num_warps=c["num_warps"],
-        num_stages=c["num_stages"])
+        kk, v, do, qq, bias_t, near[0], pad_t, pad_start, lse, delta, dkk, dv, dqq, db_part, *strides, *sizes,
+        *near[1:], *band, n_kblocks, key_groups, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
+        BLOCK_N=c["BLOCK_N"], WITH_DQ=with_dq, N_DIAG=inner_diagonals(n_rel), PRECISION=prec,
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
     c = cfg["unrope"]
     n_ktiles = triton.cdiv(Tk, c["BLOCK_M"])
     g_k = torch.empty((B * H * n_ktiles, half), dtype=torch.float32, device=dev)
@@ -266,9 +281,10 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         dqq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)  # d(q''_A, q''_B)
         # each query tile's share of the bias table
         db_part = torch.empty((B, H, n_qblocks, n_rows) if has_bias else (1,), dtype=torch.float32, device=dev)
+        near = near_bias_args(bias, n_rel, q_offset - k_offset, c["BLOCK_M"], c["BLOCK_N"], lse)
         _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
-            kk, v, do, qq, bias_t, pad_t, pad_start, lse, delta, dqq, db_part, *strides, *scalars, n_qblocks,
-            HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+            kk, v, do, qq, bias_t, near[0], pad_t, pad_start, lse, delta, dqq, db_part, *strides, *sizes, *near[1:],
+            *band, n_qblocks, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
             N_DIAG=inner_diagonals(n_rel), PRECISION=prec, num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["unrotate"]
@@ -313,8 +329,8 @@ def aot_specs(arch: int) -> list[KernelSpec]:
         for dt in ("bf16", "fp16"):
             g = {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "KK", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
-            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32", G="*fp32",
-                        DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", PadStart="*i32", scale="fp32")
+            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Tiles="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32",
+                        G="*fp32", DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", PadStart="*i32", scale="fp32")
             dkdv_ptrs = dict(ptrs, DQQ="*fp32")  # dq's fp32 sums (without dq, a placeholder of that type)
             key_pass = _KEY_PASS_BLOCKS[h, arch]
             for name, fn, ce in (

@@ -23,6 +23,7 @@ from .attention_common import (
     _key_ok,
     _load_full,
     _load_pairs,
+    _near_bias,
     _rope_angles,
     _split_regions,
     _store_bias_sums,
@@ -45,9 +46,9 @@ def _add_dq(ds_t, ak, bk, DQQ, rows, mask, HALF: tl.constexpr, HEAD: tl.constexp
 @triton.jit
 def _dkdv_tiles(
     dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ,
-    Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off,
+    Bias, stride_br, head_off, n_rel, Tiles, tile_of, stride_ot, stride_od, Tq, left, right, q_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
-    WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_DQ: tl.constexpr, STEP: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulate dk (as d(a_k, b_k)) and dv over the query tiles lo, lo + BLOCK_M, ... < hi; WITH_DQ
     also add each query tile's share of d(q'') (_add_dq) and sum dS into the bias table's rows per
@@ -55,7 +56,8 @@ def _dkdv_tiles(
 
     Tiles are kept transposed, (keys, queries), as in Triton's fused-attention tutorial: every
     transpose then falls on a tl.dot's second operand, which goes through shared memory anyway.
-    QQ, Lse, Delta and DQQ point at this (batch, head)'s rows.
+    QQ, Lse, Delta and DQQ point at this (batch, head)'s rows. A NEAR tile's bias is the tile
+    Tiles[(tile_of - start) / STEP] of this head's table of (keys, queries) tiles (_near_bias).
     """
     DT = ak.dtype
     half = tl.arange(0, HALF)
@@ -69,7 +71,10 @@ def _dkdv_tiles(
         logits_t = tl.dot(bk, tl.trans(qb), logits_t, input_precision=PRECISION)
         rel_t = qpos[None, :] - kpos[:, None]  # i - j
         keep_t = (rel_t <= left) & (rel_t >= -right) & key_ok[:, None]
-        logits_t += _bias_tile(rel_t, Bias, stride_br, head_off, n_rel, REGION)
+        if REGION == NEAR:
+            logits_t += _near_bias(Tiles, tile_of, start, ak.shape[0], BLOCK_M, STEP)
+        else:
+            logits_t += _bias_tile(rel_t, Bias, stride_br, head_off, n_rel, REGION)
         lse = tl.load(Lse + rows, mask=rows < Tq, other=float("inf"))
         p_t = tl.where(keep_t, tl.exp2((logits_t - lse[None, :]) * LOG2E), 0.0)
         do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD).to(DT)
@@ -90,13 +95,14 @@ def _dkdv_tiles(
 
 @triton.jit
 def _dkdv_inner_tiles(
-    dak, dbk, dv, db, lo, hi, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, stride_ot, stride_od,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, WITH_DQ: tl.constexpr, SUM_DS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    dak, dbk, dv, db, lo, hi, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot, stride_od,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr, WITH_DQ: tl.constexpr,
+    SUM_DS: tl.constexpr, STEP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """_dkdv_tiles for whole query tiles that see every key of the tile (inside the band, keys not
-    padded): no mask, the region's one bias value bias_c folded into the exponent; WITH_DQ and
-    SUM_DS: add dS's row sums (per key) to db."""
+    padded): no mask. The bias: in a NEAR region each tile's from the table (_near_bias); in the
+    others the region's one value bias_c (0 without a table), folded into the exponent. WITH_DQ and
+    SUM_DS: add dS's row sums (per key) to db (never a NEAR region's, whose sums go along diagonals)."""
     DT = ak.dtype
     half = tl.arange(0, HALF)
     dims = tl.arange(0, HEAD)
@@ -108,7 +114,11 @@ def _dkdv_inner_tiles(
         logits_t = tl.dot(ak, tl.trans(qa), input_precision=PRECISION)
         logits_t = tl.dot(bk, tl.trans(qb), logits_t, input_precision=PRECISION)
         lse = tl.load(Lse + rows)
-        p_t = tl.exp2(logits_t * LOG2E + ((bias_c - lse) * LOG2E)[None, :])
+        if REGION == NEAR:
+            logits_t += _near_bias(Tiles, tile_of, start, ak.shape[0], BLOCK_M, STEP)
+            p_t = tl.exp2((logits_t - lse[None, :]) * LOG2E)
+        else:
+            p_t = tl.exp2(logits_t * LOG2E + ((bias_c - lse) * LOG2E)[None, :])
         do = tl.load(DO + rows[:, None] * stride_ot + dims[None, :] * stride_od).to(DT)
         dv = tl.dot(p_t.to(DT), do, dv, input_precision=PRECISION)
         delta = tl.load(Delta + rows)
@@ -128,42 +138,53 @@ def _dkdv_inner_tiles(
 @triton.jit
 def _dkdv_region(
     dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta,
-    DQQ, Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off,
+    DQQ, Bias, stride_br, head_off, n_rel, Tiles, tile_of, stride_ot, stride_od, Tq, left, right, q_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
-    WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_DQ: tl.constexpr, STEP: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The query tiles lo, ... < hi of one region whose bias is one value (PAST, FUTURE, NO_BIAS):
-    [inner_lo, inner_hi) (starts on lo's grid) by the loop with no mask, the edges by the masked one.
-    WITH_DQ, a PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the first."""
-    a = tl.minimum(tl.maximum(inner_lo, lo), hi)
-    b = tl.maximum(tl.minimum(inner_hi, hi), a)
-    dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
-        dak, dbk, dv, db_lo, db_hi, db_mid, lo, a, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias, stride_br,
-        head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, N_DIAG,
-        PRECISION)
-    bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
-    if REGION == PAST:
-        dak, dbk, dv, db_hi = _dkdv_inner_tiles(
-            dak, dbk, dv, db_hi, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, stride_ot, stride_od, HALF, HEAD,
-            BLOCK_M, WITH_DQ, True, PRECISION)
+    """The query tiles lo, ... < hi of one region, as the forward stages them: [inner_lo, inner_hi)
+    (starts on lo's grid) by the loop with no mask, the edges by the masked one; a NEAR tile's bias from
+    the table. WITH_DQ, a PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the
+    first, and every NEAR tile takes the masked loop, as in the dq pass: it also sums its dS along the
+    diagonals (_bias_row_sums' gather), which a second loop would hold in registers beside dq's."""
+    if REGION == NEAR and WITH_DQ:
+        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
+            dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
+            stride_br, head_off, n_rel, Tiles, tile_of, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+            BLOCK_M, REGION, WITH_DQ, STEP, N_DIAG, PRECISION)
     else:
-        dak, dbk, dv, db_lo = _dkdv_inner_tiles(
-            dak, dbk, dv, db_lo, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, stride_ot, stride_od, HALF, HEAD,
-            BLOCK_M, WITH_DQ, REGION == FUTURE, PRECISION)
-    dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
-        dak, dbk, dv, db_lo, db_hi, db_mid, b, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias, stride_br,
-        head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, N_DIAG,
-        PRECISION)
+        a = tl.minimum(tl.maximum(inner_lo, lo), hi)
+        b = tl.maximum(tl.minimum(inner_hi, hi), a)
+        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
+            dak, dbk, dv, db_lo, db_hi, db_mid, lo, a, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
+            stride_br, head_off, n_rel, Tiles, tile_of, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+            BLOCK_M, REGION, WITH_DQ, STEP, N_DIAG, PRECISION)
+        if REGION == NEAR:
+            bias_c = 0.0  # each tile's bias comes from the table
+        else:
+            bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
+        if REGION == PAST:
+            dak, dbk, dv, db_hi = _dkdv_inner_tiles(
+                dak, dbk, dv, db_hi, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
+                stride_od, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, True, STEP, PRECISION)
+        else:
+            dak, dbk, dv, db_lo = _dkdv_inner_tiles(
+                dak, dbk, dv, db_lo, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
+                stride_od, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, REGION == FUTURE, STEP, PRECISION)
+        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
+            dak, dbk, dv, db_lo, db_hi, db_mid, b, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
+            stride_br, head_off, n_rel, Tiles, tile_of, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+            BLOCK_M, REGION, WITH_DQ, STEP, N_DIAG, PRECISION)
     return dak, dbk, dv, db_lo, db_hi, db_mid
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias,
+    KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles, n_groups,
+    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off, k_off, n_tiles, n_groups,
     HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -178,27 +199,27 @@ def _attn_bwd_dkdv_kernel(
         DQQ += (pid_bh * n_groups + pid_g) * Tq * HEAD
         for pid_n in range(pid_g, n_tiles, n_groups):
             _dkdv_key_tile(
-                pid_n, pid_bh, KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, stride_vb,
-                stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br, stride_bh,
-                stride_pb, stride_pt, H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD,
-                BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
+                pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias,
+                stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br,
+                stride_bh, stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off,
+                k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
             tl.debug_barrier()  # the next key tile reads the sums this one wrote, maybe in other threads
     else:
         pid_n, pid_bh = _tile_and_head(n_tiles)
         _dkdv_key_tile(
-            pid_n, pid_bh, KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, stride_vb, stride_vh,
-            stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br, stride_bh, stride_pb,
-            stride_pt, H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M,
-            BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
+            pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, stride_vb,
+            stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br, stride_bh,
+            stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off, k_off, n_tiles,
+            HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
 
 
 @triton.jit
 def _dkdv_key_tile(
-    pid_n, pid_bh, KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias,
+    pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles,
+    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off, k_off, n_tiles,
     HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -209,8 +230,12 @@ def _dkdv_key_tile(
     KK: RoPE(k) as the forward's RoPE(k) pass writes it, (B, H, Tk, h) contiguous in the dot type.
     WITH_DQ (the dq pass then does not run), also: d(q''_A, q''_B) added to DQQ (this head's rows),
     and this tile's share of dbias, DBias[tile] (as the dq kernel writes a query tile's).
+    Tiles: with HAS_BIAS, (H, n_bias_tiles, BLOCK_N, BLOCK_M) fp32, the NEAR tiles' bias as (keys,
+    queries) tiles (kernels.attention.near_bias_tiles of the reversed table), the tile t at
+    j - i = first_bias_tile + STEP t in its top-left entry.
     """
     HALF: tl.constexpr = HEAD // 2
+    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N  # near_bias_tiles' step
     DT = QQ.dtype.element_ty
     b = pid_bh // H
     hd = pid_bh % H
@@ -254,26 +279,30 @@ def _dkdv_key_tile(
         # seen from a key tile, the FUTURE query tiles come first and the PAST ones last
         d1, d2 = _split_regions(lo, hi, first - n_rel + 2 - q_off - BLOCK_M, first + BLOCK_N + n_rel - 2 - q_off,
                                 BLOCK_M)
+        # the NEAR tiles' offsets j - i at their top-left entries are first - q_off - start: the table's
+        # tiles are (keys, queries), at j - i = first_bias_tile + STEP t
+        tiles = Tiles + hd * n_bias_tiles * (BLOCK_M * BLOCK_N)
+        tile_of = first - q_off - first_bias_tile
         dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
             dak, dbk, dv, db_lo, db_hi, db_mid, lo, d1, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
-            Delta, DQQ, Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
-            BLOCK_M, FUTURE, WITH_DQ, N_DIAG, PRECISION)
-        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
-            dak, dbk, dv, db_lo, db_hi, db_mid, d1, d2, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
-            stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD, BLOCK_M, NEAR,
-            WITH_DQ, N_DIAG, PRECISION)
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, stride_ot, stride_od, Tq, left, right,
+            q_off, HALF, HEAD, BLOCK_M, FUTURE, WITH_DQ, STEP, N_DIAG, PRECISION)
+        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
+            dak, dbk, dv, db_lo, db_hi, db_mid, d1, d2, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, stride_ot, stride_od, Tq, left, right,
+            q_off, HALF, HEAD, BLOCK_M, NEAR, WITH_DQ, STEP, N_DIAG, PRECISION)
         dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
             dak, dbk, dv, db_lo, db_hi, db_mid, d2, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
-            Delta, DQQ, Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
-            BLOCK_M, PAST, WITH_DQ, N_DIAG, PRECISION)
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, stride_ot, stride_od, Tq, left, right,
+            q_off, HALF, HEAD, BLOCK_M, PAST, WITH_DQ, STEP, N_DIAG, PRECISION)
         if WITH_DQ:
             _store_bias_sums(DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1), db_lo, db_hi, db_mid, n_rel,
                              N_DIAG)
     else:
         dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
             dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
-            Delta, DQQ, Bias, stride_br, head_off, n_rel, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
-            BLOCK_M, NO_BIAS, WITH_DQ, N_DIAG, PRECISION)
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, Tiles, 0, stride_ot, stride_od, Tq, left, right, q_off,
+            HALF, HEAD, BLOCK_M, NO_BIAS, WITH_DQ, STEP, N_DIAG, PRECISION)
 
     tl.store(DV + pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :],
              dv.to(DV.dtype.element_ty), mask=cols[:, None] < Tk)

@@ -28,6 +28,7 @@ from .attention_common import (
     _load_full,
     _load_p,
     _load_pairs,
+    _near_bias,
     _rope_angles,
     _split_regions,
     _store_bias_sums,
@@ -89,14 +90,15 @@ def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
 @triton.jit
 def _dq_tiles(
     dqa, dqb, db_lo, db_hi, db_mid, lo, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
-    head_off, n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
+    head_off, n_rel, Tiles, tile_of, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
-    HAS_PAD: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PAD: tl.constexpr, STEP: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulate d(q''_A, q''_B) and the bias table's sums of dS over the key tiles lo, ... < hi:
     per query row, the end rows' (db_lo, db_hi); in a NEAR tile also the inner rows' (db_mid[d],
     table row d + 1: the diagonal i - j = d - (n - 2)), summed over the tile's queries.
-    KK: this head's RoPE(k) rows [a | b] as the forward computed them, contiguous, in the dot type."""
+    KK: this head's RoPE(k) rows [a | b] as the forward computed them, contiguous, in the dot type.
+    A NEAR tile's bias is the tile Tiles[(tile_of - start) / STEP] of this head's table (_near_bias)."""
     DT = qa.dtype
     half = tl.arange(0, HALF)
     dims = tl.arange(0, HEAD)
@@ -119,7 +121,10 @@ def _dq_tiles(
         logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
         keep = _in_band(rel, left, right) & key_ok[None, :]
-        logits += _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
+        if REGION == NEAR:
+            logits += _near_bias(Tiles, tile_of, start, qa.shape[0], BLOCK_N, STEP)
+        else:
+            logits += _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
         p = tl.where(keep, tl.exp2((logits - lse[:, None]) * LOG2E), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -170,13 +175,14 @@ def _dq_region(
 ):
     """The key tiles lo, ... < hi of one region whose bias is one value (PAST, FUTURE, NO_BIAS):
     [inner_lo, inner_hi) (starts on lo's grid) by the loop with no mask, the edges by the masked one.
-    A PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the first (db_lo)."""
+    A PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the first (db_lo). No
+    table of NEAR tiles is read (Bias, 0 and 1 stand in for it, its place and its step)."""
     a = tl.minimum(tl.maximum(inner_lo, lo), hi)
     b = tl.maximum(tl.minimum(inner_hi, hi), a)
     dqa, dqb, db_lo, db_hi, db_mid = _dq_tiles(
         dqa, dqb, db_lo, db_hi, db_mid, lo, a, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off,
-        n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION,
-        HAS_PAD, N_DIAG, PRECISION)
+        n_rel, Bias, 0, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N,
+        REGION, HAS_PAD, 1, N_DIAG, PRECISION)
     bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
     if REGION == PAST:
         dqa, dqb, db_hi = _dq_inner_tiles(dqa, dqb, db_hi, a, b, qa, qb, do, lse, delta, KK, V, bias_c, stride_vt,
@@ -186,18 +192,18 @@ def _dq_region(
                                           stride_vd, HALF, HEAD, BLOCK_N, REGION == FUTURE, PRECISION)
     dqa, dqb, db_lo, db_hi, db_mid = _dq_tiles(
         dqa, dqb, db_lo, db_hi, db_mid, b, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off,
-        n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION,
-        HAS_PAD, N_DIAG, PRECISION)
+        n_rel, Bias, 0, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N,
+        REGION, HAS_PAD, 1, N_DIAG, PRECISION)
     return dqa, dqb, db_lo, db_hi, db_mid
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    KK, V, DO, QQ, Bias, Pad, PadStart, Lse, Delta, DQQ, DBias,
+    KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DQQ, DBias,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, left, right, q_off, k_off, n_tiles,
+    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off, k_off, n_tiles,
     HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -206,8 +212,11 @@ def _attn_bwd_dq_kernel(
     = r (N_DIAG: a power of two at least 2n - 3, the inner rows). Going back through P~ and RoPE, and
     the dP~ partials, are _attn_bwd_dq_unrotate_kernel's: the loop over key tiles keeps only q'', dO
     and the dq'' accumulators in registers. KK: RoPE(k) as the forward's RoPE(k) pass writes it,
-    (B, H, Tk, h) contiguous in the dot type."""
+    (B, H, Tk, h) contiguous in the dot type. Tiles: with HAS_BIAS, (H, n_bias_tiles, BLOCK_M, BLOCK_N)
+    fp32, the NEAR tiles' bias (kernels.attention.near_bias_tiles), the tile t at
+    i - j = first_bias_tile + STEP t in its top-left entry."""
     HALF: tl.constexpr = HEAD // 2
+    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N  # near_bias_tiles' step
     DT = QQ.dtype.element_ty
     pid_m, pid_bh = _tile_and_head(n_tiles)
     tile = pid_bh * n_tiles + pid_m
@@ -245,10 +254,14 @@ def _attn_bwd_dq_kernel(
             dqa, dqb, db_lo, db_hi, db_mid, lo, d1, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
             stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
             k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, N_DIAG, PRECISION)
+        # Every NEAR tile takes the masked loop, its bias from the table (at its place as the forward finds
+        # it). Each also sums its dS along the diagonals (_bias_row_sums' gather), and a second, unmasked loop
+        # holding that costs the pass registers: on sm_90 at h = 64, one CTA per SM of its three.
         dqa, dqb, db_lo, db_hi, db_mid = _dq_tiles(
             dqa, dqb, db_lo, db_hi, db_mid, d1, d2, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
-            hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk,
-            left, right, k_off, HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, N_DIAG, PRECISION)
+            hd * stride_bh, n_rel, Tiles + hd * n_bias_tiles * (BLOCK_M * BLOCK_N), q_first - k_off - first_bias_tile,
+            Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, NEAR,
+            HAS_PAD, STEP, N_DIAG, PRECISION)
         dqa, dqb, db_lo, db_hi, db_mid = _dq_region(
             dqa, dqb, db_lo, db_hi, db_mid, d2, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
             stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,

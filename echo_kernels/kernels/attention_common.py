@@ -87,10 +87,11 @@ def _load_p(P, HALF: tl.constexpr):
 
 
 # Key tiles fall in three regions by where the clamp of i - j sends them: wholly at i - j >= n - 1
-# (PAST: one bias value, the last row), straddling the diagonal (NEAR: a gather from the table, which the
-# forward makes once per call into whole tiles: kernels.attention.near_bias_tiles), and
-# wholly at i - j <= -(n - 1) (FUTURE: the first row). Each region is its own loop, so no branch sits
-# inside a loop body (which would stop Triton from pipelining its loads). NO_BIAS: no table at all.
+# (PAST: one bias value, the last row), straddling the diagonal (NEAR: a gather from the table, which
+# each launcher makes once per call into whole tiles of its own shape: kernels.attention.near_bias_tiles,
+# read by _near_bias), and wholly at i - j <= -(n - 1) (FUTURE: the first row). Each region is its own
+# loop, so no branch sits inside a loop body (which would stop Triton from pipelining its loads).
+# NO_BIAS: no table at all.
 NO_BIAS: tl.constexpr = tl.constexpr(0)
 PAST: tl.constexpr = tl.constexpr(1)
 NEAR: tl.constexpr = tl.constexpr(2)
@@ -121,6 +122,16 @@ def _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION: tl.constexpr):
         return tl.load(Bias + ridx * stride_br + head_off).to(tl.float32)
     else:
         return 0.0
+
+
+@triton.jit
+def _near_bias(Tiles, tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr, STEP: tl.constexpr):
+    """The (ROWS, COLS) fp32 bias of the NEAR tile whose loop runs from `start`: the tile
+    (tile_of - start) / STEP of this head's table (kernels.attention.near_bias_tiles), one contiguous
+    block, which the pipeline copies in 16-byte pieces (a gather computes an index and issues a 4-byte
+    copy per entry)."""
+    rows = (tile_of - start) // STEP * ROWS + tl.arange(0, ROWS)
+    return tl.load(Tiles + rows[:, None] * COLS + tl.arange(0, COLS)[None, :])
 
 
 @triton.jit
