@@ -163,8 +163,8 @@ def sums_dq_in_key_pass(arch: int) -> bool:
 def default_blocks(h: int, arch: int) -> dict:
     """{kernel: tile sizes and launch shape} of the backward's passes at head width h (a built
     width) on the tile table of `arch` (attention_common.tile_arch), in launch order, chosen so that
-    no launch spills registers under Triton 3.8 (python -m echo_kernels.aot). Without a dq pass (sums_dq_in_key_pass)
-    the dk/dv pass takes its row of _KEY_PASS_BLOCKS."""
+    no launch spills registers under Triton 3.8 (python -m echo_kernels.aot). Without a dq pass
+    (sums_dq_in_key_pass) the dk/dv pass takes its row of _KEY_PASS_BLOCKS."""
     if sums_dq_in_key_pass(arch):
         return {**_LIGHT_BLOCKS[h], "dkdv": _KEY_PASS_BLOCKS[h, arch]}
     return {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
