@@ -7,10 +7,8 @@ import torch
 from echo_kernels import aot
 from echo_kernels.kernels import attention, attention_backward, attention_common
 from echo_kernels.kernels import attention_backward_queries as queries
-from echo_kernels.kernels.spec import KernelSpec, signature_of
 
 KERNELS = (attention._attn_fwd_kernel, queries._attn_bwd_dq_kernel)
-POINTER_TYPES = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32", torch.uint8: "*u8"}
 
 
 def launches() -> list[tuple[object, tuple, dict]]:
@@ -29,14 +27,10 @@ def main() -> None:
     for kernel, args, kwargs in launches():
         bound = dict(zip(kernel.arg_names, args))
         assert bound["left"] == bound["right"] == 1, (bound["left"], bound["right"])
-        constexprs = {name: value for name, value in kwargs.items() if name not in ("num_warps", "num_stages")}
-        pointers = {name: POINTER_TYPES[a.dtype] for name, a in bound.items() if isinstance(a, torch.Tensor)}
-        pointers.update({name: "fp32" for name, a in bound.items() if isinstance(a, float)})
         _, specialised, _ = aot._jit_specialisation(kernel, args, kwargs, 90)
         names = {kernel.arg_names[key[0]] if isinstance(key, tuple) else key for key in specialised}
         assert {"left", "right"} <= names, names
-        spec = KernelSpec(kernel.fn.__name__, kernel, signature_of(kernel, pointers, constexprs), constexprs,
-                          num_warps=kwargs["num_warps"], num_stages=kwargs["num_stages"])
+        spec = aot.spec_of_launch(kernel, args, kwargs)
         report = aot.compile_spec(spec, 90, launch=(args, kwargs))
         assert report.wgmma and report.main_loops, spec.name
         print(spec.name, flush=True)

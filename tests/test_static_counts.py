@@ -1,0 +1,62 @@
+"""benches/static_counts.py: its counts of the benches' attention launch hold together, and the fused
+kernel's main loops execute at most 1.4 times the plain flash kernel's warp-instructions in the forward and
+1.6 times in the backward (Triton 3.6 and 3.8 count 1.28 and 1.23, and 1.52 and 1.45; before the NEAR
+tiles read their bias from tables, 1.82 and 1.62, and 1.68 and 1.60: docs/model.md).
+
+The script compiles for sm_90 and counts iterations under the interpreter in a child process of its own:
+it runs here as a user runs it, with the interpreter off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def counts() -> dict[str, dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "benches" / "static_counts.py"), "--json"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _tiles(launch: str) -> tuple[int, int]:
+    rows, cols = launch.split("/")[0].split("x")
+    return int(rows), int(cols)
+
+
+def test_every_tile_pair_is_one_iteration_of_one_main_loop(counts):
+    """T = 1500 queries and keys: each pass runs one iteration per (query tile, key tile) pair, and its
+    programs call as many loop functions as it has main loops (9 for the staged fused passes, 7 for dq,
+    whose NEAR tiles take one masked loop, 2 for each plain pass)."""
+    for name, c in counts.items():
+        rows, cols = _tiles(c["launch"])
+        assert sum(c["iterations"]) == math.ceil(1500 / rows) * math.ceil(1500 / cols), name
+        assert len(c["loops"]) == len(c["iterations"]) == {"dq": 7}.get(name, 2 if name.startswith("plain") else 9)
+
+
+def test_the_loops_inside_the_band_take_every_whole_tile_pair(counts):
+    """Global attention without padding: the forward's loops with no mask (one per region, the middle of
+    its three) take every pair of a whole key tile, as the plain kernel's does, and the dk/dv pass's every
+    pair of a whole key tile and a whole query tile, the NEAR tiles' included."""
+    forward, dkdv = counts["forward"], counts["dkdv"]
+    assert sum(forward["iterations"][1::3]) == counts["plain forward"]["iterations"][0] == (1500 // 128) * 12
+    rows, cols = _tiles(dkdv["launch"])
+    assert sum(dkdv["iterations"][1::3]) == (1500 // rows) * (1500 // cols)
+    assert sum(forward["iterations"]) - sum(forward["iterations"][1::3]) == 12  # the ragged key tile's
+
+
+def test_fused_kernel_against_the_plain_one(counts):
+    total = {name: c["total"] for name, c in counts.items()}
+    assert total["forward"] <= 1.4 * total["plain forward"]
+    assert total["dq"] + total["dkdv"] <= 1.6 * (total["plain dq"] + total["plain dkdv"])
