@@ -225,7 +225,8 @@ def spec_of_launch(kernel, args: tuple, kwargs: dict) -> KernelSpec:
 
     bound = dict(zip(kernel.arg_names, args))
     constexprs = {name: value for name, value in kwargs.items() if name not in ("num_warps", "num_stages")}
-    pointers = {name: _pointer_types()[a.dtype] for name, a in bound.items() if isinstance(a, torch.Tensor)}
+    types = _pointer_types()
+    pointers = {name: types[a.dtype] for name, a in bound.items() if isinstance(a, torch.Tensor)}
     pointers.update({name: "fp32" for name, a in bound.items() if isinstance(a, float)})
     return KernelSpec(kernel.fn.__name__, kernel, signature_of(kernel, pointers, constexprs), constexprs,
                       num_warps=kwargs["num_warps"], num_stages=kwargs["num_stages"])

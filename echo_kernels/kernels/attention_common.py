@@ -87,11 +87,11 @@ def _load_p(P, HALF: tl.constexpr):
 
 
 # Key tiles fall in three regions by where the clamp of i - j sends them: wholly at i - j >= n - 1
-# (PAST: one bias value, the last row), straddling the diagonal (NEAR: a gather from the table, which
-# each launcher makes once per call into whole tiles of its own shape: kernels.attention.near_bias_tiles,
-# read by _near_bias), and wholly at i - j <= -(n - 1) (FUTURE: the first row). Each region is its own
-# loop, so no branch sits inside a loop body (which would stop Triton from pipelining its loads).
-# NO_BIAS: no table at all.
+# (PAST: one bias value, the last row), straddling the diagonal (NEAR: the bias varies, so each launcher
+# writes it once per call as whole tiles of its own shape, kernels.attention.near_bias_tiles, which
+# _near_bias reads; decoding gathers it), and wholly at i - j <= -(n - 1) (FUTURE: the first row). Each
+# region is its own loop, so no branch sits inside a loop body (which would stop Triton from pipelining
+# its loads). NO_BIAS: no table at all.
 NO_BIAS: tl.constexpr = tl.constexpr(0)
 PAST: tl.constexpr = tl.constexpr(1)
 NEAR: tl.constexpr = tl.constexpr(2)
