@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_cases import assert_gradients_match, call, cast, grads, make_inputs
+from numerics import rel_err
 
 import echo_kernels
 from echo_kernels import reference
 from echo_kernels.attention import kernel_head_width
-from echo_kernels.kernels import ATTENTION_HEAD_WIDTHS
+from echo_kernels.kernels import ATTENTION_HEAD_WIDTHS, attention_common
 from echo_kernels.kernels import attention as kernel
 from echo_kernels.kernels import attention_backward as kernel_bwd
 from echo_kernels.kernels import attention_backward_keys as key_passes
 from echo_kernels.kernels import attention_backward_queries as query_passes
-from echo_kernels.kernels import attention_common
-
-from attention_cases import assert_gradients_match, call, cast, grads, make_inputs
-from numerics import rel_err
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -114,17 +112,8 @@ def test_more_batch_heads_than_a_grid_axis_holds_gpu(use_triton):
         assert rel_err(got[name], want[name]) < 1e-5, name
 
 
-@pytest.mark.skipif(ON_GPU, reason="watches the interpreter run the kernels' Python; on a GPU the report shows the loops")
-@pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
-@pytest.mark.parametrize("padding, inner_keys", [(None, 64), ("suffix", 32), ("first", 0)])
-def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, padding, inner_keys,
-                                                     dq_in_key_pass):
-    """Global attention, 64 queries and keys in 16-wide tiles, n = 2: the loops with no mask take exactly
-    the (query tile, key tile) pairs whose key tile lies before the first padded key (none padded: 4 key
-    tiles; padded from key 40 on: 2; key 0 padded: none): the forward's and the dk/dv pass's those on the
-    diagonal too (whose bias each reads from its table), the dq pass's (and the dk/dv pass's when it sums
-    dq, the dq pass then not running) only those off it, where the bias is one value, since they sum a
-    diagonal tile's dS along its diagonals in the masked loop. Values and gradients are the reference's."""
+def _watch_unmasked_loops(monkeypatch) -> dict[str, int]:
+    """{pass: the 16-wide tiles its loops with no mask take}, counted as the interpreter runs them."""
     visits = {"forward": 0, "dq": 0, "dkdv": 0}
 
     def watch(module, name, part, lo_at):
@@ -138,8 +127,23 @@ def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, p
         monkeypatch.setattr(module, name, watched)
 
     watch(kernel, "_fwd_inner_tiles", "forward", 3)
-    watch(query_passes, "_dq_inner_tiles", "dq", 3)
-    watch(key_passes, "_dkdv_inner_tiles", "dkdv", 4)
+    watch(query_passes, "_dq_inner_tiles", "dq", 2)
+    watch(key_passes, "_dkdv_inner_tiles", "dkdv", 3)
+    return visits
+
+
+@pytest.mark.skipif(ON_GPU, reason="watches the interpreter run the kernels' Python; on a GPU the report shows the loops")
+@pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
+@pytest.mark.parametrize("padding, inner_keys", [(None, 64), ("suffix", 32), ("first", 0)])
+def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, padding, inner_keys,
+                                                     dq_in_key_pass):
+    """Global attention, 64 queries and keys in 16-wide tiles, n = 2: the loops with no mask take exactly
+    the (query tile, key tile) pairs whose key tile lies before the first padded key (none padded: 4 key
+    tiles; padded from key 40 on: 2; key 0 padded: none): the forward's and the dk/dv pass's those on the
+    diagonal too (whose bias each reads from its table), the dq pass's (and the dk/dv pass's when it sums
+    dq, the dq pass then not running) only those off it, where the bias is one value, since they sum a
+    diagonal tile's dS along its diagonals in the masked loop. Values and gradients are the reference's."""
+    visits = _watch_unmasked_loops(monkeypatch)
     inputs = make_inputs(B=1, Tq=64, n=2)
     if padding is not None:
         mask = torch.zeros(1, 64, dtype=torch.bool)
@@ -157,3 +161,25 @@ def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, p
     off_diagonal = 2 * (key_tiles * 4 - key_tiles)
     assert visits == {"forward": pairs, "dq": 0 if dq_in_key_pass else off_diagonal,
                       "dkdv": off_diagonal if dq_in_key_pass else pairs}
+
+
+@pytest.mark.skipif(ON_GPU, reason="watches the interpreter run the kernels' Python; on a GPU the report shows the loops")
+@pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
+def test_the_dkdv_pass_takes_its_ragged_key_tile_unmasked(use_triton, monkeypatch, dq_in_key_pass):
+    """Global attention, 56 queries and keys in 16-wide tiles (the last of each 8 long), n = 2: a key's dS
+    reaches only its own rows of dk and dv, and those past Tk are not stored, so the dk/dv pass takes its
+    ragged key tile unmasked, as the others: each key tile with each whole query tile, 2 heads x 4 x 3.
+    Summing dq, it sums dS over the keys, so the ragged key tile and the diagonal's take the masked loop:
+    2 x (3 x 3 - 3). The forward takes only whole key tiles: 2 x 3 x 4. The bias table's far rows are large,
+    so that a key past Tk left in a sum would show. Values and gradients are the reference's."""
+    visits = _watch_unmasked_loops(monkeypatch)
+    inputs = make_inputs(B=1, Tq=56, n=2)
+    inputs["bias"] = inputs["bias"] + torch.tensor([[8.0], [0.0], [8.0]], dtype=inputs["bias"].dtype)
+    do = torch.randn(1, 2, 56, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    want_out, want = grads(reference.echo_attention, inputs, torch.float64, do)
+    with kernel_bwd.dq_in_key_pass(dq_in_key_pass):
+        got_out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do)
+    assert rel_err(got_out, want_out) < 1e-5
+    assert_gradients_match(got, want, "ragged", inputs)
+    assert visits["forward"] == 2 * 3 * 4
+    assert visits["dkdv"] == (2 * (3 * 3 - 3) if dq_in_key_pass else 2 * 4 * 3)

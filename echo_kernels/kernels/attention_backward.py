@@ -176,6 +176,14 @@ def inner_diagonals(n_rel: int) -> int:
     return triton.next_power_of_2(max(2 * n_rel - 3, 1))
 
 
+def _diagonal_scratch(programs: int, rows: int, n_diag: int, has_bias: bool, device) -> torch.Tensor:
+    """(programs, rows, n_diag) fp32, where each program of a pass that sums dbias stores the inner-row
+    pairs of dS of its NEAR tiles and adds them up (attention_common._bias_row_sums); without a bias
+    table a one-element placeholder. Not zeroed: a program reads back only what it stored."""
+    shape = (programs, rows, n_diag) if has_bias else (1,)
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def _multiprocessors(device) -> int:
     """The GPU's multiprocessors; under the interpreter 2, so that the programs sized by it below each
     loop over several tiles, and a few heads split their key tiles in groups."""
@@ -253,17 +261,19 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     dkk = torch.empty((B, H, Tk, h), dtype=torch.float32, device=dev)  # d(a_k, b_k)
     n_rows = 2 * n_rel - 1  # of the bias table
     with_dq = "dq" not in cfg
+    n_diag = inner_diagonals(n_rel)
     if with_dq:  # each program's sum of d(q''_A, q''_B), each key tile's share of the bias table
         key_groups = _key_groups_per_head(B * H, n_kblocks, dev)
         dqq = torch.zeros((B, H, key_groups, Tq, h), dtype=torch.float32, device=dev)
         db_part = torch.empty((B, H, n_kblocks, n_rows) if has_bias else (1,), dtype=torch.float32, device=dev)
+        diag = _diagonal_scratch(B * H * n_kblocks, c["BLOCK_N"], n_diag, has_bias, dev)
         grid = key_groups * B * H
     else:  # the dq pass writes these; this kernel does not touch them
-        key_groups, dqq, db_part, grid = 1, dkk, dkk, n_kblocks * B * H
+        key_groups, dqq, db_part, diag, grid = 1, dkk, dkk, dkk, n_kblocks * B * H
     _attn_bwd_dkdv_kernel[(grid,)](
-        kk, v, do, qq, bias_t, near[0], pad_t, pad_start, lse, delta, dkk, dv, dqq, db_part, *strides, *sizes,
+        kk, v, do, qq, bias_t, near[0], pad_t, pad_start, lse, delta, dkk, dv, dqq, db_part, diag, *strides, *sizes,
         *near[1:], *band, n_kblocks, key_groups, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
-        BLOCK_N=c["BLOCK_N"], WITH_DQ=with_dq, N_DIAG=inner_diagonals(n_rel), PRECISION=prec,
+        BLOCK_N=c["BLOCK_N"], WITH_DQ=with_dq, N_DIAG=n_diag, PRECISION=prec,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     c = cfg["unrope"]
     n_ktiles = triton.cdiv(Tk, c["BLOCK_M"])
@@ -282,10 +292,12 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         # each query tile's share of the bias table
         db_part = torch.empty((B, H, n_qblocks, n_rows) if has_bias else (1,), dtype=torch.float32, device=dev)
         near = near_bias_args(bias, n_rel, q_offset - k_offset, c["BLOCK_M"], c["BLOCK_N"], lse)
+        diag = _diagonal_scratch(B * H * n_qblocks, c["BLOCK_M"], n_diag, has_bias, dev)
         _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
-            kk, v, do, qq, bias_t, near[0], pad_t, pad_start, lse, delta, dqq, db_part, *strides, *sizes, *near[1:],
-            *band, n_qblocks, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-            N_DIAG=inner_diagonals(n_rel), PRECISION=prec, num_warps=c["num_warps"], num_stages=c["num_stages"])
+            kk, v, do, qq, bias_t, near[0], pad_t, pad_start, lse, delta, dqq, db_part, diag, *strides, *sizes,
+            *near[1:], *band, n_qblocks, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
+            BLOCK_N=c["BLOCK_N"], N_DIAG=n_diag, PRECISION=prec, num_warps=c["num_warps"],
+            num_stages=c["num_stages"])
 
     c = cfg["unrotate"]
     n_qtiles = triton.cdiv(Tq, c["BLOCK_M"])
@@ -330,7 +342,7 @@ def aot_specs(arch: int) -> list[KernelSpec]:
             g = {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "KK", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Tiles="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32",
-                        G="*fp32", DBias="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", PadStart="*i32", scale="fp32")
+                        G="*fp32", DBias="*fp32", Diag="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", PadStart="*i32", scale="fp32")
             dkdv_ptrs = dict(ptrs, DQQ="*fp32")  # dq's fp32 sums (without dq, a placeholder of that type)
             key_pass = _KEY_PASS_BLOCKS[h, arch]
             for name, fn, ce in (

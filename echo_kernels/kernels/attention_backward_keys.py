@@ -20,6 +20,7 @@ from .attention_common import (
     PAST,
     _bias_row_sums,
     _bias_tile,
+    _diagonal_sums,
     _key_ok,
     _load_full,
     _load_pairs,
@@ -33,21 +34,19 @@ from .attention_common import (
 
 
 @triton.jit
-def _add_dq(ds_t, ak, bk, DQQ, rows, mask, HALF: tl.constexpr, HEAD: tl.constexpr, PRECISION: tl.constexpr):
-    """DQQ[rows] += dS (a_k, b_k): one key tile's share of a query tile's d(q''_A, q''_B), fp32 rows
+def _add_dq(ds_t, kk, DQQ, rows, mask, HEAD: tl.constexpr, PRECISION: tl.constexpr):
+    """DQQ[rows] += dS [a_k | b_k]: one key tile's share of a query tile's d(q''_A, q''_B), fp32 rows
     [A | B]. Only this program adds to these rows (_attn_bwd_dkdv_kernel): no atomics."""
-    ds = tl.trans(ds_t)
-    offs = rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
-    tl.store(DQQ + offs, tl.dot(ds, ak, tl.load(DQQ + offs, mask=mask), input_precision=PRECISION), mask=mask)
-    tl.store(DQQ + offs + HALF, tl.dot(ds, bk, tl.load(DQQ + offs + HALF, mask=mask), input_precision=PRECISION),
+    offs = rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
+    tl.store(DQQ + offs, tl.dot(tl.trans(ds_t), kk, tl.load(DQQ + offs, mask=mask), input_precision=PRECISION),
              mask=mask)
 
 
 @triton.jit
 def _dkdv_tiles(
-    dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ,
-    Bias, stride_br, head_off, n_rel, Tiles, tile_of, stride_ot, stride_od, Tq, left, right, q_off,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
+    dkk, dv, db_lo, db_hi, lo, hi, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ,
+    Bias, stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off,
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
     WITH_DQ: tl.constexpr, STEP: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulate dk (as d(a_k, b_k)) and dv over the query tiles lo, lo + BLOCK_M, ... < hi; WITH_DQ
@@ -59,20 +58,17 @@ def _dkdv_tiles(
     QQ, Lse, Delta and DQQ point at this (batch, head)'s rows. A NEAR tile's bias is the tile
     Tiles[(tile_of - start) / STEP] of this head's table of (keys, queries) tiles (_near_bias).
     """
-    DT = ak.dtype
-    half = tl.arange(0, HALF)
+    DT = kk.dtype
+    dims = tl.arange(0, HEAD)
     for start in range(lo, hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         qpos = q_off + rows
-        q_offs = rows[:, None] * HEAD + half[None, :]
-        qa = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0)
-        qb = tl.load(QQ + q_offs + HALF, mask=rows[:, None] < Tq, other=0.0)
-        logits_t = tl.dot(ak, tl.trans(qa), input_precision=PRECISION)
-        logits_t = tl.dot(bk, tl.trans(qb), logits_t, input_precision=PRECISION)
+        qq = tl.load(QQ + rows[:, None] * HEAD + dims[None, :], mask=rows[:, None] < Tq, other=0.0)
+        logits_t = tl.dot(kk, tl.trans(qq), input_precision=PRECISION)
         rel_t = qpos[None, :] - kpos[:, None]  # i - j
         keep_t = (rel_t <= left) & (rel_t >= -right) & key_ok[:, None]
         if REGION == NEAR:
-            logits_t += _near_bias(Tiles, tile_of, start, ak.shape[0], BLOCK_M, STEP)
+            logits_t += _near_bias(Tiles, tile_of, start, kk.shape[0], BLOCK_M, STEP)
         else:
             logits_t += _bias_tile(rel_t, Bias, stride_br, head_off, n_rel, REGION)
         lse = tl.load(Lse + rows, mask=rows < Tq, other=float("inf"))
@@ -83,39 +79,33 @@ def _dkdv_tiles(
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if WITH_DQ:
-            db_lo, db_hi, db_mid = _bias_row_sums(ds_t, db_lo, db_hi, db_mid, rel_t, kpos - (q_off + start) - n_rel + 2,
-                                                  n_rel, REGION, 1, N_DIAG)
+            db_lo, db_hi = _bias_row_sums(ds_t, db_lo, db_hi, rel_t, Diag, n_rel, REGION, N_DIAG)
         ds_t = ds_t.to(DT)
-        dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
-        dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
+        dkk = tl.dot(ds_t, qq, dkk, input_precision=PRECISION)
         if WITH_DQ:
-            _add_dq(ds_t, ak, bk, DQQ, rows, rows[:, None] < Tq, HALF, HEAD, PRECISION)
-    return dak, dbk, dv, db_lo, db_hi, db_mid
+            _add_dq(ds_t, kk, DQQ, rows, rows[:, None] < Tq, HEAD, PRECISION)
+    return dkk, dv, db_lo, db_hi
 
 
 @triton.jit
 def _dkdv_inner_tiles(
-    dak, dbk, dv, db, lo, hi, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot, stride_od,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr, WITH_DQ: tl.constexpr,
+    dkk, dv, db, lo, hi, kk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot, stride_od,
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr, WITH_DQ: tl.constexpr,
     SUM_DS: tl.constexpr, STEP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """_dkdv_tiles for whole query tiles that see every key of the tile (inside the band, keys not
     padded): no mask. The bias: in a NEAR region each tile's from the table (_near_bias); in the
     others the region's one value bias_c (0 without a table), folded into the exponent. WITH_DQ and
     SUM_DS: add dS's row sums (per key) to db (never a NEAR region's, whose sums go along diagonals)."""
-    DT = ak.dtype
-    half = tl.arange(0, HALF)
+    DT = kk.dtype
     dims = tl.arange(0, HEAD)
     for start in range(lo, hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q_offs = rows[:, None] * HEAD + half[None, :]
-        qa = tl.load(QQ + q_offs)
-        qb = tl.load(QQ + q_offs + HALF)
-        logits_t = tl.dot(ak, tl.trans(qa), input_precision=PRECISION)
-        logits_t = tl.dot(bk, tl.trans(qb), logits_t, input_precision=PRECISION)
+        qq = tl.load(QQ + rows[:, None] * HEAD + dims[None, :])
+        logits_t = tl.dot(kk, tl.trans(qq), input_precision=PRECISION)
         lse = tl.load(Lse + rows)
         if REGION == NEAR:
-            logits_t += _near_bias(Tiles, tile_of, start, ak.shape[0], BLOCK_M, STEP)
+            logits_t += _near_bias(Tiles, tile_of, start, kk.shape[0], BLOCK_M, STEP)
             p_t = tl.exp2((logits_t - lse[None, :]) * LOG2E)
         else:
             p_t = tl.exp2(logits_t * LOG2E + ((bias_c - lse) * LOG2E)[None, :])
@@ -128,18 +118,17 @@ def _dkdv_inner_tiles(
             if SUM_DS:
                 db += tl.sum(ds_t, 1)
         ds_t = ds_t.to(DT)
-        dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
-        dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
+        dkk = tl.dot(ds_t, qq, dkk, input_precision=PRECISION)
         if WITH_DQ:
-            _add_dq(ds_t, ak, bk, DQQ, rows, None, HALF, HEAD, PRECISION)
-    return dak, dbk, dv, db
+            _add_dq(ds_t, kk, DQQ, rows, None, HEAD, PRECISION)
+    return dkk, dv, db
 
 
 @triton.jit
 def _dkdv_region(
-    dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta,
-    DQQ, Bias, stride_br, head_off, n_rel, Tiles, tile_of, stride_ot, stride_od, Tq, left, right, q_off,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
+    dkk, dv, db_lo, db_hi, lo, hi, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse, Delta,
+    DQQ, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off,
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
     WITH_DQ: tl.constexpr, STEP: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The query tiles lo, ... < hi of one region, as the forward stages them: [inner_lo, inner_hi)
@@ -148,39 +137,39 @@ def _dkdv_region(
     first, and every NEAR tile takes the masked loop, as in the dq pass: it also sums its dS along the
     diagonals (_bias_row_sums' gather), which a second loop would hold in registers beside dq's."""
     if REGION == NEAR and WITH_DQ:
-        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
-            dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
-            stride_br, head_off, n_rel, Tiles, tile_of, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+        dkk, dv, db_lo, db_hi = _dkdv_tiles(
+            dkk, dv, db_lo, db_hi, lo, hi, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
+            stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HEAD,
             BLOCK_M, REGION, WITH_DQ, STEP, N_DIAG, PRECISION)
     else:
         a = tl.minimum(tl.maximum(inner_lo, lo), hi)
         b = tl.maximum(tl.minimum(inner_hi, hi), a)
-        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
-            dak, dbk, dv, db_lo, db_hi, db_mid, lo, a, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
-            stride_br, head_off, n_rel, Tiles, tile_of, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+        dkk, dv, db_lo, db_hi = _dkdv_tiles(
+            dkk, dv, db_lo, db_hi, lo, a, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
+            stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HEAD,
             BLOCK_M, REGION, WITH_DQ, STEP, N_DIAG, PRECISION)
         if REGION == NEAR:
             bias_c = 0.0  # each tile's bias comes from the table
         else:
             bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
         if REGION == PAST:
-            dak, dbk, dv, db_hi = _dkdv_inner_tiles(
-                dak, dbk, dv, db_hi, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
-                stride_od, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, True, STEP, PRECISION)
+            dkk, dv, db_hi = _dkdv_inner_tiles(
+                dkk, dv, db_hi, a, b, kk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
+                stride_od, HEAD, BLOCK_M, REGION, WITH_DQ, True, STEP, PRECISION)
         else:
-            dak, dbk, dv, db_lo = _dkdv_inner_tiles(
-                dak, dbk, dv, db_lo, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
-                stride_od, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, REGION == FUTURE, STEP, PRECISION)
-        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_tiles(
-            dak, dbk, dv, db_lo, db_hi, db_mid, b, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
-            stride_br, head_off, n_rel, Tiles, tile_of, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+            dkk, dv, db_lo = _dkdv_inner_tiles(
+                dkk, dv, db_lo, a, b, kk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
+                stride_od, HEAD, BLOCK_M, REGION, WITH_DQ, REGION == FUTURE, STEP, PRECISION)
+        dkk, dv, db_lo, db_hi = _dkdv_tiles(
+            dkk, dv, db_lo, db_hi, b, hi, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
+            stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HEAD,
             BLOCK_M, REGION, WITH_DQ, STEP, N_DIAG, PRECISION)
-    return dak, dbk, dv, db_lo, db_hi, db_mid
+    return dkk, dv, db_lo, db_hi
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias,
+    KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, Diag,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
@@ -199,7 +188,7 @@ def _attn_bwd_dkdv_kernel(
         DQQ += (pid_bh * n_groups + pid_g) * Tq * HEAD
         for pid_n in range(pid_g, n_tiles, n_groups):
             _dkdv_key_tile(
-                pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias,
+                pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, Diag,
                 stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br,
                 stride_bh, stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off,
                 k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
@@ -207,7 +196,7 @@ def _attn_bwd_dkdv_kernel(
     else:
         pid_n, pid_bh = _tile_and_head(n_tiles)
         _dkdv_key_tile(
-            pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, stride_vb,
+            pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, Diag, stride_vb,
             stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br, stride_bh,
             stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off, k_off, n_tiles,
             HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
@@ -215,7 +204,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dkdv_key_tile(
-    pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias,
+    pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, Diag,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
@@ -232,9 +221,10 @@ def _dkdv_key_tile(
     and this tile's share of dbias, DBias[tile] (as the dq kernel writes a query tile's).
     Tiles: with HAS_BIAS, (H, n_bias_tiles, BLOCK_N, BLOCK_M) fp32, the NEAR tiles' bias as (keys,
     queries) tiles (kernels.attention.near_bias_tiles of the reversed table), the tile t at
-    j - i = first_bias_tile + STEP t in its top-left entry.
+    j - i = first_bias_tile + STEP t in its top-left entry. Diag: WITH_DQ and HAS_BIAS, (B H n_tiles,
+    BLOCK_N, N_DIAG) fp32, where each key tile stores its NEAR tiles' inner-row pairs of dS
+    (_bias_row_sums).
     """
-    HALF: tl.constexpr = HEAD // 2
     STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N  # near_bias_tiles' step
     DT = QQ.dtype.element_ty
     b = pid_bh // H
@@ -249,27 +239,29 @@ def _dkdv_key_tile(
     kpos = k_off + cols
     first = k_off + pid_n * BLOCK_N
     key_ok = _key_ok(cols, Tk, Pad, b * stride_pb, stride_pt, HAS_PAD)  # padding belongs to the key
-    k_offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
-    ak = tl.load(KK + k_offs, mask=key_ok[:, None], other=0.0)
-    bk = tl.load(KK + k_offs + HALF, mask=key_ok[:, None], other=0.0)
+    k_offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
+    kk = tl.load(KK + k_offs, mask=key_ok[:, None], other=0.0)  # rows [a_k | b_k]
     v = _load_full(V, cols, key_ok, stride_vt, stride_vd, HEAD).to(DT)
 
-    dak = tl.zeros([BLOCK_N, HALF], tl.float32)
-    dbk = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dkk = tl.zeros([BLOCK_N, HEAD], tl.float32)  # d(a_k, b_k), rows [A | B]
     dv = tl.zeros([BLOCK_N, HEAD], tl.float32)
     db_lo = tl.zeros([BLOCK_N], tl.float32)  # the bias table's sums (WITH_DQ)
     db_hi = tl.zeros([BLOCK_N], tl.float32)
-    db_mid = tl.zeros([N_DIAG], tl.float32)
     # Queries i reach key j iff j - right <= i <= j + left: the band seen from the key side.
     lo = tl.maximum(first - right - q_off, 0)
     lo = (lo // BLOCK_M) * BLOCK_M
     hi = tl.minimum(first + BLOCK_N - 1 + left - q_off + 1, Tq)
     # The query tiles no mask can bite: whole tiles before Tq whose every query has every key of this
     # tile inside its band (from the last key's right edge to the first key's left edge), and none at
-    # all when this tile holds a padded key or keys past Tk.
-    k_end = Tk
+    # all when this tile holds a padded key, whose gradients are stored as zeros. Keys past Tk need no
+    # mask (their k and v load as zeros): a key's dS reaches only its own rows of dk and dv, which are
+    # not stored; but WITH_DQ dS is also summed over the keys (dq, dbias), and they must drop out.
+    k_end = Tk + BLOCK_N
+    if WITH_DQ:
+        k_end = Tk
     if HAS_PAD:
-        k_end = tl.minimum(k_end, tl.load(PadStart + b))
+        pad_start = tl.load(PadStart + b)
+        k_end = tl.where(pad_start < Tk, pad_start, k_end)
     inner_lo = tl.cdiv(tl.maximum(first + BLOCK_N - 1 - right - q_off, 0), BLOCK_M) * BLOCK_M
     inner_hi = tl.minimum(first - q_off + 1, Tq - left) + left  # no int32 overflow at left = 2^30
     inner_hi = tl.maximum(inner_hi, 0) // BLOCK_M * BLOCK_M
@@ -283,31 +275,37 @@ def _dkdv_key_tile(
         # tiles are (keys, queries), at j - i = first_bias_tile + STEP t
         tiles = Tiles + hd * n_bias_tiles * (BLOCK_M * BLOCK_N)
         tile_of = first - q_off - first_bias_tile
-        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
-            dak, dbk, dv, db_lo, db_hi, db_mid, lo, d1, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
-            Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, stride_ot, stride_od, Tq, left, right,
-            q_off, HALF, HEAD, BLOCK_M, FUTURE, WITH_DQ, STEP, N_DIAG, PRECISION)
-        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
-            dak, dbk, dv, db_lo, db_hi, db_mid, d1, d2, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
-            Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, stride_ot, stride_od, Tq, left, right,
-            q_off, HALF, HEAD, BLOCK_M, NEAR, WITH_DQ, STEP, N_DIAG, PRECISION)
-        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
-            dak, dbk, dv, db_lo, db_hi, db_mid, d2, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
-            Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, stride_ot, stride_od, Tq, left, right,
-            q_off, HALF, HEAD, BLOCK_M, PAST, WITH_DQ, STEP, N_DIAG, PRECISION)
+        diag = Diag + (pid_bh * n_tiles + pid_n) * (BLOCK_N * N_DIAG)  # WITH_DQ: this tile's inner-row pairs
+        dkk, dv, db_lo, db_hi = _dkdv_region(
+            dkk, dv, db_lo, db_hi, lo, d1, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
+            q_off, HEAD, BLOCK_M, FUTURE, WITH_DQ, STEP, N_DIAG, PRECISION)
+        dkk, dv, db_lo, db_hi = _dkdv_region(
+            dkk, dv, db_lo, db_hi, d1, d2, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
+            q_off, HEAD, BLOCK_M, NEAR, WITH_DQ, STEP, N_DIAG, PRECISION)
+        dkk, dv, db_lo, db_hi = _dkdv_region(
+            dkk, dv, db_lo, db_hi, d2, hi, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
+            q_off, HEAD, BLOCK_M, PAST, WITH_DQ, STEP, N_DIAG, PRECISION)
         if WITH_DQ:
+            near_end = d1 + tl.cdiv(d2 - d1, BLOCK_M) * BLOCK_M  # the NEAR tiles' queries: [d1, near_end)
+            db_mid = _diagonal_sums(diag, kpos - q_off, d1, near_end, n_rel, 1, N_DIAG)
             _store_bias_sums(DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1), db_lo, db_hi, db_mid, n_rel,
                              N_DIAG)
     else:
-        dak, dbk, dv, db_lo, db_hi, db_mid = _dkdv_region(
-            dak, dbk, dv, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
-            Delta, DQQ, Bias, stride_br, head_off, n_rel, Tiles, 0, stride_ot, stride_od, Tq, left, right, q_off,
-            HALF, HEAD, BLOCK_M, NO_BIAS, WITH_DQ, STEP, N_DIAG, PRECISION)
+        dkk, dv, db_lo, db_hi = _dkdv_region(
+            dkk, dv, db_lo, db_hi, lo, hi, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
+            Delta, DQQ, Bias, stride_br, head_off, n_rel, Tiles, 0, Diag, stride_ot, stride_od, Tq, left, right, q_off,
+            HEAD, BLOCK_M, NO_BIAS, WITH_DQ, STEP, N_DIAG, PRECISION)
 
-    tl.store(DV + pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :],
-             dv.to(DV.dtype.element_ty), mask=cols[:, None] < Tk)
-    tl.store(DKK + k_offs, dak, mask=cols[:, None] < Tk)
-    tl.store(DKK + k_offs + HALF, dbk, mask=cols[:, None] < Tk)
+    # Offsets from the tile's first row, not the loads' above, which would then stay in registers
+    # through every loop (spilled, on sm_90).
+    local = tl.arange(0, BLOCK_N)[:, None]
+    out_offs = (pid_bh * Tk + pid_n * BLOCK_N) * HEAD + local * HEAD + tl.arange(0, HEAD)[None, :]
+    out_mask = local < Tk - pid_n * BLOCK_N
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
+    tl.store(DKK + out_offs, dkk, mask=out_mask)
 
 
 @triton.jit

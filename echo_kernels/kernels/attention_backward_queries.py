@@ -21,6 +21,7 @@ from .attention_common import (
     PAST,
     _bias_row_sums,
     _bias_tile,
+    _diagonal_sums,
     _in_band,
     _inner_keys,
     _key_ok,
@@ -29,26 +30,13 @@ from .attention_common import (
     _load_p,
     _load_pairs,
     _near_bias,
+    _projected_q,
     _rope_angles,
     _split_regions,
     _store_bias_sums,
     _tile_and_head,
     _unrope_store,
 )
-
-
-@triton.jit
-def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb,
-               HALF: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
-    """RoPE halves of a query tile (fp32) and q''_A, q''_B (dot type); cos, sin of its angles."""
-    x1, x2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
-    a = x1 * cos - x2 * sin
-    b = x1 * sin + x2 * cos
-    qa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)
-    qa = tl.dot(b.to(DT), p_ba, qa, input_precision=PRECISION)
-    qb = tl.dot(a.to(DT), p_ab, input_precision=PRECISION)
-    qb = tl.dot(b.to(DT), p_bb, qb, input_precision=PRECISION)
-    return a, b, qa.to(DT), qb.to(DT)
 
 
 @triton.jit
@@ -62,7 +50,6 @@ def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
     [q''_A | q''_B]), which the dk/dv kernel reads for every key tile instead of rotating and
     multiplying the queries again."""
     HALF: tl.constexpr = HEAD // 2
-    DT = P.dtype.element_ty
     pid_m, pid_bh = _tile_and_head(n_tiles)
     rows = pid_m * BLOCK + tl.arange(0, BLOCK)
     b = pid_bh // H
@@ -72,35 +59,24 @@ def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
     tl.store(Delta + pid_bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
 
     s = tl.load(S).to(tl.float32)
-    cos, sin = _rope_angles(q_off + rows, s, W, HALF)
     Q += b * stride_qb + hd * stride_qh
-    if HAS_P:
-        p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
-        _, _, qa, qb = _rotated_q(Q, rows, T, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
-                                  PRECISION)
-    else:
-        x1, x2 = _load_pairs(Q, rows, rows < T, stride_qt, stride_qd, HALF)
-        qa = ((x1 * cos - x2 * sin) * scale).to(DT)
-        qb = ((x1 * sin + x2 * cos) * scale).to(DT)
-    offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
-    tl.store(QQ + offs, qa, mask=rows[:, None] < T)
-    tl.store(QQ + offs + HALF, qb, mask=rows[:, None] < T)
+    qq = _projected_q(Q, rows, T, stride_qt, stride_qd, q_off + rows, s, W, P, scale, HALF, HAS_P, PRECISION)
+    tl.store(QQ + pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :], qq, mask=rows[:, None] < T)
 
 
 @triton.jit
 def _dq_tiles(
-    dqa, dqb, db_lo, db_hi, db_mid, lo, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
-    head_off, n_rel, Tiles, tile_of, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
+    dqq, db_lo, db_hi, lo, hi, qq, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off, n_rel,
+    Tiles, tile_of, Diag, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
+    HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
     HAS_PAD: tl.constexpr, STEP: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulate d(q''_A, q''_B) and the bias table's sums of dS over the key tiles lo, ... < hi:
-    per query row, the end rows' (db_lo, db_hi); in a NEAR tile also the inner rows' (db_mid[d],
-    table row d + 1: the diagonal i - j = d - (n - 2)), summed over the tile's queries.
+    per query row, the end rows' (db_lo, db_hi); a NEAR tile stores its inner rows' pairs at Diag
+    (_bias_row_sums).
     KK: this head's RoPE(k) rows [a | b] as the forward computed them, contiguous, in the dot type.
     A NEAR tile's bias is the tile Tiles[(tile_of - start) / STEP] of this head's table (_near_bias)."""
-    DT = qa.dtype
-    half = tl.arange(0, HALF)
+    DT = qq.dtype
     dims = tl.arange(0, HEAD)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
@@ -108,98 +84,86 @@ def _dq_tiles(
         # the loads, whose masks then do not wait on the padding's (that costs the pipelined loop registers).
         # Keys past Tk the loads' masks zero already; v in its own dtype, not through fp32.
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
-        k_offs = cols[:, None] * HEAD + half[None, :]
-        ak = tl.load(KK + k_offs, mask=cols[:, None] < Tk, other=0.0)
-        bk = tl.load(KK + k_offs + HALF, mask=cols[:, None] < Tk, other=0.0)
+        kk = tl.load(KK + cols[:, None] * HEAD + dims[None, :], mask=cols[:, None] < Tk, other=0.0)
         v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, mask=cols[:, None] < Tk, other=0.0)
         if HAS_PAD:
-            ak = tl.where(key_ok[:, None], ak, 0.0)
-            bk = tl.where(key_ok[:, None], bk, 0.0)
+            kk = tl.where(key_ok[:, None], kk, 0.0)
             v = tl.where(key_ok[:, None], v, 0.0)
-        ak, bk, v = ak.to(DT), bk.to(DT), v.to(DT)
-        logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
-        logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
+        kk, v = kk.to(DT), v.to(DT)
+        logits = tl.dot(qq, tl.trans(kk), input_precision=PRECISION)
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
         keep = _in_band(rel, left, right) & key_ok[None, :]
         if REGION == NEAR:
-            logits += _near_bias(Tiles, tile_of, start, qa.shape[0], BLOCK_N, STEP)
+            logits += _near_bias(Tiles, tile_of, start, qq.shape[0], BLOCK_N, STEP)
         else:
             logits += _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
         p = tl.where(keep, tl.exp2((logits - lse[:, None]) * LOG2E), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        db_lo, db_hi, db_mid = _bias_row_sums(ds, db_lo, db_hi, db_mid, rel, qpos - (k_off + start) + n_rel - 2, n_rel,
-                                              REGION, -1, N_DIAG)
-        ds = ds.to(DT)
-        dqa = tl.dot(ds, ak, dqa, input_precision=PRECISION)
-        dqb = tl.dot(ds, bk, dqb, input_precision=PRECISION)
-    return dqa, dqb, db_lo, db_hi, db_mid
+        db_lo, db_hi = _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, REGION, N_DIAG)
+        dqq = tl.dot(ds.to(DT), kk, dqq, input_precision=PRECISION)
+    return dqq, db_lo, db_hi
 
 
 @triton.jit
 def _dq_inner_tiles(
-    dqa, dqb, db, lo, hi, qa, qb, do, lse, delta, KK, V, bias_c, stride_vt, stride_vd,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, SUM_DS: tl.constexpr,
+    dqq, db, lo, hi, qq, do, lse, delta, KK, V, bias_c, stride_vt, stride_vd,
+    HEAD: tl.constexpr, BLOCK_N: tl.constexpr, SUM_DS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """_dq_tiles for key tiles wholly inside the band, before Tk and before any padded key: no mask,
     the region's one bias value bias_c folded into the exponent; SUM_DS: add dS's row sums to db."""
-    DT = qa.dtype
-    half = tl.arange(0, HALF)
+    DT = qq.dtype
     dims = tl.arange(0, HEAD)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k_offs = cols[:, None] * HEAD + half[None, :]
-        ak = tl.load(KK + k_offs)
-        bk = tl.load(KK + k_offs + HALF)
-        logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
-        logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
+        kk = tl.load(KK + cols[:, None] * HEAD + dims[None, :])
+        logits = tl.dot(qq, tl.trans(kk), input_precision=PRECISION)
         p = tl.exp2(logits * LOG2E + ((bias_c - lse) * LOG2E)[:, None])
         v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd).to(DT)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         if SUM_DS:
             db += tl.sum(ds, 1)
-        ds = ds.to(DT)
-        dqa = tl.dot(ds, ak, dqa, input_precision=PRECISION)
-        dqb = tl.dot(ds, bk, dqb, input_precision=PRECISION)
-    return dqa, dqb, db
+        dqq = tl.dot(ds.to(DT), kk, dqq, input_precision=PRECISION)
+    return dqq, db
 
 
 @triton.jit
 def _dq_region(
-    dqa, dqb, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+    dqq, db_lo, db_hi, lo, hi, inner_lo, inner_hi, qq, qpos, do, lse, delta, KK, V, Bias,
     stride_br, head_off, n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
+    HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
     HAS_PAD: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The key tiles lo, ... < hi of one region whose bias is one value (PAST, FUTURE, NO_BIAS):
     [inner_lo, inner_hi) (starts on lo's grid) by the loop with no mask, the edges by the masked one.
     A PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the first (db_lo). No
-    table of NEAR tiles is read (Bias, 0 and 1 stand in for it, its place and its step)."""
+    table of NEAR tiles is read, nor diagonals stored (Bias, 0 and 1 stand in for the table, its place
+    and its step, Bias for Diag)."""
     a = tl.minimum(tl.maximum(inner_lo, lo), hi)
     b = tl.maximum(tl.minimum(inner_hi, hi), a)
-    dqa, dqb, db_lo, db_hi, db_mid = _dq_tiles(
-        dqa, dqb, db_lo, db_hi, db_mid, lo, a, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off,
-        n_rel, Bias, 0, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N,
-        REGION, HAS_PAD, 1, N_DIAG, PRECISION)
+    dqq, db_lo, db_hi = _dq_tiles(
+        dqq, db_lo, db_hi, lo, a, qq, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off, n_rel, Bias,
+        0, Bias, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N, REGION,
+        HAS_PAD, 1, N_DIAG, PRECISION)
     bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
     if REGION == PAST:
-        dqa, dqb, db_hi = _dq_inner_tiles(dqa, dqb, db_hi, a, b, qa, qb, do, lse, delta, KK, V, bias_c, stride_vt,
-                                          stride_vd, HALF, HEAD, BLOCK_N, True, PRECISION)
+        dqq, db_hi = _dq_inner_tiles(dqq, db_hi, a, b, qq, do, lse, delta, KK, V, bias_c, stride_vt,
+                                          stride_vd, HEAD, BLOCK_N, True, PRECISION)
     else:
-        dqa, dqb, db_lo = _dq_inner_tiles(dqa, dqb, db_lo, a, b, qa, qb, do, lse, delta, KK, V, bias_c, stride_vt,
-                                          stride_vd, HALF, HEAD, BLOCK_N, REGION == FUTURE, PRECISION)
-    dqa, dqb, db_lo, db_hi, db_mid = _dq_tiles(
-        dqa, dqb, db_lo, db_hi, db_mid, b, hi, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off,
-        n_rel, Bias, 0, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N,
-        REGION, HAS_PAD, 1, N_DIAG, PRECISION)
-    return dqa, dqb, db_lo, db_hi, db_mid
+        dqq, db_lo = _dq_inner_tiles(dqq, db_lo, a, b, qq, do, lse, delta, KK, V, bias_c, stride_vt,
+                                          stride_vd, HEAD, BLOCK_N, REGION == FUTURE, PRECISION)
+    dqq, db_lo, db_hi = _dq_tiles(
+        dqq, db_lo, db_hi, b, hi, qq, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off, n_rel, Bias,
+        0, Bias, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N, REGION,
+        HAS_PAD, 1, N_DIAG, PRECISION)
+    return dqq, db_lo, db_hi
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DQQ, DBias,
+    KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DQQ, DBias, Diag,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
@@ -214,8 +178,8 @@ def _attn_bwd_dq_kernel(
     and the dq'' accumulators in registers. KK: RoPE(k) as the forward's RoPE(k) pass writes it,
     (B, H, Tk, h) contiguous in the dot type. Tiles: with HAS_BIAS, (H, n_bias_tiles, BLOCK_M, BLOCK_N)
     fp32, the NEAR tiles' bias (kernels.attention.near_bias_tiles), the tile t at
-    i - j = first_bias_tile + STEP t in its top-left entry."""
-    HALF: tl.constexpr = HEAD // 2
+    i - j = first_bias_tile + STEP t in its top-left entry. Diag: with HAS_BIAS, (programs, BLOCK_M,
+    N_DIAG) fp32, where each program stores its NEAR tiles' inner-row pairs of dS (_bias_row_sums)."""
     STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N  # near_bias_tiles' step
     DT = QQ.dtype.element_ty
     pid_m, pid_bh = _tile_and_head(n_tiles)
@@ -229,17 +193,15 @@ def _attn_bwd_dq_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qpos = q_off + rows
     q_first = q_off + pid_m * BLOCK_M
-    q_offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
-    qa = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0)  # q'' from the delta pre-pass
-    qb = tl.load(QQ + q_offs + HALF, mask=rows[:, None] < Tq, other=0.0)
+    # q'' from the delta pre-pass: rows [q''_A | q''_B], which multiply RoPE(k)'s [a | b] in one product
+    q_offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
+    qq = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0)
     do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD).to(DT)
     lse = tl.load(Lse + pid_bh * Tq + rows, mask=rows < Tq, other=float("inf"))
     delta = tl.load(Delta + pid_bh * Tq + rows, mask=rows < Tq, other=0.0)
-    dqa = tl.zeros([BLOCK_M, HALF], tl.float32)
-    dqb = tl.zeros([BLOCK_M, HALF], tl.float32)
+    dqq = tl.zeros([BLOCK_M, HEAD], tl.float32)
     db_lo = tl.zeros([BLOCK_M], tl.float32)
     db_hi = tl.zeros([BLOCK_M], tl.float32)
-    db_mid = tl.zeros([N_DIAG], tl.float32)
 
     lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
     # the key tiles no mask can bite, as the forward finds them
@@ -250,34 +212,37 @@ def _attn_bwd_dq_kernel(
     if HAS_BIAS:
         d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
                                 q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
-        dqa, dqb, db_lo, db_hi, db_mid = _dq_region(
-            dqa, dqb, db_lo, db_hi, db_mid, lo, d1, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+        dqq, db_lo, db_hi = _dq_region(
+            dqq, db_lo, db_hi, lo, d1, inner_lo, inner_hi, qq, qpos, do, lse, delta, KK, V, Bias,
             stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
-            k_off, HALF, HEAD, BLOCK_N, PAST, HAS_PAD, N_DIAG, PRECISION)
+            k_off, HEAD, BLOCK_N, PAST, HAS_PAD, N_DIAG, PRECISION)
         # Every NEAR tile takes the masked loop, its bias from the table (at its place as the forward finds
-        # it). Each also sums its dS along the diagonals (_bias_row_sums' gather), and a second, unmasked loop
-        # holding that costs the pass registers: on sm_90 at h = 64, one CTA per SM of its three.
-        dqa, dqb, db_lo, db_hi, db_mid = _dq_tiles(
-            dqa, dqb, db_lo, db_hi, db_mid, d1, d2, qa, qb, qpos, do, lse, delta, KK, V, Bias, stride_br,
-            hd * stride_bh, n_rel, Tiles + hd * n_bias_tiles * (BLOCK_M * BLOCK_N), q_first - k_off - first_bias_tile,
-            Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, NEAR,
-            HAS_PAD, STEP, N_DIAG, PRECISION)
-        dqa, dqb, db_lo, db_hi, db_mid = _dq_region(
-            dqa, dqb, db_lo, db_hi, db_mid, d2, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+        # it), and stores its inner-row pairs of dS for _diagonal_sums.
+        diag = Diag + tile * (BLOCK_M * N_DIAG)
+        dqq, db_lo, db_hi = _dq_tiles(
+            dqq, db_lo, db_hi, d1, d2, qq, qpos, do, lse, delta, KK, V, Bias, stride_br, hd * stride_bh,
+            n_rel, Tiles + hd * n_bias_tiles * (BLOCK_M * BLOCK_N), q_first - k_off - first_bias_tile, diag, Pad,
+            b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N, NEAR, HAS_PAD,
+            STEP, N_DIAG, PRECISION)
+        dqq, db_lo, db_hi = _dq_region(
+            dqq, db_lo, db_hi, d2, hi, inner_lo, inner_hi, qq, qpos, do, lse, delta, KK, V, Bias,
             stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
-            k_off, HALF, HEAD, BLOCK_N, FUTURE, HAS_PAD, N_DIAG, PRECISION)
+            k_off, HEAD, BLOCK_N, FUTURE, HAS_PAD, N_DIAG, PRECISION)
+        near_end = d1 + tl.cdiv(d2 - d1, BLOCK_N) * BLOCK_N  # the NEAR tiles' keys: [d1, near_end)
+        db_mid = _diagonal_sums(diag, qpos - k_off, d1, near_end, n_rel, -1, N_DIAG)
         _store_bias_sums(DBias + tile * (2 * n_rel - 1), db_lo, db_hi, db_mid, n_rel, N_DIAG)
     else:
-        dqa, dqb, db_lo, db_hi, db_mid = _dq_region(
-            dqa, dqb, db_lo, db_hi, db_mid, lo, hi, inner_lo, inner_hi, qa, qb, qpos, do, lse, delta, KK, V, Bias,
+        dqq, db_lo, db_hi = _dq_region(
+            dqq, db_lo, db_hi, lo, hi, inner_lo, inner_hi, qq, qpos, do, lse, delta, KK, V, Bias,
             stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
-            k_off, HALF, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, N_DIAG, PRECISION)
+            k_off, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, N_DIAG, PRECISION)
 
-    # Rounded to the dot type here, as the products with P~^T and [a b]^T take it anyway.
-    offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
-    mask = rows[:, None] < Tq
-    tl.store(DQQ + offs, dqa.to(DT), mask=mask)
-    tl.store(DQQ + offs + HALF, dqb.to(DT), mask=mask)
+    # Rounded to the dot type here, as the products with P~^T and [a b]^T take it anyway. Offsets from the
+    # tile's first row, not q''s load's, which would then stay in registers through every loop (spilled,
+    # on sm_80 at h = 128).
+    local = tl.arange(0, BLOCK_M)[:, None]
+    out_offs = (pid_bh * Tq + pid_m * BLOCK_M) * HEAD + local * HEAD + tl.arange(0, HEAD)[None, :]
+    tl.store(DQQ + out_offs, dqq.to(DT), mask=local < Tq - pid_m * BLOCK_M)
 
 
 @triton.jit

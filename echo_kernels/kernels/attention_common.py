@@ -86,6 +86,26 @@ def _load_p(P, HALF: tl.constexpr):
     return aa, ab, ba, bb
 
 
+@triton.jit
+def _projected_q(Q, rows, Tq, stride_qt, stride_qd, qpos, s, W, P, scale, HALF: tl.constexpr, HAS_P: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """q'' of a query tile, (rows, 2 HALF) in the dot type (P's element type), its columns
+    [q''_A | q''_B]: RoPE(q) = [a | b] @ P~, or RoPE(q) * scale without P. The RoPE halves are joined
+    into one tile once per tile, so that every product with RoPE(k)'s rows [a | b] is one tl.dot over
+    the whole head (two over its halves cost the loops twice the warpgroup syncs)."""
+    DT = P.dtype.element_ty
+    x1, x2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
+    cos, sin = _rope_angles(qpos, s, W, HALF)
+    a = x1 * cos - x2 * sin
+    b = x1 * sin + x2 * cos
+    ab = tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * HALF))  # rows [a | b]
+    if HAS_P:
+        dims = tl.arange(0, 2 * HALF)
+        p = tl.load(P + dims[:, None] * (2 * HALF) + dims[None, :])
+        return tl.dot(ab.to(DT), p, input_precision=PRECISION).to(DT)
+    return (ab * scale).to(DT)
+
+
 # Key tiles fall in three regions by where the clamp of i - j sends them: wholly at i - j >= n - 1
 # (PAST: one bias value, the last row), straddling the diagonal (NEAR: the bias varies, so each launcher
 # writes it once per call as whole tiles of its own shape, kernels.attention.near_bias_tiles, which
@@ -205,18 +225,16 @@ def _unrope_store(dA, dB, a, b, cos, sin, pos, DX, rows, n_rows, G, g_row, HEAD:
 
 
 @triton.jit
-def _bias_row_sums(ds, db_lo, db_hi, db_mid, rel, col0, n_rel, REGION: tl.constexpr, SKEW: tl.constexpr,
-                   N_DIAG: tl.constexpr):
+def _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, REGION: tl.constexpr, N_DIAG: tl.constexpr):
     """Add a tile of dS to the bias table's sums, row by row of the tile (queries in the dq pass, keys
     in the dk/dv pass): the end rows' (db_lo, db_hi: the pairs the clamp sends there; with n = 1 both
-    are row 0) and, in a NEAR tile, the inner rows' (db_mid[d], table row d + 1: the diagonal
-    i - j = d - (n - 2)), summed over the tile's rows.
+    are row 0). A NEAR tile's pairs on the inner rows, the diagonals d = i - j + n - 2 < 2n - 3 (table
+    row d + 1), are stored at Diag[row, d] (rows of N_DIAG), which _diagonal_sums adds up once the
+    program's NEAR tiles are done: each (row, d) is one pair, so no two tiles write the same place.
 
-    The inner rows are single diagonals: the tile is skewed so that diagonal d becomes column d (row
-    r's entry of it sits at column col0[r] + SKEW d of the tile), and one sum over the rows gives every
-    diagonal's share of the tile. Columns d >= 2n - 3 (N_DIAG rounds up) sum end-row pairs that db_lo
-    and db_hi already hold: they are not stored.
-    """
+    Stored, not summed here: summing a diagonal in the tile means skewing it (a gather along the row),
+    which executes about three times the instructions of these predicated stores and holds more
+    registers (docs/model.md, "Backward passes")."""
     if REGION == PAST:
         db_hi += tl.sum(ds, 1)
     elif REGION == FUTURE:
@@ -224,13 +242,25 @@ def _bias_row_sums(ds, db_lo, db_hi, db_mid, rel, col0, n_rel, REGION: tl.conste
     elif REGION == NEAR:
         db_lo += tl.sum(tl.where(rel <= 1 - n_rel, ds, 0.0), 1)
         db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
-        col = col0[:, None] + SKEW * tl.arange(0, N_DIAG)[None, :]
-        on = (col >= 0) & (col < ds.shape[1])
-        # columns off the tile wrap into it (its width is a power of two): a gather's index must be
-        # inside, and `on` drops them
-        skewed = tl.gather(ds, col & (ds.shape[1] - 1), 1)
-        db_mid += tl.sum(tl.where(on, skewed, 0.0), 0)
-    return db_lo, db_hi, db_mid
+        d = rel + n_rel - 2
+        rows = tl.arange(0, ds.shape[0])
+        tl.store(Diag + rows[:, None] * N_DIAG + d, ds, mask=(d >= 0) & (d < 2 * n_rel - 3))
+    return db_lo, db_hi
+
+
+@triton.jit
+def _diagonal_sums(Diag, other0, lo, hi, n_rel, SKEW: tl.constexpr, N_DIAG: tl.constexpr):
+    """(N_DIAG,) fp32: the inner rows' sums of dS over one program's NEAR tiles, from what
+    _bias_row_sums stored at Diag[row, d]. The pair (row, d) has its other index (key in the dq pass,
+    query in the dk/dv pass) at other0[row] + SKEW (d - (n - 2)) (SKEW -1 and 1); it was stored iff
+    that lies in [lo, hi), the span of the NEAR tiles the program visited. Every thread of the
+    program waits for the others' stores first."""
+    tl.debug_barrier()
+    d = tl.arange(0, N_DIAG)
+    other = other0[:, None] + SKEW * (d - (n_rel - 2))[None, :]
+    stored = (other >= lo) & (other < hi) & (d < 2 * n_rel - 3)[None, :]
+    rows = tl.arange(0, other0.shape[0])
+    return tl.sum(tl.load(Diag + rows[:, None] * N_DIAG + d[None, :], mask=stored, other=0.0), 0)
 
 
 @triton.jit
