@@ -1,7 +1,7 @@
 """benches/static_counts.py: its counts of the benches' attention launch hold together, and the fused
-kernel's main loops execute at most 1.4 times the plain flash kernel's warp-instructions in the forward and
-1.6 times in the backward (Triton 3.6 and 3.8 count 1.28 and 1.23, and 1.52 and 1.45; before the NEAR
-tiles read their bias from tables, 1.82 and 1.62, and 1.68 and 1.60: docs/model.md).
+kernel's main loops execute at most 1.25 times the plain flash kernel's warp-instructions in the forward
+and 1.4 times in the backward, the static targets of docs/model.md, "Tile tables" (Triton 3.8 counts
+1.21 and 1.32; the counts of other versions are in docs/model.md).
 
 The script compiles for sm_90 and counts iterations under the interpreter in a child process of its own:
 it runs here as a user runs it, with the interpreter off.
@@ -48,15 +48,16 @@ def test_every_tile_pair_is_one_iteration_of_one_main_loop(counts):
 def test_the_loops_inside_the_band_take_every_whole_tile_pair(counts):
     """Global attention without padding: the forward's loops with no mask (one per region, the middle of
     its three) take every pair of a whole key tile, as the plain kernel's does, and the dk/dv pass's every
-    pair of a whole key tile and a whole query tile, the NEAR tiles' included."""
+    pair of a whole query tile and any key tile, the NEAR tiles' and the ragged last key tile's included
+    (a key past Tk reaches only its own rows of dk and dv, which are not stored)."""
     forward, dkdv = counts["forward"], counts["dkdv"]
     assert sum(forward["iterations"][1::3]) == counts["plain forward"]["iterations"][0] == (1500 // 128) * 12
     rows, cols = _tiles(dkdv["launch"])
-    assert sum(dkdv["iterations"][1::3]) == (1500 // rows) * (1500 // cols)
+    assert sum(dkdv["iterations"][1::3]) == (1500 // rows) * math.ceil(1500 / cols)
     assert sum(forward["iterations"]) - sum(forward["iterations"][1::3]) == 12  # the ragged key tile's
 
 
 def test_fused_kernel_against_the_plain_one(counts):
     total = {name: c["total"] for name, c in counts.items()}
-    assert total["forward"] <= 1.4 * total["plain forward"]
-    assert total["dq"] + total["dkdv"] <= 1.6 * (total["plain dq"] + total["plain dkdv"])
+    assert total["forward"] <= 1.25 * total["plain forward"]
+    assert total["dq"] + total["dkdv"] <= 1.4 * (total["plain dq"] + total["plain dkdv"])

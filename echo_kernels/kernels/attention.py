@@ -63,9 +63,10 @@ from .attention_common import (
     _inner_keys,
     _key_ok,
     _key_range,
+    _load_p,
+    _load_pairs,
     _near_bias,
     _pad_arg,
-    _projected_q,
     _rope_angles,
     _rotated_k,
     _split_regions,
@@ -76,6 +77,7 @@ from .attention_common import (
     with_override,
 )
 from .spec import KernelSpec, signature_of
+
 
 # --------------------------------------------------------------------------------------------------
 # Forward kernel
@@ -119,26 +121,30 @@ def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_tiles,
 
 @triton.jit
 def _fwd_tiles(
-    acc, m_i, l_i, lo, hi, qq, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
+    acc, m_i, l_i, lo, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
     stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
-    HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
     HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, STEP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Online softmax over the key tiles starting at lo, lo + BLOCK_N, ... < hi (one bias region).
     KK: this head's RoPE(k) rows [a | b], contiguous, in the dot type. With BIAS_TILES, a NEAR tile's bias
     is the tile Tiles[(tile_of - start) / STEP] of this head's table (near_bias_tiles), else a gather."""
-    DT = qq.dtype
+    DT = qa.dtype
+    half = tl.arange(0, HALF)
     dims = tl.arange(0, HEAD)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         # a padded key's k only reaches its own logits, which the mask replaces
-        kk = tl.load(KK + cols[:, None] * HEAD + dims[None, :], mask=cols[:, None] < Tk, other=0.0)
-        logits = tl.dot(qq, tl.trans(kk), input_precision=PRECISION)
+        k_offs = cols[:, None] * HEAD + half[None, :]
+        ak = tl.load(KK + k_offs, mask=cols[:, None] < Tk, other=0.0)
+        bk = tl.load(KK + k_offs + HALF, mask=cols[:, None] < Tk, other=0.0)
+        logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
+        logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
         keep = _in_band(rel, left, right) & key_ok[None, :]
         if REGION == NEAR and BIAS_TILES:
-            bias = _near_bias(Tiles, tile_of, start, qq.shape[0], BLOCK_N, STEP)
+            bias = _near_bias(Tiles, tile_of, start, qa.shape[0], BLOCK_N, STEP)
         else:
             bias = _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
         logits = tl.where(keep, logits + bias, float("-inf"))
@@ -161,21 +167,24 @@ def _fwd_tiles(
 
 @triton.jit
 def _fwd_inner_tiles(
-    acc, m_i, l_i, lo, hi, qq, KK, V, bias_c, Tiles, tile_of, stride_vt, stride_vd,
-    HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr, STEP: tl.constexpr,
+    acc, m_i, l_i, lo, hi, qa, qb, KK, V, bias_c, Tiles, tile_of, stride_vt, stride_vd,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr, STEP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """_fwd_tiles for key tiles wholly inside the band, before Tk and before any padded key: no mask
     at all. The bias: in a NEAR region, each tile's from the table (_near_bias); in the others, the
     region's one value bias_c (0 without a table), folded into the exponent."""
-    DT = qq.dtype
+    DT = qa.dtype
+    half = tl.arange(0, HALF)
     dims = tl.arange(0, HEAD)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        logits = tl.dot(qq, tl.trans(tl.load(KK + cols[:, None] * HEAD + dims[None, :])), input_precision=PRECISION)
+        k_offs = cols[:, None] * HEAD + half[None, :]
+        logits = tl.dot(qa, tl.trans(tl.load(KK + k_offs)), input_precision=PRECISION)
+        logits = tl.dot(qb, tl.trans(tl.load(KK + k_offs + HALF)), logits, input_precision=PRECISION)
         # every row sees every key of the tile, so the maximum is finite: no guard against -inf
         if REGION == NEAR:
-            logits += _near_bias(Tiles, tile_of, start, qq.shape[0], BLOCK_N, STEP)
+            logits += _near_bias(Tiles, tile_of, start, qa.shape[0], BLOCK_N, STEP)
             m_new = tl.maximum(m_i, tl.max(logits, 1))
             p = tl.exp2((logits - m_new[:, None]) * LOG2E)
         else:
@@ -191,9 +200,9 @@ def _fwd_inner_tiles(
 
 @triton.jit
 def _fwd_region(
-    acc, m_i, l_i, lo, hi, inner_lo, inner_hi, qq, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles,
+    acc, m_i, l_i, lo, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles,
     tile_of, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
-    HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
     HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, STEP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The key tiles lo, ... < hi of one region (its bias one value: PAST, FUTURE, NO_BIAS; or NEAR's from
@@ -202,19 +211,19 @@ def _fwd_region(
     a = tl.minimum(tl.maximum(inner_lo, lo), hi)
     b = tl.maximum(tl.minimum(inner_hi, hi), a)
     acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, lo, a, qq, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
-        stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N, REGION, HAS_PAD, BIAS_TILES,
+        acc, m_i, l_i, lo, a, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
+        stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, BIAS_TILES,
         STEP, PRECISION)
     if REGION == NEAR:
         bias_c = 0.0  # each tile's bias comes from the table
     else:
         bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
     acc, m_i, l_i = _fwd_inner_tiles(
-        acc, m_i, l_i, a, b, qq, KK, V, bias_c, Tiles, tile_of, stride_vt, stride_vd, HEAD, BLOCK_N,
+        acc, m_i, l_i, a, b, qa, qb, KK, V, bias_c, Tiles, tile_of, stride_vt, stride_vd, HALF, HEAD, BLOCK_N,
         REGION, STEP, PRECISION)
     acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, b, hi, qq, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
-        stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N, REGION, HAS_PAD, BIAS_TILES,
+        acc, m_i, l_i, b, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
+        stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, BIAS_TILES,
         STEP, PRECISION)
     return acc, m_i, l_i
 
@@ -239,6 +248,7 @@ def _attn_fwd_kernel(
     scale: 1 / sqrt(h), applied to RoPE(q) when there is no P (P~ holds it otherwise)."""
     HALF: tl.constexpr = HEAD // 2
     STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N  # near_bias_tiles' step
+    DT = P.dtype.element_ty  # operand type of every tl.dot (fp32 under the interpreter for bf16)
     pid_m, pid_bh = _tile_and_head(n_tiles)
     b = pid_bh // H
     hd = pid_bh % H
@@ -249,7 +259,19 @@ def _attn_fwd_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qpos = q_off + rows
-    qq = _projected_q(Q, rows, Tq, stride_qt, stride_qd, qpos, s, W, P, scale, HALF, HAS_P, PRECISION)
+    x1, x2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
+    cos, sin = _rope_angles(qpos, s, W, HALF)
+    a = x1 * cos - x2 * sin
+    bq = x1 * sin + x2 * cos
+    if HAS_P:
+        p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+        qa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)
+        qa = tl.dot(bq.to(DT), p_ba, qa, input_precision=PRECISION).to(DT)
+        qb = tl.dot(a.to(DT), p_ab, input_precision=PRECISION)
+        qb = tl.dot(bq.to(DT), p_bb, qb, input_precision=PRECISION).to(DT)
+    else:
+        qa = (a * scale).to(DT)
+        qb = (bq * scale).to(DT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -264,8 +286,8 @@ def _attn_fwd_kernel(
         d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
                                 q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
         acc, m_i, l_i = _fwd_region(
-            acc, m_i, l_i, lo, d1, inner_lo, inner_hi, qq, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
-            Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD,
+            acc, m_i, l_i, lo, d1, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
+            Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
             BLOCK_N, PAST, HAS_PAD, False, STEP, PRECISION)
         # the NEAR tiles' offsets i - j at their top-left entries are q_first - k_off - start: multiples of
         # STEP apart, so (q_first - k_off - first_bias_tile - start) / STEP is a tile's place in the table
@@ -273,22 +295,22 @@ def _attn_fwd_kernel(
         tile_of = q_first - k_off - first_bias_tile
         if BIAS_TILES:  # staged as the one-value regions: tiles inside the band and before any padding unmasked
             acc, m_i, l_i = _fwd_region(
-                acc, m_i, l_i, d1, d2, inner_lo, inner_hi, qq, qpos, KK, V, Bias, stride_br, hd * stride_bh,
+                acc, m_i, l_i, d1, d2, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh,
                 n_rel, tiles, tile_of, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
-                HEAD, BLOCK_N, NEAR, HAS_PAD, True, STEP, PRECISION)
+                HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, True, STEP, PRECISION)
         else:  # decoding: the gather, whose every tile takes the masked loop
             acc, m_i, l_i = _fwd_tiles(
-                acc, m_i, l_i, d1, d2, qq, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, tiles, tile_of,
-                Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N,
+                acc, m_i, l_i, d1, d2, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, tiles, tile_of,
+                Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N,
                 NEAR, HAS_PAD, False, STEP, PRECISION)
         acc, m_i, l_i = _fwd_region(
-            acc, m_i, l_i, d2, hi, inner_lo, inner_hi, qq, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
-            Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD,
+            acc, m_i, l_i, d2, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
+            Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
             BLOCK_N, FUTURE, HAS_PAD, False, STEP, PRECISION)
     else:
         acc, m_i, l_i = _fwd_region(
-            acc, m_i, l_i, lo, hi, inner_lo, inner_hi, qq, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
-            Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD,
+            acc, m_i, l_i, lo, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
+            Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
             BLOCK_N, NO_BIAS, HAS_PAD, False, STEP, PRECISION)
 
     # A row with no kept key gives zeros and lse = +inf, so that the backward's exp(l - lse) is 0.

@@ -37,15 +37,16 @@ Both stage their loops as the forward does: tiles inside the band and before any
 with no mask. Each reads the bias of a tile straddling the diagonal (NEAR) whole, from its own table of
 the few there are (echo_kernels.kernels.attention.near_bias_tiles at the pass's tile shape; dkdv's
 (keys, queries) tiles are those of the bias rows reversed, at j - i). The dk/dv pass stages its NEAR
-tiles too; a pass that sums dbias (dq, or dkdv summing dq) takes them all in its masked loop, since the
-gather that sums their dS along the diagonals costs registers in a loop of its own (on sm_90 at h = 64,
-the dq pass would run two CTAs per SM instead of three).
+tiles too, and takes its ragged last key tile unmasked (a key's dS reaches only its own rows of dk and
+dv, and those past Tk are not stored); a pass that sums dbias (dq, or dkdv summing dq) takes every NEAR
+tile in its masked loop, which also stores the tile's pairs on the bias table's inner rows.
 
 dbias is summed where dS already is, in the dq kernel's loop, split by where the clamp sends the
 pairs. The two end rows (|i - j| >= n - 1: nearly every pair) are row sums of dS. The 2n - 3 inner
 rows are single diagonals i - j = const, which only the tiles straddling the diagonal (NEAR) hold:
-each such tile is skewed by a gather along its keys so that every diagonal becomes a column, and one
-sum over its queries gives all of them.
+each such tile stores its pairs on them at (query, diagonal) in its program's scratch rows, one pair
+per place, and the program sums the rows once its NEAR tiles are done (attention_common._bias_row_sums
+and _store_diagonal_sums). Products with q'' and RoPE(k) take their rows [A | B] whole: one tl.dot each.
 
 The dq pass recomputes the logits, p and dP that dkdv already had: seven products in all, exp twice.
 Where DQ_IN_KEY_PASS says so, dkdv sums dq and dbias itself and the dq pass does not run (five

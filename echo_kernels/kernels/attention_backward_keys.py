@@ -20,13 +20,13 @@ from .attention_common import (
     PAST,
     _bias_row_sums,
     _bias_tile,
-    _diagonal_sums,
     _key_ok,
     _load_full,
     _load_pairs,
     _near_bias,
     _rope_angles,
     _split_regions,
+    _store_diagonal_sums,
     _store_bias_sums,
     _tile_and_head,
     _unrope_store,
@@ -134,8 +134,8 @@ def _dkdv_region(
     """The query tiles lo, ... < hi of one region, as the forward stages them: [inner_lo, inner_hi)
     (starts on lo's grid) by the loop with no mask, the edges by the masked one; a NEAR tile's bias from
     the table. WITH_DQ, a PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the
-    first, and every NEAR tile takes the masked loop, as in the dq pass: it also sums its dS along the
-    diagonals (_bias_row_sums' gather), which a second loop would hold in registers beside dq's."""
+    first, and every NEAR tile takes the masked loop, as in the dq pass, which also stores its pairs on
+    the bias table's inner rows (_bias_row_sums)."""
     if REGION == NEAR and WITH_DQ:
         dkk, dv, db_lo, db_hi = _dkdv_tiles(
             dkk, dv, db_lo, db_hi, lo, hi, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
@@ -284,15 +284,16 @@ def _dkdv_key_tile(
             dkk, dv, db_lo, db_hi, d1, d2, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
             Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
             q_off, HEAD, BLOCK_M, NEAR, WITH_DQ, STEP, N_DIAG, PRECISION)
+        if WITH_DQ:
+            near_end = d1 + tl.cdiv(d2 - d1, BLOCK_M) * BLOCK_M  # the NEAR tiles' queries: [d1, near_end)
+            _store_diagonal_sums(DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1), diag, kpos - q_off, d1,
+                                 near_end, n_rel, 1, N_DIAG)
         dkk, dv, db_lo, db_hi = _dkdv_region(
             dkk, dv, db_lo, db_hi, d2, hi, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
             Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
             q_off, HEAD, BLOCK_M, PAST, WITH_DQ, STEP, N_DIAG, PRECISION)
         if WITH_DQ:
-            near_end = d1 + tl.cdiv(d2 - d1, BLOCK_M) * BLOCK_M  # the NEAR tiles' queries: [d1, near_end)
-            db_mid = _diagonal_sums(diag, kpos - q_off, d1, near_end, n_rel, 1, N_DIAG)
-            _store_bias_sums(DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1), db_lo, db_hi, db_mid, n_rel,
-                             N_DIAG)
+            _store_bias_sums(DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1), db_lo, db_hi, n_rel)
     else:
         dkk, dv, db_lo, db_hi = _dkdv_region(
             dkk, dv, db_lo, db_hi, lo, hi, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,

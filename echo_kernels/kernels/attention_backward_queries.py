@@ -21,7 +21,6 @@ from .attention_common import (
     PAST,
     _bias_row_sums,
     _bias_tile,
-    _diagonal_sums,
     _in_band,
     _inner_keys,
     _key_ok,
@@ -30,13 +29,27 @@ from .attention_common import (
     _load_p,
     _load_pairs,
     _near_bias,
-    _projected_q,
     _rope_angles,
     _split_regions,
+    _store_diagonal_sums,
     _store_bias_sums,
     _tile_and_head,
     _unrope_store,
 )
+
+
+@triton.jit
+def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb,
+               HALF: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
+    """RoPE halves of a query tile (fp32) and q''_A, q''_B (dot type); cos, sin of its angles."""
+    x1, x2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
+    a = x1 * cos - x2 * sin
+    b = x1 * sin + x2 * cos
+    qa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)
+    qa = tl.dot(b.to(DT), p_ba, qa, input_precision=PRECISION)
+    qb = tl.dot(a.to(DT), p_ab, input_precision=PRECISION)
+    qb = tl.dot(b.to(DT), p_bb, qb, input_precision=PRECISION)
+    return a, b, qa.to(DT), qb.to(DT)
 
 
 @triton.jit
@@ -50,6 +63,7 @@ def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
     [q''_A | q''_B]), which the dk/dv kernel reads for every key tile instead of rotating and
     multiplying the queries again."""
     HALF: tl.constexpr = HEAD // 2
+    DT = P.dtype.element_ty
     pid_m, pid_bh = _tile_and_head(n_tiles)
     rows = pid_m * BLOCK + tl.arange(0, BLOCK)
     b = pid_bh // H
@@ -59,9 +73,19 @@ def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
     tl.store(Delta + pid_bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
 
     s = tl.load(S).to(tl.float32)
+    cos, sin = _rope_angles(q_off + rows, s, W, HALF)
     Q += b * stride_qb + hd * stride_qh
-    qq = _projected_q(Q, rows, T, stride_qt, stride_qd, q_off + rows, s, W, P, scale, HALF, HAS_P, PRECISION)
-    tl.store(QQ + pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :], qq, mask=rows[:, None] < T)
+    if HAS_P:
+        p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+        _, _, qa, qb = _rotated_q(Q, rows, T, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
+                                  PRECISION)
+    else:
+        x1, x2 = _load_pairs(Q, rows, rows < T, stride_qt, stride_qd, HALF)
+        qa = ((x1 * cos - x2 * sin) * scale).to(DT)
+        qb = ((x1 * sin + x2 * cos) * scale).to(DT)
+    offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    tl.store(QQ + offs, qa, mask=rows[:, None] < T)
+    tl.store(QQ + offs + HALF, qb, mask=rows[:, None] < T)
 
 
 @triton.jit
@@ -217,7 +241,7 @@ def _attn_bwd_dq_kernel(
             stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
             k_off, HEAD, BLOCK_N, PAST, HAS_PAD, N_DIAG, PRECISION)
         # Every NEAR tile takes the masked loop, its bias from the table (at its place as the forward finds
-        # it), and stores its inner-row pairs of dS for _diagonal_sums.
+        # it), and stores its inner-row pairs of dS for _store_diagonal_sums.
         diag = Diag + tile * (BLOCK_M * N_DIAG)
         dqq, db_lo, db_hi = _dq_tiles(
             dqq, db_lo, db_hi, d1, d2, qq, qpos, do, lse, delta, KK, V, Bias, stride_br, hd * stride_bh,
@@ -228,21 +252,27 @@ def _attn_bwd_dq_kernel(
             dqq, db_lo, db_hi, d2, hi, inner_lo, inner_hi, qq, qpos, do, lse, delta, KK, V, Bias,
             stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
             k_off, HEAD, BLOCK_N, FUTURE, HAS_PAD, N_DIAG, PRECISION)
+        # dq'' first: with its accumulator stored, the diagonal sums' loads take the registers it held
+        _store_dqq(DQQ, dqq, pid_bh, pid_m, Tq, HEAD, BLOCK_M)
+        _store_bias_sums(DBias + tile * (2 * n_rel - 1), db_lo, db_hi, n_rel)
         near_end = d1 + tl.cdiv(d2 - d1, BLOCK_N) * BLOCK_N  # the NEAR tiles' keys: [d1, near_end)
-        db_mid = _diagonal_sums(diag, qpos - k_off, d1, near_end, n_rel, -1, N_DIAG)
-        _store_bias_sums(DBias + tile * (2 * n_rel - 1), db_lo, db_hi, db_mid, n_rel, N_DIAG)
+        _store_diagonal_sums(DBias + tile * (2 * n_rel - 1), diag, qpos - k_off, d1, near_end, n_rel, -1, N_DIAG)
     else:
         dqq, db_lo, db_hi = _dq_region(
             dqq, db_lo, db_hi, lo, hi, inner_lo, inner_hi, qq, qpos, do, lse, delta, KK, V, Bias,
             stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
             k_off, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, N_DIAG, PRECISION)
+        _store_dqq(DQQ, dqq, pid_bh, pid_m, Tq, HEAD, BLOCK_M)
 
-    # Rounded to the dot type here, as the products with P~^T and [a b]^T take it anyway. Offsets from the
-    # tile's first row, not q''s load's, which would then stay in registers through every loop (spilled,
-    # on sm_80 at h = 128).
+
+@triton.jit
+def _store_dqq(DQQ, dqq, pid_bh, pid_m, Tq, HEAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query tile pid_m's d(q''_A, q''_B) into DQQ's rows, rounded to the dot type here, as the products
+    with P~^T and [a b]^T take it anyway. Offsets from the tile's first row, not from those of the load
+    of q'', which would then stay in registers through every loop (spilled, on sm_80 at h = 128)."""
     local = tl.arange(0, BLOCK_M)[:, None]
-    out_offs = (pid_bh * Tq + pid_m * BLOCK_M) * HEAD + local * HEAD + tl.arange(0, HEAD)[None, :]
-    tl.store(DQQ + out_offs, dqq.to(DT), mask=local < Tq - pid_m * BLOCK_M)
+    offs = (pid_bh * Tq + pid_m * BLOCK_M) * HEAD + local * HEAD + tl.arange(0, HEAD)[None, :]
+    tl.store(DQQ + offs, dqq.to(DQQ.dtype.element_ty), mask=local < Tq - pid_m * BLOCK_M)
 
 
 @triton.jit

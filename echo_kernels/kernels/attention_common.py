@@ -86,26 +86,6 @@ def _load_p(P, HALF: tl.constexpr):
     return aa, ab, ba, bb
 
 
-@triton.jit
-def _projected_q(Q, rows, Tq, stride_qt, stride_qd, qpos, s, W, P, scale, HALF: tl.constexpr, HAS_P: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """q'' of a query tile, (rows, 2 HALF) in the dot type (P's element type), its columns
-    [q''_A | q''_B]: RoPE(q) = [a | b] @ P~, or RoPE(q) * scale without P. The RoPE halves are joined
-    into one tile once per tile, so that every product with RoPE(k)'s rows [a | b] is one tl.dot over
-    the whole head (two over its halves cost the loops twice the warpgroup syncs)."""
-    DT = P.dtype.element_ty
-    x1, x2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
-    cos, sin = _rope_angles(qpos, s, W, HALF)
-    a = x1 * cos - x2 * sin
-    b = x1 * sin + x2 * cos
-    ab = tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * HALF))  # rows [a | b]
-    if HAS_P:
-        dims = tl.arange(0, 2 * HALF)
-        p = tl.load(P + dims[:, None] * (2 * HALF) + dims[None, :])
-        return tl.dot(ab.to(DT), p, input_precision=PRECISION).to(DT)
-    return (ab * scale).to(DT)
-
-
 # Key tiles fall in three regions by where the clamp of i - j sends them: wholly at i - j >= n - 1
 # (PAST: one bias value, the last row), straddling the diagonal (NEAR: the bias varies, so each launcher
 # writes it once per call as whole tiles of its own shape, kernels.attention.near_bias_tiles, which
@@ -229,12 +209,12 @@ def _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, REGION: tl.constexpr, N_D
     """Add a tile of dS to the bias table's sums, row by row of the tile (queries in the dq pass, keys
     in the dk/dv pass): the end rows' (db_lo, db_hi: the pairs the clamp sends there; with n = 1 both
     are row 0). A NEAR tile's pairs on the inner rows, the diagonals d = i - j + n - 2 < 2n - 3 (table
-    row d + 1), are stored at Diag[row, d] (rows of N_DIAG), which _diagonal_sums adds up once the
+    row d + 1), are stored at Diag[row, d] (rows of N_DIAG), which _store_diagonal_sums adds up once the
     program's NEAR tiles are done: each (row, d) is one pair, so no two tiles write the same place.
 
-    Stored, not summed here: summing a diagonal in the tile means skewing it (a gather along the row),
-    which executes about three times the instructions of these predicated stores and holds more
-    registers (docs/model.md, "Backward passes")."""
+    Stored, not summed here: summing the diagonals in the tile means skewing it (a gather along its
+    rows), which costs the dq pass's NEAR loop a tenth more instructions than these predicated stores
+    and 16 more registers (sm_90, h = 64, Triton 3.8: docs/model.md, "Tile tables")."""
     if REGION == PAST:
         db_hi += tl.sum(ds, 1)
     elif REGION == FUTURE:
@@ -249,26 +229,28 @@ def _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, REGION: tl.constexpr, N_D
 
 
 @triton.jit
-def _diagonal_sums(Diag, other0, lo, hi, n_rel, SKEW: tl.constexpr, N_DIAG: tl.constexpr):
-    """(N_DIAG,) fp32: the inner rows' sums of dS over one program's NEAR tiles, from what
-    _bias_row_sums stored at Diag[row, d]. The pair (row, d) has its other index (key in the dq pass,
-    query in the dk/dv pass) at other0[row] + SKEW (d - (n - 2)) (SKEW -1 and 1); it was stored iff
-    that lies in [lo, hi), the span of the NEAR tiles the program visited. Every thread of the
-    program waits for the others' stores first."""
+def _store_diagonal_sums(DBias, Diag, other0, lo, hi, n_rel, SKEW: tl.constexpr, N_DIAG: tl.constexpr):
+    """The bias table's inner rows of one program's share of its gradient, DBias[1 + d] (fp32): the
+    sums over the rows of what _bias_row_sums stored at Diag[row, d] from the program's NEAR tiles,
+    stored as soon as those are done (what the sums need would otherwise stay in registers through
+    the loops after them). The pair (row, d) has its other index (key in the dq pass, query in the
+    dk/dv pass) at other0[row] + SKEW (d - (n - 2)) (SKEW -1 and 1); it was stored iff that lies in
+    [lo, hi), the span of the NEAR tiles the program visited. Every thread of the program waits for
+    the others' stores first."""
     tl.debug_barrier()
     d = tl.arange(0, N_DIAG)
     other = other0[:, None] + SKEW * (d - (n_rel - 2))[None, :]
     stored = (other >= lo) & (other < hi) & (d < 2 * n_rel - 3)[None, :]
     rows = tl.arange(0, other0.shape[0])
-    return tl.sum(tl.load(Diag + rows[:, None] * N_DIAG + d[None, :], mask=stored, other=0.0), 0)
+    sums = tl.sum(tl.load(Diag + rows[:, None] * N_DIAG + d[None, :], mask=stored, other=0.0), 0)
+    tl.store(DBias + 1 + d, sums, mask=d < 2 * n_rel - 3)
 
 
 @triton.jit
-def _store_bias_sums(DBias, db_lo, db_hi, db_mid, n_rel, N_DIAG: tl.constexpr):
-    """One program's share of the (2n - 1)-row bias table's gradient, at DBias (fp32, 2n - 1 values)."""
+def _store_bias_sums(DBias, db_lo, db_hi, n_rel):
+    """The bias table's end rows of one program's share of its gradient, at DBias (fp32, 2n - 1 values;
+    the inner rows are _store_diagonal_sums')."""
     n_rows = 2 * n_rel - 1
-    diag = tl.arange(0, N_DIAG)
-    tl.store(DBias + 1 + diag, db_mid, mask=diag < n_rows - 2)
     db_lo = tl.sum(db_lo, 0)
     db_hi = tl.sum(db_hi, 0)
     # with n = 1 the table is one row, which both ends share
