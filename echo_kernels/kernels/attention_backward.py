@@ -104,10 +104,7 @@ _LIGHT_BLOCKS = {
 # dq's short key tiles. sm_90's warpgroup products read that operand from shared memory, so its
 # tiles can be larger: of the shapes that spill nothing under Triton 3.6, 3.8 and 3.9, those whose
 # loop inside the band executes the fewest instructions per (query, key) pair (docs/model.md,
-# "Tile tables"). Since its NEAR tiles inside the band have a loop of their own, sm_90's dk/dv pass at
-# h = 64 and 128 spills a few bytes under 3.6 and 3.9, all before and between its loops, none inside
-# one; of the shapes tried at h = 64, only 32 x 128 spills nothing there, at 23% more instructions per
-# pair (3.6).
+# "Tile tables"). Under 3.6 sm_90's dk/dv pass and sm_80's dq pass at h = 128 spill 4 bytes.
 _HEAVY_BLOCKS = {
     (32, 80): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
                    dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),

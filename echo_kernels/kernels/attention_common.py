@@ -214,7 +214,7 @@ def _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, REGION: tl.constexpr, N_D
 
     Stored, not summed here: summing the diagonals in the tile means skewing it (a gather along its
     rows), which costs the dq pass's NEAR loop a tenth more instructions than these predicated stores
-    and 16 more registers (sm_90, h = 64, Triton 3.8: docs/model.md, "Tile tables")."""
+    (docs/model.md, "Kernels")."""
     if REGION == PAST:
         db_hi += tl.sum(ds, 1)
     elif REGION == FUTURE:
