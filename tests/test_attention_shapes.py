@@ -112,6 +112,10 @@ def test_more_batch_heads_than_a_grid_axis_holds_gpu(use_triton):
         assert rel_err(got[name], want[name]) < 1e-5, name
 
 
+_interpreter_only = pytest.mark.skipif(
+    ON_GPU, reason="watches the interpreter run the kernels' Python; on a GPU the report shows the loops")
+
+
 def _watch_unmasked_loops(monkeypatch) -> dict[str, int]:
     """{pass: the 16-wide tiles its loops with no mask take}, counted as the interpreter runs them."""
     visits = {"forward": 0, "dq": 0, "dkdv": 0}
@@ -132,7 +136,7 @@ def _watch_unmasked_loops(monkeypatch) -> dict[str, int]:
     return visits
 
 
-@pytest.mark.skipif(ON_GPU, reason="watches the interpreter run the kernels' Python; on a GPU the report shows the loops")
+@_interpreter_only
 @pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
 @pytest.mark.parametrize("padding, inner_keys", [(None, 64), ("suffix", 32), ("first", 0)])
 def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, padding, inner_keys,
@@ -163,7 +167,7 @@ def test_tiles_inside_the_band_run_the_unmasked_loops(use_triton, monkeypatch, p
                       "dkdv": off_diagonal if dq_in_key_pass else pairs}
 
 
-@pytest.mark.skipif(ON_GPU, reason="watches the interpreter run the kernels' Python; on a GPU the report shows the loops")
+@_interpreter_only
 @pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
 def test_the_dkdv_pass_takes_its_ragged_key_tile_unmasked(use_triton, monkeypatch, dq_in_key_pass):
     """Global attention, 56 queries and keys in 16-wide tiles (the last of each 8 long), n = 2: a key's dS

@@ -340,7 +340,8 @@ def aot_specs(arch: int) -> list[KernelSpec]:
             g = {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "KK", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Tiles="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32",
-                        G="*fp32", DBias="*fp32", Diag="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", PadStart="*i32", scale="fp32")
+                        G="*fp32", DBias="*fp32", Diag="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", PadStart="*i32",
+                        scale="fp32")
             dkdv_ptrs = dict(ptrs, DQQ="*fp32")  # dq's fp32 sums (without dq, a placeholder of that type)
             key_pass = _KEY_PASS_BLOCKS[h, arch]
             for name, fn, ce in (

@@ -231,12 +231,12 @@ def _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, REGION: tl.constexpr, N_D
 @triton.jit
 def _store_diagonal_sums(DBias, Diag, other0, lo, hi, n_rel, SKEW: tl.constexpr, N_DIAG: tl.constexpr):
     """The bias table's inner rows of one program's share of its gradient, DBias[1 + d] (fp32): the
-    sums over the rows of what _bias_row_sums stored at Diag[row, d] from the program's NEAR tiles,
-    stored as soon as those are done (what the sums need would otherwise stay in registers through
-    the loops after them). The pair (row, d) has its other index (key in the dq pass, query in the
-    dk/dv pass) at other0[row] + SKEW (d - (n - 2)) (SKEW -1 and 1); it was stored iff that lies in
-    [lo, hi), the span of the NEAR tiles the program visited. Every thread of the program waits for
-    the others' stores first."""
+    sums over the rows of what _bias_row_sums stored at Diag[row, d] from the program's NEAR tiles, once
+    those are done (the dq pass calls it after its last loop, when dq'' is stored and its accumulator's
+    registers are free). The pair (row, d) has its other index (key in the dq pass, query in the dk/dv
+    pass) at other0[row] + SKEW (d - (n - 2)) (SKEW -1 and 1); it was stored iff that lies in [lo, hi),
+    the span of the NEAR tiles the program visited. Every thread of the program waits for the others'
+    stores first."""
     tl.debug_barrier()
     d = tl.arange(0, N_DIAG)
     other = other0[:, None] + SKEW * (d - (n_rel - 2))[None, :]
