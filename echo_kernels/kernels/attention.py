@@ -152,7 +152,7 @@ def _fwd_tiles(
         # Rows that have seen no key yet keep m = -inf; shift them by 0 so that exp gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2((m_i - m_safe) * LOG2E)
-        p = tl.exp2((logits - m_safe[:, None]) * LOG2E)
+        p = tl.exp2(logits * LOG2E - (m_safe * LOG2E)[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         # a padded key's v meets p = 0 in the product, and 0 * NaN is NaN: zeroed after the load, whose
         # mask then does not wait on the padding's (a dependent mask costs the pipelined loop registers);
@@ -186,7 +186,7 @@ def _fwd_inner_tiles(
         if REGION == NEAR:
             logits += _near_bias(Tiles, tile_of, start, qa.shape[0], BLOCK_N, STEP)
             m_new = tl.maximum(m_i, tl.max(logits, 1))
-            p = tl.exp2((logits - m_new[:, None]) * LOG2E)
+            p = tl.exp2(logits * LOG2E - (m_new * LOG2E)[:, None])
         else:
             m_new = tl.maximum(m_i, tl.max(logits, 1) + bias_c)
             p = tl.exp2(logits * LOG2E + ((bias_c - m_new) * LOG2E)[:, None])

@@ -77,7 +77,7 @@ def _dkdv_tiles(
         else:
             logits_t += _bias_tile(rel_t, Bias, stride_br, head_off, n_rel, REGION)
         lse = tl.load(Lse + rows, mask=rows < Tq, other=float("inf"))
-        p_t = tl.where(keep_t, tl.exp2((logits_t - lse[None, :]) * LOG2E), 0.0)
+        p_t = tl.where(keep_t, tl.exp2(logits_t * LOG2E - (lse * LOG2E)[None, :]), 0.0)
         do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD).to(DT)
         dv = tl.dot(p_t.to(DT), do, dv, input_precision=PRECISION)
         delta = tl.load(Delta + rows, mask=rows < Tq, other=0.0)
@@ -116,7 +116,7 @@ def _dkdv_inner_tiles(
         lse = tl.load(Lse + rows)
         if REGION == NEAR:
             logits_t += _near_bias(Tiles, tile_of, start, ak.shape[0], BLOCK_M, STEP)
-            p_t = tl.exp2((logits_t - lse[None, :]) * LOG2E)
+            p_t = tl.exp2(logits_t * LOG2E - (lse * LOG2E)[None, :])
         else:
             p_t = tl.exp2(logits_t * LOG2E + ((bias_c - lse) * LOG2E)[None, :])
         do = tl.load(DO + rows[:, None] * stride_ot + dims[None, :] * stride_od).to(DT)

@@ -121,7 +121,7 @@ def _dq_tiles(
             logits += _near_bias(Tiles, tile_of, start, qq.shape[0], BLOCK_N, STEP)
         else:
             logits += _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
-        p = tl.where(keep, tl.exp2((logits - lse[:, None]) * LOG2E), 0.0)
+        p = tl.where(keep, tl.exp2(logits * LOG2E - (lse * LOG2E)[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         db_lo, db_hi = _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, REGION, N_DIAG)
