@@ -59,6 +59,7 @@ from .attention_common import (
     PAST,
     _bias_arg,
     _bias_tile,
+    _head_bias_tiles,
     _in_band,
     _inner_keys,
     _key_ok,
@@ -124,11 +125,11 @@ def _fwd_tiles(
     acc, m_i, l_i, lo, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
     stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
-    HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, STEP: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Online softmax over the key tiles starting at lo, lo + BLOCK_N, ... < hi (one bias region).
     KK: this head's RoPE(k) rows [a | b], contiguous, in the dot type. With BIAS_TILES, a NEAR tile's bias
-    is the tile Tiles[(tile_of - start) / STEP] of this head's table (near_bias_tiles), else a gather."""
+    is the tile of this head's table (_near_bias) at offset tile_of - start, else a gather."""
     DT = qa.dtype
     half = tl.arange(0, HALF)
     dims = tl.arange(0, HEAD)
@@ -144,7 +145,7 @@ def _fwd_tiles(
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
         keep = _in_band(rel, left, right) & key_ok[None, :]
         if REGION == NEAR and BIAS_TILES:
-            bias = _near_bias(Tiles, tile_of, start, qa.shape[0], BLOCK_N, STEP)
+            bias = _near_bias(Tiles, tile_of, start, qa.shape[0], BLOCK_N)
         else:
             bias = _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
         logits = tl.where(keep, logits + bias, float("-inf"))
@@ -168,7 +169,7 @@ def _fwd_tiles(
 @triton.jit
 def _fwd_inner_tiles(
     acc, m_i, l_i, lo, hi, qa, qb, KK, V, bias_c, Tiles, tile_of, stride_vt, stride_vd,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr, STEP: tl.constexpr,
+    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """_fwd_tiles for key tiles wholly inside the band, before Tk and before any padded key: no mask
@@ -184,7 +185,7 @@ def _fwd_inner_tiles(
         logits = tl.dot(qb, tl.trans(tl.load(KK + k_offs + HALF)), logits, input_precision=PRECISION)
         # every row sees every key of the tile, so the maximum is finite: no guard against -inf
         if REGION == NEAR:
-            logits += _near_bias(Tiles, tile_of, start, qa.shape[0], BLOCK_N, STEP)
+            logits += _near_bias(Tiles, tile_of, start, qa.shape[0], BLOCK_N)
             m_new = tl.maximum(m_i, tl.max(logits, 1))
             p = tl.exp2(logits * LOG2E - (m_new * LOG2E)[:, None])
         else:
@@ -203,7 +204,7 @@ def _fwd_region(
     acc, m_i, l_i, lo, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles,
     tile_of, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
-    HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, STEP: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The key tiles lo, ... < hi of one region (its bias one value: PAST, FUTURE, NO_BIAS; or NEAR's from
     the table, BIAS_TILES), as the tutorial stages its loops: the tiles in [inner_lo, inner_hi) (tile
@@ -213,18 +214,18 @@ def _fwd_region(
     acc, m_i, l_i = _fwd_tiles(
         acc, m_i, l_i, lo, a, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
         stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, BIAS_TILES,
-        STEP, PRECISION)
+        PRECISION)
     if REGION == NEAR:
         bias_c = 0.0  # each tile's bias comes from the table
     else:
         bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
     acc, m_i, l_i = _fwd_inner_tiles(
         acc, m_i, l_i, a, b, qa, qb, KK, V, bias_c, Tiles, tile_of, stride_vt, stride_vd, HALF, HEAD, BLOCK_N,
-        REGION, STEP, PRECISION)
+        REGION, PRECISION)
     acc, m_i, l_i = _fwd_tiles(
         acc, m_i, l_i, b, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
         stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, BIAS_TILES,
-        STEP, PRECISION)
+        PRECISION)
     return acc, m_i, l_i
 
 
@@ -243,11 +244,10 @@ def _attn_fwd_kernel(
     KK: RoPE(k) from _rope_keys_kernel, (B, H, Tk, h) contiguous in the dot type;
     P: the folded (h, h) P~ when HAS_P, else a placeholder whose element type is the dot type;
     Tiles: with BIAS_TILES, (H, n_bias_tiles, BLOCK_M, BLOCK_N) fp32, the bias of the NEAR tiles from
-    near_bias_tiles, the tile t at i - j = first_bias_tile + STEP t in its top-left entry;
+    near_bias_tiles, the tile t at i - j = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left entry;
     PadStart: (B,) int32, each batch's first padded key (Tk if none), read when HAS_PAD;
     scale: 1 / sqrt(h), applied to RoPE(q) when there is no P (P~ holds it otherwise)."""
     HALF: tl.constexpr = HEAD // 2
-    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N  # near_bias_tiles' step
     DT = P.dtype.element_ty  # operand type of every tl.dot (fp32 under the interpreter for bf16)
     pid_m, pid_bh = _tile_and_head(n_tiles)
     b = pid_bh // H
@@ -288,30 +288,30 @@ def _attn_fwd_kernel(
         acc, m_i, l_i = _fwd_region(
             acc, m_i, l_i, lo, d1, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
             Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
-            BLOCK_N, PAST, HAS_PAD, False, STEP, PRECISION)
-        # the NEAR tiles' offsets i - j at their top-left entries are q_first - k_off - start: multiples of
-        # STEP apart, so (q_first - k_off - first_bias_tile - start) / STEP is a tile's place in the table
-        tiles = Tiles + hd * n_bias_tiles * (BLOCK_M * BLOCK_N)
+            BLOCK_N, PAST, HAS_PAD, False, PRECISION)
+        # the NEAR tiles' offsets i - j at their top-left entries are q_first - k_off - start, which finds a
+        # tile's place in the table (_near_bias)
+        tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_M, BLOCK_N)
         tile_of = q_first - k_off - first_bias_tile
         if BIAS_TILES:  # staged as the one-value regions: tiles inside the band and before any padding unmasked
             acc, m_i, l_i = _fwd_region(
                 acc, m_i, l_i, d1, d2, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh,
                 n_rel, tiles, tile_of, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
-                HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, True, STEP, PRECISION)
+                HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, True, PRECISION)
         else:  # decoding: the gather, whose every tile takes the masked loop
             acc, m_i, l_i = _fwd_tiles(
                 acc, m_i, l_i, d1, d2, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, tiles, tile_of,
                 Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N,
-                NEAR, HAS_PAD, False, STEP, PRECISION)
+                NEAR, HAS_PAD, False, PRECISION)
         acc, m_i, l_i = _fwd_region(
             acc, m_i, l_i, d2, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
             Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
-            BLOCK_N, FUTURE, HAS_PAD, False, STEP, PRECISION)
+            BLOCK_N, FUTURE, HAS_PAD, False, PRECISION)
     else:
         acc, m_i, l_i = _fwd_region(
             acc, m_i, l_i, lo, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
             Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
-            BLOCK_N, NO_BIAS, HAS_PAD, False, STEP, PRECISION)
+            BLOCK_N, NO_BIAS, HAS_PAD, False, PRECISION)
 
     # A row with no kept key gives zeros and lse = +inf, so that the backward's exp(l - lse) is 0.
     empty = l_i == 0.0

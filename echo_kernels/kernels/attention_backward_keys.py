@@ -20,6 +20,7 @@ from .attention_common import (
     PAST,
     _bias_row_sums,
     _bias_tile,
+    _head_bias_tiles,
     _key_ok,
     _load_full,
     _load_pairs,
@@ -49,7 +50,7 @@ def _dkdv_tiles(
     dak, dbk, dv, db_lo, db_hi, lo, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ,
     Bias, stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
-    WITH_DQ: tl.constexpr, STEP: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulate dk (as d(a_k, b_k)) and dv over the query tiles lo, lo + BLOCK_M, ... < hi; WITH_DQ
     also add each query tile's share of d(q'') (_add_dq) and sum dS into the bias table's rows per
@@ -58,7 +59,7 @@ def _dkdv_tiles(
     Tiles are kept transposed, (keys, queries), as in Triton's fused-attention tutorial: every
     transpose then falls on a tl.dot's second operand, which goes through shared memory anyway.
     QQ, Lse, Delta and DQQ point at this (batch, head)'s rows. A NEAR tile's bias is the tile
-    Tiles[(tile_of - start) / STEP] of this head's table of (keys, queries) tiles (_near_bias).
+    of this head's table of (keys, queries) tiles at offset tile_of - start (_near_bias).
     """
     DT = ak.dtype
     half = tl.arange(0, HALF)
@@ -73,7 +74,7 @@ def _dkdv_tiles(
         rel_t = qpos[None, :] - kpos[:, None]  # i - j
         keep_t = (rel_t <= left) & (rel_t >= -right) & key_ok[:, None]
         if REGION == NEAR:
-            logits_t += _near_bias(Tiles, tile_of, start, ak.shape[0], BLOCK_M, STEP)
+            logits_t += _near_bias(Tiles, tile_of, start, ak.shape[0], BLOCK_M)
         else:
             logits_t += _bias_tile(rel_t, Bias, stride_br, head_off, n_rel, REGION)
         lse = tl.load(Lse + rows, mask=rows < Tq, other=float("inf"))
@@ -97,7 +98,7 @@ def _dkdv_tiles(
 def _dkdv_inner_tiles(
     dak, dbk, dv, db, lo, hi, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot, stride_od,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr, WITH_DQ: tl.constexpr,
-    SUM_DS: tl.constexpr, STEP: tl.constexpr, PRECISION: tl.constexpr,
+    SUM_DS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """_dkdv_tiles for whole query tiles that see every key of the tile (inside the band, keys not
     padded): no mask. The bias: in a NEAR region each tile's from the table (_near_bias); in the
@@ -115,7 +116,7 @@ def _dkdv_inner_tiles(
         logits_t = tl.dot(bk, tl.trans(qb), logits_t, input_precision=PRECISION)
         lse = tl.load(Lse + rows)
         if REGION == NEAR:
-            logits_t += _near_bias(Tiles, tile_of, start, ak.shape[0], BLOCK_M, STEP)
+            logits_t += _near_bias(Tiles, tile_of, start, ak.shape[0], BLOCK_M)
             p_t = tl.exp2(logits_t * LOG2E - (lse * LOG2E)[None, :])
         else:
             p_t = tl.exp2(logits_t * LOG2E + ((bias_c - lse) * LOG2E)[None, :])
@@ -140,7 +141,7 @@ def _dkdv_region(
     dak, dbk, dv, db_lo, db_hi, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta,
     DQQ, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off,
     HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
-    WITH_DQ: tl.constexpr, STEP: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The query tiles lo, ... < hi of one region, as the forward stages them: [inner_lo, inner_hi)
     (starts on lo's grid) by the loop with no mask, the edges by the masked one; a NEAR tile's bias from
@@ -151,14 +152,14 @@ def _dkdv_region(
         dak, dbk, dv, db_lo, db_hi = _dkdv_tiles(
             dak, dbk, dv, db_lo, db_hi, lo, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
             stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
-            BLOCK_M, REGION, WITH_DQ, STEP, N_DIAG, PRECISION)
+            BLOCK_M, REGION, WITH_DQ, N_DIAG, PRECISION)
     else:
         a = tl.minimum(tl.maximum(inner_lo, lo), hi)
         b = tl.maximum(tl.minimum(inner_hi, hi), a)
         dak, dbk, dv, db_lo, db_hi = _dkdv_tiles(
             dak, dbk, dv, db_lo, db_hi, lo, a, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
             stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
-            BLOCK_M, REGION, WITH_DQ, STEP, N_DIAG, PRECISION)
+            BLOCK_M, REGION, WITH_DQ, N_DIAG, PRECISION)
         if REGION == NEAR:
             bias_c = 0.0  # each tile's bias comes from the table
         else:
@@ -166,15 +167,15 @@ def _dkdv_region(
         if REGION == PAST:
             dak, dbk, dv, db_hi = _dkdv_inner_tiles(
                 dak, dbk, dv, db_hi, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
-                stride_od, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, True, STEP, PRECISION)
+                stride_od, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, True, PRECISION)
         else:
             dak, dbk, dv, db_lo = _dkdv_inner_tiles(
                 dak, dbk, dv, db_lo, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
-                stride_od, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, REGION == FUTURE, STEP, PRECISION)
+                stride_od, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, REGION == FUTURE, PRECISION)
         dak, dbk, dv, db_lo, db_hi = _dkdv_tiles(
             dak, dbk, dv, db_lo, db_hi, b, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
             stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
-            BLOCK_M, REGION, WITH_DQ, STEP, N_DIAG, PRECISION)
+            BLOCK_M, REGION, WITH_DQ, N_DIAG, PRECISION)
     return dak, dbk, dv, db_lo, db_hi
 
 
@@ -232,12 +233,11 @@ def _dkdv_key_tile(
     and this tile's share of dbias, DBias[tile] (as the dq kernel writes a query tile's).
     Tiles: with HAS_BIAS, (H, n_bias_tiles, BLOCK_N, BLOCK_M) fp32, the NEAR tiles' bias as (keys,
     queries) tiles (kernels.attention.near_bias_tiles of the reversed table), the tile t at
-    j - i = first_bias_tile + STEP t in its top-left entry. Diag: WITH_DQ and HAS_BIAS, (B H n_tiles,
-    BLOCK_N, N_DIAG) fp32, where each key tile stores its NEAR tiles' inner-row pairs of dS
-    (_bias_row_sums).
+    j - i = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left entry. Diag: WITH_DQ and
+    HAS_BIAS, (B H n_tiles, BLOCK_N, N_DIAG) fp32, where each key tile stores its NEAR tiles' inner-row
+    pairs of dS (_bias_row_sums).
     """
     HALF: tl.constexpr = HEAD // 2
-    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N  # near_bias_tiles' step
     DT = QQ.dtype.element_ty
     b = pid_bh // H
     hd = pid_bh % H
@@ -286,18 +286,18 @@ def _dkdv_key_tile(
         d1, d2 = _split_regions(lo, hi, first - n_rel + 2 - q_off - BLOCK_M, first + BLOCK_N + n_rel - 2 - q_off,
                                 BLOCK_M)
         # the NEAR tiles' offsets j - i at their top-left entries are first - q_off - start: the table's
-        # tiles are (keys, queries), at j - i = first_bias_tile + STEP t
-        tiles = Tiles + hd * n_bias_tiles * (BLOCK_M * BLOCK_N)
+        # tiles are (keys, queries), the tile t at j - i = first_bias_tile + t min(BLOCK_M, BLOCK_N)
+        tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_N, BLOCK_M)
         tile_of = first - q_off - first_bias_tile
         diag = Diag + (pid_bh * n_tiles + pid_n) * (BLOCK_N * N_DIAG)  # WITH_DQ: this tile's inner-row pairs
         dak, dbk, dv, db_lo, db_hi = _dkdv_region(
             dak, dbk, dv, db_lo, db_hi, lo, d1, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
             Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
-            q_off, HALF, HEAD, BLOCK_M, FUTURE, WITH_DQ, STEP, N_DIAG, PRECISION)
+            q_off, HALF, HEAD, BLOCK_M, FUTURE, WITH_DQ, N_DIAG, PRECISION)
         dak, dbk, dv, db_lo, db_hi = _dkdv_region(
             dak, dbk, dv, db_lo, db_hi, d1, d2, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
             Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
-            q_off, HALF, HEAD, BLOCK_M, NEAR, WITH_DQ, STEP, N_DIAG, PRECISION)
+            q_off, HALF, HEAD, BLOCK_M, NEAR, WITH_DQ, N_DIAG, PRECISION)
         if WITH_DQ:
             near_end = d1 + tl.cdiv(d2 - d1, BLOCK_M) * BLOCK_M  # the NEAR tiles' queries: [d1, near_end)
             _store_diagonal_sums(DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1), diag, kpos - q_off, d1,
@@ -305,14 +305,14 @@ def _dkdv_key_tile(
         dak, dbk, dv, db_lo, db_hi = _dkdv_region(
             dak, dbk, dv, db_lo, db_hi, d2, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
             Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
-            q_off, HALF, HEAD, BLOCK_M, PAST, WITH_DQ, STEP, N_DIAG, PRECISION)
+            q_off, HALF, HEAD, BLOCK_M, PAST, WITH_DQ, N_DIAG, PRECISION)
         if WITH_DQ:
             _store_bias_sums(DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1), db_lo, db_hi, n_rel)
     else:
         dak, dbk, dv, db_lo, db_hi = _dkdv_region(
             dak, dbk, dv, db_lo, db_hi, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
             Delta, DQQ, Bias, stride_br, head_off, n_rel, Tiles, 0, Diag, stride_ot, stride_od, Tq, left, right, q_off,
-            HALF, HEAD, BLOCK_M, NO_BIAS, WITH_DQ, STEP, N_DIAG, PRECISION)
+            HALF, HEAD, BLOCK_M, NO_BIAS, WITH_DQ, N_DIAG, PRECISION)
 
     # Offsets from the tile's first row, not the loads' above, which would then stay in registers
     # through every loop (spilled, on sm_90).

@@ -21,6 +21,7 @@ from .attention_common import (
     PAST,
     _bias_row_sums,
     _bias_tile,
+    _head_bias_tiles,
     _in_band,
     _inner_keys,
     _key_ok,
@@ -31,8 +32,8 @@ from .attention_common import (
     _near_bias,
     _rope_angles,
     _split_regions,
-    _store_diagonal_sums,
     _store_bias_sums,
+    _store_diagonal_sums,
     _tile_and_head,
     _unrope_store,
 )
@@ -93,13 +94,13 @@ def _dq_tiles(
     dqq, db_lo, db_hi, lo, hi, qq, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off, n_rel,
     Tiles, tile_of, Diag, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
     HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
-    HAS_PAD: tl.constexpr, STEP: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PAD: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulate d(q''_A, q''_B) and the bias table's sums of dS over the key tiles lo, ... < hi:
     per query row, the end rows' (db_lo, db_hi); a NEAR tile stores its inner rows' pairs at Diag
     (_bias_row_sums).
     KK: this head's RoPE(k) rows [a | b] as the forward computed them, contiguous, in the dot type.
-    A NEAR tile's bias is the tile Tiles[(tile_of - start) / STEP] of this head's table (_near_bias)."""
+    A NEAR tile's bias is the tile of this head's table at offset tile_of - start (_near_bias)."""
     DT = qq.dtype
     dims = tl.arange(0, HEAD)
     for start in range(lo, hi, BLOCK_N):
@@ -118,7 +119,7 @@ def _dq_tiles(
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
         keep = _in_band(rel, left, right) & key_ok[None, :]
         if REGION == NEAR:
-            logits += _near_bias(Tiles, tile_of, start, qq.shape[0], BLOCK_N, STEP)
+            logits += _near_bias(Tiles, tile_of, start, qq.shape[0], BLOCK_N)
         else:
             logits += _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
         p = tl.where(keep, tl.exp2(logits * LOG2E - (lse * LOG2E)[:, None]), 0.0)
@@ -163,14 +164,14 @@ def _dq_region(
     """The key tiles lo, ... < hi of one region whose bias is one value (PAST, FUTURE, NO_BIAS):
     [inner_lo, inner_hi) (starts on lo's grid) by the loop with no mask, the edges by the masked one.
     A PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the first (db_lo). No
-    table of NEAR tiles is read, nor diagonals stored (Bias, 0 and 1 stand in for the table, its place
-    and its step, Bias for Diag)."""
+    table of NEAR tiles is read, nor diagonals stored (Bias and 0 stand in for the table and its place,
+    Bias for Diag)."""
     a = tl.minimum(tl.maximum(inner_lo, lo), hi)
     b = tl.maximum(tl.minimum(inner_hi, hi), a)
     dqq, db_lo, db_hi = _dq_tiles(
         dqq, db_lo, db_hi, lo, a, qq, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off, n_rel, Bias,
         0, Bias, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N, REGION,
-        HAS_PAD, 1, N_DIAG, PRECISION)
+        HAS_PAD, N_DIAG, PRECISION)
     bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
     if REGION == PAST:
         dqq, db_hi = _dq_inner_tiles(dqq, db_hi, a, b, qq, do, lse, delta, KK, V, bias_c, stride_vt,
@@ -181,7 +182,7 @@ def _dq_region(
     dqq, db_lo, db_hi = _dq_tiles(
         dqq, db_lo, db_hi, b, hi, qq, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off, n_rel, Bias,
         0, Bias, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N, REGION,
-        HAS_PAD, 1, N_DIAG, PRECISION)
+        HAS_PAD, N_DIAG, PRECISION)
     return dqq, db_lo, db_hi
 
 
@@ -202,9 +203,9 @@ def _attn_bwd_dq_kernel(
     and the dq'' accumulators in registers. KK: RoPE(k) as the forward's RoPE(k) pass writes it,
     (B, H, Tk, h) contiguous in the dot type. Tiles: with HAS_BIAS, (H, n_bias_tiles, BLOCK_M, BLOCK_N)
     fp32, the NEAR tiles' bias (kernels.attention.near_bias_tiles), the tile t at
-    i - j = first_bias_tile + STEP t in its top-left entry. Diag: with HAS_BIAS, (programs, BLOCK_M,
-    N_DIAG) fp32, where each program stores its NEAR tiles' inner-row pairs of dS (_bias_row_sums)."""
-    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N  # near_bias_tiles' step
+    i - j = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left entry. Diag: with HAS_BIAS,
+    (programs, BLOCK_M, N_DIAG) fp32, where each program stores its NEAR tiles' inner-row pairs of dS
+    (_bias_row_sums)."""
     DT = QQ.dtype.element_ty
     pid_m, pid_bh = _tile_and_head(n_tiles)
     tile = pid_bh * n_tiles + pid_m
@@ -243,11 +244,12 @@ def _attn_bwd_dq_kernel(
         # Every NEAR tile takes the masked loop, its bias from the table (at its place as the forward finds
         # it), and stores its inner-row pairs of dS for _store_diagonal_sums.
         diag = Diag + tile * (BLOCK_M * N_DIAG)
+        tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_M, BLOCK_N)
         dqq, db_lo, db_hi = _dq_tiles(
             dqq, db_lo, db_hi, d1, d2, qq, qpos, do, lse, delta, KK, V, Bias, stride_br, hd * stride_bh,
-            n_rel, Tiles + hd * n_bias_tiles * (BLOCK_M * BLOCK_N), q_first - k_off - first_bias_tile, diag, Pad,
+            n_rel, tiles, q_first - k_off - first_bias_tile, diag, Pad,
             b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N, NEAR, HAS_PAD,
-            STEP, N_DIAG, PRECISION)
+            N_DIAG, PRECISION)
         dqq, db_lo, db_hi = _dq_region(
             dqq, db_lo, db_hi, d2, hi, inner_lo, inner_hi, qq, qpos, do, lse, delta, KK, V, Bias,
             stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,

@@ -125,11 +125,19 @@ def _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION: tl.constexpr):
 
 
 @triton.jit
-def _near_bias(Tiles, tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr, STEP: tl.constexpr):
+def _head_bias_tiles(Tiles, head, n_bias_tiles, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """This head's table in Tiles, the (H, n_bias_tiles, ROWS, COLS) fp32 tables of the NEAR tiles
+    (kernels.attention.near_bias_tiles)."""
+    return Tiles + head * n_bias_tiles * (ROWS * COLS)
+
+
+@triton.jit
+def _near_bias(Tiles, tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr):
     """The (ROWS, COLS) fp32 bias of the NEAR tile whose loop runs from `start`: the tile
-    (tile_of - start) / STEP of this head's table (kernels.attention.near_bias_tiles), one contiguous
-    block, which the pipeline copies in 16-byte pieces (a gather computes an index and issues a 4-byte
-    copy per entry)."""
+    (tile_of - start) / STEP of this head's table (_head_bias_tiles), whose tiles are STEP, the smaller
+    side, apart (kernels.attention.near_bias_tiles). One contiguous block, which the pipeline copies in
+    16-byte pieces (a gather computes an index and issues a 4-byte copy per entry)."""
+    STEP: tl.constexpr = ROWS if ROWS < COLS else COLS
     rows = (tile_of - start) // STEP * ROWS + tl.arange(0, ROWS)
     return tl.load(Tiles + rows[:, None] * COLS + tl.arange(0, COLS)[None, :])
 
