@@ -121,5 +121,7 @@ def assert_gradients_match(got, want, case, inputs):
             err = s_error(got, want, inputs)
             assert err < 5e-5, (case, name, err)
         else:
-            tol = 5e-5 if name == "w" else 1e-5  # dw sums dphi * pos with cancellation: fp32 loses more
+            # dw sums dphi * pos with cancellation, and dbias's end rows nearly whole rows of dS, which sum
+            # to 0: fp32's rounding of p weighs more in them (dbias at T = 300, n = 15: about 1e-5)
+            tol = {"w": 5e-5, "bias": 2e-5}.get(name, 1e-5)
             assert rel_err(got[name], g) < tol, (case, name, rel_err(got[name], g))
