@@ -132,7 +132,7 @@ def _watch_unmasked_loops(monkeypatch) -> dict[str, int]:
 
     watch(kernel, "_fwd_inner_tiles", "forward", 3)
     watch(query_passes, "_dq_inner_tiles", "dq", 2)
-    watch(key_passes, "_dkdv_inner_tiles", "dkdv", 4)
+    watch(key_passes, "_dkdv_inner_tiles", "dkdv", 3)
     return visits
 
 

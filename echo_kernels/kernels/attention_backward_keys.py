@@ -20,6 +20,7 @@ from .attention_common import (
     PAST,
     _bias_row_sums,
     _bias_tile,
+    _biased_exp,
     _head_bias_tiles,
     _key_ok,
     _load_full,
@@ -35,21 +36,19 @@ from .attention_common import (
 
 
 @triton.jit
-def _add_dq(ds_t, ak, bk, DQQ, rows, mask, HALF: tl.constexpr, HEAD: tl.constexpr, PRECISION: tl.constexpr):
-    """DQQ[rows] += dS (a_k, b_k): one key tile's share of a query tile's d(q''_A, q''_B), fp32 rows
+def _add_dq(ds_t, kk, DQQ, rows, mask, HEAD: tl.constexpr, PRECISION: tl.constexpr):
+    """DQQ[rows] += dS [a_k | b_k]: one key tile's share of a query tile's d(q''_A, q''_B), fp32 rows
     [A | B]. Only this program adds to these rows (_attn_bwd_dkdv_kernel): no atomics."""
-    ds = tl.trans(ds_t)
-    offs = rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
-    tl.store(DQQ + offs, tl.dot(ds, ak, tl.load(DQQ + offs, mask=mask), input_precision=PRECISION), mask=mask)
-    tl.store(DQQ + offs + HALF, tl.dot(ds, bk, tl.load(DQQ + offs + HALF, mask=mask), input_precision=PRECISION),
+    offs = rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
+    tl.store(DQQ + offs, tl.dot(tl.trans(ds_t), kk, tl.load(DQQ + offs, mask=mask), input_precision=PRECISION),
              mask=mask)
 
 
 @triton.jit
 def _dkdv_tiles(
-    dak, dbk, dv, db_lo, db_hi, lo, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ,
+    dkk, dv, db_lo, db_hi, lo, hi, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ,
     Bias, stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
     WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulate dk (as d(a_k, b_k)) and dv over the query tiles lo, lo + BLOCK_M, ... < hi; WITH_DQ
@@ -61,24 +60,21 @@ def _dkdv_tiles(
     QQ, Lse, Delta and DQQ point at this (batch, head)'s rows. A NEAR tile's bias is the tile
     of this head's table of (keys, queries) tiles at offset tile_of - start (_near_bias).
     """
-    DT = ak.dtype
-    half = tl.arange(0, HALF)
+    DT = kk.dtype
+    dims = tl.arange(0, HEAD)
     for start in range(lo, hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         qpos = q_off + rows
-        q_offs = rows[:, None] * HEAD + half[None, :]
-        qa = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0)
-        qb = tl.load(QQ + q_offs + HALF, mask=rows[:, None] < Tq, other=0.0)
-        logits_t = tl.dot(ak, tl.trans(qa), input_precision=PRECISION)
-        logits_t = tl.dot(bk, tl.trans(qb), logits_t, input_precision=PRECISION)
+        qq = tl.load(QQ + rows[:, None] * HEAD + dims[None, :], mask=rows[:, None] < Tq, other=0.0)
+        logits_t = tl.dot(kk, tl.trans(qq), input_precision=PRECISION)
         rel_t = qpos[None, :] - kpos[:, None]  # i - j
         keep_t = (rel_t <= left) & (rel_t >= -right) & key_ok[:, None]
         if REGION == NEAR:
-            logits_t += _near_bias(Tiles, tile_of, start, ak.shape[0], BLOCK_M)
+            bias = _near_bias(Tiles, tile_of, start, kk.shape[0], BLOCK_M)
         else:
-            logits_t += _bias_tile(rel_t, Bias, stride_br, head_off, n_rel, REGION)
+            bias = _bias_tile(rel_t, Bias, stride_br, head_off, n_rel, REGION)
         lse = tl.load(Lse + rows, mask=rows < Tq, other=float("inf"))
-        p_t = tl.where(keep_t, tl.exp2(logits_t * LOG2E - (lse * LOG2E)[None, :]), 0.0)
+        p_t = tl.where(keep_t, _biased_exp(logits_t, bias, lse[None, :]), 0.0)
         do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD).to(DT)
         dv = tl.dot(p_t.to(DT), do, dv, input_precision=PRECISION)
         delta = tl.load(Delta + rows, mask=rows < Tq, other=0.0)
@@ -87,37 +83,31 @@ def _dkdv_tiles(
         if WITH_DQ:
             db_lo, db_hi = _bias_row_sums(ds_t, db_lo, db_hi, rel_t, Diag, n_rel, REGION, N_DIAG)
         ds_t = ds_t.to(DT)
-        dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
-        dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
+        dkk = tl.dot(ds_t, qq, dkk, input_precision=PRECISION)
         if WITH_DQ:
-            _add_dq(ds_t, ak, bk, DQQ, rows, rows[:, None] < Tq, HALF, HEAD, PRECISION)
-    return dak, dbk, dv, db_lo, db_hi
+            _add_dq(ds_t, kk, DQQ, rows, rows[:, None] < Tq, HEAD, PRECISION)
+    return dkk, dv, db_lo, db_hi
 
 
 @triton.jit
 def _dkdv_inner_tiles(
-    dak, dbk, dv, db, lo, hi, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot, stride_od,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr, WITH_DQ: tl.constexpr,
+    dkk, dv, db, lo, hi, kk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot, stride_od,
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr, WITH_DQ: tl.constexpr,
     SUM_DS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """_dkdv_tiles for whole query tiles that see every key of the tile (inside the band, keys not
     padded): no mask. The bias: in a NEAR region each tile's from the table (_near_bias); in the
     others the region's one value bias_c (0 without a table), folded into the exponent. WITH_DQ and
     SUM_DS: add dS's row sums (per key) to db (never a NEAR region's, whose sums go along diagonals)."""
-    DT = ak.dtype
-    half = tl.arange(0, HALF)
+    DT = kk.dtype
     dims = tl.arange(0, HEAD)
     for start in range(lo, hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q_offs = rows[:, None] * HEAD + half[None, :]
-        qa = tl.load(QQ + q_offs)
-        qb = tl.load(QQ + q_offs + HALF)
-        logits_t = tl.dot(ak, tl.trans(qa), input_precision=PRECISION)
-        logits_t = tl.dot(bk, tl.trans(qb), logits_t, input_precision=PRECISION)
+        qq = tl.load(QQ + rows[:, None] * HEAD + dims[None, :])
+        logits_t = tl.dot(kk, tl.trans(qq), input_precision=PRECISION)
         lse = tl.load(Lse + rows)
         if REGION == NEAR:
-            logits_t += _near_bias(Tiles, tile_of, start, ak.shape[0], BLOCK_M)
-            p_t = tl.exp2(logits_t * LOG2E - (lse * LOG2E)[None, :])
+            p_t = _biased_exp(logits_t, _near_bias(Tiles, tile_of, start, kk.shape[0], BLOCK_M), lse[None, :])
         else:
             p_t = tl.exp2(logits_t * LOG2E + ((bias_c - lse) * LOG2E)[None, :])
         do = tl.load(DO + rows[:, None] * stride_ot + dims[None, :] * stride_od).to(DT)
@@ -129,18 +119,17 @@ def _dkdv_inner_tiles(
             if SUM_DS:
                 db += tl.sum(ds_t, 1)
         ds_t = ds_t.to(DT)
-        dak = tl.dot(ds_t, qa, dak, input_precision=PRECISION)
-        dbk = tl.dot(ds_t, qb, dbk, input_precision=PRECISION)
+        dkk = tl.dot(ds_t, qq, dkk, input_precision=PRECISION)
         if WITH_DQ:
-            _add_dq(ds_t, ak, bk, DQQ, rows, None, HALF, HEAD, PRECISION)
-    return dak, dbk, dv, db
+            _add_dq(ds_t, kk, DQQ, rows, None, HEAD, PRECISION)
+    return dkk, dv, db
 
 
 @triton.jit
 def _dkdv_region(
-    dak, dbk, dv, db_lo, db_hi, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta,
+    dkk, dv, db_lo, db_hi, lo, hi, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse, Delta,
     DQQ, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
     WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The query tiles lo, ... < hi of one region, as the forward stages them: [inner_lo, inner_hi)
@@ -149,34 +138,34 @@ def _dkdv_region(
     first, and every NEAR tile takes the masked loop, as in the dq pass, which also stores its pairs on
     the bias table's inner rows (_bias_row_sums)."""
     if REGION == NEAR and WITH_DQ:
-        dak, dbk, dv, db_lo, db_hi = _dkdv_tiles(
-            dak, dbk, dv, db_lo, db_hi, lo, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
-            stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+        dkk, dv, db_lo, db_hi = _dkdv_tiles(
+            dkk, dv, db_lo, db_hi, lo, hi, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
+            stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HEAD,
             BLOCK_M, REGION, WITH_DQ, N_DIAG, PRECISION)
     else:
         a = tl.minimum(tl.maximum(inner_lo, lo), hi)
         b = tl.maximum(tl.minimum(inner_hi, hi), a)
-        dak, dbk, dv, db_lo, db_hi = _dkdv_tiles(
-            dak, dbk, dv, db_lo, db_hi, lo, a, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
-            stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+        dkk, dv, db_lo, db_hi = _dkdv_tiles(
+            dkk, dv, db_lo, db_hi, lo, a, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
+            stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HEAD,
             BLOCK_M, REGION, WITH_DQ, N_DIAG, PRECISION)
         if REGION == NEAR:
             bias_c = 0.0  # each tile's bias comes from the table
         else:
             bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
         if REGION == PAST:
-            dak, dbk, dv, db_hi = _dkdv_inner_tiles(
-                dak, dbk, dv, db_hi, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
-                stride_od, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, True, PRECISION)
+            dkk, dv, db_hi = _dkdv_inner_tiles(
+                dkk, dv, db_hi, a, b, kk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
+                stride_od, HEAD, BLOCK_M, REGION, WITH_DQ, True, PRECISION)
         else:
-            dak, dbk, dv, db_lo = _dkdv_inner_tiles(
-                dak, dbk, dv, db_lo, a, b, ak, bk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
-                stride_od, HALF, HEAD, BLOCK_M, REGION, WITH_DQ, REGION == FUTURE, PRECISION)
-        dak, dbk, dv, db_lo, db_hi = _dkdv_tiles(
-            dak, dbk, dv, db_lo, db_hi, b, hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
-            stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HALF, HEAD,
+            dkk, dv, db_lo = _dkdv_inner_tiles(
+                dkk, dv, db_lo, a, b, kk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
+                stride_od, HEAD, BLOCK_M, REGION, WITH_DQ, REGION == FUTURE, PRECISION)
+        dkk, dv, db_lo, db_hi = _dkdv_tiles(
+            dkk, dv, db_lo, db_hi, b, hi, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
+            stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HEAD,
             BLOCK_M, REGION, WITH_DQ, N_DIAG, PRECISION)
-    return dak, dbk, dv, db_lo, db_hi
+    return dkk, dv, db_lo, db_hi
 
 
 @triton.jit
@@ -237,7 +226,6 @@ def _dkdv_key_tile(
     HAS_BIAS, (B H n_tiles, BLOCK_N, N_DIAG) fp32, where each key tile stores its NEAR tiles' inner-row
     pairs of dS (_bias_row_sums).
     """
-    HALF: tl.constexpr = HEAD // 2
     DT = QQ.dtype.element_ty
     b = pid_bh // H
     hd = pid_bh % H
@@ -251,13 +239,11 @@ def _dkdv_key_tile(
     kpos = k_off + cols
     first = k_off + pid_n * BLOCK_N
     key_ok = _key_ok(cols, Tk, Pad, b * stride_pb, stride_pt, HAS_PAD)  # padding belongs to the key
-    k_offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
-    ak = tl.load(KK + k_offs, mask=key_ok[:, None], other=0.0)
-    bk = tl.load(KK + k_offs + HALF, mask=key_ok[:, None], other=0.0)
+    k_offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
+    kk = tl.load(KK + k_offs, mask=key_ok[:, None], other=0.0)  # rows [a_k | b_k]
     v = _load_full(V, cols, key_ok, stride_vt, stride_vd, HEAD).to(DT)
 
-    dak = tl.zeros([BLOCK_N, HALF], tl.float32)
-    dbk = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dkk = tl.zeros([BLOCK_N, HEAD], tl.float32)  # d(a_k, b_k), rows [A | B]
     dv = tl.zeros([BLOCK_N, HEAD], tl.float32)
     db_lo = tl.zeros([BLOCK_N], tl.float32)  # the bias table's sums (WITH_DQ)
     db_hi = tl.zeros([BLOCK_N], tl.float32)
@@ -290,29 +276,29 @@ def _dkdv_key_tile(
         tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_N, BLOCK_M)
         tile_of = first - q_off - first_bias_tile
         diag = Diag + (pid_bh * n_tiles + pid_n) * (BLOCK_N * N_DIAG)  # WITH_DQ: this tile's inner-row pairs
-        dak, dbk, dv, db_lo, db_hi = _dkdv_region(
-            dak, dbk, dv, db_lo, db_hi, lo, d1, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
+        dkk, dv, db_lo, db_hi = _dkdv_region(
+            dkk, dv, db_lo, db_hi, lo, d1, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
             Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
-            q_off, HALF, HEAD, BLOCK_M, FUTURE, WITH_DQ, N_DIAG, PRECISION)
-        dak, dbk, dv, db_lo, db_hi = _dkdv_region(
-            dak, dbk, dv, db_lo, db_hi, d1, d2, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
+            q_off, HEAD, BLOCK_M, FUTURE, WITH_DQ, N_DIAG, PRECISION)
+        dkk, dv, db_lo, db_hi = _dkdv_region(
+            dkk, dv, db_lo, db_hi, d1, d2, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
             Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
-            q_off, HALF, HEAD, BLOCK_M, NEAR, WITH_DQ, N_DIAG, PRECISION)
+            q_off, HEAD, BLOCK_M, NEAR, WITH_DQ, N_DIAG, PRECISION)
         if WITH_DQ:
             near_end = d1 + tl.cdiv(d2 - d1, BLOCK_M) * BLOCK_M  # the NEAR tiles' queries: [d1, near_end)
             _store_diagonal_sums(DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1), diag, kpos - q_off, d1,
                                  near_end, n_rel, 1, N_DIAG)
-        dak, dbk, dv, db_lo, db_hi = _dkdv_region(
-            dak, dbk, dv, db_lo, db_hi, d2, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
+        dkk, dv, db_lo, db_hi = _dkdv_region(
+            dkk, dv, db_lo, db_hi, d2, hi, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
             Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
-            q_off, HALF, HEAD, BLOCK_M, PAST, WITH_DQ, N_DIAG, PRECISION)
+            q_off, HEAD, BLOCK_M, PAST, WITH_DQ, N_DIAG, PRECISION)
         if WITH_DQ:
             _store_bias_sums(DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1), db_lo, db_hi, n_rel)
     else:
-        dak, dbk, dv, db_lo, db_hi = _dkdv_region(
-            dak, dbk, dv, db_lo, db_hi, lo, hi, inner_lo, inner_hi, ak, bk, v, kpos, key_ok, QQ, DO, Lse,
+        dkk, dv, db_lo, db_hi = _dkdv_region(
+            dkk, dv, db_lo, db_hi, lo, hi, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
             Delta, DQQ, Bias, stride_br, head_off, n_rel, Tiles, 0, Diag, stride_ot, stride_od, Tq, left, right, q_off,
-            HALF, HEAD, BLOCK_M, NO_BIAS, WITH_DQ, N_DIAG, PRECISION)
+            HEAD, BLOCK_M, NO_BIAS, WITH_DQ, N_DIAG, PRECISION)
 
     # Offsets from the tile's first row, not the loads' above, which would then stay in registers
     # through every loop (spilled, on sm_90).
@@ -320,9 +306,7 @@ def _dkdv_key_tile(
     out_offs = (pid_bh * Tk + pid_n * BLOCK_N) * HEAD + local * HEAD + tl.arange(0, HEAD)[None, :]
     out_mask = local < Tk - pid_n * BLOCK_N
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
-    half_offs = (pid_bh * Tk + pid_n * BLOCK_N) * HEAD + local * HEAD + tl.arange(0, HALF)[None, :]
-    tl.store(DKK + half_offs, dak, mask=out_mask)  # rows [A | B]
-    tl.store(DKK + half_offs + HALF, dbk, mask=out_mask)
+    tl.store(DKK + out_offs, dkk, mask=out_mask)
 
 
 @triton.jit

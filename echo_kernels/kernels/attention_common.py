@@ -125,6 +125,14 @@ def _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION: tl.constexpr):
 
 
 @triton.jit
+def _biased_exp(logits, bias, shift):
+    """exp(logits + bias - shift), as exp2 of one fused multiply-add per entry. The bias joins the
+    exponent, not the logits: added to a tl.dot's result it would become the product's accumulator,
+    and the software pipeliner leaves a load that feeds only an accumulator synchronous."""
+    return tl.exp2(logits * LOG2E + (bias * LOG2E - shift * LOG2E))
+
+
+@triton.jit
 def _head_bias_tiles(Tiles, head, n_bias_tiles, ROWS: tl.constexpr, COLS: tl.constexpr):
     """This head's table in Tiles, the (H, n_bias_tiles, ROWS, COLS) fp32 tables of the NEAR tiles
     (kernels.attention.near_bias_tiles)."""
