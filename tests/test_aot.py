@@ -41,12 +41,10 @@ def test_compile_report_sees_tensor_cores(arch):
 # sm_80 keep two (128, 64) fp32 dM accumulators in registers beside operands that its 16-row products
 # replicate in every warp (a few hundred bytes; sm_90 and every narrower tile spill nothing).
 SPILLING_LAUNCHES = {("rotary_bwd_h80_bf16_half_split", 80), ("rotary_bwd_h128_bf16_half_split", 80)}
-# And the dk/dv pass summing dq (docs/model.md, "Backward passes"): on sm_90 dk/dv's accumulators, a
-# third product per query tile and the bias table's sums; no shape tried spills nothing. On sm_80, at
-# h = 32 and 128, a few registers between its loops (none inside one). No tile table runs it
-# (DQ_IN_KEY_PASS): the GPU benches time it against the dk/dv and dq passes.
+# And the dk/dv pass summing dq on sm_90 (docs/model.md, "Backward passes"): dk/dv's accumulators, a
+# third product per query tile and the bias table's sums; no shape tried spills nothing. No tile table
+# runs it (DQ_IN_KEY_PASS): the GPU benches time it against the dk/dv and dq passes.
 SPILLING_LAUNCHES |= {(f"attention_bwd_dkdv_dq_h{h}_{dt}", 90) for h in (32, 64, 128) for dt in ("bf16", "fp16")}
-SPILLING_LAUNCHES |= {(f"attention_bwd_dkdv_dq_h{h}_{dt}", 80) for h in (32, 128) for dt in ("bf16", "fp16")}
 # And the forward at h = 128 on sm_90 in bf16: 4 bytes, an address stored before its key loops and
 # loaded after them (none inside a main loop), since its masked loops take p by one fused multiply-add.
 SPILLING_LAUNCHES |= {("attention_fwd_h128_bf16", 90)}
