@@ -126,9 +126,10 @@ def _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION: tl.constexpr):
 
 @triton.jit
 def _biased_exp(logits, bias, shift):
-    """exp(logits + bias - shift), as exp2 of one fused multiply-add per entry. The bias joins the
-    exponent, not the logits: added to a tl.dot's result it would become the product's accumulator,
-    and the software pipeliner leaves a load that feeds only an accumulator synchronous."""
+    """exp(logits + bias - shift), as exp2 of fused multiply-adds: one per entry where the bias is one
+    value per row or column, two where it varies. The bias joins the exponent, not the logits: added to
+    a tl.dot's result it would become the product's accumulator, and the software pipeliner leaves a
+    load that feeds only an accumulator synchronous (docs/model.md, "Kernels")."""
     return tl.exp2(logits * LOG2E + (bias * LOG2E - shift * LOG2E))
 
 
