@@ -112,8 +112,10 @@ def test_more_batch_heads_than_a_grid_axis_holds_gpu(use_triton):
         assert rel_err(got[name], want[name]) < 1e-5, name
 
 
+# These count the loops' visits by wrapping the kernels' Python, which only the interpreter runs (CI runs
+# them); compiled for a GPU, the same loops are checked in the AOT report's tests.
 _interpreter_only = pytest.mark.skipif(
-    ON_GPU, reason="watches the interpreter run the kernels' Python; on a GPU the report shows the loops")
+    ON_GPU, reason="counts loop visits through the interpreter's Python; compiled loops: the AOT report tests")
 
 
 def _watch_unmasked_loops(monkeypatch) -> dict[str, int]:

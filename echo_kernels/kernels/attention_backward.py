@@ -104,7 +104,7 @@ _LIGHT_BLOCKS = {
 # dq's short key tiles. sm_90's warpgroup products read that operand from shared memory, so its
 # tiles can be larger: of the shapes that spill nothing under Triton 3.6, 3.8 and 3.9, those whose
 # loop inside the band executes the fewest instructions per (query, key) pair (docs/model.md,
-# "Tile tables"). Under 3.6 sm_90's dk/dv pass and sm_80's dq pass at h = 128 spill 4 bytes.
+# "Tile tables"). Under 3.6 sm_80's dq pass at h = 128 spills 4 bytes.
 _HEAVY_BLOCKS = {
     (32, 80): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
                    dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
