@@ -565,7 +565,9 @@ def test_sm90_loops_inside_the_band_load_asynchronously(aot_reports):
     """On sm_90's tile table, at every head width and dtype, the forward's, dk/dv's and dq's loop over
     the key tiles inside the band waits on no global load (every tile an asynchronous copy) and runs
     on warpgroup MMA; every loop of the forward and of dk/dv does, masked ones included (the forward
-    loads the padding as int32 flags, which are copied asynchronously too)."""
+    loads the padding as int32 flags, which are copied asynchronously too). The dq pass's masked
+    loops wait on the padding's bytes, and on nothing else: its NEAR loop, whose bias tile is copied
+    asynchronously, waits on as many loads as the others."""
     heavy = re.compile(r"attention_(fwd|fwd_no_m|bwd_dkdv|bwd_dq)_h\d+_(bf16|fp16)$")
     rows = [r for r in aot_reports if r.arch == 90 and heavy.match(r.name)]
     assert len(rows) == 4 * 2 * len(ATTENTION_HEAD_WIDTHS)
@@ -575,3 +577,8 @@ def test_sm90_loops_inside_the_band_load_asynchronously(aot_reports):
     assert len(whole) == 3 * 2 * len(ATTENTION_HEAD_WIDTHS)
     for r in whole:
         assert all(loop.sync_loads == 0 for loop in r.main_loops), r.name
+    dq = [r for r in rows if r not in whole]
+    assert len(dq) == 2 * len(ATTENTION_HEAD_WIDTHS)
+    for r in dq:
+        masked = {loop.sync_loads for loop in r.main_loops} - {0}
+        assert len(masked) == 1, (r.name, [loop.sync_loads for loop in r.main_loops])

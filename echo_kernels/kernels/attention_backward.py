@@ -99,24 +99,26 @@ _LIGHT_BLOCKS = {
 }
 
 # The two passes that recompute the logits, per (head width, tile table). On sm_80 a chain of dots
-# puts every warp along the rows of the tile (16 rows each at least), and each warp then holds whole
-# copies of the second operands: hence dkdv's short query tiles (BLOCK_M, those operands' rows) and
-# dq's short key tiles. sm_90's warpgroup products read that operand from shared memory, so its
-# tiles can be larger: of the shapes that spill nothing under Triton 3.6, 3.8 and 3.9, those whose
-# loop inside the band executes the fewest instructions per (query, key) pair (docs/model.md,
-# "Tile tables"). Under 3.6 sm_80's dq pass at h = 128 spills 4 bytes.
+# puts every warp along the rows of the tile (16 rows each at least; a warp past the tile's rows
+# repeats another's products), and each warp then holds whole copies of the second operands: hence
+# dkdv's short query tiles (BLOCK_M, those operands' rows) and dq's short key tiles. sm_90's warpgroup
+# products read that operand from shared memory, so its tiles can be larger. Each entry is, of the
+# shapes tried that spill nothing under Triton 3.6, 3.8 and 3.9, one whose loop inside the band
+# executes the fewest instructions per (query, key) pair or nearly (docs/model.md, "Tile tables"),
+# except sm_90's dq pass at h = 32 and 64, which keeps 32 keys: 64 run fewer per pair, but 2 CTAs per
+# SM where 32 run 4 and 3 (221 and 246 registers under Triton 3.8), and twice the NEAR loop's work.
 _HEAVY_BLOCKS = {
     (32, 80): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
                    dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
     (64, 80): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
                    # 64 queries: at 128 the tile takes 108 KB of shared memory, past sm_86's and sm_89's 99
                    dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)),
-    (128, 80): dict(dkdv=dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1),  # 2 stages spill
-                    dq=dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1)),  # 32 keys spill
+    (128, 80): dict(dkdv=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+                    dq=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)),
     (32, 90): dict(dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-                   dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)),  # 64 keys spill (3.6)
+                   dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)),
     (64, 90): dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),  # 4 warps spill (3.6)
-                   dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)),  # 64 keys spill (3.6)
+                   dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)),
     (128, 90): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
                     dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),  # 64 keys spill
 }

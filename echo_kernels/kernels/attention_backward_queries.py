@@ -21,6 +21,7 @@ from .attention_common import (
     PAST,
     _bias_row_sums,
     _bias_tile,
+    _biased_exp,
     _head_bias_tiles,
     _in_band,
     _inner_keys,
@@ -119,10 +120,11 @@ def _dq_tiles(
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
         keep = _in_band(rel, left, right) & key_ok[None, :]
         if REGION == NEAR:
-            logits += _near_bias(Tiles, tile_of, start, qq.shape[0], BLOCK_N)
+            p = _biased_exp(logits, _near_bias(Tiles, tile_of, start, qq.shape[0], BLOCK_N), lse[:, None])
         else:
             logits += _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
-        p = tl.where(keep, tl.exp2(logits * LOG2E - (lse * LOG2E)[:, None]), 0.0)
+            p = tl.exp2(logits * LOG2E - (lse * LOG2E)[:, None])
+        p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         db_lo, db_hi = _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, REGION, N_DIAG)
