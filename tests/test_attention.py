@@ -561,6 +561,17 @@ def test_key_pass_against_the_dkdv_and_dq_passes(aot_reports):
         assert _warp_instructions_per_pair(key_pass) < 0.8 * two_passes, h
 
 
+def test_sm80_loops_wait_on_no_load(aot_reports):
+    """On sm_80's tile table, at every head width and dtype, with a key-padding mask, no main loop of
+    the forward, dk/dv or dq pass waits on a global load: the backward reads the mask as int32 flags
+    there (attention_backward._PAD_FLAGS), which leave q'' and dO asynchronous copies too."""
+    heavy = re.compile(r"attention_(fwd|fwd_no_m|bwd_dkdv|bwd_dq)_h\d+_(bf16|fp16)$")
+    rows = [r for r in aot_reports if r.arch == 80 and heavy.match(r.name)]
+    assert len(rows) == 4 * 2 * len(ATTENTION_HEAD_WIDTHS)
+    for r in rows:
+        assert r.main_loops and all(loop.sync_loads == 0 for loop in r.main_loops), r.name
+
+
 def test_sm90_loops_inside_the_band_load_asynchronously(aot_reports):
     """On sm_90's tile table, at every head width and dtype, the forward's, dk/dv's and dq's loop over
     the key tiles inside the band waits on no global load (every tile an asynchronous copy) and runs

@@ -106,7 +106,9 @@ _LIGHT_BLOCKS = {
 # shapes tried that spill nothing under Triton 3.6, 3.8 and 3.9, one whose loop inside the band
 # executes the fewest instructions per (query, key) pair or nearly (docs/model.md, "Tile tables"),
 # except sm_90's dq pass at h = 32 and 64, which keeps 32 keys: 64 run fewer per pair, but 2 CTAs per
-# SM where 32 run 4 and 3 (221 and 246 registers under Triton 3.8), and twice the NEAR loop's work.
+# SM where 32 run 4 and 3 (221 and 246 registers under Triton 3.8), and twice the NEAR loop's work;
+# and sm_80's dk/dv pass at h = 64, which spills 56 bytes under 3.6 (none in its loops inside the band),
+# where each shape tried that does not runs 10% more per pair or more, or one CTA per SM fewer.
 _HEAVY_BLOCKS = {
     (32, 80): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
                    dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
@@ -204,10 +206,21 @@ def _key_groups_per_head(n_heads: int, n_tiles: int, device) -> int:
     return max(1, min(n_tiles, _multiprocessors(device) // n_heads))
 
 
-def _common_args(v, do, bias, key_padding_mask):
-    """The bias and padding arguments and the strides the dkdv, dq and dbias passes share."""
+# How the dk/dv and dq passes read the key-padding mask, per tile table. On sm_80, with the mask as bytes,
+# the compiler gives the products of the tiles loaded under it (RoPE(k), v) operands of k-width 4 where
+# the other products have 2, and then copies neither q'' nor dO, which feed one of each, asynchronously,
+# in any loop. As int32 flags every load of both passes is an asynchronous copy, and dk/dv's loop inside
+# the band at h = 64 executes 253 instructions where it executed 432 (Triton 3.8). On sm_90 the bytes
+# cost dk/dv nothing, and as int32 the dq pass at h = 64 holds 205 registers where it holds 168, one CTA
+# per SM fewer (docs/model.md, "Kernels").
+_PAD_FLAGS = {80: torch.int32, 90: torch.uint8}
+
+
+def _common_args(v, do, bias, key_padding_mask, arch: int):
+    """The bias and padding arguments and the strides the dkdv, dq and dbias passes share, on the tile
+    table of `arch`."""
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, v)
-    pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, v)
+    pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, v, _PAD_FLAGS[arch])
     strides = (*v.stride(), *do.stride(), sbr, sbh, spb, spt)
     return bias_t, pad_t, strides, n_rel, has_bias, has_pad
 
@@ -232,11 +245,11 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     scale = 1.0 / math.sqrt(h)
     w32 = w.detach().float().contiguous()
     s32 = torch.as_tensor(s, dtype=torch.float32, device=dev).detach().reshape(1)
-    bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(v, do, bias, key_padding_mask)
+    arch = tile_arch(dev)
+    bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(v, do, bias, key_padding_mask, arch)
     pad_start = first_padded_key(pad_t) if has_pad else lse
     sizes, band = (H, Tq, Tk, n_rel), (left, right, q_offset, k_offset)
     prec = precision(q.dtype)
-    arch = tile_arch(dev)
     cfg = {name: with_override(row) for name, row in default_blocks(h, arch).items()}
 
     # Delta and q'' = RoPE(q) @ P~, read by the dk/dv, dq and dbias kernels.
@@ -337,11 +350,12 @@ def aot_specs(arch: int) -> list[KernelSpec]:
     (names ending in _no_m); the dk/dv pass summing dq (dkdv_dq) beside the dk/dv and dq passes,
     whichever DQ_IN_KEY_PASS picks."""
     specs = []
+    pad_flags = {torch.int32: "*i32", torch.uint8: "*u8"}[_PAD_FLAGS[arch]]
     for h in ATTENTION_HEAD_WIDTHS:
         for dt in ("bf16", "fp16"):
             g = {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "KK", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
-            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Tiles="*fp32", Pad="*u8", Lse="*fp32", Delta="*fp32",
+            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Tiles="*fp32", Pad=pad_flags, Lse="*fp32", Delta="*fp32",
                         G="*fp32", DBias="*fp32", Diag="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", PadStart="*i32",
                         scale="fp32")
             dkdv_ptrs = dict(ptrs, DQQ="*fp32")  # dq's fp32 sums (without dq, a placeholder of that type)

@@ -369,8 +369,7 @@ def _pad_arg(key_padding_mask, like, dtype=torch.uint8):
     """(flags, batch stride, key stride, whether there are any) of a (B, Tk) bool key_padding_mask:
     its own bytes, or int32 for the forward, whose masked loops load a key tile's flags inside the
     pipeline, where a 4-byte element is copied asynchronously and a byte is waited on. The backward
-    keeps the bytes: dk/dv loads a tile's flags once, before its loops, and as int32 the dq pass holds
-    more registers, which costs it a CTA per SM on sm_90 (docs/model.md, "Attention")."""
+    takes int32 on sm_80's tile table and the bytes on sm_90's (attention_backward._PAD_FLAGS)."""
     if key_padding_mask is None:
         return like, 0, 0, False
     pad = key_padding_mask.view(torch.uint8) if dtype == torch.uint8 else key_padding_mask.to(dtype)
