@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import sass
-from .kernels.spec import KernelSpec, signature_of
+from .kernels.spec import KernelSpec, pointer_types, signature_of
 
 # Modules whose `aot_specs(arch)` list their kernels' launches on each target.
 KERNEL_MODULES: tuple[str, ...] = ("echo_kernels.kernels.rotary", "echo_kernels.kernels.attention",
@@ -209,14 +209,6 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
     return launches
 
 
-def _pointer_types() -> dict:
-    """{torch dtype: Triton pointer type} of the tensors the launchers pass (a bool mask as its bytes)."""
-    import torch
-
-    return {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
-            torch.int32: "*i32", torch.bool: "*u8"}
-
-
 def spec_of_launch(kernel, args: tuple, kwargs: dict) -> KernelSpec:
     """The KernelSpec of a launch captured by recording_launches: its constexprs, warps and stages, its
     tensors as pointers of their element types and its floats as fp32 (compile it with
@@ -225,7 +217,7 @@ def spec_of_launch(kernel, args: tuple, kwargs: dict) -> KernelSpec:
 
     bound = dict(zip(kernel.arg_names, args))
     constexprs = {name: value for name, value in kwargs.items() if name not in ("num_warps", "num_stages")}
-    types = _pointer_types()
+    types = pointer_types()
     pointers = {name: types[a.dtype] for name, a in bound.items() if isinstance(a, torch.Tensor)}
     pointers.update({name: "fp32" for name, a in bound.items() if isinstance(a, float)})
     return KernelSpec(kernel.fn.__name__, kernel, signature_of(kernel, pointers, constexprs), constexprs,
@@ -238,7 +230,7 @@ def _matches(spec: KernelSpec, kernel, args: tuple, kwargs: dict) -> bool:
     if _jit_function(spec.fn).fn is not kernel.fn:
         return False
     bound = dict(zip(kernel.arg_names, args), **kwargs)
-    types = _pointer_types()
+    types = pointer_types()
     pointers_agree = all(types.get(getattr(bound.get(name), "dtype", None)) == kind
                          for name, kind in spec.signature.items() if kind.startswith("*"))
     return (pointers_agree and all(bound.get(k) == v for k, v in spec.constexprs.items())

@@ -78,7 +78,7 @@ from .attention_backward_queries import (
     _attn_bwd_dq_unrotate_kernel,
 )
 from .attention_common import _bias_arg, _pad_arg, layout_perm, p_arg, precision, tile_arch, with_override
-from .spec import KernelSpec, signature_of
+from .spec import KernelSpec, pointer_types, signature_of
 
 # --------------------------------------------------------------------------------------------------
 # Launcher
@@ -350,7 +350,7 @@ def aot_specs(arch: int) -> list[KernelSpec]:
     (names ending in _no_m); the dk/dv pass summing dq (dkdv_dq) beside the dk/dv and dq passes,
     whichever DQ_IN_KEY_PASS picks."""
     specs = []
-    pad_flags = {torch.int32: "*i32", torch.uint8: "*u8"}[_PAD_FLAGS[arch]]
+    pad_flags = pointer_types()[_PAD_FLAGS[arch]]
     for h in ATTENTION_HEAD_WIDTHS:
         for dt in ("bf16", "fp16"):
             g = {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}

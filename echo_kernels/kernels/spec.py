@@ -25,3 +25,11 @@ def signature_of(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, st
     py = getattr(fn, "fn", fn)  # JITFunction or interpreter wrapper around the Python function
     names = list(inspect.signature(py).parameters)
     return {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+
+
+def pointer_types() -> dict:
+    """{torch dtype: Triton pointer type} of the tensors the launchers pass (a bool mask as its bytes)."""
+    import torch
+
+    return {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
+            torch.int32: "*i32", torch.bool: "*u8"}
