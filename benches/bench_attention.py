@@ -39,6 +39,7 @@ import pytest
 import torch
 
 from echo_kernels import reference
+from breakdown import breakdown
 from harness import TINY, alternating_rounds, record, run_timed
 
 ON_GPU = torch.cuda.is_available()
@@ -237,9 +238,9 @@ def _case_inputs(shape: str, backward: bool, with_m: bool):
     return x, leaves, torch.randn(B, H, T, h, device=DEVICE, dtype=DTYPE)
 
 
-@pytest.mark.parametrize("shape,backward,impl,round_", PARAMS)
-def test_attention(benchmark, shape, backward, impl, round_):
-    B, H, T, h, window = SHAPES[shape]
+def _step(shape: str, backward: bool, impl: str):
+    """One call of the way `impl` at `shape`: its forward, and with `backward` the gradients."""
+    window = SHAPES[shape][4]
     x, leaves, do = _case_inputs(shape, backward, impl in WITH_M)
     fn = IMPLS[impl]
     wrt = leaves[:3] if impl in QKV_ONLY else leaves
@@ -250,7 +251,43 @@ def test_attention(benchmark, shape, backward, impl, round_):
             if backward:
                 torch.autograd.grad(out, wrt, do)
 
-    benchmark.group = f"attention {shape} {'fwd+bwd' if backward else 'fwd'} {str(DTYPE)[6:]}"
+    return step
+
+
+def _passes(backward: bool) -> str:
+    return "fwd+bwd" if backward else "fwd"
+
+
+def _flops(shape: str, backward: bool) -> float:
+    """The flops of the kept query-key pairs: 4 h a pair forward, 2.5 times that backward."""
+    B, H, T, h, window = SHAPES[shape]
+    return 4 * h * B * H * kept_pairs(T, window) * (3.5 if backward else 1.0)
+
+
+# Where the time of the fused kernel and of the plain one goes (benches/breakdown.py): the host's share
+# and each kernel's, at the encoder's shapes. Ahead of test_attention, so that benches/gpu_run.sh's
+# benches step reaches them first.
+BREAKDOWN_WAYS = ("kernel", "plain") if GPU_WAYS else ("kernel",)
+
+
+@pytest.mark.parametrize("shape,backward,impl", [
+    pytest.param(shape, backward, impl, id=f"{shape}-{impl}-{'fwd_bwd' if backward else 'fwd'}")
+    for shape in SHAPES if shape.startswith("encoder") for backward in (False, True)
+    for impl in _impls(shape, backward) if impl in BREAKDOWN_WAYS])
+def test_breakdown(benchmark, shape, backward, impl):
+    step = _step(shape, backward, impl)
+    benchmark.group = f"attention breakdown {shape} {_passes(backward)} {str(DTYPE)[6:]}"
+    run_timed(benchmark, step, rounds=CALLS, warmup_rounds=1)
+    record(benchmark, role="ours" if impl == "kernel" else "peer", case=impl, flops=_flops(shape, backward),
+           breakdown=breakdown(step))
+
+
+@pytest.mark.parametrize("shape,backward,impl,round_", PARAMS)
+def test_attention(benchmark, shape, backward, impl, round_):
+    B, H, T, h, window = SHAPES[shape]
+    x = _case_inputs(shape, backward, impl in WITH_M)[0]
+    step = _step(shape, backward, impl)
+    benchmark.group = f"attention {shape} {_passes(backward)} {str(DTYPE)[6:]}"
     peak = None
     if round_ == 0:
         step()  # compile / autotune / warm caches outside the timing
@@ -270,7 +307,7 @@ def test_attention(benchmark, shape, backward, impl, round_):
         benchmark,
         role="ours" if impl == "kernel" else "peer",
         case=impl,
-        flops=4 * h * B * H * kept_pairs(T, window) * (3.5 if backward else 1.0),
+        flops=_flops(shape, backward),
         peak_bytes_beyond_inputs=peak,
         extra_fraction_of_qkvo=None if extra is None else extra / (4 * out_bytes),
         shape=dict(B=B, H=H, T=T, h=h, window=window, dtype=str(DTYPE)),

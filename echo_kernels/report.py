@@ -75,6 +75,39 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _kernel_name(name: str) -> str:
+    """A device kernel's name without its return type, template and parameters."""
+    name = name.removeprefix("void ")
+    cut = min((i for i in (name.find("<"), name.find("(")) if i > 0), default=len(name))
+    return name[:cut]
+
+
+def breakdown_table(results: dict) -> str:
+    """Where the time of the cases that measured it (a "breakdown", benches/breakdown.py) goes, per call:
+    on a GPU, the host's time issuing the call, the kernels' summed time, the span from the first
+    kernel's start to the last one's end, and the largest kernels; everywhere, the largest host ops'
+    shares of the time in the ops the profiler records (absolute times only from a GPU). "" when no case
+    has one."""
+    cases = [c for c in results["cases"] if c.get("breakdown")]
+    if not cases:
+        return ""
+    gpu = results.get("gpu", False)
+    head = "| group | case |" + (" median | host | kernels | span | largest kernels (time x launches) |" if gpu
+                                 else "")
+    lines = [head + " largest host ops (share of the time in ops) |", "|---|---|" + "---|" * (6 if gpu else 1)]
+    for case in cases:
+        b = case["breakdown"]
+        row = f"| {case['group']} | {case['case']} |"
+        if gpu:
+            kernels = ", ".join(f"{_kernel_name(name)} {_duration(seconds)} x{count:g}"
+                                for name, (seconds, count) in b["kernels"].items())
+            row += (f" {_duration(case['median_s'])} | {_duration(b['host_s'])} | {_duration(b['device_s'])} | "
+                    f"{_duration(b['span_s'])} | {kernels} |")
+        ops = ", ".join(f"{name} {_percent(seconds / b['ops_s'])}" for name, seconds in b["ops"].items())
+        lines.append(f"{row} {ops} |")
+    return "\n".join(["## Where the time goes", "", *lines])
+
+
 def plot(results: dict, path: str) -> None:
     """Horizontal bars: our speed-up over each peer, per group, on a log scale (1x marked)."""
     matplotlib = require("matplotlib", "the report's plot")
@@ -105,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.results) as f:
         results = json.load(f)
-    table = markdown_table(results)
+    table = "\n\n".join(part for part in (markdown_table(results), breakdown_table(results)) if part)
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -89,9 +89,16 @@ def test_rehearsal_runs_every_step_and_brings_back_the_results(tmp_path):
     assert any(c["group"].startswith("attention encoder_global") and c["case"] == "reference"
                for c in cases[len(headline):])
     markdown = (out / "results.md").read_text()
-    rows = [line.split(" | ")[:2] for line in markdown.splitlines() if line.startswith("| ")]
+    table, _, breakdown = markdown.partition("## Where the time goes")
+    rows = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| ")]
     assert sorted((group.removeprefix("| "), name.strip("*")) for group, name in rows[1:]) == \
         sorted((case["group"], case["case"]) for case in cases)  # a row per case, under the header row
+    # where the time of the fused and the plain kernel goes, at the encoder's shape, forward and backward
+    broken_down = sorted((c["group"], c["case"]) for c in cases if c.get("breakdown"))
+    assert broken_down == sorted((f"attention breakdown encoder_global {passes} float32", way)
+                                 for passes in ("fwd", "fwd+bwd") for way in ("kernel", "plain"))
+    assert sorted(tuple(line.split(" | ")[:2]) for line in breakdown.splitlines() if line.startswith("| attention")) \
+        == sorted((f"| {group}", way) for group, way in broken_down)
     steps, _, not_run = markdown.split("## Steps (rehearse)")[1].partition("## Tests not run")
     assert [line.split(":")[0] for line in steps.splitlines() if line.startswith("- ")] == [f"- {n}" for n in STEPS]
     # the speech extra is hidden: the bench cases that need it (openai-whisper) are named, not run
