@@ -59,6 +59,7 @@ from .attention_common import (
     PAST,
     _bias_arg,
     _bias_tile,
+    _biased_exp,
     _head_bias_tiles,
     _in_band,
     _inner_keys,
@@ -190,7 +191,7 @@ def _fwd_inner_tiles(
             p = tl.exp2(logits * LOG2E - (m_new * LOG2E)[:, None])
         else:
             m_new = tl.maximum(m_i, tl.max(logits, 1) + bias_c)
-            p = tl.exp2(logits * LOG2E + ((bias_c - m_new) * LOG2E)[:, None])
+            p = _biased_exp(logits, bias_c, m_new[:, None])
         alpha = tl.exp2((m_i - m_new) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd).to(DT)

@@ -14,7 +14,6 @@ import triton.language as tl
 
 from .attention_common import (
     FUTURE,
-    LOG2E,
     NEAR,
     NO_BIAS,
     PAST,
@@ -107,9 +106,10 @@ def _dkdv_inner_tiles(
         logits_t = tl.dot(kk, tl.trans(qq), input_precision=PRECISION)
         lse = tl.load(Lse + rows)
         if REGION == NEAR:
-            p_t = _biased_exp(logits_t, _near_bias(Tiles, tile_of, start, kk.shape[0], BLOCK_M), lse[None, :])
+            bias = _near_bias(Tiles, tile_of, start, kk.shape[0], BLOCK_M)
         else:
-            p_t = tl.exp2(logits_t * LOG2E + ((bias_c - lse) * LOG2E)[None, :])
+            bias = bias_c
+        p_t = _biased_exp(logits_t, bias, lse[None, :])
         do = tl.load(DO + rows[:, None] * stride_ot + dims[None, :] * stride_od).to(DT)
         dv = tl.dot(p_t.to(DT), do, dv, input_precision=PRECISION)
         delta = tl.load(Delta + rows)

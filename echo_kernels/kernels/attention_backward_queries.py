@@ -15,7 +15,6 @@ import triton.language as tl
 
 from .attention_common import (
     FUTURE,
-    LOG2E,
     NEAR,
     NO_BIAS,
     PAST,
@@ -120,11 +119,10 @@ def _dq_tiles(
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
         keep = _in_band(rel, left, right) & key_ok[None, :]
         if REGION == NEAR:
-            p = _biased_exp(logits, _near_bias(Tiles, tile_of, start, qq.shape[0], BLOCK_N), lse[:, None])
+            bias = _near_bias(Tiles, tile_of, start, qq.shape[0], BLOCK_N)
         else:
-            logits += _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
-            p = tl.exp2(logits * LOG2E - (lse * LOG2E)[:, None])
-        p = tl.where(keep, p, 0.0)
+            bias = _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
+        p = tl.where(keep, _biased_exp(logits, bias, lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         db_lo, db_hi = _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, REGION, N_DIAG)
@@ -146,7 +144,7 @@ def _dq_inner_tiles(
         cols = start + tl.arange(0, BLOCK_N)
         kk = tl.load(KK + cols[:, None] * HEAD + dims[None, :])
         logits = tl.dot(qq, tl.trans(kk), input_precision=PRECISION)
-        p = tl.exp2(logits * LOG2E + ((bias_c - lse) * LOG2E)[:, None])
+        p = _biased_exp(logits, bias_c, lse[:, None])
         v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd).to(DT)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
