@@ -30,7 +30,8 @@ def breakdown(fn, calls: int = 3) -> dict:
     times summed; the profiler slows them); ops: {op: its own time}, the TOP largest;
     and on a GPU, from the profiler's device activity:
     device_s: the kernels' summed time; span_s: from the first kernel's start to the last one's end
-    (span_s - device_s: the device waiting for the host);
+    (span_s - device_s: the device waiting for the host, an upper bound, since the profiler slows the
+    host too);
     kernels: {kernel name: [seconds, launches]}, the TOP largest by time.
     """
     fn()
