@@ -221,6 +221,48 @@ def test_backward_is_deterministic(use_triton, dq_in_key_pass):
         assert torch.equal(first[name], second[name]), name
 
 
+def _poisoned_empty(empty):
+    """torch.empty whose tensors come filled with NaN (integers with their largest value, bools with
+    True): an output the kernels leave partly unwritten, or scratch they read before writing, shows."""
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        return t.fill_(True if t.dtype == torch.bool else torch.iinfo(t.dtype).max)
+    return poisoned
+
+
+@pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
+@pytest.mark.parametrize("case, rotation", [("rows_without_keys", "no_m"), ("cross_window_offsets", "rope_then_m"),
+                                            ("decode_window", "m_then_rope"), ("global_ragged_pad", "no_m")])
+def test_every_output_is_written(use_triton, monkeypatch, case, rotation, dq_in_key_pass):
+    """Every buffer the launchers allocate starts as NaN: the output, dq, dk, dv and the other gradients
+    still match the float64 reference (rows with no key, key tiles no query reaches, ragged and padded
+    edges, decoding), so the kernels write every element they return and read only what they wrote."""
+    inputs = case_inputs(case, rotation, B=2)
+    B, H, Tq, h = inputs["q"].shape
+    do = torch.randn(B, H, Tq, h, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out_want, want = grads(reference.echo_attention, inputs, torch.float64, do, **options(case, rotation=rotation))
+    with attention_backward.dq_in_key_pass(dq_in_key_pass), monkeypatch.context() as poison:
+        poison.setattr(torch, "empty", _poisoned_empty(torch.empty))
+        out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **options(case, rotation=rotation))
+    assert rel_err(out, out_want) < 1e-5
+    assert_gradients_match(got, want, case, inputs)
+
+
+@pytest.mark.parametrize("Tq, Tk", [(0, 20), (20, 0), (0, 0)])
+def test_empty_sequences(use_triton, Tq, Tk):
+    """No query or no key: the output has its shape (zeros where a query has no key), and every
+    gradient is zeros of its input's shape (each an empty sum)."""
+    inputs = make_inputs(Tq=Tq, Tk=Tk)
+    do = torch.randn(1, 2, Tq, 32, dtype=torch.float64)
+    out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=4)
+    assert out.shape == (1, 2, Tq, 32) and torch.equal(out, torch.zeros_like(out))
+    assert sorted(got) == sorted(GRAD_NAMES)
+    for name, g in got.items():
+        assert g.shape == inputs[name].shape and torch.equal(g, torch.zeros_like(g)), name
+
+
 def test_key_pass_sums_dq_by_groups_of_key_tiles(use_triton, monkeypatch):
     """The dk/dv pass summing dq, one (batch, head) split into 3 programs of key tiles (5 tiles: 2, 2
     and 1), each with its own dq sum: no dq pass launches (each pass takes its row once), every

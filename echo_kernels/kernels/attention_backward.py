@@ -232,14 +232,17 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     Tk = k.shape[2]
     half = h // 2
     dev = q.device
-    dq = torch.zeros((B, H, Tq, h), dtype=q.dtype, device=dev)
-    dk = torch.zeros((B, H, Tk, h), dtype=k.dtype, device=dev)
-    dv = torch.zeros((B, H, Tk, h), dtype=v.dtype, device=dev)
-    n_rel = (bias.shape[0] + 1) // 2 if bias is not None else 1
     if Tq == 0 or Tk == 0 or B * H == 0:
         dbias = torch.zeros_like(bias) if bias is not None else None
         dM = torch.zeros_like(M) if M is not None else None
-        return dq, dk, dv, dM, torch.zeros_like(w), torch.zeros((), device=dev), dbias
+        return (torch.zeros(q.shape, dtype=q.dtype, device=dev), torch.zeros(k.shape, dtype=k.dtype, device=dev),
+                torch.zeros(v.shape, dtype=v.dtype, device=dev), dM, torch.zeros_like(w), torch.zeros((), device=dev),
+                dbias)
+    # every element written: dv by the dk/dv pass, dk by the unrope pass, dq by the unrotate pass (each
+    # stores its whole tile, zeros where no pair reaches; tests/test_attention.py starts them as NaN)
+    dq = torch.empty((B, H, Tq, h), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, H, Tk, h), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, H, Tk, h), dtype=v.dtype, device=dev)
 
     P, has_p = p_arg(M, layout, q.dtype, dev)
     scale = 1.0 / math.sqrt(h)

@@ -309,9 +309,9 @@ def folded_p(M: torch.Tensor, layout: str) -> torch.Tensor:
 
 def p_arg(M: torch.Tensor | None, layout: str, dtype: torch.dtype, device) -> tuple[torch.Tensor, bool]:
     """(P, HAS_P) for the kernels: P~ in the dot type of `dtype` inputs, or without M a one-element
-    placeholder that only carries that type."""
+    placeholder that only carries that type (never read: no fill, no launch)."""
     if M is None:
-        return torch.zeros(1, dtype=dot_dtype(dtype), device=device), False
+        return torch.empty(1, dtype=dot_dtype(dtype), device=device), False
     return folded_p(M, layout).to(dot_dtype(dtype)), True
 
 
