@@ -235,9 +235,8 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     if Tq == 0 or Tk == 0 or B * H == 0:
         dbias = torch.zeros_like(bias) if bias is not None else None
         dM = torch.zeros_like(M) if M is not None else None
-        return (torch.zeros(q.shape, dtype=q.dtype, device=dev), torch.zeros(k.shape, dtype=k.dtype, device=dev),
-                torch.zeros(v.shape, dtype=v.dtype, device=dev), dM, torch.zeros_like(w), torch.zeros((), device=dev),
-                dbias)
+        return (q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), dM, torch.zeros_like(w),
+                torch.zeros((), device=dev), dbias)
     # every element written: dv by the dk/dv pass, dk by the unrope pass, dq by the unrotate pass (each
     # stores its whole tile, zeros where no pair reaches; tests/test_attention.py starts them as NaN)
     dq = torch.empty((B, H, Tq, h), dtype=q.dtype, device=dev)
