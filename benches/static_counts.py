@@ -123,8 +123,9 @@ def per_loop(calls: list[int], loops: int, name: str) -> list[int]:
 
 
 def static_counts() -> dict[str, dict]:
-    """{pass: launch, registers, spilled bytes, main loops' instructions, their iterations per (batch,
-    head), warps and total warp-instructions} (the counting child runs with the interpreter on)."""
+    """{pass: launch, registers, spilled bytes, code (the kernel's SASS instructions), main loops'
+    instructions, their iterations per (batch, head), warps and total warp-instructions} (the counting
+    child runs with the interpreter on)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     child = subprocess.run([sys.executable, __file__, "--count"], env=env, capture_output=True, text=True,
                            check=True)
@@ -134,7 +135,7 @@ def static_counts() -> dict[str, dict]:
         loops = [loop.instructions for loop in report.main_loops]
         iterations = per_loop(calls[name], len(loops), name)
         counts[name] = dict(launch=report.launch, registers=report.registers, spilled=report.spilled_bytes,
-                            loops=loops, iterations=iterations, warps=warps,
+                            code=report.code, loops=loops, iterations=iterations, warps=warps,
                             total=warps * sum(i * n for i, n in zip(iterations, loops)))
     return counts
 
@@ -152,8 +153,8 @@ def main() -> None:
     print(f"Triton {triton.__version__}, sm_{ARCH}: B {B}, H {H}, T {T}, h {HEAD}, bf16, n {N_REL}, global, "
           f"no padding; warp-instructions per (batch, head) in the main loops")
     for name, c in counts.items():
-        print(f"{name:14s} {c['launch']:>16s}  regs {c['registers']:3d}  spill {c['spilled']:3d}  loops {c['loops']}  "
-              f"iterations {c['iterations']}  total {c['total']:,}")
+        print(f"{name:14s} {c['launch']:>16s}  regs {c['registers']:3d}  spill {c['spilled']:3d}  code {c['code']:5d}  "
+              f"loops {c['loops']}  iterations {c['iterations']}  total {c['total']:,}")
     total = {name: c["total"] for name, c in counts.items()}
     fwd = total["forward"] / total["plain forward"]
     bwd = (total["dq"] + total["dkdv"]) / (total["plain dq"] + total["plain dkdv"])

@@ -6,8 +6,9 @@ target's tile table) and this module compiles them for it, each specialised as t
 specialises that launch at Echo's real shapes (unit strides as constexpr 1, integers and pointers
 divisible by 16 marked so), and reads back what matters for speed: shared memory, registers, spilled
 (local) bytes, CTAs per SM, whether `tl.dot` became tensor-core instructions (mma on sm_80, wgmma on
-sm_90), and what each main loop executes (echo_kernels.sass: instructions, tensor-core ones,
-synchronous vs asynchronous global loads, exp2 and sin/cos on the special-function unit).
+sm_90), the size of its code, and what each main loop executes (echo_kernels.sass: instructions,
+tensor-core ones, synchronous vs asynchronous global loads, exp2 and sin/cos on the special-function
+unit).
 
     python -m echo_kernels.aot            # the two tables for every kernel, both targets
     python -m echo_kernels.aot --json f   # the same as JSON
@@ -105,6 +106,7 @@ class CompileReport:
     ctas_per_sm: int  # CTAs resident on one SM at once (registers, shared memory, threads)
     launch: str  # block sizes, warps, stages: "128x64/8w/2s" (launch_shape)
     main_loops: list[sass.LoopCounts]  # the loops that hold tensor-core instructions, in address order
+    code: int  # SASS instructions of the whole kernel: what a program's instruction fetches draw from
 
     @classmethod
     def from_dict(cls, row: dict) -> "CompileReport":
@@ -290,7 +292,7 @@ def _compile(spec: KernelSpec, arch: int, launch: tuple[tuple, dict] | None = No
 
 
 def _report(spec: KernelSpec, arch: int, compiled, usage: tuple[int, int, int],
-            main_loops: list[sass.LoopCounts]) -> CompileReport:
+            listing: tuple[list[sass.LoopCounts], int]) -> CompileReport:
     ptx = compiled.asm["ptx"]
     registers, spilled, stack = usage
     return CompileReport(
@@ -303,8 +305,9 @@ def _report(spec: KernelSpec, arch: int, compiled, usage: tuple[int, int, int],
         mma=bool(re.search(r"\b(mma|wgmma)\.", ptx)),
         wgmma="wgmma." in ptx,
         ctas_per_sm=sass.ctas_per_sm(arch, registers, compiled.metadata.shared, spec.num_warps),
-        main_loops=main_loops,
+        main_loops=listing[0],
         launch=launch_shape(spec),
+        code=listing[1],
     )
 
 
@@ -317,15 +320,17 @@ def launch_shape(spec: KernelSpec) -> str:
     return f"{'x'.join(sizes) or '-'}/{spec.num_warps}w/{spec.num_stages}s"
 
 
-def _main_loops(compiled) -> list[sass.LoopCounts]:
-    return sass.main_loops(sass.disassemble(compiled.asm["cubin"]))
+def _sass_counts(compiled) -> tuple[list[sass.LoopCounts], int]:
+    """(its main loops' counts, its size in instructions) of a compiled kernel's SASS."""
+    listing = sass.disassemble(compiled.asm["cubin"])
+    return sass.main_loops(listing), sass.code_size(listing)
 
 
 def compile_spec(spec: KernelSpec, arch: int, launch: tuple[tuple, dict] | None = None) -> CompileReport:
     """Compile one launch for compute capability `arch` (80, 90) and report on it. launch: the
     (args, kwargs) of a real launch of a kernel that Echo's launchers do not make."""
     compiled = _compile(spec, arch, launch)
-    return _report(spec, arch, compiled, _ptxas_usage(compiled.asm["ptx"]), _main_loops(compiled))
+    return _report(spec, arch, compiled, _ptxas_usage(compiled.asm["ptx"]), _sass_counts(compiled))
 
 
 def all_specs(arch: int) -> list[KernelSpec]:
@@ -346,9 +351,9 @@ def _compile_all(arches) -> list[CompileReport]:
     # ptxas and nvdisasm run as child processes per kernel: in parallel, one per core.
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         usages = list(pool.map(_ptxas_usage, [c.asm["ptx"] for c in compiled]))
-        loops = list(pool.map(_main_loops, compiled))
-    return [_report(spec, arch, c, usage, main_loops)
-            for (spec, arch), c, usage, main_loops in zip(jobs, compiled, usages, loops)]
+        listings = list(pool.map(_sass_counts, compiled))
+    return [_report(spec, arch, c, usage, listing)
+            for (spec, arch), c, usage, listing in zip(jobs, compiled, usages, listings)]
 
 
 def _interpreted() -> bool:
@@ -411,13 +416,13 @@ def table(rows: list[CompileReport], version: str) -> str:
     """The report as committed (benches/results/aot-report*.txt; recorded_spills and recorded_loops
     read it back): per launch, then per main loop of each launch."""
     lines = [f"Triton {version}; spill = ptxas spill stores, stack = stack frame (bytes), "
-             "ctas = CTAs per SM, launch = block sizes / warps / stages", "",
+             "ctas = CTAs per SM, launch = block sizes / warps / stages, code = SASS instructions of the kernel", "",
              f"{'kernel':40} {'sm':>3} {'shared':>8} {'regs':>5} {'spill':>6} {'stack':>6} {'mma':>4} {'wgmma':>6} "
-             f"{'ctas':>5} {'launch':>16}"]
+             f"{'ctas':>5} {'launch':>16} {'code':>6}"]
     for r in rows:
         lines.append(f"{r.name:40} {r.arch:>3} {r.shared_bytes:>8} {r.registers:>5} {r.spilled_bytes:>6} "
                      f"{r.stack_bytes:>6} {'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6} "
-                     f"{r.ctas_per_sm:>5} {r.launch:>16}")
+                     f"{r.ctas_per_sm:>5} {r.launch:>16} {r.code:>6}")
     lines += ["", "Main loops (SASS, the innermost loops with tensor-core instructions, static counts per "
               "loop body): instr = all, tc = tensor-core, sync / async = global loads waited on / copied "
               "asynchronously (cp.async, TMA), ex2 and sincos on the MUFU", "",

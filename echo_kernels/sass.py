@@ -107,6 +107,11 @@ def _spans_and_counts(sass: str) -> tuple[list[tuple[int, int]], list[LoopCounts
     return spans, [count([ins for ins in instructions if a <= ins.address <= b]) for a, b in spans]
 
 
+def code_size(sass: str) -> int:
+    """The instructions of a listing, every one a program may fetch (16 bytes each from sm_70 on)."""
+    return len(parse(sass)[0])
+
+
 def main_loops(sass: str) -> list[LoopCounts]:
     """Counts of each main loop (main_loop_spans), in address order."""
     return _spans_and_counts(sass)[1]

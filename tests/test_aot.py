@@ -45,9 +45,6 @@ SPILLING_LAUNCHES = {("rotary_bwd_h80_bf16_half_split", 80), ("rotary_bwd_h128_b
 # third product per query tile and the bias table's sums; no shape tried spills nothing. No tile table
 # runs it (DQ_IN_KEY_PASS): the GPU benches time it against the dk/dv and dq passes.
 SPILLING_LAUNCHES |= {(f"attention_bwd_dkdv_dq_h{h}_{dt}", 90) for h in (32, 64, 128) for dt in ("bf16", "fp16")}
-# And the forward at h = 128 on sm_90 in bf16: 4 bytes, an address stored before its key loops and
-# loaded after them (none inside a main loop), since its masked loops take p by one fused multiply-add.
-SPILLING_LAUNCHES |= {("attention_fwd_h128_bf16", 90)}
 
 
 def test_ci_triton_launches_spill_nothing():

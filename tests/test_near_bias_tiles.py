@@ -36,13 +36,16 @@ def test_each_tile_is_the_bias_at_its_offsets_and_every_near_tile_has_one(block_
     bias = torch.randn(2 * n - 1, heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     tiles, first = near_bias_tiles(bias.to(DEVICE, torch.float32), n, offset, block_m, block_n)
     step = min(block_m, block_n)
-    count = tiles.shape[1]
-    assert tiles.shape == (heads, count, block_m, block_n) and tiles.dtype == torch.float32
+    count = tiles.shape[1] - 2  # the NEAR tiles, then the two ends' constants
+    assert tiles.shape == (heads, count + 2, block_m, block_n) and tiles.dtype == torch.float32
 
     # tile t holds bias[clamp(i - j)] at i - j = first + step t + r - c, entry (r, c)
     want = torch.stack([reference.relative_bias(bias, first + step * t + torch.arange(block_m), torch.arange(block_n))
                         for t in range(count)], 1)
-    assert torch.equal(tiles.cpu(), want.float())
+    assert torch.equal(tiles[:, :count].cpu(), want.float())
+    # then the PAST end row (i - j >= n - 1) and the FUTURE one (i - j <= 1 - n), each one value per head
+    ends = bias[[2 * n - 2, 0]].T.float()  # (heads, 2)
+    assert torch.equal(tiles[:, count:].cpu(), ends[:, :, None, None].expand(heads, 2, block_m, block_n))
 
     # The pairs a forward launch makes: query tiles from row offset (positions minus the key offset),
     # key tiles from column 0. A pair is NEAR unless all its i - j >= n - 1 or all <= 1 - n; its
@@ -64,13 +67,13 @@ def test_the_reversed_table_holds_the_key_pass_tiles(block_m, block_n, n, offset
     bias = torch.randn(2 * n - 1, heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     tiles, first = near_bias_tiles(bias.flip(0).to(DEVICE, torch.float32), n, -offset, block_n, block_m)
     step = min(block_m, block_n)
-    count = tiles.shape[1]
-    assert tiles.shape == (heads, count, block_n, block_m)
+    count = tiles.shape[1] - 2  # the NEAR tiles, then the two ends' constants
+    assert tiles.shape == (heads, count + 2, block_n, block_m)
 
     # queries r, keys first + step t + c: i - j = r - c - (first + step t), transposed to (keys, queries)
     want = torch.stack([reference.relative_bias(bias, torch.arange(block_m), first + step * t + torch.arange(block_n))
                         for t in range(count)], 1).transpose(2, 3)
-    assert torch.equal(tiles.cpu(), want.float())
+    assert torch.equal(tiles[:, :count].cpu(), want.float())
 
     # key tiles from column 0, query tiles from row offset: j - i = c0 - offset - r0 at the top-left entry
     deltas = {col - offset - row for row in range(0, 8 * block_m, block_m) for col in range(0, 8 * block_n, block_n)}

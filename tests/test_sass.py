@@ -38,6 +38,10 @@ def test_parse_reads_addresses_opcodes_and_labels():
     assert labels == {".L_x_0": 0x30, ".L_x_1": 0x70, ".L_x_2": 0xC0, ".L_x_3": 0xE0}
 
 
+def test_code_size_counts_every_instruction():
+    assert sass.code_size(SASS) == 15 and sass.code_size("") == 0
+
+
 def test_loops_are_backward_branches():
     assert sass.loops(*sass.parse(SASS)) == [(0x30, 0xB0), (0x70, 0x90), (0xC0, 0xD0)]
 

@@ -11,12 +11,15 @@ with q' and k' as the launcher is given them (docs/model.md, Attention):
 echo_kernels.attention multiplies them first.)
 
 The kernel never forms q' and k'. Since q' k'^T = RoPE(q) (M M^T) RoPE(k)^T, the launcher folds
-P = M M^T / sqrt(h) once per call, each query tile computes q'' = RoPE(q) @ P on chip (inner dim h),
-and the keys only need RoPE(k): one memory-bound pass (_rope_keys_kernel) writes it once per call as
-contiguous [a | b] rows in the dot type, so that the key loops read plain contiguous tiles, which the
-compiler pipelines as asynchronous copies, and spend no sine or cosine per visit. Without M
-(HAS_P false) q'' = RoPE(q) / sqrt(h): the only products left are attention's own, q'' RoPE(k)^T
-and p v. The gradients are still those of the formula above (the backward goes through P back to M).
+P = M M^T / sqrt(h) once per call, and the keys only need RoPE(k). One memory-bound pass
+(_rope_rows_kernel, rotated_rows) writes each once per call as contiguous [a | b] rows in the dot type:
+RoPE(k), and q'' = RoPE(q) @ P (inner dim h), or RoPE(q) / sqrt(h) without M. The attention kernel
+then loads its query tile and its key tiles as plain contiguous tiles, which the compiler pipelines as
+asynchronous copies, and spends no sine or cosine at all; nor does its code hold a rotation (the sines
+and cosines of a query tile's, inlined per element with their slow paths, were most of the code a
+program ran before its first key tile: docs/model.md, Kernels). The only products left are attention's
+own, q'' RoPE(k)^T and p v, each one product of whole rows. The gradients are still those of the
+formula above (the backward goes through P back to M).
 
 RoPE is done on even/odd columns loaded as two (BLOCK, h/2) tiles, so registers are never
 de-interleaved: a = x_even cos - x_odd sin, b = x_even sin + x_odd cos. The layout (half_split or
@@ -33,13 +36,16 @@ Windows are two ints, left and right (key j kept iff i - left <= j <= i + right,
 positions); unbounded sides are a large sentinel, causal is right = min(right, 0). Each query tile
 loops only over the key tiles the band reaches, so local attention costs O(T w).
 
-Masks are paid only where they can bite, as Triton's fused-attention tutorial stages its loops: a key
-tile wholly inside the band of every query of the tile, whole (before Tk) and before the batch's first
-padded key runs a loop with no mask arithmetic and no mask load, its bias one value per region folded
-into the exponent, or near the diagonal, where the clamp lets it vary, a tile of it read whole from a
-table written once per call (near_bias_tiles); the band's edges, the ragged last tile and the tiles
-from the first padded key on take the masked loop (and so do all of decoding's tiles near the diagonal,
-which gather their bias).
+Masks are paid only where they can bite, as Triton's fused-attention tutorial stages its loops, in three
+loops, so that the kernel's code stays small (each loop is a copy of its body, with the software
+pipeliner's prologue and epilogue). Key tiles wholly inside the band of every query of the tile, whole
+(before Tk) and before the batch's first padded key run the two loops with no mask arithmetic and no
+mask load: first those on both far sides of the diagonal, whose bias is one value per side (PAST, then
+FUTURE), folded into the exponent; then those near the diagonal (NEAR), where the clamp lets it vary,
+each reading a tile of it whole from a table written once per call (near_bias_tiles; decoding's short
+query tiles gather it). The band's two edges, the ragged last tile and the tiles from the first padded
+key on take the masked loop, one loop for all of them, whose bias is always a tile of that table (the
+NEAR tiles', or one of the two constant tiles after them), or with no table a gather.
 """
 
 from __future__ import annotations
@@ -55,9 +61,9 @@ from .attention_common import (
     FUTURE,
     LOG2E,
     NEAR,
-    NO_BIAS,
     PAST,
     _bias_arg,
+    _bias_table_tile,
     _bias_tile,
     _biased_exp,
     _head_bias_tiles,
@@ -66,11 +72,11 @@ from .attention_common import (
     _key_ok,
     _key_range,
     _load_p,
-    _load_pairs,
     _near_bias,
+    _near_tile,
     _pad_arg,
     _rope_angles,
-    _rotated_k,
+    _rotated_rows,
     _split_regions,
     _tile_and_head,
     p_arg,
@@ -87,34 +93,49 @@ from .spec import KernelSpec, signature_of
 
 
 @triton.jit
-def _rope_keys_kernel(
-    K, W, S, KK, stride_kb, stride_kh, stride_kt, stride_kd, H, Tk, k_off, n_tiles,
-    HEAD: tl.constexpr, BLOCK: tl.constexpr,
+def _rope_rows_kernel(
+    X, P, W, S, XX, stride_xb, stride_xh, stride_xt, stride_xd, H, T, x_off, scale, n_tiles,
+    HEAD: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """RoPE(k) of one (BLOCK) key tile of one (batch, head): KK rows [a | b], contiguous, in KK's type
-    (the dot type, to which the key loops would round it anyway). BLOCK is the forward's key tile and
-    the angles are taken by the same angle addition from the tile's first position as the backward's
-    key tiles take them: the backward recomputes the forward's probabilities from the very same k'."""
+    """One (BLOCK) tile of rows of one (batch, head), rotated: XX rows [a | b] * scale, or [a b] @ P~
+    with HAS_P (the queries' q'' in the "rope_then_m" order), contiguous, in XX's type (the dot type, to
+    which the loops would round them anyway). The angles are taken by angle addition from the tile's
+    first position; every pass that reads these rows, forward or backward, reads this pass's output, so
+    all of them multiply the very same q'' and k'."""
     HALF: tl.constexpr = HEAD // 2
+    DT = XX.dtype.element_ty
     pid_t, pid_bh = _tile_and_head(n_tiles)
-    K += (pid_bh // H) * stride_kb + (pid_bh % H) * stride_kh
+    X += (pid_bh // H) * stride_xb + (pid_bh % H) * stride_xh
     s = tl.load(S).to(tl.float32)
-    cols = pid_t * BLOCK + tl.arange(0, BLOCK)
+    rows = pid_t * BLOCK + tl.arange(0, BLOCK)
     cos0, sin0 = _rope_angles(tl.arange(0, BLOCK), s, W, HALF)
-    ak, bk = _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, k_off + pid_t * BLOCK, s, W, HALF)
-    offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
-    mask = cols[:, None] < Tk
-    tl.store(KK + offs, ak.to(KK.dtype.element_ty), mask=mask)
-    tl.store(KK + offs + HALF, bk.to(KK.dtype.element_ty), mask=mask)
+    a, b = _rotated_rows(X, rows, T, stride_xt, stride_xd, cos0, sin0, x_off + pid_t * BLOCK, s, W, HALF)
+    if HAS_P:
+        p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
+        xa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)
+        xa = tl.dot(b.to(DT), p_ba, xa, input_precision=PRECISION)
+        xb = tl.dot(a.to(DT), p_ab, input_precision=PRECISION)
+        xb = tl.dot(b.to(DT), p_bb, xb, input_precision=PRECISION)
+    else:
+        xa = a * scale
+        xb = b * scale
+    offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+    mask = rows[:, None] < T
+    tl.store(XX + offs, xa.to(DT), mask=mask)
+    tl.store(XX + offs + HALF, xb.to(DT), mask=mask)
 
 
 @triton.jit
 def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_tiles,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr):
-    """One (BLOCK_M, BLOCK_N) fp32 tile of the bias of one head at the offset i - j = first + STEP * t of its
-    top-left entry: Tiles[head, t], by the gather (_bias_tile) that decoding's NEAR tiles run."""
+    """One (BLOCK_M, BLOCK_N) fp32 tile of the bias of one head, Tiles[head, t], by the gather (_bias_tile)
+    that decoding's NEAR tiles run: for t < n_tiles - 2 at the offset i - j = first + STEP * t of its
+    top-left entry; the last two, every entry clamped to one end row (PAST, then FUTURE)."""
     pid_t, hd = _tile_and_head(n_tiles)
-    rel = first + pid_t * STEP + tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]
+    n_near = n_tiles - 2
+    top_left = tl.where(pid_t < n_near, first + pid_t * STEP, tl.where(pid_t == n_near, n_rel + BLOCK_N,
+                                                                      -n_rel - BLOCK_M))
+    rel = top_left + tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]
     bias = _bias_tile(rel, Bias, stride_br, hd * stride_bh, n_rel, NEAR)
     offs = (hd * n_tiles + pid_t) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N \
         + tl.arange(0, BLOCK_N)[None, :]
@@ -122,34 +143,44 @@ def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_tiles,
 
 
 @triton.jit
+def _plus_bias(logits, bias):
+    """logits + bias for a bias that varies per pair, as a fused multiply-add by 1 (which the compiler makes
+    an addition again): written as an addition to a product's result, Triton makes the bias that product's
+    accumulator, and its software pipeliner leaves a load that feeds only an accumulator synchronous."""
+    return tl.fma(logits, 1.0, bias)
+
+
+@triton.jit
 def _fwd_tiles(
-    acc, m_i, l_i, lo, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
-    stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
+    acc, m_i, l_i, lo, hi, skip_at, skip, q, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of,
+    n_bias_tiles, near_lo, near_hi, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
+    HEAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Online softmax over the key tiles starting at lo, lo + BLOCK_N, ... < hi (one bias region).
-    KK: this head's RoPE(k) rows [a | b], contiguous, in the dot type. With BIAS_TILES, a NEAR tile's bias
-    is the tile of this head's table (_near_bias) at offset tile_of - start, else a gather."""
-    DT = qa.dtype
-    half = tl.arange(0, HALF)
+    """Online softmax over the key tiles that masks can bite, in one loop: starts lo, lo + BLOCK_N, ... < hi,
+    those from skip_at moved on by skip (the band's two edges, one after the other).
+    KK: this head's RoPE(k) rows [a | b], contiguous, in the dot type. The bias: with BIAS_TILES a tile of
+    this head's table (near_bias_tiles), a NEAR tile's (those starting in [near_lo, near_hi)) at offset
+    tile_of - start, before them the PAST constant tile, after them the FUTURE one; else a gather."""
+    DT = q.dtype
     dims = tl.arange(0, HEAD)
-    for start in range(lo, hi, BLOCK_N):
+    for tile_start in range(lo, hi, BLOCK_N):
+        start = tile_start + tl.where(tile_start >= skip_at, skip, 0)
         cols = start + tl.arange(0, BLOCK_N)
         # a padded key's k only reaches its own logits, which the mask replaces
-        k_offs = cols[:, None] * HEAD + half[None, :]
-        ak = tl.load(KK + k_offs, mask=cols[:, None] < Tk, other=0.0)
-        bk = tl.load(KK + k_offs + HALF, mask=cols[:, None] < Tk, other=0.0)
-        logits = tl.dot(qa, tl.trans(ak), input_precision=PRECISION)
-        logits = tl.dot(qb, tl.trans(bk), logits, input_precision=PRECISION)
+        k = tl.load(KK + cols[:, None] * HEAD + dims[None, :], mask=cols[:, None] < Tk, other=0.0)
+        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
         keep = _in_band(rel, left, right) & key_ok[None, :]
-        if REGION == NEAR and BIAS_TILES:
-            bias = _near_bias(Tiles, tile_of, start, qa.shape[0], BLOCK_N)
-        else:
-            bias = _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
-        logits = tl.where(keep, logits + bias, float("-inf"))
+        if HAS_BIAS and BIAS_TILES:
+            n_near = n_bias_tiles - 2
+            tile = tl.where(start < near_lo, n_near, tl.where(start >= near_hi, n_near + 1,
+                                                              _near_tile(tile_of, start, q.shape[0], BLOCK_N)))
+            logits = _plus_bias(logits, _bias_table_tile(Tiles, tile, q.shape[0], BLOCK_N))
+        elif HAS_BIAS:
+            logits = _plus_bias(logits, _bias_tile(rel, Bias, stride_br, head_off, n_rel, NEAR))
+        logits = tl.where(keep, logits, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 1))
         # Rows that have seen no key yet keep m = -inf; shift them by 0 so that exp gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -169,24 +200,31 @@ def _fwd_tiles(
 
 @triton.jit
 def _fwd_inner_tiles(
-    acc, m_i, l_i, lo, hi, qa, qb, KK, V, bias_c, Tiles, tile_of, stride_vt, stride_vd,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
-    PRECISION: tl.constexpr,
+    acc, m_i, l_i, lo, hi, skip_at, skip, bias_lo, bias_hi, q, qpos, KK, V, Bias, stride_br, head_off, n_rel,
+    Tiles, tile_of, stride_vt, stride_vd, k_off,
+    HEAD: tl.constexpr, BLOCK_N: tl.constexpr, NEAR_TILES: tl.constexpr,
+    BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """_fwd_tiles for key tiles wholly inside the band, before Tk and before any padded key: no mask
-    at all. The bias: in a NEAR region, each tile's from the table (_near_bias); in the others, the
-    region's one value bias_c (0 without a table), folded into the exponent."""
-    DT = qa.dtype
-    half = tl.arange(0, HALF)
+    """_fwd_tiles for key tiles wholly inside the band, before Tk and before any padded key: no mask at
+    all. Starts lo, lo + BLOCK_N, ... < hi, those from skip_at moved on by skip. The bias: NEAR_TILES,
+    each tile's from the table (_near_bias), or with no table (decoding) gathered; else one value per
+    tile, bias_lo before skip_at and bias_hi from it (the PAST tiles before the diagonal and the FUTURE
+    ones after it in one loop; 0 without a table), folded into the exponent."""
+    DT = q.dtype
     dims = tl.arange(0, HEAD)
-    for start in range(lo, hi, BLOCK_N):
+    for tile_start in range(lo, hi, BLOCK_N):
+        bias_c = tl.where(tile_start >= skip_at, bias_hi, bias_lo)
+        start = tile_start + tl.where(tile_start >= skip_at, skip, 0)
         cols = start + tl.arange(0, BLOCK_N)
-        k_offs = cols[:, None] * HEAD + half[None, :]
-        logits = tl.dot(qa, tl.trans(tl.load(KK + k_offs)), input_precision=PRECISION)
-        logits = tl.dot(qb, tl.trans(tl.load(KK + k_offs + HALF)), logits, input_precision=PRECISION)
+        k = tl.load(KK + cols[:, None] * HEAD + dims[None, :])
+        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         # every row sees every key of the tile, so the maximum is finite: no guard against -inf
-        if REGION == NEAR:
-            logits += _near_bias(Tiles, tile_of, start, qa.shape[0], BLOCK_N)
+        if NEAR_TILES:
+            if BIAS_TILES:
+                logits = _plus_bias(logits, _near_bias(Tiles, tile_of, start, q.shape[0], BLOCK_N))
+            else:
+                logits = _plus_bias(logits, _bias_tile(qpos[:, None] - (k_off + cols)[None, :], Bias, stride_br,
+                                                       head_off, n_rel, NEAR))
             m_new = tl.maximum(m_i, tl.max(logits, 1))
             p = tl.exp2(logits * LOG2E - (m_new * LOG2E)[:, None])
         else:
@@ -201,78 +239,33 @@ def _fwd_inner_tiles(
 
 
 @triton.jit
-def _fwd_region(
-    acc, m_i, l_i, lo, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles,
-    tile_of, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
-    HALF: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
-    HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The key tiles lo, ... < hi of one region (its bias one value: PAST, FUTURE, NO_BIAS; or NEAR's from
-    the table, BIAS_TILES), as the tutorial stages its loops: the tiles in [inner_lo, inner_hi) (tile
-    starts on lo's grid) by the loop with no mask, the edges before and after by the masked one."""
-    a = tl.minimum(tl.maximum(inner_lo, lo), hi)
-    b = tl.maximum(tl.minimum(inner_hi, hi), a)
-    acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, lo, a, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
-        stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, BIAS_TILES,
-        PRECISION)
-    if REGION == NEAR:
-        bias_c = 0.0  # each tile's bias comes from the table
-    else:
-        bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
-    acc, m_i, l_i = _fwd_inner_tiles(
-        acc, m_i, l_i, a, b, qa, qb, KK, V, bias_c, Tiles, tile_of, stride_vt, stride_vd, HALF, HEAD, BLOCK_N,
-        REGION, PRECISION)
-    acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, b, hi, qa, qb, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Pad, pad_off,
-        stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N, REGION, HAS_PAD, BIAS_TILES,
-        PRECISION)
-    return acc, m_i, l_i
-
-
-@triton.jit
 def _attn_fwd_kernel(
-    Q, KK, V, P, W, S, Bias, Tiles, Pad, PadStart, Out, Lse,
-    stride_qb, stride_qh, stride_qt, stride_qd,
+    QQ, KK, V, Bias, Tiles, Pad, PadStart, Out, Lse,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off, k_off, scale, n_tiles,
-    HEAD: tl.constexpr, HAS_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off, k_off, n_tiles,
+    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BIAS_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One (BLOCK_M, HEAD) query tile of one (batch, head): Out tile and its log-sum-exp.
 
-    KK: RoPE(k) from _rope_keys_kernel, (B, H, Tk, h) contiguous in the dot type;
-    P: the folded (h, h) P~ when HAS_P, else a placeholder whose element type is the dot type;
+    QQ: q'' from rotated_rows, (B, H, Tq, h) contiguous rows [q''_A | q''_B] in the dot type;
+    KK: RoPE(k) from rotated_rows, (B, H, Tk, h) contiguous rows [a | b] in the dot type;
     Tiles: with BIAS_TILES, (H, n_bias_tiles, BLOCK_M, BLOCK_N) fp32, the bias of the NEAR tiles from
     near_bias_tiles, the tile t at i - j = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left entry;
-    PadStart: (B,) int32, each batch's first padded key (Tk if none), read when HAS_PAD;
-    scale: 1 / sqrt(h), applied to RoPE(q) when there is no P (P~ holds it otherwise)."""
-    HALF: tl.constexpr = HEAD // 2
-    DT = P.dtype.element_ty  # operand type of every tl.dot (fp32 under the interpreter for bf16)
+    PadStart: (B,) int32, each batch's first padded key (Tk if none), read when HAS_PAD."""
     pid_m, pid_bh = _tile_and_head(n_tiles)
     b = pid_bh // H
     hd = pid_bh % H
-    Q += b * stride_qb + hd * stride_qh
     KK += pid_bh * Tk * HEAD
     V += b * stride_vb + hd * stride_vh
-    s = tl.load(S).to(tl.float32)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qpos = q_off + rows
-    x1, x2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
-    cos, sin = _rope_angles(qpos, s, W, HALF)
-    a = x1 * cos - x2 * sin
-    bq = x1 * sin + x2 * cos
-    if HAS_P:
-        p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
-        qa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)
-        qa = tl.dot(bq.to(DT), p_ba, qa, input_precision=PRECISION).to(DT)
-        qb = tl.dot(a.to(DT), p_ab, input_precision=PRECISION)
-        qb = tl.dot(bq.to(DT), p_bb, qb, input_precision=PRECISION).to(DT)
-    else:
-        qa = (a * scale).to(DT)
-        qb = (bq * scale).to(DT)
+    # a plain load: rotated_rows has rotated the queries (and multiplied them by P~), and since q'' and
+    # RoPE(k) both hold their rows as [A | B], q''_A a_k + q''_B b_k is one product of whole rows
+    q = tl.load(QQ + pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :], mask=rows[:, None] < Tq,
+                other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -283,36 +276,40 @@ def _attn_fwd_kernel(
     if HAS_PAD:
         k_end = tl.minimum(k_end, tl.load(PadStart + b))
     inner_lo, inner_hi = _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M, BLOCK_N)
+    # no mask can bite the tiles in [inner, inner_end); those before and after take the masked loop
+    inner = tl.minimum(tl.maximum(inner_lo, lo), hi)
+    inner_end = tl.maximum(tl.minimum(inner_hi, hi), inner)
+    # the NEAR tiles start in [d1, d2): PAST ones before, FUTURE ones after (no table: none is NEAR)
     if HAS_BIAS:
         d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
                                 q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
-        acc, m_i, l_i = _fwd_region(
-            acc, m_i, l_i, lo, d1, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
-            Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
-            BLOCK_N, PAST, HAS_PAD, False, PRECISION)
-        # the NEAR tiles' offsets i - j at their top-left entries are q_first - k_off - start, which finds a
-        # tile's place in the table (_near_bias)
-        tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_M, BLOCK_N)
-        tile_of = q_first - k_off - first_bias_tile
-        if BIAS_TILES:  # staged as the one-value regions: tiles inside the band and before any padding unmasked
-            acc, m_i, l_i = _fwd_region(
-                acc, m_i, l_i, d1, d2, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh,
-                n_rel, tiles, tile_of, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
-                HALF, HEAD, BLOCK_N, NEAR, HAS_PAD, True, PRECISION)
-        else:  # decoding: the gather, whose every tile takes the masked loop
-            acc, m_i, l_i = _fwd_tiles(
-                acc, m_i, l_i, d1, d2, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, tiles, tile_of,
-                Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD, BLOCK_N,
-                NEAR, HAS_PAD, False, PRECISION)
-        acc, m_i, l_i = _fwd_region(
-            acc, m_i, l_i, d2, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
-            Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
-            BLOCK_N, FUTURE, HAS_PAD, False, PRECISION)
+        bias_past = _bias_tile(0, Bias, stride_br, hd * stride_bh, n_rel, PAST)
+        bias_future = _bias_tile(0, Bias, stride_br, hd * stride_bh, n_rel, FUTURE)
     else:
-        acc, m_i, l_i = _fwd_region(
-            acc, m_i, l_i, lo, hi, inner_lo, inner_hi, qa, qb, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel,
-            Tiles, 0, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HALF, HEAD,
-            BLOCK_N, NO_BIAS, HAS_PAD, False, PRECISION)
+        d1 = lo
+        d2 = lo
+        bias_past = 0.0
+        bias_future = 0.0
+    near_lo = tl.minimum(tl.maximum(d1, inner), inner_end)
+    near_hi = tl.minimum(tl.maximum(d2, inner), inner_end)
+    # the NEAR tiles' offsets i - j at their top-left entries are q_first - k_off - start, which finds a
+    # tile's place in the table (_near_bias)
+    tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_M, BLOCK_N)
+    tile_of = q_first - k_off - first_bias_tile
+    # Three loops in all, so that the kernel's code stays small: the unmasked tiles of both far sides
+    # (their bias one value per side), the unmasked NEAR tiles, then the band's edges.
+    acc, m_i, l_i = _fwd_inner_tiles(
+        acc, m_i, l_i, inner, inner_end - (near_hi - near_lo), near_lo, near_hi - near_lo, bias_past, bias_future,
+        q, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, tiles, tile_of, stride_vt, stride_vd, k_off,
+        HEAD, BLOCK_N, False, BIAS_TILES, PRECISION)
+    if HAS_BIAS:
+        acc, m_i, l_i = _fwd_inner_tiles(
+            acc, m_i, l_i, near_lo, near_hi, near_hi, 0, 0.0, 0.0, q, qpos, KK, V, Bias, stride_br, hd * stride_bh,
+            n_rel, tiles, tile_of, stride_vt, stride_vd, k_off, HEAD, BLOCK_N, True, BIAS_TILES, PRECISION)
+    acc, m_i, l_i = _fwd_tiles(
+        acc, m_i, l_i, lo, hi - (inner_end - inner), inner, inner_end - inner, q, qpos, KK, V, Bias, stride_br,
+        hd * stride_bh, n_rel, tiles, tile_of, n_bias_tiles, d1, d2, Pad, b * stride_pb, stride_pt, stride_vt,
+        stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N, HAS_BIAS, HAS_PAD, BIAS_TILES, PRECISION)
 
     # A row with no kept key gives zeros and lse = +inf, so that the backward's exp(l - lse) is 0.
     empty = l_i == 0.0
@@ -347,18 +344,22 @@ def default_blocks(h: int, arch: int) -> dict:
     return dict(_FORWARD_BLOCKS[h, arch])
 
 
-def rotated_keys(k: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, k_offset: int, dot_type: torch.dtype,
-                 block: int) -> torch.Tensor:
-    """RoPE(k) for the key loops, by tiles of `block` keys (the forward's BLOCK_N).
-    k: (B, H, Tk, h) any strides -> (B, H, Tk, h) contiguous in dot_type, each row [a | b]
-    (a = k_even cos - k_odd sin, b = k_even sin + k_odd cos)."""
-    B, H, Tk, h = k.shape
-    kk = torch.empty((B, H, Tk, h), dtype=dot_type, device=k.device)
-    n_tiles = triton.cdiv(Tk, block)
-    if kk.numel():  # a memory-bound pass: nothing to pipeline
-        _rope_keys_kernel[(n_tiles * B * H,)](k, w32, s32, kk, *k.stride(), H, Tk, k_offset, n_tiles, HEAD=h,
-                                              BLOCK=block, num_warps=tile_pass_warps(block * h), num_stages=1)
-    return kk
+def rotated_rows(x: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, offset: int, dot_type: torch.dtype,
+                 block: int, P: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """RoPE(x) for the loops, by tiles of `block` rows (the forward's BLOCK_N, whichever pass asks, so that
+    every pass reads the same bits): the keys' k' (scale 1), the queries' q'' = RoPE(q) * scale, or
+    RoPE(q) @ P given P (the folded (h, h) P~ of attention_common.p_arg, which holds the scale).
+    x: (B, H, T, h) any strides -> (B, H, T, h) contiguous in dot_type, each row [a | b]
+    (a = x_even cos - x_odd sin, b = x_even sin + x_odd cos)."""
+    B, H, T, h = x.shape
+    xx = torch.empty((B, H, T, h), dtype=dot_type, device=x.device)
+    n_tiles = triton.cdiv(T, block)
+    if xx.numel():  # a memory-bound pass: nothing to pipeline
+        _rope_rows_kernel[(n_tiles * B * H,)](
+            x, xx if P is None else P, w32, s32, xx, *x.stride(), H, T, offset, scale, n_tiles, HEAD=h,
+            HAS_P=P is not None, BLOCK=block, PRECISION=precision(x.dtype), num_warps=tile_pass_warps(block * h),
+            num_stages=1)
+    return xx
 
 
 def tile_pass_warps(elements: int) -> int:
@@ -380,12 +381,16 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int,
     as (keys, queries) (the backward's dk/dv) takes the table of bias.flip(0) at -offset, block sides
     swapped: bias[clamp(i - j)] = bias.flip(0)[clamp(j - i)].
 
-    Returns (tiles (H, count, block_m, block_n) fp32, first): tile t is the bias at delta = first + step t.
+    After them, two tiles of one value each: the PAST end row bias[2n - 2] and the FUTURE one bias[0], which
+    the forward's masked loop reads for its far tiles, so that one loop serves every region.
+
+    Returns (tiles (H, count + 2, block_m, block_n) fp32, first): tile t < count is the bias at
+    delta = first + step t; tiles count and count + 1 the PAST and FUTURE constants.
     """
     step = min(block_m, block_n)
     lowest = 3 - n_rel - block_m
     first = lowest + (offset - lowest) % step
-    count = (block_n + n_rel - 3 - first) // step + 1
+    count = (block_n + n_rel - 3 - first) // step + 1 + 2
     H = bias.shape[1]
     tiles = torch.empty((H, count, block_m, block_n), dtype=torch.float32, device=bias.device)
     _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, count, BLOCK_M=block_m,
@@ -443,19 +448,19 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     pad_start = first_padded_key(pad_t) if has_pad else lse
     blocks = with_override(default_blocks(h, tile_arch(q.device)))
     cfg = _short_query_blocks(blocks, Tq)
-    kk = rotated_keys(k, w32, s32, k_offset, P.dtype, cfg["BLOCK_N"])
+    qq = rotated_rows(q, w32, s32, q_offset, P.dtype, blocks["BLOCK_N"], P if has_p else None, 1.0 / math.sqrt(h))
+    kk = rotated_rows(k, w32, s32, k_offset, P.dtype, blocks["BLOCK_N"])
     # the short query tiles of decoding gather their NEAR bias: a few rows, where a table is a launch per step
     bias_tiles = has_bias and cfg["BLOCK_M"] == blocks["BLOCK_M"]
     tiles, n_bias_tiles, first_tile = near_bias_args(bias_t if bias_tiles else None, n_rel, q_offset - k_offset,
                                                      cfg["BLOCK_M"], cfg["BLOCK_N"], lse)
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     _attn_fwd_kernel[(n_tiles * B * H,)](
-        q, kk, v, P, w32, s32, bias_t, tiles, pad_t, pad_start, out, lse,
-        *q.stride(), *v.stride(),
+        qq, kk, v, bias_t, tiles, pad_t, pad_start, out, lse,
+        *v.stride(),
         sbr, sbh, spb, spt,
-        H, Tq, Tk, n_rel, n_bias_tiles, first_tile, left, right, q_offset, k_offset,
-        1.0 / math.sqrt(h), n_tiles,
-        HEAD=h, HAS_P=has_p, HAS_BIAS=has_bias, HAS_PAD=has_pad, BIAS_TILES=bias_tiles,
+        H, Tq, Tk, n_rel, n_bias_tiles, first_tile, left, right, q_offset, k_offset, n_tiles,
+        HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BIAS_TILES=bias_tiles,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -469,37 +474,35 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
 
 def aot_specs(arch: int) -> list[KernelSpec]:
     """The launches of the forward kernel at the block sizes of `arch`'s tile table:
-    h in {32, 64, 128}, bf16 and fp16, with a bias table (n = 15) and a key-padding mask, with M
-    ("rope_then_m": P folded into q) and without (names ending in _no_m: the model's default order);
-    and the passes before them: RoPE(k), and the NEAR tiles' bias (near_bias_tiles)."""
+    h in {32, 64, 128}, bf16 and fp16, with a bias table (n = 15) and a key-padding mask; and the passes
+    before it: the rotation of the keys and of the queries (rope; rope_p: q'' = RoPE(q) @ P~, the
+    "rope_then_m" order), and the NEAR tiles' bias (near_bias_tiles)."""
     specs = []
     for h in ATTENTION_HEAD_WIDTHS:
         for dt in ("bf16", "fp16"):
             f = default_blocks(h, arch)
-            ptrs = {"K": f"*{dt}", "KK": f"*{dt}", "W": "*fp32", "S": "*fp32"}
-            ce = dict(HEAD=h, BLOCK=f["BLOCK_N"])
-            specs.append(KernelSpec(f"attention_rope_keys_h{h}_{dt}", _rope_keys_kernel,
-                                    signature_of(_rope_keys_kernel, ptrs, ce), ce,
-                                    num_warps=tile_pass_warps(h * f["BLOCK_N"]), num_stages=1))
+            ptrs = {"X": f"*{dt}", "P": f"*{dt}", "XX": f"*{dt}", "W": "*fp32", "S": "*fp32", "scale": "fp32"}
+            for has_p, suffix in ((False, ""), (True, "_p")):  # k' and q'' without M; q'' = RoPE(q) @ P~
+                ce = dict(HEAD=h, HAS_P=has_p, BLOCK=f["BLOCK_N"], PRECISION="tf32")
+                specs.append(KernelSpec(f"attention_rope{suffix}_h{h}_{dt}", _rope_rows_kernel,
+                                        signature_of(_rope_rows_kernel, ptrs, ce), ce,
+                                        num_warps=tile_pass_warps(h * f["BLOCK_N"]), num_stages=1))
             if dt == "bf16":  # the bias table is fp32 whatever the inputs
                 ce = dict(BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], STEP=min(f["BLOCK_M"], f["BLOCK_N"]))
                 specs.append(KernelSpec(f"attention_near_bias_h{h}", _near_bias_kernel,
                                         signature_of(_near_bias_kernel, {"Bias": "*fp32", "Tiles": "*fp32"}, ce), ce,
                                         num_warps=tile_pass_warps(f["BLOCK_M"] * f["BLOCK_N"]), num_stages=1))
-            ptrs = {n: f"*{dt}" for n in ("Q", "KK", "V", "P", "Out")}
-            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Tiles="*fp32", Pad="*i32", PadStart="*i32", Lse="*fp32",
-                        scale="fp32")
-            for has_p, suffix in ((True, ""), (False, "_no_m")):
-                ce = dict(HEAD=h, HAS_P=has_p, HAS_BIAS=True, HAS_PAD=True, BIAS_TILES=True, BLOCK_M=f["BLOCK_M"],
-                          BLOCK_N=f["BLOCK_N"], PRECISION="tf32")
-                specs.append(KernelSpec(
-                    f"attention_fwd{suffix}_h{h}_{dt}", _attn_fwd_kernel, signature_of(_attn_fwd_kernel, ptrs, ce),
-                    ce, num_warps=f["num_warps"], num_stages=f["num_stages"]))
-                if h == 64 and dt == "bf16":  # the decoding launch (Tq = 1 against a KV cache)
-                    d = _short_query_blocks(f, 1)
-                    ce = dict(ce, BLOCK_M=d["BLOCK_M"], BIAS_TILES=False)
-                    specs.append(KernelSpec(
-                        f"attention_fwd_decode{suffix}_h{h}_{dt}", _attn_fwd_kernel,
-                        signature_of(_attn_fwd_kernel, ptrs, ce), ce, num_warps=d["num_warps"],
-                        num_stages=d["num_stages"]))
+            ptrs = {n: f"*{dt}" for n in ("QQ", "KK", "V", "Out")}
+            ptrs.update(Bias="*fp32", Tiles="*fp32", Pad="*i32", PadStart="*i32", Lse="*fp32")
+            ce = dict(HEAD=h, HAS_BIAS=True, HAS_PAD=True, BIAS_TILES=True, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"],
+                      PRECISION="tf32")
+            specs.append(KernelSpec(f"attention_fwd_h{h}_{dt}", _attn_fwd_kernel,
+                                    signature_of(_attn_fwd_kernel, ptrs, ce), ce, num_warps=f["num_warps"],
+                                    num_stages=f["num_stages"]))
+            if h == 64 and dt == "bf16":  # the decoding launch (Tq = 1 against a KV cache)
+                d = _short_query_blocks(f, 1)
+                ce = dict(ce, BLOCK_M=d["BLOCK_M"], BIAS_TILES=False)
+                specs.append(KernelSpec(f"attention_fwd_decode_h{h}_{dt}", _attn_fwd_kernel,
+                                        signature_of(_attn_fwd_kernel, ptrs, ce), ce, num_warps=d["num_warps"],
+                                        num_stages=d["num_stages"]))
     return specs

@@ -11,11 +11,11 @@ With D_i = sum_d dO_id O_id, the score gradient is dS = p * (dO v^T - D), and
 
 The passes, in launch order:
 
-    delta      per query row: D, and q'' = RoPE(q) @ P~ in the dot type (written once, read by every
-               pass below instead of each tile rotating and multiplying its queries again)
-    RoPE(k)    per key tile: RoPE(k) in the dot type, by the forward's own pass and tiles
-               (echo_kernels.kernels.attention.rotated_keys), so every pass below multiplies the very
-               k' the forward's probabilities came from, loading contiguous key rows
+    delta      per query row: D
+    rotation   q'' = RoPE(q) @ P~ and RoPE(k) in the dot type, by the forward's own pass and tiles
+               (echo_kernels.kernels.attention.rotated_rows), so every pass below multiplies the very
+               q'' and k' the forward's probabilities came from, loading contiguous rows (written once,
+               read by every pass below instead of each tile rotating its rows again)
     dkdv       per key tile, looping over the query tiles the band reaches: dv and d(a_k, b_k) (fp32)
     unrope     per key tile: dk from d(a_k, b_k) (undoing RoPE) and the keys' angle partials
     dq         per query tile, looping over the key tiles: d(q''_A, q''_B) and the tile's share of dbias
@@ -70,7 +70,7 @@ import triton
 
 from . import ATTENTION_HEAD_WIDTHS, ECHO_MAX_REL_DIST
 from .attention import default_blocks as forward_blocks
-from .attention import first_padded_key, near_bias_args, rotated_keys
+from .attention import first_padded_key, near_bias_args, rotated_rows
 from .attention_backward_keys import _attn_bwd_dkdv_kernel, _attn_bwd_unrope_kernel
 from .attention_backward_queries import (
     _attn_bwd_delta_kernel,
@@ -93,7 +93,7 @@ _LIGHT_BLOCKS = {
     64: dict(delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
              unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
              unrotate=dict(BLOCK_M=64, num_warps=8, num_stages=1)),  # 2 stages spill on sm_80
-    128: dict(delta=dict(BLOCK_M=64, num_warps=8, num_stages=1),  # at 4 the rotation without P spills
+    128: dict(delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
               unrope=dict(BLOCK_M=32, num_warps=4, num_stages=1),
               unrotate=dict(BLOCK_M=16, num_warps=8, num_stages=1)),
 }
@@ -254,19 +254,18 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     prec = precision(q.dtype)
     cfg = {name: with_override(row) for name, row in default_blocks(h, arch).items()}
 
-    # Delta and q'' = RoPE(q) @ P~, read by the dk/dv, dq and dbias kernels.
     c = cfg["delta"]
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=dev)
-    qq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)
     n_tiles = triton.cdiv(Tq, c["BLOCK_M"])
     _attn_bwd_delta_kernel[(n_tiles * B * H,)](
-        out, do, delta, q, P, w32, s32, qq, *out.stride(), *do.stride(), *q.stride(), H, Tq, q_offset, scale, n_tiles,
-        HEAD=h, HAS_P=has_p, BLOCK=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
-        num_stages=c["num_stages"])
+        out, do, delta, *out.stride(), *do.stride(), H, Tq, n_tiles, HEAD=h, BLOCK=c["BLOCK_M"],
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-    # RoPE(k) exactly as the forward rotated it (its pass, by its key tiles): the dk/dv, dq and dbias
+    # q'' and RoPE(k) exactly as the forward rotated them (its pass, by its tiles): the dk/dv, dq and dbias
     # passes read these contiguous rows, and recompute the forward's very probabilities from them.
-    kk = rotated_keys(k, w32, s32, k_offset, P.dtype, with_override(forward_blocks(h, arch))["BLOCK_N"])
+    block = with_override(forward_blocks(h, arch))["BLOCK_N"]
+    qq = rotated_rows(q, w32, s32, q_offset, P.dtype, block, P if has_p else None, scale)
+    kk = rotated_rows(k, w32, s32, k_offset, P.dtype, block)
 
     c = cfg["dkdv"]
     # the NEAR tiles' bias as (keys, queries) tiles: the table of the reversed bias rows at j - i
@@ -363,10 +362,7 @@ def aot_specs(arch: int) -> list[KernelSpec]:
             dkdv_ptrs = dict(ptrs, DQQ="*fp32")  # dq's fp32 sums (without dq, a placeholder of that type)
             key_pass = _KEY_PASS_BLOCKS[h, arch]
             for name, fn, ce in (
-                ("delta", _attn_bwd_delta_kernel, dict(
-                    HEAD=h, HAS_P=True, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),
-                ("delta_no_m", _attn_bwd_delta_kernel, dict(
-                    HEAD=h, HAS_P=False, BLOCK=g["delta"]["BLOCK_M"], PRECISION="tf32")),
+                ("delta", _attn_bwd_delta_kernel, dict(HEAD=h, BLOCK=g["delta"]["BLOCK_M"])),
                 ("dkdv", _attn_bwd_dkdv_kernel, dict(
                     HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dkdv"]["BLOCK_M"], BLOCK_N=g["dkdv"]["BLOCK_N"],
                     WITH_DQ=False, N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION="tf32")),
@@ -382,7 +378,7 @@ def aot_specs(arch: int) -> list[KernelSpec]:
                 ("dq_unrotate_no_m", _attn_bwd_dq_unrotate_kernel, dict(
                     HEAD=h, HAS_P=False, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
             ):
-                c = {"delta_no_m": g["delta"], "dq_unrotate": g["unrotate"], "dq_unrotate_no_m": g["unrotate"],
+                c = {"dq_unrotate": g["unrotate"], "dq_unrotate_no_m": g["unrotate"],
                      "dkdv_dq": key_pass}.get(name) or g[name]
                 kinds = dkdv_ptrs if name.startswith("dkdv") else ptrs
                 specs.append(KernelSpec(

@@ -1,7 +1,7 @@
 """Fused Echo attention, backward: the passes over query tiles (the notation, and how the passes fit
 together: echo_kernels.kernels.attention_backward, which launches them).
 
-    delta     per query tile: D = rowsum(O dO), and q'' = RoPE(q) @ P~ in the dot type
+    delta     per query tile: D = rowsum(O dO)
     dq        per query tile, looping over the key tiles the band reaches: d(q''_A, q''_B) and the
               tile's share of dbias
     unrotate  a few programs per (batch, head): dq from d(q'') (through P~ and RoPE), the queries'
@@ -40,31 +40,10 @@ from .attention_common import (
 
 
 @triton.jit
-def _rotated_q(Q, rows, Tq, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb,
-               HALF: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
-    """RoPE halves of a query tile (fp32) and q''_A, q''_B (dot type); cos, sin of its angles."""
-    x1, x2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
-    a = x1 * cos - x2 * sin
-    b = x1 * sin + x2 * cos
-    qa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)
-    qa = tl.dot(b.to(DT), p_ba, qa, input_precision=PRECISION)
-    qb = tl.dot(a.to(DT), p_ab, input_precision=PRECISION)
-    qb = tl.dot(b.to(DT), p_bb, qb, input_precision=PRECISION)
-    return a, b, qa.to(DT), qb.to(DT)
-
-
-@triton.jit
-def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
-                           stride_ob, stride_oh, stride_ot, stride_od, stride_db, stride_dh, stride_dt, stride_dd,
-                           stride_qb, stride_qh, stride_qt, stride_qd, H, T, q_off, scale, n_tiles,
-                           HEAD: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr,
-                           PRECISION: tl.constexpr):
-    """Per query row: Delta[bh, t] = sum_d O[t, d] dO[t, d], the softmax correction, and
-    q'' = [a_q b_q] @ P~ (or [a_q b_q] * scale without P) in the dot type (QQ, contiguous rows
-    [q''_A | q''_B]), which the dk/dv kernel reads for every key tile instead of rotating and
-    multiplying the queries again."""
-    HALF: tl.constexpr = HEAD // 2
-    DT = P.dtype.element_ty
+def _attn_bwd_delta_kernel(O, DO, Delta, stride_ob, stride_oh, stride_ot, stride_od,
+                           stride_db, stride_dh, stride_dt, stride_dd, H, T, n_tiles,
+                           HEAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Per query row: Delta[bh, t] = sum_d O[t, d] dO[t, d], the softmax correction."""
     pid_m, pid_bh = _tile_and_head(n_tiles)
     rows = pid_m * BLOCK + tl.arange(0, BLOCK)
     b = pid_bh // H
@@ -72,21 +51,6 @@ def _attn_bwd_delta_kernel(O, DO, Delta, Q, P, W, S, QQ,
     o = _load_full(O + b * stride_ob + hd * stride_oh, rows, rows < T, stride_ot, stride_od, HEAD)
     do = _load_full(DO + b * stride_db + hd * stride_dh, rows, rows < T, stride_dt, stride_dd, HEAD)
     tl.store(Delta + pid_bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
-
-    s = tl.load(S).to(tl.float32)
-    cos, sin = _rope_angles(q_off + rows, s, W, HALF)
-    Q += b * stride_qb + hd * stride_qh
-    if HAS_P:
-        p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
-        _, _, qa, qb = _rotated_q(Q, rows, T, stride_qt, stride_qd, cos, sin, p_aa, p_ab, p_ba, p_bb, HALF, DT,
-                                  PRECISION)
-    else:
-        x1, x2 = _load_pairs(Q, rows, rows < T, stride_qt, stride_qd, HALF)
-        qa = ((x1 * cos - x2 * sin) * scale).to(DT)
-        qb = ((x1 * sin + x2 * cos) * scale).to(DT)
-    offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
-    tl.store(QQ + offs, qa, mask=rows[:, None] < T)
-    tl.store(QQ + offs + HALF, qb, mask=rows[:, None] < T)
 
 
 @triton.jit

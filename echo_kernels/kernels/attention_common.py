@@ -89,9 +89,10 @@ def _load_p(P, HALF: tl.constexpr):
 # Key tiles fall in three regions by where the clamp of i - j sends them: wholly at i - j >= n - 1
 # (PAST: one bias value, the last row), straddling the diagonal (NEAR: the bias varies, so each launcher
 # writes it once per call as whole tiles of its own shape, kernels.attention.near_bias_tiles, which
-# _near_bias reads; decoding gathers it), and wholly at i - j <= -(n - 1) (FUTURE: the first row). Each
-# region is its own loop, so no branch sits inside a loop body (which would stop Triton from pipelining
-# its loads). NO_BIAS: no table at all.
+# _near_bias reads; decoding gathers it), and wholly at i - j <= -(n - 1) (FUTURE: the first row). No
+# branch sits inside a loop body (it would stop Triton from pipelining its loads): the backward runs each
+# region as its own loops, and the forward's loops pick a tile's region by selecting its bias value or its
+# table tile. NO_BIAS: no table at all.
 NO_BIAS: tl.constexpr = tl.constexpr(0)
 PAST: tl.constexpr = tl.constexpr(1)
 NEAR: tl.constexpr = tl.constexpr(2)
@@ -141,22 +142,34 @@ def _head_bias_tiles(Tiles, head, n_bias_tiles, ROWS: tl.constexpr, COLS: tl.con
 
 
 @triton.jit
-def _near_bias(Tiles, tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """The (ROWS, COLS) fp32 bias of the NEAR tile whose loop runs from `start`: the tile
-    (tile_of - start) / STEP of this head's table (_head_bias_tiles), whose tiles are STEP, the smaller
-    side, apart (kernels.attention.near_bias_tiles). One contiguous block, which the pipeline copies in
-    16-byte pieces (a gather computes an index and issues a 4-byte copy per entry)."""
+def _near_tile(tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The index in this head's table of the NEAR tile whose loop runs from `start`: tiles are STEP, the
+    smaller side, apart in i - j (kernels.attention.near_bias_tiles)."""
     STEP: tl.constexpr = ROWS if ROWS < COLS else COLS
-    rows = (tile_of - start) // STEP * ROWS + tl.arange(0, ROWS)
+    return (tile_of - start) // STEP
+
+
+@triton.jit
+def _bias_table_tile(Tiles, tile, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The (ROWS, COLS) fp32 tile `tile` of this head's table (_head_bias_tiles). One contiguous block,
+    which the pipeline copies in 16-byte pieces (a gather computes an index and issues a 4-byte copy per
+    entry)."""
+    rows = tile * ROWS + tl.arange(0, ROWS)
     return tl.load(Tiles + rows[:, None] * COLS + tl.arange(0, COLS)[None, :])
 
 
 @triton.jit
-def _rotated_k(K, cols, Tk, stride_kt, stride_kd, cos0, sin0, first, s, W, HALF: tl.constexpr):
-    """RoPE halves (fp32) of the key tile at rows cols (zeros from Tk on), whose first position is `first`."""
-    y1, y2 = _load_pairs(K, cols, cols < Tk, stride_kt, stride_kd, HALF)
-    kcos, ksin = _rope_angles_step(cos0, sin0, first, s, W, HALF)
-    return y1 * kcos - y2 * ksin, y1 * ksin + y2 * kcos
+def _near_bias(Tiles, tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The (ROWS, COLS) fp32 bias of the NEAR tile whose loop runs from `start` (_near_tile)."""
+    return _bias_table_tile(Tiles, _near_tile(tile_of, start, ROWS, COLS), ROWS, COLS)
+
+
+@triton.jit
+def _rotated_rows(X, rows, T, stride_t, stride_d, cos0, sin0, first, s, W, HALF: tl.constexpr):
+    """RoPE halves (fp32) of the tile of X at `rows` (zeros from T on), whose first position is `first`."""
+    y1, y2 = _load_pairs(X, rows, rows < T, stride_t, stride_d, HALF)
+    cos, sin = _rope_angles_step(cos0, sin0, first, s, W, HALF)
+    return y1 * cos - y2 * sin, y1 * sin + y2 * cos
 
 
 @triton.jit
