@@ -581,9 +581,10 @@ def test_fused_loops_against_the_plain_flash_kernel(aot_reports):
 
 def test_fused_forward_code_stays_small(aot_reports):
     """The forward's code, on both targets at every head width (bf16, with a bias table and a padding
-    mask), is at most 2.5 times the plain forward's at the same tiles: its query tile arrives rotated
-    and its loops are three (docs/model.md, "Kernels"), where a rotation on chip and nine loops made it
-    7.3 times at the benches' launch (sm_90, h = 64, no padding mask, Triton 3.8)."""
+    mask), is at most 2.5 times the plain forward's at the same tiles (under Triton 3.8 at most 2.31; 3.6
+    makes up to 2.96): its query tile arrives rotated and its loops are three (docs/model.md, "Kernels"),
+    where a rotation on chip and nine loops made it 7.3 times at the benches' launch (sm_90, h = 64, no
+    padding mask, Triton 3.8)."""
     at = {(r.name, r.arch): r for r in aot_reports}
     for arch in aot.TARGETS:
         for h in ATTENTION_HEAD_WIDTHS:
