@@ -349,7 +349,7 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, h, window, dq_in_k
     assert_gradients_match(got, want, f"sm_{arch}", inputs)
     assert forward_rows == [kernel.default_blocks(h, arch)]
     assert ("dq" in backward_table) != dq_in_key_pass
-    # each backward pass's row, then the forward's key tiles for the RoPE(k) pass
+    # each backward pass's row, then the forward's key tiles for the rotation pass (q'' and RoPE(k))
     assert backward_rows == [*backward_table.values(), kernel.default_blocks(h, arch)]
 
 

@@ -217,7 +217,7 @@ def _dkdv_key_tile(
     """Key tile pid_n (BLOCK_N keys) of head pid_bh: dv, and d(a_k, b_k) in fp32 (DKK, contiguous
     rows [A | B]), which _attn_bwd_unrope_kernel turns into dk and the angle partials: undoing RoPE
     needs the key angles again, and their sines are not worth registers next to the accumulators.
-    KK: RoPE(k) as the forward's RoPE(k) pass writes it, (B, H, Tk, h) contiguous in the dot type.
+    KK: RoPE(k) as the rotation pass (rotated_rows) writes it, (B, H, Tk, h) contiguous in the dot type.
     WITH_DQ (the dq pass then does not run), also: d(q''_A, q''_B) added to DQQ (this head's rows),
     and this tile's share of dbias, DBias[tile] (as the dq kernel writes a query tile's).
     Tiles: with HAS_BIAS, (H, n_bias_tiles, BLOCK_N, BLOCK_M) fp32, the NEAR tiles' bias as (keys,

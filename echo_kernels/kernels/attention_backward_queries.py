@@ -164,7 +164,7 @@ def _attn_bwd_dq_kernel(
     this tile's share of dbias, DBias[tile, r] = sum of its dS over the pairs with clamp(i - j) + n - 1
     = r (N_DIAG: a power of two at least 2n - 3, the inner rows). Going back through P~ and RoPE, and
     the dP~ partials, are _attn_bwd_dq_unrotate_kernel's: the loop over key tiles keeps only q'', dO
-    and the dq'' accumulators in registers. KK: RoPE(k) as the forward's RoPE(k) pass writes it,
+    and the dq'' accumulators in registers. KK: RoPE(k) as the rotation pass (rotated_rows) writes it,
     (B, H, Tk, h) contiguous in the dot type. Tiles: with HAS_BIAS, (H, n_bias_tiles, BLOCK_M, BLOCK_N)
     fp32, the NEAR tiles' bias (kernels.attention.near_bias_tiles), the tile t at
     i - j = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left entry. Diag: with HAS_BIAS,
