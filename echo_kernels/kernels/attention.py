@@ -75,6 +75,7 @@ from .attention_common import (
     _near_bias,
     _near_tile,
     _pad_arg,
+    _plus_bias,
     _rope_angles,
     _rotated_rows,
     _split_regions,
@@ -140,14 +141,6 @@ def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_tiles,
     offs = (hd * n_tiles + pid_t) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N \
         + tl.arange(0, BLOCK_N)[None, :]
     tl.store(Tiles + offs, bias)
-
-
-@triton.jit
-def _plus_bias(logits, bias):
-    """logits + bias for a bias that varies per pair, as a fused multiply-add by 1 (which the compiler makes
-    an addition again): written as an addition to a product's result, Triton makes the bias that product's
-    accumulator, and its software pipeliner leaves a load that feeds only an accumulator synchronous."""
-    return tl.fma(logits, 1.0, bias)
 
 
 @triton.jit

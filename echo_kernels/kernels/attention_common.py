@@ -135,6 +135,14 @@ def _biased_exp(logits, bias, shift):
 
 
 @triton.jit
+def _plus_bias(logits, bias):
+    """logits + bias for a bias that varies per pair, where the sum itself is needed (the forward's row
+    maximum), as a fused multiply-add by 1, which the compiler makes an addition again: written as an
+    addition, for the reason _biased_exp gives, the bias's load would wait in the pipelined loop."""
+    return tl.fma(logits, 1.0, bias)
+
+
+@triton.jit
 def _head_bias_tiles(Tiles, head, n_bias_tiles, ROWS: tl.constexpr, COLS: tl.constexpr):
     """This head's table in Tiles, the (H, n_bias_tiles, ROWS, COLS) fp32 tables of the NEAR tiles
     (kernels.attention.near_bias_tiles)."""
