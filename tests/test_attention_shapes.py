@@ -134,8 +134,8 @@ def _watch_unmasked_loops(monkeypatch) -> dict[str, int]:
         monkeypatch.setattr(module, name, watched)
 
     watch(kernel, "_fwd_inner_tiles", "forward", 3)
-    watch(query_passes, "_dq_inner_tiles", "dq", 2)
-    watch(key_passes, "_dkdv_inner_tiles", "dkdv", 3)
+    watch(query_passes, "_dq_inner_tiles", "dq", 3)
+    watch(key_passes, "_dkdv_inner_tiles", "dkdv", 4)
     return visits
 
 

@@ -63,21 +63,22 @@ from .attention_common import (
     NEAR,
     PAST,
     _bias_arg,
-    _bias_table_tile,
     _bias_tile,
     _biased_exp,
+    _edge_bias,
     _head_bias_tiles,
     _in_band,
     _inner_keys,
     _key_ok,
     _key_range,
     _load_p,
+    _loop_stages,
     _near_bias,
-    _near_tile,
     _pad_arg,
     _plus_bias,
     _rope_angles,
     _rotated_rows,
+    _skip,
     _split_regions,
     _tile_and_head,
     p_arg,
@@ -146,19 +147,19 @@ def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_tiles,
 @triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, lo, hi, skip_at, skip, q, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of,
-    n_bias_tiles, near_lo, near_hi, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
+    n_bias_tiles, d1, d2, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
     HEAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Online softmax over the key tiles that masks can bite, in one loop: starts lo, lo + BLOCK_N, ... < hi,
     those from skip_at moved on by skip (the band's two edges, one after the other).
     KK: this head's RoPE(k) rows [a | b], contiguous, in the dot type. The bias: with BIAS_TILES a tile of
-    this head's table (near_bias_tiles), a NEAR tile's (those starting in [near_lo, near_hi)) at offset
-    tile_of - start, before them the PAST constant tile, after them the FUTURE one; else a gather."""
+    this head's table (near_bias_tiles) by _edge_bias (a NEAR tile's, those starting in [d1, d2), at offset
+    tile_of - start; before them the PAST constant tile, after them the FUTURE one); else a gather."""
     DT = q.dtype
     dims = tl.arange(0, HEAD)
     for tile_start in range(lo, hi, BLOCK_N):
-        start = tile_start + tl.where(tile_start >= skip_at, skip, 0)
+        start = _skip(tile_start, skip_at, skip)
         cols = start + tl.arange(0, BLOCK_N)
         # a padded key's k only reaches its own logits, which the mask replaces
         k = tl.load(KK + cols[:, None] * HEAD + dims[None, :], mask=cols[:, None] < Tk, other=0.0)
@@ -167,10 +168,7 @@ def _fwd_tiles(
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
         keep = _in_band(rel, left, right) & key_ok[None, :]
         if HAS_BIAS and BIAS_TILES:
-            n_near = n_bias_tiles - 2
-            tile = tl.where(start < near_lo, n_near, tl.where(start >= near_hi, n_near + 1,
-                                                              _near_tile(tile_of, start, q.shape[0], BLOCK_N)))
-            logits = _plus_bias(logits, _bias_table_tile(Tiles, tile, q.shape[0], BLOCK_N))
+            logits = _plus_bias(logits, _edge_bias(Tiles, n_bias_tiles, tile_of, start, d1, d2, q.shape[0], BLOCK_N))
         elif HAS_BIAS:
             logits = _plus_bias(logits, _bias_tile(rel, Bias, stride_br, head_off, n_rel, NEAR))
         logits = tl.where(keep, logits, float("-inf"))
@@ -193,7 +191,7 @@ def _fwd_tiles(
 
 @triton.jit
 def _fwd_inner_tiles(
-    acc, m_i, l_i, lo, hi, skip_at, skip, bias_lo, bias_hi, q, qpos, KK, V, Bias, stride_br, head_off, n_rel,
+    acc, m_i, l_i, lo, hi, skip_at, skip, bias_before, bias_after, q, qpos, KK, V, Bias, stride_br, head_off, n_rel,
     Tiles, tile_of, stride_vt, stride_vd, k_off,
     HEAD: tl.constexpr, BLOCK_N: tl.constexpr, NEAR_TILES: tl.constexpr,
     BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
@@ -201,13 +199,13 @@ def _fwd_inner_tiles(
     """_fwd_tiles for key tiles wholly inside the band, before Tk and before any padded key: no mask at
     all. Starts lo, lo + BLOCK_N, ... < hi, those from skip_at moved on by skip. The bias: NEAR_TILES,
     each tile's from the table (_near_bias), or with no table (decoding) gathered; else one value per
-    tile, bias_lo before skip_at and bias_hi from it (the PAST tiles before the diagonal and the FUTURE
+    tile, bias_before before skip_at and bias_after from it (the PAST tiles before the diagonal and the FUTURE
     ones after it in one loop; 0 without a table), folded into the exponent."""
     DT = q.dtype
     dims = tl.arange(0, HEAD)
     for tile_start in range(lo, hi, BLOCK_N):
-        bias_c = tl.where(tile_start >= skip_at, bias_hi, bias_lo)
-        start = tile_start + tl.where(tile_start >= skip_at, skip, 0)
+        bias_c = tl.where(tile_start >= skip_at, bias_after, bias_before)
+        start = _skip(tile_start, skip_at, skip)
         cols = start + tl.arange(0, BLOCK_N)
         k = tl.load(KK + cols[:, None] * HEAD + dims[None, :])
         logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -269,10 +267,7 @@ def _attn_fwd_kernel(
     if HAS_PAD:
         k_end = tl.minimum(k_end, tl.load(PadStart + b))
     inner_lo, inner_hi = _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M, BLOCK_N)
-    # no mask can bite the tiles in [inner, inner_end); those before and after take the masked loop
-    inner = tl.minimum(tl.maximum(inner_lo, lo), hi)
-    inner_end = tl.maximum(tl.minimum(inner_hi, hi), inner)
-    # the NEAR tiles start in [d1, d2): PAST ones before, FUTURE ones after (no table: none is NEAR)
+    # the NEAR tiles start in [d1, d2): PAST ones before, FUTURE ones after (no bias: none is NEAR)
     if HAS_BIAS:
         d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
                                 q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
@@ -283,8 +278,8 @@ def _attn_fwd_kernel(
         d2 = lo
         bias_past = 0.0
         bias_future = 0.0
-    near_lo = tl.minimum(tl.maximum(d1, inner), inner_end)
-    near_hi = tl.minimum(tl.maximum(d2, inner), inner_end)
+    # no mask can bite the tiles in [inner, inner_end); those before and after take the masked loop
+    inner, inner_end, near_lo, near_hi = _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2)
     # the NEAR tiles' offsets i - j at their top-left entries are q_first - k_off - start, which finds a
     # tile's place in the table (_near_bias)
     tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_M, BLOCK_N)

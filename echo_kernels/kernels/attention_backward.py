@@ -33,19 +33,23 @@ live in the light passes, which keeps every pass free of register spills under T
 echo_kernels.aot; docs/model.md, "Tile tables", for 3.6 and 3.9). dphi = a db - b da gives the
 gradient of the angles phi = s * pos * w.
 
-Both stage their loops as the forward does: tiles inside the band and before any padding take a loop
-with no mask. Each reads the bias of a tile straddling the diagonal (NEAR) whole, from its own table of
-the few there are (echo_kernels.kernels.attention.near_bias_tiles at the pass's tile shape; dkdv's
-(keys, queries) tiles are those of the bias rows reversed, at j - i). The dk/dv pass stages its NEAR
-tiles too, and takes its ragged last key tile unmasked (a key's dS reaches only its own rows of dk and
-dv, and those past Tk are not stored); a pass that sums dbias (dq, or dkdv summing dq) takes every NEAR
-tile in its masked loop, which also stores the tile's pairs on the bias table's inner rows.
+Both run three loops over their tiles, as the forward does, so that their code stays small (each loop
+is its own copy of the body, with the software pipeliner's prologue and epilogue): the far tiles inside
+the band and before any padding, of both sides, with no mask (the bias one value per side, picked by a
+select); the tiles straddling the diagonal (NEAR), whose bias each reads whole from the pass's own
+table of the few there are (echo_kernels.kernels.attention.near_bias_tiles at the pass's tile shape;
+dkdv's (keys, queries) tiles are those of the bias rows reversed, at j - i); then the tiles masks can
+bite (attention_common._loop_stages). The dk/dv pass takes the NEAR tiles inside the band unmasked, as
+the forward, and its ragged last key tile too (a key's dS reaches only its own rows of dk and dv, and
+those past Tk are not stored), and its masked loop takes every other tile, NEAR or far. A pass that sums
+dbias (dq, or dkdv summing dq) takes every NEAR tile masked, storing the tile's pairs on the bias table's
+inner rows, and its masked loop the far tiles left (attention_common._far_masked_tiles).
 
 dbias is summed where dS already is, in the dq kernel's loop, split by where the clamp sends the
 pairs. The two end rows (|i - j| >= n - 1: nearly every pair) are row sums of dS. The 2n - 3 inner
 rows are single diagonals i - j = const, which only the tiles straddling the diagonal (NEAR) hold:
 each such tile stores its pairs on them at (query, diagonal) in its program's scratch rows, one pair
-per place, and the program sums the rows once its NEAR tiles are done (attention_common._bias_row_sums
+per place, and the program sums the rows once its loops are done (attention_common._bias_row_sums
 and _store_diagonal_sums). Products with q'' and RoPE(k) take their rows [A | B] whole: one tl.dot each.
 
 The dq pass recomputes the logits, p and dP that dkdv already had: seven products in all, exp twice.

@@ -13,19 +13,25 @@ import triton
 import triton.language as tl
 
 from .attention_common import (
+    ANY,
+    FAR,
     FUTURE,
     NEAR,
-    NO_BIAS,
     PAST,
     _bias_row_sums,
     _bias_tile,
     _biased_exp,
+    _edge_bias,
+    _far_masked_tiles,
     _head_bias_tiles,
     _key_ok,
     _load_full,
     _load_pairs,
+    _loop_stages,
     _near_bias,
     _rope_angles,
+    _side_sums,
+    _skip,
     _split_regions,
     _store_bias_sums,
     _store_diagonal_sums,
@@ -45,33 +51,42 @@ def _add_dq(ds_t, kk, DQQ, rows, mask, HEAD: tl.constexpr, PRECISION: tl.constex
 
 @triton.jit
 def _dkdv_tiles(
-    dkk, dv, db_lo, db_hi, lo, hi, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ,
-    Bias, stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off,
-    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
+    dkk, dv, db_lo, db_hi, lo, hi, skip_at, skip, skip_at2, skip2, d1, d2, bias_future, bias_past, kk, v, kpos,
+    key_ok, QQ, DO, Lse, Delta, DQQ, Tiles, tile_of, n_bias_tiles, Diag, stride_ot, stride_od, Tq, n_rel, left,
+    right, q_off, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr, HAS_BIAS: tl.constexpr,
     WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Accumulate dk (as d(a_k, b_k)) and dv over the query tiles lo, lo + BLOCK_M, ... < hi; WITH_DQ
-    also add each query tile's share of d(q'') (_add_dq) and sum dS into the bias table's rows per
-    key (_bias_row_sums).
+    """Accumulate dk (as d(a_k, b_k)) and dv over query tiles that masks can bite: starts lo, lo + BLOCK_M,
+    ... < hi, moved on by skip from skip_at and then by skip2 from skip_at2 (_skip). WITH_DQ also add each
+    query tile's share of d(q'') (_add_dq) and sum dS into the bias table's rows per key.
 
     Tiles are kept transposed, (keys, queries), as in Triton's fused-attention tutorial: every
     transpose then falls on a tl.dot's second operand, which goes through shared memory anyway.
-    QQ, Lse, Delta and DQQ point at this (batch, head)'s rows. A NEAR tile's bias is the tile
-    of this head's table of (keys, queries) tiles at offset tile_of - start (_near_bias).
+    QQ, Lse, Delta and DQQ point at this (batch, head)'s rows. The bias, from this head's table of (keys,
+    queries) tiles, whose NEAR tiles start in [d1, d2) (the FUTURE ones before them): REGION ANY, any tile's
+    (_edge_bias); NEAR (summing dq: every NEAR tile), the NEAR tile's, its pairs on the table's inner rows
+    stored at Diag (_bias_row_sums); FAR (summing dq: the far tiles), one value, bias_future before d1 and
+    bias_past after, and dS's row sums to the table's first row (db_lo) and its last (db_hi) likewise.
     """
     DT = kk.dtype
     dims = tl.arange(0, HEAD)
-    for start in range(lo, hi, BLOCK_M):
+    for tile_start in range(lo, hi, BLOCK_M):
+        start = _skip(_skip(tile_start, skip_at, skip), skip_at2, skip2)
+        past = start >= d1
         rows = start + tl.arange(0, BLOCK_M)
         qpos = q_off + rows
         qq = tl.load(QQ + rows[:, None] * HEAD + dims[None, :], mask=rows[:, None] < Tq, other=0.0)
         logits_t = tl.dot(kk, tl.trans(qq), input_precision=PRECISION)
         rel_t = qpos[None, :] - kpos[:, None]  # i - j
         keep_t = (rel_t <= left) & (rel_t >= -right) & key_ok[:, None]
-        if REGION == NEAR:
+        if not HAS_BIAS:
+            bias = 0.0
+        elif REGION == NEAR:
             bias = _near_bias(Tiles, tile_of, start, kk.shape[0], BLOCK_M)
+        elif REGION == FAR:
+            bias = tl.where(past, bias_past, bias_future)
         else:
-            bias = _bias_tile(rel_t, Bias, stride_br, head_off, n_rel, REGION)
+            bias = _edge_bias(Tiles, n_bias_tiles, tile_of, start, d1, d2, kk.shape[0], BLOCK_M)
         lse = tl.load(Lse + rows, mask=rows < Tq, other=float("inf"))
         p_t = tl.where(keep_t, _biased_exp(logits_t, bias, lse[None, :]), 0.0)
         do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD).to(DT)
@@ -79,8 +94,11 @@ def _dkdv_tiles(
         delta = tl.load(Delta + rows, mask=rows < Tq, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        if WITH_DQ:
-            db_lo, db_hi = _bias_row_sums(ds_t, db_lo, db_hi, rel_t, Diag, n_rel, REGION, N_DIAG)
+        if WITH_DQ and HAS_BIAS:
+            if REGION == NEAR:
+                db_lo, db_hi = _bias_row_sums(ds_t, db_lo, db_hi, rel_t, Diag, n_rel, N_DIAG)
+            else:
+                db_lo, db_hi = _side_sums(tl.sum(ds_t, 1), db_lo, db_hi, past)
         ds_t = ds_t.to(DT)
         dkk = tl.dot(ds_t, qq, dkk, input_precision=PRECISION)
         if WITH_DQ:
@@ -90,81 +108,42 @@ def _dkdv_tiles(
 
 @triton.jit
 def _dkdv_inner_tiles(
-    dkk, dv, db, lo, hi, kk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot, stride_od,
-    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr, WITH_DQ: tl.constexpr,
+    dkk, dv, db_lo, db_hi, lo, hi, skip_at, skip, bias_future, bias_past, kk, v, QQ, DO, Lse, Delta, DQQ,
+    Tiles, tile_of, stride_ot, stride_od,
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, NEAR_TILES: tl.constexpr, WITH_DQ: tl.constexpr,
     SUM_DS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """_dkdv_tiles for whole query tiles that see every key of the tile (inside the band, keys not
-    padded): no mask. The bias: in a NEAR region each tile's from the table (_near_bias); in the
-    others the region's one value bias_c (0 without a table), folded into the exponent. WITH_DQ and
-    SUM_DS: add dS's row sums (per key) to db (never a NEAR region's, whose sums go along diagonals)."""
+    padded): no mask. Starts lo, lo + BLOCK_M, ... < hi, moved on by skip from skip_at (past the NEAR
+    tiles). The bias: NEAR_TILES, each tile's from the table (_near_bias); else one value per tile,
+    bias_future before skip_at and bias_past from it (0 without a table), folded into the exponent.
+    WITH_DQ and SUM_DS: dS's row sums (per key) to the table's first row (db_lo) and its last (db_hi)
+    likewise (never a NEAR tile's, whose sums go along diagonals)."""
     DT = kk.dtype
     dims = tl.arange(0, HEAD)
-    for start in range(lo, hi, BLOCK_M):
+    for tile_start in range(lo, hi, BLOCK_M):
+        past = tile_start >= skip_at
+        start = _skip(tile_start, skip_at, skip)
         rows = start + tl.arange(0, BLOCK_M)
         qq = tl.load(QQ + rows[:, None] * HEAD + dims[None, :])
         logits_t = tl.dot(kk, tl.trans(qq), input_precision=PRECISION)
         lse = tl.load(Lse + rows)
-        if REGION == NEAR:
+        if NEAR_TILES:
             bias = _near_bias(Tiles, tile_of, start, kk.shape[0], BLOCK_M)
         else:
-            bias = bias_c
+            bias = tl.where(past, bias_past, bias_future)
         p_t = _biased_exp(logits_t, bias, lse[None, :])
         do = tl.load(DO + rows[:, None] * stride_ot + dims[None, :] * stride_od).to(DT)
         dv = tl.dot(p_t.to(DT), do, dv, input_precision=PRECISION)
         delta = tl.load(Delta + rows)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        if WITH_DQ:
-            if SUM_DS:
-                db += tl.sum(ds_t, 1)
+        if WITH_DQ and SUM_DS:
+            db_lo, db_hi = _side_sums(tl.sum(ds_t, 1), db_lo, db_hi, past)
         ds_t = ds_t.to(DT)
         dkk = tl.dot(ds_t, qq, dkk, input_precision=PRECISION)
         if WITH_DQ:
             _add_dq(ds_t, kk, DQQ, rows, None, HEAD, PRECISION)
-    return dkk, dv, db
-
-
-@triton.jit
-def _dkdv_region(
-    dkk, dv, db_lo, db_hi, lo, hi, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse, Delta,
-    DQQ, Bias, stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off,
-    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
-    WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The query tiles lo, ... < hi of one region, as the forward stages them: [inner_lo, inner_hi)
-    (starts on lo's grid) by the loop with no mask, the edges by the masked one; a NEAR tile's bias from
-    the table. WITH_DQ, a PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the
-    first, and every NEAR tile takes the masked loop, as in the dq pass, which also stores its pairs on
-    the bias table's inner rows (_bias_row_sums)."""
-    if REGION == NEAR and WITH_DQ:
-        dkk, dv, db_lo, db_hi = _dkdv_tiles(
-            dkk, dv, db_lo, db_hi, lo, hi, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
-            stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HEAD,
-            BLOCK_M, REGION, WITH_DQ, N_DIAG, PRECISION)
-    else:
-        a = tl.minimum(tl.maximum(inner_lo, lo), hi)
-        b = tl.maximum(tl.minimum(inner_hi, hi), a)
-        dkk, dv, db_lo, db_hi = _dkdv_tiles(
-            dkk, dv, db_lo, db_hi, lo, a, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
-            stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HEAD,
-            BLOCK_M, REGION, WITH_DQ, N_DIAG, PRECISION)
-        if REGION == NEAR:
-            bias_c = 0.0  # each tile's bias comes from the table
-        else:
-            bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
-        if REGION == PAST:
-            dkk, dv, db_hi = _dkdv_inner_tiles(
-                dkk, dv, db_hi, a, b, kk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
-                stride_od, HEAD, BLOCK_M, REGION, WITH_DQ, True, PRECISION)
-        else:
-            dkk, dv, db_lo = _dkdv_inner_tiles(
-                dkk, dv, db_lo, a, b, kk, v, QQ, DO, Lse, Delta, DQQ, bias_c, Tiles, tile_of, stride_ot,
-                stride_od, HEAD, BLOCK_M, REGION, WITH_DQ, REGION == FUTURE, PRECISION)
-        dkk, dv, db_lo, db_hi = _dkdv_tiles(
-            dkk, dv, db_lo, db_hi, b, hi, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Bias,
-            stride_br, head_off, n_rel, Tiles, tile_of, Diag, stride_ot, stride_od, Tq, left, right, q_off, HEAD,
-            BLOCK_M, REGION, WITH_DQ, N_DIAG, PRECISION)
     return dkk, dv, db_lo, db_hi
 
 
@@ -271,34 +250,53 @@ def _dkdv_key_tile(
         # seen from a key tile, the FUTURE query tiles come first and the PAST ones last
         d1, d2 = _split_regions(lo, hi, first - n_rel + 2 - q_off - BLOCK_M, first + BLOCK_N + n_rel - 2 - q_off,
                                 BLOCK_M)
-        # the NEAR tiles' offsets j - i at their top-left entries are first - q_off - start: the table's
-        # tiles are (keys, queries), the tile t at j - i = first_bias_tile + t min(BLOCK_M, BLOCK_N)
-        tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_N, BLOCK_M)
-        tile_of = first - q_off - first_bias_tile
-        diag = Diag + (pid_bh * n_tiles + pid_n) * (BLOCK_N * N_DIAG)  # WITH_DQ: this tile's inner-row pairs
-        dkk, dv, db_lo, db_hi = _dkdv_region(
-            dkk, dv, db_lo, db_hi, lo, d1, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
-            Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
-            q_off, HEAD, BLOCK_M, FUTURE, WITH_DQ, N_DIAG, PRECISION)
-        dkk, dv, db_lo, db_hi = _dkdv_region(
-            dkk, dv, db_lo, db_hi, d1, d2, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
-            Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
-            q_off, HEAD, BLOCK_M, NEAR, WITH_DQ, N_DIAG, PRECISION)
-        if WITH_DQ:
-            near_end = d1 + tl.cdiv(d2 - d1, BLOCK_M) * BLOCK_M  # the NEAR tiles' queries: [d1, near_end)
-            _store_diagonal_sums(DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1), diag, kpos - q_off, d1,
-                                 near_end, n_rel, 1, N_DIAG)
-        dkk, dv, db_lo, db_hi = _dkdv_region(
-            dkk, dv, db_lo, db_hi, d2, hi, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
-            Delta, DQQ, Bias, stride_br, head_off, n_rel, tiles, tile_of, diag, stride_ot, stride_od, Tq, left, right,
-            q_off, HEAD, BLOCK_M, PAST, WITH_DQ, N_DIAG, PRECISION)
-        if WITH_DQ:
-            _store_bias_sums(DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1), db_lo, db_hi, n_rel)
+        bias_future = _bias_tile(0, Bias, stride_br, head_off, n_rel, FUTURE)
+        bias_past = _bias_tile(0, Bias, stride_br, head_off, n_rel, PAST)
     else:
-        dkk, dv, db_lo, db_hi = _dkdv_region(
-            dkk, dv, db_lo, db_hi, lo, hi, inner_lo, inner_hi, kk, v, kpos, key_ok, QQ, DO, Lse,
-            Delta, DQQ, Bias, stride_br, head_off, n_rel, Tiles, 0, Diag, stride_ot, stride_od, Tq, left, right, q_off,
-            HEAD, BLOCK_M, NO_BIAS, WITH_DQ, N_DIAG, PRECISION)
+        d1 = lo
+        d2 = lo
+        bias_future = 0.0
+        bias_past = 0.0
+    inner, inner_end, near_lo, near_hi = _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2)
+    # the NEAR tiles' offsets j - i at their top-left entries are first - q_off - start: the table's
+    # tiles are (keys, queries), the tile t at j - i = first_bias_tile + t min(BLOCK_M, BLOCK_N)
+    tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_N, BLOCK_M)
+    tile_of = first - q_off - first_bias_tile
+    diag = Diag + (pid_bh * n_tiles + pid_n) * (BLOCK_N * N_DIAG)  # WITH_DQ: this tile's inner-row pairs
+    # Three loops, as the forward's, so that the kernel's code stays small: the unmasked far tiles of both
+    # sides, the NEAR tiles, then the tiles that masks can bite. Without dq, the NEAR loop takes those
+    # inside the band unmasked, and the masked one every other tile, the band's edges, as the forward's.
+    # Summing dq, the NEAR loop takes every NEAR tile masked (it stores their pairs on the bias table's
+    # inner rows for _store_diagonal_sums) and the masked one the far tiles left.
+    dkk, dv, db_lo, db_hi = _dkdv_inner_tiles(
+        dkk, dv, db_lo, db_hi, inner, inner_end - (near_hi - near_lo), near_lo, near_hi - near_lo, bias_future,
+        bias_past, kk, v, QQ, DO, Lse, Delta, DQQ, tiles, tile_of, stride_ot, stride_od, HEAD, BLOCK_M, False,
+        WITH_DQ, HAS_BIAS, PRECISION)
+    if WITH_DQ:
+        if HAS_BIAS:
+            dkk, dv, db_lo, db_hi = _dkdv_tiles(
+                dkk, dv, db_lo, db_hi, d1, d2, d2, 0, d2, 0, d1, d2, 0.0, 0.0, kk, v, kpos, key_ok, QQ, DO, Lse,
+                Delta, DQQ, tiles, tile_of, n_bias_tiles, diag, stride_ot, stride_od, Tq, n_rel, left, right, q_off,
+                HEAD, BLOCK_M, NEAR, HAS_BIAS, WITH_DQ, N_DIAG, PRECISION)
+        end, skip_at, skip, skip_at2, skip2 = _far_masked_tiles(lo, hi, inner, inner_end, near_lo, near_hi, d1, d2)
+        dkk, dv, db_lo, db_hi = _dkdv_tiles(
+            dkk, dv, db_lo, db_hi, lo, end, skip_at, skip, skip_at2, skip2, d1, d2, bias_future, bias_past, kk, v,
+            kpos, key_ok, QQ, DO, Lse, Delta, DQQ, tiles, tile_of, n_bias_tiles, diag, stride_ot, stride_od, Tq,
+            n_rel, left, right, q_off, HEAD, BLOCK_M, FAR, HAS_BIAS, WITH_DQ, N_DIAG, PRECISION)
+    else:
+        if HAS_BIAS:
+            dkk, dv, db_lo, db_hi = _dkdv_inner_tiles(
+                dkk, dv, db_lo, db_hi, near_lo, near_hi, near_hi, 0, 0.0, 0.0, kk, v, QQ, DO, Lse, Delta, DQQ, tiles,
+                tile_of, stride_ot, stride_od, HEAD, BLOCK_M, True, WITH_DQ, False, PRECISION)
+        dkk, dv, db_lo, db_hi = _dkdv_tiles(
+            dkk, dv, db_lo, db_hi, lo, hi - (inner_end - inner), inner, inner_end - inner, hi, 0, d1, d2, 0.0, 0.0,
+            kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, tiles, tile_of, n_bias_tiles, diag, stride_ot, stride_od,
+            Tq, n_rel, left, right, q_off, HEAD, BLOCK_M, ANY, HAS_BIAS, WITH_DQ, N_DIAG, PRECISION)
+    if WITH_DQ and HAS_BIAS:
+        near_end = d1 + tl.cdiv(d2 - d1, BLOCK_M) * BLOCK_M  # the NEAR tiles' queries: [d1, near_end)
+        bias_sums = DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1)
+        _store_diagonal_sums(bias_sums, diag, kpos - q_off, d1, near_end, n_rel, 1, N_DIAG)
+        _store_bias_sums(bias_sums, db_lo, db_hi, n_rel)
 
     # Offsets from the tile's first row, not the loads' above, which would then stay in registers
     # through every loop (spilled, on sm_90).

@@ -14,13 +14,14 @@ import triton
 import triton.language as tl
 
 from .attention_common import (
+    FAR,
     FUTURE,
     NEAR,
-    NO_BIAS,
     PAST,
     _bias_row_sums,
     _bias_tile,
     _biased_exp,
+    _far_masked_tiles,
     _head_bias_tiles,
     _in_band,
     _inner_keys,
@@ -29,8 +30,11 @@ from .attention_common import (
     _load_full,
     _load_p,
     _load_pairs,
+    _loop_stages,
     _near_bias,
     _rope_angles,
+    _side_sums,
+    _skip,
     _split_regions,
     _store_bias_sums,
     _store_diagonal_sums,
@@ -55,19 +59,23 @@ def _attn_bwd_delta_kernel(O, DO, Delta, stride_ob, stride_oh, stride_ot, stride
 
 @triton.jit
 def _dq_tiles(
-    dqq, db_lo, db_hi, lo, hi, qq, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off, n_rel,
-    Tiles, tile_of, Diag, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
-    HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
+    dqq, db_lo, db_hi, lo, hi, skip_at, skip, skip_at2, skip2, d1, bias_past, bias_future, qq, qpos, do, lse,
+    delta, KK, V, Tiles, tile_of, Diag, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, n_rel, left, right,
+    k_off, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PAD: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Accumulate d(q''_A, q''_B) and the bias table's sums of dS over the key tiles lo, ... < hi:
-    per query row, the end rows' (db_lo, db_hi); a NEAR tile stores its inner rows' pairs at Diag
-    (_bias_row_sums).
+    """Accumulate d(q''_A, q''_B) and the bias table's sums of dS over key tiles that masks can bite: starts
+    lo, lo + BLOCK_N, ... < hi, moved on by skip from skip_at and then by skip2 from skip_at2 (_skip).
     KK: this head's RoPE(k) rows [a | b] as the forward computed them, contiguous, in the dot type.
-    A NEAR tile's bias is the tile of this head's table at offset tile_of - start (_near_bias)."""
+    REGION NEAR: the NEAR tiles, each one's bias the tile of this head's table at offset tile_of - start
+    (_near_bias), its dS summed per query row into the end rows' (db_lo, db_hi) and its inner rows' pairs
+    stored at Diag (_bias_row_sums). FAR: tiles of either far side, the bias one value, bias_past before
+    d1 and bias_future after, and dS's row sums to the last row (db_hi) and the first (db_lo) likewise."""
     DT = qq.dtype
     dims = tl.arange(0, HEAD)
-    for start in range(lo, hi, BLOCK_N):
+    for tile_start in range(lo, hi, BLOCK_N):
+        start = _skip(_skip(tile_start, skip_at, skip), skip_at2, skip2)
+        past = start < d1
         cols = start + tl.arange(0, BLOCK_N)
         # A padded key's k and v meet ds = p = 0 in the products below, and 0 * NaN is NaN: zeroed after
         # the loads, whose masks then do not wait on the padding's (that costs the pipelined loop registers).
@@ -85,68 +93,43 @@ def _dq_tiles(
         if REGION == NEAR:
             bias = _near_bias(Tiles, tile_of, start, qq.shape[0], BLOCK_N)
         else:
-            bias = _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION)
+            bias = tl.where(past, bias_past, bias_future)
         p = tl.where(keep, _biased_exp(logits, bias, lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        db_lo, db_hi = _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, REGION, N_DIAG)
+        if REGION == NEAR:
+            db_lo, db_hi = _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, N_DIAG)
+        elif HAS_BIAS:
+            db_lo, db_hi = _side_sums(tl.sum(ds, 1), db_lo, db_hi, past)
         dqq = tl.dot(ds.to(DT), kk, dqq, input_precision=PRECISION)
     return dqq, db_lo, db_hi
 
 
 @triton.jit
 def _dq_inner_tiles(
-    dqq, db, lo, hi, qq, do, lse, delta, KK, V, bias_c, stride_vt, stride_vd,
-    HEAD: tl.constexpr, BLOCK_N: tl.constexpr, SUM_DS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    dqq, db_lo, db_hi, lo, hi, skip_at, skip, bias_past, bias_future, qq, do, lse, delta, KK, V,
+    stride_vt, stride_vd,
+    HEAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """_dq_tiles for key tiles wholly inside the band, before Tk and before any padded key: no mask,
-    the region's one bias value bias_c folded into the exponent; SUM_DS: add dS's row sums to db."""
+    """_dq_tiles for the far key tiles wholly inside the band, before Tk and before any padded key, of
+    both sides: no mask. Starts lo, lo + BLOCK_N, ... < hi, moved on by skip from skip_at (past the NEAR
+    tiles). The bias is one value per tile, bias_past before skip_at and bias_future from it (0 without a
+    table), folded into the exponent; with HAS_BIAS, dS's row sums go to the table's last row (db_hi) and
+    its first (db_lo) likewise."""
     DT = qq.dtype
     dims = tl.arange(0, HEAD)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    for tile_start in range(lo, hi, BLOCK_N):
+        past = tile_start < skip_at
+        cols = _skip(tile_start, skip_at, skip) + tl.arange(0, BLOCK_N)
         kk = tl.load(KK + cols[:, None] * HEAD + dims[None, :])
         logits = tl.dot(qq, tl.trans(kk), input_precision=PRECISION)
-        p = _biased_exp(logits, bias_c, lse[:, None])
+        p = _biased_exp(logits, tl.where(past, bias_past, bias_future), lse[:, None])
         v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd).to(DT)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        if SUM_DS:
-            db += tl.sum(ds, 1)
+        if HAS_BIAS:
+            db_lo, db_hi = _side_sums(tl.sum(ds, 1), db_lo, db_hi, past)
         dqq = tl.dot(ds.to(DT), kk, dqq, input_precision=PRECISION)
-    return dqq, db
-
-
-@triton.jit
-def _dq_region(
-    dqq, db_lo, db_hi, lo, hi, inner_lo, inner_hi, qq, qpos, do, lse, delta, KK, V, Bias,
-    stride_br, head_off, n_rel, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
-    HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr,
-    HAS_PAD: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The key tiles lo, ... < hi of one region whose bias is one value (PAST, FUTURE, NO_BIAS):
-    [inner_lo, inner_hi) (starts on lo's grid) by the loop with no mask, the edges by the masked one.
-    A PAST tile's dS sums go to the last row of dbias (db_hi), a FUTURE one's to the first (db_lo). No
-    table of NEAR tiles is read, nor diagonals stored (Bias and 0 stand in for the table and its place,
-    Bias for Diag)."""
-    a = tl.minimum(tl.maximum(inner_lo, lo), hi)
-    b = tl.maximum(tl.minimum(inner_hi, hi), a)
-    dqq, db_lo, db_hi = _dq_tiles(
-        dqq, db_lo, db_hi, lo, a, qq, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off, n_rel, Bias,
-        0, Bias, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N, REGION,
-        HAS_PAD, N_DIAG, PRECISION)
-    bias_c = _bias_tile(0, Bias, stride_br, head_off, n_rel, REGION)
-    if REGION == PAST:
-        dqq, db_hi = _dq_inner_tiles(dqq, db_hi, a, b, qq, do, lse, delta, KK, V, bias_c, stride_vt,
-                                          stride_vd, HEAD, BLOCK_N, True, PRECISION)
-    else:
-        dqq, db_lo = _dq_inner_tiles(dqq, db_lo, a, b, qq, do, lse, delta, KK, V, bias_c, stride_vt,
-                                          stride_vd, HEAD, BLOCK_N, REGION == FUTURE, PRECISION)
-    dqq, db_lo, db_hi = _dq_tiles(
-        dqq, db_lo, db_hi, b, hi, qq, qpos, do, lse, delta, KK, V, Bias, stride_br, head_off, n_rel, Bias,
-        0, Bias, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N, REGION,
-        HAS_PAD, N_DIAG, PRECISION)
     return dqq, db_lo, db_hi
 
 
@@ -198,37 +181,43 @@ def _attn_bwd_dq_kernel(
     if HAS_PAD:
         k_end = tl.minimum(k_end, tl.load(PadStart + b))
     inner_lo, inner_hi = _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M, BLOCK_N)
+    # the NEAR tiles start in [d1, d2): PAST ones before, FUTURE ones after (no bias: none is NEAR)
     if HAS_BIAS:
         d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
                                 q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
-        dqq, db_lo, db_hi = _dq_region(
-            dqq, db_lo, db_hi, lo, d1, inner_lo, inner_hi, qq, qpos, do, lse, delta, KK, V, Bias,
-            stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
-            k_off, HEAD, BLOCK_N, PAST, HAS_PAD, N_DIAG, PRECISION)
-        # Every NEAR tile takes the masked loop, its bias from the table (at its place as the forward finds
-        # it), and stores its inner-row pairs of dS for _store_diagonal_sums.
-        diag = Diag + tile * (BLOCK_M * N_DIAG)
+        bias_past = _bias_tile(0, Bias, stride_br, hd * stride_bh, n_rel, PAST)
+        bias_future = _bias_tile(0, Bias, stride_br, hd * stride_bh, n_rel, FUTURE)
+    else:
+        d1 = lo
+        d2 = lo
+        bias_past = 0.0
+        bias_future = 0.0
+    inner, inner_end, near_lo, near_hi = _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2)
+    # Three loops, as the forward's, so that the kernel's code stays small: the unmasked far tiles of both
+    # sides, every NEAR tile (masked: it stores its pairs on the bias table's inner rows for
+    # _store_diagonal_sums), then the far tiles that masks can bite, the band's edges.
+    dqq, db_lo, db_hi = _dq_inner_tiles(
+        dqq, db_lo, db_hi, inner, inner_end - (near_hi - near_lo), near_lo, near_hi - near_lo, bias_past,
+        bias_future, qq, do, lse, delta, KK, V, stride_vt, stride_vd, HEAD, BLOCK_N, HAS_BIAS, PRECISION)
+    diag = Diag + tile * (BLOCK_M * N_DIAG)
+    pad_off = b * stride_pb
+    if HAS_BIAS:
         tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_M, BLOCK_N)
         dqq, db_lo, db_hi = _dq_tiles(
-            dqq, db_lo, db_hi, d1, d2, qq, qpos, do, lse, delta, KK, V, Bias, stride_br, hd * stride_bh,
-            n_rel, tiles, q_first - k_off - first_bias_tile, diag, Pad,
-            b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N, NEAR, HAS_PAD,
-            N_DIAG, PRECISION)
-        dqq, db_lo, db_hi = _dq_region(
-            dqq, db_lo, db_hi, d2, hi, inner_lo, inner_hi, qq, qpos, do, lse, delta, KK, V, Bias,
-            stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
-            k_off, HEAD, BLOCK_N, FUTURE, HAS_PAD, N_DIAG, PRECISION)
-        # dq'' first: with its accumulator stored, the diagonal sums' loads take the registers it held
-        _store_dqq(DQQ, dqq, pid_bh, pid_m, Tq, HEAD, BLOCK_M)
+            dqq, db_lo, db_hi, d1, d2, d2, 0, d2, 0, d1, 0.0, 0.0, qq, qpos, do, lse, delta, KK, V, tiles,
+            q_first - k_off - first_bias_tile, diag, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, n_rel, left,
+            right, k_off, HEAD, BLOCK_N, NEAR, HAS_BIAS, HAS_PAD, N_DIAG, PRECISION)
+    end, skip_at, skip, skip_at2, skip2 = _far_masked_tiles(lo, hi, inner, inner_end, near_lo, near_hi, d1, d2)
+    dqq, db_lo, db_hi = _dq_tiles(
+        dqq, db_lo, db_hi, lo, end, skip_at, skip, skip_at2, skip2, d1, bias_past, bias_future, qq, qpos, do, lse,
+        delta, KK, V, Tiles, 0, diag, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, n_rel, left, right, k_off,
+        HEAD, BLOCK_N, FAR, HAS_BIAS, HAS_PAD, N_DIAG, PRECISION)
+    # dq'' first: with its accumulator stored, the diagonal sums' loads take the registers it held
+    _store_dqq(DQQ, dqq, pid_bh, pid_m, Tq, HEAD, BLOCK_M)
+    if HAS_BIAS:
         _store_bias_sums(DBias + tile * (2 * n_rel - 1), db_lo, db_hi, n_rel)
         near_end = d1 + tl.cdiv(d2 - d1, BLOCK_N) * BLOCK_N  # the NEAR tiles' keys: [d1, near_end)
         _store_diagonal_sums(DBias + tile * (2 * n_rel - 1), diag, qpos - k_off, d1, near_end, n_rel, -1, N_DIAG)
-    else:
-        dqq, db_lo, db_hi = _dq_region(
-            dqq, db_lo, db_hi, lo, hi, inner_lo, inner_hi, qq, qpos, do, lse, delta, KK, V, Bias,
-            stride_br, hd * stride_bh, n_rel, Pad, b * stride_pb, stride_pt, stride_vt, stride_vd, Tk, left, right,
-            k_off, HEAD, BLOCK_N, NO_BIAS, HAS_PAD, N_DIAG, PRECISION)
-        _store_dqq(DQQ, dqq, pid_bh, pid_m, Tq, HEAD, BLOCK_M)
 
 
 @triton.jit

@@ -90,13 +90,14 @@ def _load_p(P, HALF: tl.constexpr):
 # (PAST: one bias value, the last row), straddling the diagonal (NEAR: the bias varies, so each launcher
 # writes it once per call as whole tiles of its own shape, kernels.attention.near_bias_tiles, which
 # _near_bias reads; decoding gathers it), and wholly at i - j <= -(n - 1) (FUTURE: the first row). No
-# branch sits inside a loop body (it would stop Triton from pipelining its loads): the backward runs each
-# region as its own loops, and the forward's loops pick a tile's region by selecting its bias value or its
-# table tile. NO_BIAS: no table at all.
-NO_BIAS: tl.constexpr = tl.constexpr(0)
+# branch sits inside a loop body (it would stop Triton from pipelining its loads): a loop over tiles of
+# either far side (FAR) picks the side's one value by a select, and a loop over tiles of any region (ANY)
+# a tile of the table (_edge_bias).
 PAST: tl.constexpr = tl.constexpr(1)
 NEAR: tl.constexpr = tl.constexpr(2)
 FUTURE: tl.constexpr = tl.constexpr(3)
+FAR: tl.constexpr = tl.constexpr(4)
+ANY: tl.constexpr = tl.constexpr(5)
 
 
 @triton.jit
@@ -112,17 +113,49 @@ def _split_regions(lo, hi, last_past, first_future, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2):
+    """How a pass deals the tiles lo, lo + BLOCK, ... < hi of its program to its loops (the forward and
+    both heavy backward passes alike): (inner, inner_end, near_lo, near_hi). No mask can bite the tiles
+    in [inner, inner_end) ([inner_lo, inner_hi) cut to [lo, hi)); of those, [near_lo, near_hi) are NEAR
+    (the region [d1, d2) of _split_regions cut to them) and the rest far. The masked loop takes the tiles
+    before inner and from inner_end on."""
+    inner = tl.minimum(tl.maximum(inner_lo, lo), hi)
+    inner_end = tl.maximum(tl.minimum(inner_hi, hi), inner)
+    near_lo = tl.minimum(tl.maximum(d1, inner), inner_end)
+    near_hi = tl.minimum(tl.maximum(d2, inner), inner_end)
+    return inner, inner_end, near_lo, near_hi
+
+
+@triton.jit
+def _far_masked_tiles(lo, hi, inner, inner_end, near_lo, near_hi, d1, d2):
+    """(end, skip_at, skip, skip_at2, skip2) of the loop over the far tiles that masks can bite, for a pass
+    that runs every NEAR tile in a loop of its own: the tiles of [lo, d1) and [d2, hi) outside [inner,
+    inner_end) (_loop_stages), as range(lo, end) moved on twice by _skip. Counted without the NEAR tiles,
+    the far tiles inside the band are one run: the loop skips it first, then the NEAR tiles."""
+    near = d2 - d1
+    inner_far = (inner_end - inner) - (near_hi - near_lo)
+    inner_rank = inner - tl.minimum(tl.maximum(inner - d1, 0), near)
+    return hi - near - inner_far, inner_rank, inner_far, d1, near
+
+
+@triton.jit
+def _skip(start, skip_at, skip):
+    """A loop's tile start moved on by skip from skip_at on: one loop walks two runs of tiles,
+    [lo, skip_at) then [skip_at + skip, ...), with one copy of its body (each loop is one in the kernel's
+    code, with the software pipeliner's prologue and epilogue)."""
+    return start + tl.where(start >= skip_at, skip, 0)
+
+
+@triton.jit
 def _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION: tl.constexpr):
     """bias[clamp(rel) + n - 1, head] for a tile of offsets rel = i - j, fp32 (see the regions)."""
     if REGION == PAST:
         return tl.load(Bias + (2 * n_rel - 2) * stride_br + head_off).to(tl.float32)
     elif REGION == FUTURE:
         return tl.load(Bias + head_off).to(tl.float32)
-    elif REGION == NEAR:
+    else:
         ridx = tl.minimum(tl.maximum(rel, 1 - n_rel), n_rel - 1) + n_rel - 1
         return tl.load(Bias + ridx * stride_br + head_off).to(tl.float32)
-    else:
-        return 0.0
 
 
 @triton.jit
@@ -170,6 +203,16 @@ def _bias_table_tile(Tiles, tile, ROWS: tl.constexpr, COLS: tl.constexpr):
 def _near_bias(Tiles, tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr):
     """The (ROWS, COLS) fp32 bias of the NEAR tile whose loop runs from `start` (_near_tile)."""
     return _bias_table_tile(Tiles, _near_tile(tile_of, start, ROWS, COLS), ROWS, COLS)
+
+
+@triton.jit
+def _edge_bias(Tiles, n_bias_tiles, tile_of, start, d1, d2, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The (ROWS, COLS) fp32 bias of the tile a masked loop runs from `start`, whatever its region: a
+    NEAR tile's (those starting in [d1, d2)) from this head's table, before them the table's constant
+    tile of the first side (its n_bias_tiles - 2: PAST seen from a query tile), after them the other's."""
+    n_near = n_bias_tiles - 2
+    tile = tl.where(start < d1, n_near, tl.where(start >= d2, n_near + 1, _near_tile(tile_of, start, ROWS, COLS)))
+    return _bias_table_tile(Tiles, tile, ROWS, COLS)
 
 
 @triton.jit
@@ -243,27 +286,32 @@ def _unrope_store(dA, dB, a, b, cos, sin, pos, DX, rows, n_rows, G, g_row, HEAD:
 
 
 @triton.jit
-def _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, REGION: tl.constexpr, N_DIAG: tl.constexpr):
-    """Add a tile of dS to the bias table's sums, row by row of the tile (queries in the dq pass, keys
-    in the dk/dv pass): the end rows' (db_lo, db_hi: the pairs the clamp sends there; with n = 1 both
-    are row 0). A NEAR tile's pairs on the inner rows, the diagonals d = i - j + n - 2 < 2n - 3 (table
-    row d + 1), are stored at Diag[row, d] (rows of N_DIAG), which _store_diagonal_sums adds up once the
-    program's NEAR tiles are done: each (row, d) is one pair, so no two tiles write the same place.
+def _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, N_DIAG: tl.constexpr):
+    """Add a tile of dS (any region's: the masked loops take far tiles and NEAR ones alike) to the bias
+    table's sums, row by row of the tile (queries in the dq pass, keys in the dk/dv pass): the end rows'
+    (db_lo, db_hi: the pairs the clamp sends there; with n = 1 both are row 0). A NEAR tile's pairs on the
+    inner rows, the diagonals d = i - j + n - 2 < 2n - 3 (table row d + 1), are stored at Diag[row, d]
+    (rows of N_DIAG), which _store_diagonal_sums adds up once the program's loops are done: each (row, d)
+    is one pair, so no two tiles write the same place (a far tile has no pair there).
 
     Stored, not summed here: summing the diagonals in the tile means skewing it (a gather along its
     rows), which costs the dq pass's NEAR loop a tenth more instructions than these predicated stores
     (docs/model.md, "Kernels")."""
-    if REGION == PAST:
-        db_hi += tl.sum(ds, 1)
-    elif REGION == FUTURE:
-        db_lo += tl.sum(ds, 1)
-    elif REGION == NEAR:
-        db_lo += tl.sum(tl.where(rel <= 1 - n_rel, ds, 0.0), 1)
-        db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
-        d = rel + n_rel - 2
-        rows = tl.arange(0, ds.shape[0])
-        tl.store(Diag + rows[:, None] * N_DIAG + d, ds, mask=(d >= 0) & (d < 2 * n_rel - 3))
+    db_lo += tl.sum(tl.where(rel <= 1 - n_rel, ds, 0.0), 1)
+    db_hi += tl.sum(tl.where((rel >= n_rel - 1) & (rel > 1 - n_rel), ds, 0.0), 1)
+    d = rel + n_rel - 2
+    rows = tl.arange(0, ds.shape[0])
+    tl.store(Diag + rows[:, None] * N_DIAG + d, ds, mask=(d >= 0) & (d < 2 * n_rel - 3))
     return db_lo, db_hi
+
+
+@triton.jit
+def _side_sums(row_sums, db_lo, db_hi, past):
+    """Add the row sums of a far tile's dS to the bias table's end row its pairs all take: the last
+    (db_hi) for a PAST tile, the first (db_lo) for a FUTURE one; `past` is one value for the tile. By
+    products with 1 and 0, a fused multiply-add per sum, where a select then an addition take two."""
+    on_past = tl.where(past, 1.0, 0.0)
+    return db_lo + row_sums * (1.0 - on_past), db_hi + row_sums * on_past
 
 
 @triton.jit
