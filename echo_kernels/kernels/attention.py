@@ -58,28 +58,23 @@ import triton.language as tl
 
 from . import ATTENTION_HEAD_WIDTHS
 from .attention_common import (
-    FUTURE,
     LOG2E,
     NEAR,
-    PAST,
     _bias_arg,
     _bias_tile,
     _biased_exp,
     _edge_bias,
     _head_bias_tiles,
     _in_band,
-    _inner_keys,
     _key_ok,
-    _key_range,
     _load_p,
-    _loop_stages,
     _near_bias,
     _pad_arg,
     _plus_bias,
+    _query_tile_stages,
     _rope_angles,
     _rotated_rows,
     _skip,
-    _split_regions,
     _tile_and_head,
     p_arg,
     precision,
@@ -262,24 +257,11 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD], tl.float32)
     q_first = q_off + pid_m * BLOCK_M
-    lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
-    k_end = Tk
-    if HAS_PAD:
-        k_end = tl.minimum(k_end, tl.load(PadStart + b))
-    inner_lo, inner_hi = _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M, BLOCK_N)
-    # the NEAR tiles start in [d1, d2): PAST ones before, FUTURE ones after (no bias: none is NEAR)
-    if HAS_BIAS:
-        d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
-                                q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
-        bias_past = _bias_tile(0, Bias, stride_br, hd * stride_bh, n_rel, PAST)
-        bias_future = _bias_tile(0, Bias, stride_br, hd * stride_bh, n_rel, FUTURE)
-    else:
-        d1 = lo
-        d2 = lo
-        bias_past = 0.0
-        bias_future = 0.0
-    # no mask can bite the tiles in [inner, inner_end); those before and after take the masked loop
-    inner, inner_end, near_lo, near_hi = _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2)
+    # the NEAR tiles start in [d1, d2): PAST ones before, FUTURE ones after; no mask can bite the tiles in
+    # [inner, inner_end), those before and after take the masked loop
+    lo, hi, d1, d2, inner, inner_end, near_lo, near_hi, bias_past, bias_future = _query_tile_stages(
+        pid_m * BLOCK_M, q_off, k_off, left, right, Tk, PadStart + b, Bias, stride_br, hd * stride_bh, n_rel, HAS_PAD,
+        HAS_BIAS, BLOCK_M, BLOCK_N)
     # the NEAR tiles' offsets i - j at their top-left entries are q_first - k_off - start, which finds a
     # tile's place in the table (_near_bias)
     tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_M, BLOCK_N)

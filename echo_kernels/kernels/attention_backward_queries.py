@@ -15,27 +15,21 @@ import triton.language as tl
 
 from .attention_common import (
     FAR,
-    FUTURE,
     NEAR,
-    PAST,
     _bias_row_sums,
-    _bias_tile,
     _biased_exp,
     _far_masked_tiles,
     _head_bias_tiles,
     _in_band,
-    _inner_keys,
     _key_ok,
-    _key_range,
     _load_full,
     _load_p,
     _load_pairs,
-    _loop_stages,
     _near_bias,
+    _query_tile_stages,
     _rope_angles,
     _side_sums,
     _skip,
-    _split_regions,
     _store_bias_sums,
     _store_diagonal_sums,
     _tile_and_head,
@@ -175,24 +169,11 @@ def _attn_bwd_dq_kernel(
     db_lo = tl.zeros([BLOCK_M], tl.float32)
     db_hi = tl.zeros([BLOCK_M], tl.float32)
 
-    lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
-    # the key tiles no mask can bite, as the forward finds them
-    k_end = Tk
-    if HAS_PAD:
-        k_end = tl.minimum(k_end, tl.load(PadStart + b))
-    inner_lo, inner_hi = _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M, BLOCK_N)
-    # the NEAR tiles start in [d1, d2): PAST ones before, FUTURE ones after (no bias: none is NEAR)
-    if HAS_BIAS:
-        d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
-                                q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
-        bias_past = _bias_tile(0, Bias, stride_br, hd * stride_bh, n_rel, PAST)
-        bias_future = _bias_tile(0, Bias, stride_br, hd * stride_bh, n_rel, FUTURE)
-    else:
-        d1 = lo
-        d2 = lo
-        bias_past = 0.0
-        bias_future = 0.0
-    inner, inner_end, near_lo, near_hi = _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2)
+    # the key tiles as the forward deals them: the NEAR ones start in [d1, d2), PAST ones before, FUTURE
+    # ones after; no mask can bite those in [inner, inner_end)
+    lo, hi, d1, d2, inner, inner_end, near_lo, near_hi, bias_past, bias_future = _query_tile_stages(
+        pid_m * BLOCK_M, q_off, k_off, left, right, Tk, PadStart + b, Bias, stride_br, hd * stride_bh, n_rel, HAS_PAD,
+        HAS_BIAS, BLOCK_M, BLOCK_N)
     # Three loops, as the forward's, so that the kernel's code stays small: the unmasked far tiles of both
     # sides, every NEAR tile (masked: it stores its pairs on the bias table's inner rows for
     # _store_diagonal_sums), then the far tiles that masks can bite, the band's edges.

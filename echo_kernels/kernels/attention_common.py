@@ -262,6 +262,37 @@ def _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M: tl.constexpr, BLOCK
     return inner_lo, tl.maximum(inner_hi, 0) // BLOCK_N * BLOCK_N
 
 
+@triton.jit
+def _query_tile_stages(row0, q_off, k_off, left, right, Tk, PadStart, Bias, stride_br, head_off, n_rel,
+                       HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """The key tiles of the query tile of BLOCK_M rows from row row0, as the forward and the dq pass deal
+    them to their loops: (lo, hi, d1, d2, inner, inner_end, near_lo, near_hi, bias_past, bias_future).
+    [lo, hi) the keys the band reaches (_key_range); the NEAR tiles start in [d1, d2), PAST ones before
+    with bias_past, FUTURE ones after with bias_future (without a bias none is NEAR, and both values are
+    0); no mask can bite the tiles in [inner, inner_end), of which [near_lo, near_hi) are NEAR
+    (_loop_stages): whole, before Tk and, with HAS_PAD, before the batch's first padded key (PadStart: a
+    pointer to it)."""
+    q_first = q_off + row0
+    lo, hi = _key_range(row0, row0 + BLOCK_M - 1, left, right, q_off, k_off, Tk, BLOCK_N)
+    k_end = Tk
+    if HAS_PAD:
+        k_end = tl.minimum(k_end, tl.load(PadStart))
+    inner_lo, inner_hi = _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M, BLOCK_N)
+    if HAS_BIAS:
+        d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
+                                q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
+        bias_past = _bias_tile(0, Bias, stride_br, head_off, n_rel, PAST)
+        bias_future = _bias_tile(0, Bias, stride_br, head_off, n_rel, FUTURE)
+    else:
+        d1 = lo
+        d2 = lo
+        bias_past = 0.0
+        bias_future = 0.0
+    inner, inner_end, near_lo, near_hi = _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2)
+    return lo, hi, d1, d2, inner, inner_end, near_lo, near_hi, bias_past, bias_future
+
+
 # The backward's passes over key tiles and over query tiles both undo RoPE and sum dS into the bias
 # table's rows.
 
@@ -287,12 +318,12 @@ def _unrope_store(dA, dB, a, b, cos, sin, pos, DX, rows, n_rows, G, g_row, HEAD:
 
 @triton.jit
 def _bias_row_sums(ds, db_lo, db_hi, rel, Diag, n_rel, N_DIAG: tl.constexpr):
-    """Add a tile of dS (any region's: the masked loops take far tiles and NEAR ones alike) to the bias
-    table's sums, row by row of the tile (queries in the dq pass, keys in the dk/dv pass): the end rows'
-    (db_lo, db_hi: the pairs the clamp sends there; with n = 1 both are row 0). A NEAR tile's pairs on the
-    inner rows, the diagonals d = i - j + n - 2 < 2n - 3 (table row d + 1), are stored at Diag[row, d]
-    (rows of N_DIAG), which _store_diagonal_sums adds up once the program's loops are done: each (row, d)
-    is one pair, so no two tiles write the same place (a far tile has no pair there).
+    """Add a NEAR tile's dS (the sums are right for a tile of any region) to the bias table's sums, row by
+    row of the tile (queries in the dq pass, keys in the dk/dv pass): the end rows' (db_lo, db_hi: the
+    pairs the clamp sends there; with n = 1 both are row 0). Its pairs on the inner rows, the diagonals
+    d = i - j + n - 2 < 2n - 3 (table row d + 1), are stored at Diag[row, d] (rows of N_DIAG), which
+    _store_diagonal_sums adds up once the program's loops are done: each (row, d) is one pair, so no two
+    tiles write the same place.
 
     Stored, not summed here: summing the diagonals in the tile means skewing it (a gather along its
     rows), which costs the dq pass's NEAR loop a tenth more instructions than these predicated stores
