@@ -56,8 +56,8 @@ def _dkdv_tiles(
     right, q_off, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr, HAS_BIAS: tl.constexpr,
     WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Accumulate dk (as d(a_k, b_k)) and dv over query tiles that masks can bite: starts lo, lo + BLOCK_M,
-    ... < hi, moved on by skip from skip_at and then by skip2 from skip_at2 (_skip). WITH_DQ also add each
+    """Accumulate dk (as d(a_k, b_k)) and dv over query tiles, masked: starts lo, lo + BLOCK_M, ... < hi,
+    moved on by skip from skip_at and then by skip2 from skip_at2 (_skip). WITH_DQ also add each
     query tile's share of d(q'') (_add_dq) and sum dS into the bias table's rows per key.
 
     Tiles are kept transposed, (keys, queries), as in Triton's fused-attention tutorial: every

@@ -58,8 +58,8 @@ def _dq_tiles(
     k_off, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PAD: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Accumulate d(q''_A, q''_B) and the bias table's sums of dS over key tiles that masks can bite: starts
-    lo, lo + BLOCK_N, ... < hi, moved on by skip from skip_at and then by skip2 from skip_at2 (_skip).
+    """Accumulate d(q''_A, q''_B) and the bias table's sums of dS over key tiles, masked: starts lo,
+    lo + BLOCK_N, ... < hi, moved on by skip from skip_at and then by skip2 from skip_at2 (_skip).
     KK: this head's RoPE(k) rows [a | b] as the forward computed them, contiguous, in the dot type.
     REGION NEAR: the NEAR tiles, each one's bias the tile of this head's table at offset tile_of - start
     (_near_bias), its dS summed per query row into the end rows' (db_lo, db_hi) and its inner rows' pairs
@@ -159,7 +159,7 @@ def _attn_bwd_dq_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qpos = q_off + rows
     q_first = q_off + pid_m * BLOCK_M
-    # q'' from the delta pre-pass: rows [q''_A | q''_B], which multiply RoPE(k)'s [a | b] in one product
+    # q'' from the rotation pass: rows [q''_A | q''_B], which multiply RoPE(k)'s [a | b] in one product
     q_offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
     qq = tl.load(QQ + q_offs, mask=rows[:, None] < Tq, other=0.0)
     do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD).to(DT)
