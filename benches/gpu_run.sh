@@ -41,7 +41,7 @@ report        20  15
 # Smallest first where a file's kernels are few, so that one slow file leaves the others some time
 CORRECTNESS_FILES=(tests/test_plain_attention.py tests/test_attention.py tests/test_rotary.py tests/test_orthogonal.py
                    tests/test_attention_shapes.py tests/test_masked_values.py tests/test_near_bias_tiles.py
-                   tests/test_properties_triton.py)
+                   tests/test_loop_stages.py tests/test_properties_triton.py)
 CORRECTNESS_FULL="not aot"
 CORRECTNESS_QUICK="(gpu or forward_matches_reference or deterministic or bf16 or fp16) and not aot"
 GRACE=5  # a step gets SIGTERM GRACE seconds before its limit, SIGKILL at it

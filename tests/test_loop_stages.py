@@ -8,7 +8,8 @@ least first_future, NEAR between. The forward and the dk/dv pass run the far til
 NEAR tiles inside it, then every other tile (masked); the passes that sum dbias (dq, and dk/dv summing dq)
 run the far tiles inside the band, every NEAR tile, then the far tiles left (masked).
 
-Without a GPU the dealing kernel runs through the Triton interpreter (tests/conftest.py).
+Without a GPU the dealing kernel runs through the Triton interpreter (tests/conftest.py); on one, compiled,
+in benches/gpu_run.sh's correctness step.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from property_strategies import property_settings
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 pytestmark = pytest.mark.skipif(not (ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"),
-                                reason="needs a GPU or TRITON_INTERPRET=1")
+                                reason="needs a GPU (benches/gpu_run.sh runs it) or TRITON_INTERPRET=1")
 BLOCK = 16
 SLOTS = 32  # per loop: more than the tiles of any drawn range
 

@@ -15,11 +15,8 @@ import triton.language as tl
 from .attention_common import (
     ANY,
     FAR,
-    FUTURE,
     NEAR,
-    PAST,
     _bias_row_sums,
-    _bias_tile,
     _biased_exp,
     _edge_bias,
     _far_masked_tiles,
@@ -29,10 +26,10 @@ from .attention_common import (
     _load_pairs,
     _loop_stages,
     _near_bias,
+    _regions,
     _rope_angles,
     _side_sums,
     _skip,
-    _split_regions,
     _store_bias_sums,
     _store_diagonal_sums,
     _tile_and_head,
@@ -246,17 +243,10 @@ def _dkdv_key_tile(
     inner_hi = tl.maximum(inner_hi, 0) // BLOCK_M * BLOCK_M
     inner_hi = tl.where(pid_n * BLOCK_N + BLOCK_N <= k_end, inner_hi, 0)
     head_off = hd * stride_bh
-    if HAS_BIAS:
-        # seen from a key tile, the FUTURE query tiles come first and the PAST ones last
-        d1, d2 = _split_regions(lo, hi, first - n_rel + 2 - q_off - BLOCK_M, first + BLOCK_N + n_rel - 2 - q_off,
-                                BLOCK_M)
-        bias_future = _bias_tile(0, Bias, stride_br, head_off, n_rel, FUTURE)
-        bias_past = _bias_tile(0, Bias, stride_br, head_off, n_rel, PAST)
-    else:
-        d1 = lo
-        d2 = lo
-        bias_future = 0.0
-        bias_past = 0.0
+    # seen from a key tile, the FUTURE query tiles come first and the PAST ones last
+    d1, d2, bias_past, bias_future = _regions(lo, hi, first - n_rel + 2 - q_off - BLOCK_M,
+                                              first + BLOCK_N + n_rel - 2 - q_off, Bias, stride_br, head_off, n_rel,
+                                              HAS_BIAS, BLOCK_M)
     inner, inner_end, near_lo, near_hi = _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2)
     # the NEAR tiles' offsets j - i at their top-left entries are first - q_off - start: the table's
     # tiles are (keys, queries), the tile t at j - i = first_bias_tile + t min(BLOCK_M, BLOCK_N)

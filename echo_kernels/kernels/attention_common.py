@@ -113,6 +113,24 @@ def _split_regions(lo, hi, last_past, first_future, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _regions(lo, hi, last_past, first_future, Bias, stride_br, head_off, n_rel, HAS_BIAS: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """(d1, d2, bias_past, bias_future) of a pass's tiles lo, lo + BLOCK, ... < hi, from either side: the
+    NEAR tiles start in [d1, d2) (_split_regions), and each far side's bias is one value, the table's last
+    row for PAST tiles and its first for FUTURE ones. Without a bias no tile is NEAR and both values are 0."""
+    if HAS_BIAS:
+        d1, d2 = _split_regions(lo, hi, last_past, first_future, BLOCK)
+        bias_past = _bias_tile(0, Bias, stride_br, head_off, n_rel, PAST)
+        bias_future = _bias_tile(0, Bias, stride_br, head_off, n_rel, FUTURE)
+    else:
+        d1 = lo
+        d2 = lo
+        bias_past = 0.0
+        bias_future = 0.0
+    return d1, d2, bias_past, bias_future
+
+
+@triton.jit
 def _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2):
     """How a pass deals the tiles lo, lo + BLOCK, ... < hi of its program to its loops (the forward and
     both heavy backward passes alike): (inner, inner_end, near_lo, near_hi). No mask can bite the tiles
@@ -279,16 +297,9 @@ def _query_tile_stages(row0, q_off, k_off, left, right, Tk, PadStart, Bias, stri
     if HAS_PAD:
         k_end = tl.minimum(k_end, tl.load(PadStart))
     inner_lo, inner_hi = _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M, BLOCK_N)
-    if HAS_BIAS:
-        d1, d2 = _split_regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
-                                q_first + BLOCK_M + n_rel - 2 - k_off, BLOCK_N)
-        bias_past = _bias_tile(0, Bias, stride_br, head_off, n_rel, PAST)
-        bias_future = _bias_tile(0, Bias, stride_br, head_off, n_rel, FUTURE)
-    else:
-        d1 = lo
-        d2 = lo
-        bias_past = 0.0
-        bias_future = 0.0
+    d1, d2, bias_past, bias_future = _regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
+                                              q_first + BLOCK_M + n_rel - 2 - k_off, Bias, stride_br, head_off,
+                                              n_rel, HAS_BIAS, BLOCK_N)
     inner, inner_end, near_lo, near_hi = _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2)
     return lo, hi, d1, d2, inner, inner_end, near_lo, near_hi, bias_past, bias_future
 
