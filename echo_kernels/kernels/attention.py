@@ -76,6 +76,7 @@ from .attention_common import (
     _rotated_rows,
     _skip,
     _tile_and_head,
+    _tile_rows,
     p_arg,
     precision,
     tile_arch,
@@ -141,8 +142,8 @@ def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_tiles,
 
 @triton.jit
 def _fwd_tiles(
-    acc, m_i, l_i, lo, hi, skip_at, skip, q, qpos, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of,
-    n_bias_tiles, d1, d2, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right, k_off,
+    acc, m_i, l_i, lo, hi, skip_at, skip, q, qrel, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of,
+    n_bias_tiles, d1, d2, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right,
     HEAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -159,7 +160,9 @@ def _fwd_tiles(
         # a padded key's k only reaches its own logits, which the mask replaces
         k = tl.load(KK + cols[:, None] * HEAD + dims[None, :], mask=cols[:, None] < Tk, other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
+        # i - j as a row's value less a column's: with k_off inside the column's, the compiler kept that
+        # sum's loop-invariant part live through the loop, one register per column a thread holds
+        rel = qrel[:, None] - cols[None, :]
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
         keep = _in_band(rel, left, right) & key_ok[None, :]
         if HAS_BIAS and BIAS_TILES:
@@ -186,8 +189,8 @@ def _fwd_tiles(
 
 @triton.jit
 def _fwd_inner_tiles(
-    acc, m_i, l_i, lo, hi, skip_at, skip, bias_before, bias_after, q, qpos, KK, V, Bias, stride_br, head_off, n_rel,
-    Tiles, tile_of, stride_vt, stride_vd, k_off,
+    acc, m_i, l_i, lo, hi, skip_at, skip, bias_before, bias_after, q, qrel, KK, V, Bias, stride_br, head_off, n_rel,
+    Tiles, tile_of, stride_vt, stride_vd,
     HEAD: tl.constexpr, BLOCK_N: tl.constexpr, NEAR_TILES: tl.constexpr,
     BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -209,7 +212,7 @@ def _fwd_inner_tiles(
             if BIAS_TILES:
                 logits = _plus_bias(logits, _near_bias(Tiles, tile_of, start, q.shape[0], BLOCK_N))
             else:
-                logits = _plus_bias(logits, _bias_tile(qpos[:, None] - (k_off + cols)[None, :], Bias, stride_br,
+                logits = _plus_bias(logits, _bias_tile(qrel[:, None] - cols[None, :], Bias, stride_br,
                                                        head_off, n_rel, NEAR))
             m_new = tl.maximum(m_i, tl.max(logits, 1))
             p = tl.exp2(logits * LOG2E - (m_new * LOG2E)[:, None])
@@ -247,7 +250,7 @@ def _attn_fwd_kernel(
     V += b * stride_vb + hd * stride_vh
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    qpos = q_off + rows
+    qrel = q_off - k_off + rows  # each row's i - j at the keys' first
     # a plain load: rotated_rows has rotated the queries (and multiplied them by P~), and since q'' and
     # RoPE(k) both hold their rows as [A | B], q''_A a_k + q''_B b_k is one product of whole rows
     q = tl.load(QQ + pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :], mask=rows[:, None] < Tq,
@@ -270,23 +273,23 @@ def _attn_fwd_kernel(
     # (their bias one value per side), the unmasked NEAR tiles, then the band's edges.
     acc, m_i, l_i = _fwd_inner_tiles(
         acc, m_i, l_i, inner, inner_end - (near_hi - near_lo), near_lo, near_hi - near_lo, bias_past, bias_future,
-        q, qpos, KK, V, Bias, stride_br, hd * stride_bh, n_rel, tiles, tile_of, stride_vt, stride_vd, k_off,
+        q, qrel, KK, V, Bias, stride_br, hd * stride_bh, n_rel, tiles, tile_of, stride_vt, stride_vd,
         HEAD, BLOCK_N, False, BIAS_TILES, PRECISION)
     if HAS_BIAS:
         acc, m_i, l_i = _fwd_inner_tiles(
-            acc, m_i, l_i, near_lo, near_hi, near_hi, 0, 0.0, 0.0, q, qpos, KK, V, Bias, stride_br, hd * stride_bh,
-            n_rel, tiles, tile_of, stride_vt, stride_vd, k_off, HEAD, BLOCK_N, True, BIAS_TILES, PRECISION)
+            acc, m_i, l_i, near_lo, near_hi, near_hi, 0, 0.0, 0.0, q, qrel, KK, V, Bias, stride_br, hd * stride_bh,
+            n_rel, tiles, tile_of, stride_vt, stride_vd, HEAD, BLOCK_N, True, BIAS_TILES, PRECISION)
     acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, lo, hi - (inner_end - inner), inner, inner_end - inner, q, qpos, KK, V, Bias, stride_br,
+        acc, m_i, l_i, lo, hi - (inner_end - inner), inner, inner_end - inner, q, qrel, KK, V, Bias, stride_br,
         hd * stride_bh, n_rel, tiles, tile_of, n_bias_tiles, d1, d2, Pad, b * stride_pb, stride_pt, stride_vt,
-        stride_vd, Tk, left, right, k_off, HEAD, BLOCK_N, HAS_BIAS, HAS_PAD, BIAS_TILES, PRECISION)
+        stride_vd, Tk, left, right, HEAD, BLOCK_N, HAS_BIAS, HAS_PAD, BIAS_TILES, PRECISION)
 
     # A row with no kept key gives zeros and lse = +inf, so that the backward's exp(l - lse) is 0.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    out_offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
-    tl.store(Out + out_offs, out.to(Out.dtype.element_ty), mask=rows[:, None] < Tq)
+    out_offs, out_mask = _tile_rows(pid_bh * Tq + pid_m * BLOCK_M, Tq - pid_m * BLOCK_M, BLOCK_M, HEAD)
+    tl.store(Out + out_offs, out.to(Out.dtype.element_ty), mask=out_mask)
     tl.store(Lse + pid_bh * Tq + rows, lse, mask=rows < Tq)
 
 

@@ -33,6 +33,7 @@ from .attention_common import (
     _store_bias_sums,
     _store_diagonal_sums,
     _tile_and_head,
+    _tile_rows,
     _unrope_store,
 )
 
@@ -71,10 +72,11 @@ def _dkdv_tiles(
         start = _skip(_skip(tile_start, skip_at, skip), skip_at2, skip2)
         past = start >= d1
         rows = start + tl.arange(0, BLOCK_M)
-        qpos = q_off + rows
         qq = tl.load(QQ + rows[:, None] * HEAD + dims[None, :], mask=rows[:, None] < Tq, other=0.0)
         logits_t = tl.dot(kk, tl.trans(qq), input_precision=PRECISION)
-        rel_t = qpos[None, :] - kpos[:, None]  # i - j
+        # i - j as a key's value plus a column's index (a qpos of q_off + rows kept q_off plus each
+        # column's index live through the loop, as the forward's rel)
+        rel_t = (q_off + start - kpos)[:, None] + tl.arange(0, BLOCK_M)[None, :]
         keep_t = (rel_t <= left) & (rel_t >= -right) & key_ok[:, None]
         if not HAS_BIAS:
             bias = 0.0
@@ -288,11 +290,7 @@ def _dkdv_key_tile(
         _store_diagonal_sums(bias_sums, diag, kpos - q_off, d1, near_end, n_rel, 1, N_DIAG)
         _store_bias_sums(bias_sums, db_lo, db_hi, n_rel)
 
-    # Offsets from the tile's first row, not the loads' above, which would then stay in registers
-    # through every loop (spilled, on sm_90).
-    local = tl.arange(0, BLOCK_N)[:, None]
-    out_offs = (pid_bh * Tk + pid_n * BLOCK_N) * HEAD + local * HEAD + tl.arange(0, HEAD)[None, :]
-    out_mask = local < Tk - pid_n * BLOCK_N
+    out_offs, out_mask = _tile_rows(pid_bh * Tk + pid_n * BLOCK_N, Tk - pid_n * BLOCK_N, BLOCK_N, HEAD)
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
     tl.store(DKK + out_offs, dkk, mask=out_mask)
 

@@ -33,6 +33,7 @@ from .attention_common import (
     _store_bias_sums,
     _store_diagonal_sums,
     _tile_and_head,
+    _tile_rows,
     _unrope_store,
 )
 
@@ -82,7 +83,7 @@ def _dq_tiles(
             v = tl.where(key_ok[:, None], v, 0.0)
         kk, v = kk.to(DT), v.to(DT)
         logits = tl.dot(qq, tl.trans(kk), input_precision=PRECISION)
-        rel = qpos[:, None] - (k_off + cols)[None, :]  # i - j
+        rel = (qpos - k_off)[:, None] - cols[None, :]  # i - j, as the forward's rel
         keep = _in_band(rel, left, right) & key_ok[None, :]
         if REGION == NEAR:
             bias = _near_bias(Tiles, tile_of, start, qq.shape[0], BLOCK_N)
@@ -204,11 +205,9 @@ def _attn_bwd_dq_kernel(
 @triton.jit
 def _store_dqq(DQQ, dqq, pid_bh, pid_m, Tq, HEAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """Query tile pid_m's d(q''_A, q''_B) into DQQ's rows, rounded to the dot type here, as the products
-    with P~^T and [a b]^T take it anyway. Offsets from the tile's first row, not from those of the load
-    of q'', which would then stay in registers through every loop (spilled, on sm_80 at h = 128)."""
-    local = tl.arange(0, BLOCK_M)[:, None]
-    offs = (pid_bh * Tq + pid_m * BLOCK_M) * HEAD + local * HEAD + tl.arange(0, HEAD)[None, :]
-    tl.store(DQQ + offs, dqq.to(DQQ.dtype.element_ty), mask=local < Tq - pid_m * BLOCK_M)
+    with P~^T and [a b]^T take it anyway."""
+    offs, mask = _tile_rows(pid_bh * Tq + pid_m * BLOCK_M, Tq - pid_m * BLOCK_M, BLOCK_M, HEAD)
+    tl.store(DQQ + offs, dqq.to(DQQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit

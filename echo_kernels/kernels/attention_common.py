@@ -75,6 +75,16 @@ def _load_full(ptr, rows, row_ok, stride_t, stride_d, HEAD: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(first, rows_left, BLOCK: tl.constexpr, HEAD: tl.constexpr):
+    """Offsets of the (BLOCK, HEAD) tile of contiguous HEAD-wide rows from row `first`, and the mask of
+    its rows that exist (rows_left of them). Counted from the tile's first row, so that a store after
+    the key loops does not reuse the offsets of the tile's load before them, which would then stay in
+    registers through every loop (spilled)."""
+    local = tl.arange(0, BLOCK)[:, None]
+    return first * HEAD + local * HEAD + tl.arange(0, HEAD)[None, :], local < rows_left
+
+
+@triton.jit
 def _load_p(P, HALF: tl.constexpr):
     """The four (HALF, HALF) blocks of the permuted, scaled P (contiguous (2 HALF, 2 HALF))."""
     r = tl.arange(0, HALF)[:, None]
