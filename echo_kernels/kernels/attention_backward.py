@@ -110,10 +110,7 @@ _LIGHT_BLOCKS = {
 # shapes tried that spill nothing under Triton 3.6, 3.8 and 3.9, one whose loop inside the band
 # executes the fewest instructions per (query, key) pair or nearly (docs/model.md, "Tile tables"),
 # except sm_90's dq pass at h = 32 and 64, which keeps 32 keys: 64 run fewer per pair, but 2 CTAs per
-# SM where 32 run 4 and 3 (221 and 246 registers under Triton 3.8), and twice the NEAR loop's work;
-# and sm_80's dk/dv pass at h = 64, which spills 8 bytes under 3.6 (56 when it ran nine loops, none in its
-# loops inside the band), where each shape tried that did not ran 10% more per pair or more, or one CTA per
-# SM fewer.
+# SM where 32 run 4 and 3 (221 and 246 registers under Triton 3.8), and twice the NEAR loop's work.
 _HEAVY_BLOCKS = {
     (32, 80): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
                    dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
