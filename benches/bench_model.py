@@ -27,6 +27,7 @@ enough for CI.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -167,14 +168,20 @@ def echo_inference(model, mel):
     return out.logits
 
 
+# The KV cache's keyword and output field: `cache` where the installed transformers has renamed
+# past_key_values (which it deprecates, and drops in 5.40), past_key_values before that.
+WHISPER_CACHE = ("cache" if "cache" in inspect.signature(WhisperForConditionalGeneration.forward).parameters
+                 else "past_key_values")
+
+
 @torch.no_grad()
 def whisper_inference(model, mel):
     encoder_out = model.model.encoder(mel)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     token = torch.full((mel.shape[0], 1), model.config.decoder_start_token_id, device=mel.device)
     for _ in range(DECODE_STEPS):
-        out = model(encoder_outputs=encoder_out, decoder_input_ids=token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(encoder_outputs=encoder_out, decoder_input_ids=token, use_cache=True, **{WHISPER_CACHE: cache})
+        cache = getattr(out, WHISPER_CACHE)
         token = out.logits[:, -1:].argmax(-1)
     return out.logits
 
