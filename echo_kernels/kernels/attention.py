@@ -250,7 +250,7 @@ def _attn_fwd_kernel(
     V += b * stride_vb + hd * stride_vh
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    qrel = q_off - k_off + rows  # each row's i - j at the keys' first
+    qrel = q_off - k_off + rows  # each row's i - j against the first key (position k_off)
     # a plain load: rotated_rows has rotated the queries (and multiplied them by P~), and since q'' and
     # RoPE(k) both hold their rows as [A | B], q''_A a_k + q''_B b_k is one product of whole rows
     q = tl.load(QQ + pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :], mask=rows[:, None] < Tq,
