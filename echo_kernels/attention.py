@@ -68,7 +68,7 @@ def echo_attention(
     Masked keys contribute nothing even where their values are NaN or inf (0 * NaN would be NaN):
     the reference and CPU paths leave them out exactly; the Triton kernels (and the CPU path under
     torch.compile, which cannot branch on data) never let a padded key's k or v into a product, but a
-    non-finite value at a key past the band (a causal future key, say) that shares a key tile with
+    non-finite k or v at a key past the band (a causal future key, say) that shares a key tile with
     keys the same query tile attends still reaches that tile's queries.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -51,11 +51,13 @@ NEAR tiles', or one of the two constant tiles after them), or with no table a ga
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..reference import UNBOUNDED
 from . import ATTENTION_HEAD_WIDTHS
 from .attention_common import (
     LOG2E,
@@ -63,7 +65,8 @@ from .attention_common import (
     _bias_arg,
     _bias_tile,
     _biased_exp,
-    _edge_bias,
+    _bias_table_tile,
+    _edge_tile,
     _head_bias_tiles,
     _in_band,
     _key_ok,
@@ -124,34 +127,59 @@ def _rope_rows_kernel(
 
 
 @triton.jit
-def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_tiles,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr):
-    """One (BLOCK_M, BLOCK_N) fp32 tile of the bias of one head, Tiles[head, t], by the gather (_bias_tile)
-    that decoding's NEAR tiles run: for t < n_tiles - 2 at the offset i - j = first + STEP * t of its
-    top-left entry; the last two, every entry clamped to one end row (PAST, then FUTURE)."""
+def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_near, first_edge, first_right, left_edge0,
+                      right_edge0, left, right, n_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      STEP: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) fp32 tile of the table of one head, Tiles[head, t] (near_bias_tiles), by the
+    gather (_bias_tile) that decoding's NEAR tiles run: for t < n_near the NEAR tile at offset
+    i - j = first + STEP t of its top-left entry; the next two, every entry clamped to one end row (PAST,
+    then FUTURE); from first_edge those of the band's edges, at left_edge0 + STEP t (before first_right)
+    and right_edge0 + STEP t. Outside the band -right <= i - j <= left, every tile but the two constant
+    ones holds -inf."""
     pid_t, hd = _tile_and_head(n_tiles)
-    n_near = n_tiles - 2
-    top_left = tl.where(pid_t < n_near, first + pid_t * STEP, tl.where(pid_t == n_near, n_rel + BLOCK_N,
-                                                                      -n_rel - BLOCK_M))
+    top_left = tl.where(pid_t < n_near, first, tl.where(pid_t < first_right, left_edge0, right_edge0)) + pid_t * STEP
+    top_left = tl.where(pid_t == n_near, n_rel + BLOCK_N, tl.where(pid_t == n_near + 1, -n_rel - BLOCK_M, top_left))
     rel = top_left + tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]
     bias = _bias_tile(rel, Bias, stride_br, hd * stride_bh, n_rel, NEAR)
+    # two comparisons, not _in_band: an edge tile's rel lies up to a tile beyond the positions, where
+    # rel + right may not fit int32
+    outside = ((rel > left) | (rel < -right)) & ((pid_t < n_near) | (pid_t >= first_edge))
     offs = (hd * n_tiles + pid_t) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N \
         + tl.arange(0, BLOCK_N)[None, :]
-    tl.store(Tiles + offs, bias)
+    tl.store(Tiles + offs, tl.where(outside, float("-inf"), bias))
+
+
+@triton.jit
+def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of, Tk,
+               ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The (ROWS, COLS) fp32 bias of the tile the masked loop runs from `start`, with the band's mask in it
+    (-inf outside -right <= i - j <= left): a NEAR tile's (_edge_tile; near_bias_tiles writes them masked),
+    a far one's that crosses an edge of the band (before left_cut, its last key past right_cut) from the
+    table's tiles of that edge, at offsets left_of - start and right_of - start (counted from the table's
+    start), else its side's constant tile. Both edges' tiles are whole tiles of the band, so one that
+    crosses both may take either."""
+    STEP: tl.constexpr = ROWS if ROWS < COLS else COLS
+    tile = _edge_tile(n_near, tile_of, start, d1, d2, ROWS, COLS)
+    far = (start < d1) | (start >= d2)
+    tile = tl.where(far & (start < left_cut), (left_of - start) // STEP, tile)
+    tile = tl.where(far & (tl.minimum(start + COLS, Tk) - 1 > right_cut), (right_of - start) // STEP, tile)
+    return _bias_table_tile(Tiles, tile, ROWS, COLS)
 
 
 @triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, lo, hi, skip_at, skip, q, qrel, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of,
-    n_bias_tiles, d1, d2, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, left, right,
-    HEAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    n_near, left_cut, left_of, right_cut, right_of, d1, d2, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk,
+    left, right, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Online softmax over the key tiles that masks can bite, in one loop: starts lo, lo + BLOCK_N, ... < hi,
     those from skip_at moved on by skip (the band's two edges, one after the other).
     KK: this head's RoPE(k) rows [a | b], contiguous, in the dot type. The bias: with BIAS_TILES a tile of
-    this head's table (near_bias_tiles) by _edge_bias (a NEAR tile's, those starting in [d1, d2), at offset
-    tile_of - start; before them the PAST constant tile, after them the FUTURE one); else a gather."""
+    this head's table (near_bias_tiles) with the band's mask in it, by _band_bias (a NEAR tile's, those
+    starting in [d1, d2), at offset tile_of - start; a tile of an edge the tile crosses; else its side's
+    constant tile), so that only the keys' own mask is left to compute; else a gather, and the band by
+    comparison."""
     DT = q.dtype
     dims = tl.arange(0, HEAD)
     for tile_start in range(lo, hi, BLOCK_N):
@@ -160,15 +188,20 @@ def _fwd_tiles(
         # a padded key's k only reaches its own logits, which the mask replaces
         k = tl.load(KK + cols[:, None] * HEAD + dims[None, :], mask=cols[:, None] < Tk, other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        # i - j as a row's value less a column's: with k_off inside the column's, the compiler kept that
-        # sum's loop-invariant part live through the loop, one register per column a thread holds
-        rel = qrel[:, None] - cols[None, :]
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
-        keep = _in_band(rel, left, right) & key_ok[None, :]
         if HAS_BIAS and BIAS_TILES:
-            logits = _plus_bias(logits, _edge_bias(Tiles, n_bias_tiles, tile_of, start, d1, d2, q.shape[0], BLOCK_N))
-        elif HAS_BIAS:
-            logits = _plus_bias(logits, _bias_tile(rel, Bias, stride_br, head_off, n_rel, NEAR))
+            # the band's -inf comes with the bias: comparing i - j per pair cost the loop about a fifth of
+            # its instructions (under Triton 3.6 more, the results packed into bits while the product ran)
+            logits = _plus_bias(logits, _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of,
+                                                   right_cut, right_of, Tk, q.shape[0], BLOCK_N))
+            keep = key_ok[None, :]
+        else:
+            # i - j as a row's value less a column's: with k_off inside the column's, the compiler kept that
+            # sum's loop-invariant part live through the loop, one register per column a thread holds
+            rel = qrel[:, None] - cols[None, :]
+            keep = _in_band(rel, left, right) & key_ok[None, :]
+            if HAS_BIAS:
+                logits = _plus_bias(logits, _bias_tile(rel, Bias, stride_br, head_off, n_rel, NEAR))
         logits = tl.where(keep, logits, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 1))
         # Rows that have seen no key yet keep m = -inf; shift them by 0 so that exp gives 0, not NaN.
@@ -232,16 +265,18 @@ def _attn_fwd_kernel(
     QQ, KK, V, Bias, Tiles, Pad, PadStart, Out, Lse,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off, k_off, n_tiles,
-    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0, left, right, q_off, k_off,
+    n_tiles, HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BIAS_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One (BLOCK_M, HEAD) query tile of one (batch, head): Out tile and its log-sum-exp.
 
     QQ: q'' from rotated_rows, (B, H, Tq, h) contiguous rows [q''_A | q''_B] in the dot type;
     KK: RoPE(k) from rotated_rows, (B, H, Tk, h) contiguous rows [a | b] in the dot type;
-    Tiles: with BIAS_TILES, (H, n_bias_tiles, BLOCK_M, BLOCK_N) fp32, the bias of the NEAR tiles from
-    near_bias_tiles, the tile t at i - j = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left entry;
+    Tiles: with BIAS_TILES, (H, n_bias_tiles, BLOCK_M, BLOCK_N) fp32, near_bias_tiles' table with the band's
+    mask in it: the NEAR tile t < n_near at i - j = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left
+    entry, the two sides' constant tiles, then those of the band's edges, at left_edge0 + t min(...) and
+    right_edge0 + t min(...);
     PadStart: (B,) int32, each batch's first padded key (Tk if none), read when HAS_PAD."""
     pid_m, pid_bh = _tile_and_head(n_tiles)
     b = pid_bh // H
@@ -269,6 +304,11 @@ def _attn_fwd_kernel(
     # tile's place in the table (_near_bias)
     tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_M, BLOCK_N)
     tile_of = q_first - k_off - first_bias_tile
+    # a key tile from `start` crosses the band's left edge where its first key is more than `left` before
+    # the tile's last query, the right edge where its last key is more than `right` after the first query
+    q_last = q_off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
+    left_cut = q_last - k_off - left
+    right_cut = q_first - k_off + right
     # Three loops in all, so that the kernel's code stays small: the unmasked tiles of both far sides
     # (their bias one value per side), the unmasked NEAR tiles, then the band's edges.
     acc, m_i, l_i = _fwd_inner_tiles(
@@ -281,7 +321,8 @@ def _attn_fwd_kernel(
             n_rel, tiles, tile_of, stride_vt, stride_vd, HEAD, BLOCK_N, True, BIAS_TILES, PRECISION)
     acc, m_i, l_i = _fwd_tiles(
         acc, m_i, l_i, lo, hi - (inner_end - inner), inner, inner_end - inner, q, qrel, KK, V, Bias, stride_br,
-        hd * stride_bh, n_rel, tiles, tile_of, n_bias_tiles, d1, d2, Pad, b * stride_pb, stride_pt, stride_vt,
+        hd * stride_bh, n_rel, tiles, tile_of, n_near, left_cut, q_first - k_off - left_edge0, right_cut,
+        q_first - k_off - right_edge0, d1, d2, Pad, b * stride_pb, stride_pt, stride_vt,
         stride_vd, Tk, left, right, HEAD, BLOCK_N, HAS_BIAS, HAS_PAD, BIAS_TILES, PRECISION)
 
     # A row with no kept key gives zeros and lse = +inf, so that the backward's exp(l - lse) is 0.
@@ -341,9 +382,26 @@ def tile_pass_warps(elements: int) -> int:
     return 8 if elements > 64 * 64 else 4
 
 
-def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int,
-                    block_n: int) -> tuple[torch.Tensor, int]:
-    """The bias of the NEAR tiles of a launch's (block_m, block_n) tiles, as a table of them per head.
+class BiasTable(NamedTuple):
+    """near_bias_tiles' table: tiles (H, count, block_m, block_n) fp32 and where each of its tiles sits."""
+
+    tiles: torch.Tensor
+    first: int  # the NEAR tile t < n_near holds the bias at i - j = first + step t in its top-left entry
+    n_near: int  # then the PAST constant tile and the FUTURE one
+    left_edge0: int  # then the left edge's tiles, t at left_edge0 + step t, then the right edge's likewise
+    right_edge0: int
+
+
+def _edge_offsets(low: int, high: int, offset: int, step: int) -> tuple[int, int]:
+    """(first, count) of the offsets in [low, high] congruent to offset modulo step."""
+    first = low + (offset - low) % step
+    return first, max(0, (high - first) // step + 1)
+
+
+def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, block_n: int,
+                    left: int = UNBOUNDED, right: int = UNBOUNDED) -> BiasTable:
+    """The bias of the tiles of a launch's (block_m, block_n) tiles that the clamp or the band can bite, as
+    a table of them per head, with the band -right <= i - j <= left in it (-inf outside).
 
     bias: (2n - 1, H), n = n_rel; offset: q_offset - k_offset. A NEAR tile (attention_common: neither
     wholly at i - j >= n - 1 nor wholly at i - j <= 1 - n) of the query tile at row r0 and the key tile at
@@ -355,31 +413,40 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int,
     swapped: bias[clamp(i - j)] = bias.flip(0)[clamp(j - i)].
 
     After them, two tiles of one value each: the PAST end row bias[2n - 2] and the FUTURE one bias[0], which
-    the forward's masked loop reads for its far tiles, so that one loop serves every region.
-
-    Returns (tiles (H, count + 2, block_m, block_n) fp32, first): tile t < count is the bias at
-    delta = first + step t; tiles count and count + 1 the PAST and FUTURE constants.
+    the forward's masked loop reads for its far tiles inside the band, so that one loop serves every
+    region. Then, for a side of the band that is not UNBOUNDED, the tiles that cross its edge: the left
+    one's at left - block_m + 2 <= delta <= left + block_n - 1, the right one's at -right - block_m + 1 <=
+    delta <= -right + block_n - 2 (the forward's _band_bias). The forward passes a side as UNBOUNDED where
+    no pair of its launch reaches it; the backward's passes pass no band.
     """
     step = min(block_m, block_n)
-    lowest = 3 - n_rel - block_m
-    first = lowest + (offset - lowest) % step
-    count = (block_n + n_rel - 3 - first) // step + 1 + 2
+    first, n_near = _edge_offsets(3 - n_rel - block_m, block_n + n_rel - 3, offset, step)
+    first_edge = n_near + 2
+    left_first, n_left = _edge_offsets(left - block_m + 2, left + block_n - 1, offset, step) \
+        if left < UNBOUNDED else (0, 0)
+    right_first, n_right = _edge_offsets(-right - block_m + 1, -right + block_n - 2, offset, step) \
+        if right < UNBOUNDED else (0, 0)
+    count = first_edge + n_left + n_right
+    # each edge's offsets counted from the table's start: tile t of the left edge at left_edge0 + step t
+    left_edge0 = left_first - first_edge * step if n_left else 0
+    right_edge0 = right_first - (first_edge + n_left) * step if n_right else 0
     H = bias.shape[1]
     tiles = torch.empty((H, count, block_m, block_n), dtype=torch.float32, device=bias.device)
-    _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, count, BLOCK_M=block_m,
-                                    BLOCK_N=block_n, STEP=step, num_warps=tile_pass_warps(block_m * block_n),
-                                    num_stages=1)
-    return tiles, first
+    _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, n_near, first_edge, first_edge + n_left,
+                                    left_edge0, right_edge0, left, right, count, BLOCK_M=block_m, BLOCK_N=block_n,
+                                    STEP=step, num_warps=tile_pass_warps(block_m * block_n), num_stages=1)
+    return BiasTable(tiles, first, n_near, left_edge0, right_edge0)
 
 
 def near_bias_args(bias: torch.Tensor | None, n_rel: int, offset: int, block_m: int, block_n: int,
                    like: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """A kernel's Tiles, n_bias_tiles and first_bias_tile: near_bias_tiles' table of (block_m, block_n)
-    tiles, or without a bias (None) the placeholder `like`, which no loop reads."""
+    """A backward pass's Tiles, n_bias_tiles and first_bias_tile: near_bias_tiles' table of (block_m,
+    block_n) tiles (no band: the NEAR tiles and the two constant ones), or without a bias (None) the
+    placeholder `like`, which no loop reads."""
     if bias is None:
         return like, 1, 0
-    tiles, first = near_bias_tiles(bias, n_rel, offset, block_m, block_n)
-    return tiles, tiles.shape[1], first
+    table = near_bias_tiles(bias, n_rel, offset, block_m, block_n)
+    return table.tiles, table.tiles.shape[1], table.first
 
 
 def first_padded_key(pad_flags: torch.Tensor) -> torch.Tensor:
@@ -425,14 +492,21 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     kk = rotated_rows(k, w32, s32, k_offset, P.dtype, blocks["BLOCK_N"])
     # the short query tiles of decoding gather their NEAR bias: a few rows, where a table is a launch per step
     bias_tiles = has_bias and cfg["BLOCK_M"] == blocks["BLOCK_M"]
-    tiles, n_bias_tiles, first_tile = near_bias_args(bias_t if bias_tiles else None, n_rel, q_offset - k_offset,
-                                                     cfg["BLOCK_M"], cfg["BLOCK_N"], lse)
+    if bias_tiles:
+        offset = q_offset - k_offset
+        # a side no pair reaches needs no tiles of its edge: i - j runs from offset - Tk + 1 to offset + Tq - 1
+        table = near_bias_tiles(bias_t, n_rel, offset, cfg["BLOCK_M"], cfg["BLOCK_N"],
+                                left if left < offset + Tq - 1 else UNBOUNDED,
+                                right if right < Tk - 1 - offset else UNBOUNDED)
+    else:
+        table = BiasTable(lse, 0, 0, 0, 0)  # a placeholder no loop reads
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     _attn_fwd_kernel[(n_tiles * B * H,)](
-        qq, kk, v, bias_t, tiles, pad_t, pad_start, out, lse,
+        qq, kk, v, bias_t, table.tiles, pad_t, pad_start, out, lse,
         *v.stride(),
         sbr, sbh, spb, spt,
-        H, Tq, Tk, n_rel, n_bias_tiles, first_tile, left, right, q_offset, k_offset, n_tiles,
+        H, Tq, Tk, n_rel, table.tiles.shape[1] if bias_tiles else 1, table.first, table.n_near, table.left_edge0,
+        table.right_edge0, left, right, q_offset, k_offset, n_tiles,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BIAS_TILES=bias_tiles,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

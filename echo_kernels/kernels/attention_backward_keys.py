@@ -85,7 +85,7 @@ def _dkdv_tiles(
         elif REGION == FAR:
             bias = tl.where(past, bias_past, bias_future)
         else:
-            bias = _edge_bias(Tiles, n_bias_tiles, tile_of, start, d1, d2, kk.shape[0], BLOCK_M)
+            bias = _edge_bias(Tiles, n_bias_tiles - 2, tile_of, start, d1, d2, kk.shape[0], BLOCK_M)
         lse = tl.load(Lse + rows, mask=rows < Tq, other=float("inf"))
         p_t = tl.where(keep_t, _biased_exp(logits_t, bias, lse[None, :]), 0.0)
         do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD).to(DT)

@@ -234,13 +234,17 @@ def _near_bias(Tiles, tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _edge_bias(Tiles, n_bias_tiles, tile_of, start, d1, d2, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """The (ROWS, COLS) fp32 bias of the tile a masked loop runs from `start`, whatever its region: a
-    NEAR tile's (those starting in [d1, d2)) from this head's table, before them the table's constant
-    tile of the first side (its n_bias_tiles - 2: PAST seen from a query tile), after them the other's."""
-    n_near = n_bias_tiles - 2
-    tile = tl.where(start < d1, n_near, tl.where(start >= d2, n_near + 1, _near_tile(tile_of, start, ROWS, COLS)))
-    return _bias_table_tile(Tiles, tile, ROWS, COLS)
+def _edge_tile(n_near, tile_of, start, d1, d2, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The index in this head's table of the tile a masked loop runs from `start`, whatever its region: a
+    NEAR tile's (those starting in [d1, d2)), before them the constant tile of the first side (the table's
+    n_near: PAST seen from a query tile), after them the other's (n_near + 1)."""
+    return tl.where(start < d1, n_near, tl.where(start >= d2, n_near + 1, _near_tile(tile_of, start, ROWS, COLS)))
+
+
+@triton.jit
+def _edge_bias(Tiles, n_near, tile_of, start, d1, d2, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The (ROWS, COLS) fp32 bias of the tile a masked loop runs from `start` (_edge_tile)."""
+    return _bias_table_tile(Tiles, _edge_tile(n_near, tile_of, start, d1, d2, ROWS, COLS), ROWS, COLS)
 
 
 @triton.jit
