@@ -1,6 +1,7 @@
 """kernels.attention.near_bias_tiles: the tables of bias tiles the forward and the backward's passes read
-for the tiles that straddle the diagonal, against the float64 reference's bias, and the NEAR tiles of
-every (query tile, key tile) pair that kernels.attention_common's regions make, each found in them.
+for the tiles that straddle the diagonal, and the forward's for those that cross an edge of the band,
+against the float64 reference's bias and band, and the NEAR and edge tiles of every (query tile, key
+tile) pair that kernels.attention_common's regions make, each found in them.
 
 Without a GPU the table's kernel runs through the Triton interpreter (tests/conftest.py); the passes
 that read the tables are checked against the reference in tests/test_attention.py and
@@ -34,9 +35,10 @@ BLOCKS = st.sampled_from((16, 32, 64, 128)) if ON_GPU else st.sampled_from((16, 
        heads=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_each_tile_is_the_bias_at_its_offsets_and_every_near_tile_has_one(block_m, block_n, n, offset, heads, seed):
     bias = torch.randn(2 * n - 1, heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    tiles, first = near_bias_tiles(bias.to(DEVICE, torch.float32), n, offset, block_m, block_n)
+    table = near_bias_tiles(bias.to(DEVICE, torch.float32), n, offset, block_m, block_n)
+    tiles, first, count = table.tiles, table.first, table.n_near
     step = min(block_m, block_n)
-    count = tiles.shape[1] - 2  # the NEAR tiles, then the two ends' constants
+    # the NEAR tiles, then the two ends' constants; no band, no edge tiles
     assert tiles.shape == (heads, count + 2, block_m, block_n) and tiles.dtype == torch.float32
 
     # tile t holds bias[clamp(i - j)] at i - j = first + step t + r - c, entry (r, c)
@@ -65,10 +67,10 @@ def test_the_reversed_table_holds_the_key_pass_tiles(block_m, block_n, n, offset
     key offset minus the query offset (kernels.attention_backward): tile t at entry (c, r) is the bias at
     j - i = first + step t + c - r, and every NEAR (key tile, query tile) pair's top-left j - i is in it."""
     bias = torch.randn(2 * n - 1, heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    tiles, first = near_bias_tiles(bias.flip(0).to(DEVICE, torch.float32), n, -offset, block_n, block_m)
+    table = near_bias_tiles(bias.flip(0).to(DEVICE, torch.float32), n, -offset, block_n, block_m)
+    tiles, first, count = table.tiles, table.first, table.n_near
     step = min(block_m, block_n)
-    count = tiles.shape[1] - 2  # the NEAR tiles, then the two ends' constants
-    assert tiles.shape == (heads, count + 2, block_n, block_m)
+    assert tiles.shape == (heads, count + 2, block_n, block_m)  # the NEAR tiles, then the two ends' constants
 
     # queries r, keys first + step t + c: i - j = r - c - (first + step t), transposed to (keys, queries)
     want = torch.stack([reference.relative_bias(bias, torch.arange(block_m), first + step * t + torch.arange(block_n))
@@ -80,3 +82,50 @@ def test_the_reversed_table_holds_the_key_pass_tiles(block_m, block_n, n, offset
     # i - j = r - c - d over the tile: NEAR unless all of it >= n - 1 or all <= 1 - n
     near = {d for d in deltas if -d - (block_n - 1) < n - 1 and block_m - 1 - d > 1 - n}
     assert near <= {first + step * t for t in range(count)}
+
+
+SIDES = st.one_of(st.integers(0, 300), st.just(reference.UNBOUNDED))  # checks.window: sides are >= 0
+
+
+@property_settings(max_examples=40)
+@given(block_m=BLOCKS, block_n=BLOCKS, n=st.integers(1, 40), offset=st.integers(-300, 300), left=SIDES,
+       right=SIDES, seed=st.integers(0, 2**16))
+def test_the_band_is_in_the_tiles_and_every_edge_tile_has_one(block_m, block_n, n, offset, left, right, seed):
+    """The forward's table (kernels.attention._band_bias reads it): the NEAR tiles and those of the band's
+    edges hold the bias inside the band -right <= i - j <= left and -inf outside, the two constant tiles the
+    bare end rows; and a far (query tile, key tile) pair that crosses an edge, as the forward finds one,
+    has its top-left offset among that edge's tiles."""
+    heads = 2
+    bias = torch.randn(2 * n - 1, heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    table = near_bias_tiles(bias.to(DEVICE, torch.float32), n, offset, block_m, block_n, left, right)
+    tiles, step, count = table.tiles.cpu(), min(block_m, block_n), table.n_near
+    rows, cols = torch.arange(block_m), torch.arange(block_n)
+
+    def banded(delta):  # (heads, block_m, block_n): the bias at i - j = delta + r - c, -inf outside the band
+        keep = reference.attention_keep(delta + rows, cols, (left, right), False)
+        return reference.relative_bias(bias, delta + rows, cols).masked_fill(~keep, float("-inf")).float()
+
+    first_right = count + 2 + table.n_left
+    edges = {"left": [table.left_edge0 + step * t for t in range(count + 2, first_right)],
+             "right": [table.right_edge0 + step * t for t in range(first_right, tiles.shape[1])]}
+    for t in range(count):
+        assert torch.equal(tiles[:, t], banded(table.first + step * t))
+    ends = bias[[2 * n - 2, 0]].T.float()  # (heads, 2): the PAST end row, then the FUTURE one
+    assert torch.equal(tiles[:, count:count + 2], ends[:, :, None, None].expand(heads, 2, block_m, block_n))
+    for t, delta in enumerate(edges["left"] + edges["right"], count + 2):
+        assert torch.equal(tiles[:, t], banded(delta))
+    assert (not edges["left"]) == (left == reference.UNBOUNDED)
+    assert (not edges["right"]) == (right == reference.UNBOUNDED)
+
+    # Pairs as the forward makes them: query tile at row r0 (positions offset + r0 ...), key tile at c0.
+    for r0 in range(0, 6 * block_m, block_m):
+        for c0 in range(0, 12 * block_n, block_n):
+            delta = offset + r0 - c0
+            rel = delta + rows[:, None] - cols[None, :]
+            inside = (rel <= left) & (rel >= -right)
+            if not inside.any() or not (delta - (block_n - 1) >= n - 1 or delta + block_m - 1 <= 1 - n):
+                continue  # a tile no query of the tile reaches, or a NEAR one (the first test)
+            if (rel > left).any():
+                assert delta in edges["left"]
+            if (rel < -right).any():
+                assert delta in edges["right"]

@@ -388,7 +388,8 @@ class BiasTable(NamedTuple):
     tiles: torch.Tensor
     first: int  # the NEAR tile t < n_near holds the bias at i - j = first + step t in its top-left entry
     n_near: int  # then the PAST constant tile and the FUTURE one
-    left_edge0: int  # then the left edge's tiles, t at left_edge0 + step t, then the right edge's likewise
+    n_left: int  # then the left edge's tiles, t at left_edge0 + step t, then the right edge's likewise
+    left_edge0: int
     right_edge0: int
 
 
@@ -435,7 +436,7 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, n_near, first_edge, first_edge + n_left,
                                     left_edge0, right_edge0, left, right, count, BLOCK_M=block_m, BLOCK_N=block_n,
                                     STEP=step, num_warps=tile_pass_warps(block_m * block_n), num_stages=1)
-    return BiasTable(tiles, first, n_near, left_edge0, right_edge0)
+    return BiasTable(tiles, first, n_near, n_left, left_edge0, right_edge0)
 
 
 def near_bias_args(bias: torch.Tensor | None, n_rel: int, offset: int, block_m: int, block_n: int,
@@ -499,7 +500,7 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
                                 left if left < offset + Tq - 1 else UNBOUNDED,
                                 right if right < Tk - 1 - offset else UNBOUNDED)
     else:
-        table = BiasTable(lse, 0, 0, 0, 0)  # a placeholder no loop reads
+        table = BiasTable(lse, 0, 0, 0, 0, 0)  # a placeholder no loop reads
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     _attn_fwd_kernel[(n_tiles * B * H,)](
         qq, kk, v, bias_t, table.tiles, pad_t, pad_start, out, lse,
