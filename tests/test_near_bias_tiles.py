@@ -17,11 +17,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from property_strategies import property_settings
 
 from echo_kernels import reference
 from echo_kernels.kernels.attention import near_bias_tiles
-
-from property_strategies import property_settings
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -15,11 +15,11 @@ P = M M^T / sqrt(h) once per call, and the keys only need RoPE(k). One memory-bo
 (_rope_rows_kernel, rotated_rows) writes each once per call as contiguous [a | b] rows in the dot type:
 RoPE(k), and q'' = RoPE(q) @ P (inner dim h), or RoPE(q) / sqrt(h) without M. The attention kernel
 then loads its query tile and its key tiles as plain contiguous tiles, which the compiler pipelines as
-asynchronous copies, and spends no sine or cosine at all; nor does its code hold a rotation (the sines
-and cosines of a query tile's, inlined per element with their slow paths, were most of the code a
-program ran before its first key tile: docs/model.md, Kernels). The only products left are attention's
-own, q'' RoPE(k)^T and p v, each one product of whole rows. The gradients are still those of the
-formula above (the backward goes through P back to M).
+asynchronous copies, and spends no sine or cosine at all; nor does its code hold a rotation (a query
+tile's sines and cosines, inlined per element with their slow paths, would be most of the code a program
+runs before its first key tile; small code is the aim: docs/model.md, Kernels). The only products left
+are attention's own, q'' RoPE(k)^T and p v, each one product of whole rows. The gradients are still
+those of the formula above (the backward goes through P back to M).
 
 RoPE is done on even/odd columns loaded as two (BLOCK, h/2) tiles, so registers are never
 de-interleaved: a = x_even cos - x_odd sin, b = x_even sin + x_odd cos. The layout (half_split or
@@ -44,8 +44,10 @@ mask load: first those on both far sides of the diagonal, whose bias is one valu
 FUTURE), folded into the exponent; then those near the diagonal (NEAR), where the clamp lets it vary,
 each reading a tile of it whole from a table written once per call (near_bias_tiles; decoding's short
 query tiles gather it). The band's two edges, the ragged last tile and the tiles from the first padded
-key on take the masked loop, one loop for all of them, whose bias is always a tile of that table (the
-NEAR tiles', or one of the two constant tiles after them), or with no table a gather.
+key on take the masked loop, one loop for all of them, whose bias is always a tile of that table with
+the band's mask in it (-inf outside the band: a NEAR tile's, one of a tile crossing an edge of the band,
+or one of the two sides' constant tiles), so that it compares no i - j; with no table (decoding, or no
+bias) a gather and the band by comparison.
 """
 
 from __future__ import annotations
@@ -63,15 +65,16 @@ from .attention_common import (
     LOG2E,
     NEAR,
     _bias_arg,
+    _bias_table_tile,
     _bias_tile,
     _biased_exp,
-    _bias_table_tile,
     _edge_tile,
     _head_bias_tiles,
     _in_band,
     _key_ok,
     _load_p,
     _near_bias,
+    _near_tile,
     _pad_arg,
     _plus_bias,
     _query_tile_stages,
@@ -86,7 +89,6 @@ from .attention_common import (
     with_override,
 )
 from .spec import KernelSpec, signature_of
-
 
 # --------------------------------------------------------------------------------------------------
 # Forward kernel
@@ -158,11 +160,11 @@ def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_c
     table's tiles of that edge, at offsets left_of - start and right_of - start (counted from the table's
     start), else its side's constant tile. Both edges' tiles are whole tiles of the band, so one that
     crosses both may take either."""
-    STEP: tl.constexpr = ROWS if ROWS < COLS else COLS
     tile = _edge_tile(n_near, tile_of, start, d1, d2, ROWS, COLS)
     far = (start < d1) | (start >= d2)
-    tile = tl.where(far & (start < left_cut), (left_of - start) // STEP, tile)
-    tile = tl.where(far & (tl.minimum(start + COLS, Tk) - 1 > right_cut), (right_of - start) // STEP, tile)
+    tile = tl.where(far & (start < left_cut), _near_tile(left_of, start, ROWS, COLS), tile)
+    tile = tl.where(far & (tl.minimum(start + COLS, Tk) - 1 > right_cut), _near_tile(right_of, start, ROWS, COLS),
+                    tile)
     return _bias_table_tile(Tiles, tile, ROWS, COLS)
 
 

@@ -213,7 +213,8 @@ def _head_bias_tiles(Tiles, head, n_bias_tiles, ROWS: tl.constexpr, COLS: tl.con
 @triton.jit
 def _near_tile(tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr):
     """The index in this head's table of the NEAR tile whose loop runs from `start`: tiles are STEP, the
-    smaller side, apart in i - j (kernels.attention.near_bias_tiles)."""
+    smaller side, apart in i - j (kernels.attention.near_bias_tiles). The forward finds its band edges'
+    tiles the same way, at their own offsets (kernels.attention._band_bias)."""
     STEP: tl.constexpr = ROWS if ROWS < COLS else COLS
     return (tile_of - start) // STEP
 
