@@ -65,16 +65,14 @@ from .attention_common import (
     LOG2E,
     NEAR,
     _bias_arg,
-    _bias_table_tile,
     _bias_tile,
+    _band_bias,
     _biased_exp,
-    _edge_tile,
     _head_bias_tiles,
     _in_band,
     _key_ok,
     _load_p,
     _near_bias,
-    _near_tile,
     _pad_arg,
     _plus_bias,
     _query_tile_stages,
@@ -149,23 +147,6 @@ def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_near, f
     offs = (hd * n_tiles + pid_t) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N \
         + tl.arange(0, BLOCK_N)[None, :]
     tl.store(Tiles + offs, tl.where(outside, float("-inf"), bias))
-
-
-@triton.jit
-def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of, Tk,
-               ROWS: tl.constexpr, COLS: tl.constexpr):
-    """The (ROWS, COLS) fp32 bias of the tile the masked loop runs from `start`, with the band's mask in it
-    (-inf outside -right <= i - j <= left): a NEAR tile's (_edge_tile; near_bias_tiles writes them masked),
-    a far one's that crosses an edge of the band (before left_cut, its last key past right_cut) from the
-    table's tiles of that edge, at offsets left_of - start and right_of - start (counted from the table's
-    start), else its side's constant tile. Both edges' tiles are whole tiles of the band, so one that
-    crosses both may take either."""
-    tile = _edge_tile(n_near, tile_of, start, d1, d2, ROWS, COLS)
-    far = (start < d1) | (start >= d2)
-    tile = tl.where(far & (start < left_cut), _near_tile(left_of, start, ROWS, COLS), tile)
-    tile = tl.where(far & (tl.minimum(start + COLS, Tk) - 1 > right_cut), _near_tile(right_of, start, ROWS, COLS),
-                    tile)
-    return _bias_table_tile(Tiles, tile, ROWS, COLS)
 
 
 @triton.jit
@@ -388,6 +369,7 @@ class BiasTable(NamedTuple):
     """near_bias_tiles' table: tiles (H, count, block_m, block_n) fp32 and where each of its tiles sits."""
 
     tiles: torch.Tensor
+    count: int
     first: int  # the NEAR tile t < n_near holds the bias at i - j = first + step t in its top-left entry
     n_near: int  # then the PAST constant tile and the FUTURE one
     n_left: int  # then the left edge's tiles, t at left_edge0 + step t, then the right edge's likewise
@@ -412,15 +394,15 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     3 - n - block_m <= delta <= block_n + n - 3. Tile rows are multiples of block_m and tile columns of
     block_n, so the deltas are those of that range congruent to offset modulo step = min(block_m,
     block_n): a few tiles, which every query tile and batch of the launch shares. A pass holding its tiles
-    as (keys, queries) (the backward's dk/dv) takes the table of bias.flip(0) at -offset, block sides
-    swapped: bias[clamp(i - j)] = bias.flip(0)[clamp(j - i)].
+    as (keys, queries) (the backward's dk/dv) takes the table of bias.flip(0) at -offset, block sides and
+    band sides swapped: bias[clamp(i - j)] = bias.flip(0)[clamp(j - i)], and -right <= i - j <= left is
+    -left <= j - i <= right.
 
     After them, two tiles of one value each: the PAST end row bias[2n - 2] and the FUTURE one bias[0], which
-    the forward's masked loop reads for its far tiles inside the band, so that one loop serves every
-    region. Then, for a side of the band that is not UNBOUNDED, the tiles that cross its edge: the left
+    the masked loops read for their far tiles inside the band, so that one loop serves every region. Then, for a side of the band that is not UNBOUNDED, the tiles that cross its edge: the left
     one's at left - block_m + 2 <= delta <= left + block_n - 1, the right one's at -right - block_m + 1 <=
-    delta <= -right + block_n - 2 (the forward's _band_bias). The forward passes a side as UNBOUNDED where
-    no pair of its launch reaches it; the backward's passes pass no band.
+    delta <= -right + block_n - 2 (attention_common._band_bias). near_bias_args passes a side as UNBOUNDED
+    where no pair of the launch reaches it.
     """
     step = min(block_m, block_n)
     first, n_near = _edge_offsets(3 - n_rel - block_m, block_n + n_rel - 3, offset, step)
@@ -438,18 +420,19 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, n_near, first_edge, first_edge + n_left,
                                     left_edge0, right_edge0, left, right, count, BLOCK_M=block_m, BLOCK_N=block_n,
                                     STEP=step, num_warps=tile_pass_warps(block_m * block_n), num_stages=1)
-    return BiasTable(tiles, first, n_near, n_left, left_edge0, right_edge0)
+    return BiasTable(tiles, count, first, n_near, n_left, left_edge0, right_edge0)
 
 
 def near_bias_args(bias: torch.Tensor | None, n_rel: int, offset: int, block_m: int, block_n: int,
-                   like: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """A backward pass's Tiles, n_bias_tiles and first_bias_tile: near_bias_tiles' table of (block_m,
-    block_n) tiles (no band: the NEAR tiles and the two constant ones), or without a bias (None) the
-    placeholder `like`, which no loop reads."""
+                   like: torch.Tensor, band: tuple[int, int] | None = None, Tq: int = 0, Tk: int = 0) -> BiasTable:
+    """A launch's table of (block_m, block_n) bias tiles (near_bias_tiles), with the band (left, right) in
+    it when one is given; a side that no pair of i - j in [offset - Tk + 1, offset + Tq - 1] reaches gets no
+    tiles of its edge. Without a bias (None), the placeholder `like`, which no loop reads."""
     if bias is None:
-        return like, 1, 0
-    table = near_bias_tiles(bias, n_rel, offset, block_m, block_n)
-    return table.tiles, table.tiles.shape[1], table.first
+        return BiasTable(like, 1, 0, 0, 0, 0, 0)
+    left, right = band if band is not None else (UNBOUNDED, UNBOUNDED)
+    return near_bias_tiles(bias, n_rel, offset, block_m, block_n, left if left < offset + Tq - 1 else UNBOUNDED,
+                           right if right < Tk - 1 - offset else UNBOUNDED)
 
 
 def first_padded_key(pad_flags: torch.Tensor) -> torch.Tensor:
@@ -495,21 +478,14 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     kk = rotated_rows(k, w32, s32, k_offset, P.dtype, blocks["BLOCK_N"])
     # the short query tiles of decoding gather their NEAR bias: a few rows, where a table is a launch per step
     bias_tiles = has_bias and cfg["BLOCK_M"] == blocks["BLOCK_M"]
-    if bias_tiles:
-        offset = q_offset - k_offset
-        # a side no pair reaches needs no tiles of its edge: i - j runs from offset - Tk + 1 to offset + Tq - 1
-        table = near_bias_tiles(bias_t, n_rel, offset, cfg["BLOCK_M"], cfg["BLOCK_N"],
-                                left if left < offset + Tq - 1 else UNBOUNDED,
-                                right if right < Tk - 1 - offset else UNBOUNDED)
-    else:
-        table = BiasTable(lse, 0, 0, 0, 0, 0)  # a placeholder no loop reads
+    table = near_bias_args(bias_t if bias_tiles else None, n_rel, q_offset - k_offset, cfg["BLOCK_M"], cfg["BLOCK_N"],
+                           lse, (left, right), Tq, Tk)
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     _attn_fwd_kernel[(n_tiles * B * H,)](
         qq, kk, v, bias_t, table.tiles, pad_t, pad_start, out, lse,
         *v.stride(),
         sbr, sbh, spb, spt,
-        H, Tq, Tk, n_rel, table.tiles.shape[1] if bias_tiles else 1, table.first, table.n_near, table.left_edge0,
-        table.right_edge0, left, right, q_offset, k_offset, n_tiles,
+        H, Tq, Tk, n_rel, table.count, table.first, table.n_near, table.left_edge0, table.right_edge0, left, right, q_offset, k_offset, n_tiles,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BIAS_TILES=bias_tiles,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

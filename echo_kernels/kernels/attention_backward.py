@@ -270,13 +270,15 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     kk = rotated_rows(k, w32, s32, k_offset, P.dtype, block)
 
     c = cfg["dkdv"]
-    # the NEAR tiles' bias as (keys, queries) tiles: the table of the reversed bias rows at j - i
+    with_dq = "dq" not in cfg
+    # the bias as (keys, queries) tiles: the table of the reversed bias rows at j - i, with the band's mask
+    # in them (sides swapped) for the masked loop, which then compares no j - i; summing dq, its masked
+    # loops compare (their far tiles take one bias value per side, not a tile)
     near = near_bias_args(None if bias is None else bias.flip(0), n_rel, k_offset - q_offset, c["BLOCK_N"],
-                          c["BLOCK_M"], lse)
+                          c["BLOCK_M"], lse, None if with_dq else (right, left), Tk, Tq)
     n_kblocks = triton.cdiv(Tk, c["BLOCK_N"])
     dkk = torch.empty((B, H, Tk, h), dtype=torch.float32, device=dev)  # d(a_k, b_k)
     n_rows = 2 * n_rel - 1  # of the bias table
-    with_dq = "dq" not in cfg
     n_diag = inner_diagonals(n_rel)
     if with_dq:  # each program's sum of d(q''_A, q''_B), each key tile's share of the bias table
         key_groups = _key_groups_per_head(B * H, n_kblocks, dev)
@@ -287,8 +289,8 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     else:  # the dq pass writes these; this kernel does not touch them
         key_groups, dqq, db_part, diag, grid = 1, dkk, dkk, dkk, n_kblocks * B * H
     _attn_bwd_dkdv_kernel[(grid,)](
-        kk, v, do, qq, bias_t, near[0], pad_t, pad_start, lse, delta, dkk, dv, dqq, db_part, diag, *strides, *sizes,
-        *near[1:], *band, n_kblocks, key_groups, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
+        kk, v, do, qq, bias_t, near.tiles, pad_t, pad_start, lse, delta, dkk, dv, dqq, db_part, diag, *strides,
+        *sizes, near.count, near.first, near.n_near, near.left_edge0, near.right_edge0, *band, n_kblocks, key_groups, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
         BLOCK_N=c["BLOCK_N"], WITH_DQ=with_dq, N_DIAG=n_diag, PRECISION=prec,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     c = cfg["unrope"]
@@ -310,8 +312,8 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         near = near_bias_args(bias, n_rel, q_offset - k_offset, c["BLOCK_M"], c["BLOCK_N"], lse)
         diag = _diagonal_scratch(B * H * n_qblocks, c["BLOCK_M"], n_diag, has_bias, dev)
         _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
-            kk, v, do, qq, bias_t, near[0], pad_t, pad_start, lse, delta, dqq, db_part, diag, *strides, *sizes,
-            *near[1:], *band, n_qblocks, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
+            kk, v, do, qq, bias_t, near.tiles, pad_t, pad_start, lse, delta, dqq, db_part, diag, *strides, *sizes,
+            near.count, near.first, *band, n_qblocks, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
             BLOCK_N=c["BLOCK_N"], N_DIAG=n_diag, PRECISION=prec, num_warps=c["num_warps"],
             num_stages=c["num_stages"])
 

@@ -18,7 +18,7 @@ from .attention_common import (
     NEAR,
     _bias_row_sums,
     _biased_exp,
-    _edge_bias,
+    _band_bias,
     _far_masked_tiles,
     _head_bias_tiles,
     _key_ok,
@@ -50,8 +50,8 @@ def _add_dq(ds_t, kk, DQQ, rows, mask, HEAD: tl.constexpr, PRECISION: tl.constex
 @triton.jit
 def _dkdv_tiles(
     dkk, dv, db_lo, db_hi, lo, hi, skip_at, skip, skip_at2, skip2, d1, d2, bias_future, bias_past, kk, v, kpos,
-    key_ok, QQ, DO, Lse, Delta, DQQ, Tiles, tile_of, n_bias_tiles, Diag, stride_ot, stride_od, Tq, n_rel, left,
-    right, q_off, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    key_ok, QQ, DO, Lse, Delta, DQQ, Tiles, tile_of, n_near, left_cut, left_of, right_cut, right_of, Diag, stride_ot,
+    stride_od, Tq, n_rel, left, right, q_off, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr, HAS_BIAS: tl.constexpr,
     WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulate dk (as d(a_k, b_k)) and dv over query tiles, masked: starts lo, lo + BLOCK_M, ... < hi,
@@ -77,15 +77,19 @@ def _dkdv_tiles(
         # i - j as a key's value plus a column's index (a qpos of q_off + rows kept q_off plus each
         # column's index live through the loop, as the forward's rel)
         rel_t = (q_off + start - kpos)[:, None] + tl.arange(0, BLOCK_M)[None, :]
-        keep_t = (rel_t <= left) & (rel_t >= -right) & key_ok[:, None]
-        if not HAS_BIAS:
-            bias = 0.0
-        elif REGION == NEAR:
-            bias = _near_bias(Tiles, tile_of, start, kk.shape[0], BLOCK_M)
-        elif REGION == FAR:
-            bias = tl.where(past, bias_past, bias_future)
+        if HAS_BIAS and REGION == ANY:
+            # the band's -inf comes with the bias (the forward's masked loop does the same)
+            bias = _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of, Tq,
+                              kk.shape[0], BLOCK_M)
+            keep_t = key_ok[:, None]
         else:
-            bias = _edge_bias(Tiles, n_bias_tiles - 2, tile_of, start, d1, d2, kk.shape[0], BLOCK_M)
+            keep_t = (rel_t <= left) & (rel_t >= -right) & key_ok[:, None]
+            if not HAS_BIAS:
+                bias = 0.0
+            elif REGION == NEAR:
+                bias = _near_bias(Tiles, tile_of, start, kk.shape[0], BLOCK_M)
+            else:
+                bias = tl.where(past, bias_past, bias_future)
         lse = tl.load(Lse + rows, mask=rows < Tq, other=float("inf"))
         p_t = tl.where(keep_t, _biased_exp(logits_t, bias, lse[None, :]), 0.0)
         do = _load_full(DO, rows, rows < Tq, stride_ot, stride_od, HEAD).to(DT)
@@ -152,7 +156,8 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off, k_off, n_tiles, n_groups,
+    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0, left, right, q_off, k_off,
+    n_tiles, n_groups,
     HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -169,16 +174,16 @@ def _attn_bwd_dkdv_kernel(
             _dkdv_key_tile(
                 pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, Diag,
                 stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br,
-                stride_bh, stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off,
-                k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
+                stride_bh, stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0,
+                right_edge0, left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
             tl.debug_barrier()  # the next key tile reads the sums this one wrote, maybe in other threads
     else:
         pid_n, pid_bh = _tile_and_head(n_tiles)
         _dkdv_key_tile(
             pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, Diag, stride_vb,
             stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br, stride_bh,
-            stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off, k_off, n_tiles,
-            HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
+            stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0, left,
+            right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
 
 
 @triton.jit
@@ -187,8 +192,8 @@ def _dkdv_key_tile(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off, k_off, n_tiles,
-    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0, left, right, q_off, k_off,
+    n_tiles, HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -198,9 +203,11 @@ def _dkdv_key_tile(
     KK: RoPE(k) as the rotation pass (rotated_rows) writes it, (B, H, Tk, h) contiguous in the dot type.
     WITH_DQ (the dq pass then does not run), also: d(q''_A, q''_B) added to DQQ (this head's rows),
     and this tile's share of dbias, DBias[tile] (as the dq kernel writes a query tile's).
-    Tiles: with HAS_BIAS, (H, n_bias_tiles, BLOCK_N, BLOCK_M) fp32, the NEAR tiles' bias as (keys,
-    queries) tiles (kernels.attention.near_bias_tiles of the reversed table), the tile t at
-    j - i = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left entry. Diag: WITH_DQ and
+    Tiles: with HAS_BIAS, (H, n_bias_tiles, BLOCK_N, BLOCK_M) fp32, the bias as (keys, queries) tiles
+    (kernels.attention.near_bias_tiles of the reversed table), the NEAR tile t < n_near at
+    j - i = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left entry, then the sides' constant
+    tiles and, without WITH_DQ, with the band's mask in them and the tiles of its edges (at
+    left_edge0 + t min(...) the edge j - i = right, at right_edge0 + t min(...) the edge j - i = -left). Diag: WITH_DQ and
     HAS_BIAS, (B H n_tiles, BLOCK_N, N_DIAG) fp32, where each key tile stores its NEAR tiles' inner-row
     pairs of dS (_bias_row_sums).
     """
@@ -254,6 +261,13 @@ def _dkdv_key_tile(
     # tiles are (keys, queries), the tile t at j - i = first_bias_tile + t min(BLOCK_M, BLOCK_N)
     tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_N, BLOCK_M)
     tile_of = first - q_off - first_bias_tile
+    # the band's edges seen from the keys (_band_bias): a query tile from `start` crosses j - i <= right
+    # where its first query is more than `right` before the tile's last key, j - i >= -left where its last
+    # query is more than `left` after the first key
+    left_cut = k_off + tl.minimum(pid_n * BLOCK_N + BLOCK_N, Tk) - 1 - q_off - right
+    left_of = first - q_off - left_edge0
+    right_cut = first - q_off + left
+    right_of = first - q_off - right_edge0
     diag = Diag + (pid_bh * n_tiles + pid_n) * (BLOCK_N * N_DIAG)  # WITH_DQ: this tile's inner-row pairs
     # Three loops, as the forward's, so that the kernel's code stays small: the unmasked far tiles of both
     # sides, the NEAR tiles, then the tiles that masks can bite. Without dq, the NEAR loop takes those
@@ -268,13 +282,14 @@ def _dkdv_key_tile(
         if HAS_BIAS:
             dkk, dv, db_lo, db_hi = _dkdv_tiles(
                 dkk, dv, db_lo, db_hi, d1, d2, d2, 0, d2, 0, d1, d2, 0.0, 0.0, kk, v, kpos, key_ok, QQ, DO, Lse,
-                Delta, DQQ, tiles, tile_of, n_bias_tiles, diag, stride_ot, stride_od, Tq, n_rel, left, right, q_off,
-                HEAD, BLOCK_M, NEAR, HAS_BIAS, WITH_DQ, N_DIAG, PRECISION)
+                Delta, DQQ, tiles, tile_of, n_near, left_cut, left_of, right_cut, right_of, diag, stride_ot, stride_od,
+                Tq, n_rel, left, right, q_off, HEAD, BLOCK_M, NEAR, HAS_BIAS, WITH_DQ, N_DIAG, PRECISION)
         end, skip_at, skip, skip_at2, skip2 = _far_masked_tiles(lo, hi, inner, inner_end, near_lo, near_hi, d1, d2)
         dkk, dv, db_lo, db_hi = _dkdv_tiles(
             dkk, dv, db_lo, db_hi, lo, end, skip_at, skip, skip_at2, skip2, d1, d2, bias_future, bias_past, kk, v,
-            kpos, key_ok, QQ, DO, Lse, Delta, DQQ, tiles, tile_of, n_bias_tiles, diag, stride_ot, stride_od, Tq,
-            n_rel, left, right, q_off, HEAD, BLOCK_M, FAR, HAS_BIAS, WITH_DQ, N_DIAG, PRECISION)
+            kpos, key_ok, QQ, DO, Lse, Delta, DQQ, tiles, tile_of, n_near, left_cut, left_of, right_cut, right_of,
+            diag, stride_ot, stride_od, Tq, n_rel, left, right, q_off, HEAD, BLOCK_M, FAR, HAS_BIAS, WITH_DQ, N_DIAG,
+            PRECISION)
     else:
         if HAS_BIAS:
             dkk, dv, db_lo, db_hi = _dkdv_inner_tiles(
@@ -282,8 +297,9 @@ def _dkdv_key_tile(
                 tile_of, stride_ot, stride_od, HEAD, BLOCK_M, True, WITH_DQ, False, PRECISION)
         dkk, dv, db_lo, db_hi = _dkdv_tiles(
             dkk, dv, db_lo, db_hi, lo, hi - (inner_end - inner), inner, inner_end - inner, hi, 0, d1, d2, 0.0, 0.0,
-            kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, tiles, tile_of, n_bias_tiles, diag, stride_ot, stride_od,
-            Tq, n_rel, left, right, q_off, HEAD, BLOCK_M, ANY, HAS_BIAS, WITH_DQ, N_DIAG, PRECISION)
+            kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, tiles, tile_of, n_near, left_cut, left_of, right_cut,
+            right_of, diag, stride_ot, stride_od, Tq, n_rel, left, right, q_off, HEAD, BLOCK_M, ANY, HAS_BIAS, WITH_DQ,
+            N_DIAG, PRECISION)
     if WITH_DQ and HAS_BIAS:
         near_end = d1 + tl.cdiv(d2 - d1, BLOCK_M) * BLOCK_M  # the NEAR tiles' queries: [d1, near_end)
         bias_sums = DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1)

@@ -249,6 +249,24 @@ def _edge_bias(Tiles, n_near, tile_of, start, d1, d2, ROWS: tl.constexpr, COLS: 
 
 
 @triton.jit
+def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of, n_cols,
+               ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The (ROWS, COLS) fp32 bias of the tile a masked loop runs from `start`, with the band's mask in it
+    (-inf outside -right <= i - j <= left, kernels.attention.near_bias_tiles): a NEAR tile's (_edge_tile),
+    a far one's that crosses an edge of the band (before left_cut, its last column, of COLS before
+    n_cols, past right_cut) from the table's tiles of that edge, at offsets left_of - start and
+    right_of - start (counted from the table's start), else its side's constant tile. Both edges' tiles are
+    whole tiles of the band, so one that crosses both may take either. The dk/dv pass's (keys, queries)
+    tiles read it as its reversed table is written: j - i for i - j, and the band's sides swapped."""
+    tile = _edge_tile(n_near, tile_of, start, d1, d2, ROWS, COLS)
+    far = (start < d1) | (start >= d2)
+    tile = tl.where(far & (start < left_cut), _near_tile(left_of, start, ROWS, COLS), tile)
+    tile = tl.where(far & (tl.minimum(start + COLS, n_cols) - 1 > right_cut), _near_tile(right_of, start, ROWS, COLS),
+                    tile)
+    return _bias_table_tile(Tiles, tile, ROWS, COLS)
+
+
+@triton.jit
 def _rotated_rows(X, rows, T, stride_t, stride_d, cos0, sin0, first, s, W, HALF: tl.constexpr):
     """RoPE halves (fp32) of the tile of X at `rows` (zeros from T on), whose first position is `first`."""
     y1, y2 = _load_pairs(X, rows, rows < T, stride_t, stride_d, HALF)
