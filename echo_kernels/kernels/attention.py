@@ -64,10 +64,11 @@ from . import ATTENTION_HEAD_WIDTHS
 from .attention_common import (
     LOG2E,
     NEAR,
+    _band_bias,
     _bias_arg,
     _bias_tile,
-    _band_bias,
     _biased_exp,
+    _edge_cuts,
     _head_bias_tiles,
     _in_band,
     _key_ok,
@@ -176,7 +177,7 @@ def _fwd_tiles(
             # the band's -inf comes with the bias: comparing i - j per pair cost the loop about a fifth of
             # its instructions (under Triton 3.6 more, the results packed into bits while the product ran)
             logits = _plus_bias(logits, _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of,
-                                                   right_cut, right_of, Tk, q.shape[0], BLOCK_N))
+                                                   right_cut, right_of, q.shape[0], BLOCK_N))
             keep = key_ok[None, :]
         else:
             # i - j as a row's value less a column's: with k_off inside the column's, the compiler kept that
@@ -289,9 +290,8 @@ def _attn_fwd_kernel(
     tile_of = q_first - k_off - first_bias_tile
     # a key tile from `start` crosses the band's left edge where its first key is more than `left` before
     # the tile's last query, the right edge where its last key is more than `right` after the first query
-    q_last = q_off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
-    left_cut = q_last - k_off - left
-    right_cut = q_first - k_off + right
+    left_cut, right_cut = _edge_cuts(q_first, q_off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1, k_off, Tk,
+                                     left, right)
     # Three loops in all, so that the kernel's code stays small: the unmasked tiles of both far sides
     # (their bias one value per side), the unmasked NEAR tiles, then the band's edges.
     acc, m_i, l_i = _fwd_inner_tiles(

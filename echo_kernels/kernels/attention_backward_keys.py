@@ -16,9 +16,10 @@ from .attention_common import (
     ANY,
     FAR,
     NEAR,
+    _band_bias,
     _bias_row_sums,
     _biased_exp,
-    _band_bias,
+    _edge_cuts,
     _far_masked_tiles,
     _head_bias_tiles,
     _key_ok,
@@ -79,7 +80,7 @@ def _dkdv_tiles(
         rel_t = (q_off + start - kpos)[:, None] + tl.arange(0, BLOCK_M)[None, :]
         if HAS_BIAS and REGION == ANY:
             # the band's -inf comes with the bias (the forward's masked loop does the same)
-            bias = _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of, Tq,
+            bias = _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of,
                               kk.shape[0], BLOCK_M)
             keep_t = key_ok[:, None]
         else:
@@ -264,9 +265,9 @@ def _dkdv_key_tile(
     # the band's edges seen from the keys (_band_bias): a query tile from `start` crosses j - i <= right
     # where its first query is more than `right` before the tile's last key, j - i >= -left where its last
     # query is more than `left` after the first key
-    left_cut = k_off + tl.minimum(pid_n * BLOCK_N + BLOCK_N, Tk) - 1 - q_off - right
+    left_cut, right_cut = _edge_cuts(first, k_off + tl.minimum(pid_n * BLOCK_N + BLOCK_N, Tk) - 1, q_off, Tq, right,
+                                     left)
     left_of = first - q_off - left_edge0
-    right_cut = first - q_off + left
     right_of = first - q_off - right_edge0
     diag = Diag + (pid_bh * n_tiles + pid_n) * (BLOCK_N * N_DIAG)  # WITH_DQ: this tile's inner-row pairs
     # Three loops, as the forward's, so that the kernel's code stays small: the unmasked far tiles of both

@@ -249,20 +249,31 @@ def _edge_bias(Tiles, n_near, tile_of, start, d1, d2, ROWS: tl.constexpr, COLS: 
 
 
 @triton.jit
-def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of, n_cols,
+def _edge_cuts(first_row, last_row, col_off, n_cols, left, right):
+    """(left_cut, right_cut) for _band_bias, for a tile of rows at positions first_row .. last_row (its last
+    real one) against column tiles from position col_off + start, n_cols columns in all: the column tile
+    from `start` crosses the edge i - j = left where start < left_cut, the edge i - j = -right where
+    start + COLS - 1 > right_cut. No column tile crosses the right edge when no real column reaches it,
+    which keeps the test off the real column count inside the loop."""
+    left_cut = last_row - col_off - left
+    right_cut = first_row - col_off + right
+    return left_cut, tl.where(n_cols - 1 > right_cut, right_cut, 2147483647)
+
+
+@triton.jit
+def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of,
                ROWS: tl.constexpr, COLS: tl.constexpr):
     """The (ROWS, COLS) fp32 bias of the tile a masked loop runs from `start`, with the band's mask in it
     (-inf outside -right <= i - j <= left, kernels.attention.near_bias_tiles): a NEAR tile's (_edge_tile),
-    a far one's that crosses an edge of the band (before left_cut, its last column, of COLS before
-    n_cols, past right_cut) from the table's tiles of that edge, at offsets left_of - start and
-    right_of - start (counted from the table's start), else its side's constant tile. Both edges' tiles are
-    whole tiles of the band, so one that crosses both may take either. The dk/dv pass's (keys, queries)
-    tiles read it as its reversed table is written: j - i for i - j, and the band's sides swapped."""
+    a far one's that crosses an edge of the band (_edge_cuts) from the table's tiles of that edge, at
+    offsets left_of - start and right_of - start (counted from the table's start), else its side's
+    constant tile. Both edges' tiles are whole tiles of the band, so one that crosses both may take
+    either. The dk/dv pass's (keys, queries) tiles read it as its reversed table is written: j - i for
+    i - j, and the band's sides swapped."""
     tile = _edge_tile(n_near, tile_of, start, d1, d2, ROWS, COLS)
     far = (start < d1) | (start >= d2)
     tile = tl.where(far & (start < left_cut), _near_tile(left_of, start, ROWS, COLS), tile)
-    tile = tl.where(far & (tl.minimum(start + COLS, n_cols) - 1 > right_cut), _near_tile(right_of, start, ROWS, COLS),
-                    tile)
+    tile = tl.where(far & (start + COLS - 1 > right_cut), _near_tile(right_of, start, ROWS, COLS), tile)
     return _bias_table_tile(Tiles, tile, ROWS, COLS)
 
 
