@@ -175,9 +175,11 @@ def _fwd_tiles(
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
         if HAS_BIAS and BIAS_TILES:
             # the band's -inf comes with the bias: comparing i - j per pair cost the loop about a fifth of
-            # its instructions (under Triton 3.6 more, the results packed into bits while the product ran)
+            # its instructions (under Triton 3.6 more, the results packed into bits while the product ran).
+            # The right edge tested on the last real key (Tk): _edge_cuts needs no more, but so the loops
+            # compile to fewer instructions (Triton 3.6 and 3.8), though the dk/dv pass's to more
             logits = _plus_bias(logits, _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of,
-                                                   right_cut, right_of, q.shape[0], BLOCK_N))
+                                                   right_cut, right_of, Tk, q.shape[0], BLOCK_N))
             keep = key_ok[None, :]
         else:
             # i - j as a row's value less a column's: with k_off inside the column's, the compiler kept that

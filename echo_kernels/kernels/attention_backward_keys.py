@@ -80,8 +80,10 @@ def _dkdv_tiles(
         rel_t = (q_off + start - kpos)[:, None] + tl.arange(0, BLOCK_M)[None, :]
         if HAS_BIAS and REGION == ANY:
             # the band's -inf comes with the bias (the forward's masked loop does the same)
+            # (the right edge tested on the tile's last column whatever Tq: _edge_cuts needs no more, and
+            # sm_80's launch at h = 32 then holds 128 registers, 4 CTAs per SM, where with Tq it held 131)
             bias = _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of,
-                              kk.shape[0], BLOCK_M)
+                              2147483647, kk.shape[0], BLOCK_M)
             keep_t = key_ok[:, None]
         else:
             keep_t = (rel_t <= left) & (rel_t >= -right) & key_ok[:, None]

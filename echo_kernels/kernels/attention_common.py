@@ -261,19 +261,20 @@ def _edge_cuts(first_row, last_row, col_off, n_cols, left, right):
 
 
 @triton.jit
-def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of,
+def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of, n_cols,
                ROWS: tl.constexpr, COLS: tl.constexpr):
     """The (ROWS, COLS) fp32 bias of the tile a masked loop runs from `start`, with the band's mask in it
     (-inf outside -right <= i - j <= left, kernels.attention.near_bias_tiles): a NEAR tile's (_edge_tile),
-    a far one's that crosses an edge of the band (_edge_cuts) from the table's tiles of that edge, at
-    offsets left_of - start and right_of - start (counted from the table's start), else its side's
-    constant tile. Both edges' tiles are whole tiles of the band, so one that crosses both may take
+    a far one's that crosses an edge of the band (_edge_cuts; the right edge tested on the tile's last
+    column before n_cols) from the table's tiles of that edge, at offsets left_of - start and
+    right_of - start (counted from the table's start), else its side's constant tile. Both edges' tiles are whole tiles of the band, so one that crosses both may take
     either. The dk/dv pass's (keys, queries) tiles read it as its reversed table is written: j - i for
     i - j, and the band's sides swapped."""
     tile = _edge_tile(n_near, tile_of, start, d1, d2, ROWS, COLS)
     far = (start < d1) | (start >= d2)
     tile = tl.where(far & (start < left_cut), _near_tile(left_of, start, ROWS, COLS), tile)
-    tile = tl.where(far & (start + COLS - 1 > right_cut), _near_tile(right_of, start, ROWS, COLS), tile)
+    tile = tl.where(far & (tl.minimum(start + COLS, n_cols) - 1 > right_cut), _near_tile(right_of, start, ROWS, COLS),
+                    tile)
     return _bias_table_tile(Tiles, tile, ROWS, COLS)
 
 
