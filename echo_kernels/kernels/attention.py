@@ -401,10 +401,12 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     -left <= j - i <= right.
 
     After them, two tiles of one value each: the PAST end row bias[2n - 2] and the FUTURE one bias[0], which
-    the masked loops read for their far tiles inside the band, so that one loop serves every region. Then, for a side of the band that is not UNBOUNDED, the tiles that cross its edge: the left
-    one's at left - block_m + 2 <= delta <= left + block_n - 1, the right one's at -right - block_m + 1 <=
-    delta <= -right + block_n - 2 (attention_common._band_bias). near_bias_args passes a side as UNBOUNDED
-    where no pair of the launch reaches it.
+    the masked loops read for their far tiles inside the band, so that one loop serves every region.
+
+    Then, for a side of the band that is not UNBOUNDED, the tiles that cross its edge: the left one's at
+    left - block_m + 2 <= delta <= left + block_n - 1, the right one's at -right - block_m + 1 <= delta <=
+    -right + block_n - 2 (attention_common._band_bias). near_bias_args passes a side as UNBOUNDED where no
+    pair of the launch reaches it.
     """
     step = min(block_m, block_n)
     first, n_near = _edge_offsets(3 - n_rel - block_m, block_n + n_rel - 3, offset, step)
@@ -487,7 +489,8 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
         qq, kk, v, bias_t, table.tiles, pad_t, pad_start, out, lse,
         *v.stride(),
         sbr, sbh, spb, spt,
-        H, Tq, Tk, n_rel, table.count, table.first, table.n_near, table.left_edge0, table.right_edge0, left, right, q_offset, k_offset, n_tiles,
+        H, Tq, Tk, n_rel, table.count, table.first, table.n_near, table.left_edge0, table.right_edge0,
+        left, right, q_offset, k_offset, n_tiles,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BIAS_TILES=bias_tiles,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -290,7 +290,8 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         key_groups, dqq, db_part, diag, grid = 1, dkk, dkk, dkk, n_kblocks * B * H
     _attn_bwd_dkdv_kernel[(grid,)](
         kk, v, do, qq, bias_t, near.tiles, pad_t, pad_start, lse, delta, dkk, dv, dqq, db_part, diag, *strides,
-        *sizes, near.count, near.first, near.n_near, near.left_edge0, near.right_edge0, *band, n_kblocks, key_groups, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
+        *sizes, near.count, near.first, near.n_near, near.left_edge0, near.right_edge0, *band, n_kblocks, key_groups,
+        HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
         BLOCK_N=c["BLOCK_N"], WITH_DQ=with_dq, N_DIAG=n_diag, PRECISION=prec,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     c = cfg["unrope"]

@@ -52,8 +52,8 @@ def _add_dq(ds_t, kk, DQQ, rows, mask, HEAD: tl.constexpr, PRECISION: tl.constex
 def _dkdv_tiles(
     dkk, dv, db_lo, db_hi, lo, hi, skip_at, skip, skip_at2, skip2, d1, d2, bias_future, bias_past, kk, v, kpos,
     key_ok, QQ, DO, Lse, Delta, DQQ, Tiles, tile_of, n_near, left_cut, left_of, right_cut, right_of, Diag, stride_ot,
-    stride_od, Tq, n_rel, left, right, q_off, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+    stride_od, Tq, n_rel, left, right, q_off, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulate dk (as d(a_k, b_k)) and dv over query tiles, masked: starts lo, lo + BLOCK_M, ... < hi,
     moved on by skip from skip_at and then by skip2 from skip_at2 (_skip). WITH_DQ also add each
@@ -178,15 +178,16 @@ def _attn_bwd_dkdv_kernel(
                 pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, Diag,
                 stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br,
                 stride_bh, stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0,
-                right_edge0, left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
+                right_edge0, left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ,
+                N_DIAG, PRECISION)
             tl.debug_barrier()  # the next key tile reads the sums this one wrote, maybe in other threads
     else:
         pid_n, pid_bh = _tile_and_head(n_tiles)
         _dkdv_key_tile(
             pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, Diag, stride_vb,
             stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br, stride_bh,
-            stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0, left,
-            right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
+            stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0,
+            left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
 
 
 @triton.jit
@@ -210,9 +211,9 @@ def _dkdv_key_tile(
     (kernels.attention.near_bias_tiles of the reversed table), the NEAR tile t < n_near at
     j - i = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left entry, then the sides' constant
     tiles and, without WITH_DQ, with the band's mask in them and the tiles of its edges (at
-    left_edge0 + t min(...) the edge j - i = right, at right_edge0 + t min(...) the edge j - i = -left). Diag: WITH_DQ and
-    HAS_BIAS, (B H n_tiles, BLOCK_N, N_DIAG) fp32, where each key tile stores its NEAR tiles' inner-row
-    pairs of dS (_bias_row_sums).
+    left_edge0 + t min(...) the edge j - i = right, at right_edge0 + t min(...) the edge j - i = -left).
+    Diag: WITH_DQ and HAS_BIAS, (B H n_tiles, BLOCK_N, N_DIAG) fp32, where each key tile stores its NEAR
+    tiles' inner-row pairs of dS (_bias_row_sums).
     """
     DT = QQ.dtype.element_ty
     b = pid_bh // H

@@ -267,9 +267,9 @@ def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_c
     (-inf outside -right <= i - j <= left, kernels.attention.near_bias_tiles): a NEAR tile's (_edge_tile),
     a far one's that crosses an edge of the band (_edge_cuts; the right edge tested on the tile's last
     column before n_cols) from the table's tiles of that edge, at offsets left_of - start and
-    right_of - start (counted from the table's start), else its side's constant tile. Both edges' tiles are whole tiles of the band, so one that crosses both may take
-    either. The dk/dv pass's (keys, queries) tiles read it as its reversed table is written: j - i for
-    i - j, and the band's sides swapped."""
+    right_of - start (counted from the table's start), else its side's constant tile. Both edges' tiles are
+    whole tiles of the band, so one that crosses both may take either. The dk/dv pass's (keys, queries)
+    tiles read it as its reversed table is written: j - i for i - j, and the band's sides swapped."""
     tile = _edge_tile(n_near, tile_of, start, d1, d2, ROWS, COLS)
     far = (start < d1) | (start >= d2)
     tile = tl.where(far & (start < left_cut), _near_tile(left_of, start, ROWS, COLS), tile)
