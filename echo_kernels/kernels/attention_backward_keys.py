@@ -15,6 +15,7 @@ import triton.language as tl
 from .attention_common import (
     ANY,
     FAR,
+    INT32_MAX,
     NEAR,
     _band_bias,
     _bias_row_sums,
@@ -63,7 +64,8 @@ def _dkdv_tiles(
     transpose then falls on a tl.dot's second operand, which goes through shared memory anyway.
     QQ, Lse, Delta and DQQ point at this (batch, head)'s rows. The bias, from this head's table of (keys,
     queries) tiles, whose NEAR tiles start in [d1, d2) (the FUTURE ones before them): REGION ANY, any tile's
-    (_edge_bias); NEAR (summing dq: every NEAR tile), the NEAR tile's, its pairs on the table's inner rows
+    with the band's mask in it (_band_bias, at the edges' offsets left_of and right_of from left_cut and
+    right_cut on), and no comparison of j - i; NEAR (summing dq: every NEAR tile), the NEAR tile's, its pairs on the table's inner rows
     stored at Diag (_bias_row_sums); FAR (summing dq: the far tiles), one value, bias_future before d1 and
     bias_past after, and dS's row sums to the table's first row (db_lo) and its last (db_hi) likewise.
     """
@@ -79,11 +81,11 @@ def _dkdv_tiles(
         # column's index live through the loop, as the forward's rel)
         rel_t = (q_off + start - kpos)[:, None] + tl.arange(0, BLOCK_M)[None, :]
         if HAS_BIAS and REGION == ANY:
-            # the band's -inf comes with the bias (the forward's masked loop does the same)
-            # (the right edge tested on the tile's last column whatever Tq: _edge_cuts needs no more, and
-            # sm_80's launch at h = 32 then holds 128 registers, 4 CTAs per SM, where with Tq it held 131)
+            # the band's -inf comes with the bias, as in the forward's masked loop; the right edge tested on
+            # the tile's last column whatever Tq (_edge_cuts needs no more): sm_80's launch at h = 32 then
+            # holds 128 registers, 4 CTAs per SM, where with Tq it held 131
             bias = _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of,
-                              2147483647, kk.shape[0], BLOCK_M)
+                              INT32_MAX, kk.shape[0], BLOCK_M)
             keep_t = key_ok[:, None]
         else:
             keep_t = (rel_t <= left) & (rel_t >= -right) & key_ok[:, None]

@@ -102,12 +102,13 @@ def _load_p(P, HALF: tl.constexpr):
 # _near_bias reads; decoding gathers it), and wholly at i - j <= -(n - 1) (FUTURE: the first row). No
 # branch sits inside a loop body (it would stop Triton from pipelining its loads): a loop over tiles of
 # either far side (FAR) picks the side's one value by a select, and a loop over tiles of any region (ANY)
-# a tile of the table (_edge_bias).
+# a tile of the table with the band's mask in it (_band_bias).
 PAST: tl.constexpr = tl.constexpr(1)
 NEAR: tl.constexpr = tl.constexpr(2)
 FUTURE: tl.constexpr = tl.constexpr(3)
 FAR: tl.constexpr = tl.constexpr(4)
 ANY: tl.constexpr = tl.constexpr(5)
+INT32_MAX: tl.constexpr = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
@@ -213,8 +214,8 @@ def _head_bias_tiles(Tiles, head, n_bias_tiles, ROWS: tl.constexpr, COLS: tl.con
 @triton.jit
 def _near_tile(tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr):
     """The index in this head's table of the NEAR tile whose loop runs from `start`: tiles are STEP, the
-    smaller side, apart in i - j (kernels.attention.near_bias_tiles). The forward finds its band edges'
-    tiles the same way, at their own offsets (kernels.attention._band_bias)."""
+    smaller side, apart in i - j (kernels.attention.near_bias_tiles). The masked loops find the band's
+    edge tiles the same way, at their own offsets (_band_bias)."""
     STEP: tl.constexpr = ROWS if ROWS < COLS else COLS
     return (tile_of - start) // STEP
 
@@ -243,21 +244,15 @@ def _edge_tile(n_near, tile_of, start, d1, d2, ROWS: tl.constexpr, COLS: tl.cons
 
 
 @triton.jit
-def _edge_bias(Tiles, n_near, tile_of, start, d1, d2, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """The (ROWS, COLS) fp32 bias of the tile a masked loop runs from `start` (_edge_tile)."""
-    return _bias_table_tile(Tiles, _edge_tile(n_near, tile_of, start, d1, d2, ROWS, COLS), ROWS, COLS)
-
-
-@triton.jit
 def _edge_cuts(first_row, last_row, col_off, n_cols, left, right):
     """(left_cut, right_cut) for _band_bias, for a tile of rows at positions first_row .. last_row (its last
     real one) against column tiles from position col_off + start, n_cols columns in all: the column tile
     from `start` crosses the edge i - j = left where start < left_cut, the edge i - j = -right where
-    start + COLS - 1 > right_cut. No column tile crosses the right edge when no real column reaches it,
-    which keeps the test off the real column count inside the loop."""
+    start + COLS - 1 > right_cut. Where no real column reaches the right edge, no column tile crosses it
+    (right_cut is INT32_MAX), so that the loop's test need not count the real columns."""
     left_cut = last_row - col_off - left
     right_cut = first_row - col_off + right
-    return left_cut, tl.where(n_cols - 1 > right_cut, right_cut, 2147483647)
+    return left_cut, tl.where(n_cols - 1 > right_cut, right_cut, INT32_MAX)
 
 
 @triton.jit
