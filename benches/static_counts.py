@@ -1,11 +1,11 @@
 """Static instruction counts of the benches' encoder attention launch (B = 8, H = 16, T = 1500, h = 64,
-bf16, n = 15, global, no padding, no M) compiled for sm_90 by the installed Triton: for each heavy pass of
+bf16, n = 15, global or a window, no padding, no M) compiled for sm_90 by the installed Triton: for each heavy pass of
 the fused kernel (forward, dq, dk/dv) and of the plain flash kernel (echo_kernels.plain_attention, the
 floor the fused one is measured against), each main loop's instructions (echo_kernels.aot) times the
 iterations the launch runs it, in warp-instructions per (batch, head), and the fused passes' totals against
 the plain ones'. A static estimate of the work, made without a GPU: not a time.
 
-    python benches/static_counts.py [--json]
+    python benches/static_counts.py [--json] [--window W]   # W: the band |i - j| <= W, as the benches' local case
 
 The iterations are counted by running one (batch, head) of each launch at the same tiles under the Triton
 interpreter, in a child process, with every loop function watched. A program calls its loop functions in
@@ -15,6 +15,7 @@ count of calls per program must equal the count of main loops.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import os
@@ -37,9 +38,9 @@ PASSES = (
 )
 
 
-def _run_passes(batch: int, heads: int, dtype) -> None:
-    """The fused kernel's forward and backward and the plain kernel's, on sm_90's tiles, at the benches' shape
-    with `batch` and `heads`."""
+def _run_passes(batch: int, heads: int, dtype, window: int | None) -> None:
+    """The fused kernel's forward and backward (with the band |i - j| <= window, or global) and the plain
+    kernel's, on sm_90's tiles, at the benches' shape with `batch` and `heads`."""
     import torch
 
     from echo_kernels.kernels import attention, attention_backward, attention_common, plain_attention
@@ -49,7 +50,8 @@ def _run_passes(batch: int, heads: int, dtype) -> None:
     q, k, v, do = (torch.randn(batch, heads, T, HEAD, generator=g).to(dtype) for _ in range(4))
     w, s = torch.rand(HEAD // 2, generator=g), torch.ones(())
     bias = torch.randn(2 * N_REL - 1, heads, generator=g)
-    band = (UNBOUNDED, UNBOUNDED, 0, 0, "half_split")
+    side = UNBOUNDED if window is None else window
+    band = (side, side, 0, 0, "half_split")
     with attention_common.tiles_of(ARCH):
         out, lse = attention.forward(q, k, v, None, w, s, bias, None, *band)
         attention_backward.backward(do, q, k, v, out, lse, None, w, s, bias, None, *band)
@@ -64,7 +66,7 @@ def _as_int(x) -> int:
     return int(getattr(x, "value", x))
 
 
-def count_iterations() -> dict[str, list[int]]:
+def count_iterations(window: int | None) -> dict[str, list[int]]:
     """{pass: the iterations of each call of its loop functions, in call order}, for one (batch, head) run
     under the interpreter (TRITON_INTERPRET=1 must be set before triton is imported)."""
     import importlib
@@ -89,14 +91,14 @@ def count_iterations() -> dict[str, list[int]]:
             originals.append((module, fn_name, inner))
             setattr(module, fn_name, watched)
     try:
-        _run_passes(1, 1, torch.float32)  # the interpreter runs no bf16; the tiles are the same
+        _run_passes(1, 1, torch.float32, window)  # the interpreter runs no bf16; the tiles are the same
     finally:
         for module, fn_name, inner in originals:
             setattr(module, fn_name, inner)
     return calls
 
 
-def compile_passes() -> dict[str, tuple[object, int]]:
+def compile_passes(window: int | None) -> dict[str, tuple[object, int]]:
     """{pass: (its compile report for sm_90, warps)} for the launches at the benches' shape, bf16."""
     import importlib
 
@@ -105,7 +107,7 @@ def compile_passes() -> dict[str, tuple[object, int]]:
     from echo_kernels import aot
 
     with aot.recording_launches() as launches:
-        _run_passes(B, H, torch.bfloat16)
+        _run_passes(B, H, torch.bfloat16, window)
     reports = {}
     for name, module_name, kernel_name, _ in PASSES:
         kernel = getattr(importlib.import_module(module_name), kernel_name)
@@ -122,16 +124,17 @@ def per_loop(calls: list[int], loops: int, name: str) -> list[int]:
     return [sum(calls[k::loops]) for k in range(loops)]
 
 
-def static_counts() -> dict[str, dict]:
+def static_counts(window: int | None = None) -> dict[str, dict]:
     """{pass: launch, registers, spilled bytes, code (the kernel's SASS instructions), main loops'
     instructions, their iterations per (batch, head), warps and total warp-instructions} (the counting
     child runs with the interpreter on)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    child = subprocess.run([sys.executable, __file__, "--count"], env=env, capture_output=True, text=True,
-                           check=True)
+    window_args = [] if window is None else ["--window", str(window)]
+    child = subprocess.run([sys.executable, __file__, "--count", *window_args], env=env, capture_output=True,
+                           text=True, check=True)
     calls = json.loads(child.stdout.strip().splitlines()[-1])
     counts = {}
-    for name, (report, warps) in compile_passes().items():
+    for name, (report, warps) in compile_passes(window).items():
         loops = [loop.instructions for loop in report.main_loops]
         iterations = per_loop(calls[name], len(loops), name)
         counts[name] = dict(launch=report.launch, registers=report.registers, spilled=report.spilled_bytes,
@@ -141,16 +144,24 @@ def static_counts() -> dict[str, dict]:
 
 
 def main() -> None:
-    if "--count" in sys.argv:  # the child: the interpreter is on
-        print(json.dumps(count_iterations()))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the counts as JSON")
+    parser.add_argument("--window", type=int, default=None, help="the fused kernel's band |i - j| <= W (default: global)")
+    parser.add_argument("--count", action="store_true", help=argparse.SUPPRESS)  # the child: the interpreter is on
+    args = parser.parse_args()
+    if args.window is not None and args.window < 0:
+        parser.error(f"--window must be >= 0, got {args.window}")
+    if args.count:
+        print(json.dumps(count_iterations(args.window)))
         return
-    counts = static_counts()
-    if "--json" in sys.argv:
+    counts = static_counts(args.window)
+    if args.json:
         print(json.dumps(counts))
         return
     import triton
 
-    print(f"Triton {triton.__version__}, sm_{ARCH}: B {B}, H {H}, T {T}, h {HEAD}, bf16, n {N_REL}, global, "
+    band = "global" if args.window is None else f"window {args.window} (the plain kernel: global)"
+    print(f"Triton {triton.__version__}, sm_{ARCH}: B {B}, H {H}, T {T}, h {HEAD}, bf16, n {N_REL}, {band}, "
           f"no padding; warp-instructions per (batch, head) in the main loops")
     for name, c in counts.items():
         print(f"{name:14s} {c['launch']:>16s}  regs {c['registers']:3d}  spill {c['spilled']:3d}  code {c['code']:5d}  "
