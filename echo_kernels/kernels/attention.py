@@ -128,13 +128,13 @@ def _rope_rows_kernel(
 
 
 @triton.jit
-def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_near, first_edge, first_right, left_edge0,
+def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_near, first_right, left_edge0,
                       right_edge0, left, right, n_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       STEP: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) fp32 tile of the table of one head, Tiles[head, t] (near_bias_tiles), by the
     gather (_bias_tile) that decoding's NEAR tiles run: for t < n_near the NEAR tile at offset
     i - j = first + STEP t of its top-left entry; the next two, every entry clamped to one end row (PAST,
-    then FUTURE); from first_edge those of the band's edges, at left_edge0 + STEP t (before first_right)
+    then FUTURE); after them those of the band's edges, at left_edge0 + STEP t (before first_right)
     and right_edge0 + STEP t. Outside the band -right <= i - j <= left, every tile but the two constant
     ones holds -inf."""
     pid_t, hd = _tile_and_head(n_tiles)
@@ -144,7 +144,7 @@ def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_near, f
     bias = _bias_tile(rel, Bias, stride_br, hd * stride_bh, n_rel, NEAR)
     # two comparisons, not _in_band: an edge tile's rel lies up to a tile beyond the positions, where
     # rel + right may not fit int32
-    outside = ((rel > left) | (rel < -right)) & ((pid_t < n_near) | (pid_t >= first_edge))
+    outside = ((rel > left) | (rel < -right)) & ((pid_t < n_near) | (pid_t >= n_near + 2))
     offs = (hd * n_tiles + pid_t) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N \
         + tl.arange(0, BLOCK_N)[None, :]
     tl.store(Tiles + offs, tl.where(outside, float("-inf"), bias))
@@ -421,7 +421,7 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     right_edge0 = right_first - (first_edge + n_left) * step if n_right else 0
     H = bias.shape[1]
     tiles = torch.empty((H, count, block_m, block_n), dtype=torch.float32, device=bias.device)
-    _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, n_near, first_edge, first_edge + n_left,
+    _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, n_near, first_edge + n_left,
                                     left_edge0, right_edge0, left, right, count, BLOCK_M=block_m, BLOCK_N=block_n,
                                     STEP=step, num_warps=tile_pass_warps(block_m * block_n), num_stages=1)
     return BiasTable(tiles, count, first, n_near, n_left, left_edge0, right_edge0)

@@ -236,14 +236,6 @@ def _near_bias(Tiles, tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _edge_tile(n_near, tile_of, start, d1, d2, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """The index in this head's table of the tile a masked loop runs from `start`, whatever its region: a
-    NEAR tile's (those starting in [d1, d2)), before them the constant tile of the first side (the table's
-    n_near: PAST seen from a query tile), after them the other's (n_near + 1)."""
-    return tl.where(start < d1, n_near, tl.where(start >= d2, n_near + 1, _near_tile(tile_of, start, ROWS, COLS)))
-
-
-@triton.jit
 def _edge_cuts(first_row, last_row, col_off, n_cols, left, right):
     """(left_cut, right_cut) for _band_bias, for a tile of rows at positions first_row .. last_row (its last
     real one) against column tiles from position col_off + start, n_cols columns in all: the column tile
@@ -259,13 +251,15 @@ def _edge_cuts(first_row, last_row, col_off, n_cols, left, right):
 def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of, n_cols,
                ROWS: tl.constexpr, COLS: tl.constexpr):
     """The (ROWS, COLS) fp32 bias of the tile a masked loop runs from `start`, with the band's mask in it
-    (-inf outside -right <= i - j <= left, kernels.attention.near_bias_tiles): a NEAR tile's (_edge_tile),
+    (-inf outside -right <= i - j <= left, kernels.attention.near_bias_tiles): a NEAR tile's,
     a far one's that crosses an edge of the band (_edge_cuts; the right edge tested on the tile's last
     column before n_cols) from the table's tiles of that edge, at offsets left_of - start and
     right_of - start (counted from the table's start), else its side's constant tile. Both edges' tiles are
     whole tiles of the band, so one that crosses both may take either. The dk/dv pass's (keys, queries)
     tiles read it as its reversed table is written: j - i for i - j, and the band's sides swapped."""
-    tile = _edge_tile(n_near, tile_of, start, d1, d2, ROWS, COLS)
+    # NEAR tiles start in [d1, d2); before them the constant tile of the first side (the table's n_near:
+    # PAST seen from a query tile), after them the other's
+    tile = tl.where(start < d1, n_near, tl.where(start >= d2, n_near + 1, _near_tile(tile_of, start, ROWS, COLS)))
     far = (start < d1) | (start >= d2)
     tile = tl.where(far & (start < left_cut), _near_tile(left_of, start, ROWS, COLS), tile)
     tile = tl.where(far & (tl.minimum(start + COLS, n_cols) - 1 > right_cut), _near_tile(right_of, start, ROWS, COLS),
