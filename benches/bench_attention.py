@@ -15,6 +15,8 @@ mask. Peers doing that same maths:
   gradient to take); its ratio to the kernel is what the extras cost;
 - on Hopper, the encoder shapes: kernel_sm80_tiles, the kernel on sm_80's tile table instead of its
   own (docs/model.md, "Tile tables"): what sm_90's larger tiles gain;
+- on a GPU, the encoder shapes: kernel_2_stages, the kernel with every pass pipelined two stages deep
+  (the forward's tables take three: docs/model.md, "Tile tables"): what the third stage gains;
 - on a GPU, forward and backward: kernel_other_dq, the kernel with the dk/dv pass summing dq where
   its tile table has the dq pass do it, or the other way round (docs/model.md, "Backward
   passes"): the two backward shapes, timed against each other.
@@ -174,6 +176,18 @@ def sm80_tiles():
     return tiles_of(80)
 
 
+@contextlib.contextmanager
+def two_stages():
+    """Every pass of the attention kernels pipelined two stages deep, the forward's tile tables' three too."""
+    from echo_kernels.kernels.attention_common import BLOCK_OVERRIDE
+
+    BLOCK_OVERRIDE["num_stages"] = 2
+    try:
+        yield
+    finally:
+        del BLOCK_OVERRIDE["num_stages"]
+
+
 def other_dq_summing():
     """The backward summing dq the other way from its tile table's (kernels.attention_backward)."""
     from echo_kernels.kernels import attention_backward
@@ -195,12 +209,15 @@ if GPU_WAYS:
     IMPLS.update(sdpa=run_sdpa, plain=run_plain)
 WITH_M = ("kernel_unfolded", "kernel_rope_then_m")  # the cases whose op is given M
 QKV_ONLY = ("plain",)  # no bias table: the backward differentiates q, k and v alone
-# Cases run inside a context (forward and backward): the kernel on the other tile table.
+# Cases run inside a context (forward and backward): the kernel on the other tile table, at two stages, or
+# summing dq the other way.
 CONTEXTS = {}
 if TINY or (ON_GPU and torch.cuda.get_device_capability()[0] == 9):
     IMPLS["kernel_sm80_tiles"] = run_kernel
     CONTEXTS["kernel_sm80_tiles"] = sm80_tiles
 if GPU_WAYS:
+    IMPLS["kernel_2_stages"] = run_kernel
+    CONTEXTS["kernel_2_stages"] = two_stages
     IMPLS["kernel_other_dq"] = run_kernel
     CONTEXTS["kernel_other_dq"] = other_dq_summing
 
@@ -212,12 +229,12 @@ if GPU_WAYS:
 
 # Beyond T = 4096 the dense and chunked peers need tens of GiB: there only the kernel and Flex run.
 # The plain kernel has no window: it runs the global shapes only. The other tile table runs the encoder's.
-# The other way of summing dq changes the backward only.
+# Two stages run the encoder's too. The other way of summing dq changes the backward only.
 def _impls(shape: str, backward: bool) -> list[str]:
     return [impl for impl in IMPLS
             if (SHAPES[shape][2] <= 4096 or impl not in ("reference", "compiled", "sdpa"))
             and (impl != "plain" or SHAPES[shape][4] is None)
-            and (impl != "kernel_sm80_tiles" or shape.startswith("encoder"))
+            and (impl not in ("kernel_sm80_tiles", "kernel_2_stages") or shape.startswith("encoder"))
             and (impl != "kernel_other_dq" or backward)]
 
 

@@ -65,6 +65,9 @@ def echo_attention(
     zero-padded to the next of those (same result, the cost of the wider head); wider heads are refused
     there with a ValueError.
 
+    With bf16 or fp16 inputs the Triton kernels add the bias rounded to that dtype (forward and backward
+    alike), as an additive mask in that dtype would be for torch's scaled_dot_product_attention.
+
     Masked keys contribute nothing even where their values are NaN or inf (0 * NaN would be NaN):
     the reference and CPU paths leave them out exactly; the Triton kernels (and the CPU path under
     torch.compile, which cannot branch on data) never let a padded key's k or v into a product, but a

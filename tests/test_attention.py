@@ -210,6 +210,22 @@ def test_gradients_fp16(use_triton):
     _assert_low_precision_gradients(inputs, do, torch.float16, **options("causal_window"))
 
 
+def test_half_inputs_take_the_bias_rounded_to_their_dtype(use_triton):
+    """fp16 inputs: every pass, forward and backward, adds the bias rounded to fp16 (the forward's table holds
+    it in fp16, the backward's in fp32): the same output and gradients, bit for bit, as for that bias given
+    rounded, across NEAR tiles, far ones and the band's edges."""
+    inputs = case_inputs("causal_window")
+    do = torch.randn(1, 2, 60, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    rounded = dict(inputs, bias=inputs["bias"].to(torch.float16).double())
+    assert not torch.equal(rounded["bias"], inputs["bias"])
+    got = grads(echo_kernels.echo_attention, inputs, torch.float16, do, activations_only=True,
+                **options("causal_window"))
+    want = grads(echo_kernels.echo_attention, rounded, torch.float16, do, activations_only=True,
+                 **options("causal_window"))
+    assert torch.equal(got[0], want[0])
+    assert got[1].keys() == want[1].keys() and all(torch.equal(got[1][n], want[1][n]) for n in got[1])
+
+
 @pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
 def test_backward_is_deterministic(use_triton, dq_in_key_pass):
     inputs = make_inputs(B=2, Tq=40, pad=True)
@@ -517,7 +533,7 @@ def test_aot_compile_report(aot_reports):
             for part in parts:
                 assert f"attention_{part}_h{h}_{dt}" in names
     assert "attention_fwd_decode_h64_bf16" in names
-    assert {f"attention_near_bias_h{h}" for h in (32, 64, 128)} <= names
+    assert {f"attention_near_bias_h{h}_{dt}" for h in (32, 64, 128) for dt in ("bf16", "fp16")} <= names
     # Elementwise passes, no matrix product: the RoPE undo of dk, D = rowsum(O dO), and without M the
     # queries' RoPE undo (no product with P); the rotation of keys and queries without P and the NEAR bias
     # tiles, which hold no tile in shared memory either.

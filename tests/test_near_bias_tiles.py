@@ -128,3 +128,18 @@ def test_the_band_is_in_the_tiles_and_every_edge_tile_has_one(block_m, block_n, 
                 assert delta in edges["left"]
             if (rel < -right).any():
                 assert delta in edges["right"]
+
+
+@pytest.mark.parametrize("band", [(None, None), (9, 4)], ids=["global", "band"])
+def test_a_table_in_the_dot_type_holds_the_fp32_tables_values_rounded(band):
+    """The forward's table in fp16 (bf16 inputs take bf16 on a GPU; the interpreter has no bf16): the fp32
+    table's values, -inf outside the band included, rounded."""
+    left, right = band
+    bias = torch.randn(2 * 5 - 1, 2, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    sides = {} if left is None else dict(left=left, right=right)
+    exact = near_bias_tiles(bias, 5, 3, 16, 32, **sides)
+    half = near_bias_tiles(bias, 5, 3, 16, 32, dtype=torch.float16, **sides)
+    assert half.tiles.dtype == torch.float16 and half[1:] == exact[1:]
+    assert torch.equal(half.tiles, exact.tiles.to(torch.float16))
+    assert left is None or bool(torch.isinf(half.tiles).any())
+

@@ -131,7 +131,7 @@ def _rope_rows_kernel(
 def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_near, first_right, left_edge0,
                       right_edge0, left, right, n_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       STEP: tl.constexpr):
-    """One (BLOCK_M, BLOCK_N) fp32 tile of the table of one head, Tiles[head, t] (near_bias_tiles), by the
+    """One (BLOCK_M, BLOCK_N) tile of the table of one head, Tiles[head, t] (near_bias_tiles), by the
     gather (_bias_tile) that decoding's NEAR tiles run: for t < n_near the NEAR tile at offset
     i - j = first + STEP t of its top-left entry; the next two, every entry clamped to one end row (PAST,
     then FUTURE); after them those of the band's edges, at left_edge0 + STEP t (before first_right)
@@ -147,7 +147,7 @@ def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_near, f
     outside = ((rel > left) | (rel < -right)) & ((pid_t < n_near) | (pid_t >= n_near + 2))
     offs = (hd * n_tiles + pid_t) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N \
         + tl.arange(0, BLOCK_N)[None, :]
-    tl.store(Tiles + offs, tl.where(outside, float("-inf"), bias))
+    tl.store(Tiles + offs, tl.where(outside, float("-inf"), bias).to(Tiles.dtype.element_ty))
 
 
 @triton.jit
@@ -259,8 +259,8 @@ def _attn_fwd_kernel(
 
     QQ: q'' from rotated_rows, (B, H, Tq, h) contiguous rows [q''_A | q''_B] in the dot type;
     KK: RoPE(k) from rotated_rows, (B, H, Tk, h) contiguous rows [a | b] in the dot type;
-    Tiles: with BIAS_TILES, (H, n_bias_tiles, BLOCK_M, BLOCK_N) fp32, near_bias_tiles' table with the band's
-    mask in it: the NEAR tile t < n_near at i - j = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left
+    Tiles: with BIAS_TILES, (H, n_bias_tiles, BLOCK_M, BLOCK_N) in the dot type, near_bias_tiles' table with
+    the band's mask in it: the NEAR tile t < n_near at i - j = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left
     entry, the two sides' constant tiles, then those of the band's edges, at left_edge0 + t min(...) and
     right_edge0 + t min(...);
     PadStart: (B,) int32, each batch's first padded key (Tk if none), read when HAS_PAD."""
@@ -324,23 +324,30 @@ def _attn_fwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-# Forward tile sizes and launch shape per (head width, tile table: attention_common.tile_arch).
+# Forward tile sizes and launch shape per (head width, tile table: attention_common.tile_arch), for inputs
+# of 2 bytes. Three stages: the key tiles' copies are issued an iteration before the one that waits for them
+# (at two, a loop waits at its top for every copy issued at the end of the iteration before).
 _FORWARD_BLOCKS = {
     # 8 warps: at 4 the (128, 64) tiles spill registers on sm_80 (h = 32)
-    (32, 80): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    (64, 80): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    (128, 80): dict(BLOCK_M=128, BLOCK_N=16, num_warps=8, num_stages=2),  # 32 keys spill
+    (32, 80): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    (64, 80): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    (128, 80): dict(BLOCK_M=128, BLOCK_N=16, num_warps=8, num_stages=3),  # 32 keys spill
     # twice the keys per tile: a fifth fewer loop instructions per key inside the band at h = 64
-    (32, 90): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-    (64, 90): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-    (128, 90): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    (32, 90): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    (64, 90): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    (128, 90): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
 }
 
 
-def default_blocks(h: int, arch: int) -> dict:
+def default_blocks(h: int, arch: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """The forward's tiles and launch shape at head width h (a built width) on the tile table of
-    `arch`, chosen so that no launch spills registers (python -m echo_kernels.aot)."""
-    return dict(_FORWARD_BLOCKS[h, arch])
+    `arch`, chosen so that no launch spills registers (python -m echo_kernels.aot), for `dtype` inputs:
+    fp32 ones, whose tiles take twice the bytes, two stages (three would ask sm_90 at h = 64 for 288 KB of
+    shared memory)."""
+    blocks = dict(_FORWARD_BLOCKS[h, arch])
+    if dtype == torch.float32:
+        blocks["num_stages"] = 2
+    return blocks
 
 
 def rotated_rows(x: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, offset: int, dot_type: torch.dtype,
@@ -368,7 +375,8 @@ def tile_pass_warps(elements: int) -> int:
 
 
 class BiasTable(NamedTuple):
-    """near_bias_tiles' table: tiles (H, count, block_m, block_n) fp32 and where each of its tiles sits."""
+    """near_bias_tiles' table: tiles (H, count, block_m, block_n) (fp32, or the forward's dot type) and where
+    each of its tiles sits."""
 
     tiles: torch.Tensor
     count: int
@@ -386,7 +394,7 @@ def _edge_offsets(low: int, high: int, offset: int, step: int) -> tuple[int, int
 
 
 def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, block_n: int,
-                    left: int = UNBOUNDED, right: int = UNBOUNDED) -> BiasTable:
+                    left: int = UNBOUNDED, right: int = UNBOUNDED, dtype: torch.dtype = torch.float32) -> BiasTable:
     """The bias of the tiles of a launch's (block_m, block_n) tiles that the clamp or the band can bite, as
     a table of them per head, with the band -right <= i - j <= left in it (-inf outside).
 
@@ -407,6 +415,9 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     left - block_m + 2 <= delta <= left + block_n - 1, the right one's at -right - block_m + 1 <= delta <=
     -right + block_n - 2 (attention_common._band_bias). near_bias_args passes a side as UNBOUNDED where no
     pair of the launch reaches it.
+
+    dtype: the table's, fp32 (the backward's passes) or the forward's dot type, half the bytes per tile (its
+    launcher has rounded the bias to that type: attention_common._bias_arg).
     """
     step = min(block_m, block_n)
     first, n_near = _edge_offsets(3 - n_rel - block_m, block_n + n_rel - 3, offset, step)
@@ -420,7 +431,7 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     left_edge0 = left_first - first_edge * step if n_left else 0
     right_edge0 = right_first - (first_edge + n_left) * step if n_right else 0
     H = bias.shape[1]
-    tiles = torch.empty((H, count, block_m, block_n), dtype=torch.float32, device=bias.device)
+    tiles = torch.empty((H, count, block_m, block_n), dtype=dtype, device=bias.device)
     _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, n_near, first_edge + n_left,
                                     left_edge0, right_edge0, left, right, count, BLOCK_M=block_m, BLOCK_N=block_n,
                                     STEP=step, num_warps=tile_pass_warps(block_m * block_n), num_stages=1)
@@ -428,7 +439,8 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
 
 
 def near_bias_args(bias: torch.Tensor | None, n_rel: int, offset: int, block_m: int, block_n: int,
-                   like: torch.Tensor, band: tuple[int, int] | None = None, Tq: int = 0, Tk: int = 0) -> BiasTable:
+                   like: torch.Tensor, band: tuple[int, int] | None = None, Tq: int = 0, Tk: int = 0,
+                   dtype: torch.dtype = torch.float32) -> BiasTable:
     """A launch's table of (block_m, block_n) bias tiles (near_bias_tiles), with the band (left, right) in
     it when one is given; a side that no pair of i - j in [offset - Tk + 1, offset + Tq - 1] reaches gets no
     tiles of its edge. Without a bias (None), the placeholder `like`, which no loop reads."""
@@ -436,7 +448,7 @@ def near_bias_args(bias: torch.Tensor | None, n_rel: int, offset: int, block_m: 
         return BiasTable(like, 1, 0, 0, 0, 0, 0)
     left, right = band if band is not None else (UNBOUNDED, UNBOUNDED)
     return near_bias_tiles(bias, n_rel, offset, block_m, block_n, left if left < offset + Tq - 1 else UNBOUNDED,
-                           right if right < Tk - 1 - offset else UNBOUNDED)
+                           right if right < Tk - 1 - offset else UNBOUNDED, dtype)
 
 
 def first_padded_key(pad_flags: torch.Tensor) -> torch.Tensor:
@@ -450,11 +462,13 @@ def first_padded_key(pad_flags: torch.Tensor) -> torch.Tensor:
 
 def _short_query_blocks(cfg: dict, Tq: int) -> dict:
     """Decoding (Tq = 1) and other short query runs: a 128-row tile would be almost all padding, so
-    the tile shrinks, and a tile of 64 rows or fewer needs no more than 4 warps."""
+    the tile shrinks, and a tile of 64 rows or fewer needs no more than 4 warps and two stages (at three,
+    decoding's launch spills on sm_90)."""
     cfg = dict(cfg)
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, triton.next_power_of_2(Tq)))
     if cfg["BLOCK_M"] <= 64:
         cfg["num_warps"] = min(cfg["num_warps"], 4)
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
     return cfg
 
 
@@ -476,14 +490,14 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
     pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q, torch.int32)
     pad_start = first_padded_key(pad_t) if has_pad else lse
-    blocks = with_override(default_blocks(h, tile_arch(q.device)))
+    blocks = with_override(default_blocks(h, tile_arch(q.device), q.dtype))
     cfg = _short_query_blocks(blocks, Tq)
     qq = rotated_rows(q, w32, s32, q_offset, P.dtype, blocks["BLOCK_N"], P if has_p else None, 1.0 / math.sqrt(h))
     kk = rotated_rows(k, w32, s32, k_offset, P.dtype, blocks["BLOCK_N"])
     # the short query tiles of decoding gather their NEAR bias: a few rows, where a table is a launch per step
     bias_tiles = has_bias and cfg["BLOCK_M"] == blocks["BLOCK_M"]
     table = near_bias_args(bias_t if bias_tiles else None, n_rel, q_offset - k_offset, cfg["BLOCK_M"], cfg["BLOCK_N"],
-                           lse, (left, right), Tq, Tk)
+                           lse, (left, right), Tq, Tk, P.dtype)
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     _attn_fwd_kernel[(n_tiles * B * H,)](
         qq, kk, v, bias_t, table.tiles, pad_t, pad_start, out, lse,
@@ -518,13 +532,12 @@ def aot_specs(arch: int) -> list[KernelSpec]:
                 specs.append(KernelSpec(f"attention_rope{suffix}_h{h}_{dt}", _rope_rows_kernel,
                                         signature_of(_rope_rows_kernel, ptrs, ce), ce,
                                         num_warps=tile_pass_warps(h * f["BLOCK_N"]), num_stages=1))
-            if dt == "bf16":  # the bias table is fp32 whatever the inputs
-                ce = dict(BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], STEP=min(f["BLOCK_M"], f["BLOCK_N"]))
-                specs.append(KernelSpec(f"attention_near_bias_h{h}", _near_bias_kernel,
-                                        signature_of(_near_bias_kernel, {"Bias": "*fp32", "Tiles": "*fp32"}, ce), ce,
-                                        num_warps=tile_pass_warps(f["BLOCK_M"] * f["BLOCK_N"]), num_stages=1))
+            ce = dict(BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], STEP=min(f["BLOCK_M"], f["BLOCK_N"]))
+            specs.append(KernelSpec(f"attention_near_bias_h{h}_{dt}", _near_bias_kernel,
+                                    signature_of(_near_bias_kernel, {"Bias": "*fp32", "Tiles": f"*{dt}"}, ce), ce,
+                                    num_warps=tile_pass_warps(f["BLOCK_M"] * f["BLOCK_N"]), num_stages=1))
             ptrs = {n: f"*{dt}" for n in ("QQ", "KK", "V", "Out")}
-            ptrs.update(Bias="*fp32", Tiles="*fp32", Pad="*i32", PadStart="*i32", Lse="*fp32")
+            ptrs.update(Bias="*fp32", Tiles=f"*{dt}", Pad="*i32", PadStart="*i32", Lse="*fp32")
             ce = dict(HEAD=h, HAS_BIAS=True, HAS_PAD=True, BIAS_TILES=True, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"],
                       PRECISION="tf32")
             specs.append(KernelSpec(f"attention_fwd_h{h}_{dt}", _attn_fwd_kernel,
@@ -532,8 +545,9 @@ def aot_specs(arch: int) -> list[KernelSpec]:
                                     num_stages=f["num_stages"]))
             if h == 64 and dt == "bf16":  # the decoding launch (Tq = 1 against a KV cache)
                 d = _short_query_blocks(f, 1)
-                ce = dict(ce, BLOCK_M=d["BLOCK_M"], BIAS_TILES=False)
+                ce = dict(ce, BLOCK_M=d["BLOCK_M"], BIAS_TILES=False)  # no table: its placeholder is lse
                 specs.append(KernelSpec(f"attention_fwd_decode_h{h}_{dt}", _attn_fwd_kernel,
-                                        signature_of(_attn_fwd_kernel, ptrs, ce), ce, num_warps=d["num_warps"],
+                                        signature_of(_attn_fwd_kernel, dict(ptrs, Tiles="*fp32"), ce), ce,
+                                        num_warps=d["num_warps"],
                                         num_stages=d["num_stages"]))
     return specs

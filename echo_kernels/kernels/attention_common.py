@@ -206,7 +206,7 @@ def _plus_bias(logits, bias):
 
 @triton.jit
 def _head_bias_tiles(Tiles, head, n_bias_tiles, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """This head's table in Tiles, the (H, n_bias_tiles, ROWS, COLS) fp32 tables of the NEAR tiles
+    """This head's table in Tiles, the (H, n_bias_tiles, ROWS, COLS) tables of the NEAR tiles
     (kernels.attention.near_bias_tiles)."""
     return Tiles + head * n_bias_tiles * (ROWS * COLS)
 
@@ -222,11 +222,11 @@ def _near_tile(tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def _bias_table_tile(Tiles, tile, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """The (ROWS, COLS) fp32 tile `tile` of this head's table (_head_bias_tiles). One contiguous block,
+    """The (ROWS, COLS) tile `tile` of this head's table (_head_bias_tiles), in fp32. One contiguous block,
     which the pipeline copies in 16-byte pieces (a gather computes an index and issues a 4-byte copy per
     entry)."""
     rows = tile * ROWS + tl.arange(0, ROWS)
-    return tl.load(Tiles + rows[:, None] * COLS + tl.arange(0, COLS)[None, :])
+    return tl.load(Tiles + rows[:, None] * COLS + tl.arange(0, COLS)[None, :]).to(tl.float32)
 
 
 @triton.jit
@@ -522,6 +522,11 @@ def _pad_arg(key_padding_mask, like, dtype=torch.uint8):
 
 
 def _bias_arg(bias, like):
+    """(bias, row stride, head stride, n, whether there is one): the bias in fp32, its values rounded to the
+    dot type of `like`'s dtype (bf16 or fp16 inputs: theirs), so that the forward's table of NEAR tiles
+    holds them in that type, half the bytes of fp32, and every pass adds the same values
+    (docs/model.md, "Tile tables")."""
     if bias is None:
         return like, 0, 0, 1, False
+    bias = bias.to(dot_dtype(like.dtype)).float()
     return bias, bias.stride(0), bias.stride(1), (bias.shape[0] + 1) // 2, True

@@ -191,7 +191,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Te
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    c = with_override(forward_blocks(h, tile_arch(q.device)))
+    c = with_override(forward_blocks(h, tile_arch(q.device), q.dtype))
     n_tiles = triton.cdiv(Tq, c["BLOCK_M"])
     _plain_fwd_kernel[(n_tiles * B * H,)](
         q, k, v, out, lse, Tq, Tk, _scales(h)[0], n_tiles, HEAD=h, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
