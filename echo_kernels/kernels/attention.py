@@ -260,9 +260,9 @@ def _attn_fwd_kernel(
     QQ: q'' from rotated_rows, (B, H, Tq, h) contiguous rows [q''_A | q''_B] in the dot type;
     KK: RoPE(k) from rotated_rows, (B, H, Tk, h) contiguous rows [a | b] in the dot type;
     Tiles: with BIAS_TILES, (H, n_bias_tiles, BLOCK_M, BLOCK_N) in the dot type, near_bias_tiles' table with
-    the band's mask in it: the NEAR tile t < n_near at i - j = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left
-    entry, the two sides' constant tiles, then those of the band's edges, at left_edge0 + t min(...) and
-    right_edge0 + t min(...);
+    the band's mask in it: the NEAR tile t < n_near at i - j = first_bias_tile + t min(BLOCK_M, BLOCK_N) in
+    its top-left entry, the two sides' constant tiles, then those of the band's edges, at
+    left_edge0 + t min(...) and right_edge0 + t min(...);
     PadStart: (B,) int32, each batch's first padded key (Tk if none), read when HAS_PAD."""
     pid_m, pid_bh = _tile_and_head(n_tiles)
     b = pid_bh // H
@@ -325,8 +325,8 @@ def _attn_fwd_kernel(
 
 
 # Forward tile sizes and launch shape per (head width, tile table: attention_common.tile_arch), for inputs
-# of 2 bytes. Three stages: the key tiles' copies are issued an iteration before the one that waits for them
-# (at two, a loop waits at its top for every copy issued at the end of the iteration before).
+# of 2 bytes. Three stages: a key tile's copies are in flight through the whole iteration before the one
+# that takes it (at two, a loop waits at its top for every copy issued at the end of the iteration before).
 _FORWARD_BLOCKS = {
     # 8 warps: at 4 the (128, 64) tiles spill registers on sm_80 (h = 32)
     (32, 80): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
