@@ -342,10 +342,10 @@ _FORWARD_BLOCKS = {
 def default_blocks(h: int, arch: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """The forward's tiles and launch shape at head width h (a built width) on the tile table of
     `arch`, chosen so that no launch spills registers (python -m echo_kernels.aot), for `dtype` inputs:
-    fp32 ones, whose tiles take twice the bytes, two stages (three would ask sm_90 at h = 64 for 288 KB of
-    shared memory)."""
+    those of 4 bytes or more, whose tiles take twice the bytes at least, two stages (three would ask sm_90
+    at h = 64 for 288 KB of shared memory in fp32)."""
     blocks = dict(_FORWARD_BLOCKS[h, arch])
-    if dtype == torch.float32:
+    if dtype.itemsize > 2:
         blocks["num_stages"] = 2
     return blocks
 
