@@ -62,11 +62,11 @@ def test_each_tile_is_the_bias_at_its_offsets_and_every_near_tile_has_one(block_
 @given(block_m=BLOCKS, block_n=BLOCKS, n=st.integers(1, 70), offset=st.integers(-300, 300),
        heads=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_the_reversed_table_holds_the_key_pass_tiles(block_m, block_n, n, offset, heads, seed):
-    """The dk/dv pass holds its tiles as (keys, queries) and takes its table of the reversed bias rows at the
-    key offset minus the query offset (kernels.attention_backward): tile t at entry (c, r) is the bias at
-    j - i = first + step t + c - r, and every NEAR (key tile, query tile) pair's top-left j - i is in it."""
+    """The dk/dv pass holds its tiles as (keys, queries) and takes its table of the reversed bias rows (flip)
+    at the key offset minus the query offset (kernels.attention_backward): tile t at entry (c, r) is the bias
+    at j - i = first + step t + c - r, and every NEAR (key tile, query tile) pair's top-left j - i is in it."""
     bias = torch.randn(2 * n - 1, heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    table = near_bias_tiles(bias.flip(0).to(DEVICE, torch.float32), n, -offset, block_n, block_m)
+    table = near_bias_tiles(bias.to(DEVICE, torch.float32), n, -offset, block_n, block_m, flip=True)
     tiles, first, count = table.tiles, table.first, table.n_near
     step = min(block_m, block_n)
     assert tiles.shape == (heads, count + 2, block_n, block_m)  # the NEAR tiles, then the two ends' constants
@@ -133,13 +133,27 @@ def test_the_band_is_in_the_tiles_and_every_edge_tile_has_one(block_m, block_n, 
 @pytest.mark.parametrize("band", [(None, None), (9, 4)], ids=["global", "band"])
 def test_a_table_in_the_dot_type_holds_the_fp32_tables_values_rounded(band):
     """The forward's table in fp16 (bf16 inputs take bf16 on a GPU; the interpreter has no bf16): the fp32
-    table's values, -inf outside the band included, rounded."""
+    table's values, -inf outside the band included, rounded; and the backward's, fp32, holding those very
+    values (every pass adds the bias rounded to the dot type)."""
     left, right = band
     bias = torch.randn(2 * 5 - 1, 2, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     sides = {} if left is None else dict(left=left, right=right)
     exact = near_bias_tiles(bias, 5, 3, 16, 32, **sides)
-    half = near_bias_tiles(bias, 5, 3, 16, 32, dtype=torch.float16, **sides)
+    half = near_bias_tiles(bias, 5, 3, 16, 32, dtype=torch.float16, dot=torch.float16, **sides)
     assert half.tiles.dtype == torch.float16 and half[1:] == exact[1:]
     assert torch.equal(half.tiles, exact.tiles.to(torch.float16))
+    rounded = near_bias_tiles(bias, 5, 3, 16, 32, dot=torch.float16, **sides)
+    assert rounded.tiles.dtype == torch.float32 and not torch.equal(rounded.tiles, exact.tiles)
+    assert torch.equal(rounded.tiles, half.tiles.float())
     assert left is None or bool(torch.isinf(half.tiles).any())
 
+
+
+def test_the_bias_is_read_in_its_own_dtype():
+    """The launchers pass the bias as it is (no copy per call): a float64 bias makes the table of its
+    values rounded to the dot type, fp32 here, as its fp32 copy does."""
+    bias = torch.randn(2 * 6 - 1, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
+    wide = near_bias_tiles(bias, 6, -2, 32, 16, 9, 4)
+    assert torch.equal(wide.tiles, near_bias_tiles(bias.float(), 6, -2, 32, 16, 9, 4).tiles)
+    past = wide.tiles[:, wide.n_near]  # the PAST end row's constant tile, per head
+    assert torch.equal(past, bias[10].float()[:, None, None].expand_as(past))

@@ -85,6 +85,7 @@ from .attention_common import (
     p_arg,
     precision,
     tile_arch,
+    triton_dtype,
     with_override,
 )
 from .spec import KernelSpec, signature_of
@@ -130,18 +131,23 @@ def _rope_rows_kernel(
 @triton.jit
 def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_near, first_right, left_edge0,
                       right_edge0, left, right, n_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      STEP: tl.constexpr):
+                      STEP: tl.constexpr, DT: tl.constexpr, FLIP: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of the table of one head, Tiles[head, t] (near_bias_tiles), by the
     gather (_bias_tile) that decoding's NEAR tiles run: for t < n_near the NEAR tile at offset
     i - j = first + STEP t of its top-left entry; the next two, every entry clamped to one end row (PAST,
     then FUTURE); after them those of the band's edges, at left_edge0 + STEP t (before first_right)
     and right_edge0 + STEP t. Outside the band -right <= i - j <= left, every tile but the two constant
-    ones holds -inf."""
+    ones holds -inf. The bias is rounded to DT, the dot type (_bias_tile); FLIP: of the rows reversed,
+    bias.flip(0)[clamp(rel) + n - 1] = bias[clamp(-rel) + n - 1], the table a pass holding its tiles as
+    (keys, queries) reads."""
     pid_t, hd = _tile_and_head(n_tiles)
     top_left = tl.where(pid_t < n_near, first, tl.where(pid_t < first_right, left_edge0, right_edge0)) + pid_t * STEP
     top_left = tl.where(pid_t == n_near, n_rel + BLOCK_N, tl.where(pid_t == n_near + 1, -n_rel - BLOCK_M, top_left))
     rel = top_left + tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]
-    bias = _bias_tile(rel, Bias, stride_br, hd * stride_bh, n_rel, NEAR)
+    if FLIP:
+        bias = _bias_tile(-rel, Bias, stride_br, hd * stride_bh, n_rel, NEAR, DT)
+    else:
+        bias = _bias_tile(rel, Bias, stride_br, hd * stride_bh, n_rel, NEAR, DT)
     # two comparisons, not _in_band: an edge tile's rel lies up to a tile beyond the positions, where
     # rel + right may not fit int32
     outside = ((rel > left) | (rel < -right)) & ((pid_t < n_near) | (pid_t >= n_near + 2))
@@ -187,7 +193,7 @@ def _fwd_tiles(
             rel = qrel[:, None] - cols[None, :]
             keep = _in_band(rel, left, right) & key_ok[None, :]
             if HAS_BIAS:
-                logits = _plus_bias(logits, _bias_tile(rel, Bias, stride_br, head_off, n_rel, NEAR))
+                logits = _plus_bias(logits, _bias_tile(rel, Bias, stride_br, head_off, n_rel, NEAR, DT))
         logits = tl.where(keep, logits, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 1))
         # Rows that have seen no key yet keep m = -inf; shift them by 0 so that exp gives 0, not NaN.
@@ -232,7 +238,7 @@ def _fwd_inner_tiles(
                 logits = _plus_bias(logits, _near_bias(Tiles, tile_of, start, q.shape[0], BLOCK_N))
             else:
                 logits = _plus_bias(logits, _bias_tile(qrel[:, None] - cols[None, :], Bias, stride_br,
-                                                       head_off, n_rel, NEAR))
+                                                       head_off, n_rel, NEAR, DT))
             m_new = tl.maximum(m_i, tl.max(logits, 1))
             p = tl.exp2(logits * LOG2E - (m_new * LOG2E)[:, None])
         else:
@@ -284,8 +290,8 @@ def _attn_fwd_kernel(
     # the NEAR tiles start in [d1, d2): PAST ones before, FUTURE ones after; no mask can bite the tiles in
     # [inner, inner_end), those before and after take the masked loop
     lo, hi, d1, d2, inner, inner_end, near_lo, near_hi, bias_past, bias_future = _query_tile_stages(
-        pid_m * BLOCK_M, q_off, k_off, left, right, Tk, PadStart + b, Bias, stride_br, hd * stride_bh, n_rel, HAS_PAD,
-        HAS_BIAS, BLOCK_M, BLOCK_N)
+        pid_m * BLOCK_M, q_off, k_off, left, right, Tk, PadStart + b, Bias, stride_br, hd * stride_bh, n_rel,
+        QQ.dtype.element_ty, HAS_PAD, HAS_BIAS, BLOCK_M, BLOCK_N)
     # the NEAR tiles' offsets i - j at their top-left entries are q_first - k_off - start, which finds a
     # tile's place in the table (_near_bias)
     tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_M, BLOCK_N)
@@ -394,7 +400,8 @@ def _edge_offsets(low: int, high: int, offset: int, step: int) -> tuple[int, int
 
 
 def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, block_n: int,
-                    left: int = UNBOUNDED, right: int = UNBOUNDED, dtype: torch.dtype = torch.float32) -> BiasTable:
+                    left: int = UNBOUNDED, right: int = UNBOUNDED, dtype: torch.dtype = torch.float32,
+                    dot: torch.dtype = torch.float32, flip: bool = False) -> BiasTable:
     """The bias of the tiles of a launch's (block_m, block_n) tiles that the clamp or the band can bite, as
     a table of them per head, with the band -right <= i - j <= left in it (-inf outside).
 
@@ -404,9 +411,9 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     3 - n - block_m <= delta <= block_n + n - 3. Tile rows are multiples of block_m and tile columns of
     block_n, so the deltas are those of that range congruent to offset modulo step = min(block_m,
     block_n): a few tiles, which every query tile and batch of the launch shares. A pass holding its tiles
-    as (keys, queries) (the backward's dk/dv) takes the table of bias.flip(0) at -offset, block sides and
-    band sides swapped: bias[clamp(i - j)] = bias.flip(0)[clamp(j - i)], and -right <= i - j <= left is
-    -left <= j - i <= right.
+    as (keys, queries) (the backward's dk/dv) takes, with flip, the table of bias.flip(0) at -offset, block
+    sides and band sides swapped: bias[clamp(i - j)] = bias.flip(0)[clamp(j - i)], and -right <= i - j <=
+    left is -left <= j - i <= right.
 
     After them, two tiles of one value each: the PAST end row bias[2n - 2] and the FUTURE one bias[0], which
     the masked loops read for their far tiles inside the band, so that one loop serves every region.
@@ -416,8 +423,9 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     -right + block_n - 2 (attention_common._band_bias). near_bias_args passes a side as UNBOUNDED where no
     pair of the launch reaches it.
 
-    dtype: the table's, fp32 (the backward's passes) or the forward's dot type, half the bytes per tile (its
-    launcher has rounded the bias to that type: attention_common._bias_arg).
+    dtype: the table's, fp32 (the backward's passes) or the forward's dot type, half the bytes per tile;
+    dot: the launch's dot type, to which every value is rounded, as every pass rounds the bias
+    (attention_common._bias_tile).
     """
     step = min(block_m, block_n)
     first, n_near = _edge_offsets(3 - n_rel - block_m, block_n + n_rel - 3, offset, step)
@@ -434,13 +442,15 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     tiles = torch.empty((H, count, block_m, block_n), dtype=dtype, device=bias.device)
     _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, n_near, first_edge + n_left,
                                     left_edge0, right_edge0, left, right, count, BLOCK_M=block_m, BLOCK_N=block_n,
-                                    STEP=step, num_warps=tile_pass_warps(block_m * block_n), num_stages=1)
+                                    STEP=step, DT=triton_dtype(dot), FLIP=flip,
+                                    num_warps=tile_pass_warps(block_m * block_n), num_stages=1)
     return BiasTable(tiles, count, first, n_near, n_left, left_edge0, right_edge0)
 
 
 def near_bias_args(bias: torch.Tensor | None, n_rel: int, offset: int, block_m: int, block_n: int,
                    like: torch.Tensor, band: tuple[int, int] | None = None, Tq: int = 0, Tk: int = 0,
-                   dtype: torch.dtype = torch.float32) -> BiasTable:
+                   dtype: torch.dtype = torch.float32, dot: torch.dtype = torch.float32,
+                   flip: bool = False) -> BiasTable:
     """A launch's table of (block_m, block_n) bias tiles (near_bias_tiles), with the band (left, right) in
     it when one is given; a side that no pair of i - j in [offset - Tk + 1, offset + Tq - 1] reaches gets no
     tiles of its edge. Without a bias (None), the placeholder `like`, which no loop reads."""
@@ -448,7 +458,7 @@ def near_bias_args(bias: torch.Tensor | None, n_rel: int, offset: int, block_m: 
         return BiasTable(like, 1, 0, 0, 0, 0, 0)
     left, right = band if band is not None else (UNBOUNDED, UNBOUNDED)
     return near_bias_tiles(bias, n_rel, offset, block_m, block_n, left if left < offset + Tq - 1 else UNBOUNDED,
-                           right if right < Tk - 1 - offset else UNBOUNDED, dtype)
+                           right if right < Tk - 1 - offset else UNBOUNDED, dtype, dot, flip)
 
 
 def first_padded_key(pad_flags: torch.Tensor) -> torch.Tensor:
@@ -497,7 +507,7 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     # the short query tiles of decoding gather their NEAR bias: a few rows, where a table is a launch per step
     bias_tiles = has_bias and cfg["BLOCK_M"] == blocks["BLOCK_M"]
     table = near_bias_args(bias_t if bias_tiles else None, n_rel, q_offset - k_offset, cfg["BLOCK_M"], cfg["BLOCK_N"],
-                           lse, (left, right), Tq, Tk, P.dtype)
+                           lse, (left, right), Tq, Tk, P.dtype, P.dtype)
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     _attn_fwd_kernel[(n_tiles * B * H,)](
         qq, kk, v, bias_t, table.tiles, pad_t, pad_start, out, lse,
@@ -532,7 +542,8 @@ def aot_specs(arch: int) -> list[KernelSpec]:
                 specs.append(KernelSpec(f"attention_rope{suffix}_h{h}_{dt}", _rope_rows_kernel,
                                         signature_of(_rope_rows_kernel, ptrs, ce), ce,
                                         num_warps=tile_pass_warps(h * f["BLOCK_N"]), num_stages=1))
-            ce = dict(BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], STEP=min(f["BLOCK_M"], f["BLOCK_N"]))
+            ce = dict(BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], STEP=min(f["BLOCK_M"], f["BLOCK_N"]),
+                      DT={"bf16": tl.bfloat16, "fp16": tl.float16}[dt], FLIP=False)
             specs.append(KernelSpec(f"attention_near_bias_h{h}_{dt}", _near_bias_kernel,
                                     signature_of(_near_bias_kernel, {"Bias": "*fp32", "Tiles": f"*{dt}"}, ce), ce,
                                     num_warps=tile_pass_warps(f["BLOCK_M"] * f["BLOCK_N"]), num_stages=1))

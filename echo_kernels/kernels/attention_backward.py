@@ -274,8 +274,8 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     # the bias as (keys, queries) tiles: the table of the reversed bias rows at j - i, with the band's mask
     # in them (sides swapped) for the masked loop, which then compares no j - i; summing dq, its masked
     # loops compare (their far tiles take one bias value per side, not a tile)
-    near = near_bias_args(bias_t.flip(0) if has_bias else None, n_rel, k_offset - q_offset, c["BLOCK_N"],
-                          c["BLOCK_M"], lse, None if with_dq else (right, left), Tk, Tq)
+    near = near_bias_args(bias_t if has_bias else None, n_rel, k_offset - q_offset, c["BLOCK_N"], c["BLOCK_M"],
+                          lse, None if with_dq else (right, left), Tk, Tq, dot=P.dtype, flip=True)
     n_kblocks = triton.cdiv(Tk, c["BLOCK_N"])
     dkk = torch.empty((B, H, Tk, h), dtype=torch.float32, device=dev)  # d(a_k, b_k)
     n_rows = 2 * n_rel - 1  # of the bias table
@@ -311,7 +311,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         # each query tile's share of the bias table
         db_part = torch.empty((B, H, n_qblocks, n_rows) if has_bias else (1,), dtype=torch.float32, device=dev)
         near = near_bias_args(bias_t if has_bias else None, n_rel, q_offset - k_offset, c["BLOCK_M"], c["BLOCK_N"],
-                              lse)
+                              lse, dot=P.dtype)
         diag = _diagonal_scratch(B * H * n_qblocks, c["BLOCK_M"], n_diag, has_bias, dev)
         _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
             kk, v, do, qq, bias_t, near.tiles, pad_t, pad_start, lse, delta, dqq, db_part, diag, *strides, *sizes,

@@ -261,7 +261,7 @@ def _dkdv_key_tile(
     # seen from a key tile, the FUTURE query tiles come first and the PAST ones last
     d1, d2, bias_past, bias_future = _regions(lo, hi, first - n_rel + 2 - q_off - BLOCK_M,
                                               first + BLOCK_N + n_rel - 2 - q_off, Bias, stride_br, head_off, n_rel,
-                                              HAS_BIAS, BLOCK_M)
+                                              QQ.dtype.element_ty, HAS_BIAS, BLOCK_M)
     inner, inner_end, near_lo, near_hi = _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2)
     # the NEAR tiles' offsets j - i at their top-left entries are first - q_off - start: the table's
     # tiles are (keys, queries), the tile t at j - i = first_bias_tile + t min(BLOCK_M, BLOCK_N)

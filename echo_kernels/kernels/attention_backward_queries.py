@@ -173,8 +173,8 @@ def _attn_bwd_dq_kernel(
     # the key tiles as the forward deals them: the NEAR ones start in [d1, d2), PAST ones before, FUTURE
     # ones after; no mask can bite those in [inner, inner_end)
     lo, hi, d1, d2, inner, inner_end, near_lo, near_hi, bias_past, bias_future = _query_tile_stages(
-        pid_m * BLOCK_M, q_off, k_off, left, right, Tk, PadStart + b, Bias, stride_br, hd * stride_bh, n_rel, HAS_PAD,
-        HAS_BIAS, BLOCK_M, BLOCK_N)
+        pid_m * BLOCK_M, q_off, k_off, left, right, Tk, PadStart + b, Bias, stride_br, hd * stride_bh, n_rel,
+        QQ.dtype.element_ty, HAS_PAD, HAS_BIAS, BLOCK_M, BLOCK_N)
     # Three loops, as the forward's, so that the kernel's code stays small: the unmasked far tiles of both
     # sides, every NEAR tile (masked: it stores its pairs on the bias table's inner rows for
     # _store_diagonal_sums), then the far tiles that masks can bite, the band's edges.

@@ -124,15 +124,16 @@ def _split_regions(lo, hi, last_past, first_future, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _regions(lo, hi, last_past, first_future, Bias, stride_br, head_off, n_rel, HAS_BIAS: tl.constexpr,
-             BLOCK: tl.constexpr):
+def _regions(lo, hi, last_past, first_future, Bias, stride_br, head_off, n_rel, DT: tl.constexpr,
+             HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """(d1, d2, bias_past, bias_future) of a pass's tiles lo, lo + BLOCK, ... < hi, from either side: the
     NEAR tiles start in [d1, d2) (_split_regions), and each far side's bias is one value, the table's last
-    row for PAST tiles and its first for FUTURE ones. Without a bias no tile is NEAR and both values are 0."""
+    row for PAST tiles and its first for FUTURE ones, rounded to DT (_bias_tile). Without a bias no tile is
+    NEAR and both values are 0."""
     if HAS_BIAS:
         d1, d2 = _split_regions(lo, hi, last_past, first_future, BLOCK)
-        bias_past = _bias_tile(0, Bias, stride_br, head_off, n_rel, PAST)
-        bias_future = _bias_tile(0, Bias, stride_br, head_off, n_rel, FUTURE)
+        bias_past = _bias_tile(0, Bias, stride_br, head_off, n_rel, PAST, DT)
+        bias_future = _bias_tile(0, Bias, stride_br, head_off, n_rel, FUTURE, DT)
     else:
         d1 = lo
         d2 = lo
@@ -176,15 +177,19 @@ def _skip(start, skip_at, skip):
 
 
 @triton.jit
-def _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION: tl.constexpr):
-    """bias[clamp(rel) + n - 1, head] for a tile of offsets rel = i - j, fp32 (see the regions)."""
+def _bias_tile(rel, Bias, stride_br, head_off, n_rel, REGION: tl.constexpr, DT: tl.constexpr):
+    """bias[clamp(rel) + n - 1, head] for a tile of offsets rel = i - j (see the regions), rounded to DT,
+    the dot type, and held in fp32: every pass adds the values an additive mask in the inputs' dtype
+    would hold, bf16 or fp16 ones for half inputs (docs/model.md, "NEAR bias tables"), whatever the
+    bias's own dtype."""
     if REGION == PAST:
-        return tl.load(Bias + (2 * n_rel - 2) * stride_br + head_off).to(tl.float32)
+        bias = tl.load(Bias + (2 * n_rel - 2) * stride_br + head_off)
     elif REGION == FUTURE:
-        return tl.load(Bias + head_off).to(tl.float32)
+        bias = tl.load(Bias + head_off)
     else:
         ridx = tl.minimum(tl.maximum(rel, 1 - n_rel), n_rel - 1) + n_rel - 1
-        return tl.load(Bias + ridx * stride_br + head_off).to(tl.float32)
+        bias = tl.load(Bias + ridx * stride_br + head_off)
+    return bias.to(DT).to(tl.float32)
 
 
 @triton.jit
@@ -316,7 +321,7 @@ def _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M: tl.constexpr, BLOCK
 
 @triton.jit
 def _query_tile_stages(row0, q_off, k_off, left, right, Tk, PadStart, Bias, stride_br, head_off, n_rel,
-                       HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       DT: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     """The key tiles of the query tile of BLOCK_M rows from row row0, as the forward and the dq pass deal
     them to their loops: (lo, hi, d1, d2, inner, inner_end, near_lo, near_hi, bias_past, bias_future).
@@ -333,7 +338,7 @@ def _query_tile_stages(row0, q_off, k_off, left, right, Tk, PadStart, Bias, stri
     inner_lo, inner_hi = _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M, BLOCK_N)
     d1, d2, bias_past, bias_future = _regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
                                               q_first + BLOCK_M + n_rel - 2 - k_off, Bias, stride_br, head_off,
-                                              n_rel, HAS_BIAS, BLOCK_N)
+                                              n_rel, DT, HAS_BIAS, BLOCK_N)
     inner, inner_end, near_lo, near_hi = _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2)
     return lo, hi, d1, d2, inner, inner_end, near_lo, near_hi, bias_past, bias_future
 
@@ -522,11 +527,16 @@ def _pad_arg(key_padding_mask, like, dtype=torch.uint8):
 
 
 def _bias_arg(bias, like):
-    """(bias, row stride, head stride, n, whether there is one): the bias in fp32, its values rounded to the
-    dot type of `like`'s dtype (bf16 or fp16 inputs: theirs), so that the forward's table of NEAR tiles
-    holds them in that type, half the bytes of fp32, and every pass adds the same values
-    (docs/model.md, "Tile tables")."""
+    """(bias, row stride, head stride, n, whether there is one): the bias as it is, any float dtype and
+    strides; the kernels round what they load of it to the dot type (_bias_tile)."""
     if bias is None:
         return like, 0, 0, 1, False
-    bias = bias.to(dot_dtype(like.dtype)).float()
     return bias, bias.stride(0), bias.stride(1), (bias.shape[0] + 1) // 2, True
+
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def triton_dtype(dtype: torch.dtype):
+    """The Triton type of a dot type (dot_dtype), for a kernel that takes it as a constexpr."""
+    return _TRITON_DTYPES[dtype]
