@@ -360,11 +360,12 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, h, window, dq_in_k
     out_ref, want = grads(reference.echo_attention, inputs, torch.float64, do, **opts)
     with attention_common.tiles_of(arch), attention_backward.dq_in_key_pass(dq_in_key_pass):
         out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
-        backward_table = attention_backward.default_blocks(h, arch)
+        backward_table = attention_backward.default_blocks(h, arch, torch.float32)
     assert rel_err(out, out_ref) < 1e-5
     assert_gradients_match(got, want, f"sm_{arch}", inputs)
     assert forward_rows == [kernel.default_blocks(h, arch, torch.float32)]  # fp32 inputs: two stages
     assert ("dq" in backward_table) != dq_in_key_pass
+    assert all(row["num_stages"] <= 2 for row in backward_table.values())  # fp32 inputs: two stages
     # each backward pass's row, then the forward's key tiles for the rotation pass (q'' and RoPE(k))
     assert backward_rows == [*backward_table.values(), kernel.default_blocks(h, arch)]
 

@@ -111,20 +111,25 @@ _LIGHT_BLOCKS = {
 # executes the fewest instructions per (query, key) pair or nearly (docs/model.md, "Tile tables"),
 # except sm_90's dq pass at h = 32 and 64, which keeps 32 keys: 64 run fewer per pair, but 2 CTAs per
 # SM where 32 run 4 and 3 (221 and 246 registers under Triton 3.8), and twice the NEAR loop's work.
+# Three stages, as the forward's loops, wherever the third keeps every launch's CTAs per SM (the plain
+# kernel's too, which takes these rows) under Triton 3.6, 3.8 and 3.9, spills nothing and fits sm_80's
+# 99 KB. Two: sm_80's dk/dv at h = 32 (3.6: 3 CTAs per SM to 2) and at h = 128 (103 KB), its dq at
+# h = 128 (the plain kernel's: 4 to 3), and sm_90's dq at h = 32 (3.8 in fp16: 3 to 2) and h = 64
+# (3.6, no padding: 3 to 2).
 _HEAVY_BLOCKS = {
     (32, 80): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-                   dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
-    (64, 80): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+                   dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)),
+    (64, 80): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
                    # 64 queries: at 128 the tile takes 108 KB of shared memory, past sm_86's and sm_89's 99
-                   dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)),
+                   dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)),
     (128, 80): dict(dkdv=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
                     dq=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)),
-    (32, 90): dict(dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    (32, 90): dict(dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
                    dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)),
-    (64, 90): dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),  # 4 warps spill (3.6)
+    (64, 90): dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),  # 4 warps spill (3.6)
                    dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)),
-    (128, 90): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-                    dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),  # 64 keys spill
+    (128, 90): dict(dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+                    dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)),  # 64 keys spill
 }
 
 # The dk/dv pass when it also sums dq (DQ_IN_KEY_PASS): dk/dv's accumulators, and per query tile one
@@ -164,14 +169,19 @@ def sums_dq_in_key_pass(arch: int) -> bool:
     return _FORCED_DQ[-1] if _FORCED_DQ else DQ_IN_KEY_PASS[arch]
 
 
-def default_blocks(h: int, arch: int) -> dict:
+def default_blocks(h: int, arch: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """{kernel: tile sizes and launch shape} of the backward's passes at head width h (a built
     width) on the tile table of `arch` (attention_common.tile_arch), in launch order, chosen so that
-    no launch spills registers under Triton 3.8 (python -m echo_kernels.aot). Without a dq pass
-    (sums_dq_in_key_pass) the dk/dv pass takes its row of _KEY_PASS_BLOCKS."""
+    no launch spills registers under Triton 3.8 (python -m echo_kernels.aot), for `dtype` inputs: those
+    of 4 bytes or more, whose tiles take twice the bytes at least, two stages, as the forward's
+    (attention.default_blocks). Without a dq pass (sums_dq_in_key_pass) the dk/dv pass takes its row of
+    _KEY_PASS_BLOCKS."""
     if sums_dq_in_key_pass(arch):
         return {**_LIGHT_BLOCKS[h], "dkdv": _KEY_PASS_BLOCKS[h, arch]}
-    return {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
+    blocks = {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
+    if dtype.itemsize > 2:
+        blocks.update({name: dict(blocks[name], num_stages=2) for name in ("dkdv", "dq")})
+    return blocks
 
 
 def inner_diagonals(n_rel: int) -> int:
@@ -254,7 +264,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     pad_start = first_padded_key(pad_t) if has_pad else lse
     sizes, band = (H, Tq, Tk, n_rel), (left, right, q_offset, k_offset)
     prec = precision(q.dtype)
-    cfg = {name: with_override(row) for name, row in default_blocks(h, arch).items()}
+    cfg = {name: with_override(row) for name, row in default_blocks(h, arch, q.dtype).items()}
 
     c = cfg["delta"]
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=dev)

@@ -208,7 +208,7 @@ def backward(do, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.T
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     qk_scale, sm_scale = _scales(h)
-    table = backward_blocks(h, tile_arch(q.device))
+    table = backward_blocks(h, tile_arch(q.device), q.dtype)
     blocks = {name: with_override(table[name]) for name in ("delta", "dkdv", "dq")}
     prec = precision(q.dtype)
     c = blocks["delta"]
