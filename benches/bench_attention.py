@@ -16,7 +16,7 @@ mask. Peers doing that same maths:
 - on Hopper, the encoder shapes: kernel_sm80_tiles, the kernel on sm_80's tile table instead of its
   own (docs/model.md, "Tile tables"): what sm_90's larger tiles gain;
 - on a GPU, the encoder shapes: kernel_2_stages, the kernel with every pass pipelined two stages deep
-  (the forward's tables take three: docs/model.md, "Tile tables"): what the third stage gains;
+  (the tile tables take three where it fits: docs/model.md, "Tile tables"): what the third stage gains;
 - on a GPU, forward and backward: kernel_other_dq, the kernel with the dk/dv pass summing dq where
   its tile table has the dq pass do it, or the other way round (docs/model.md, "Backward
   passes"): the two backward shapes, timed against each other.

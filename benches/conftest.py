@@ -20,12 +20,14 @@ from harness import adopt_ceilings, results
 # and alone under --quick. Patterns of node ids (fnmatch), CPU and GPU variants alike. Of the attention
 # ways at the encoder's shape (global, and on a GPU windowed), forward and backward: the fused kernel, the
 # plain flash kernel (the floor the fused one is measured against) and FlexAttention (the same maths
-# compiled). The groups' other ways, among them the reference's and torch.compile's slow first rounds,
-# run in the step after.
+# compiled); globally also the fused kernel with every pass at two stages, which says what the tile
+# tables' third stage gains (docs/model.md, "Tile tables"). The groups' other ways, among them the
+# reference's and torch.compile's slow first rounds, run in the step after.
 HEADLINE = (
     "benches/bench_model.py::test_training_step[[]*]",
     *(f"benches/bench_attention.py::test_attention[[]{shape}-{way}-round*-{passes}]"
-      for shape, ways in (("encoder_global", ("kernel", "plain", "flex")), ("encoder_w256", ("kernel", "flex")))
+      for shape, ways in (("encoder_global", ("kernel", "kernel_2_stages", "plain", "flex")),
+                          ("encoder_w256", ("kernel", "flex")))
       for way in ways for passes in ("fwd", "fwd_bwd")),
     "benches/bench_orthogonal.py::test_cpu[[]h64-N32-B88-*-fwd+bwd]",
     "benches/bench_orthogonal.py::test_gpu[[]h64-N32-B88-*-fwd+bwd]",

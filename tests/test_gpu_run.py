@@ -78,10 +78,11 @@ def test_rehearsal_runs_every_step_and_brings_back_the_results(tmp_path):
     assert any(g.startswith("training step") for g in groups) and any(g.startswith("rotary") for g in groups)
     assert any(g.startswith("attention encoder_global fwd+bwd") for g in groups)
     # the headline step ran first, and its cases lead the file the next step appended to: of the attention
-    # groups at the encoder's shape, the fused and plain kernels' (FlexAttention's only on a GPU)
+    # groups at the encoder's shape, the fused kernel's, at two stages too, and the plain kernel's
+    # (FlexAttention's only on a GPU)
     def headline_case(case):
         if case["group"].startswith("attention encoder_global"):
-            return case["case"] in ("kernel", "plain")
+            return case["case"] in ("kernel", "kernel_2_stages", "plain")
         return case["group"].startswith(("training step", "orthogonal_product cpu h64-N32-B88 fwd+bwd"))
     headline = [c for c in cases if headline_case(c)]
     assert {c["group"].split()[0] for c in headline} == {"training", "attention", "orthogonal_product"}
