@@ -119,7 +119,8 @@ class EchoAttention(nn.Module):
             # The CPU op rotates in PyTorch, each call anew: decoding would rotate every cached key (all
             # the encoder frames, for cross-attention) at every step. The cache keeps k' instead, rotated
             # once when stored, and the op is given q' and k' (w=None: no RoPE of its own). The Triton
-            # kernels rotate inside the launch, where the raw keys cost nothing more.
+            # path rotates the keys it is given in a pass of its own at every call, at angle 0 too
+            # (echo_kernels.kernels.attention.rotated_rows): cached k' would not spare that pass.
             q = self._rotated(q, M, w, offset)
             if not self.cross:
                 k, v = self._keys_values(x, wk)
