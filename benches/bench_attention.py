@@ -178,7 +178,8 @@ def sm80_tiles():
 
 @contextlib.contextmanager
 def two_stages():
-    """Every pass of the attention kernels pipelined two stages deep, the forward's three included."""
+    """Every pass of the attention kernels pipelined two stages deep, those the tile tables give three
+    included."""
     from echo_kernels.kernels.attention_common import BLOCK_OVERRIDE
 
     BLOCK_OVERRIDE["num_stages"] = 2
