@@ -84,6 +84,7 @@ from .attention_common import (
     _tile_rows,
     p_arg,
     precision,
+    stages_for,
     tile_arch,
     triton_dtype,
     with_override,
@@ -347,13 +348,9 @@ _FORWARD_BLOCKS = {
 
 def default_blocks(h: int, arch: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """The forward's tiles and launch shape at head width h (a built width) on the tile table of
-    `arch`, chosen so that no launch spills registers (python -m echo_kernels.aot), for `dtype` inputs:
-    those of 4 bytes or more, whose tiles take twice the bytes at least, two stages (three would ask sm_90
-    at h = 64 for 288 KB of shared memory in fp32)."""
-    blocks = dict(_FORWARD_BLOCKS[h, arch])
-    if dtype.itemsize > 2:
-        blocks["num_stages"] = 2
-    return blocks
+    `arch`, chosen so that no launch spills registers (python -m echo_kernels.aot), for `dtype` inputs
+    (attention_common.stages_for)."""
+    return stages_for(_FORWARD_BLOCKS[h, arch], dtype)
 
 
 def rotated_rows(x: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, offset: int, dot_type: torch.dtype,

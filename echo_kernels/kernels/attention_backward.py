@@ -81,7 +81,16 @@ from .attention_backward_queries import (
     _attn_bwd_dq_kernel,
     _attn_bwd_dq_unrotate_kernel,
 )
-from .attention_common import _bias_arg, _pad_arg, layout_perm, p_arg, precision, tile_arch, with_override
+from .attention_common import (
+    _bias_arg,
+    _pad_arg,
+    layout_perm,
+    p_arg,
+    precision,
+    stages_for,
+    tile_arch,
+    with_override,
+)
 from .spec import KernelSpec, pointer_types, signature_of
 
 # --------------------------------------------------------------------------------------------------
@@ -172,16 +181,14 @@ def sums_dq_in_key_pass(arch: int) -> bool:
 def default_blocks(h: int, arch: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """{kernel: tile sizes and launch shape} of the backward's passes at head width h (a built
     width) on the tile table of `arch` (attention_common.tile_arch), in launch order, chosen so that
-    no launch spills registers under Triton 3.8 (python -m echo_kernels.aot), for `dtype` inputs: those
-    of 4 bytes or more, whose tiles take twice the bytes at least, two stages, as the forward's
-    (attention.default_blocks). Without a dq pass (sums_dq_in_key_pass) the dk/dv pass takes its row of
-    _KEY_PASS_BLOCKS."""
+    no launch spills registers under Triton 3.8 (python -m echo_kernels.aot), for `dtype` inputs
+    (attention_common.stages_for). Without a dq pass (sums_dq_in_key_pass) the dk/dv pass takes its row
+    of _KEY_PASS_BLOCKS."""
     if sums_dq_in_key_pass(arch):
-        return {**_LIGHT_BLOCKS[h], "dkdv": _KEY_PASS_BLOCKS[h, arch]}
-    blocks = {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
-    if dtype.itemsize > 2:
-        blocks.update({name: dict(blocks[name], num_stages=2) for name in ("dkdv", "dq")})
-    return blocks
+        blocks = {**_LIGHT_BLOCKS[h], "dkdv": _KEY_PASS_BLOCKS[h, arch]}
+    else:
+        blocks = {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
+    return {name: stages_for(row, dtype) for name, row in blocks.items()}
 
 
 def inner_diagonals(n_rel: int) -> int:

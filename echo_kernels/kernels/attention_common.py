@@ -505,6 +505,13 @@ def tiles_of(arch: int):
         _FORCED_TABLE.pop()
 
 
+def stages_for(row: dict, dtype: torch.dtype) -> dict:
+    """A tile table's row as `dtype` inputs take it: those of 4 bytes or more, whose tiles take twice the
+    bytes at least, at most two stages (three would ask sm_90's forward at h = 64 for 288 KB of shared
+    memory in fp32), the forward's and the backward's passes alike."""
+    return dict(row, num_stages=min(row["num_stages"], 2)) if dtype.itemsize > 2 else dict(row)
+
+
 # Tests shrink the tiles (e.g. 16) so that ragged and multi-tile cases happen at small T. The one
 # override that the forward and backward launchers both read.
 BLOCK_OVERRIDE: dict = {}
