@@ -77,7 +77,6 @@ from .attention_common import (
     _pad_arg,
     _plus_bias,
     _query_tile_stages,
-    _rope_angles,
     _rotated_rows,
     _skip,
     _tile_and_head,
@@ -103,17 +102,16 @@ def _rope_rows_kernel(
 ):
     """One (BLOCK) tile of rows of one (batch, head), rotated: XX rows [a | b] * scale, or [a b] @ P~
     with HAS_P (the queries' q'' in the "rope_then_m" order), contiguous, in XX's type (the dot type, to
-    which the loops would round them anyway). The angles are taken by angle addition from the tile's
-    first position; every pass that reads these rows, forward or backward, reads this pass's output, so
-    all of them multiply the very same q'' and k'."""
+    which the loops would round them anyway). Every pass that reads these rows, forward or backward,
+    reads this pass's output, so all of them multiply the very same q'' and k'; the backward's light
+    passes recompute a and b by the same arithmetic (_rotated_rows)."""
     HALF: tl.constexpr = HEAD // 2
     DT = XX.dtype.element_ty
     pid_t, pid_bh = _tile_and_head(n_tiles)
     X += (pid_bh // H) * stride_xb + (pid_bh % H) * stride_xh
     s = tl.load(S).to(tl.float32)
     rows = pid_t * BLOCK + tl.arange(0, BLOCK)
-    cos0, sin0 = _rope_angles(tl.arange(0, BLOCK), s, W, HALF)
-    a, b = _rotated_rows(X, rows, T, stride_xt, stride_xd, cos0, sin0, x_off + pid_t * BLOCK, s, W, HALF)
+    a, b, _, _ = _rotated_rows(X, rows, rows < T, stride_xt, stride_xd, x_off + rows, s, W, HALF)
     if HAS_P:
         p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
         xa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)

@@ -25,11 +25,10 @@ from .attention_common import (
     _head_bias_tiles,
     _key_ok,
     _load_full,
-    _load_pairs,
     _loop_stages,
     _near_bias,
     _regions,
-    _rope_angles,
+    _rotated_rows,
     _side_sums,
     _skip,
     _store_bias_sums,
@@ -331,10 +330,8 @@ def _attn_bwd_unrope_kernel(
     s = tl.load(S).to(tl.float32)
     cols = pid_n * BLOCK + tl.arange(0, BLOCK)
     kpos = k_off + cols
-    kcos, ksin = _rope_angles(kpos, s, W, HALF)
-    y1, y2 = _load_pairs(K + b * stride_kb + hd * stride_kh, cols, cols < Tk, stride_kt, stride_kd, HALF)
-    ak = y1 * kcos - y2 * ksin
-    bk = y1 * ksin + y2 * kcos
+    ak, bk, kcos, ksin = _rotated_rows(K + b * stride_kb + hd * stride_kh, cols, cols < Tk, stride_kt, stride_kd,
+                                       kpos, s, W, HALF)
     offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
     dak = tl.load(DKK + offs, mask=cols[:, None] < Tk, other=0.0)
     dbk = tl.load(DKK + offs + HALF, mask=cols[:, None] < Tk, other=0.0)

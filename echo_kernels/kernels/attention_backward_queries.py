@@ -24,10 +24,9 @@ from .attention_common import (
     _key_ok,
     _load_full,
     _load_p,
-    _load_pairs,
     _near_bias,
     _query_tile_stages,
-    _rope_angles,
+    _rotated_rows,
     _side_sums,
     _skip,
     _store_bias_sums,
@@ -246,10 +245,7 @@ def _attn_bwd_dq_unrotate_kernel(
         tile = pid_bh * n_tiles + m
         rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
         qpos = q_off + rows
-        cos, sin = _rope_angles(qpos, s, W, HALF)
-        x1, x2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
-        a = x1 * cos - x2 * sin
-        bq = x1 * sin + x2 * cos
+        a, bq, cos, sin = _rotated_rows(Q, rows, rows < Tq, stride_qt, stride_qd, qpos, s, W, HALF)
         offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + half[None, :]
         mask = rows[:, None] < Tq
         dqa = tl.load(DQQ + offs, mask=mask, other=0.0)

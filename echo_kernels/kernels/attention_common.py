@@ -52,21 +52,6 @@ def _rope_angles(pos, s, W, HALF: tl.constexpr):
 
 
 @triton.jit
-def _rope_angles_step(cos0, sin0, first, s, W, HALF: tl.constexpr):
-    """cos and sin of phi = (s * (first + t)) * w for the rows t of a tile, by angle addition.
-
-    cos0, sin0: cos and sin of (s * t) * w for t = 0..rows-1, computed once per program. Only the
-    h/2 angles s * first * w are evaluated here, not a sine per element: precise sin/cos cost tens of
-    instructions each, more than the tile's matrix products.
-    """
-    w = tl.load(W + tl.arange(0, HALF)).to(tl.float32)
-    base = (s * first.to(tl.float32)) * w
-    cb = tl.cos(base)[None, :]
-    sb = tl.sin(base)[None, :]
-    return cb * cos0 - sb * sin0, sb * cos0 + cb * sin0
-
-
-@triton.jit
 def _load_full(ptr, rows, row_ok, stride_t, stride_d, HEAD: tl.constexpr):
     """A (rows, HEAD) fp32 tile; rows not row_ok read as zeros."""
     cols = tl.arange(0, HEAD)
@@ -273,11 +258,15 @@ def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_c
 
 
 @triton.jit
-def _rotated_rows(X, rows, T, stride_t, stride_d, cos0, sin0, first, s, W, HALF: tl.constexpr):
-    """RoPE halves (fp32) of the tile of X at `rows` (zeros from T on), whose first position is `first`."""
-    y1, y2 = _load_pairs(X, rows, rows < T, stride_t, stride_d, HALF)
-    cos, sin = _rope_angles_step(cos0, sin0, first, s, W, HALF)
-    return y1 * cos - y2 * sin, y1 * sin + y2 * cos
+def _rotated_rows(X, rows, row_ok, stride_t, stride_d, pos, s, W, HALF: tl.constexpr):
+    """RoPE halves a, b (fp32, (rows, HALF)) of the tile of X at `rows` (zeros where not row_ok), at
+    positions pos, with the cos and sin they were rotated by: what the rotation pass writes and what the
+    backward's light passes undo, by the same arithmetic. Each row's angles directly: a program rotates
+    one tile (or visits each once), so angle addition from the tile's first position would spend a
+    precise sine and cosine per element all the same, and a rounding more."""
+    cos, sin = _rope_angles(pos, s, W, HALF)  # before the loads: the tile then is not live through them
+    x1, x2 = _load_pairs(X, rows, row_ok, stride_t, stride_d, HALF)
+    return x1 * cos - x2 * sin, x1 * sin + x2 * cos, cos, sin
 
 
 @triton.jit
