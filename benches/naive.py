@@ -95,13 +95,13 @@ def _rotate(u: Tensor, M, w: Tensor, s, positions: Tensor, layout: str, rotation
 
 
 def echo_attention(q, k, v, M, w, s, bias, *, window=None, causal=False, q_offset=0, k_offset=0,
-                   key_padding_mask=None, layout="half_split", rotation="m_then_rope") -> Tensor:
-    """All Tq x Tk logits at once, with a dense bias and dense masks."""
+                   key_padding_mask=None, layout="half_split", rotation="m_then_rope", keys_rotated=False) -> Tensor:
+    """All Tq x Tk logits at once, with a dense bias and dense masks (keys_rotated: k is k' already)."""
     Tq, Tk, h = q.shape[2], k.shape[2], q.shape[3]
     q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device)
     k_pos = torch.arange(k_offset, k_offset + Tk, device=q.device)
     q_rot = _rotate(q, M, w, s, q_pos, layout, rotation)
-    k_rot = _rotate(k, M, w, s, k_pos, layout, rotation)
+    k_rot = k if keys_rotated else _rotate(k, M, w, s, k_pos, layout, rotation)
     logits = q_rot @ k_rot.transpose(-1, -2) / math.sqrt(h)
     if bias is not None:
         logits = logits + reference.relative_bias(bias.to(logits.dtype), q_pos, k_pos)

@@ -23,8 +23,9 @@ from .positional import GivensSite, PositionalState, adjacent_pairs
 # give the op M (False): the same maths, which the tests compare and the naive bench baseline uses.
 FOLD_M = True
 
-# While decoding on the CPU, keep the cached keys rotated (True) or raw, rotated by the op at every step
-# (False): the same maths; the naive bench baseline does the latter.
+# While decoding, keep the cached keys rotated (True: cross-attention's on every device, self-attention's on
+# the CPU; the op is told so and rotates only the queries) or raw, rotated by the op at every step (False):
+# the same maths; the naive bench baseline does the latter.
 ROTATE_CACHED_KEYS = True
 
 
@@ -115,13 +116,13 @@ class EchoAttention(nn.Module):
         wq, bq, wk, M = self._projections(pos.matrix(self.site), cache)
         q = self._heads(linear(x, wq, bq))
         w = pos.w(self.side)
-        if cache is not None and x.device.type == "cpu" and ROTATE_CACHED_KEYS:
-            # The CPU op rotates in PyTorch, each call anew: decoding would rotate every cached key (all
+        keys_rotated = cache is not None and ROTATE_CACHED_KEYS and (self.cross or x.device.type == "cpu")
+        if keys_rotated:
+            # The op rotates the keys it is given at every call: decoding would rotate every cached key (all
             # the encoder frames, for cross-attention) at every step. The cache keeps k' instead, rotated
-            # once when stored, and the op is given q' and k' (w=None: no RoPE of its own). The Triton
-            # path rotates the keys it is given in a pass of its own at every call, at angle 0 too
-            # (echo_kernels.kernels.attention.rotated_rows): cached k' would not spare that pass.
-            q = self._rotated(q, M, w, offset)
+            # once when stored, and the op rotates only q (keys_rotated). A GPU's self-attention keeps its
+            # keys raw: the op's rotation pass over them is a launch the step makes anyway, where rotating
+            # each new key here would add PyTorch's several small ones.
             if not self.cross:
                 k, v = self._keys_values(x, wk)
                 k, v = cache.update(self, self._rotated(k, M, w, offset), v)
@@ -131,7 +132,6 @@ class EchoAttention(nn.Module):
                     return self._rotated(k, M, w, 0), v
 
                 k, v = cache.cross(self, project)
-            M, w = None, None
         elif not self.cross:
             k, v = self._keys_values(x, wk)
             if cache is not None:
@@ -143,7 +143,7 @@ class EchoAttention(nn.Module):
         a = echo_attention(
             q, k, v, M, w, self.s, self.bias,
             window=self.window, causal=self.causal, q_offset=offset, k_offset=0,
-            key_padding_mask=key_padding_mask, layout=self.layout, rotation=self.rotation,
+            key_padding_mask=key_padding_mask, layout=self.layout, rotation=self.rotation, keys_rotated=keys_rotated,
         )
         B, _, T, _ = a.shape
         a = a.transpose(1, 2).reshape(B, T, self.n_head * self.h)

@@ -172,7 +172,8 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
     table in force (kernels.attention_common.tiles_of), captured and not run: the medium model's width
     (1024) split into heads of h = 32, 64, 128, T = 1500 frames, q, k, v and x as the head views of
     (B, T, D) projections, a bias table, a padding mask, with an M and without; the decoding step
-    (Tq = 1 against 448 cached keys); the rotary ops at every h."""
+    (Tq = 1 against 448 cached keys, and against the T encoder frames' keys cached rotated in the
+    "interleaved" layout); the rotary ops at every h."""
     import torch
 
     from .kernels import ECHO_MAX_REL_DIST, attention as attn, attention_backward as attn_bwd, plain_attention as plain
@@ -201,6 +202,10 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
                         for dq_in_key_pass in (False, True):  # both ways of summing dq
                             with attn_bwd.dq_in_key_pass(dq_in_key_pass):
                                 attn_bwd.backward(torch.randn_like(out), q, k, v, out, lse, *args)
+                if h == 64 and dt == torch.bfloat16:  # cross-attention's decoding step
+                    q, k, v = heads(1, h, dt), heads(T, h, dt), heads(T, h, dt)
+                    attn.forward(q, k, v, None, w, s, bias, None, UNBOUNDED, UNBOUNDED, 447, 0, "interleaved",
+                                 keys_rotated=True)
         for h in rotary.HEAD_DIMS:
             for dt, layout in [(torch.bfloat16, "half_split")] + ([(torch.float16, "half_split"), (
                     torch.float32, "half_split"), (torch.bfloat16, "interleaved")] if h == 64 else []):

@@ -46,6 +46,7 @@ def echo_attention(
     key_padding_mask: Tensor | None = None,
     layout: str = "half_split",
     rotation: str = "m_then_rope",
+    keys_rotated: bool = False,
 ) -> Tensor:
     """softmax(q' k'^T / sqrt(h) + bias[clamp(i - j) + n - 1] + masks) @ v, where
 
@@ -57,7 +58,9 @@ def echo_attention(
     for no RoPE (q and k given rotated already, as a decoding cache keeps its keys: then q' = q M,
     k' = k M in either order, and s is unused); s: a float or a tensor of shape () or (1,); bias: (2n-1, H) or None; window: None (global),
     an int w (|i - j| <= w) or (left, right) (key j kept iff i - left <= j <= i + right);
-    key_padding_mask: (B, Tk) bool, True = padded.
+    key_padding_mask: (B, Tk) bool, True = padded; keys_rotated: k is k' already (rotated at its
+    positions k_offset + j in `layout`, as `rotation` says, by this M: RoPE(k M) or RoPE(k) M), as a
+    decoding cache keeps the keys it stores, and only q is rotated (by w, s and M; with w None, q' = q M).
     Query i sits at position q_offset + i, key j at k_offset + j. Returns (B, H, Tq, h) in q's
     dtype; a query with no key left gives zeros.
 
@@ -98,8 +101,9 @@ def echo_attention(
         if bias.dim() != 2 or bias.shape[1] != H or bias.shape[0] % 2 == 0:
             raise ValueError(f"bias must have shape (2n-1, H) with H = {H}, got {tuple(bias.shape)}")
     checks.window(window)
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}")
+    for name, flag in (("causal", causal), ("keys_rotated", keys_rotated)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
     checks.non_negative_int("q_offset", q_offset)
     checks.non_negative_int("k_offset", k_offset)
     if key_padding_mask is not None:
@@ -113,7 +117,8 @@ def echo_attention(
         raise ValueError(f"positions must stay below 2**30 (the kernels' unbounded window side), got q_offset + Tq "
                          f"= {q_offset + Tq}, k_offset + Tk = {k_offset + Tk}")
     left, right = reference.window_bounds(window, causal)
-    return _dispatch(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, rotation)
+    return _dispatch(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, rotation,
+                     keys_rotated)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,21 +126,22 @@ def echo_attention(
 # --------------------------------------------------------------------------------------------------
 
 
-def _dispatch(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, rotation):
+def _dispatch(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, rotation,
+              keys_rotated):
     """The Triton kernels, the blocked CPU path or the reference (echo_kernels.backend decides)."""
     if use_kernel("echo_attention", q.device):
         return _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
-                                 layout, rotation)
+                                 layout, rotation, keys_rotated)
     if q.device.type == "cpu" and requested_backend() == "auto":
         return attention_cpu.attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
-                                       layout, rotation)
+                                       layout, rotation, keys_rotated)
     return reference.echo_attention(q, k, v, M, w, s, bias, window=(left, right), q_offset=q_offset,
                                     k_offset=k_offset, key_padding_mask=key_padding_mask, layout=layout,
-                                    rotation=rotation)
+                                    rotation=rotation, keys_rotated=keys_rotated)
 
 
 def _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
-                      rotation):
+                      rotation, keys_rotated):
     """The op's arguments from echo_attention's: s a tensor, M folded in or passed, heads widened."""
     if not isinstance(s, Tensor):
         s = torch.tensor(float(s), dtype=torch.float32, device=q.device)
@@ -144,11 +150,11 @@ def _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_o
     if M is not None and rotation == "m_then_rope":
         # RoPE(q M) . RoPE(k M): the kernels rotate what they are given, and autograd takes dM from here
         M = M.to(q.dtype)
-        q, k, M = q @ M, k @ M, None
+        q, k, M = q @ M, k if keys_rotated else k @ M, None
     h, width = q.shape[-1], kernel_head_width(q.shape[-1])
     if width != h:
-        q, k, v, M, w = _widen_heads(q, k, v, M, w, layout, width)
-    out, _ = _OP(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
+        q, k, v, M, w = _widen_heads(q, k, v, M, w, layout, width, keys_rotated)
+    out, _ = _OP(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, keys_rotated)
     return out[..., :h] if width != h else out
 
 
@@ -162,23 +168,27 @@ def kernel_head_width(h: int) -> int:
                      "use fewer, narrower heads, or ECHO_BACKEND=reference for the plain-PyTorch path")
 
 
-def _widen_heads(q, k, v, M, w, layout: str, width: int):
+def _widen_heads(q, k, v, M, w, layout: str, width: int, keys_rotated: bool = False):
     """q, k, v (..., h), M (h, h) and w (h/2,) zero-padded to head width `width`, computing the same
     attention: RoPE pairs (x[2m], x[2m+1]) are read from q and k, so they are padded at the end (the
     new pairs are zeros at angle 0); M acts on RoPE's output, whose "half_split" layout puts a pair's
-    halves at m and width/2 + m, so M's rows and columns go where h's outputs land. q is scaled so that
-    the kernels' 1/sqrt(width) is 1/sqrt(h). The padding goes through autograd, which slices the
-    gradients back."""
+    halves at m and width/2 + m, so M's rows and columns go where h's outputs land, and so do rotated
+    keys' entries (keys_rotated). q is scaled so that the kernels' 1/sqrt(width) is 1/sqrt(h). The padding
+    goes through autograd, which slices the gradients back."""
     h = q.shape[-1]
     pad = (0, width - h)
     q = torch.nn.functional.pad(q * math.sqrt(width / h), pad)
-    k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+    v = torch.nn.functional.pad(v, pad)
     w = torch.nn.functional.pad(w, (0, (width - h) // 2))
+    half = torch.arange(h // 2, device=q.device)
+    outputs = torch.cat([half, width // 2 + half]) if layout == "half_split" else torch.arange(h, device=q.device)
+    if keys_rotated:
+        k = k.new_zeros((*k.shape[:-1], width)).index_copy(-1, outputs, k)
+    else:
+        k = torch.nn.functional.pad(k, pad)
     if M is not None:
-        half = torch.arange(h // 2, device=M.device)
-        index = torch.cat([half, width // 2 + half]) if layout == "half_split" else torch.arange(h, device=M.device)
-        M = M.new_zeros(width, h).index_copy(0, index, M)
-        M = M.new_zeros(width, width).index_copy(1, index, M)
+        M = M.new_zeros(width, h).index_copy(0, outputs, M)
+        M = M.new_zeros(width, width).index_copy(1, outputs, M)
     return q, k, v, M, w
 
 
@@ -189,31 +199,33 @@ def _widen_heads(q, k, v, M, w, layout: str, width: int):
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, M: Optional[Tensor], w: Tensor, s: Tensor, bias: Optional[Tensor],
              key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int, k_offset: int,
-             layout: str) -> tuple[Tensor, Tensor]:
+             layout: str, keys_rotated: bool) -> tuple[Tensor, Tensor]:
     """(out (B, H, Tq, h), lse (B, H, Tq) fp32), in the "rope_then_m" order (M=None: RoPE only);
-    left/right: the band of reference.window_bounds."""
-    return _kernels.forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
+    left/right: the band of reference.window_bounds; keys_rotated: k is k' = RoPE(k) M already."""
+    return _kernels.forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
+                            keys_rotated)
 
 
-def _forward_fake(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
+def _forward_fake(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, keys_rotated):
     B, H, Tq, h = q.shape
     return q.new_empty((B, H, Tq, h)), q.new_empty((B, H, Tq), dtype=torch.float32)
 
 
 def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, M: Optional[Tensor], w: Tensor, s: Tensor,
               bias: Optional[Tensor], key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int,
-              k_offset: int, layout: str, out: Tensor, lse: Tensor
+              k_offset: int, layout: str, keys_rotated: bool, out: Tensor, lse: Tensor
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dM, dw, ds, dbias); dM and dbias are empty (0,) when there is no M / bias table."""
     dq, dk, dv, dM, dw, ds, dbias = _kernels_backward.backward(
-        dout, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout)
+        dout, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
+        keys_rotated)
     dM = dM if dM is not None else q.new_empty((0,))
     dbias = dbias if dbias is not None else q.new_empty((0,))
     return dq, dk, dv, dM, dw, ds.reshape(s.shape), dbias
 
 
-def _backward_fake(dout, q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, out,
-                   lse):
+def _backward_fake(dout, q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
+                   keys_rotated, out, lse):
     dM = M.new_empty(M.shape) if M is not None else q.new_empty((0,))
     dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty((0,))
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dM,

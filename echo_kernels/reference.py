@@ -197,6 +197,7 @@ def echo_attention(
     key_padding_mask: Tensor | None = None,
     layout: str = "half_split",
     rotation: str = "m_then_rope",
+    keys_rotated: bool = False,
     query_chunk: int = 256,
 ) -> Tensor:
     """softmax(q' k'^T / sqrt(h) + bias + masks) v, with rows of no key set to zero, where
@@ -206,7 +207,7 @@ def echo_attention(
 
     q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h) or None (the identity: then both orders are
     plain RoPE); w: (h/2,), or None for no RoPE (q and k rotated already); s: scalar; bias: (2n-1, H) or None; key_padding_mask: (B, Tk) bool,
-    True = padded. Query i sits at q_offset + i, key j at k_offset + j. Returns (B, H, Tq, h) in q's dtype.
+    True = padded; keys_rotated: k is k' already (q alone is rotated). Query i sits at q_offset + i, key j at k_offset + j. Returns (B, H, Tq, h) in q's dtype.
 
     Queries are taken `query_chunk` at a time, and with a finite window only the keys the band can
     reach are looked at, so local attention costs O(T w) time and memory here too.
@@ -222,7 +223,7 @@ def echo_attention(
         w, s = w.to(compute), _as_compute(s, compute)
         q_phi, k_phi = rope_angles(w, s, q_pos_all), rope_angles(w, s, k_pos_all)
     q_rot = rotate_for_attention(q.to(compute), M, q_phi, layout, rotation)
-    k_rot = rotate_for_attention(k.to(compute), M, k_phi, layout, rotation)
+    k_rot = k.to(compute) if keys_rotated else rotate_for_attention(k.to(compute), M, k_phi, layout, rotation)
     v = v.to(compute)
     bias = bias.to(compute) if bias is not None else None
     left, right = window_bounds(window, causal)

@@ -104,6 +104,15 @@ def case_inputs(case, rotation="m_then_rope", **kw):
     return inputs
 
 
+def with_keys_rotated(inputs, opts):
+    """inputs with k replaced by k', as a decoding cache keeps it (echo_attention's keys_rotated): rotated
+    at its positions in opts' layout, by inputs' M in opts' order (RoPE(k M) or RoPE(k) M)."""
+    k, w = inputs["k"], inputs["w"]
+    positions = torch.arange(opts["k_offset"], opts["k_offset"] + k.shape[2])
+    phi = reference.rope_angles(w, inputs["s"], positions) if w is not None else None
+    return dict(inputs, k=reference.rotate_for_attention(k, inputs["M"], phi, opts["layout"], opts["rotation"]))
+
+
 def s_error(got, want, inputs):
     """|ds - ds_ref| against the size of ds's terms: ds = sum_m G_m w_m with G_m = dw_m / s, itself a
     sum of dphi * pos over every query and key, terms that may nearly cancel."""

@@ -23,7 +23,7 @@ from echo_kernels.kernels import attention_backward, attention_common
 from echo_kernels.kernels import attention_cpu
 
 from attention_cases import (CASES, GRAD_NAMES, ROTATIONS, assert_gradients_match, call, case_inputs, cast, grads,
-                             make_inputs, options, s_error)
+                             make_inputs, options, s_error, with_keys_rotated)
 from numerics import rel_err
 
 ON_GPU = torch.cuda.is_available()
@@ -191,6 +191,44 @@ def test_every_rotation_matches_reference(use_triton, case, rotation):
     out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
     assert rel_err(out, out_ref) < 1e-5
     assert_gradients_match(got, want, case, inputs)
+
+
+@pytest.mark.parametrize("layout", ["half_split", "interleaved"])
+@pytest.mark.parametrize("rotation", ROTATIONS)
+@pytest.mark.parametrize("case", ["cross_window_offsets", "decode_window"])
+def test_keys_given_rotated(use_triton, case, rotation, layout):
+    """keys_rotated: k given as k' (a decoding cache's keys), as a head view of a (B, Tk, H, h) tensor that
+    the kernel reads in place, and only q rotated: the output and every gradient against the float64
+    reference, and the output against the op rotating the raw keys itself."""
+    inputs = case_inputs(case, rotation, B=2)
+    opts = options(case, layout, rotation)
+    rotated = with_keys_rotated(inputs, opts)
+    rotated["k"] = rotated["k"].transpose(1, 2).contiguous().transpose(1, 2)
+    do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out_ref, want = grads(reference.echo_attention, rotated, torch.float64, do, keys_rotated=True, **opts)
+    out, got = grads(echo_kernels.echo_attention, rotated, torch.float32, do, keys_rotated=True, **opts)
+    assert rel_err(out, out_ref) < 1e-5
+    assert_gradients_match(got, want, case, inputs)
+    assert rel_err(out, call(echo_kernels.echo_attention, cast(inputs, torch.float32), **opts)) < 1e-5
+
+
+@pytest.mark.parametrize("layout, w_given", [("half_split", True), ("interleaved", True), ("half_split", False)])
+def test_keys_given_rotated_at_a_padded_head_width(use_triton, layout, w_given):
+    """h = 48 runs on the h = 64 kernels: rotated keys are widened where RoPE's outputs of the widened
+    pairs land (each half of a "half_split" row), M's rows and columns likewise; without w (no RoPE:
+    q' = q M, k given as k M) where the entries themselves are."""
+    inputs = make_inputs(B=2, Tq=19, Tk=45, h=48, pad=True)
+    if not w_given:
+        inputs["w"] = None
+    opts = dict(window=(4, 6), q_offset=30, k_offset=2, layout=layout, rotation="rope_then_m")
+    rotated = with_keys_rotated(inputs, opts)
+    do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    out_ref, want = grads(reference.echo_attention, rotated, torch.float64, do, keys_rotated=True, **opts)
+    out, got = grads(echo_kernels.echo_attention, rotated, torch.float32, do, keys_rotated=True, **opts)
+    assert rel_err(out, out_ref) < 1e-5
+    if not w_given:  # s is then unused: no gradient from the reference, zeros from the kernels
+        assert want.pop("s") is None and got.pop("s").abs().max() == 0
+    assert_gradients_match(got, want, "h48", inputs)
 
 
 def test_m_then_rope_runs_the_kernel_without_m(use_triton, monkeypatch):
@@ -460,22 +498,24 @@ def test_opcheck(use_triton):
     for name in GRAD_NAMES:
         inputs[name].requires_grad_(True)
     i = inputs
-    args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], i["bias"], i["key_padding_mask"], 4, 2, 3, 0,
-            "half_split")
-    torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
-    args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], None, None, reference.UNBOUNDED, 0, 0, 0, "interleaved")
+    for keys_rotated in (False, True):
+        args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], i["bias"], i["key_padding_mask"], 4, 2, 3, 0,
+                "half_split", keys_rotated)
+        torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
+    args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], None, None, reference.UNBOUNDED, 0, 0, 0, "interleaved",
+            True)
     torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
     args = (i["q"], i["k"], i["v"], None, i["w"], i["s"], i["bias"], i["key_padding_mask"], 4, 2, 3, 0,
-            "half_split")
+            "half_split", False)
     torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
 
     detached = {name: t.detach() if t is not None else None for name, t in i.items()}
     d = detached
     for M in (d["M"], None):
         out, lse = torch.ops.echo_kernels.echo_attention(d["q"], d["k"], d["v"], M, d["w"], d["s"], d["bias"],
-                                                          d["key_padding_mask"], 4, 2, 3, 0, "half_split")
+                                                          d["key_padding_mask"], 4, 2, 3, 0, "half_split", False)
         args = (torch.randn_like(out), d["q"], d["k"], d["v"], M, d["w"], d["s"], d["bias"],
-                d["key_padding_mask"], 4, 2, 3, 0, "half_split", out, lse)
+                d["key_padding_mask"], 4, 2, 3, 0, "half_split", False, out, lse)
         torch.library.opcheck(torch.ops.echo_kernels.echo_attention_backward.default, args)
 
 

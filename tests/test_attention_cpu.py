@@ -13,7 +13,8 @@ from unittest import mock
 
 import pytest
 import torch
-from attention_cases import CASES, GRAD_NAMES, ROTATIONS, call, case_inputs, cast, grads, make_inputs, options
+from attention_cases import (CASES, ROTATIONS, call, case_inputs, cast, grads, make_inputs, options,
+                             with_keys_rotated)
 from numerics import rel_err
 
 from echo_kernels import backend, reference
@@ -21,11 +22,11 @@ from echo_kernels.kernels import attention_cpu
 
 
 def blocked(q, k, v, M, w, s, bias, *, key_padding_mask=None, window=None, causal=False, q_offset=0,
-            k_offset=0, layout="half_split", rotation="m_then_rope"):
+            k_offset=0, layout="half_split", rotation="m_then_rope", keys_rotated=False):
     """attention_cpu.attention with echo_attention's keyword arguments."""
     left, right = reference.window_bounds(window, causal)
     return attention_cpu.attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
-                                   layout, rotation)
+                                   layout, rotation, keys_rotated)
 
 
 @pytest.fixture(params=["default_blocks", "small_blocks", "python_backward"])
@@ -282,6 +283,32 @@ def test_non_finite_value_past_the_band_keeps_gradients_finite(backward):
     out = call(blocked, {**inputs, "q": q}, **options("causal"))
     out[0, 0, :-1].sum().backward()
     assert torch.isfinite(q.grad[0, 0, :-1]).all()  # the last query sees the NaN: its gradient is NaN
+
+
+@pytest.mark.parametrize("layout", ["half_split", "interleaved"])
+@pytest.mark.parametrize("rotation", ROTATIONS)
+@pytest.mark.parametrize("case", ["decode_window", "cross_window_offsets"])
+def test_keys_given_rotated(case, rotation, layout):
+    """keys_rotated: k given as k' and only q rotated. The reference gives the output of the raw keys,
+    the same gradients of q, v and the bias, and a dk' that the keys' rotation takes back to dk; the CPU
+    path gives the reference's output and every gradient (float64)."""
+    inputs = case_inputs(case, rotation, B=2)
+    opts = options(case, layout, rotation)
+    do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out_raw, want_raw = grads(reference.echo_attention, inputs, torch.float64, do, **opts)
+    rotated = with_keys_rotated(inputs, opts)
+    out_ref, want = grads(reference.echo_attention, rotated, torch.float64, do, keys_rotated=True, **opts)
+    assert rel_err(out_ref, out_raw) < 1e-12
+    for name in ("q", "v", "bias"):
+        assert rel_err(want[name], want_raw[name]) < 1e-10, name
+    k = inputs["k"].clone().requires_grad_(True)
+    (dk,) = torch.autograd.grad(with_keys_rotated(dict(inputs, k=k), opts)["k"], k, want["k"])
+    assert rel_err(dk, want_raw["k"]) < 1e-10
+    out, got = grads(blocked, rotated, torch.float64, do, keys_rotated=True, **opts)
+    assert rel_err(out, out_ref) < 1e-12
+    assert got.keys() == want.keys()
+    for name, g in got.items():
+        assert rel_err(g, want[name]) < 1e-10, name
 
 
 @pytest.mark.parametrize("rotation", ["m_then_rope", "rope_then_m"])

@@ -70,6 +70,30 @@ def test_cached_decoding_with_folded_projections_matches_unfolded(monkeypatch):
     torch.testing.assert_close(folded, unfolded, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(attention_rotation="rope_then_m", rope_layout="interleaved")])
+def test_cached_keys_rotated_or_raw_agree(monkeypatch, overrides):
+    """Token by token in float64: keys cached rotated (the op told keys_rotated, rotating only the queries)
+    give the hidden states of keys cached raw and rotated by the op at every step; the cross-attention
+    cache then holds the encoder frames' keys rotated."""
+    model, mel = model_and_audio(layer_norm="s1", **overrides)
+    model.double()
+    mel = mel.double()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 6))
+    rotated, cache = _decode_hidden(model, mel, tokens)
+    cross = model.decoder.blocks[0].cross_attn
+    k_rotated, _ = cache.kv[cross]
+    monkeypatch.setattr(echo.attention, "ROTATE_CACHED_KEYS", False)
+    raw, cache = _decode_hidden(model, mel, tokens)
+    k_raw, _ = cache.kv[cross]
+    assert rotated.shape[1] == tokens.shape[1]
+    torch.testing.assert_close(rotated, raw, rtol=1e-11, atol=1e-11)
+    with torch.no_grad():
+        pos = model.positional_state()
+        M = pos.matrix(cross.site) if model.config.attention_rotation == "rope_then_m" else None  # else folded
+        torch.testing.assert_close(k_rotated, cross._rotated(k_raw, M, pos.w("text"), 0), rtol=1e-12, atol=1e-12)
+    assert (k_rotated - k_raw).abs().max() > 0.1
+
+
 def test_cache_past_the_text_context_is_refused():
     model, mel = model_and_audio()
     cache = EchoCache()

@@ -98,13 +98,15 @@ from .spec import KernelSpec, signature_of
 @triton.jit
 def _rope_rows_kernel(
     X, P, W, S, XX, stride_xb, stride_xh, stride_xt, stride_xd, H, T, x_off, scale, n_tiles,
-    HEAD: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD: tl.constexpr, HAS_P: tl.constexpr, INTERLEAVE: tl.constexpr, BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One (BLOCK) tile of rows of one (batch, head), rotated: XX rows [a | b] * scale, or [a b] @ P~
     with HAS_P (the queries' q'' in the "rope_then_m" order), contiguous, in XX's type (the dot type, to
     which the loops would round them anyway). Every pass that reads these rows, forward or backward,
     reads this pass's output, so all of them multiply the very same q'' and k'; the backward's light
-    passes recompute a and b by the same arithmetic (_rotated_rows)."""
+    passes recompute a and b by the same arithmetic (_rotated_rows). INTERLEAVE (without P): rows
+    [a_0 b_0 a_1 b_1 ...] instead, the "interleaved" layout's order, for keys given rotated in it."""
     HALF: tl.constexpr = HEAD // 2
     DT = XX.dtype.element_ty
     pid_t, pid_bh = _tile_and_head(n_tiles)
@@ -121,10 +123,15 @@ def _rope_rows_kernel(
     else:
         xa = a * scale
         xb = b * scale
-    offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
     mask = rows[:, None] < T
-    tl.store(XX + offs, xa.to(DT), mask=mask)
-    tl.store(XX + offs + HALF, xb.to(DT), mask=mask)
+    if INTERLEAVE:
+        offs = pid_bh * T * HEAD + rows[:, None] * HEAD + 2 * tl.arange(0, HALF)[None, :]
+        tl.store(XX + offs, xa.to(DT), mask=mask)
+        tl.store(XX + offs + 1, xb.to(DT), mask=mask)
+    else:
+        offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
+        tl.store(XX + offs, xa.to(DT), mask=mask)
+        tl.store(XX + offs + HALF, xb.to(DT), mask=mask)
 
 
 @triton.jit
@@ -158,13 +165,14 @@ def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_near, f
 @triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, lo, hi, skip_at, skip, q, qrel, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of,
-    n_near, left_cut, left_of, right_cut, right_of, d1, d2, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk,
-    left, right, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    n_near, left_cut, left_of, right_cut, right_of, d1, d2, Pad, pad_off, stride_pt, stride_kt, stride_kd, stride_vt,
+    stride_vd, Tk, left, right, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Online softmax over the key tiles that masks can bite, in one loop: starts lo, lo + BLOCK_N, ... < hi,
     those from skip_at moved on by skip (the band's two edges, one after the other).
-    KK: this head's RoPE(k) rows [a | b], contiguous, in the dot type. The bias: with BIAS_TILES a tile of
+    KK: this head's keys as the queries' q'' pair with them (_attn_fwd_kernel), rows of stride stride_kt, in
+    the dot type. The bias: with BIAS_TILES a tile of
     this head's table (near_bias_tiles) with the band's mask in it, by _band_bias (a NEAR tile's, those
     starting in [d1, d2), at offset tile_of - start; a tile of an edge the tile crosses; else its side's
     constant tile), so that only the keys' own mask is left to compute; else a gather, and the band by
@@ -175,7 +183,7 @@ def _fwd_tiles(
         start = _skip(tile_start, skip_at, skip)
         cols = start + tl.arange(0, BLOCK_N)
         # a padded key's k only reaches its own logits, which the mask replaces
-        k = tl.load(KK + cols[:, None] * HEAD + dims[None, :], mask=cols[:, None] < Tk, other=0.0)
+        k = tl.load(KK + cols[:, None] * stride_kt + dims[None, :] * stride_kd, mask=cols[:, None] < Tk, other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
         if HAS_BIAS and BIAS_TILES:
@@ -214,7 +222,7 @@ def _fwd_tiles(
 @triton.jit
 def _fwd_inner_tiles(
     acc, m_i, l_i, lo, hi, skip_at, skip, bias_before, bias_after, q, qrel, KK, V, Bias, stride_br, head_off, n_rel,
-    Tiles, tile_of, stride_vt, stride_vd,
+    Tiles, tile_of, stride_kt, stride_kd, stride_vt, stride_vd,
     HEAD: tl.constexpr, BLOCK_N: tl.constexpr, NEAR_TILES: tl.constexpr,
     BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -229,7 +237,7 @@ def _fwd_inner_tiles(
         bias_c = tl.where(tile_start >= skip_at, bias_after, bias_before)
         start = _skip(tile_start, skip_at, skip)
         cols = start + tl.arange(0, BLOCK_N)
-        k = tl.load(KK + cols[:, None] * HEAD + dims[None, :])
+        k = tl.load(KK + cols[:, None] * stride_kt + dims[None, :] * stride_kd)
         logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         # every row sees every key of the tile, so the maximum is finite: no guard against -inf
         if NEAR_TILES:
@@ -254,7 +262,7 @@ def _fwd_inner_tiles(
 @triton.jit
 def _attn_fwd_kernel(
     QQ, KK, V, Bias, Tiles, Pad, PadStart, Out, Lse,
-    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt, stride_vd,
     stride_br, stride_bh, stride_pb, stride_pt,
     H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0, left, right, q_off, k_off,
     n_tiles, HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
@@ -263,7 +271,8 @@ def _attn_fwd_kernel(
     """One (BLOCK_M, HEAD) query tile of one (batch, head): Out tile and its log-sum-exp.
 
     QQ: q'' from rotated_rows, (B, H, Tq, h) contiguous rows [q''_A | q''_B] in the dot type;
-    KK: RoPE(k) from rotated_rows, (B, H, Tk, h) contiguous rows [a | b] in the dot type;
+    KK: (B, H, Tk, h) in the dot type, any strides: RoPE(k) from rotated_rows, contiguous rows [a | b], or
+    the keys as given rotated (keys_rotated), whose order q'' then takes;
     Tiles: with BIAS_TILES, (H, n_bias_tiles, BLOCK_M, BLOCK_N) in the dot type, near_bias_tiles' table with
     the band's mask in it: the NEAR tile t < n_near at i - j = first_bias_tile + t min(BLOCK_M, BLOCK_N) in
     its top-left entry, the two sides' constant tiles, then those of the band's edges, at
@@ -272,7 +281,7 @@ def _attn_fwd_kernel(
     pid_m, pid_bh = _tile_and_head(n_tiles)
     b = pid_bh // H
     hd = pid_bh % H
-    KK += pid_bh * Tk * HEAD
+    KK += b * stride_kb + hd * stride_kh
     V += b * stride_vb + hd * stride_vh
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -303,16 +312,17 @@ def _attn_fwd_kernel(
     # (their bias one value per side), the unmasked NEAR tiles, then the band's edges.
     acc, m_i, l_i = _fwd_inner_tiles(
         acc, m_i, l_i, inner, inner_end - (near_hi - near_lo), near_lo, near_hi - near_lo, bias_past, bias_future,
-        q, qrel, KK, V, Bias, stride_br, hd * stride_bh, n_rel, tiles, tile_of, stride_vt, stride_vd,
-        HEAD, BLOCK_N, False, BIAS_TILES, PRECISION)
+        q, qrel, KK, V, Bias, stride_br, hd * stride_bh, n_rel, tiles, tile_of, stride_kt, stride_kd, stride_vt,
+        stride_vd, HEAD, BLOCK_N, False, BIAS_TILES, PRECISION)
     if HAS_BIAS:
         acc, m_i, l_i = _fwd_inner_tiles(
             acc, m_i, l_i, near_lo, near_hi, near_hi, 0, 0.0, 0.0, q, qrel, KK, V, Bias, stride_br, hd * stride_bh,
-            n_rel, tiles, tile_of, stride_vt, stride_vd, HEAD, BLOCK_N, True, BIAS_TILES, PRECISION)
+            n_rel, tiles, tile_of, stride_kt, stride_kd, stride_vt, stride_vd, HEAD, BLOCK_N, True, BIAS_TILES,
+            PRECISION)
     acc, m_i, l_i = _fwd_tiles(
         acc, m_i, l_i, lo, hi - (inner_end - inner), inner, inner_end - inner, q, qrel, KK, V, Bias, stride_br,
         hd * stride_bh, n_rel, tiles, tile_of, n_near, left_cut, q_first - k_off - left_edge0, right_cut,
-        q_first - k_off - right_edge0, d1, d2, Pad, b * stride_pb, stride_pt, stride_vt,
+        q_first - k_off - right_edge0, d1, d2, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt,
         stride_vd, Tk, left, right, HEAD, BLOCK_N, HAS_BIAS, HAS_PAD, BIAS_TILES, PRECISION)
 
     # A row with no kept key gives zeros and lse = +inf, so that the backward's exp(l - lse) is 0.
@@ -352,21 +362,40 @@ def default_blocks(h: int, arch: int, dtype: torch.dtype = torch.bfloat16) -> di
 
 
 def rotated_rows(x: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, offset: int, dot_type: torch.dtype,
-                 block: int, P: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+                 block: int, P: torch.Tensor | None = None, scale: float = 1.0,
+                 interleave: bool = False) -> torch.Tensor:
     """RoPE(x) for the loops, by tiles of `block` rows (the forward's BLOCK_N, whichever pass asks, so that
-    every pass reads the same bits): the keys' k' (scale 1), the queries' q'' = RoPE(q) * scale, or
+    every pass reads the same bits), fewer where x has fewer (a decoding step's query: 16, not 128 rows of
+    angles): the keys' k' (scale 1), the queries' q'' = RoPE(q) * scale, or
     RoPE(q) @ P given P (the folded (h, h) P~ of attention_common.p_arg, which holds the scale).
     x: (B, H, T, h) any strides -> (B, H, T, h) contiguous in dot_type, each row [a | b]
-    (a = x_even cos - x_odd sin, b = x_even sin + x_odd cos)."""
+    (a = x_even cos - x_odd sin, b = x_even sin + x_odd cos), or with interleave (no P)
+    [a_0 b_0 a_1 b_1 ...]."""
     B, H, T, h = x.shape
     xx = torch.empty((B, H, T, h), dtype=dot_type, device=x.device)
+    block = min(block, max(16, triton.next_power_of_2(T)))  # tl.dot's least tile side with P
     n_tiles = triton.cdiv(T, block)
     if xx.numel():  # a memory-bound pass: nothing to pipeline
         _rope_rows_kernel[(n_tiles * B * H,)](
             x, xx if P is None else P, w32, s32, xx, *x.stride(), H, T, offset, scale, n_tiles, HEAD=h,
-            HAS_P=P is not None, BLOCK=block, PRECISION=precision(x.dtype), num_warps=tile_pass_warps(block * h),
-            num_stages=1)
+            HAS_P=P is not None, INTERLEAVE=interleave, BLOCK=block, PRECISION=precision(x.dtype),
+            num_warps=tile_pass_warps(block * h), num_stages=1)
     return xx
+
+
+def attention_operands(q: torch.Tensor, k: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, q_offset: int,
+                       k_offset: int, P: torch.Tensor, has_p: bool, layout: str, keys_rotated: bool,
+                       block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q'', keys): the rows every pass multiplies, forward and backward alike (rotated_rows' tiles of
+    `block` rows). The keys are RoPE(k), rows [a | b]; with keys_rotated, k itself (in the dot type, any
+    strides: a decoding cache is not copied), and q'' is written in k's order: the layout's without P
+    (whose [a | b] is "half_split"'s), M's columns' with P~ = M[perm] / sqrt(h) (attention_common.p_arg)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    interleave = keys_rotated and not has_p and layout == "interleaved"
+    qq = rotated_rows(q, w32, s32, q_offset, P.dtype, block, P if has_p else None, scale, interleave)
+    if keys_rotated:
+        return qq, k.to(P.dtype)
+    return qq, rotated_rows(k, w32, s32, k_offset, P.dtype, block)
 
 
 def tile_pass_warps(elements: int) -> int:
@@ -477,8 +506,9 @@ def _short_query_blocks(cfg: dict, Tq: int) -> dict:
     return cfg
 
 
-def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
-    """Launch the forward kernel. q: (B, H, Tq, h); k, v: (B, H, Tk, h), any strides; M: (h, h) or None.
+def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, keys_rotated=False):
+    """Launch the forward kernel. q: (B, H, Tq, h); k, v: (B, H, Tk, h), any strides; M: (h, h) or None;
+    keys_rotated: k is k' = RoPE(k) M (RoPE(k) without M), rotated already in `layout`.
 
     left/right: the band of reference.window_bounds. Returns out (B, H, Tq, h) in q's dtype,
     contiguous, and lse (B, H, Tq) fp32 (+inf on rows with no key).
@@ -489,7 +519,7 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if Tq == 0 or B * H == 0:
         return out, lse
-    P, has_p = p_arg(M, layout, q.dtype, q.device)
+    P, has_p = p_arg(M, layout, q.dtype, q.device, keys_rotated)
     w32 = w.detach().float().contiguous()
     s32 = torch.as_tensor(s, dtype=torch.float32, device=q.device).detach().reshape(1)
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
@@ -497,8 +527,7 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     pad_start = first_padded_key(pad_t) if has_pad else lse
     blocks = with_override(default_blocks(h, tile_arch(q.device), q.dtype))
     cfg = _short_query_blocks(blocks, Tq)
-    qq = rotated_rows(q, w32, s32, q_offset, P.dtype, blocks["BLOCK_N"], P if has_p else None, 1.0 / math.sqrt(h))
-    kk = rotated_rows(k, w32, s32, k_offset, P.dtype, blocks["BLOCK_N"])
+    qq, kk = attention_operands(q, k, w32, s32, q_offset, k_offset, P, has_p, layout, keys_rotated, blocks["BLOCK_N"])
     # the short query tiles of decoding gather their NEAR bias: a few rows, where a table is a launch per step
     bias_tiles = has_bias and cfg["BLOCK_M"] == blocks["BLOCK_M"]
     table = near_bias_args(bias_t if bias_tiles else None, n_rel, q_offset - k_offset, cfg["BLOCK_M"], cfg["BLOCK_N"],
@@ -506,7 +535,7 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     _attn_fwd_kernel[(n_tiles * B * H,)](
         qq, kk, v, bias_t, table.tiles, pad_t, pad_start, out, lse,
-        *v.stride(),
+        *kk.stride(), *v.stride(),
         sbr, sbh, spb, spt,
         H, Tq, Tk, n_rel, table.count, table.first, table.n_near, table.left_edge0, table.right_edge0,
         left, right, q_offset, k_offset, n_tiles,
@@ -526,17 +555,23 @@ def aot_specs(arch: int) -> list[KernelSpec]:
     """The launches of the forward kernel at the block sizes of `arch`'s tile table:
     h in {32, 64, 128}, bf16 and fp16, with a bias table (n = 15) and a key-padding mask; and the passes
     before it: the rotation of the keys and of the queries (rope; rope_p: q'' = RoPE(q) @ P~, the
-    "rope_then_m" order), and the NEAR tiles' bias (near_bias_tiles)."""
+    "rope_then_m" order; at h = 64 bf16, rope_..._interleaved: the queries of a decoding step against keys
+    cached rotated in the "interleaved" layout), and the NEAR tiles' bias (near_bias_tiles)."""
     specs = []
     for h in ATTENTION_HEAD_WIDTHS:
         for dt in ("bf16", "fp16"):
             f = default_blocks(h, arch)
             ptrs = {"X": f"*{dt}", "P": f"*{dt}", "XX": f"*{dt}", "W": "*fp32", "S": "*fp32", "scale": "fp32"}
             for has_p, suffix in ((False, ""), (True, "_p")):  # k' and q'' without M; q'' = RoPE(q) @ P~
-                ce = dict(HEAD=h, HAS_P=has_p, BLOCK=f["BLOCK_N"], PRECISION="tf32")
+                ce = dict(HEAD=h, HAS_P=has_p, INTERLEAVE=False, BLOCK=f["BLOCK_N"], PRECISION="tf32")
                 specs.append(KernelSpec(f"attention_rope{suffix}_h{h}_{dt}", _rope_rows_kernel,
                                         signature_of(_rope_rows_kernel, ptrs, ce), ce,
                                         num_warps=tile_pass_warps(h * f["BLOCK_N"]), num_stages=1))
+            if h == 64 and dt == "bf16":  # a decoding step's query: one row, a tile of 16
+                ce = dict(ce, HAS_P=False, INTERLEAVE=True, BLOCK=16)
+                specs.append(KernelSpec(f"attention_rope_h{h}_{dt}_interleaved", _rope_rows_kernel,
+                                        signature_of(_rope_rows_kernel, ptrs, ce), ce,
+                                        num_warps=tile_pass_warps(h * 16), num_stages=1))
             ce = dict(BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], STEP=min(f["BLOCK_M"], f["BLOCK_N"]),
                       DT={"bf16": tl.bfloat16, "fp16": tl.float16}[dt], FLIP=False)
             specs.append(KernelSpec(f"attention_near_bias_h{h}_{dt}", _near_bias_kernel,

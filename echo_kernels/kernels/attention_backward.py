@@ -17,7 +17,8 @@ The passes, in launch order:
                q'' and k' the forward's probabilities came from, loading contiguous rows (written once,
                read by every pass below instead of each tile rotating its rows again)
     dkdv       per key tile, looping over the query tiles the band reaches: dv and d(a_k, b_k) (fp32)
-    unrope     per key tile: dk from d(a_k, b_k) (undoing RoPE) and the keys' angle partials
+    unrope     per key tile: dk from d(a_k, b_k) (undoing RoPE) and the keys' angle partials (not run
+               for keys given rotated, keys_rotated: dk = dk', as the dk/dv pass summed it)
     dq         per query tile, looping over the key tiles: d(q''_A, q''_B) and the tile's share of dbias
     unrotate   a few programs per (batch, head), each over several query tiles: d(a_q, b_q) =
                d(q'') P~^T, dq (undoing RoPE), the queries' angle partials, one dP~ partial per program
@@ -73,8 +74,8 @@ import torch
 import triton
 
 from . import ATTENTION_HEAD_WIDTHS, ECHO_MAX_REL_DIST
+from .attention import attention_operands, first_padded_key, near_bias_args
 from .attention import default_blocks as forward_blocks
-from .attention import first_padded_key, near_bias_args, rotated_rows
 from .attention_backward_keys import _attn_bwd_dkdv_kernel, _attn_bwd_unrope_kernel
 from .attention_backward_queries import (
     _attn_bwd_delta_kernel,
@@ -244,9 +245,12 @@ def _common_args(v, do, bias, key_padding_mask, arch: int):
     return bias_t, pad_t, strides, n_rel, has_bias, has_pad
 
 
-def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout):
+def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
+             keys_rotated=False):
     """Gradients of the forward launcher's out. Returns dq, dk, dv (input dtype, contiguous),
-    dM (M's dtype, or None without M), dw (w's dtype), ds (fp32 scalar), dbias (bias's dtype, or None)."""
+    dM (M's dtype, or None without M), dw (w's dtype), ds (fp32 scalar), dbias (bias's dtype, or None).
+    keys_rotated: k was given as k' (the forward's keys_rotated): dk = dk', and the angles' gradients
+    come from the queries alone."""
     B, H, Tq, h = q.shape
     Tk = k.shape[2]
     half = h // 2
@@ -262,7 +266,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     dk = torch.empty((B, H, Tk, h), dtype=k.dtype, device=dev)
     dv = torch.empty((B, H, Tk, h), dtype=v.dtype, device=dev)
 
-    P, has_p = p_arg(M, layout, q.dtype, dev)
+    P, has_p = p_arg(M, layout, q.dtype, dev, keys_rotated)
     scale = 1.0 / math.sqrt(h)
     w32 = w.detach().float().contiguous()
     s32 = torch.as_tensor(s, dtype=torch.float32, device=dev).detach().reshape(1)
@@ -280,11 +284,11 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         out, do, delta, *out.stride(), *do.stride(), H, Tq, n_tiles, HEAD=h, BLOCK=c["BLOCK_M"],
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-    # q'' and RoPE(k) exactly as the forward rotated them (its pass, by its tiles): the dk/dv, dq and dbias
+    # q'' and the keys exactly as the forward had them (its pass, by its tiles): the dk/dv, dq and dbias
     # passes read these contiguous rows, and recompute the forward's very probabilities from them.
     block = with_override(forward_blocks(h, arch))["BLOCK_N"]
-    qq = rotated_rows(q, w32, s32, q_offset, P.dtype, block, P if has_p else None, scale)
-    kk = rotated_rows(k, w32, s32, k_offset, P.dtype, block)
+    qq, kk = attention_operands(q, k, w32, s32, q_offset, k_offset, P, has_p, layout, keys_rotated, block)
+    kk = kk.contiguous()
 
     c = cfg["dkdv"]
     with_dq = "dq" not in cfg
@@ -311,12 +315,16 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
         BLOCK_N=c["BLOCK_N"], WITH_DQ=with_dq, N_DIAG=n_diag, PRECISION=prec,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
-    c = cfg["unrope"]
-    n_ktiles = triton.cdiv(Tk, c["BLOCK_M"])
-    g_k = torch.empty((B * H * n_ktiles, half), dtype=torch.float32, device=dev)
-    _attn_bwd_unrope_kernel[(n_ktiles * B * H,)](
-        k, w32, s32, dkk, dk, g_k, *k.stride(), H, Tk, k_offset, n_ktiles, HEAD=h, BLOCK=c["BLOCK_M"],
-        num_warps=c["num_warps"], num_stages=c["num_stages"])
+    if keys_rotated:  # d(keys) is dk itself: no RoPE to undo, no angle partials
+        dk.copy_(dkk)
+        g_k = dkk.new_zeros((1, half))
+    else:
+        c = cfg["unrope"]
+        n_ktiles = triton.cdiv(Tk, c["BLOCK_M"])
+        g_k = torch.empty((B * H * n_ktiles, half), dtype=torch.float32, device=dev)
+        _attn_bwd_unrope_kernel[(n_ktiles * B * H,)](
+            k, w32, s32, dkk, dk, g_k, *k.stride(), H, Tk, k_offset, n_ktiles, HEAD=h, BLOCK=c["BLOCK_M"],
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     if with_dq:
         # the groups' sums added in a fixed order, rounded to the dot type as the dq pass writes them
@@ -336,6 +344,8 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
             BLOCK_N=c["BLOCK_N"], N_DIAG=n_diag, PRECISION=prec, num_warps=c["num_warps"],
             num_stages=c["num_stages"])
 
+    if keys_rotated and not has_p and layout == "interleaved":  # d(q'') in the unrotate pass's [a | b] order
+        dqq = dqq[..., layout_perm(h, layout, dev)].contiguous()
     c = cfg["unrotate"]
     n_qtiles = triton.cdiv(Tq, c["BLOCK_M"])
     g_q = torch.empty((B * H * n_qtiles, half), dtype=torch.float32, device=dev)
@@ -353,7 +363,11 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     dw = (s_val * g).to(w.dtype)
     ds = (g * w32).sum()
     dM = None
-    if has_p:
+    if has_p and keys_rotated:  # P~ = M[perm] / sqrt(h)
+        dM = torch.empty_like(M, dtype=torch.float32)
+        dM[layout_perm(h, layout, dev)] = dp_part.sum(0) / math.sqrt(h)
+        dM = dM.to(M.dtype)
+    elif has_p:
         perm = layout_perm(h, layout, dev)
         dP = torch.empty((h, h), dtype=torch.float32, device=dev)
         dP[perm[:, None], perm[None, :]] = dp_part.sum(0) / math.sqrt(h)

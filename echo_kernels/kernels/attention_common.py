@@ -438,20 +438,25 @@ def layout_perm(h: int, layout: str, device) -> torch.Tensor:
     return torch.cat([2 * half, 2 * half + 1])
 
 
-def folded_p(M: torch.Tensor, layout: str) -> torch.Tensor:
-    """P~ = (M M^T)[perm][:, perm] / sqrt(h), fp32, (h, h)."""
+def folded_p(M: torch.Tensor, layout: str, keys_rotated: bool = False) -> torch.Tensor:
+    """P~, fp32, (h, h): (M M^T)[perm][:, perm] / sqrt(h); with keys_rotated (keys given as k' = RoPE(k) M,
+    which the kernels read as they are) M[perm] / sqrt(h), so that q'' = RoPE(q) M / sqrt(h) keeps
+    M's column order, the keys'."""
     h = M.shape[0]
     Mf = M.float()
     perm = layout_perm(h, layout, M.device)
+    if keys_rotated:
+        return (Mf[perm] / math.sqrt(h)).contiguous()
     return ((Mf @ Mf.T) / math.sqrt(h))[perm][:, perm].contiguous()
 
 
-def p_arg(M: torch.Tensor | None, layout: str, dtype: torch.dtype, device) -> tuple[torch.Tensor, bool]:
-    """(P, HAS_P) for the kernels: P~ in the dot type of `dtype` inputs, or without M a one-element
-    placeholder that only carries that type (never read: no fill, no launch)."""
+def p_arg(M: torch.Tensor | None, layout: str, dtype: torch.dtype, device,
+          keys_rotated: bool = False) -> tuple[torch.Tensor, bool]:
+    """(P, HAS_P) for the kernels: P~ (folded_p) in the dot type of `dtype` inputs, or without M a
+    one-element placeholder that only carries that type (never read: no fill, no launch)."""
     if M is None:
         return torch.empty(1, dtype=dot_dtype(dtype), device=device), False
-    return folded_p(M, layout).to(dot_dtype(dtype)), True
+    return folded_p(M, layout, keys_rotated).to(dot_dtype(dtype)), True
 
 
 # Each kernel module's `default_blocks(h, arch)` holds two tile tables (docs/model.md, "Tile tables").

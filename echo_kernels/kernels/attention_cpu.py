@@ -29,14 +29,20 @@ BLOCK_ELEMENTS = 1 << 21
 
 
 def attention(q, k, v, M, w, s, bias, key_padding_mask, left: int, right: int, q_offset: int, k_offset: int,
-              layout: str, rotation: str = "m_then_rope") -> Tensor:
+              layout: str, rotation: str = "m_then_rope", keys_rotated: bool = False) -> Tensor:
     """echo_attention's maths (see echo_kernels.attention). left/right: the band of
     reference.window_bounds; M: (h, h) or None (the identity); w: (h/2,), or None where q and k come
-    rotated already (no RoPE here)."""
+    rotated already (no RoPE here); keys_rotated: k is k' already."""
     dtype, compute = q.dtype, reference._compute_dtype(q.dtype)
     h = q.shape[3]
     q, k = q.to(compute), k.to(compute)
     P = None
+    if keys_rotated:  # q' in k's layout, then as if both came rotated
+        phi = None
+        if w is not None:
+            phi = _angles(w.to(compute), reference._as_compute(s, compute), q_offset, q.shape[2])
+        M = M.to(compute) if M is not None else None
+        q, w, M = reference.rotate_for_attention(q, M, phi, layout, rotation), None, None
     if M is not None and rotation == "m_then_rope":
         M = M.to(compute)
         q, k = q @ M, k @ M
