@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from echo_kernels import echo_attention
+from echo_kernels.backend import use_kernel
 from echo_kernels.reference import rope_angles, rotate_for_attention
 
 from .cache import EchoCache, FoldedWeights, KeysValues
@@ -23,9 +24,9 @@ from .positional import GivensSite, PositionalState, adjacent_pairs
 # give the op M (False): the same maths, which the tests compare and the naive bench baseline uses.
 FOLD_M = True
 
-# While decoding, keep the cached keys rotated (True: cross-attention's on every device, self-attention's on
-# the CPU; the op is told so and rotates only the queries) or raw, rotated by the op at every step (False):
-# the same maths; the naive bench baseline does the latter.
+# While decoding, keep the cached keys rotated (True: cross-attention's always, self-attention's where the op
+# does not run the Triton kernels; the op is told so and rotates only the queries) or raw, rotated by the op
+# at every step (False): the same maths; the naive bench baseline does the latter.
 ROTATE_CACHED_KEYS = True
 
 
@@ -116,13 +117,14 @@ class EchoAttention(nn.Module):
         wq, bq, wk, M = self._projections(pos.matrix(self.site), cache)
         q = self._heads(linear(x, wq, bq))
         w = pos.w(self.side)
-        keys_rotated = cache is not None and ROTATE_CACHED_KEYS and (self.cross or x.device.type == "cpu")
+        keys_rotated = cache is not None and ROTATE_CACHED_KEYS and (
+            self.cross or not use_kernel("echo_attention", x.device))
         if keys_rotated:
             # The op rotates the keys it is given at every call: decoding would rotate every cached key (all
             # the encoder frames, for cross-attention) at every step. The cache keeps k' instead, rotated
-            # once when stored, and the op rotates only q (keys_rotated). A GPU's self-attention keeps its
-            # keys raw: the op's rotation pass over them is a launch the step makes anyway, where rotating
-            # each new key here would add PyTorch's several small ones.
+            # once when stored, and the op rotates only q (keys_rotated). Self-attention keeps its keys raw
+            # where the op runs the Triton kernels: their rotation pass over them is a launch the step makes
+            # anyway, where rotating each new key here would add PyTorch's several small ones.
             if not self.cross:
                 k, v = self._keys_values(x, wk)
                 k, v = cache.update(self, self._rotated(k, M, w, offset), v)

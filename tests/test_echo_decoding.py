@@ -94,6 +94,25 @@ def test_cached_keys_rotated_or_raw_agree(monkeypatch, overrides):
     assert (k_rotated - k_raw).abs().max() > 0.1
 
 
+def test_cached_decoding_with_self_attention_keys_raw(monkeypatch):
+    """Where the op runs the Triton kernels (on a GPU), the cache keeps self-attention's keys raw and
+    cross-attention's rotated: token by token in float64 the hidden states are those of every key cached
+    rotated."""
+    model, mel = model_and_audio(layer_norm="s1")
+    model.double()
+    mel = mel.double()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 6))
+    rotated, cache = _decode_hidden(model, mel, tokens)
+    block = model.decoder.blocks[0]
+    k_self, _ = cache.kv[block.attn]
+    k_cross, _ = cache.kv[block.cross_attn]
+    monkeypatch.setattr(echo.attention, "use_kernel", lambda op, device: True)
+    mixed, cache = _decode_hidden(model, mel, tokens)
+    torch.testing.assert_close(mixed, rotated, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(cache.kv[block.cross_attn][0], k_cross, rtol=0, atol=0)
+    assert (cache.kv[block.attn][0] - k_self).abs().max() > 0.1  # raw, where the first run cached k'
+
+
 def test_cache_past_the_text_context_is_refused():
     model, mel = model_and_audio()
     cache = EchoCache()
