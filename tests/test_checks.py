@@ -39,6 +39,8 @@ def call_attention(**overrides):
         (dict(key_padding_mask=torch.zeros(1, 4, dtype=torch.bool)), "key_padding_mask must have shape"),
         (dict(layout="zigzag"), "layout"),
         (dict(rotation="m_only"), "rotation must be one of"),
+        (dict(causal=1), "causal must be a bool"),
+        (dict(keys_rotated="yes"), "keys_rotated must be a bool"),
         (dict(M=torch.eye(4)[None]), "M must have shape"),
         (dict(M=torch.eye(4, device="meta")), "one device"),
     ],
