@@ -55,8 +55,8 @@ def echo_attention(
 
     q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h), or None for the identity (plain RoPE in
     either order: what the model passes once M is folded into its projections); w: (h/2,), or None
-    for no RoPE (q and k given rotated already, as a decoding cache keeps its keys: then q' = q M,
-    k' = k M in either order, and s is unused); s: a float or a tensor of shape () or (1,); bias: (2n-1, H) or None; window: None (global),
+    for no RoPE (q and k given rotated already: then q' = q M, k' = k M in either order, and s is
+    unused); s: a float or a tensor of shape () or (1,); bias: (2n-1, H) or None; window: None (global),
     an int w (|i - j| <= w) or (left, right) (key j kept iff i - left <= j <= i + right);
     key_padding_mask: (B, Tk) bool, True = padded; keys_rotated: k is k' already (rotated at its
     positions k_offset + j in `layout`, as `rotation` says, by this M: RoPE(k M) or RoPE(k) M), as a

@@ -206,8 +206,9 @@ def echo_attention(
         q' = RoPE(q) @ M, k' = RoPE(k) @ M     rotation = "rope_then_m"
 
     q: (B, H, Tq, h); k, v: (B, H, Tk, h); M: (h, h) or None (the identity: then both orders are
-    plain RoPE); w: (h/2,), or None for no RoPE (q and k rotated already); s: scalar; bias: (2n-1, H) or None; key_padding_mask: (B, Tk) bool,
-    True = padded; keys_rotated: k is k' already (q alone is rotated). Query i sits at q_offset + i, key j at k_offset + j. Returns (B, H, Tq, h) in q's dtype.
+    plain RoPE); w: (h/2,), or None for no RoPE (q and k rotated already); s: scalar; bias: (2n-1, H) or
+    None; key_padding_mask: (B, Tk) bool, True = padded; keys_rotated: k is k' already (q alone is rotated).
+    Query i sits at q_offset + i, key j at k_offset + j. Returns (B, H, Tq, h) in q's dtype.
 
     Queries are taken `query_chunk` at a time, and with a finite window only the keys the band can
     reach are looked at, so local attention costs O(T w) time and memory here too.
