@@ -24,6 +24,11 @@ And the same op given M, so that what the fold saves is measured:
 - kernel_unfolded: the default order with M applied by the op (q M and k M, then the kernel);
 - kernel_rope_then_m: the reference code's order, P = M M^T folded into the kernel's queries.
 
+A decoding step's cross-attention (test_decoding_step: one query, at text position 100, against the
+encoder's 1,500 frames): kernel, the keys given rotated (keys_rotated, as the model's KV cache keeps them)
+against kernel_raw_keys, the op rotating the cached keys again, as at every step before they were cached
+rotated.
+
 Each case records, in benchmark.extra_info: the flops of the computed (kept) query-key pairs (4 h per
 pair forward, 2.5 times that backward; the results give TFLOP/s), and on a GPU the peak memory beyond
 the inputs (extra_fraction_of_qkvo: beyond q, k, v, out and the gradients, over the size of q, k, v
@@ -61,6 +66,9 @@ CPU_SHAPES = {"small_global": (1, 4, 256, 64, None), "small_w32": (1, 4, 256, 64
 TINY_SHAPES = {"small_global": (1, 2, 32, 32, None), "small_w32": (1, 2, 32, 32, 8),
                "encoder_global": (1, 2, 48, 32, None)}
 SHAPES = TINY_SHAPES if TINY else GPU_SHAPES if ON_GPU else CPU_SHAPES
+# (B, H, Tk, h) of test_decoding_step: the benches' GPU model (batch 8, H 16, h 64), the CPU model's heads
+DECODE_SHAPE = (1, 2, 48, 32) if TINY else (8, 16, 1500, 64) if ON_GPU else (1, 6, 1500, 64)
+DECODE_WAYS = ("kernel", "kernel_raw_keys")
 
 
 def make_inputs(B, H, T, h, requires_grad, with_m):
@@ -298,6 +306,36 @@ def test_breakdown(benchmark, shape, backward, impl):
     run_timed(benchmark, step, rounds=CALLS, warmup_rounds=1)
     record(benchmark, role="ours" if impl == "kernel" else "peer", case=impl, flops=_flops(shape, backward),
            breakdown=breakdown(step))
+
+
+@functools.lru_cache(maxsize=1)
+def _decoding_inputs():
+    """One query at position 100, the raw keys and values of DECODE_SHAPE's frames, and the keys rotated
+    at their positions (in float32, then DTYPE), as the model's cache keeps them."""
+    B, H, Tk, h = DECODE_SHAPE
+    x, _ = make_inputs(B, H, Tk, h, requires_grad=False, with_m=False)
+    phi = reference.rope_angles(x["w"], x["s"], torch.arange(Tk, device=DEVICE))
+    k_rotated = reference.apply_rope(x["k"].float(), phi).to(DTYPE)
+    return dict(x, q=x["q"][:, :, :1].contiguous(), k_rotated=k_rotated)
+
+
+@pytest.mark.parametrize("impl,round_", alternating_rounds(list(DECODE_WAYS), ROUNDS))
+def test_decoding_step(benchmark, impl, round_):
+    import echo_kernels
+
+    x = _decoding_inputs()
+    B, H, Tk, h = DECODE_SHAPE
+    keys_rotated = impl == "kernel"
+    k = x["k_rotated"] if keys_rotated else x["k"]
+
+    def step():
+        return echo_kernels.echo_attention(x["q"], k, x["v"], None, x["w"], x["s"], x["bias"], q_offset=100,
+                                           keys_rotated=keys_rotated)
+
+    benchmark.group = f"attention decoding step, cross, {str(DTYPE)[6:]}"
+    run_timed(benchmark, step, rounds=CALLS, warmup_rounds=(2 if ON_GPU else 1) if round_ == 0 else 0)
+    record(benchmark, role="ours" if impl == "kernel" else "peer", case=impl, flops=4 * h * B * H * Tk,
+           shape=dict(B=B, H=H, Tq=1, Tk=Tk, h=h, dtype=str(DTYPE)))
 
 
 @pytest.mark.parametrize("shape,backward,impl,round_", PARAMS)
