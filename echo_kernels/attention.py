@@ -180,8 +180,9 @@ def _widen_heads(q, k, v, M, w, layout: str, width: int, keys_rotated: bool = Fa
     q = torch.nn.functional.pad(q * math.sqrt(width / h), pad)
     v = torch.nn.functional.pad(v, pad)
     w = torch.nn.functional.pad(w, (0, (width - h) // 2))
-    half = torch.arange(h // 2, device=q.device)
-    outputs = torch.cat([half, width // 2 + half]) if layout == "half_split" else torch.arange(h, device=q.device)
+    if keys_rotated or M is not None:  # where h's outputs land among width's
+        half = torch.arange(h // 2, device=q.device)
+        outputs = torch.cat([half, width // 2 + half]) if layout == "half_split" else torch.arange(h, device=q.device)
     if keys_rotated:
         k = k.new_zeros((*k.shape[:-1], width)).index_copy(-1, outputs, k)
     else:
