@@ -35,25 +35,30 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
 from tqdm import tqdm
 
 from echo_kernels.optional import MissingExtra, require
 
 from . import durable
-from .checkpoint import load_weights_only
 from .config import ECHO_DEFAULTS, TINY, EchoConfig, read_json_object
+from .distributed import clip_gradients, dist_setup, gradient_norm, sync_replicated, wrap
 from .model import Echo, shift_tokens_right
+from .run_folder import (
+    check_output,
+    prepare_output,
+    read_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+    trim_log,
+)
+from .train_data import cached_features, collate, featurize, load_data, stream_indices, warn_long_labels
 
 PRESETS = {
     # trains on 2 CPU cores in minutes: the recorded WER run uses it
@@ -73,218 +78,9 @@ def build_config(preset: str, seconds: float) -> EchoConfig:
     return EchoConfig(**{**PRESETS[preset], "n_audio_ctx": (frames + 1) // 2})
 
 
-# ----------------------------------------------------------------------------------------------
-# data
-
-
-def featurize(items: list[tuple[str, str]], seconds: float, n_mels: int = 80, workers: int = 4,
-              progress: bool = True, vocab_size: int = 51865) -> tuple[torch.Tensor, list[list[int]]]:
-    """(path, text) pairs -> (log-mel (N, n_mels, seconds * 100), label token lists), by whisper's code
-    (the tokenizer of a `vocab_size`-token whisper vocabulary)."""
-    from .audio import SAMPLE_RATE, encode_text, log_mel_window
-
-    n_samples = int(round(seconds * SAMPLE_RATE))
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        mels = pool.map(lambda item: log_mel_window(item[0], n_samples, n_mels), items)
-        mels = list(tqdm(mels, total=len(items), desc="log-mel", disable=not progress))
-    return torch.stack(mels), [encode_text(text, vocab_size=vocab_size) for _, text in items]
-
-
-def cached_features(items, args, config: EchoConfig, progress: bool):
-    """featurize(), kept beside synthetic data (features-<seconds>s-<hash>.pt) so that later runs skip it."""
-    import hashlib
-
-    kwargs = dict(n_mels=config.n_mels, workers=args.workers, progress=progress, vocab_size=config.vocab_size)
-    if args.manifest:
-        return featurize(items, args.seconds, **kwargs)
-    key = hashlib.sha1(repr((items, args.seconds, config.n_mels, config.vocab_size)).encode()).hexdigest()[:12]
-    path = Path(args.data_dir or Path(args.out) / "synthetic") / f"features-{args.seconds:g}s-{key}.pt"
-    if path.exists():
-        state = torch.load(path, weights_only=True)
-        return state["mels"], state["labels"]
-    mels, labels = featurize(items, args.seconds, **kwargs)
-    if int(os.environ.get("RANK", "0")) == 0:
-        durable.write_file(path, lambda f: torch.save({"mels": mels, "labels": labels}, f))
-    return mels, labels
-
-
-def fit_label(row: list[int], max_len: int) -> list[int]:
-    """A label row of at most max_len tokens: a longer one loses text tokens, never its last token
-    (<|endoftext|>), so the model still learns where the transcript ends."""
-    return row if len(row) <= max_len else row[:max_len - 1] + row[-1:]
-
-
-def warn_long_labels(labels: list[list[int]], max_len: int) -> int:
-    """How many label rows exceed max_len tokens (n_text_ctx); one warning saying so when any do."""
-    long = sum(len(row) > max_len for row in labels)
-    if long:
-        warnings.warn(f"{long} of {len(labels)} transcripts have more than n_text_ctx = {max_len} label tokens: "
-                      "their text is cut to fit, keeping <|endoftext|>", stacklevel=2)
-    return long
-
-
-def collate(mels: torch.Tensor, labels: list[list[int]], index: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows `index` -> (mel (B, n_mels, T), labels (B, L) padded with -100, each cut to max_len by fit_label)."""
-    rows = [fit_label(labels[i], max_len) for i in index]
-    L = max(len(r) for r in rows)
-    out = torch.full((len(rows), L), -100, dtype=torch.long)
-    for b, r in enumerate(rows):
-        out[b, : len(r)] = torch.tensor(r)
-    return mels[index], out
-
-
-def stream_indices(n_items: int, seed: int, start: int, count: int) -> list[int]:
-    """Items start .. start + count of the endless stream of per-epoch permutations of range(n_items)."""
-    out, cache = [], {}
-    for k in range(start, start + count):
-        epoch, i = divmod(k, n_items)
-        if epoch not in cache:
-            cache[epoch] = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        out.append(int(cache[epoch][i]))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# distributed
-
-
-def dist_setup() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def wrap(model: Echo, world: int, device: torch.device, fsdp: bool):
-    """(the module to train: the model, DDP of it, or the model made FSDP2 in place; replicated parameters).
-
-    FSDP2 (`fully_shard`) shards the whole model as one unit: Echo builds every Givens matrix M once per
-    forward at its root, so all parameters are gathered for the forward and resharded after it.
-    fully_shard cannot shard 0-d parameters (each attention's scale s): those stay replicated, and their
-    gradients are averaged across processes by `sync_replicated`.
-    """
-    if world == 1 and not fsdp:
-        return model, []
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        replicated = [p for p in model.parameters() if p.dim() == 0]
-        fully_shard(model, ignored_params=set(replicated))
-        return model, replicated
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None), []
-
-
-def sync_replicated(params: list, world: int) -> None:
-    """Average the gradients of parameters that FSDP2 left replicated."""
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
-
-
-def _local_grads(params) -> list[Tensor]:
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in params if p.grad is not None]
-    return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-
-
-def gradient_norm(params, world: int) -> Tensor:
-    """() float32: the 2-norm of all gradients, plain and FSDP2-sharded (DTensor) alike, on every process.
-
-    Sharded gradients' squares are summed across processes; plain ones are whole and equal everywhere
-    (DDP and sync_replicated averaged them).
-    """
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in params if p.grad is not None]
-    sharded = [g.to_local() for g in grads if isinstance(g, DTensor)]
-    plain = [g for g in grads if not isinstance(g, DTensor)]
-    device = grads[0].device if not sharded else sharded[0].device
-    sq_sharded = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=device))
-    if sharded and world > 1:
-        dist.all_reduce(sq_sharded)
-    sq_plain = sum((g.float().pow(2).sum() for g in plain), torch.zeros((), device=device))
-    return (sq_sharded + sq_plain).sqrt()
-
-
-def clip_gradients(params, max_norm: float, norm: Tensor) -> None:
-    """clip_grad_norm_ given the total norm from gradient_norm()."""
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for g in _local_grads(params):
-        g.mul_(coef.to(g.dtype))
-
-
 def _json_number(x: float) -> float | str:
     # JSON has no NaN or infinity: those are written as the strings "nan", "inf", "-inf"
     return x if math.isfinite(x) else str(x)
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, extra: dict, rank: int) -> None:
-    """model + optimizer + scheduler + step (+ the adaptive base, a model buffer) in one file, written by
-    rank 0 to durable.temporary(path) and renamed over `path`: a kill mid-save leaves the last one whole."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer,
-                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                 "step": step, **extra}
-        durable.write_file(path, lambda f: torch.save(state, f))
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "elapsed", "config", "args", "world_size", "loss",
-                   "skipped_steps", "bad_steps_in_a_row")
-
-
-def read_checkpoint(path: Path) -> dict:
-    """checkpoint.pt as save_checkpoint wrote it, loaded weights-only (never running code); a file that is
-    not one is a ValueError naming what it lacks."""
-    state = load_weights_only(path, "checkpoint of python -m echo.train")
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a checkpoint of python -m echo.train: it holds a {type(state).__name__}")
-    missing = [key for key in CHECKPOINT_KEYS if key not in state]
-    if missing:
-        raise ValueError(f"{path} is not a checkpoint of this python -m echo.train: it lacks {', '.join(missing)}")
-    return state
-
-
-def restore_checkpoint(state: dict, model, optimizer, scheduler) -> None:
-    """Put read_checkpoint's model, optimizer and scheduler states into the training objects."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-    scheduler.load_state_dict(state["scheduler"])
-
-
-def trim_log(path: Path, step: int) -> None:
-    """Keep the records of log.jsonl up to `step`, the checkpoint resumed from (0: a fresh start).
-
-    Later ones were written by a run killed before it saved them; the resumed run writes them again, so
-    the log ends up as an uninterrupted run's. A last line cut short by the kill is dropped as well.
-    """
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    durable.write_text(path, "".join(line for line in lines if json.loads(line)["step"] <= step))
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 def _bounded(kind, low, *, strict: bool = False):
@@ -386,23 +182,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_data(args, rank: int, world: int) -> list[tuple[str, str]]:
-    from . import synthetic
-
-    if args.manifest:
-        return synthetic.read_manifest(args.manifest)
-    folder = Path(args.data_dir or Path(args.out) / "synthetic")
-    manifest = folder / "manifest.tsv"
-    texts = synthetic.training_texts(args.synthetic, seed=args.seed)
-    if rank == 0:
-        current = manifest.exists() and [t for _, t in synthetic.read_manifest(manifest)] == texts
-        if not current:
-            synthetic.build_dataset(texts, folder, seed=args.seed, workers=args.workers)
-    if world > 1:
-        dist.barrier()
-    return synthetic.read_manifest(manifest)
-
-
 def initial_model(args) -> Echo:
     """The model to train: --init's (sets --seconds to its window when not given), or a fresh one of --preset."""
     if args.init is None:
@@ -422,51 +201,6 @@ def initial_model(args) -> Echo:
     elif not 0 < args.seconds <= window:
         raise SystemExit(f"--seconds {args.seconds:g}: the --init model takes at most {window:g} s of audio")
     return model
-
-
-# What a run writes in OUT. The synthetic data it may cache there (OUT/synthetic) is not part of a run: a
-# new run on the same data reuses it.
-RUN_FILES = ("checkpoint.pt", "model", "log.jsonl", "summary.json", "eval.json")
-
-
-def run_files(out: Path) -> list[str]:
-    """The RUN_FILES in `out`, counting those that only a killed write left (their temporary or aside)."""
-    return [name for name in RUN_FILES
-            if any(os.path.lexists(path) for path in (out / name, durable.temporary(out / name),
-                                                        durable.aside(out / name)))]
-
-
-def check_output(args, out: Path, checkpoint: Path) -> None:
-    """Refuse, before any data is prepared, a run that would destroy or mix with the one in `out`, or that
-    could not write its model."""
-    if args.resume == "always" and not checkpoint.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint} (run without --resume to train "
-                                "from scratch, or with --resume auto to do so whenever OUT has none yet)")
-    found = run_files(out)
-    if found and args.resume is None and not args.overwrite:
-        raise SystemExit(f"{out} already holds a run ({', '.join(found)}): give --resume to continue it, or "
-                         "--overwrite to delete it and start afresh (or choose another --out)")
-    model = out / "model"
-    if not args.overwrite and os.path.lexists(model) and not model.is_dir():
-        raise SystemExit(f"{model} is a file: the trained model is written there as a folder (move or remove it)")
-
-
-def prepare_output(args, out: Path) -> None:
-    """`out` created and shown writable (a file created and removed in it); with --overwrite the run in it
-    deleted; what a killed write left behind cleared."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".writable-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as error:
-        raise SystemExit(f"--out {out}: cannot write there ({error})") from None
-    for name in RUN_FILES:
-        path = out / name
-        if args.overwrite:  # logs and checkpoints of the old run must not mix with the new one's
-            for leftover in (path, durable.temporary(path), durable.aside(path)):
-                durable.remove(leftover)
-        durable.recover(path)
 
 
 def resume_differences(saved: dict, args, config: EchoConfig, world: int) -> list[str]:
@@ -490,6 +224,47 @@ def check_resume(saved: dict, args, config: EchoConfig, world: int, path: Path) 
         raise SystemExit(f"--resume: {path} was saved by a run with other settings:\n  " + "\n  ".join(differences)
                          + "\nGive the saved values to continue it, or start afresh with --overwrite (or another "
                          f"--out). Only these may change on resume: {MAY_CHANGE}")
+
+
+def build_optimizer(model: Echo, args) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW, weight decay on matrices only, and its schedule: a linear warm-up over --warmup steps, then a
+    cosine down to 5% of --lr at --steps."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+
+    def schedule(step):
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        return max(0.05, 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup))))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def backward_step(module, mels: torch.Tensor, labels: list[list[int]], step: int, args, config: EchoConfig,
+                  rank: int, world: int, device: torch.device, autocast) -> torch.Tensor:
+    """The gradients of optimizer step `step`, from its --grad-accum micro-batches on every process (the
+    data stream's items for this step, rank and micro-batch), and () its loss: their mean token loss,
+    averaged over the processes."""
+    total_loss = torch.zeros((), device=device)
+    for micro in range(args.grad_accum):
+        first = (step * args.grad_accum * world + micro * world + rank) * args.batch_size
+        mel, lab = collate(mels, labels, stream_indices(len(labels), args.seed, first, args.batch_size),
+                           config.n_text_ctx)
+        mel, lab = mel.to(device), lab.to(device)
+        dec_in = shift_tokens_right(lab, config.pad_token_id, config.decoder_start_token_id)
+        # DDP all-reduces the gradients at the last micro-batch's backward only
+        sync = micro == args.grad_accum - 1 or not hasattr(module, "no_sync")
+        with (nullcontext() if sync else module.no_sync()), autocast():
+            logits = module(input_features=mel, decoder_input_ids=dec_in).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+        (loss / args.grad_accum).backward()
+        total_loss += loss.detach() / args.grad_accum
+    if world > 1:
+        dist.all_reduce(total_loss)
+        total_loss /= world
+    return total_loss
 
 
 def main(argv=None) -> int:
@@ -531,17 +306,7 @@ def main(argv=None) -> int:
         warn_long_labels(labels, config.n_text_ctx)
     model.to(device).train()
     module, replicated = wrap(model, world, device, args.fsdp)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-
-    def schedule(step):
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        return max(0.05, 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup))))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer, scheduler = build_optimizer(model, args)
     step, elapsed, last_loss, skipped, bad_in_a_row = 0, 0.0, float("nan"), 0, 0
     if saved is not None:
         restore_checkpoint(saved, module, optimizer, scheduler)
@@ -563,22 +328,7 @@ def main(argv=None) -> int:
     first_step, done = step, step
     params = list(model.parameters())
     for step in bar:
-        total_loss = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            first = step * per_step + (micro * world + rank) * args.batch_size
-            mel, lab = collate(mels, labels, stream_indices(len(items), args.seed, first, args.batch_size),
-                               config.n_text_ctx)
-            mel, lab = mel.to(device), lab.to(device)
-            dec_in = shift_tokens_right(lab, config.pad_token_id, config.decoder_start_token_id)
-            sync = micro == args.grad_accum - 1 or not hasattr(module, "no_sync")
-            with (nullcontext() if sync else module.no_sync()), autocast():
-                logits = module(input_features=mel, decoder_input_ids=dec_in).logits
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
-            (loss / args.grad_accum).backward()
-            total_loss += loss.detach() / args.grad_accum
-        if world > 1:
-            dist.all_reduce(total_loss)
-            total_loss /= world
+        total_loss = backward_step(module, mels, labels, step, args, config, rank, world, device, autocast)
         sync_replicated(replicated, world)
         norm = gradient_norm(params, world)
         # the loss is averaged over processes, the norm taken over gradients they share: all take one branch

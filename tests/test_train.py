@@ -13,7 +13,7 @@ from train_cases import (ROOT, TEXTS, common, final_state, losses, poisoned, rec
                          write_manifest)
 
 from echo import AdaptiveBaseCallback, Echo  # noqa: E402
-from echo import train  # noqa: E402
+from echo import train, train_data  # noqa: E402
 from echo.audio import encode_text  # noqa: E402
 
 pytestmark = pytest.mark.speech  # python -m echo.train needs whisper's tokenizer
@@ -84,12 +84,12 @@ def test_torchrun_two_processes_match_one(manifest, tmp_path, monkeypatch, fsdp)
 def test_seq2seq_trainer_trains_echo(manifest, tmp_path):
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
-    items = train.load_data(train.parse_args(common(manifest, tmp_path)), 0, 1)
-    mels, labels = train.featurize(items, 0.5, progress=False)
+    items = train_data.load_data(train.parse_args(common(manifest, tmp_path)), 0, 1)
+    mels, labels = train_data.featurize(items, 0.5, progress=False)
     dataset = [{"input_features": mels[i], "labels": labels[i]} for i in range(len(items))]
 
     def collator(batch):
-        mel, lab = train.collate(torch.stack([b["input_features"] for b in batch]), [b["labels"] for b in batch],
+        mel, lab = train_data.collate(torch.stack([b["input_features"] for b in batch]), [b["labels"] for b in batch],
                                  list(range(len(batch))), 24)
         return {"input_features": mel, "labels": lab}
 

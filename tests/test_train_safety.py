@@ -11,7 +11,7 @@ import pytest
 import torch
 from train_cases import common, final_state, records, write_manifest
 
-from echo import durable, train
+from echo import durable, run_folder, train, train_data
 from echo.audio import encode_text, get_tokenizer
 
 
@@ -59,9 +59,9 @@ def test_a_checkpoint_that_runs_code_is_refused_on_resume(manifest, tmp_path):
 @pytest.mark.speech
 def test_a_checkpoint_loads_weights_only(manifest, tmp_path):
     assert train.main(common(manifest, tmp_path, "--steps", "1", "--batch-size", "2")) == 0
-    state = train.read_checkpoint(tmp_path / "checkpoint.pt")
+    state = run_folder.read_checkpoint(tmp_path / "checkpoint.pt")
     assert state["step"] == 1 and state["world_size"] == 1 and state["args"]["batch_size"] == 2
-    assert set(train.CHECKPOINT_KEYS) <= set(state)
+    assert set(run_folder.CHECKPOINT_KEYS) <= set(state)
 
 
 @pytest.mark.speech
@@ -234,5 +234,5 @@ def test_a_long_transcript_keeps_its_end_of_text(tmp_path, monkeypatch):
         assert row[row != -100][-1] == eot
 
     row = encode_text(long_text)
-    fitted = train.fit_label(row, n_text_ctx)
+    fitted = train_data.fit_label(row, n_text_ctx)
     assert fitted == row[:n_text_ctx - 1] + [eot]
