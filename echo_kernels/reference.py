@@ -218,13 +218,15 @@ def echo_attention(
     q_pos_all = torch.arange(q_offset, q_offset + Tq, device=q.device)
     k_pos_all = torch.arange(k_offset, k_offset + Tk, device=q.device)
     M = M.to(compute) if M is not None else None
-    if w is None:
-        q_phi = k_phi = None
-    else:
+    if w is not None:
         w, s = w.to(compute), _as_compute(s, compute)
-        q_phi, k_phi = rope_angles(w, s, q_pos_all), rope_angles(w, s, k_pos_all)
-    q_rot = rotate_for_attention(q.to(compute), M, q_phi, layout, rotation)
-    k_rot = k.to(compute) if keys_rotated else rotate_for_attention(k.to(compute), M, k_phi, layout, rotation)
+    q_rot = rotate_for_attention(q.to(compute), M, None if w is None else rope_angles(w, s, q_pos_all), layout,
+                                 rotation)
+    if keys_rotated:
+        k_rot = k.to(compute)
+    else:
+        k_rot = rotate_for_attention(k.to(compute), M, None if w is None else rope_angles(w, s, k_pos_all), layout,
+                                     rotation)
     v = v.to(compute)
     bias = bias.to(compute) if bias is not None else None
     left, right = window_bounds(window, causal)

@@ -317,7 +317,6 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     if keys_rotated:  # d(keys) is dk itself: no RoPE to undo, no angle partials
         dk.copy_(dkk)
-        g_k = dkk.new_zeros((1, half))
     else:
         c = cfg["unrope"]
         n_ktiles = triton.cdiv(Tk, c["BLOCK_M"])
@@ -358,7 +357,9 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         num_stages=c["num_stages"])
 
     # Fixed-order reductions of the per-program partials.
-    g = g_q.sum(0) + g_k.sum(0)  # sum_t dphi[t, m] pos[t] over queries and keys
+    g = g_q.sum(0)  # sum_t dphi[t, m] pos[t] over the queries, and the keys where the op rotated them
+    if not keys_rotated:
+        g = g + g_k.sum(0)
     s_val = s32[0]
     dw = (s_val * g).to(w.dtype)
     ds = (g * w32).sum()
