@@ -27,7 +27,8 @@ And the same op given M, so that what the fold saves is measured:
 A decoding step's cross-attention (test_decoding_step: one query, at text position 100, against the
 encoder's 1,500 frames): kernel, the keys given rotated (keys_rotated, as the model's KV cache keeps them)
 against kernel_raw_keys, the op rotating the cached keys again, as at every step before they were cached
-rotated.
+rotated, and, on a GPU, kernel_4_warps, the step's 16-row query tile on 4 warps instead of its table's 8
+(docs/model.md, "Tile tables").
 
 Each case records, in benchmark.extra_info: the flops of the computed (kept) query-key pairs (4 h per
 pair forward, 2.5 times that backward; the results give TFLOP/s), and on a GPU the peak memory beyond
@@ -41,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -68,7 +70,11 @@ TINY_SHAPES = {"small_global": (1, 2, 32, 32, None), "small_w32": (1, 2, 32, 32,
 SHAPES = TINY_SHAPES if TINY else GPU_SHAPES if ON_GPU else CPU_SHAPES
 # (B, H, Tk, h) of test_decoding_step: the benches' GPU model (batch 8, H 16, h 64), the CPU model's heads
 DECODE_SHAPE = (1, 2, 48, 32) if TINY else (8, 16, 1500, 64) if ON_GPU else (1, 6, 1500, 64)
-DECODE_WAYS = ("kernel", "kernel_raw_keys")
+# The GPU's ways run in the CPU rehearsal too (TINY), so that their code has run before a GPU sees it:
+# there plain falls back to SDPA and the contexts below change nothing. FlexAttention does not: on the CPU it
+# has no backward, and its forward is a C++ build.
+GPU_WAYS = ON_GPU or TINY
+DECODE_WAYS = ("kernel", "kernel_raw_keys", "kernel_4_warps") if GPU_WAYS else ("kernel", "kernel_raw_keys")
 
 
 def make_inputs(B, H, T, h, requires_grad, with_m):
@@ -184,17 +190,11 @@ def sm80_tiles():
     return tiles_of(80)
 
 
-@contextlib.contextmanager
-def two_stages():
-    """Every pass of the attention kernels pipelined two stages deep, those the tile tables give three
-    included."""
+def overriding(**sizes):
+    """The attention kernels' launches with `sizes` (num_stages=2, say) in place of their tile tables'."""
     from echo_kernels.kernels.attention_common import BLOCK_OVERRIDE
 
-    BLOCK_OVERRIDE["num_stages"] = 2
-    try:
-        yield
-    finally:
-        del BLOCK_OVERRIDE["num_stages"]
+    return mock.patch.dict(BLOCK_OVERRIDE, sizes)
 
 
 def other_dq_summing():
@@ -206,10 +206,6 @@ def other_dq_summing():
     return attention_backward.dq_in_key_pass(not attention_backward.DQ_IN_KEY_PASS[table])
 
 
-# The GPU's ways run in the CPU rehearsal too (TINY), so that their code has run before a GPU sees it:
-# there plain falls back to SDPA and the two contexts change nothing. FlexAttention does not: on the CPU it
-# has no backward, and its forward is a C++ build.
-GPU_WAYS = ON_GPU or TINY
 IMPLS = {"kernel": run_kernel, "reference": run_reference, "compiled": run_compiled,
          "kernel_unfolded": run_kernel, "kernel_rope_then_m": run_kernel_rope_then_m}
 if ON_GPU:
@@ -219,14 +215,14 @@ if GPU_WAYS:
 WITH_M = ("kernel_unfolded", "kernel_rope_then_m")  # the cases whose op is given M
 QKV_ONLY = ("plain",)  # no bias table: the backward differentiates q, k and v alone
 # Cases run inside a context (forward and backward): the kernel on the other tile table, at two stages, or
-# summing dq the other way.
-CONTEXTS = {}
+# summing dq the other way; and decoding's step on 4 warps.
+CONTEXTS = {"kernel_4_warps": functools.partial(overriding, num_warps=4)}
 if TINY or (ON_GPU and torch.cuda.get_device_capability()[0] == 9):
     IMPLS["kernel_sm80_tiles"] = run_kernel
     CONTEXTS["kernel_sm80_tiles"] = sm80_tiles
 if GPU_WAYS:
     IMPLS["kernel_2_stages"] = run_kernel
-    CONTEXTS["kernel_2_stages"] = two_stages
+    CONTEXTS["kernel_2_stages"] = functools.partial(overriding, num_stages=2)
     IMPLS["kernel_other_dq"] = run_kernel
     CONTEXTS["kernel_other_dq"] = other_dq_summing
 
@@ -325,12 +321,13 @@ def test_decoding_step(benchmark, impl, round_):
 
     x = _decoding_inputs()
     B, H, Tk, h = DECODE_SHAPE
-    keys_rotated = impl == "kernel"
+    keys_rotated = impl != "kernel_raw_keys"
     k = x["k_rotated"] if keys_rotated else x["k"]
 
     def step():
-        return echo_kernels.echo_attention(x["q"], k, x["v"], None, x["w"], x["s"], x["bias"], q_offset=100,
-                                           keys_rotated=keys_rotated)
+        with CONTEXTS.get(impl, contextlib.nullcontext)():
+            return echo_kernels.echo_attention(x["q"], k, x["v"], None, x["w"], x["s"], x["bias"], q_offset=100,
+                                               keys_rotated=keys_rotated)
 
     benchmark.group = f"attention decoding step, cross, {str(DTYPE)[6:]}"
     run_timed(benchmark, step, rounds=CALLS, warmup_rounds=(2 if ON_GPU else 1) if round_ == 0 else 0)

@@ -495,13 +495,15 @@ def first_padded_key(pad_flags: torch.Tensor) -> torch.Tensor:
 
 
 def _short_query_blocks(cfg: dict, Tq: int) -> dict:
-    """Decoding (Tq = 1) and other short query runs: a 128-row tile would be almost all padding, so
-    the tile shrinks, and a tile of 64 rows or fewer needs no more than 4 warps and two stages (at three,
-    decoding's launch spills on sm_90)."""
+    """Decoding (Tq = 1) and other short query runs: a 128-row tile would be almost all padding, so the
+    tile shrinks to Tq's next power of two (16 at least). It keeps its table's warps: over 16 to 64 rows
+    they split the key tile's columns, not repeat each other's products, so a decoding program, which walks
+    every key tile alone, runs each tile on half the tensor-core instructions per warp that 4 warps would,
+    and fewer launches spill (docs/model.md, "Tile tables"). At most two stages: at three, sm_90's 32- and
+    64-row tiles spill under Triton 3.6."""
     cfg = dict(cfg)
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, triton.next_power_of_2(Tq)))
     if cfg["BLOCK_M"] <= 64:
-        cfg["num_warps"] = min(cfg["num_warps"], 4)
         cfg["num_stages"] = min(cfg["num_stages"], 2)
     return cfg
 
