@@ -1,7 +1,7 @@
 """benches/static_counts.py: its counts of the benches' attention launch hold together (global, and with
 the benches' window of 256), and the fused kernel's main loops execute at most 1.25 times the plain flash
-kernel's warp-instructions in the forward and 1.4 times in the backward, the static targets of docs/model.md, "Kernels" (Triton 3.8 counts
-1.19 and 1.30; Triton 3.6, 1.20 and 1.38: docs/model.md).
+kernel's warp-instructions in the forward and 1.4 times in the backward, the static targets of docs/model.md,
+"Kernels" (its "Static report" gives the counts of Triton 3.8 and 3.6).
 
 The script compiles for sm_90 and counts iterations under the interpreter in a child process of its own:
 it runs here as a user runs it, with the interpreter off.
