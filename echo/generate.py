@@ -1,13 +1,9 @@
-"""Generation and transcription for Echo, kept outside the model as in openai/whisper.
+"""Generation for Echo, kept outside the model as in openai/whisper (transcription: echo.transcribe).
 
 `generate`: greedy, sampling and beam search on the explicit KV cache (EchoCache; beams reorder it), with
 whisper's start sequence (<|startoftranscript|><|lang|><|task|><|notimestamps|>) and its temperature
 fallback: a row whose text compresses too well (gzip ratio > 2.4, i.e. repetitive) or whose mean token
 log-probability is below -1 is decoded again at the next temperature.
-
-`transcribe`: paths, waveforms or tensors (one or a list) -> text, long audio cut into consecutive
-windows of the model's input length (30 s for the default n_audio_ctx = 1500), all windows of all
-inputs batched together.
 """
 
 from __future__ import annotations
@@ -62,7 +58,7 @@ def start_tokens(config, language: str | None, task: str | None, prompt=None) ->
     where language and task mean nothing and are refused."""
     from .audio import prompt_tokens, uses_whisper_vocab
 
-    _check_language(language)
+    check_language(language)
     if prompt is not None:
         prompt = [int(t) for t in (prompt.tolist() if isinstance(prompt, Tensor) else prompt)]
         if not prompt:
@@ -80,19 +76,19 @@ def start_tokens(config, language: str | None, task: str | None, prompt=None) ->
     code = whisper_tokenizer.TO_LANGUAGE_CODE.get(language.lower(), language.lower())
     if code not in whisper_tokenizer.LANGUAGES:
         raise ValueError(f"unknown language {language!r}; expected a code or name whisper knows, e.g. 'en', 'french'")
-    if not _multilingual(config) and (code != "en" or task == "translate"):
+    if not is_multilingual(config) and (code != "en" or task == "translate"):
         raise ValueError(f"this model's vocabulary ({config.vocab_size} tokens) is English-only: it has no "
                          f"language or task tokens, so language={language!r}, task={task!r} cannot be asked for")
     return prompt_tokens(code, task or "transcribe", vocab_size=config.vocab_size)
 
 
-def _check_language(language) -> None:
+def check_language(language) -> None:
     if language is not None and not isinstance(language, str):
         raise TypeError(f"language must be None or a string, a code such as 'en' or a name such as 'french'; "
                         f"got {type(language).__name__}")
 
 
-def _int_at_least(name: str, value, minimum: int) -> int:
+def int_at_least(name: str, value, minimum: int) -> int:
     """value as an int (any integer type but bool): TypeError if it is not one, ValueError if below `minimum`."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -148,8 +144,8 @@ def _pad_token(config, pad_token_id: int | None) -> int:
     return pad_token_id
 
 
-def _multilingual(config) -> bool:
-    """whisper's Whisper.is_multilingual, from the vocabulary size."""
+def is_multilingual(config) -> bool:
+    """whisper's Whisper.isis_multilingual, from the vocabulary size."""
     from .audio import uses_whisper_vocab
 
     return uses_whisper_vocab(config) and config.vocab_size >= 51865
@@ -359,12 +355,12 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     if unused:
         raise TypeError(f"generate() got unexpected arguments: {sorted(unused)}")
     check_mel(config, input_features, attention_mask)
-    num_beams = _int_at_least("num_beams", num_beams, 1)
+    num_beams = int_at_least("num_beams", num_beams, 1)
     temperatures = _temperatures(temperature)
     eot = end_token(config, eos_token_id)
     pad = _pad_token(config, pad_token_id)
     start = start_tokens(config, language, task, prompt)
-    detect = prompt is None and language is None and _multilingual(config)
+    detect = prompt is None and language is None and is_multilingual(config)
     suppress = logit_filter(config, len(start), suppress_tokens, suppress_blank)
     # The text (hence the tokenizer) is needed only to judge a row for the temperature fallback.
     judge_text = compression_ratio_threshold is not None and len(temperatures) > 1
@@ -372,7 +368,7 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     if room < 1:
         raise ValueError(f"the start sequence ({len(start)} tokens) leaves no room in n_text_ctx = {config.n_text_ctx}")
     max_new = (min(room, config.n_text_ctx // 2) if max_new_tokens is None
-               else min(_int_at_least("max_new_tokens", max_new_tokens, 0), room))
+               else min(int_at_least("max_new_tokens", max_new_tokens, 0), room))
     was_training = model.training
     model.eval()
     device = input_features.device
@@ -409,7 +405,7 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
                 d.language = languages[row]
                 d.avg_logprob = d.sum_logprob / (len(d.tokens) + 1)
                 if judge_text:
-                    d.compression_ratio = compression_ratio(_text(config, d.tokens, eot))
+                    d.compression_ratio = compression_ratio(tokens_text(config, d.tokens, eot))
                 failed = ((judge_text and d.compression_ratio > compression_ratio_threshold)
                           or (logprob_threshold is not None and d.avg_logprob < logprob_threshold))
                 if failed and not last:
@@ -437,95 +433,10 @@ def start_language(language: str | None) -> str:
     return to_code.get(language, language)
 
 
-def _text(config, tokens: list[int], eot: int) -> str:
+def tokens_text(config, tokens: list[int], eot: int) -> str:
+    """The text of a row's tokens: whisper's tokenizer on whisper's vocabularies, else the ids but eot."""
     from .audio import decode_text, uses_whisper_vocab
 
     if uses_whisper_vocab(config):
         return decode_text(tokens, config.vocab_size)
     return " ".join(str(t) for t in tokens if t != eot)
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def _as_inputs(audio) -> tuple[list, bool]:
-    """One input or a batch -> (list of inputs, whether a batch was given). Only a list or tuple is a batch:
-    a 2-D array is one multichannel clip (see echo.audio.load_audio), as (B, samples) with B <= 8 could not
-    be told from (channels, samples)."""
-    if isinstance(audio, (list, tuple)):
-        if not audio:
-            raise ValueError("transcribe() got an empty batch")
-        return list(audio), True
-    return [audio], False
-
-
-@torch.no_grad()
-def transcribe(model, audio, language: str | None = None, task: str | None = None, num_beams: int = 1,
-               temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES, batch_size: int = 8,
-               max_new_tokens: int | None = None, **generate_kwargs):
-    """audio: one clip, or a list (or tuple) of clips for a batch
-    -> {"text", "segments": [{"start", "end", "text", "tokens", ...}], "language"}, or a list of those for a
-    batch.
-
-    A clip is a path (decoded to 16 kHz mono by ffmpeg) or a 16 kHz waveform, numpy array or tensor:
-    1-D (samples,) is mono; 2-D is one multichannel clip, (channels, samples) or (samples, channels),
-    whose channel axis is the one of at most 8 entries and whose channels are averaged. A 2-D array is
-    never a batch: with both axes longer than 8 (or both at most 8) it is a ValueError, so stack clips
-    in a list. batch_size (an int >= 1) is the number of windows decoded together.
-
-    As whisper.transcribe without timestamps: the log-mel of the whole input is cut into consecutive windows
-    of the model's input length (2 * n_audio_ctx frames: 30 s at the default 1500), each zero-padded to that
-    length and decoded on its own; the texts are joined. language=None on a multilingual vocabulary is
-    detected once per input, from its first window. A missing file raises FileNotFoundError, an undecodable
-    one ValueError; silence and very short clips give a (possibly empty) result.
-    """
-    from .audio import FRAMES_PER_SECOND, HOP_LENGTH, load_audio, log_mel_spectrogram, pad_or_trim
-
-    config = model.config
-    batch_size = _int_at_least("batch_size", batch_size, 1)
-    _check_language(language)
-    eot = end_token(config, generate_kwargs.get("eos_token_id"))
-    inputs, batched = _as_inputs(audio)
-    window = 2 * config.n_audio_ctx  # mel frames per window
-    device = next(model.parameters()).device
-    mels = []
-    for item in inputs:
-        wave = load_audio(item)
-        mels.append(log_mel_spectrogram(wave, n_mels=config.n_mels, padding=window * HOP_LENGTH))
-    languages = [language] * len(inputs)
-    if language is None and _multilingual(config):
-        was_training = model.training
-        model.eval()
-        try:
-            for b in range(0, len(mels), batch_size):
-                first = torch.stack([pad_or_trim(m, window) for m in mels[b: b + batch_size]]).to(device)
-                languages[b: b + batch_size] = detect_language(model, model.encode(first)[0], None)[1]
-        finally:
-            model.train(was_training)
-    jobs = []  # (input index, start frame, end frame, mel window): the content frames, then zeros
-    for i, mel in enumerate(mels):
-        content = mel.shape[-1] - window
-        for s in range(0, content, window):
-            e = min(s + window, content)
-            jobs.append((i, s, e, pad_or_trim(mel[:, s:e], window)))
-    decoded: dict[int, Decoded] = {}
-    for lang in dict.fromkeys(languages):  # one generate call per language, in batches
-        group = [j for j, job in enumerate(jobs) if languages[job[0]] == lang]
-        for b in range(0, len(group), batch_size):
-            chunk = group[b: b + batch_size]
-            mel = torch.stack([jobs[j][3] for j in chunk]).to(device)
-            out = generate(model, mel, max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
-                           language=lang, task=task, return_dict_in_generate=True, **generate_kwargs)
-            decoded.update(zip(chunk, out.rows))
-    results = [{"text": "", "segments": [], "language": languages[i]} for i in range(len(inputs))]
-    seconds = 1 / FRAMES_PER_SECOND
-    for j, (i, s, e, _) in enumerate(jobs):
-        d = decoded[j]
-        results[i]["language"] = d.language
-        results[i]["segments"].append({"start": round(s * seconds, 2), "end": round(e * seconds, 2),
-                                       "text": _text(config, d.tokens, eot).strip(), "tokens": d.tokens,
-                                       "temperature": d.temperature, "avg_logprob": d.avg_logprob,
-                                       "compression_ratio": d.compression_ratio})
-    for r in results:
-        r["text"] = " ".join(seg["text"] for seg in r["segments"] if seg["text"]).strip()
-    return results if batched else results[0]

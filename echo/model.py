@@ -21,12 +21,12 @@ from .attention import EchoAttention, encoder_mixer
 from .cache import EchoCache
 from .config import EchoConfig, to_echo_config
 from .generate import generate as generate_function
-from .generate import transcribe as transcribe_function
 from .inputs import as_model_dtype, check_mel, check_tokens
 from .layers import MLP, S1LayerNorm, checkpoint_contexts, layer_norm
 from .linear import tied_logits
 from .positional import (PAIR_SEED, CombinedRotaryEmbedding, GivensSite, LearnedSinusoidalEmbedding,
                          PositionalState, rope_frequencies, site_matrices)
+from .transcribe import transcribe as transcribe_function
 
 logger = logging.getLogger(__name__)
 
@@ -409,9 +409,9 @@ class Echo(PreTrainedModel):
         return loss
 
     # ------------------------------------------------------------------------------------------
-    # decoding lives in echo/generate.py, outside the model as openai-whisper keeps it; bound here as the
-    # model's methods (model.generate(mel, ...) is generate(model, mel, ...)), which also override
-    # transformers' generate
+    # decoding lives in echo/generate.py and echo/transcribe.py, outside the model as openai-whisper keeps it;
+    # bound here as the model's methods (model.generate(mel, ...) is generate(model, mel, ...)), which also
+    # override transformers' generate
 
     generate = generate_function
     transcribe = transcribe_function

@@ -210,12 +210,13 @@ def test_transcribe_edge_cases(tmp_path):
     assert isinstance(short["text"], str) and short["segments"][0]["end"] == 0.1
 
 
-def test_generate_and_transcribe_are_echo_generate_functions_bound_to_the_model():
-    """model.generate(mel, ...) is echo.generate.generate(model, mel, ...): the bound method shows the
-    function's own signature and docstring, and it is Echo's, not transformers'."""
+def test_generate_and_transcribe_are_echo_functions_bound_to_the_model():
+    """model.generate(mel, ...) is echo.generate.generate(model, mel, ...) (and model.transcribe echo.transcribe's):
+    the bound method shows the function's own signature and docstring, and it is Echo's, not transformers'."""
     import echo.generate
+    import echo.transcribe
 
-    assert Echo.generate is echo.generate.generate and Echo.transcribe is echo.generate.transcribe
+    assert Echo.generate is echo.generate.generate and Echo.transcribe is echo.transcribe.transcribe
     model = random_model()
     params = list(inspect.signature(model.generate).parameters)
     assert params[:4] == ["input_features", "attention_mask", "max_new_tokens", "num_beams"]
