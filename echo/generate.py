@@ -83,6 +83,7 @@ def start_tokens(config, language: str | None, task: str | None, prompt=None) ->
 
 
 def check_language(language) -> None:
+    """TypeError unless language is None or a string (start_tokens checks that whisper knows it)."""
     if language is not None and not isinstance(language, str):
         raise TypeError(f"language must be None or a string, a code such as 'en' or a name such as 'french'; "
                         f"got {type(language).__name__}")
