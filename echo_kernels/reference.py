@@ -220,13 +220,13 @@ def echo_attention(
     M = M.to(compute) if M is not None else None
     if w is not None:
         w, s = w.to(compute), _as_compute(s, compute)
-    q_rot = rotate_for_attention(q.to(compute), M, None if w is None else rope_angles(w, s, q_pos_all), layout,
-                                 rotation)
-    if keys_rotated:
-        k_rot = k.to(compute)
-    else:
-        k_rot = rotate_for_attention(k.to(compute), M, None if w is None else rope_angles(w, s, k_pos_all), layout,
-                                     rotation)
+
+    def rotated(u: Tensor, positions: Tensor) -> Tensor:
+        phi = None if w is None else rope_angles(w, s, positions)
+        return rotate_for_attention(u.to(compute), M, phi, layout, rotation)
+
+    q_rot = rotated(q, q_pos_all)
+    k_rot = k.to(compute) if keys_rotated else rotated(k, k_pos_all)
     v = v.to(compute)
     bias = bias.to(compute) if bias is not None else None
     left, right = window_bounds(window, causal)
