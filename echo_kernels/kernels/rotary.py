@@ -21,9 +21,10 @@ Backward, with g = RoPE^T(dy) in pair form (du_e, du_o) = (da cos + db sin, db c
     dM[:, 0::2] = sum over tokens of x^T du_e,  dM[:, 1::2] = x^T du_o
     dphi = a db - b da   (da/dphi = -b, db/dphi = a),  so  dw[m] = s sum_t t dphi,  ds = sum_m w[m] sum_t t dphi
 
-The backward program recomputes u from x (two more dots; x is read anyway for dM), so nothing but
-the inputs is saved. dM and sum_t t dphi are written as per-program partials and summed by torch
-in a fixed order: deterministic, no float atomics.
+and dphi = u_e du_o - u_o du_e, the form the kernel uses (no a, b). The backward program recomputes u
+from x (two more dots; x is read anyway for dM), so nothing but the inputs is saved. It loads each
+head's x and dy tiles one head ahead, into registers (see the kernel). dM and sum_t t dphi are
+written as per-program partials and summed by torch in a fixed order: deterministic, no float atomics.
 """
 
 from __future__ import annotations
@@ -185,6 +186,18 @@ def _rotary_fwd_kernel(
 
 
 @triton.jit
+def _head_tiles(X, DY, pid_b, t0, head, ok, x_offsets, da_offsets, db_offsets, x_mask, dy_mask,
+                stride_xb, stride_xt, stride_xh, stride_dyb, stride_dyt, stride_dyh):
+    """One head's token tiles of x and of dy's halves (da, db), in their own dtype; zeros unless ok."""
+    x = tl.load(_tile(X, pid_b, t0, head, stride_xb, stride_xt, stride_xh) + x_offsets, mask=x_mask & ok,
+                other=0.0)
+    dy = _tile(DY, pid_b, t0, head, stride_dyb, stride_dyt, stride_dyh)
+    da = tl.load(dy + da_offsets, mask=dy_mask & ok, other=0.0)
+    db = tl.load(dy + db_offsets, mask=dy_mask & ok, other=0.0)
+    return x, da, db
+
+
+@triton.jit
 def _rotary_bwd_kernel(
     X, M, W, S, DY, DX, DM_PART, G_PART,
     s_value, offset, T, H, n_head_chunks, n_units,
@@ -229,32 +242,36 @@ def _rotary_bwd_kernel(
         cos, sin, pos = _angles(W, S, s_value, stride_w, offset, t, p, p_mask, S_IS_TENSOR)
         t0 = pid_t * BLOCK_T
         dphi = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
+        x_mask = t_mask[:, None] & k_mask[None, :]
+        dy_mask = t_mask[:, None] & p_mask[None, :]
+        x_next, da_next, db_next = _head_tiles(
+            X, DY, pid_b, t0, head0, head0 < H, x_offsets, da_offsets, db_offsets, x_mask, dy_mask,
+            stride_xb, stride_xt, stride_xh, stride_dyb, stride_dyt, stride_dyh)
         for i in range(HEADS):
             head = head0 + i
-            x_mask = t_mask[:, None] & k_mask[None, :] & (head < H)
-            x = tl.load(_tile(X, pid_b, t0, head, stride_xb, stride_xt, stride_xh) + x_offsets,
-                        mask=x_mask, other=0.0)
-            x = x.to(operand)
+            x, da, db = x_next.to(operand), da_next.to(tl.float32), db_next.to(tl.float32)
+            # The next head's tiles, loaded now and used an iteration later, so that their latency
+            # hides behind this head's work. Into registers, not pipelined through shared memory:
+            # from there the compiler reads dy straight into the products' operand layout, the
+            # whole tile in every warp, and ran the conjugate rotation 8 times over with cos and
+            # sin held in that layout (sm_80 spilled at h = 80 and 128); from registers the rotation
+            # runs in the tile's own layout and only du goes to the products.
+            x_next, da_next, db_next = _head_tiles(
+                X, DY, pid_b, t0, head + 1, (i + 1 < HEADS) & (head + 1 < H), x_offsets, da_offsets,
+                db_offsets, x_mask, dy_mask, stride_xb, stride_xt, stride_xh, stride_dyb, stride_dyt, stride_dyh)
             # Transposed products: M's slices as first operands, which mma.sync spreads over the
             # warps (as second operands each warp would hold all four whole: sm_80 spills).
             x_t = tl.trans(x)
             u_e = tl.trans(_dot(mt_even, x_t, DOT_FP32))
             u_o = tl.trans(_dot(mt_odd, x_t, DOT_FP32))
-            a = u_e * cos - u_o * sin
-            b = u_e * sin + u_o * cos
-
-            dy_mask = t_mask[:, None] & p_mask[None, :] & (head < H)
-            dy = _tile(DY, pid_b, t0, head, stride_dyb, stride_dyt, stride_dyh)
-            da = tl.load(dy + da_offsets, mask=dy_mask, other=0.0).to(tl.float32)
-            db = tl.load(dy + db_offsets, mask=dy_mask, other=0.0).to(tl.float32)
-            dphi += a * db - b * da
             du_e = da * cos + db * sin  # the conjugate rotation
             du_o = db * cos - da * sin
+            dphi += u_e * du_o - u_o * du_e  # = a db - b da, without forming a and b
 
             du_e, du_o = du_e.to(operand), du_o.to(operand)
             dx = tl.trans(_dot(m_even, tl.trans(du_e), DOT_FP32) + _dot(m_odd, tl.trans(du_o), DOT_FP32))
             dx_tile = _tile(DX, pid_b, t0, head, stride_dxb, stride_dxt, stride_dxh)
-            tl.store(dx_tile + dx_offsets, dx.to(DX.dtype.element_ty), mask=x_mask)
+            tl.store(dx_tile + dx_offsets, dx.to(DX.dtype.element_ty), mask=x_mask & (head < H))
             dm_even += _dot(x_t, du_e, DOT_FP32)
             dm_odd += _dot(x_t, du_o, DOT_FP32)
         g += tl.sum(dphi * pos[:, None], axis=0)  # rows past T hold dphi = 0
@@ -281,12 +298,15 @@ def _config(h: int, dtype: torch.dtype, backward: bool) -> dict:
     block_t = BLOCK_T_BWD if backward else BLOCK_T
     cfg = dict(BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_P=block_p, DOT_FP32=dot_fp32, num_stages=3)
     if backward:
-        # From h = 64 up the (BLOCK_T, BLOCK_P) fp32 tensors and the two (BLOCK_K, BLOCK_P) dM
-        # accumulators are spread over 8 warps and the token tiles are halved (at 32 rows h = 64 spills
-        # on sm_80), as they are for fp32 (dots on the FMA units, operands in registers).
-        cfg["num_warps"] = 8 if block_k >= 64 else 4
+        # From h = 64 up, and for fp32 (dots on the FMA units, operands in registers), token tiles
+        # of 16 rows; the two (BLOCK_K, BLOCK_P) fp32 dM accumulators spread over 8 warps from h = 128
+        # (80 pads to it) and for fp32 at 64, where 4 warps spill. At h = 64, 4 warps run 16 tokens
+        # in 39% fewer warp-instructions than 8 (python -m echo_kernels.aot: 179 x 4 against 146 x 8
+        # per loop on sm_80) and fit two CTAs per SM.
         if block_k >= 64 or dtype == torch.float32:
             cfg["BLOCK_T"] = BLOCK_T_BWD // 2
+        cfg["num_warps"] = 8 if block_k >= 128 or (block_k >= 64 and dtype == torch.float32) else 4
+        cfg["num_stages"] = 1  # the kernel loads one head ahead itself: nothing for the pipeliner
     else:
         # 8 warps from h = 64 up: at 4, h = 64 spills registers on sm_80 and sm_90. fp32 dots run
         # on the FMA units with their operands in registers, and wgmma is out of reach anyway:
