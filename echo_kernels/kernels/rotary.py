@@ -186,14 +186,31 @@ def _rotary_fwd_kernel(
 
 
 @triton.jit
-def _head_tiles(X, DY, pid_b, t0, head, ok, x_offsets, da_offsets, db_offsets, x_mask, dy_mask,
-                stride_xb, stride_xt, stride_xh, stride_dyb, stride_dyt, stride_dyh):
-    """One head's token tiles of x and of dy's halves (da, db), in their own dtype; zeros unless ok."""
-    x = tl.load(_tile(X, pid_b, t0, head, stride_xb, stride_xt, stride_xh) + x_offsets, mask=x_mask & ok,
-                other=0.0)
-    dy = _tile(DY, pid_b, t0, head, stride_dyb, stride_dyt, stride_dyh)
-    da = tl.load(dy + da_offsets, mask=dy_mask & ok, other=0.0)
-    db = tl.load(dy + db_offsets, mask=dy_mask & ok, other=0.0)
+def _unit_tiles(first, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, H, X, DY, DX,
+                stride_xb, stride_xt, stride_xh, stride_dyb, stride_dyt, stride_dyh, stride_dxb, stride_dxt,
+                stride_dxh, BLOCK_T: tl.constexpr):
+    """The unit that opens with a backward program's head number `first` (its units are pid,
+    pid + n_programs, ..., each HEADS heads of one t block and batch row): its positions, which of its
+    rows to read (none past T, or with the unit past H), and its first head's x, dy and dx tiles."""
+    unit = pid + (first // HEADS) * n_programs
+    pid_t = unit % n_t_blocks
+    pid_b = unit // n_t_blocks // n_head_chunks
+    head0 = (unit // n_t_blocks % n_head_chunks) * HEADS
+    t0 = pid_t * BLOCK_T
+    rows = t0 + tl.arange(0, BLOCK_T)
+    x = _tile(X, pid_b, t0, head0, stride_xb, stride_xt, stride_xh)
+    dy = _tile(DY, pid_b, t0, head0, stride_dyb, stride_dyt, stride_dyh)
+    dx = _tile(DX, pid_b, t0, head0, stride_dxb, stride_dxt, stride_dxh)
+    return rows, (rows < T) & (head0 < H), head0, x, dy, dx
+
+
+@triton.jit
+def _head_tiles(x_tile, dy_tile, rows_ok, k_mask, p_mask, x_offsets, da_offsets, db_offsets):
+    """One head's token tiles of x and of dy's halves (da, db) from their first rows' addresses, in
+    their own dtype; zeros in the rows not rows_ok."""
+    x = tl.load(x_tile + x_offsets, mask=rows_ok[:, None] & k_mask[None, :], other=0.0)
+    da = tl.load(dy_tile + da_offsets, mask=rows_ok[:, None] & p_mask[None, :], other=0.0)
+    db = tl.load(dy_tile + db_offsets, mask=rows_ok[:, None] & p_mask[None, :], other=0.0)
     return x, da, db
 
 
@@ -232,33 +249,40 @@ def _rotary_bwd_kernel(
 
     dm_even = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
     dm_odd = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
-    g = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for unit in range(pid, n_units, n_programs):
-        pid_t = unit % n_t_blocks
-        pid_b = unit // n_t_blocks // n_head_chunks
-        head0 = (unit // n_t_blocks % n_head_chunks) * HEADS
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        t_mask = t < T
-        cos, sin, pos = _angles(W, S, s_value, stride_w, offset, t, p, p_mask, S_IS_TENSOR)
-        t0 = pid_t * BLOCK_T
-        dphi = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
-        x_mask = t_mask[:, None] & k_mask[None, :]
-        dy_mask = t_mask[:, None] & p_mask[None, :]
-        x_next, da_next, db_next = _head_tiles(
-            X, DY, pid_b, t0, head0, head0 < H, x_offsets, da_offsets, db_offsets, x_mask, dy_mask,
-            stride_xb, stride_xt, stride_xh, stride_dyb, stride_dyt, stride_dyh)
+    t_dphi = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)  # t dphi, summed over heads and units by row
+    # The program's heads are numbered across its units (pid < n_units: the launcher's n_programs is at
+    # most n_units), so that each head's tiles are loaded while the head before it runs, from one unit
+    # to the next too.
+    n_heads = tl.cdiv(n_units - pid, n_programs) * HEADS
+    _, later_ok, _, x_later, dy_later, _ = _unit_tiles(
+        0, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, H, X, DY, DX, stride_xb, stride_xt,
+        stride_xh, stride_dyb, stride_dyt, stride_dyh, stride_dxb, stride_dxt, stride_dxh, BLOCK_T)
+    x_next, da_next, db_next = _head_tiles(x_later, dy_later, later_ok, k_mask, p_mask, x_offsets, da_offsets,
+                                           db_offsets)
+    for first in range(0, n_heads, HEADS):
+        rows, rows_ok, head, x_head, dy_head, dx_head = _unit_tiles(
+            first, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, H, X, DY, DX, stride_xb, stride_xt,
+            stride_xh, stride_dyb, stride_dyt, stride_dyh, stride_dxb, stride_dxt, stride_dxh, BLOCK_T)
+        cos, sin, pos = _angles(W, S, s_value, stride_w, offset, rows, p, p_mask, S_IS_TENSOR)
+        _, later_ok, _, x_later, dy_later, _ = _unit_tiles(
+            first + HEADS, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, H, X, DY, DX, stride_xb,
+            stride_xt, stride_xh, stride_dyb, stride_dyt, stride_dyh, stride_dxb, stride_dxt, stride_dxh,
+            BLOCK_T)
+        later_ok = later_ok & (first + HEADS < n_heads)
         for i in range(HEADS):
-            head = head0 + i
             x, da, db = x_next.to(operand), da_next.to(tl.float32), db_next.to(tl.float32)
-            # The next head's tiles, loaded now and used an iteration later, so that their latency
-            # hides behind this head's work. Into registers, not pipelined through shared memory:
-            # from there the compiler reads dy straight into the products' operand layout, the
-            # whole tile in every warp, and ran the conjugate rotation 8 times over with cos and
-            # sin held in that layout (sm_80 spilled at h = 80 and 128); from registers the rotation
-            # runs in the tile's own layout and only du goes to the products.
+            # The next head's tiles (the next unit's first after the last), loaded now and used an
+            # iteration later, so that their latency hides behind this head's work. Into registers,
+            # not pipelined through shared memory: from there the compiler reads dy straight into the
+            # products' operand layout, the whole tile in every warp, and ran the conjugate rotation
+            # 8 times over with cos and sin held in that layout (sm_80 spilled at h = 80 and 128); from
+            # registers the rotation runs in the tile's own layout and only du goes to the products.
+            same_unit = i + 1 < HEADS
             x_next, da_next, db_next = _head_tiles(
-                X, DY, pid_b, t0, head + 1, (i + 1 < HEADS) & (head + 1 < H), x_offsets, da_offsets,
-                db_offsets, x_mask, dy_mask, stride_xb, stride_xt, stride_xh, stride_dyb, stride_dyt, stride_dyh)
+                tl.where(same_unit, x_head + stride_xh, x_later),
+                tl.where(same_unit, dy_head + stride_dyh, dy_later),
+                tl.where(same_unit, rows_ok & (head + 1 < H), later_ok),
+                k_mask, p_mask, x_offsets, da_offsets, db_offsets)
             # Transposed products: M's slices as first operands, which mma.sync spreads over the
             # warps (as second operands each warp would hold all four whole: sm_80 spills).
             x_t = tl.trans(x)
@@ -266,15 +290,20 @@ def _rotary_bwd_kernel(
             u_o = tl.trans(_dot(mt_odd, x_t, DOT_FP32))
             du_e = da * cos + db * sin  # the conjugate rotation
             du_o = db * cos - da * sin
-            dphi += u_e * du_o - u_o * du_e  # = a db - b da, without forming a and b
+            # dphi = a db - b da without forming a and b; rows past T hold dphi = 0
+            t_dphi += (u_e * du_o - u_o * du_e) * pos[:, None]
 
             du_e, du_o = du_e.to(operand), du_o.to(operand)
             dx = tl.trans(_dot(m_even, tl.trans(du_e), DOT_FP32) + _dot(m_odd, tl.trans(du_o), DOT_FP32))
-            dx_tile = _tile(DX, pid_b, t0, head, stride_dxb, stride_dxt, stride_dxh)
-            tl.store(dx_tile + dx_offsets, dx.to(DX.dtype.element_ty), mask=x_mask & (head < H))
+            dx_mask = (rows_ok & (head < H))[:, None] & k_mask[None, :]
+            tl.store(dx_head + dx_offsets, dx.to(DX.dtype.element_ty), mask=dx_mask)
             dm_even += _dot(x_t, du_e, DOT_FP32)
             dm_odd += _dot(x_t, du_o, DOT_FP32)
-        g += tl.sum(dphi * pos[:, None], axis=0)  # rows past T hold dphi = 0
+            head += 1
+            x_head += stride_xh
+            dy_head += stride_dyh
+            dx_head += stride_dxh
+    g = tl.sum(t_dphi, axis=0)
 
     dm_part = DM_PART + pid.to(tl.int64) * HEAD_DIM * HEAD_DIM + k[:, None] * HEAD_DIM + (2 * p)[None, :]
     dm_mask = k_mask[:, None] & p_mask[None, :]
@@ -300,9 +329,9 @@ def _config(h: int, dtype: torch.dtype, backward: bool) -> dict:
     if backward:
         # From h = 64 up, and for fp32 (dots on the FMA units, operands in registers), token tiles
         # of 16 rows; the two (BLOCK_K, BLOCK_P) fp32 dM accumulators spread over 8 warps from h = 128
-        # (80 pads to it) and for fp32 at 64, where 4 warps spill. At h = 64, 4 warps run 16 tokens
-        # in 39% fewer warp-instructions than 8 (python -m echo_kernels.aot: 179 x 4 against 146 x 8
-        # per loop on sm_80) and fit two CTAs per SM.
+        # (80 pads to it) and for fp32 at 64, where 4 warps spill. At h = 64 (bf16, Triton 3.8), 4 warps
+        # run a 16-token tile in 38% fewer warp-instructions than 8 on sm_80 (4 x 191 against 8 x 154,
+        # python -m echo_kernels.aot) and 53% fewer on sm_90, and fit 3 CTAs per SM against 1.
         if block_k >= 64 or dtype == torch.float32:
             cfg["BLOCK_T"] = BLOCK_T_BWD // 2
         cfg["num_warps"] = 8 if block_k >= 128 or (block_k >= 64 and dtype == torch.float32) else 4
