@@ -9,7 +9,8 @@ of M loaded with strides. At phi = (s * t) * w[m]
 
     a = u_e cos(phi) - u_o sin(phi),   b = u_e sin(phi) + u_o cos(phi)
 
-and a, b go to their output columns by layout: half_split [a..., b...], interleaved [a0, b0, ...].
+and a, b go to their output columns by layout: half_split [a..., b...], interleaved [a0, b0, ...] (its
+rows stored and read whole, a and b joined or split on chip).
 
 A program owns a block of BLOCK_T positions of one batch row and HEADS heads. The angles depend on
 the position only, so cos/sin are computed once per program and reused for each head; M's slices
@@ -113,11 +114,14 @@ def _angles(W, S, s_value, stride_w, offset, t, p, p_mask, S_IS_TENSOR: tl.const
 
 
 @triton.jit
-def _pair_columns(p, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Columns of a_m and b_m in the laid-out vector."""
-    if INTERLEAVED:
-        return 2 * p, 2 * p + 1
-    return p, p + HEAD_DIM // 2
+def _pair_offsets(r, p, stride_t, stride_d, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Offsets in a tile of rows r of the laid-out pairs: of a's and of b's columns in "half_split"
+    [a | b], (rows, BLOCK_P) each; and of whole rows, (rows, 2 BLOCK_P), with the columns that exist,
+    for "interleaved" [a0 b0 a1 b1 ...], which is read and written whole, split and joined on chip
+    (as two strided halves it would take a 2-byte access per element)."""
+    a = r[:, None] * stride_t + p[None, :] * stride_d
+    c = tl.arange(0, 2 * BLOCK_P)
+    return a, a + (HEAD_DIM // 2) * stride_d, r[:, None] * stride_t + c[None, :] * stride_d, c < HEAD_DIM
 
 
 @triton.jit
@@ -161,14 +165,12 @@ def _rotary_fwd_kernel(
     m_even, m_odd = _load_m_slices(M, stride_mk, stride_mn, k, p, k_mask, p_mask, False)
     m_even, m_odd = m_even.to(operand), m_odd.to(operand)
     cos, sin, _ = _angles(W, S, s_value, stride_w, offset, t, p, p_mask, S_IS_TENSOR)
-    col_a, col_b = _pair_columns(p, HEAD_DIM, INTERLEAVED)
 
     # Scalar int64 bases, small int32 offsets within a tile: a tile of 64-bit pointers would hold
     # two registers per element for the whole head loop.
     r = tl.arange(0, BLOCK_T)
     x_offsets = r[:, None] * stride_xt + k[None, :] * stride_xd
-    a_offsets = r[:, None] * stride_yt + col_a[None, :] * stride_yd
-    b_offsets = r[:, None] * stride_yt + col_b[None, :] * stride_yd
+    a_offsets, b_offsets, pair_offsets, pair_ok = _pair_offsets(r, p, stride_yt, stride_yd, HEAD_DIM, BLOCK_P)
     for i in range(HEADS):
         head = head0 + i
         x_mask = t_mask[:, None] & k_mask[None, :] & (head < H)
@@ -179,10 +181,15 @@ def _rotary_fwd_kernel(
         u_o = _dot(x, m_odd, DOT_FP32)
         a = u_e * cos - u_o * sin
         b = u_e * sin + u_o * cos
-        y_mask = t_mask[:, None] & p_mask[None, :] & (head < H)
         y = _tile(Y, pid_b, pid_t * BLOCK_T, head, stride_yb, stride_yt, stride_yh)
-        tl.store(y + a_offsets, a.to(Y.dtype.element_ty), mask=y_mask)
-        tl.store(y + b_offsets, b.to(Y.dtype.element_ty), mask=y_mask)
+        if INTERLEAVED:
+            pairs = tl.reshape(tl.join(a, b), (BLOCK_T, 2 * BLOCK_P))  # [a0 b0 a1 b1 ...]
+            tl.store(y + pair_offsets, pairs.to(Y.dtype.element_ty),
+                     mask=t_mask[:, None] & pair_ok[None, :] & (head < H))
+        else:
+            y_mask = t_mask[:, None] & p_mask[None, :] & (head < H)
+            tl.store(y + a_offsets, a.to(Y.dtype.element_ty), mask=y_mask)
+            tl.store(y + b_offsets, b.to(Y.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -205,12 +212,17 @@ def _unit_tiles(first, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, H, 
 
 
 @triton.jit
-def _head_tiles(x_tile, dy_tile, rows_ok, k_mask, p_mask, x_offsets, da_offsets, db_offsets):
+def _head_tiles(x_tile, dy_tile, rows_ok, k_mask, p_mask, pair_ok, x_offsets, da_offsets, db_offsets,
+                dy_offsets, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     """One head's token tiles of x and of dy's halves (da, db) from their first rows' addresses, in
-    their own dtype; zeros in the rows not rows_ok."""
+    their own dtype; zeros in the rows not rows_ok. Offsets of _pair_offsets."""
     x = tl.load(x_tile + x_offsets, mask=rows_ok[:, None] & k_mask[None, :], other=0.0)
-    da = tl.load(dy_tile + da_offsets, mask=rows_ok[:, None] & p_mask[None, :], other=0.0)
-    db = tl.load(dy_tile + db_offsets, mask=rows_ok[:, None] & p_mask[None, :], other=0.0)
+    if INTERLEAVED:
+        dy = tl.load(dy_tile + dy_offsets, mask=rows_ok[:, None] & pair_ok[None, :], other=0.0)
+        da, db = tl.split(tl.reshape(dy, (BLOCK_T, BLOCK_P, 2)))
+    else:
+        da = tl.load(dy_tile + da_offsets, mask=rows_ok[:, None] & p_mask[None, :], other=0.0)
+        db = tl.load(dy_tile + db_offsets, mask=rows_ok[:, None] & p_mask[None, :], other=0.0)
     return x, da, db
 
 
@@ -239,13 +251,12 @@ def _rotary_bwd_kernel(
     mt_even, mt_odd = _load_m_slices(M, stride_mk, stride_mn, k, p, k_mask, p_mask, True)
     m_even, m_odd = m_even.to(operand), m_odd.to(operand)
     mt_even, mt_odd = mt_even.to(operand), mt_odd.to(operand)
-    col_a, col_b = _pair_columns(p, HEAD_DIM, INTERLEAVED)
 
     r = tl.arange(0, BLOCK_T)
     x_offsets = r[:, None] * stride_xt + k[None, :] * stride_xd
     dx_offsets = r[:, None] * stride_dxt + k[None, :] * stride_dxd
-    da_offsets = r[:, None] * stride_dyt + col_a[None, :] * stride_dyd
-    db_offsets = r[:, None] * stride_dyt + col_b[None, :] * stride_dyd
+    da_offsets, db_offsets, dy_offsets, pair_ok = _pair_offsets(r, p, stride_dyt, stride_dyd, HEAD_DIM,
+                                                                BLOCK_P)
 
     dm_even = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
     dm_odd = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
@@ -257,8 +268,8 @@ def _rotary_bwd_kernel(
     _, later_ok, _, x_later, dy_later, _ = _unit_tiles(
         0, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, H, X, DY, DX, stride_xb, stride_xt,
         stride_xh, stride_dyb, stride_dyt, stride_dyh, stride_dxb, stride_dxt, stride_dxh, BLOCK_T)
-    x_next, da_next, db_next = _head_tiles(x_later, dy_later, later_ok, k_mask, p_mask, x_offsets, da_offsets,
-                                           db_offsets)
+    x_next, da_next, db_next = _head_tiles(x_later, dy_later, later_ok, k_mask, p_mask, pair_ok, x_offsets,
+                                           da_offsets, db_offsets, dy_offsets, INTERLEAVED, BLOCK_T, BLOCK_P)
     for first in range(0, n_heads, HEADS):
         rows, rows_ok, head, x_head, dy_head, dx_head = _unit_tiles(
             first, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, H, X, DY, DX, stride_xb, stride_xt,
@@ -282,7 +293,8 @@ def _rotary_bwd_kernel(
                 tl.where(same_unit, x_head + stride_xh, x_later),
                 tl.where(same_unit, dy_head + stride_dyh, dy_later),
                 tl.where(same_unit, rows_ok & (head + 1 < H), later_ok),
-                k_mask, p_mask, x_offsets, da_offsets, db_offsets)
+                k_mask, p_mask, pair_ok, x_offsets, da_offsets, db_offsets, dy_offsets, INTERLEAVED, BLOCK_T,
+                BLOCK_P)
             # Transposed products: M's slices as first operands, which mma.sync spreads over the
             # warps (as second operands each warp would hold all four whole: sm_80 spills).
             x_t = tl.trans(x)
