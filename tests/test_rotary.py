@@ -307,14 +307,12 @@ def test_aot_compiles_for_sm80_and_sm90(aot_reports):
                 assert r.wgmma
 
 
-
-
 def test_backward_loop_runs_the_rotation_once_per_tile():
     """The backward's loop over heads executes at most 1.5 h warp-instructions per token and head (h
     padded to a power of two; bf16 and fp16, as the committed report of the installed Triton records
-    it): the conjugate rotation runs once per tile, in the tile's own layout. Pipelined through shared memory, dy was read in the
-    products' operand layout, whole in every warp, and every warp ran the rotation: 3.6 h at h = 64 on
-    sm_80 (docs/model.md, rotary_orthogonal)."""
+    it): the conjugate rotation runs once per tile, in the tile's own layout. Pipelined through shared
+    memory, dy was read in the products' operand layout, whole in every warp, and every warp ran the
+    rotation: 3.6 h at h = 64 on sm_80 (docs/model.md, rotary_orthogonal)."""
     recorded = aot.recorded_loops(triton.__version__)
     checked = 0
     for arch in aot.TARGETS:

@@ -284,10 +284,10 @@ def _rotary_bwd_kernel(
             x, da, db = x_next.to(operand), da_next.to(tl.float32), db_next.to(tl.float32)
             # The next head's tiles (the next unit's first after the last), loaded now and used an
             # iteration later, so that their latency hides behind this head's work. Into registers,
-            # not pipelined through shared memory: from there the compiler reads dy straight into the
-            # products' operand layout, the whole tile in every warp, and ran the conjugate rotation
-            # 8 times over with cos and sin held in that layout (sm_80 spilled at h = 80 and 128); from
-            # registers the rotation runs in the tile's own layout and only du goes to the products.
+            # not pipelined through shared memory: from there the compiler would read dy straight into
+            # the products' operand layout, the whole tile in every warp, and every warp would run the
+            # conjugate rotation with cos and sin held in that layout (sm_80 spills at h = 80 and 128).
+            # From registers the rotation runs in the tile's own layout and only du goes to the products.
             same_unit = i + 1 < HEADS
             x_next, da_next, db_next = _head_tiles(
                 tl.where(same_unit, x_head + stride_xh, x_later),
@@ -341,9 +341,10 @@ def _config(h: int, dtype: torch.dtype, backward: bool) -> dict:
     if backward:
         # From h = 64 up, and for fp32 (dots on the FMA units, operands in registers), token tiles
         # of 16 rows; the two (BLOCK_K, BLOCK_P) fp32 dM accumulators spread over 8 warps from h = 128
-        # (80 pads to it) and for fp32 at 64, where 4 warps spill. At h = 64 (bf16, Triton 3.8), 4 warps
-        # run a 16-token tile in 38% fewer warp-instructions than 8 on sm_80 (4 x 191 against 8 x 154,
-        # python -m echo_kernels.aot) and 53% fewer on sm_90, and fit 3 CTAs per SM against 1.
+        # (80 pads to it; on 4 they spill) and for fp32 at 64 (4 fill all 255 registers). At h = 64
+        # (bf16, Triton 3.8), 4 warps run a 16-token tile in 38% fewer warp-instructions than 8 on
+        # sm_80 (4 x 191 against 8 x 154, python -m echo_kernels.aot) and 53% fewer on sm_90, and fit
+        # 3 CTAs per SM against 1.
         if block_k >= 64 or dtype == torch.float32:
             cfg["BLOCK_T"] = BLOCK_T_BWD // 2
         cfg["num_warps"] = 8 if block_k >= 128 or (block_k >= 64 and dtype == torch.float32) else 4
