@@ -21,6 +21,7 @@ from echo_kernels.kernels import ATTENTION_HEAD_WIDTHS
 from echo_kernels.kernels import attention as kernel
 from echo_kernels.kernels import attention_backward, attention_common
 from echo_kernels.kernels import attention_cpu
+from echo_kernels.kernels.angles import MAX_ANGLE
 
 from attention_cases import (CASES, GRAD_NAMES, ROTATIONS, assert_gradients_match, call, case_inputs, cast, grads,
                              make_inputs, options, s_error, with_keys_rotated)
@@ -127,6 +128,17 @@ def test_rows_without_keys_give_zeros(use_triton):
     assert torch.isfinite(out).all() and (out[1] == 0).all()
     assert all(torch.isfinite(t).all() for t in g.values())
     assert (g["q"][1] == 0).all() and (g["k"][1] == 0).all() and (g["v"][1] == 0).all()
+
+
+def test_angles_beyond_exact_reduction_are_nan_not_wrong(use_triton):
+    """The passes' sines and cosines are the rotary kernel's (kernels.angles): |phi| >= MAX_ANGLE is past
+    what they reduce exactly, so a row rotated there is NaN, never a wrong rotation. Causal, at positions
+    999..1002 with w = 1: queries 0 and 1 see only keys whose angles stay below it."""
+    inputs = make_inputs(Tq=4, h=32, bias=False)
+    inputs["w"] = torch.ones_like(inputs["w"])
+    inputs["s"] = torch.tensor(MAX_ANGLE.value / 1000.5, dtype=torch.float64)
+    out = call(echo_kernels.echo_attention, cast(inputs, torch.float32), causal=True, q_offset=999, k_offset=999)
+    assert torch.isfinite(out[:, :, :2]).all() and torch.isnan(out[:, :, 2:]).all()
 
 
 def test_strided_inputs(use_triton):

@@ -12,6 +12,7 @@ import triton
 import echo_kernels
 from echo_kernels import aot, reference
 from echo_kernels.kernels import rotary as kernels
+from echo_kernels.kernels.angles import MAX_ANGLE
 
 from numerics import rel_err
 
@@ -110,7 +111,7 @@ def test_forward_beyond_exact_angles_is_nan_not_wrong():
     # rotation; positions whose angles stay below it are unaffected.
     x, M, w, _ = make_inputs(1, 4, 1, 32, torch.float32, strided=False)
     w = torch.ones_like(w)
-    s = kernels.MAX_ANGLE.value / 1000.5  # positions 999 and 1000 below it, 1001 and 1002 beyond
+    s = MAX_ANGLE.value / 1000.5  # positions 999 and 1000 below it, 1001 and 1002 beyond
     y = echo_kernels.rotary_orthogonal(x, M, w, s, offset=999)
     assert torch.isfinite(y[:, :2]).all() and torch.isnan(y[:, 2:]).all()
 

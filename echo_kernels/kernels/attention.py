@@ -16,10 +16,10 @@ P = M M^T / sqrt(h) once per call, and the keys only need RoPE(k). One memory-bo
 RoPE(k), and q'' = RoPE(q) @ P (inner dim h), or RoPE(q) / sqrt(h) without M. The attention kernel
 then loads its query tile and its key tiles as plain contiguous tiles, which the compiler pipelines as
 asynchronous copies, and spends no sine or cosine at all; nor does its code hold a rotation (a query
-tile's sines and cosines, inlined per element with their slow paths, would be most of the code a program
-runs before its first key tile; small code is the aim: docs/model.md, Kernels). The only products left
-are attention's own, q'' RoPE(k)^T and p v, each one product of whole rows. The gradients are still
-those of the formula above (the backward goes through P back to M).
+tile's sines and cosines, per element, would add to the code a program runs before its first key tile;
+small code is the aim: docs/model.md, Kernels). The only products left are attention's own, q'' RoPE(k)^T
+and p v, each one product of whole rows. The gradients are still those of the formula above (the
+backward goes through P back to M).
 
 RoPE is done on even/odd columns loaded as two (BLOCK, h/2) tiles, so registers are never
 de-interleaved: a = x_even cos - x_odd sin, b = x_even sin + x_odd cos. The layout (half_split or
@@ -124,10 +124,9 @@ def _rope_rows_kernel(
         xa = a * scale
         xb = b * scale
     mask = rows[:, None] < T
-    if INTERLEAVE:
-        offs = pid_bh * T * HEAD + rows[:, None] * HEAD + 2 * tl.arange(0, HALF)[None, :]
-        tl.store(XX + offs, xa.to(DT), mask=mask)
-        tl.store(XX + offs + 1, xb.to(DT), mask=mask)
+    if INTERLEAVE:  # rows stored whole, a and b joined on chip: two strided halves would store 2 bytes apiece
+        offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
+        tl.store(XX + offs, tl.interleave(xa, xb).to(DT), mask=mask)
     else:
         offs = pid_bh * T * HEAD + rows[:, None] * HEAD + tl.arange(0, HALF)[None, :]
         tl.store(XX + offs, xa.to(DT), mask=mask)

@@ -109,7 +109,7 @@ _LIGHT_BLOCKS = {
              unrotate=dict(BLOCK_M=64, num_warps=8, num_stages=1)),  # 2 stages spill on sm_80
     128: dict(delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
               unrope=dict(BLOCK_M=32, num_warps=4, num_stages=1),
-              unrotate=dict(BLOCK_M=16, num_warps=8, num_stages=1)),
+              unrotate=dict(BLOCK_M=16, num_warps=8, num_stages=2)),  # 1 stage spills on sm_80
 }
 
 # The two passes that recompute the logits, per (head width, tile table). On sm_80 a chain of dots

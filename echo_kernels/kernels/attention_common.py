@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreted
+from .angles import _sincos
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e)
 
@@ -45,10 +46,14 @@ def _tile_and_head(n_tiles):
 
 @triton.jit
 def _rope_angles(pos, s, W, HALF: tl.constexpr):
-    """cos and sin of phi[t, m] = (s * pos[t]) * w[m], each (rows, HALF) fp32."""
-    w = tl.load(W + tl.arange(0, HALF)).to(tl.float32)
-    phi = (s * pos.to(tl.float32))[:, None] * w[None, :]
-    return tl.cos(phi), tl.sin(phi)
+    """cos and sin of phi[t, m] = (s * pos[t]) * w[m], each (rows, HALF) fp32, by the rotary kernel's
+    _sincos. w is loaded as a whole (rows, HALF) tile, in the layout the compiler gives the pass's
+    (rows, HALF) loads: from a (HALF,) vector the angles took a layout of their own, and their sines and
+    cosines went through shared memory to the tile's (Triton 3.8)."""
+    w = tl.load(W + tl.arange(0, HALF)[None, :] + 0 * pos[:, None]).to(tl.float32)
+    phi = (s * pos.to(tl.float32))[:, None] * w
+    sin, cos = _sincos(phi)
+    return cos, sin
 
 
 @triton.jit

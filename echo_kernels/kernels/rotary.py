@@ -38,6 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backend import triton_interpreted
+from .angles import _sincos
 from .spec import KernelSpec
 
 HEAD_DIMS = (32, 64, 80, 128)  # the widths that aot_specs() compiles; any even h >= 2 works
@@ -62,41 +63,6 @@ def _load_m_slices(M, stride_mk, stride_mn, k, p, k_mask, p_mask, TRANSPOSE: tl.
     m_even = tl.load(base, mask=mask, other=0.0).to(tl.float32)
     m_odd = tl.load(base + stride_mn, mask=mask, other=0.0).to(tl.float32)
     return m_even, m_odd
-
-
-# Largest |phi| whose sine and cosine _sincos computes exactly (within fp32 rounding): the quadrant
-# index j = round(phi / (pi/2)) must stay below 2**32 for the three-part reduction to be exact.
-MAX_ANGLE = tl.constexpr(2.0**32 * 1.5707963267948966)
-
-
-@triton.jit
-def _sincos(phi):
-    """sin and cos of fp32 phi, within 1e-7 of the exact values for |phi| < MAX_ANGLE; NaN beyond.
-
-    The argument is reduced to r in [-pi/4, pi/4] in fp64, by Cody-Waite with pi/2 split in three
-    parts: the first two have 21 significant bits, so j * part is exact for |j| < 2**32 and the
-    subtractions lose nothing, with or without fused multiply-adds (the interpreter does not fuse
-    tl.fma; the GPU does). An fp32 reduction is exact only up to |phi| ~ 1e5, which a long audio at
-    a large learned s can pass. r then goes through Cephes' sinf/cosf minimax polynomials in fp32.
-
-    tl.sin/tl.cos would be libdevice calls whose rarely taken slow path (Payne-Hanek reduction) alone
-    costs the kernel all 255 registers."""
-    x = phi.to(tl.float64)
-    j = tl.floor(x * 0.6366197723675814 + 0.5)  # nearest multiple of pi/2
-    r = tl.fma(j, -1.570796012878418, x)
-    r = tl.fma(j, -3.139164164167596e-07, r)
-    r = tl.fma(j, -6.223372171896613e-14, r).to(tl.float32)
-    r2 = r * r
-    sin_r = tl.fma(tl.fma(tl.fma(r2, -1.95152959e-04, 8.33216087e-03), r2, -1.66666546e-01) * r2, r, r)
-    cos_r = tl.fma(tl.fma(tl.fma(tl.fma(r2, 2.44331571e-05, -1.38873163e-03), r2, 4.16666457e-02), r2, -0.5), r2, 1.0)
-    quadrant = (j - 4.0 * tl.floor(j * 0.25)).to(tl.int32)  # j mod 4, exact in fp64
-    odd = (quadrant & 1) != 0
-    sin = tl.where(odd, cos_r, sin_r)
-    cos = tl.where(odd, sin_r, cos_r)
-    sin = tl.where((quadrant & 2) != 0, -sin, sin)
-    cos = tl.where(((quadrant + 1) & 2) != 0, -cos, cos)
-    in_range = tl.abs(x) < MAX_ANGLE  # beyond it, a loud NaN rather than a wrong rotation
-    return tl.where(in_range, sin, float("nan")), tl.where(in_range, cos, float("nan"))
 
 
 @triton.jit
