@@ -37,6 +37,31 @@ def test_compile_report_sees_tensor_cores(arch):
     assert report.spilled_bytes == 0
 
 
+@triton.jit
+def _libdevice_sine_kernel(X, Y, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(Y + offsets, tl.sin(tl.load(X + offsets)))
+
+
+def test_libdevice_sine_keeps_a_stack_frame():
+    """What test_launches_keep_no_stack_frame_but_to_spill guards against: tl.sin, libdevice's, inlines
+    a slow path for large angles whose table goes through a stack frame, spilling nothing."""
+    spec = aot.KernelSpec(name="sine", fn=_libdevice_sine_kernel,
+                          signature={"X": "*fp32", "Y": "*fp32", "N": "constexpr"}, constexprs={"N": 128})
+    x = torch.empty(128)
+    report = aot.compile_spec(spec, 90, launch=((x, x), {"N": 128}))
+    assert report.stack_bytes > 0 and report.spilled_bytes == 0
+
+
+def test_launches_keep_no_stack_frame_but_to_spill(aot_reports):
+    """No launch of any kernel module, on either target, keeps a stack frame but one that spills: every
+    kernel takes its sines and cosines from kernels.angles._sincos, in registers, where libdevice's would
+    put a frame in every pass that rotates (test_libdevice_sine_keeps_a_stack_frame)."""
+    assert aot_reports
+    framed = [(r.name, r.arch, r.stack_bytes) for r in aot_reports if r.stack_bytes and not r.spilled_bytes]
+    assert not framed, framed
+
+
 # The launches that spill under CI's Triton, and why: the dk/dv pass summing dq on sm_90 (docs/model.md,
 # "Backward passes"): dk/dv's accumulators, a third product per query tile and the bias table's sums; no
 # shape tried spills nothing. No tile table runs it (DQ_IN_KEY_PASS): the GPU benches time it against the
