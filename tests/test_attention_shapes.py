@@ -88,13 +88,13 @@ def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch, dq_in_key_pass
     with kernel_bwd.dq_in_key_pass(dq_in_key_pass):
         grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=5, rotation="rope_then_m")
     # q'' and RoPE(k), NEAR bias tiles, forward, delta, q'' and RoPE(k) again, dkdv's NEAR bias tiles, dkdv,
-    # unrope, dq's NEAR bias tiles and dq (with dbias; neither when dkdv sums dq), dq_unrotate
+    # unrope, dq's NEAR bias tiles and dq (with dbias; neither when dkdv sums dq), RoPE(q) for dP~, dq_unrotate
     names = [name for name, _ in grids]
     tables = ["_near_bias_kernel"] * (2 if dq_in_key_pass else 3)
     assert [name for name in names if name != "_near_bias_kernel"] == [
         "_rope_rows_kernel", "_rope_rows_kernel", "_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_rope_rows_kernel",
-        "_rope_rows_kernel", "_attn_bwd_dkdv_kernel",
-        "_attn_bwd_unrope_kernel", *([] if dq_in_key_pass else ["_attn_bwd_dq_kernel"]), "_attn_bwd_dq_unrotate_kernel"]
+        "_rope_rows_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_unrope_kernel",
+        *([] if dq_in_key_pass else ["_attn_bwd_dq_kernel"]), "_rope_rows_kernel", "_attn_bwd_dq_unrotate_kernel"]
     assert [name for name in names if name == "_near_bias_kernel"] == tables
     assert all(len(grid) == 1 for _, grid in grids), grids
     # every (batch, head) has its programs; a NEAR bias table is one per head, which all batches read

@@ -104,8 +104,8 @@ def _rope_rows_kernel(
     """One (BLOCK) tile of rows of one (batch, head), rotated: XX rows [a | b] * scale, or [a b] @ P~
     with HAS_P (the queries' q'' in the "rope_then_m" order), contiguous, in XX's type (the dot type, to
     which the loops would round them anyway). Every pass that reads these rows, forward or backward,
-    reads this pass's output, so all of them multiply the very same q'' and k'; the backward's light
-    passes recompute a and b by the same arithmetic (_rotated_rows). INTERLEAVE (without P): rows
+    reads this pass's output, so all of them multiply the very same q'' and k' (and, with M, the
+    backward's dP~ the very same RoPE(q): this pass without P, at scale 1). INTERLEAVE (without P): rows
     [a_0 b_0 a_1 b_1 ...] instead, the "interleaved" layout's order, for keys given rotated in it."""
     HALF: tl.constexpr = HEAD // 2
     DT = XX.dtype.element_ty
@@ -113,7 +113,7 @@ def _rope_rows_kernel(
     X += (pid_bh // H) * stride_xb + (pid_bh % H) * stride_xh
     s = tl.load(S).to(tl.float32)
     rows = pid_t * BLOCK + tl.arange(0, BLOCK)
-    a, b, _, _ = _rotated_rows(X, rows, rows < T, stride_xt, stride_xd, x_off + rows, s, W, HALF)
+    a, b = _rotated_rows(X, rows, rows < T, stride_xt, stride_xd, x_off + rows, s, W, HALF)
     if HAS_P:
         p_aa, p_ab, p_ba, p_bb = _load_p(P, HALF)
         xa = tl.dot(a.to(DT), p_aa, input_precision=PRECISION)

@@ -15,7 +15,8 @@ The passes, in launch order:
     rotation   q'' = RoPE(q) @ P~ and RoPE(k) in the dot type, by the forward's own pass and tiles
                (echo_kernels.kernels.attention.rotated_rows), so every pass below multiplies the very
                q'' and k' the forward's probabilities came from, loading contiguous rows (written once,
-               read by every pass below instead of each tile rotating its rows again)
+               read by every pass below instead of each tile rotating its rows again); with M, RoPE(q)
+               too, which dP~ takes
     dkdv       per key tile, looping over the query tiles the band reaches: dv and d(a_k, b_k) (fp32)
     unrope     per key tile: dk from d(a_k, b_k) (undoing RoPE) and the keys' angle partials (not run
                for keys given rotated, keys_rotated: dk = dk', as the dk/dv pass summed it)
@@ -74,7 +75,7 @@ import torch
 import triton
 
 from . import ATTENTION_HEAD_WIDTHS, ECHO_MAX_REL_DIST
-from .attention import attention_operands, first_padded_key, near_bias_args
+from .attention import attention_operands, first_padded_key, near_bias_args, rotated_rows
 from .attention import default_blocks as forward_blocks
 from .attention_backward_keys import _attn_bwd_dkdv_kernel, _attn_bwd_unrope_kernel
 from .attention_backward_queries import (
@@ -99,17 +100,23 @@ from .spec import KernelSpec, pointer_types, signature_of
 # --------------------------------------------------------------------------------------------------
 
 
-# The memory-bound passes, per head width: the same launch on both tile tables.
+# The memory-bound passes, per head width: the same launch on both tile tables. unrotate is the pass with
+# M ("rope_then_m": dP~'s products, and P~'s four blocks held through its tiles), unrotate_no_m without;
+# each spills nothing under Triton 3.6, 3.8 and 3.9 (with M at h = 64, 64 rows on 8 warps spill under 3.6;
+# at h = 128, 8 warps take 1.5 times the instructions per row of 4, and spill on sm_80 under 3.6 and 3.9).
 _LIGHT_BLOCKS = {
-    32: dict(delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
-             unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
-             unrotate=dict(BLOCK_M=64, num_warps=4, num_stages=2)),
-    64: dict(delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
-             unrope=dict(BLOCK_M=64, num_warps=4, num_stages=1),
-             unrotate=dict(BLOCK_M=64, num_warps=8, num_stages=1)),  # 2 stages spill on sm_80
-    128: dict(delta=dict(BLOCK_M=64, num_warps=4, num_stages=1),
-              unrope=dict(BLOCK_M=32, num_warps=4, num_stages=1),
-              unrotate=dict(BLOCK_M=16, num_warps=8, num_stages=2)),  # 1 stage spills on sm_80
+    32: {"delta": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1},
+         "unrope": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1},
+         "unrotate": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2},
+         "unrotate_no_m": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2}},
+    64: {"delta": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1},
+         "unrope": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1},
+         "unrotate": {"BLOCK_M": 32, "num_warps": 4, "num_stages": 2},
+         "unrotate_no_m": {"BLOCK_M": 64, "num_warps": 8, "num_stages": 1}},
+    128: {"delta": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1},
+          "unrope": {"BLOCK_M": 32, "num_warps": 4, "num_stages": 1},
+          "unrotate": {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1},  # 2 stages spill on sm_80
+          "unrotate_no_m": {"BLOCK_M": 16, "num_warps": 8, "num_stages": 2}},
 }
 
 # The two passes that recompute the logits, per (head width, tile table). On sm_80 a chain of dots
@@ -345,14 +352,16 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
 
     if keys_rotated and not has_p and layout == "interleaved":  # d(q'') in the unrotate pass's [a | b] order
         dqq = dqq[..., layout_perm(h, layout, dev)].contiguous()
-    c = cfg["unrotate"]
+    c = cfg["unrotate" if has_p else "unrotate_no_m"]
     n_qtiles = triton.cdiv(Tq, c["BLOCK_M"])
     g_q = torch.empty((B * H * n_qtiles, half), dtype=torch.float32, device=dev)
     # dP~ partials bound the programs per (batch, head); without M every tile is its own program
     n_groups = _dq_programs_per_head(B * H, n_qtiles, dev) if has_p else n_qtiles
     dp_part = torch.empty((B * H * n_groups, h, h) if has_p else (1,), dtype=torch.float32, device=dev)
+    # with M, dP~ takes RoPE(q) as the rotation pass writes it (rows [a | b], not stored beside q'')
+    rows = rotated_rows(q, w32, s32, q_offset, P.dtype, block) if has_p else q
     _attn_bwd_dq_unrotate_kernel[(n_groups * B * H,)](
-        q, P, w32, s32, dqq, dq, g_q, dp_part, *q.stride(), H, Tq, q_offset, scale, n_groups,
+        rows, P, w32, s32, dqq, dq, g_q, dp_part, *rows.stride(), H, Tq, q_offset, scale, n_groups,
         HEAD=h, HAS_P=has_p, BLOCK_M=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
         num_stages=c["num_stages"])
 
@@ -414,9 +423,9 @@ def aot_specs(arch: int) -> list[KernelSpec]:
                 ("dq_unrotate", _attn_bwd_dq_unrotate_kernel, dict(
                     HEAD=h, HAS_P=True, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
                 ("dq_unrotate_no_m", _attn_bwd_dq_unrotate_kernel, dict(
-                    HEAD=h, HAS_P=False, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
+                    HEAD=h, HAS_P=False, BLOCK_M=g["unrotate_no_m"]["BLOCK_M"], PRECISION="tf32")),
             ):
-                c = {"dq_unrotate": g["unrotate"], "dq_unrotate_no_m": g["unrotate"],
+                c = {"dq_unrotate": g["unrotate"], "dq_unrotate_no_m": g["unrotate_no_m"],
                      "dkdv_dq": key_pass}.get(name) or g[name]
                 kinds = dkdv_ptrs if name.startswith("dkdv") else ptrs
                 specs.append(KernelSpec(

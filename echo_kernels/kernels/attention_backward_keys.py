@@ -25,12 +25,14 @@ from .attention_common import (
     _head_bias_tiles,
     _key_ok,
     _load_full,
+    _load_pairs,
     _loop_stages,
     _near_bias,
     _regions,
-    _rotated_rows,
+    _rope_angles,
     _side_sums,
     _skip,
+    _store_angle_partial,
     _store_bias_sums,
     _store_diagonal_sums,
     _tile_and_head,
@@ -330,9 +332,10 @@ def _attn_bwd_unrope_kernel(
     s = tl.load(S).to(tl.float32)
     cols = pid_n * BLOCK + tl.arange(0, BLOCK)
     kpos = k_off + cols
-    ak, bk, kcos, ksin = _rotated_rows(K + b * stride_kb + hd * stride_kh, cols, cols < Tk, stride_kt, stride_kd,
-                                       kpos, s, W, HALF)
+    kcos, ksin = _rope_angles(kpos, s, W, HALF)
+    k1, k2 = _load_pairs(K + b * stride_kb + hd * stride_kh, cols, cols < Tk, stride_kt, stride_kd, HALF)
     offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HALF)[None, :]
     dak = tl.load(DKK + offs, mask=cols[:, None] < Tk, other=0.0)
     dbk = tl.load(DKK + offs + HALF, mask=cols[:, None] < Tk, other=0.0)
-    _unrope_store(dak, dbk, ak, bk, kcos, ksin, kpos, DK + pid_bh * Tk * HEAD, cols, Tk, G, tile, HEAD)
+    dk1, dk2 = _unrope_store(dak, dbk, kcos, ksin, DK + pid_bh * Tk * HEAD, cols, Tk, HEAD)
+    _store_angle_partial(k1, k2, dk1, dk2, kpos, G, tile)

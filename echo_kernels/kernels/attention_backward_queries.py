@@ -24,11 +24,13 @@ from .attention_common import (
     _key_ok,
     _load_full,
     _load_p,
+    _load_pairs,
     _near_bias,
     _query_tile_stages,
-    _rotated_rows,
+    _rope_angles,
     _side_sums,
     _skip,
+    _store_angle_partial,
     _store_bias_sums,
     _store_diagonal_sums,
     _tile_and_head,
@@ -221,11 +223,13 @@ def _attn_bwd_dq_unrotate_kernel(
 
     dP~ is an (h, h) sum over every query; one partial per tile would take more memory than dq
     itself, so the launcher gives each (batch, head) just enough programs to fill the GPU and each
-    program sums its tiles' shares on chip. Without P (HAS_P false) d(a, b) = d(q'') * scale and
-    there is no dP~: DP is not written.
+    program sums its tiles' shares on chip. Q: with P, the rows [a | b] = RoPE(q) in the dot type (the
+    rotation pass's, so dP~ multiplies the very rows q'' came from, and this pass computes the sines
+    and cosines once, for dq: rotating q here as well had Triton 3.6 recompute them in each layout that
+    read them, and spill); without P, q itself, d(a, b) = d(q'') * scale and there is no dP~ (DP is
+    not written).
     """
     HALF: tl.constexpr = HEAD // 2
-    DT = P.dtype.element_ty
     pid_m, pid_bh = _tile_and_head(n_groups)
     prog = pid_bh * n_groups + pid_m
     n_tiles = tl.cdiv(Tq, BLOCK_M)
@@ -245,9 +249,15 @@ def _attn_bwd_dq_unrotate_kernel(
         tile = pid_bh * n_tiles + m
         rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
         qpos = q_off + rows
-        a, bq, cos, sin = _rotated_rows(Q, rows, rows < Tq, stride_qt, stride_qd, qpos, s, W, HALF)
-        offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + half[None, :]
         mask = rows[:, None] < Tq
+        cos, sin = _rope_angles(qpos, s, W, HALF)
+        if HAS_P:
+            q_offs = rows[:, None] * stride_qt + half[None, :] * stride_qd
+            u1 = tl.load(Q + q_offs, mask=mask, other=0.0)
+            u2 = tl.load(Q + q_offs + HALF * stride_qd, mask=mask, other=0.0)
+        else:
+            u1, u2 = _load_pairs(Q, rows, rows < Tq, stride_qt, stride_qd, HALF)
+        offs = pid_bh * Tq * HEAD + rows[:, None] * HEAD + half[None, :]
         dqa = tl.load(DQQ + offs, mask=mask, other=0.0)
         dqb = tl.load(DQQ + offs + HALF, mask=mask, other=0.0)
 
@@ -269,15 +279,18 @@ def _attn_bwd_dq_unrotate_kernel(
             da = tl.dot(dqb, tl.trans(p_ab), da, input_precision=PRECISION)
             db = tl.dot(dqa, tl.trans(p_ba), input_precision=PRECISION)
             db = tl.dot(dqb, tl.trans(p_bb), db, input_precision=PRECISION)
-        _unrope_store(da, db, a, bq, cos, sin, qpos, DQ + pid_bh * Tq * HEAD, rows, Tq, G, tile, HEAD)
+        dx1, dx2 = _unrope_store(da, db, cos, sin, DQ + pid_bh * Tq * HEAD, rows, Tq, HEAD)
 
-        if HAS_P:  # this tile's share of dP~ = [a b]^T [dq''_A dq''_B]
-            a_t = tl.trans(a.to(DT))
-            b_t = tl.trans(bq.to(DT))
+        if HAS_P:  # (u1, u2) = (a, b): this tile's share of dP~ = [a b]^T [dq''_A dq''_B]
+            _store_angle_partial(u1.to(tl.float32), u2.to(tl.float32), da, db, qpos, G, tile)
+            a_t = tl.trans(u1)
+            b_t = tl.trans(u2)
             dp_aa = tl.dot(a_t, dqa, dp_aa, input_precision=PRECISION)
             dp_ab = tl.dot(a_t, dqb, dp_ab, input_precision=PRECISION)
             dp_ba = tl.dot(b_t, dqa, dp_ba, input_precision=PRECISION)
             dp_bb = tl.dot(b_t, dqb, dp_bb, input_precision=PRECISION)
+        else:  # (u1, u2) = (x1, x2)
+            _store_angle_partial(u1, u2, dx1, dx2, qpos, G, tile)
 
     if HAS_P:
         r = tl.arange(0, HALF)[:, None]

@@ -265,13 +265,13 @@ def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_c
 @triton.jit
 def _rotated_rows(X, rows, row_ok, stride_t, stride_d, pos, s, W, HALF: tl.constexpr):
     """RoPE halves a, b (fp32, (rows, HALF)) of the tile of X at `rows` (zeros where not row_ok), at
-    positions pos, with the cos and sin they were rotated by: what the rotation pass writes and what the
-    backward's light passes undo, by the same arithmetic. Each row's angles directly: a program rotates
-    one tile (or visits each once), so angle addition from the tile's first position would spend a
-    precise sine and cosine per element all the same, and a rounding more."""
+    positions pos: what the rotation pass writes; the backward's light passes undo it by the sines and
+    cosines of the same _rope_angles. Each row's angles directly: a program rotates one tile, so angle
+    addition from the tile's first position would spend a precise sine and cosine per element all the
+    same, and a rounding more."""
     cos, sin = _rope_angles(pos, s, W, HALF)  # before the loads: the tile then is not live through them
     x1, x2 = _load_pairs(X, rows, row_ok, stride_t, stride_d, HALF)
-    return x1 * cos - x2 * sin, x1 * sin + x2 * cos, cos, sin
+    return x1 * cos - x2 * sin, x1 * sin + x2 * cos
 
 
 @triton.jit
@@ -342,22 +342,32 @@ def _query_tile_stages(row0, q_off, k_off, left, right, Tk, PadStart, Bias, stri
 
 
 @triton.jit
-def _unrope_store(dA, dB, a, b, cos, sin, pos, DX, rows, n_rows, G, g_row, HEAD: tl.constexpr):
-    """Undo RoPE on (dA, dB): write dx (contiguous rows of HEAD) and the angle partial.
-
-    a = x1 cos - x2 sin, b = x1 sin + x2 cos, so dx1 = dA cos + dB sin, dx2 = dB cos - dA sin and
-    dphi = dB a - dA b. G[g_row, m] = sum_t dphi[t, m] pos[t]: phi = (s pos) w gives ds and dw from it.
-    """
+def _unrope_store(dA, dB, cos, sin, DX, rows, n_rows, HEAD: tl.constexpr):
+    """Undo RoPE on (dA, dB): a = x1 cos - x2 sin and b = x1 sin + x2 cos, so dx1 = dA cos + dB sin and
+    dx2 = dB cos - dA sin. Writes dx (contiguous rows of HEAD, pairs side by side) and returns
+    (dx1, dx2), fp32."""
     HALF: tl.constexpr = HEAD // 2
-    cols = tl.arange(0, HALF)
-    offs = rows[:, None] * HEAD + (2 * cols)[None, :]
+    offs = rows[:, None] * HEAD + (2 * tl.arange(0, HALF))[None, :]
     mask = rows[:, None] < n_rows
-    tl.store(DX + offs, (dA * cos + dB * sin).to(DX.dtype.element_ty), mask=mask)
-    tl.store(DX + offs + 1, (dB * cos - dA * sin).to(DX.dtype.element_ty), mask=mask)
-    # A key no query attended has dA = dB = 0 and contributes nothing, even where its k is not finite
-    # (a padded key's, say): 0 * NaN would spread to every angle gradient.
-    dphi = tl.where((dA == 0.0) & (dB == 0.0), 0.0, dB * a - dA * b)
-    tl.store(G + g_row * HALF + cols, tl.sum(dphi * pos.to(tl.float32)[:, None], 0))
+    dx1 = dA * cos + dB * sin
+    dx2 = dB * cos - dA * sin
+    tl.store(DX + offs, dx1.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + offs + 1, dx2.to(DX.dtype.element_ty), mask=mask)
+    return dx1, dx2
+
+
+@triton.jit
+def _store_angle_partial(u1, u2, du1, du2, pos, G, g_row):
+    """G[g_row, m] = sum_t dphi[t, m] pos[t], from which phi = (s pos) w gives ds and dw.
+
+    dphi = a db - b da for a rotated pair (a, b) and its gradient; a rotation keeps this cross product,
+    so it is also x1 dx2 - x2 dx1 for the pair before RoPE and its gradient: a pass that needs no a or b
+    does not rotate x for its angles. (u1, u2, du1, du2): (rows, HALF) fp32, either pair."""
+    HALF: tl.constexpr = u1.shape[1]
+    # A row no query attended has a zero gradient and contributes nothing, even where its x is not
+    # finite (a padded key's, say): 0 * NaN would spread to every angle gradient.
+    dphi = tl.where((du1 == 0.0) & (du2 == 0.0), 0.0, u1 * du2 - u2 * du1)
+    tl.store(G + g_row * HALF + tl.arange(0, HALF), tl.sum(dphi * pos.to(tl.float32)[:, None], 0))
 
 
 @triton.jit
