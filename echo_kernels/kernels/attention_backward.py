@@ -102,8 +102,8 @@ from .spec import KernelSpec, pointer_types, signature_of
 
 # The memory-bound passes, per head width: the same launch on both tile tables. unrotate is the pass with
 # M ("rope_then_m": dP~'s products, and P~'s four blocks held through its tiles), unrotate_no_m without;
-# each spills nothing under Triton 3.6, 3.8 and 3.9 (with M at h = 64, 64 rows on 8 warps spill under 3.6;
-# at h = 128, 8 warps take 1.5 times the instructions per row of 4, and spill on sm_80 under 3.6 and 3.9).
+# each spills nothing under Triton 3.6, 3.8 and 3.9 (with M at h = 64, 64 rows on 8 warps spill on sm_80;
+# at h = 128, 8 warps take 1.4 to 1.9 times the instructions per row of 4: docs/model.md, "Light passes").
 _LIGHT_BLOCKS = {
     32: {"delta": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1},
          "unrope": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1},

@@ -344,15 +344,12 @@ def _query_tile_stages(row0, q_off, k_off, left, right, Tk, PadStart, Bias, stri
 @triton.jit
 def _unrope_store(dA, dB, cos, sin, DX, rows, n_rows, HEAD: tl.constexpr):
     """Undo RoPE on (dA, dB): a = x1 cos - x2 sin and b = x1 sin + x2 cos, so dx1 = dA cos + dB sin and
-    dx2 = dB cos - dA sin. Writes dx (contiguous rows of HEAD, pairs side by side) and returns
-    (dx1, dx2), fp32."""
-    HALF: tl.constexpr = HEAD // 2
-    offs = rows[:, None] * HEAD + (2 * tl.arange(0, HALF))[None, :]
-    mask = rows[:, None] < n_rows
+    dx2 = dB cos - dA sin. Writes dx, contiguous rows of HEAD with each pair side by side, as whole rows
+    joined on chip (two strided halves would store 2 bytes apiece), and returns (dx1, dx2), fp32."""
+    offs = rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
     dx1 = dA * cos + dB * sin
     dx2 = dB * cos - dA * sin
-    tl.store(DX + offs, dx1.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DX + offs + 1, dx2.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + offs, tl.interleave(dx1, dx2).to(DX.dtype.element_ty), mask=rows[:, None] < n_rows)
     return dx1, dx2
 
 
