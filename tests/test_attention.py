@@ -130,6 +130,18 @@ def test_rows_without_keys_give_zeros(use_triton):
     assert (g["q"][1] == 0).all() and (g["k"][1] == 0).all() and (g["v"][1] == 0).all()
 
 
+def test_padding_flags_fill_whole_key_tiles():
+    """The kernels load a key tile's flags with no mask: the rows run to whole tiles, padded past Tk,
+    and a row without padding has its first padded key there, at Tk."""
+    mask = torch.tensor([[False, True, False, False, False], [False] * 5])
+    flags, batch_stride, key_stride, has_pad = attention_common._pad_arg(mask, None, torch.int32, tile=4)
+    assert flags.dtype == torch.int32 and has_pad and (batch_stride, key_stride) == (8, 1)
+    assert flags.tolist() == [[0, 1, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1, 1]]
+    assert kernel.first_padded_key(flags).tolist() == [1, 5]
+    whole, *_ = attention_common._pad_arg(mask[:, :4], None, torch.uint8, tile=4)
+    assert whole.tolist() == [[0, 1, 0, 0], [0, 0, 0, 0]] and kernel.first_padded_key(whole).tolist() == [1, 4]
+
+
 def test_angles_beyond_exact_reduction_are_nan_not_wrong(use_triton):
     """The passes' sines and cosines are the rotary kernel's (kernels.angles): |phi| >= MAX_ANGLE is past
     what they reduce exactly, so a row rotated there is NaN, never a wrong rotation. Causal, at positions

@@ -64,6 +64,7 @@ from . import ATTENTION_HEAD_WIDTHS
 from .attention_common import (
     LOG2E,
     NEAR,
+    PAD_TILES_ON,
     _band_bias,
     _bias_arg,
     _bias_tile,
@@ -166,7 +167,7 @@ def _fwd_tiles(
     acc, m_i, l_i, lo, hi, skip_at, skip, q, qrel, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of,
     n_near, left_cut, left_of, right_cut, right_of, d1, d2, Pad, pad_off, stride_pt, stride_kt, stride_kd, stride_vt,
     stride_vd, Tk, left, right, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_PAD: tl.constexpr, BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PAD: tl.constexpr, PAD_TILES: tl.constexpr, BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Online softmax over the key tiles that masks can bite, in one loop: starts lo, lo + BLOCK_N, ... < hi,
     those from skip_at moved on by skip (the band's two edges, one after the other).
@@ -184,7 +185,7 @@ def _fwd_tiles(
         # a padded key's k only reaches its own logits, which the mask replaces
         k = tl.load(KK + cols[:, None] * stride_kt + dims[None, :] * stride_kd, mask=cols[:, None] < Tk, other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
+        key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD, PAD_TILES)
         if HAS_BIAS and BIAS_TILES:
             # the band's -inf comes with the bias: comparing i - j per pair cost the loop about a fifth of
             # its instructions (under Triton 3.6 more, the results packed into bits while the product ran).
@@ -264,7 +265,7 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt, stride_vd,
     stride_br, stride_bh, stride_pb, stride_pt,
     H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0, left, right, q_off, k_off,
-    n_tiles, HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    n_tiles, HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, PAD_TILES: tl.constexpr,
     BIAS_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One (BLOCK_M, HEAD) query tile of one (batch, head): Out tile and its log-sum-exp.
@@ -322,7 +323,7 @@ def _attn_fwd_kernel(
         acc, m_i, l_i, lo, hi - (inner_end - inner), inner, inner_end - inner, q, qrel, KK, V, Bias, stride_br,
         hd * stride_bh, n_rel, tiles, tile_of, n_near, left_cut, q_first - k_off - left_edge0, right_cut,
         q_first - k_off - right_edge0, d1, d2, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt,
-        stride_vd, Tk, left, right, HEAD, BLOCK_N, HAS_BIAS, HAS_PAD, BIAS_TILES, PRECISION)
+        stride_vd, Tk, left, right, HEAD, BLOCK_N, HAS_BIAS, HAS_PAD, PAD_TILES, BIAS_TILES, PRECISION)
 
     # A row with no kept key gives zeros and lse = +inf, so that the backward's exp(l - lse) is 0.
     empty = l_i == 0.0
@@ -486,8 +487,9 @@ def near_bias_args(bias: torch.Tensor | None, n_rel: int, offset: int, block_m: 
 
 def first_padded_key(pad_flags: torch.Tensor) -> torch.Tensor:
     """(B, Tk) padding flags as the kernels read them (attention_common._pad_arg: 1 = padded, bytes or
-    int32) -> (B,) int32: the index of each row's first padded key, Tk where none is. Keys before it
-    need no padding mask: the forward's unmasked loop runs up to it."""
+    int32; Tk there a whole number of key tiles, set past the keys) -> (B,) int32: the index of each row's
+    first padded key, the first past the keys where none is. Keys before it need no padding mask: the
+    forward's unmasked loop runs up to it."""
     Tk = pad_flags.shape[1]
     first = pad_flags.argmax(1)  # argmax gives the first of equal maxima
     return torch.where(pad_flags.amax(1) > 0, first, Tk).to(torch.int32)
@@ -524,13 +526,16 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     w32 = w.detach().float().contiguous()
     s32 = torch.as_tensor(s, dtype=torch.float32, device=q.device).detach().reshape(1)
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, q)
-    pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q, torch.int32)
-    pad_start = first_padded_key(pad_t) if has_pad else lse
-    blocks = with_override(default_blocks(h, tile_arch(q.device), q.dtype))
+    arch = tile_arch(q.device)
+    blocks = with_override(default_blocks(h, arch, q.dtype))
     cfg = _short_query_blocks(blocks, Tq)
+    pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q, torch.int32, cfg["BLOCK_N"])
+    pad_start = first_padded_key(pad_t) if has_pad else lse
     qq, kk = attention_operands(q, k, w32, s32, q_offset, k_offset, P, has_p, layout, keys_rotated, blocks["BLOCK_N"])
-    # the short query tiles of decoding gather their NEAR bias: a few rows, where a table is a launch per step
+    # the short query tiles of decoding gather their NEAR bias: a few rows, where a table is a launch per step;
+    # and they compare keys with Tk (PAD_TILES_ON: an unmasked load of the flags lengthened their loop)
     bias_tiles = has_bias and cfg["BLOCK_M"] == blocks["BLOCK_M"]
+    pad_tiles = PAD_TILES_ON[arch] and cfg["BLOCK_M"] == blocks["BLOCK_M"]
     table = near_bias_args(bias_t if bias_tiles else None, n_rel, q_offset - k_offset, cfg["BLOCK_M"], cfg["BLOCK_N"],
                            lse, (left, right), Tq, Tk, P.dtype, P.dtype)
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
@@ -540,7 +545,7 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
         sbr, sbh, spb, spt,
         H, Tq, Tk, n_rel, table.count, table.first, table.n_near, table.left_edge0, table.right_edge0,
         left, right, q_offset, k_offset, n_tiles,
-        HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BIAS_TILES=bias_tiles,
+        HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, PAD_TILES=pad_tiles, BIAS_TILES=bias_tiles,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -580,14 +585,15 @@ def aot_specs(arch: int) -> list[KernelSpec]:
                                     num_warps=tile_pass_warps(f["BLOCK_M"] * f["BLOCK_N"]), num_stages=1))
             ptrs = {n: f"*{dt}" for n in ("QQ", "KK", "V", "Out")}
             ptrs.update(Bias="*fp32", Tiles=f"*{dt}", Pad="*i32", PadStart="*i32", Lse="*fp32")
-            ce = dict(HEAD=h, HAS_BIAS=True, HAS_PAD=True, BIAS_TILES=True, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"],
-                      PRECISION="tf32")
+            ce = dict(HEAD=h, HAS_BIAS=True, HAS_PAD=True, PAD_TILES=PAD_TILES_ON[arch], BIAS_TILES=True,
+                      BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], PRECISION="tf32")
             specs.append(KernelSpec(f"attention_fwd_h{h}_{dt}", _attn_fwd_kernel,
                                     signature_of(_attn_fwd_kernel, ptrs, ce), ce, num_warps=f["num_warps"],
                                     num_stages=f["num_stages"]))
             if h == 64 and dt == "bf16":  # the decoding launch (Tq = 1 against a KV cache)
                 d = _short_query_blocks(f, 1)
-                ce = dict(ce, BLOCK_M=d["BLOCK_M"], BIAS_TILES=False)  # no table: its placeholder is lse
+                # no table (its placeholder is lse), and the flags' load masked, as the launcher's
+                ce = dict(ce, BLOCK_M=d["BLOCK_M"], BIAS_TILES=False, PAD_TILES=False)
                 specs.append(KernelSpec(f"attention_fwd_decode_h{h}_{dt}", _attn_fwd_kernel,
                                         signature_of(_attn_fwd_kernel, dict(ptrs, Tiles="*fp32"), ce), ce,
                                         num_warps=d["num_warps"],

@@ -84,6 +84,7 @@ from .attention_backward_queries import (
     _attn_bwd_dq_unrotate_kernel,
 )
 from .attention_common import (
+    PAD_TILES_ON,
     _bias_arg,
     _pad_arg,
     layout_perm,
@@ -243,11 +244,11 @@ def _key_groups_per_head(n_heads: int, n_tiles: int, device) -> int:
 _PAD_FLAGS = {80: torch.int32, 90: torch.uint8}
 
 
-def _common_args(v, do, bias, key_padding_mask, arch: int):
+def _common_args(v, do, bias, key_padding_mask, arch: int, key_tile: int):
     """The bias and padding arguments and the strides the dkdv, dq and dbias passes share, on the tile
-    table of `arch`."""
+    table of `arch`; the padding flags in rows of whole key tiles of the passes' largest, key_tile."""
     bias_t, sbr, sbh, n_rel, has_bias = _bias_arg(bias, v)
-    pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, v, _PAD_FLAGS[arch])
+    pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, v, _PAD_FLAGS[arch], key_tile)
     strides = (*v.stride(), *do.stride(), sbr, sbh, spb, spt)
     return bias_t, pad_t, strides, n_rel, has_bias, has_pad
 
@@ -278,11 +279,12 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     w32 = w.detach().float().contiguous()
     s32 = torch.as_tensor(s, dtype=torch.float32, device=dev).detach().reshape(1)
     arch = tile_arch(dev)
-    bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(v, do, bias, key_padding_mask, arch)
+    cfg = {name: with_override(row) for name, row in default_blocks(h, arch, q.dtype).items()}
+    key_tile = max(row["BLOCK_N"] for row in cfg.values() if "BLOCK_N" in row)  # powers of two: a multiple of each
+    bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(v, do, bias, key_padding_mask, arch, key_tile)
     pad_start = first_padded_key(pad_t) if has_pad else lse
     sizes, band = (H, Tq, Tk, n_rel), (left, right, q_offset, k_offset)
     prec = precision(q.dtype)
-    cfg = {name: with_override(row) for name, row in default_blocks(h, arch, q.dtype).items()}
 
     c = cfg["delta"]
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=dev)
@@ -346,9 +348,9 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         diag = _diagonal_scratch(B * H * n_qblocks, c["BLOCK_M"], n_diag, has_bias, dev)
         _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
             kk, v, do, qq, bias_t, near.tiles, pad_t, pad_start, lse, delta, dqq, db_part, diag, *strides, *sizes,
-            near.count, near.first, *band, n_qblocks, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
-            BLOCK_N=c["BLOCK_N"], N_DIAG=n_diag, PRECISION=prec, num_warps=c["num_warps"],
-            num_stages=c["num_stages"])
+            near.count, near.first, *band, n_qblocks, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad,
+            PAD_TILES=PAD_TILES_ON[arch], BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], N_DIAG=n_diag, PRECISION=prec,
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     if keys_rotated and not has_p and layout == "interleaved":  # d(q'') in the unrotate pass's [a | b] order
         dqq = dqq[..., layout_perm(h, layout, dev)].contiguous()
@@ -418,8 +420,8 @@ def aot_specs(arch: int) -> list[KernelSpec]:
                     WITH_DQ=True, N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION="tf32")),
                 ("unrope", _attn_bwd_unrope_kernel, dict(HEAD=h, BLOCK=g["unrope"]["BLOCK_M"])),
                 ("dq", _attn_bwd_dq_kernel, dict(
-                    HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dq"]["BLOCK_M"], BLOCK_N=g["dq"]["BLOCK_N"],
-                    N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION="tf32")),
+                    HEAD=h, HAS_BIAS=True, HAS_PAD=True, PAD_TILES=PAD_TILES_ON[arch], BLOCK_M=g["dq"]["BLOCK_M"],
+                    BLOCK_N=g["dq"]["BLOCK_N"], N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION="tf32")),
                 ("dq_unrotate", _attn_bwd_dq_unrotate_kernel, dict(
                     HEAD=h, HAS_P=True, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
                 ("dq_unrotate_no_m", _attn_bwd_dq_unrotate_kernel, dict(

@@ -230,7 +230,7 @@ def _dkdv_key_tile(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kpos = k_off + cols
     first = k_off + pid_n * BLOCK_N
-    key_ok = _key_ok(cols, Tk, Pad, b * stride_pb, stride_pt, HAS_PAD)  # padding belongs to the key
+    key_ok = _key_ok(cols, Tk, Pad, b * stride_pb, stride_pt, HAS_PAD, False)  # padding belongs to the key
     k_offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
     kk = tl.load(KK + k_offs, mask=key_ok[:, None], other=0.0)  # rows [a_k | b_k]
     v = _load_full(V, cols, key_ok, stride_vt, stride_vd, HEAD).to(DT)

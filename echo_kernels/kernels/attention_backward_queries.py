@@ -58,7 +58,7 @@ def _dq_tiles(
     dqq, db_lo, db_hi, lo, hi, skip_at, skip, skip_at2, skip2, d1, bias_past, bias_future, qq, qpos, do, lse,
     delta, KK, V, Tiles, tile_of, Diag, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, n_rel, left, right,
     k_off, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, REGION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_PAD: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PAD: tl.constexpr, PAD_TILES: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulate d(q''_A, q''_B) and the bias table's sums of dS over key tiles, masked: starts lo,
     lo + BLOCK_N, ... < hi, moved on by skip from skip_at and then by skip2 from skip_at2 (_skip).
@@ -76,7 +76,7 @@ def _dq_tiles(
         # A padded key's k and v meet ds = p = 0 in the products below, and 0 * NaN is NaN: zeroed after
         # the loads, whose masks then do not wait on the padding's (that costs the pipelined loop registers).
         # Keys past Tk the loads' masks zero already; v in its own dtype, not through fp32.
-        key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD)
+        key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD, PAD_TILES)
         kk = tl.load(KK + cols[:, None] * HEAD + dims[None, :], mask=cols[:, None] < Tk, other=0.0)
         v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, mask=cols[:, None] < Tk, other=0.0)
         if HAS_PAD:
@@ -136,7 +136,7 @@ def _attn_bwd_dq_kernel(
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
     H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, left, right, q_off, k_off, n_tiles,
-    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, PAD_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One (BLOCK_M) query tile: d(q''_A, q''_B) in the dot type (DQQ, contiguous rows [A | B]) and
@@ -189,12 +189,12 @@ def _attn_bwd_dq_kernel(
         dqq, db_lo, db_hi = _dq_tiles(
             dqq, db_lo, db_hi, d1, d2, d2, 0, d2, 0, d1, 0.0, 0.0, qq, qpos, do, lse, delta, KK, V, tiles,
             q_first - k_off - first_bias_tile, diag, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, n_rel, left,
-            right, k_off, HEAD, BLOCK_N, NEAR, HAS_BIAS, HAS_PAD, N_DIAG, PRECISION)
+            right, k_off, HEAD, BLOCK_N, NEAR, HAS_BIAS, HAS_PAD, PAD_TILES, N_DIAG, PRECISION)
     end, skip_at, skip, skip_at2, skip2 = _far_masked_tiles(lo, hi, inner, inner_end, near_lo, near_hi, d1, d2)
     dqq, db_lo, db_hi = _dq_tiles(
         dqq, db_lo, db_hi, lo, end, skip_at, skip, skip_at2, skip2, d1, bias_past, bias_future, qq, qpos, do, lse,
         delta, KK, V, Tiles, 0, diag, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, n_rel, left, right, k_off,
-        HEAD, BLOCK_N, FAR, HAS_BIAS, HAS_PAD, N_DIAG, PRECISION)
+        HEAD, BLOCK_N, FAR, HAS_BIAS, HAS_PAD, PAD_TILES, N_DIAG, PRECISION)
     # dq'' first: with its accumulator stored, the diagonal sums' loads take the registers it held
     _store_dqq(DQQ, dqq, pid_bh, pid_m, Tq, HEAD, BLOCK_M)
     if HAS_BIAS:
