@@ -534,8 +534,9 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     qq, kk = attention_operands(q, k, w32, s32, q_offset, k_offset, P, has_p, layout, keys_rotated, blocks["BLOCK_N"])
     # the short query tiles of decoding gather their NEAR bias: a few rows, where a table is a launch per step;
     # and they compare keys with Tk (PAD_TILES_ON: an unmasked load of the flags lengthened their loop)
-    bias_tiles = has_bias and cfg["BLOCK_M"] == blocks["BLOCK_M"]
-    pad_tiles = PAD_TILES_ON[arch] and cfg["BLOCK_M"] == blocks["BLOCK_M"]
+    table_rows = cfg["BLOCK_M"] == blocks["BLOCK_M"]
+    bias_tiles = has_bias and table_rows
+    pad_tiles = PAD_TILES_ON[arch] and table_rows
     table = near_bias_args(bias_t if bias_tiles else None, n_rel, q_offset - k_offset, cfg["BLOCK_M"], cfg["BLOCK_N"],
                            lse, (left, right), Tq, Tk, P.dtype, P.dtype)
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
