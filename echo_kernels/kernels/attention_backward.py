@@ -152,8 +152,9 @@ _HEAVY_BLOCKS = {
 
 # The dk/dv pass when it also sums dq (DQ_IN_KEY_PASS): dk/dv's accumulators, and per query tile one
 # product more and the bias table's sums. On sm_80, the spill-free shape whose loop inside the band
-# executes the fewest warp-instructions per (query, key) pair; on sm_90 no shape tried spills nothing
-# under Triton 3.8, and these spill least (docs/model.md, "Backward passes").
+# executes the fewest warp-instructions per (query, key) pair; on sm_90 the fewest too, though they
+# spill: the shapes that spill nothing under Triton 3.8 execute more than the dk/dv and dq passes
+# together (docs/model.md, "Backward passes").
 _KEY_PASS_BLOCKS = {
     (32, 80): dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
     (64, 80): dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
