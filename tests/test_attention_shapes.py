@@ -17,6 +17,7 @@ from echo_kernels.kernels import attention as kernel
 from echo_kernels.kernels import attention_backward as kernel_bwd
 from echo_kernels.kernels import attention_backward_keys as key_passes
 from echo_kernels.kernels import attention_backward_queries as query_passes
+from echo_kernels.kernels import attention_operands as operands
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -79,7 +80,7 @@ class _GridRecorder:
 def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch, dq_in_key_pass):
     """CUDA caps a grid's second and third axes at 65535, which B * H can pass; the first takes 2**31 - 1."""
     grids = []
-    for module, names in ((kernel, ["_rope_rows_kernel", "_near_bias_kernel", "_attn_fwd_kernel"]),
+    for module, names in ((operands, ["_rope_rows_kernel", "_near_bias_kernel"]), (kernel, ["_attn_fwd_kernel"]),
                           (kernel_bwd, [n for n in dir(kernel_bwd) if n.startswith("_attn_bwd_")])):
         for name in names:
             monkeypatch.setattr(module, name, _GridRecorder(getattr(module, name), grids))

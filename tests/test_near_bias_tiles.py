@@ -1,4 +1,4 @@
-"""kernels.attention.near_bias_tiles: the tables of bias tiles the forward and the backward's passes read
+"""kernels.attention_operands.near_bias_tiles: the tables of bias tiles the forward and the backward's passes read
 for the tiles that straddle the diagonal, and the forward's for those that cross an edge of the band,
 against the float64 reference's bias and band, and the NEAR and edge tiles of every (query tile, key
 tile) pair that kernels.attention_common's regions make, each found in them.
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from property_strategies import property_settings
 
 from echo_kernels import reference
-from echo_kernels.kernels.attention import near_bias_tiles
+from echo_kernels.kernels.attention_operands import near_bias_tiles
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -13,7 +13,7 @@ The passes, in launch order:
 
     delta      per query row: D
     rotation   q'' = RoPE(q) @ P~ and RoPE(k) in the dot type, by the forward's own pass and tiles
-               (echo_kernels.kernels.attention.rotated_rows), so every pass below multiplies the very
+               (echo_kernels.kernels.attention_operands.rotated_rows), so every pass below multiplies the very
                q'' and k' the forward's probabilities came from, loading contiguous rows (written once,
                read by every pass below instead of each tile rotating its rows again); with M, RoPE(q)
                too, which dP~ takes
@@ -39,7 +39,7 @@ Both run three loops over their tiles, as the forward does, so that their code s
 is its own copy of the body, with the software pipeliner's prologue and epilogue): the far tiles inside
 the band and before any padding, of both sides, with no mask (the bias one value per side, picked by a
 select); the tiles straddling the diagonal (NEAR), whose bias each reads whole from the pass's own
-table of the few there are (echo_kernels.kernels.attention.near_bias_tiles at the pass's tile shape;
+table of the few there are (echo_kernels.kernels.attention_operands.near_bias_tiles at the pass's tile shape;
 dkdv's (keys, queries) tiles are those of the bias rows reversed, at j - i); then the tiles masks can
 bite (attention_common._loop_stages). The dk/dv pass takes the NEAR tiles inside the band unmasked, as
 the forward, and its ragged last key tile too (a key's dS reaches only its own rows of dk and dv, and
@@ -75,8 +75,8 @@ import torch
 import triton
 
 from . import ATTENTION_HEAD_WIDTHS, ECHO_MAX_REL_DIST
-from .attention import attention_operands, first_padded_key, near_bias_args, rotated_rows
 from .attention import default_blocks as forward_blocks
+from .attention import first_padded_key
 from .attention_backward_keys import _attn_bwd_dkdv_kernel, _attn_bwd_unrope_kernel
 from .attention_backward_queries import (
     _attn_bwd_delta_kernel,
@@ -94,6 +94,7 @@ from .attention_common import (
     tile_arch,
     with_override,
 )
+from .attention_operands import attention_operands, near_bias_args, rotated_rows
 from .spec import KernelSpec, pointer_types, signature_of
 
 # --------------------------------------------------------------------------------------------------

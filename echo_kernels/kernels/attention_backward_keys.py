@@ -211,7 +211,7 @@ def _dkdv_key_tile(
     WITH_DQ (the dq pass then does not run), also: d(q''_A, q''_B) added to DQQ (this head's rows),
     and this tile's share of dbias, DBias[tile] (as the dq kernel writes a query tile's).
     Tiles: with HAS_BIAS, (H, n_bias_tiles, BLOCK_N, BLOCK_M) fp32, the bias as (keys, queries) tiles
-    (kernels.attention.near_bias_tiles of the reversed table), the NEAR tile t < n_near at
+    (kernels.attention_operands.near_bias_tiles of the reversed table), the NEAR tile t < n_near at
     j - i = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left entry, then the sides' constant
     tiles and, without WITH_DQ, with the band's mask in them and the tiles of its edges (at
     left_edge0 + t min(...) the edge j - i = right, at right_edge0 + t min(...) the edge j - i = -left).

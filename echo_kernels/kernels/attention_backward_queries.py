@@ -145,7 +145,7 @@ def _attn_bwd_dq_kernel(
     the dP~ partials, are _attn_bwd_dq_unrotate_kernel's: the loop over key tiles keeps only q'', dO
     and the dq'' accumulators in registers. KK: RoPE(k) as the rotation pass (rotated_rows) writes it,
     (B, H, Tk, h) contiguous in the dot type. Tiles: with HAS_BIAS, (H, n_bias_tiles, BLOCK_M, BLOCK_N)
-    fp32, the NEAR tiles' bias (kernels.attention.near_bias_tiles), the tile t at
+    fp32, the NEAR tiles' bias (kernels.attention_operands.near_bias_tiles), the tile t at
     i - j = first_bias_tile + t min(BLOCK_M, BLOCK_N) in its top-left entry. Diag: with HAS_BIAS,
     (programs, BLOCK_M, N_DIAG) fp32, where each program stores its NEAR tiles' inner-row pairs of dS
     (_bias_row_sums)."""

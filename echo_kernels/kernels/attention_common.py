@@ -88,7 +88,7 @@ def _load_p(P, HALF: tl.constexpr):
 
 # Key tiles fall in three regions by where the clamp of i - j sends them: wholly at i - j >= n - 1
 # (PAST: one bias value, the last row), straddling the diagonal (NEAR: the bias varies, so each launcher
-# writes it once per call as whole tiles of its own shape, kernels.attention.near_bias_tiles, which
+# writes it once per call as whole tiles of its own shape, kernels.attention_operands.near_bias_tiles, which
 # _near_bias reads; decoding gathers it), and wholly at i - j <= -(n - 1) (FUTURE: the first row). No
 # branch sits inside a loop body (it would stop Triton from pipelining its loads): a loop over tiles of
 # either far side (FAR) picks the side's one value by a select, and a loop over tiles of any region (ANY)
@@ -202,14 +202,14 @@ def _plus_bias(logits, bias):
 @triton.jit
 def _head_bias_tiles(Tiles, head, n_bias_tiles, ROWS: tl.constexpr, COLS: tl.constexpr):
     """This head's table in Tiles, the (H, n_bias_tiles, ROWS, COLS) tables of the NEAR tiles
-    (kernels.attention.near_bias_tiles)."""
+    (kernels.attention_operands.near_bias_tiles)."""
     return Tiles + head * n_bias_tiles * (ROWS * COLS)
 
 
 @triton.jit
 def _near_tile(tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr):
     """The index in this head's table of the NEAR tile whose loop runs from `start`: tiles are STEP, the
-    smaller side, apart in i - j (kernels.attention.near_bias_tiles). The masked loops find the band's
+    smaller side, apart in i - j (kernels.attention_operands.near_bias_tiles). The masked loops find the band's
     edge tiles the same way, at their own offsets (_band_bias)."""
     STEP: tl.constexpr = ROWS if ROWS < COLS else COLS
     return (tile_of - start) // STEP
@@ -246,7 +246,7 @@ def _edge_cuts(first_row, last_row, col_off, n_cols, left, right):
 def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_cut, right_of, n_cols,
                ROWS: tl.constexpr, COLS: tl.constexpr):
     """The (ROWS, COLS) fp32 bias of the tile a masked loop runs from `start`, with the band's mask in it
-    (-inf outside -right <= i - j <= left, kernels.attention.near_bias_tiles): a NEAR tile's,
+    (-inf outside -right <= i - j <= left, kernels.attention_operands.near_bias_tiles): a NEAR tile's,
     a far one's that crosses an edge of the band (_edge_cuts; the right edge tested on the tile's last
     column before n_cols) from the table's tiles of that edge, at offsets left_of - start and
     right_of - start (counted from the table's start), else its side's constant tile. Both edges' tiles are
