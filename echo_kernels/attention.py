@@ -66,7 +66,8 @@ def echo_attention(
 
     The Triton kernels are built for h in (32, 64, 128); other even widths up to 128 run on them
     zero-padded to the next of those (same result, the cost of the wider head); wider heads are refused
-    there with a ValueError.
+    there with a ValueError, as is a launch any of whose tensors would span 2**31 elements or more (the
+    kernels' offsets are int32; docs/model.md, "Registration").
 
     With bf16 or fp16 inputs the Triton kernels add the bias rounded to that dtype (forward and backward
     alike), as an additive mask in that dtype would be for torch's scaled_dot_product_attention.

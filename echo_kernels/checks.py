@@ -8,6 +8,10 @@ from torch import Tensor
 
 from .reference import LAYOUTS, ROTATIONS
 
+# The Triton kernels form element offsets in int32 (docs/model.md, "Registration"): a tensor they index
+# must span fewer elements than this, or an offset would wrap to another address.
+INT32_OFFSETS = 2**31
+
 
 def floating(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
@@ -83,3 +87,22 @@ def index_pairs(pairs: Tensor, n: int, h: int) -> None:
     if same.numel():
         k = int(same[0, 0])
         raise ValueError(f"pairs[{k}] = ({int(host[k, 0])}, {int(host[k, 1])}): a Givens rotation needs i != j")
+
+
+def span(t: Tensor) -> int:
+    """Elements from t's first in memory to its last, inclusive: one more than the largest offset from
+    t's pointer that its strides reach (t.numel() for a dense tensor, less for a broadcast one)."""
+    elements = t.numel()
+    if elements == 0 or t.is_contiguous():  # the common case, without the sum: launchers check every call
+        return elements
+    return 1 + sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+
+
+def int32_offsets(operands: dict[str, Tensor | int | None]) -> None:
+    """Every tensor a Triton launch indexes, by name, given as itself or, not yet allocated, as its
+    element count, spans fewer than 2**31 elements; a ValueError names the first that does not."""
+    for name, operand in operands.items():
+        elements = span(operand) if isinstance(operand, Tensor) else operand or 0
+        if elements >= INT32_OFFSETS:
+            raise ValueError(f"{name} spans {elements:,} elements, more than the Triton kernels' int32 offsets "
+                             "reach (2**31 - 1): split the batch into calls below it")

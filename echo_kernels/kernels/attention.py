@@ -56,6 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..checks import int32_offsets
 from . import ATTENTION_HEAD_WIDTHS
 from .attention_common import (
     LOG2E,
@@ -322,6 +323,8 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     """
     B, H, Tq, h = q.shape
     Tk = k.shape[2]
+    int32_offsets({"q": q, "k": k, "v": v, "bias": bias, "key_padding_mask": key_padding_mask,
+                   "the (B, H, T, h) rows the launch writes": B * H * max(Tq, Tk) * h})
     out = torch.empty((B, H, Tq, h), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if Tq == 0 or B * H == 0:

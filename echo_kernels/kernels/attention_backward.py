@@ -74,6 +74,7 @@ import math
 import torch
 import triton
 
+from ..checks import int32_offsets
 from . import ATTENTION_HEAD_WIDTHS, ECHO_MAX_REL_DIST
 from .attention import default_blocks as forward_blocks
 from .attention import first_padded_key
@@ -213,6 +214,7 @@ def _diagonal_scratch(programs: int, rows: int, n_diag: int, has_bias: bool, dev
     pairs of dS of its NEAR tiles and adds them up (attention_common._bias_row_sums); without a bias
     table a one-element placeholder. Not zeroed: a program reads back only what it stored."""
     shape = (programs, rows, n_diag) if has_bias else (1,)
+    int32_offsets({"the dbias scratch (programs, rows, 2n - 3 rounded up to a power of two)": math.prod(shape)})
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
@@ -270,6 +272,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         dM = torch.zeros_like(M) if M is not None else None
         return (q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), dM, torch.zeros_like(w),
                 torch.zeros((), device=dev), dbias)
+    int32_offsets({"the output's gradient": do})
     # every element written: dv by the dk/dv pass, dk by the unrope pass, dq by the unrotate pass (each
     # stores its whole tile, zeros where no pair reaches; tests/test_attention.py starts them as NaN)
     dq = torch.empty((B, H, Tq, h), dtype=q.dtype, device=dev)
@@ -314,6 +317,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     n_diag = inner_diagonals(n_rel)
     if with_dq:  # each program's sum of d(q''_A, q''_B), each key tile's share of the bias table
         key_groups = _key_groups_per_head(B * H, n_kblocks, dev)
+        int32_offsets({"the key pass's sums of dq (B, H, groups, Tq, h)": B * H * key_groups * Tq * h})
         dqq = torch.zeros((B, H, key_groups, Tq, h), dtype=torch.float32, device=dev)
         db_part = torch.empty((B, H, n_kblocks, n_rows) if has_bias else (1,), dtype=torch.float32, device=dev)
         diag = _diagonal_scratch(B * H * n_kblocks, c["BLOCK_N"], n_diag, has_bias, dev)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..checks import int32_offsets
 from ..reference import UNBOUNDED
 from .attention_common import (
     NEAR,
@@ -201,6 +202,7 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     left_edge0 = left_first - first_edge * step if n_left else 0
     right_edge0 = right_first - (first_edge + n_left) * step if n_right else 0
     H = bias.shape[1]
+    int32_offsets({"the bias table (H, tiles, rows, keys)": H * count * block_m * block_n})
     tiles = torch.empty((H, count, block_m, block_n), dtype=dtype, device=bias.device)
     _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, n_near, first_edge + n_left,
                                     left_edge0, right_edge0, left, right, count, BLOCK_M=block_m, BLOCK_N=block_n,

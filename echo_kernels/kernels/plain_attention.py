@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..checks import int32_offsets
 from . import ATTENTION_HEAD_WIDTHS
 from .attention import default_blocks as forward_blocks
 from .attention_backward import default_blocks as backward_blocks
@@ -186,6 +187,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Te
     lse (B, H, Tq) fp32 in base 2."""
     B, H, Tq, h = q.shape
     Tk = k.shape[2]
+    int32_offsets({"q": q.numel(), "k": k.numel(), "v": v.numel()})  # as the kernels take them: contiguous
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)

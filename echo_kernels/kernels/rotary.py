@@ -38,6 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backend import triton_interpreted
+from ..checks import int32_offsets
 from .angles import _sincos
 from .spec import KernelSpec
 
@@ -359,6 +360,7 @@ def rotary_forward(
 
     s: the scale as a 1-element tensor, or None to use the float s_value."""
     B, T, H, h = x.shape
+    int32_offsets({"x": x, "y": x.numel()})
     y = torch.empty_like(x)  # x's strides where x is dense (a (B, H, T, h) view stays one)
     if y.numel() == 0:
         return y
@@ -386,6 +388,7 @@ def rotary_backward(
     dx is laid out like x, dM, dw contiguous in M's and w's dtypes, ds a 0-d fp32 tensor (the
     gradient of s whether s is a tensor or a float)."""
     B, T, H, h = x.shape
+    int32_offsets({"x": x, "dy": dy, "dx": x.numel()})
     dx = torch.empty_like(x)
     if x.numel() == 0:
         return dx, torch.zeros(M.shape, dtype=M.dtype, device=M.device), torch.zeros(
