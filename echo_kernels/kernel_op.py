@@ -16,11 +16,13 @@ The launchers follow one convention:
     backward(grad, *inputs, *outputs if save_outputs) -> one gradient per name in `differentiable`, in
         that order; where that input is None the gradient is any placeholder (an op cannot return None).
 
-Here the gradients are summed over the dims an input was broadcast along and cast to its dtype.
+Here the gradients are summed over the dims an input was broadcast along and cast to its dtype, and both
+launchers run with their tensors' CUDA device current (`on_the_tensors_device`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable, Sequence
 
@@ -41,6 +43,7 @@ class KernelOp:
                  backward_fake: Callable, differentiable: Sequence[str], save_outputs: bool = False,
                  defined_by_extension: bool = False):
         qualname = f"echo_kernels::{name}"
+        forward, backward = on_the_tensors_device(forward), on_the_tensors_device(backward)
         self.forward = forward
         self.input_names = tuple(inspect.signature(forward).parameters)
         unknown = set(differentiable) - set(self.input_names)
@@ -96,6 +99,24 @@ class KernelOp:
 
 
 _SAVED = object()  # marks, among the constants, the places of the saved tensors
+
+
+def on_the_tensors_device(launcher: Callable) -> Callable:
+    """launcher, run with the CUDA device of its first tensor argument current. Triton launches a kernel
+    on the current device whatever its tensors', and a model spread over GPUs (`device_map="auto"`) calls
+    each layer with its own GPU's tensors, whichever device is current."""
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        first = next((x for x in (*args, *kwargs.values()) if isinstance(x, Tensor)), None)
+        if first is None or not first.is_cuda:
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launcher(*args, **kwargs)
+
+    # the op's schema is read from this signature: its annotations evaluated where the launcher was written
+    launch.__signature__ = inspect.signature(launcher, eval_str=True)
+    return launch
 
 
 def _as_tuple(outputs) -> tuple:

@@ -5,6 +5,7 @@ the CPU, without Triton."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import pytest
@@ -102,3 +103,26 @@ def test_unknown_differentiable_name_is_refused():
     with pytest.raises(ValueError, match=r"\['c'\] are not inputs"):
         KernelOp("kernel_op_refused", _forward, _backward, forward_fake=_forward_fake,
                  backward_fake=_backward_fake, differentiable=("x", "c"))
+
+
+def test_launchers_run_on_their_tensors_cuda_device(monkeypatch):
+    """Both launchers enter the CUDA device of their first tensor, around the launch and only then (Triton
+    launches on the current device): fake tensors of cuda:1 stand in for a second GPU's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    @contextlib.contextmanager
+    def device(d):
+        launches.append(f"enter {d}")
+        yield
+        launches.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    launches.clear()
+    with FakeTensorMode():
+        x, a = torch.randn(3, 5, device="cuda:1"), torch.randn(5, device="cuda:1")
+        y, total = OP.forward(x, a, None, 0.5)
+        OP.backward(torch.ones_like(y), x, a, None, 0.5, y, total)
+    assert launches == ["enter cuda:1", "forward", "exit", "enter cuda:1", "backward", "exit"]
+    launches.clear()
+    OP.forward(*inputs(with_b=False), 0.5)  # CPU tensors: no device entered
+    assert launches == ["forward"]
