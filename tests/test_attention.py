@@ -353,7 +353,11 @@ def test_key_pass_sums_dq_by_groups_of_key_tiles(use_triton, monkeypatch):
     launch = attention_backward.with_override
     monkeypatch.setattr(attention_backward, "with_override", lambda row: rows.append(row) or launch(row))
     arch = attention_common.tile_arch(torch.device(DEVICE))
-    T = 5 * (attention_backward._KEY_PASS_BLOCKS[32, arch]["BLOCK_N"] if ON_GPU else 16) - 10
+    # the rows fp32 inputs take (attention_common.sized_for)
+    table = {name: attention_common.sized_for(row, torch.float32)
+             for name, row in attention_backward._LIGHT_BLOCKS[32].items()}
+    key_pass = attention_common.sized_for(attention_backward._KEY_PASS_BLOCKS[32, arch], torch.float32)
+    T = 5 * (key_pass["BLOCK_N"] if ON_GPU else 16) - 10
     inputs = make_inputs(B=1, H=1, Tq=T, pad=True)
     do = torch.randn(1, 1, T, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     opts = dict(window=(T // 3, T // 7), rotation="rope_then_m")
@@ -362,8 +366,6 @@ def test_key_pass_sums_dq_by_groups_of_key_tiles(use_triton, monkeypatch):
         _, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
         _, again = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
     assert groups == [3, 3]
-    table = attention_backward._LIGHT_BLOCKS[32]
-    key_pass = attention_backward._KEY_PASS_BLOCKS[32, arch]
     assert rows[:5] == [table["delta"], table["unrope"], table["unrotate"], table["unrotate_no_m"], key_pass]
     assert len(rows) == 12  # and the forward's RoPE(k) row, each run
     assert_gradients_match(got, want, "groups", inputs)
@@ -406,10 +408,16 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, h, window, dq_in_k
     300 spans several query and key tiles of either, the window (200, 150) leaves key tiles wholly
     inside the band and cuts others, Echo's bias table (n = 15) and padding in one batch only (so the
     other runs the unmasked loop). Output and every gradient against the float64 reference, every
-    launch taking its row of the table."""
+    launch taking its row of the table: the rows of 2-byte inputs, the GPU's fast way, on the fp32 inputs
+    the interpreter runs (fp32's own rows halve their sides: checked at the end)."""
     from echo_kernels.kernels import ECHO_MAX_REL_DIST
 
     monkeypatch.setenv("ECHO_BACKEND", "triton")
+    def two_byte_rows(row, dtype):
+        return attention_common.sized_for(row, torch.bfloat16)
+
+    monkeypatch.setattr(kernel, "sized_for", two_byte_rows)
+    monkeypatch.setattr(attention_backward, "sized_for", two_byte_rows)
     forward_rows, backward_rows = [], []
     monkeypatch.setattr(kernel, "with_override", lambda row: forward_rows.append(row) or dict(row))
     monkeypatch.setattr(attention_backward, "with_override",
@@ -422,14 +430,23 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, h, window, dq_in_k
     out_ref, want = grads(reference.echo_attention, inputs, torch.float64, do, **opts)
     with attention_common.tiles_of(arch), attention_backward.dq_in_key_pass(dq_in_key_pass):
         out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
-        backward_table = attention_backward.default_blocks(h, arch, torch.float32)
+        backward_table = attention_backward.default_blocks(h, arch)
     assert rel_err(out, out_ref) < 1e-5
     assert_gradients_match(got, want, f"sm_{arch}", inputs)
-    assert forward_rows == [kernel.default_blocks(h, arch, torch.float32)]  # fp32 inputs: two stages
+    forward_row = kernel.default_blocks(h, arch)
+    assert forward_rows == [forward_row]
     assert ("dq" in backward_table) != dq_in_key_pass
-    assert all(row["num_stages"] <= 2 for row in backward_table.values())  # fp32 inputs: two stages
     # each backward pass's row, then the forward's key tiles for the rotation pass (q'' and RoPE(k))
-    assert backward_rows == [*backward_table.values(), kernel.default_blocks(h, arch)]
+    assert backward_rows == [*backward_table.values(), forward_row]
+    monkeypatch.undo()
+    with attention_common.tiles_of(arch), attention_backward.dq_in_key_pass(dq_in_key_pass):
+        fp32_rows = [kernel.default_blocks(h, arch, torch.float32),
+                     *attention_backward.default_blocks(h, arch, torch.float32).values()]
+    for fp32, two_byte in zip(fp32_rows, [forward_row, *backward_table.values()]):
+        for side in ("BLOCK_M", "BLOCK_N"):  # half the side, 16 at least
+            assert fp32.get(side) == (max(16, two_byte[side] // 2) if side in two_byte else None)
+        assert fp32["num_stages"] == min(two_byte["num_stages"], 2)
+        assert fp32["num_warps"] == two_byte["num_warps"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ from .attention_common import (
     _tile_rows,
     p_arg,
     precision,
-    stages_for,
+    sized_for,
     tile_arch,
     with_override,
 )
@@ -285,9 +285,9 @@ _FORWARD_BLOCKS = {
 
 def default_blocks(h: int, arch: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """The forward's tiles and launch shape at head width h (a built width) on the tile table of
-    `arch`, chosen so that no launch spills registers (python -m echo_kernels.aot), for `dtype` inputs
-    (attention_common.stages_for)."""
-    return stages_for(_FORWARD_BLOCKS[h, arch], dtype)
+    `arch`, chosen so that no launch of 2-byte inputs spills registers (python -m echo_kernels.aot), for
+    `dtype` inputs (attention_common.sized_for)."""
+    return sized_for(_FORWARD_BLOCKS[h, arch], dtype)
 
 
 def first_padded_key(pad_flags: torch.Tensor) -> torch.Tensor:

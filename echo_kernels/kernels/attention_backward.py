@@ -91,7 +91,7 @@ from .attention_common import (
     layout_perm,
     p_arg,
     precision,
-    stages_for,
+    sized_for,
     tile_arch,
     with_override,
 )
@@ -193,14 +193,14 @@ def sums_dq_in_key_pass(arch: int) -> bool:
 def default_blocks(h: int, arch: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """{kernel: tile sizes and launch shape} of the backward's passes at head width h (a built
     width) on the tile table of `arch` (attention_common.tile_arch), in launch order, chosen so that
-    no launch spills registers under Triton 3.8 (python -m echo_kernels.aot), for `dtype` inputs
-    (attention_common.stages_for). Without a dq pass (sums_dq_in_key_pass) the dk/dv pass takes its row
-    of _KEY_PASS_BLOCKS."""
+    no launch of 2-byte inputs spills registers under Triton 3.8 (python -m echo_kernels.aot), for
+    `dtype` inputs (attention_common.sized_for). Without a dq pass (sums_dq_in_key_pass) the dk/dv pass
+    takes its row of _KEY_PASS_BLOCKS."""
     if sums_dq_in_key_pass(arch):
         blocks = {**_LIGHT_BLOCKS[h], "dkdv": _KEY_PASS_BLOCKS[h, arch]}
     else:
         blocks = {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
-    return {name: stages_for(row, dtype) for name, row in blocks.items()}
+    return {name: sized_for(row, dtype) for name, row in blocks.items()}
 
 
 def inner_diagonals(n_rel: int) -> int:
@@ -300,7 +300,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
 
     # q'' and the keys exactly as the forward had them (its pass, by its tiles): the dk/dv, dq and dbias
     # passes read these contiguous rows, and recompute the forward's very probabilities from them.
-    block = with_override(forward_blocks(h, arch))["BLOCK_N"]
+    block = with_override(forward_blocks(h, arch, q.dtype))["BLOCK_N"]
     qq, kk = attention_operands(q, k, w32, s32, q_offset, k_offset, P, has_p, layout, keys_rotated, block)
     kk = kk.contiguous()
 

@@ -514,11 +514,16 @@ def tiles_of(arch: int):
         _FORCED_TABLE.pop()
 
 
-def stages_for(row: dict, dtype: torch.dtype) -> dict:
-    """A tile table's row as `dtype` inputs take it: those of 4 bytes or more, whose tiles take twice the
-    bytes at least, at most two stages (three would ask sm_90's forward at h = 64 for 288 KB of shared
-    memory in fp32), the forward's and the backward's passes alike."""
-    return dict(row, num_stages=min(row["num_stages"], 2)) if dtype.itemsize > 2 else dict(row)
+def sized_for(row: dict, dtype: torch.dtype) -> dict:
+    """A tile table's row as `dtype` inputs take it, the forward's and the backward's passes alike. Inputs
+    of 4 bytes or more, multiplied exactly in fp32 (no tensor cores), take tiles of half the side (16 at
+    least) at most two stages deep: on the 2-byte rows sm_90's forward at h = 64 asked for 263,680 bytes
+    of shared memory, past the 232,448 a block may have, and the heavy passes spilled kilobytes
+    (docs/model.md, "Tile tables")."""
+    if dtype.itemsize <= 2:
+        return dict(row)
+    halved = {side: max(16, row[side] // 2) for side in ("BLOCK_M", "BLOCK_N") if side in row}
+    return dict(row, **halved, num_stages=min(row["num_stages"], 2))
 
 
 # Tests shrink the tiles (e.g. 16) so that ragged and multi-tile cases happen at small T. The one
