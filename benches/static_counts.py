@@ -90,14 +90,12 @@ def count_iterations(window: int | None) -> dict[str, list[int]]:
 
             originals.append((module, fn_name, inner))
             setattr(module, fn_name, watched)
-    # the interpreter runs no bf16: fp32 inputs, on the tiles bf16 takes (fp32's have half the side)
-    from echo_kernels.kernels import attention, attention_backward, attention_common
+    # the interpreter runs no bf16: fp32 inputs, on the tiles bf16 takes (fp32 has rows of its own)
+    from echo_kernels.kernels import attention_common
 
-    for module in (attention, attention_backward):
-        originals.append((module, "sized_for", module.sized_for))
-        module.sized_for = lambda row, dtype: attention_common.sized_for(row, torch.bfloat16)
     try:
-        _run_passes(1, 1, torch.float32, window)
+        with attention_common.rows_of(torch.bfloat16):
+            _run_passes(1, 1, torch.float32, window)
     finally:
         for module, fn_name, inner in originals:
             setattr(module, fn_name, inner)

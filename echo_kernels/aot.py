@@ -184,13 +184,13 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
         B, D, T = 2, 1024, 1500
         heads = lambda Tn, h, dt: torch.randn(B, Tn, D // h, h).to(dt).transpose(1, 2)  # (B, H, T, h) view
         for h in (32, 64, 128):
-            for dt in (torch.bfloat16, torch.float16):
+            for dt in (torch.bfloat16, torch.float16, torch.float32):
                 w, s = torch.rand(h // 2), torch.ones(1)
                 bias, pad = torch.randn(2 * ECHO_MAX_REL_DIST - 1, D // h), torch.zeros(B, T, dtype=torch.bool)
                 shapes = [(T, T, UNBOUNDED, UNBOUNDED, 0)]
                 if h == 64 and dt == torch.bfloat16:
                     shapes.append((1, 448, UNBOUNDED, 0, 447))
-                if dt == torch.bfloat16:  # the plain flash kernels, the floor of the rows above
+                if dt != torch.float16:  # the plain flash kernels, the floor of the rows above
                     q, k, v = (heads(T, h, dt) for _ in range(3))
                     out, lse = plain.forward(q, k, v)
                     plain.backward(torch.randn_like(out), q, k, v, out, lse)

@@ -353,10 +353,9 @@ def test_key_pass_sums_dq_by_groups_of_key_tiles(use_triton, monkeypatch):
     launch = attention_backward.with_override
     monkeypatch.setattr(attention_backward, "with_override", lambda row: rows.append(row) or launch(row))
     arch = attention_common.tile_arch(torch.device(DEVICE))
-    # the rows fp32 inputs take (attention_common.sized_for)
-    table = {name: attention_common.sized_for(row, torch.float32)
-             for name, row in attention_backward._LIGHT_BLOCKS[32].items()}
-    key_pass = attention_common.sized_for(attention_backward._KEY_PASS_BLOCKS[32, arch], torch.float32)
+    with attention_backward.dq_in_key_pass(True):  # the rows fp32 inputs take
+        table = attention_backward.default_blocks(32, arch, torch.float32)
+    key_pass = table["dkdv"]
     T = 5 * (key_pass["BLOCK_N"] if ON_GPU else 16) - 10
     inputs = make_inputs(B=1, H=1, Tq=T, pad=True)
     do = torch.randn(1, 1, T, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -409,15 +408,10 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, h, window, dq_in_k
     inside the band and cuts others, Echo's bias table (n = 15) and padding in one batch only (so the
     other runs the unmasked loop). Output and every gradient against the float64 reference, every
     launch taking its row of the table: the rows of 2-byte inputs, the GPU's fast way, on the fp32 inputs
-    the interpreter runs (fp32's own rows halve their sides: checked at the end)."""
+    the interpreter runs (attention_common.rows_of; test_fp32_rows_match_reference runs fp32's own)."""
     from echo_kernels.kernels import ECHO_MAX_REL_DIST
 
     monkeypatch.setenv("ECHO_BACKEND", "triton")
-    def two_byte_rows(row, dtype):
-        return attention_common.sized_for(row, torch.bfloat16)
-
-    monkeypatch.setattr(kernel, "sized_for", two_byte_rows)
-    monkeypatch.setattr(attention_backward, "sized_for", two_byte_rows)
     forward_rows, backward_rows = [], []
     monkeypatch.setattr(kernel, "with_override", lambda row: forward_rows.append(row) or dict(row))
     monkeypatch.setattr(attention_backward, "with_override",
@@ -428,25 +422,47 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, h, window, dq_in_k
     opts = dict(window=window, rotation="rope_then_m")
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     out_ref, want = grads(reference.echo_attention, inputs, torch.float64, do, **opts)
-    with attention_common.tiles_of(arch), attention_backward.dq_in_key_pass(dq_in_key_pass):
+    with attention_common.tiles_of(arch), attention_backward.dq_in_key_pass(dq_in_key_pass), \
+            attention_common.rows_of(torch.bfloat16):
         out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
-        backward_table = attention_backward.default_blocks(h, arch)
     assert rel_err(out, out_ref) < 1e-5
     assert_gradients_match(got, want, f"sm_{arch}", inputs)
-    forward_row = kernel.default_blocks(h, arch)
+    with attention_common.tiles_of(arch), attention_backward.dq_in_key_pass(dq_in_key_pass):
+        forward_row = kernel.default_blocks(h, arch, torch.bfloat16)
+        backward_table = attention_backward.default_blocks(h, arch, torch.bfloat16)
     assert forward_rows == [forward_row]
+    assert forward_row == kernel._FORWARD_BLOCKS[h, arch] != kernel.default_blocks(h, arch, torch.float32)
     assert ("dq" in backward_table) != dq_in_key_pass
     # each backward pass's row, then the forward's key tiles for the rotation pass (q'' and RoPE(k))
     assert backward_rows == [*backward_table.values(), forward_row]
-    monkeypatch.undo()
-    with attention_common.tiles_of(arch), attention_backward.dq_in_key_pass(dq_in_key_pass):
-        fp32_rows = [kernel.default_blocks(h, arch, torch.float32),
-                     *attention_backward.default_blocks(h, arch, torch.float32).values()]
-    for fp32, two_byte in zip(fp32_rows, [forward_row, *backward_table.values()]):
-        for side in ("BLOCK_M", "BLOCK_N"):  # half the side, 16 at least
-            assert fp32.get(side) == (max(16, two_byte[side] // 2) if side in two_byte else None)
-        assert fp32["num_stages"] == min(two_byte["num_stages"], 2)
-        assert fp32["num_warps"] == two_byte["num_warps"]
+
+
+@pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
+@pytest.mark.parametrize("h", ATTENTION_HEAD_WIDTHS)
+def test_fp32_rows_match_reference(monkeypatch, h, dq_in_key_pass):
+    """fp32 inputs take rows of their own (the _FP32 tables: exact products on fused multiply-adds, the
+    same on both tile tables): at each built head width, T = 300 over several of their tiles, M, a
+    window, Echo's bias table and padding, output and every gradient against the float64 reference, each
+    launch on its fp32 row."""
+    from echo_kernels.kernels import ECHO_MAX_REL_DIST
+
+    monkeypatch.setenv("ECHO_BACKEND", "triton")
+    forward_rows, backward_rows = [], []
+    monkeypatch.setattr(kernel, "with_override", lambda row: forward_rows.append(row) or dict(row))
+    monkeypatch.setattr(attention_backward, "with_override", lambda row: backward_rows.append(row) or dict(row))
+    inputs = make_inputs(B=2, H=1, Tq=300, h=h, n=ECHO_MAX_REL_DIST, pad=True)
+    opts = {"window": (200, 150), "rotation": "rope_then_m"}
+    do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out_ref, want = grads(reference.echo_attention, inputs, torch.float64, do, **opts)
+    with attention_backward.dq_in_key_pass(dq_in_key_pass):
+        out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **opts)
+    assert rel_err(out, out_ref) < 1e-5
+    assert_gradients_match(got, want, "fp32 rows", inputs)
+    light = attention_backward._LIGHT_BLOCKS_FP32[h]
+    heavy = ([attention_backward._KEY_PASS_BLOCKS_FP32[h]] if dq_in_key_pass else
+             list(attention_backward._HEAVY_BLOCKS_FP32[h].values()))
+    assert forward_rows == [kernel._FORWARD_BLOCKS_FP32[h]]
+    assert backward_rows == [*light.values(), *heavy, kernel._FORWARD_BLOCKS_FP32[h]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -599,23 +615,20 @@ def test_dispatch(monkeypatch):
 
 def test_aot_compile_report(aot_reports):
     """Every launch compiles for both targets, its dots become tensor-core instructions (wgmma on
-    sm_90), shared memory stays under 128 KB, the forward's key loops hold its products, and its spills
+    sm_90) but fp32's (exact fused multiply-adds), shared memory stays within a block's on the GPUs
+    each table serves and a CTA fits an SM, the forward's key loops hold its products, and its spills
     and main loops' instruction counts are those that the committed report of the installed Triton
-    records (h = 32, 64, 128)."""
+    records (h = 32, 64, 128; bf16, fp16, fp32)."""
     rows = [r for r in aot_reports if r.name.startswith("attention_")]
     names = {r.name for r in rows}
     recorded = aot.recorded_spills(triton.__version__)
     recorded_loops = aot.recorded_loops(triton.__version__)
-    forward = [r for r in rows if r.name.startswith("attention_fwd_")]
+    forward = [r for r in rows if r.name.startswith("attention_fwd_") and not r.name.endswith("_fp32")]
     assert forward and all(r.main_loops and all(c.tensor_core > 0 for c in r.main_loops) for r in forward)
-    parts = ("rope", "rope_p", "fwd", "bwd_delta", "bwd_dkdv", "bwd_dkdv_dq", "bwd_unrope", "bwd_dq",
+    parts = ("rope", "rope_p", "near_bias", "fwd", "bwd_delta", "bwd_dkdv", "bwd_dkdv_dq", "bwd_unrope", "bwd_dq",
              "bwd_dq_unrotate", "bwd_dq_unrotate_no_m")
-    for h in (32, 64, 128):
-        for dt in ("bf16", "fp16"):
-            for part in parts:
-                assert f"attention_{part}_h{h}_{dt}" in names
-    assert "attention_fwd_decode_h64_bf16" in names
-    assert {f"attention_near_bias_h{h}_{dt}" for h in (32, 64, 128) for dt in ("bf16", "fp16")} <= names
+    assert {f"attention_{part}_h{h}_{dt}" for part in parts for h in (32, 64, 128)
+            for dt in ("bf16", "fp16", "fp32")} | {"attention_fwd_decode_h64_bf16"} <= names
     # Elementwise passes, no matrix product: the RoPE undo of dk, D = rowsum(O dO), and without M the
     # queries' RoPE undo (no product with P); the rotation of keys and queries without P and the NEAR bias
     # tiles, which hold no tile in shared memory either.
@@ -630,7 +643,7 @@ def test_aot_compile_report(aot_reports):
         assert r.spilled_bytes == recorded[(r.name, r.arch)], r.name  # as the committed report says
         assert r.main_loops == recorded_loops.get((r.name, r.arch), []), r.name  # kernels with no loop have no rows
         assert r.ctas_per_sm >= 1, r.name
-        if r.name.startswith(no_dot):
+        if r.name.startswith(no_dot) or r.name.endswith("_fp32"):
             assert not r.mma, r.name
             continue
         assert r.mma, r.name
@@ -655,7 +668,7 @@ def test_aot_compiles_the_bias_diagonals_of_echos_table():
     assert ECHO_MAX_REL_DIST == EchoConfig().max_rel_dist
     summing = [s for arch in aot.TARGETS for s in aot.all_specs(arch)
                if s.name.startswith(("attention_bwd_dq_h", "attention_bwd_dkdv_dq_h"))]
-    assert len(summing) == 2 * 2 * 2 * len(ATTENTION_HEAD_WIDTHS)  # 2 kernels, 2 dtypes, 2 targets
+    assert len(summing) == 2 * 3 * 2 * len(ATTENTION_HEAD_WIDTHS)  # 2 kernels, 3 dtypes, 2 targets
     assert all(s.constexprs["N_DIAG"] == 32 for s in summing)
     assert [attention_backward.inner_diagonals(n) for n in (1, 2, 3, 15, 16, 17)] == [1, 1, 4, 32, 32, 32]
 

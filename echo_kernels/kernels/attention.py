@@ -77,14 +77,14 @@ from .attention_common import (
     _skip,
     _tile_and_head,
     _tile_rows,
+    exact_rows,
     p_arg,
     precision,
-    sized_for,
     tile_arch,
     with_override,
 )
 from .attention_operands import aot_specs_of, attention_operands, near_bias_args
-from .spec import KernelSpec, signature_of
+from .spec import DTYPE_NAMES, KernelSpec, dtype_named, precision_of, signature_of
 
 # --------------------------------------------------------------------------------------------------
 # Forward kernel
@@ -283,11 +283,24 @@ _FORWARD_BLOCKS = {
 }
 
 
+# Forward tile sizes and launch shape per head width for inputs of 4 bytes, the same on both tile tables:
+# fp32 operands are multiplied exactly (ieee), by fused multiply-adds on either target, each thread holding
+# its rows of one operand and its columns of the other whole along the product's inner dimension, so the
+# tiles that fit its registers are smaller than 2-byte tiles, and no larger on sm_90. Of the shapes tried,
+# the largest that spills nothing on either target under Triton 3.8, with the plain kernel, which takes
+# these rows, and the rotation pass at the key tile (docs/model.md, "Tile tables").
+_FORWARD_BLOCKS_FP32 = {
+    32: {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    64: {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},  # 4 warps spill
+    128: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},  # 64 rows, or 32 keys, spill on sm_90
+}
+
+
 def default_blocks(h: int, arch: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The forward's tiles and launch shape at head width h (a built width) on the tile table of
-    `arch`, chosen so that no launch of 2-byte inputs spills registers (python -m echo_kernels.aot), for
-    `dtype` inputs (attention_common.sized_for)."""
-    return sized_for(_FORWARD_BLOCKS[h, arch], dtype)
+    """The forward's tiles and launch shape at head width h (a built width) for `dtype` inputs on the
+    tile table of `arch`, chosen so that no launch spills registers (python -m echo_kernels.aot): 2-byte
+    inputs take _FORWARD_BLOCKS, those multiplied exactly in fp32 _FORWARD_BLOCKS_FP32."""
+    return dict(_FORWARD_BLOCKS_FP32[h] if exact_rows(dtype) else _FORWARD_BLOCKS[h, arch])
 
 
 def first_padded_key(pad_flags: torch.Tensor) -> torch.Tensor:
@@ -367,17 +380,17 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
 
 def aot_specs(arch: int) -> list[KernelSpec]:
     """The launches of the forward kernel at the block sizes of `arch`'s tile table:
-    h in {32, 64, 128}, bf16 and fp16, with a bias table (n = 15) and a key-padding mask, each after
+    h in {32, 64, 128}, bf16, fp16 and fp32, with a bias table (n = 15) and a key-padding mask, each after
     those of the passes before it (attention_operands.aot_specs_of)."""
     specs = []
     for h in ATTENTION_HEAD_WIDTHS:
-        for dt in ("bf16", "fp16"):
-            f = default_blocks(h, arch)
+        for dt in DTYPE_NAMES:
+            f = default_blocks(h, arch, dtype_named(dt))
             specs.extend(aot_specs_of(h, dt, f))
             ptrs = {n: f"*{dt}" for n in ("QQ", "KK", "V", "Out")}
             ptrs.update(Bias="*fp32", Tiles=f"*{dt}", Pad="*i32", PadStart="*i32", Lse="*fp32")
             ce = dict(HEAD=h, HAS_BIAS=True, HAS_PAD=True, PAD_TILES=PAD_TILES_ON[arch], BIAS_TILES=True,
-                      BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], PRECISION="tf32")
+                      BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], PRECISION=precision_of(dt))
             specs.append(KernelSpec(f"attention_fwd_h{h}_{dt}", _attn_fwd_kernel,
                                     signature_of(_attn_fwd_kernel, ptrs, ce), ce, num_warps=f["num_warps"],
                                     num_stages=f["num_stages"]))

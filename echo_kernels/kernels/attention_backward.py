@@ -88,15 +88,15 @@ from .attention_common import (
     PAD_TILES_ON,
     _bias_arg,
     _pad_arg,
+    exact_rows,
     layout_perm,
     p_arg,
     precision,
-    sized_for,
     tile_arch,
     with_override,
 )
 from .attention_operands import attention_operands, near_bias_args, rotated_rows
-from .spec import KernelSpec, pointer_types, signature_of
+from .spec import DTYPE_NAMES, KernelSpec, dtype_named, pointer_types, precision_of, signature_of
 
 # --------------------------------------------------------------------------------------------------
 # Launcher
@@ -166,6 +166,32 @@ _KEY_PASS_BLOCKS = {
     (128, 90): dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
 }
 
+# The rows of inputs of 4 bytes, per head width, the same on both tile tables (as the forward's
+# _FORWARD_BLOCKS_FP32: exact fp32 products, fused multiply-adds on either target): of the shapes tried,
+# the largest that spills nothing on either target under Triton 3.8, with the plain kernel's dk/dv and dq
+# passes, which take these rows (docs/model.md, "Tile tables"). The light passes keep their rows but
+# the unrotate pass, whose products with P~ spill on them: of those tried, the rows that spill nothing
+# under Triton 3.6 and 3.8, and least under 3.9 (148 bytes on sm_90 at h = 64, none elsewhere).
+_HEAVY_BLOCKS_FP32 = {
+    32: {"dkdv": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+         "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}},
+    64: {"dkdv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+         "dq": {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2}},
+    128: {"dkdv": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1},
+          "dq": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}},
+}
+_KEY_PASS_BLOCKS_FP32 = {
+    32: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
+    64: {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+    128: {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1},
+}
+_UNROTATE_BLOCKS_FP32 = {
+    32: {"BLOCK_M": 32, "num_warps": 4, "num_stages": 2},  # 64 rows spill 504 to 756 bytes under 3.9
+    64: {"BLOCK_M": 16, "num_warps": 8, "num_stages": 1},  # 32 rows on 4 warps: 6,108 under 3.9 on sm_90
+    128: {"BLOCK_M": 16, "num_warps": 8, "num_stages": 1},  # 4 warps spill under 3.8
+}
+_LIGHT_BLOCKS_FP32 = {h: {**rows, "unrotate": _UNROTATE_BLOCKS_FP32[h]} for h, rows in _LIGHT_BLOCKS.items()}
+
 # Where dq is summed, per tile table (docs/model.md, "Backward passes"). False: by the dq pass, a
 # program per query tile over its key tiles, which recomputes the logits, p and dP there (seven
 # products in all, exp twice). True: by the dk/dv pass (five products, exp once), a program per
@@ -192,15 +218,17 @@ def sums_dq_in_key_pass(arch: int) -> bool:
 
 def default_blocks(h: int, arch: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """{kernel: tile sizes and launch shape} of the backward's passes at head width h (a built
-    width) on the tile table of `arch` (attention_common.tile_arch), in launch order, chosen so that
-    no launch of 2-byte inputs spills registers under Triton 3.8 (python -m echo_kernels.aot), for
-    `dtype` inputs (attention_common.sized_for). Without a dq pass (sums_dq_in_key_pass) the dk/dv pass
-    takes its row of _KEY_PASS_BLOCKS."""
+    width) for `dtype` inputs on the tile table of `arch` (attention_common.tile_arch), in launch order,
+    chosen so that no launch spills registers under Triton 3.8 (python -m echo_kernels.aot): 2-byte
+    inputs take the tile table's rows, those multiplied exactly in fp32 the _FP32 tables'. Without a dq
+    pass (sums_dq_in_key_pass) the dk/dv pass takes its row of the key pass's table."""
+    exact = exact_rows(dtype)
+    light = (_LIGHT_BLOCKS_FP32 if exact else _LIGHT_BLOCKS)[h]
     if sums_dq_in_key_pass(arch):
-        blocks = {**_LIGHT_BLOCKS[h], "dkdv": _KEY_PASS_BLOCKS[h, arch]}
+        heavy = {"dkdv": _KEY_PASS_BLOCKS_FP32[h] if exact else _KEY_PASS_BLOCKS[h, arch]}
     else:
-        blocks = {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
-    return {name: sized_for(row, dtype) for name, row in blocks.items()}
+        heavy = _HEAVY_BLOCKS_FP32[h] if exact else _HEAVY_BLOCKS[h, arch]
+    return {name: dict(row) for name, row in {**light, **heavy}.items()}
 
 
 def inner_diagonals(n_rel: int) -> int:
@@ -402,36 +430,39 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
 
 def aot_specs(arch: int) -> list[KernelSpec]:
     """The launches of the backward kernels at the block sizes of `arch`'s tile table: h in
-    {32, 64, 128}, bf16 and fp16, with a bias table and a key-padding mask, with M and without
+    {32, 64, 128}, bf16, fp16 and fp32, with a bias table and a key-padding mask, with M and without
     (names ending in _no_m); the dk/dv pass summing dq (dkdv_dq) beside the dk/dv and dq passes,
     whichever DQ_IN_KEY_PASS picks."""
     specs = []
     pad_flags = pointer_types()[_PAD_FLAGS[arch]]
     for h in ATTENTION_HEAD_WIDTHS:
-        for dt in ("bf16", "fp16"):
-            g = {**_LIGHT_BLOCKS[h], **_HEAVY_BLOCKS[h, arch]}
+        for dt in DTYPE_NAMES:
+            with dq_in_key_pass(False):
+                g = default_blocks(h, arch, dtype_named(dt))
+            with dq_in_key_pass(True):
+                key_pass = default_blocks(h, arch, dtype_named(dt))["dkdv"]
+            prec = precision_of(dt)
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "KK", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
             ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Tiles="*fp32", Pad=pad_flags, Lse="*fp32", Delta="*fp32",
                         G="*fp32", DBias="*fp32", Diag="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", PadStart="*i32",
                         scale="fp32")
             dkdv_ptrs = dict(ptrs, DQQ="*fp32")  # dq's fp32 sums (without dq, a placeholder of that type)
-            key_pass = _KEY_PASS_BLOCKS[h, arch]
             for name, fn, ce in (
                 ("delta", _attn_bwd_delta_kernel, dict(HEAD=h, BLOCK=g["delta"]["BLOCK_M"])),
                 ("dkdv", _attn_bwd_dkdv_kernel, dict(
                     HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dkdv"]["BLOCK_M"], BLOCK_N=g["dkdv"]["BLOCK_N"],
-                    WITH_DQ=False, N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION="tf32")),
+                    WITH_DQ=False, N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION=prec)),
                 ("dkdv_dq", _attn_bwd_dkdv_kernel, dict(
                     HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=key_pass["BLOCK_M"], BLOCK_N=key_pass["BLOCK_N"],
-                    WITH_DQ=True, N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION="tf32")),
+                    WITH_DQ=True, N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION=prec)),
                 ("unrope", _attn_bwd_unrope_kernel, dict(HEAD=h, BLOCK=g["unrope"]["BLOCK_M"])),
                 ("dq", _attn_bwd_dq_kernel, dict(
                     HEAD=h, HAS_BIAS=True, HAS_PAD=True, PAD_TILES=PAD_TILES_ON[arch], BLOCK_M=g["dq"]["BLOCK_M"],
-                    BLOCK_N=g["dq"]["BLOCK_N"], N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION="tf32")),
+                    BLOCK_N=g["dq"]["BLOCK_N"], N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION=prec)),
                 ("dq_unrotate", _attn_bwd_dq_unrotate_kernel, dict(
-                    HEAD=h, HAS_P=True, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION="tf32")),
+                    HEAD=h, HAS_P=True, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION=prec)),
                 ("dq_unrotate_no_m", _attn_bwd_dq_unrotate_kernel, dict(
-                    HEAD=h, HAS_P=False, BLOCK_M=g["unrotate_no_m"]["BLOCK_M"], PRECISION="tf32")),
+                    HEAD=h, HAS_P=False, BLOCK_M=g["unrotate_no_m"]["BLOCK_M"], PRECISION=prec)),
             ):
                 c = {"dq_unrotate": g["unrotate"], "dq_unrotate_no_m": g["unrotate_no_m"],
                      "dkdv_dq": key_pass}.get(name) or g[name]

@@ -514,16 +514,28 @@ def tiles_of(arch: int):
         _FORCED_TABLE.pop()
 
 
-def sized_for(row: dict, dtype: torch.dtype) -> dict:
-    """A tile table's row as `dtype` inputs take it, the forward's and the backward's passes alike. Inputs
-    of 4 bytes or more, multiplied exactly in fp32 (no tensor cores), take tiles of half the side (16 at
-    least) at most two stages deep: on the 2-byte rows sm_90's forward at h = 64 asked for 263,680 bytes
-    of shared memory, past the 232,448 a block may have, and the heavy passes spilled kilobytes
-    (docs/model.md, "Tile tables")."""
-    if dtype.itemsize <= 2:
-        return dict(row)
-    halved = {side: max(16, row[side] // 2) for side in ("BLOCK_M", "BLOCK_N") if side in row}
-    return dict(row, **halved, num_stages=min(row["num_stages"], 2))
+# Each kernel module's tables hold rows for 2-byte inputs and, apart, for fp32 (docs/model.md, "Tile
+# tables"); inside rows_of(dtype) every launch takes `dtype`'s rows, whatever its inputs'.
+_FORCED_ROWS: list[torch.dtype] = []
+
+
+def exact_rows(dtype: torch.dtype) -> bool:
+    """Whether launches with `dtype` inputs take the tables' rows of exact fp32 products (their _FP32
+    tables), not those of 2-byte inputs: inputs of 4 bytes or more (bf16, multiplied in fp32 under the
+    interpreter, keeps its own); inside rows_of(d), whether d's do."""
+    return (_FORCED_ROWS[-1] if _FORCED_ROWS else dtype).itemsize > 2
+
+
+@contextlib.contextmanager
+def rows_of(dtype: torch.dtype):
+    """Launch on the tile rows of `dtype` inputs whatever the inputs' dtype: the interpreter, which runs
+    no bf16, runs the tiles of the GPU's fast path on fp32 inputs so (the tests of the tile tables,
+    benches/static_counts.py)."""
+    _FORCED_ROWS.append(dtype)
+    try:
+        yield
+    finally:
+        _FORCED_ROWS.pop()
 
 
 # Tests shrink the tiles (e.g. 16) so that ragged and multi-tile cases happen at small T. The one

@@ -31,7 +31,7 @@ from .attention_common import (
     precision,
     triton_dtype,
 )
-from .spec import KernelSpec, signature_of
+from .spec import KernelSpec, precision_of, signature_of
 
 
 @triton.jit
@@ -114,11 +114,12 @@ def rotated_rows(x: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, offset: 
     xx = torch.empty((B, H, T, h), dtype=dot_type, device=x.device)
     block = min(block, max(16, triton.next_power_of_2(T)))  # tl.dot's least tile side with P
     n_tiles = triton.cdiv(T, block)
+    prec = precision(x.dtype)
     if xx.numel():  # a memory-bound pass: nothing to pipeline
         _rope_rows_kernel[(n_tiles * B * H,)](
             x, xx if P is None else P, w32, s32, xx, *x.stride(), H, T, offset, scale, n_tiles, HEAD=h,
-            HAS_P=P is not None, INTERLEAVE=interleave, BLOCK=block, PRECISION=precision(x.dtype),
-            num_warps=tile_pass_warps(block * h), num_stages=1)
+            HAS_P=P is not None, INTERLEAVE=interleave, BLOCK=block, PRECISION=prec,
+            num_warps=tile_pass_warps(block * h, exact_products=P is not None and prec == "ieee"), num_stages=1)
     return xx
 
 
@@ -137,10 +138,12 @@ def attention_operands(q: torch.Tensor, k: torch.Tensor, w32: torch.Tensor, s32:
     return qq, rotated_rows(k, w32, s32, k_offset, P.dtype, block)
 
 
-def tile_pass_warps(elements: int) -> int:
+def tile_pass_warps(elements: int, exact_products: bool = False) -> int:
     """Warps of a memory-bound pass over tiles of `elements` (RoPE(k), the NEAR bias tiles): 4, and 8 for
-    tiles past 64 x 64 elements, where 4 spill registers (sm_90)."""
-    return 8 if elements > 64 * 64 else 4
+    tiles past 64 x 64 elements, where 4 spill registers (sm_90), or for a pass multiplying by P~ in exact
+    fp32 (fused multiply-adds, each thread holding whole rows of P~) from 2,048 elements (16 rows at
+    h = 128 spill on 4 warps on sm_80)."""
+    return 8 if elements > 64 * 64 or (exact_products and elements >= 2048) else 4
 
 
 class BiasTable(NamedTuple):
@@ -226,7 +229,7 @@ def near_bias_args(bias: torch.Tensor | None, n_rel: int, offset: int, block_m: 
 
 
 def aot_specs_of(h: int, dt: str, blocks: dict) -> list[KernelSpec]:
-    """The launches of these passes at head width h, dtype dt ("bf16" or "fp16") and the forward's tiles
+    """The launches of these passes at head width h, dtype dt ("bf16", "fp16" or "fp32") and the forward's tiles
     `blocks`: the rotation of the keys and of the queries (rope; rope_p: q'' = RoPE(q) @ P~, the
     "rope_then_m" order; at h = 64 bf16, rope_..._interleaved: the queries of a decoding step against keys
     cached rotated in the "interleaved" layout), and the NEAR tiles' bias (near_bias_tiles). The forward's
@@ -234,17 +237,17 @@ def aot_specs_of(h: int, dt: str, blocks: dict) -> list[KernelSpec]:
     specs = []
     ptrs = {"X": f"*{dt}", "P": f"*{dt}", "XX": f"*{dt}", "W": "*fp32", "S": "*fp32", "scale": "fp32"}
     for has_p, suffix in ((False, ""), (True, "_p")):  # k' and q'' without M; q'' = RoPE(q) @ P~
-        ce = dict(HEAD=h, HAS_P=has_p, INTERLEAVE=False, BLOCK=blocks["BLOCK_N"], PRECISION="tf32")
+        ce = dict(HEAD=h, HAS_P=has_p, INTERLEAVE=False, BLOCK=blocks["BLOCK_N"], PRECISION=precision_of(dt))
+        warps = tile_pass_warps(h * blocks["BLOCK_N"], exact_products=has_p and precision_of(dt) == "ieee")
         specs.append(KernelSpec(f"attention_rope{suffix}_h{h}_{dt}", _rope_rows_kernel,
-                                signature_of(_rope_rows_kernel, ptrs, ce), ce,
-                                num_warps=tile_pass_warps(h * blocks["BLOCK_N"]), num_stages=1))
+                                signature_of(_rope_rows_kernel, ptrs, ce), ce, num_warps=warps, num_stages=1))
     if h == 64 and dt == "bf16":  # a decoding step's query: one row, a tile of 16
         ce = dict(ce, HAS_P=False, INTERLEAVE=True, BLOCK=16)
         specs.append(KernelSpec(f"attention_rope_h{h}_{dt}_interleaved", _rope_rows_kernel,
                                 signature_of(_rope_rows_kernel, ptrs, ce), ce,
                                 num_warps=tile_pass_warps(h * 16), num_stages=1))
     ce = dict(BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"],
-              STEP=min(blocks["BLOCK_M"], blocks["BLOCK_N"]), DT={"bf16": tl.bfloat16, "fp16": tl.float16}[dt],
+              STEP=min(blocks["BLOCK_M"], blocks["BLOCK_N"]), DT={"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dt],
               FLIP=False)
     specs.append(KernelSpec(f"attention_near_bias_h{h}_{dt}", _near_bias_kernel,
                             signature_of(_near_bias_kernel, {"Bias": "*fp32", "Tiles": f"*{dt}"}, ce), ce,

@@ -25,7 +25,7 @@ from . import ATTENTION_HEAD_WIDTHS
 from .attention import default_blocks as forward_blocks
 from .attention_backward import default_blocks as backward_blocks
 from .attention_common import LOG2E, _tile_and_head, precision, tile_arch, with_override
-from .spec import KernelSpec, signature_of
+from .spec import KernelSpec, dtype_named, precision_of, signature_of
 
 
 @triton.jit
@@ -237,22 +237,24 @@ def backward(do, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def aot_specs(arch: int) -> list[KernelSpec]:
-    """The plain kernels at Echo's tiles on `arch`'s table: h in {32, 64, 128}, bf16 (the floor of
-    the bf16 rows of the attention kernels in the report)."""
+    """The plain kernels at Echo's tiles on `arch`'s table: h in {32, 64, 128}, bf16 (the floor of the
+    bf16 rows of the attention kernels in the report) and fp32 (on fp32's own rows)."""
     specs = []
     for h in ATTENTION_HEAD_WIDTHS:
-        f, g = forward_blocks(h, arch), backward_blocks(h, arch)
-        ptrs = {n: "*bf16" for n in ("Q", "K", "V", "DO", "Out", "DQ", "DK", "DV")}
-        ptrs.update(Lse="*fp32", Delta="*fp32", qk_scale="fp32", sm_scale="fp32")
-        for name, fn, ce, c in (
-            ("fwd", _plain_fwd_kernel,
-             {"HEAD": h, "BLOCK_M": f["BLOCK_M"], "BLOCK_N": f["BLOCK_N"], "PRECISION": "tf32"}, f),
-            ("bwd_delta", _plain_bwd_delta_kernel, {"HEAD": h, "BLOCK": g["delta"]["BLOCK_M"]}, g["delta"]),
-            ("bwd_dkdv", _plain_bwd_dkdv_kernel, {"HEAD": h, "BLOCK_M": g["dkdv"]["BLOCK_M"],
-                                                  "BLOCK_N": g["dkdv"]["BLOCK_N"], "PRECISION": "tf32"}, g["dkdv"]),
-            ("bwd_dq", _plain_bwd_dq_kernel, {"HEAD": h, "BLOCK_M": g["dq"]["BLOCK_M"],
-                                              "BLOCK_N": g["dq"]["BLOCK_N"], "PRECISION": "tf32"}, g["dq"]),
-        ):
-            specs.append(KernelSpec(f"plain_attention_{name}_h{h}_bf16", fn, signature_of(fn, ptrs, ce), ce,
-                                    num_warps=c["num_warps"], num_stages=c["num_stages"]))
+        for dt in ("bf16", "fp32"):
+            f, g = forward_blocks(h, arch, dtype_named(dt)), backward_blocks(h, arch, dtype_named(dt))
+            prec = precision_of(dt)
+            ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "DO", "Out", "DQ", "DK", "DV")}
+            ptrs.update(Lse="*fp32", Delta="*fp32", qk_scale="fp32", sm_scale="fp32")
+            for name, fn, ce, c in (
+                ("fwd", _plain_fwd_kernel,
+                 {"HEAD": h, "BLOCK_M": f["BLOCK_M"], "BLOCK_N": f["BLOCK_N"], "PRECISION": prec}, f),
+                ("bwd_delta", _plain_bwd_delta_kernel, {"HEAD": h, "BLOCK": g["delta"]["BLOCK_M"]}, g["delta"]),
+                ("bwd_dkdv", _plain_bwd_dkdv_kernel, {"HEAD": h, "BLOCK_M": g["dkdv"]["BLOCK_M"],
+                                                      "BLOCK_N": g["dkdv"]["BLOCK_N"], "PRECISION": prec}, g["dkdv"]),
+                ("bwd_dq", _plain_bwd_dq_kernel, {"HEAD": h, "BLOCK_M": g["dq"]["BLOCK_M"],
+                                                  "BLOCK_N": g["dq"]["BLOCK_N"], "PRECISION": prec}, g["dq"]),
+            ):
+                specs.append(KernelSpec(f"plain_attention_{name}_h{h}_{dt}", fn, signature_of(fn, ptrs, ce), ce,
+                                        num_warps=c["num_warps"], num_stages=c["num_stages"]))
     return specs

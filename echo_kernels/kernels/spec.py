@@ -33,3 +33,20 @@ def pointer_types() -> dict:
 
     return {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
             torch.int32: "*i32", torch.bool: "*u8"}
+
+
+# The input dtypes the report lists launches at, by the names it gives them.
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+
+
+def dtype_named(dt: str):
+    """The torch dtype of a report's dtype name ("bf16", "fp16", "fp32")."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+
+
+def precision_of(dt: str) -> str:
+    """The PRECISION constexpr of `dt` inputs' launches: fp32 is multiplied exactly (ieee), the 2-byte
+    types on tensor cores ("tf32", which Triton ignores for them); attention_common.precision at run time."""
+    return "ieee" if dt == "fp32" else "tf32"
