@@ -449,7 +449,8 @@ def test_fp32_rows_match_reference(monkeypatch, h, dq_in_key_pass):
     monkeypatch.setenv("ECHO_BACKEND", "triton")
     forward_rows, backward_rows = [], []
     monkeypatch.setattr(kernel, "with_override", lambda row: forward_rows.append(row) or dict(row))
-    monkeypatch.setattr(attention_backward, "with_override", lambda row: backward_rows.append(row) or dict(row))
+    monkeypatch.setattr(attention_backward, "with_override",
+                        lambda row: backward_rows.append(row) or dict(row))
     inputs = make_inputs(B=2, H=1, Tq=300, h=h, n=ECHO_MAX_REL_DIST, pad=True)
     opts = {"window": (200, 150), "rotation": "rope_then_m"}
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -625,8 +626,8 @@ def test_aot_compile_report(aot_reports):
     recorded_loops = aot.recorded_loops(triton.__version__)
     forward = [r for r in rows if r.name.startswith("attention_fwd_") and not r.name.endswith("_fp32")]
     assert forward and all(r.main_loops and all(c.tensor_core > 0 for c in r.main_loops) for r in forward)
-    parts = ("rope", "rope_p", "near_bias", "fwd", "bwd_delta", "bwd_dkdv", "bwd_dkdv_dq", "bwd_unrope", "bwd_dq",
-             "bwd_dq_unrotate", "bwd_dq_unrotate_no_m")
+    parts = ("rope", "rope_p", "near_bias", "fwd", "bwd_delta", "bwd_dkdv", "bwd_dkdv_dq", "bwd_unrope",
+             "bwd_dq", "bwd_dq_unrotate", "bwd_dq_unrotate_no_m")
     assert {f"attention_{part}_h{h}_{dt}" for part in parts for h in (32, 64, 128)
             for dt in ("bf16", "fp16", "fp32")} | {"attention_fwd_decode_h64_bf16"} <= names
     # Elementwise passes, no matrix product: the RoPE undo of dk, D = rowsum(O dO), and without M the

@@ -292,7 +292,7 @@ _FORWARD_BLOCKS = {
 _FORWARD_BLOCKS_FP32 = {
     32: {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
     64: {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},  # 4 warps spill
-    128: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},  # 64 rows, or 32 keys, spill on sm_90
+    128: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},  # 64 rows or 32 keys spill
 }
 
 

@@ -31,7 +31,7 @@ from .attention_common import (
     precision,
     triton_dtype,
 )
-from .spec import KernelSpec, precision_of, signature_of
+from .spec import KernelSpec, dtype_named, precision_of, signature_of
 
 
 @triton.jit
@@ -115,11 +115,12 @@ def rotated_rows(x: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, offset: 
     block = min(block, max(16, triton.next_power_of_2(T)))  # tl.dot's least tile side with P
     n_tiles = triton.cdiv(T, block)
     prec = precision(x.dtype)
+    warps = tile_pass_warps(block * h, exact_products=P is not None and prec == "ieee")
     if xx.numel():  # a memory-bound pass: nothing to pipeline
         _rope_rows_kernel[(n_tiles * B * H,)](
             x, xx if P is None else P, w32, s32, xx, *x.stride(), H, T, offset, scale, n_tiles, HEAD=h,
-            HAS_P=P is not None, INTERLEAVE=interleave, BLOCK=block, PRECISION=prec,
-            num_warps=tile_pass_warps(block * h, exact_products=P is not None and prec == "ieee"), num_stages=1)
+            HAS_P=P is not None, INTERLEAVE=interleave, BLOCK=block, PRECISION=prec, num_warps=warps,
+            num_stages=1)
     return xx
 
 
@@ -229,8 +230,8 @@ def near_bias_args(bias: torch.Tensor | None, n_rel: int, offset: int, block_m: 
 
 
 def aot_specs_of(h: int, dt: str, blocks: dict) -> list[KernelSpec]:
-    """The launches of these passes at head width h, dtype dt ("bf16", "fp16" or "fp32") and the forward's tiles
-    `blocks`: the rotation of the keys and of the queries (rope; rope_p: q'' = RoPE(q) @ P~, the
+    """The launches of these passes at head width h, dtype dt ("bf16", "fp16" or "fp32") and the forward's
+    tiles `blocks`: the rotation of the keys and of the queries (rope; rope_p: q'' = RoPE(q) @ P~, the
     "rope_then_m" order; at h = 64 bf16, rope_..._interleaved: the queries of a decoding step against keys
     cached rotated in the "interleaved" layout), and the NEAR tiles' bias (near_bias_tiles). The forward's
     module lists them beside its own (echo_kernels.kernels.attention.aot_specs)."""
@@ -247,8 +248,7 @@ def aot_specs_of(h: int, dt: str, blocks: dict) -> list[KernelSpec]:
                                 signature_of(_rope_rows_kernel, ptrs, ce), ce,
                                 num_warps=tile_pass_warps(h * 16), num_stages=1))
     ce = dict(BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"],
-              STEP=min(blocks["BLOCK_M"], blocks["BLOCK_N"]), DT={"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dt],
-              FLIP=False)
+              STEP=min(blocks["BLOCK_M"], blocks["BLOCK_N"]), DT=triton_dtype(dtype_named(dt)), FLIP=False)
     specs.append(KernelSpec(f"attention_near_bias_h{h}_{dt}", _near_bias_kernel,
                             signature_of(_near_bias_kernel, {"Bias": "*fp32", "Tiles": f"*{dt}"}, ce), ce,
                             num_warps=tile_pass_warps(blocks["BLOCK_M"] * blocks["BLOCK_N"]), num_stages=1))

@@ -236,6 +236,11 @@ def backward(do, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.T
 # --------------------------------------------------------------------------------------------------
 
 
+def _tiled(h: int, row: dict, prec: str) -> dict:
+    """The constexprs of a launch of a tiled plain kernel on `row` of a tile table."""
+    return {"HEAD": h, "BLOCK_M": row["BLOCK_M"], "BLOCK_N": row["BLOCK_N"], "PRECISION": prec}
+
+
 def aot_specs(arch: int) -> list[KernelSpec]:
     """The plain kernels at Echo's tiles on `arch`'s table: h in {32, 64, 128}, bf16 (the floor of the
     bf16 rows of the attention kernels in the report) and fp32 (on fp32's own rows)."""
@@ -247,14 +252,11 @@ def aot_specs(arch: int) -> list[KernelSpec]:
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "DO", "Out", "DQ", "DK", "DV")}
             ptrs.update(Lse="*fp32", Delta="*fp32", qk_scale="fp32", sm_scale="fp32")
             for name, fn, ce, c in (
-                ("fwd", _plain_fwd_kernel,
-                 {"HEAD": h, "BLOCK_M": f["BLOCK_M"], "BLOCK_N": f["BLOCK_N"], "PRECISION": prec}, f),
+                ("fwd", _plain_fwd_kernel, _tiled(h, f, prec), f),
                 ("bwd_delta", _plain_bwd_delta_kernel, {"HEAD": h, "BLOCK": g["delta"]["BLOCK_M"]}, g["delta"]),
-                ("bwd_dkdv", _plain_bwd_dkdv_kernel, {"HEAD": h, "BLOCK_M": g["dkdv"]["BLOCK_M"],
-                                                      "BLOCK_N": g["dkdv"]["BLOCK_N"], "PRECISION": prec}, g["dkdv"]),
-                ("bwd_dq", _plain_bwd_dq_kernel, {"HEAD": h, "BLOCK_M": g["dq"]["BLOCK_M"],
-                                                  "BLOCK_N": g["dq"]["BLOCK_N"], "PRECISION": prec}, g["dq"]),
+                ("bwd_dkdv", _plain_bwd_dkdv_kernel, _tiled(h, g["dkdv"], prec), g["dkdv"]),
+                ("bwd_dq", _plain_bwd_dq_kernel, _tiled(h, g["dq"], prec), g["dq"]),
             ):
-                specs.append(KernelSpec(f"plain_attention_{name}_h{h}_{dt}", fn, signature_of(fn, ptrs, ce), ce,
-                                        num_warps=c["num_warps"], num_stages=c["num_stages"]))
+                specs.append(KernelSpec(f"plain_attention_{name}_h{h}_{dt}", fn, signature_of(fn, ptrs, ce),
+                                        ce, num_warps=c["num_warps"], num_stages=c["num_stages"]))
     return specs
