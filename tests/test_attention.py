@@ -398,11 +398,23 @@ def test_hopper_takes_the_sm90_table_gpu():
     assert attention_common.tile_arch(torch.device("cuda")) == (90 if major == 9 else 80)
 
 
+@pytest.fixture
+def launched_rows(monkeypatch) -> tuple[list[dict], list[dict]]:
+    """(forward rows, backward rows): the tile-table row of each launch the Triton backend makes, in
+    launch order, taken as it is (no test override)."""
+    monkeypatch.setenv("ECHO_BACKEND", "triton")
+    forward_rows, backward_rows = [], []
+    monkeypatch.setattr(kernel, "with_override", lambda row: forward_rows.append(row) or dict(row))
+    monkeypatch.setattr(attention_backward, "with_override",
+                        lambda row: backward_rows.append(row) or dict(row))
+    return forward_rows, backward_rows
+
+
 @pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
 @pytest.mark.parametrize("window", [None, (200, 150)])
 @pytest.mark.parametrize("h", ATTENTION_HEAD_WIDTHS)
 @pytest.mark.parametrize("arch", attention_common.TILE_TABLES)
-def test_each_tile_table_matches_reference(monkeypatch, arch, h, window, dq_in_key_pass):
+def test_each_tile_table_matches_reference(launched_rows, arch, h, window, dq_in_key_pass):
     """Each table's own tiles at each built head width (no test override), dq summed either way: T =
     300 spans several query and key tiles of either, the window (200, 150) leaves key tiles wholly
     inside the band and cuts others, Echo's bias table (n = 15) and padding in one batch only (so the
@@ -411,11 +423,7 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, h, window, dq_in_k
     the interpreter runs (attention_common.rows_of; test_fp32_rows_match_reference runs fp32's own)."""
     from echo_kernels.kernels import ECHO_MAX_REL_DIST
 
-    monkeypatch.setenv("ECHO_BACKEND", "triton")
-    forward_rows, backward_rows = [], []
-    monkeypatch.setattr(kernel, "with_override", lambda row: forward_rows.append(row) or dict(row))
-    monkeypatch.setattr(attention_backward, "with_override",
-                        lambda row: backward_rows.append(row) or dict(row))
+    forward_rows, backward_rows = launched_rows
     inputs = make_inputs(B=2, H=2, Tq=300, h=h, n=ECHO_MAX_REL_DIST, pad=True)
     inputs["key_padding_mask"][0] = False
     inputs["M"] = None if window else inputs["M"]
@@ -439,18 +447,14 @@ def test_each_tile_table_matches_reference(monkeypatch, arch, h, window, dq_in_k
 
 @pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
 @pytest.mark.parametrize("h", ATTENTION_HEAD_WIDTHS)
-def test_fp32_rows_match_reference(monkeypatch, h, dq_in_key_pass):
+def test_fp32_rows_match_reference(launched_rows, h, dq_in_key_pass):
     """fp32 inputs take rows of their own (the _FP32 tables: exact products on fused multiply-adds, the
     same on both tile tables): at each built head width, T = 300 over several of their tiles, M, a
     window, Echo's bias table and padding, output and every gradient against the float64 reference, each
     launch on its fp32 row."""
     from echo_kernels.kernels import ECHO_MAX_REL_DIST
 
-    monkeypatch.setenv("ECHO_BACKEND", "triton")
-    forward_rows, backward_rows = [], []
-    monkeypatch.setattr(kernel, "with_override", lambda row: forward_rows.append(row) or dict(row))
-    monkeypatch.setattr(attention_backward, "with_override",
-                        lambda row: backward_rows.append(row) or dict(row))
+    forward_rows, backward_rows = launched_rows
     inputs = make_inputs(B=2, H=1, Tq=300, h=h, n=ECHO_MAX_REL_DIST, pad=True)
     opts = {"window": (200, 150), "rotation": "rope_then_m"}
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
