@@ -37,12 +37,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import sass
+from .kernels import COMPILE_OPTIONS
 from .kernels.spec import KernelSpec, pointer_types, signature_of
 
 # Modules whose `aot_specs(arch)` list their kernels' launches on each target.
 KERNEL_MODULES: tuple[str, ...] = ("echo_kernels.kernels.rotary", "echo_kernels.kernels.attention",
                                    "echo_kernels.kernels.attention_backward", "echo_kernels.kernels.plain_attention")
 TARGETS = (80, 90)
+# A launch's keyword arguments that are options of the compiler, not arguments of the kernel.
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", *COMPILE_OPTIONS)
 
 
 # The Triton that CI installs: its report is benches/results/aot-report.txt, where no attention launch
@@ -223,7 +226,7 @@ def spec_of_launch(kernel, args: tuple, kwargs: dict) -> KernelSpec:
     import torch
 
     bound = dict(zip(kernel.arg_names, args))
-    constexprs = {name: value for name, value in kwargs.items() if name not in ("num_warps", "num_stages")}
+    constexprs = {name: value for name, value in kwargs.items() if name not in _LAUNCH_OPTIONS}
     types = pointer_types()
     pointers = {name: types[a.dtype] for name, a in bound.items() if isinstance(a, torch.Tensor)}
     pointers.update({name: "fp32" for name, a in bound.items() if isinstance(a, float)})
@@ -233,14 +236,16 @@ def spec_of_launch(kernel, args: tuple, kwargs: dict) -> KernelSpec:
 
 def _matches(spec: KernelSpec, kernel, args: tuple, kwargs: dict) -> bool:
     """Whether a captured launch is the one `spec` lists: the same kernel, constexprs, warps and
-    stages, and pointers of the same element types."""
+    stages, pointers of the same element types, and the compiler options the report compiles with
+    (kernels.COMPILE_OPTIONS)."""
     if _jit_function(spec.fn).fn is not kernel.fn:
         return False
     bound = dict(zip(kernel.arg_names, args), **kwargs)
     types = pointer_types()
     pointers_agree = all(types.get(getattr(bound.get(name), "dtype", None)) == kind
                          for name, kind in spec.signature.items() if kind.startswith("*"))
-    return (pointers_agree and all(bound.get(k) == v for k, v in spec.constexprs.items())
+    options = {**spec.constexprs, **COMPILE_OPTIONS}
+    return (pointers_agree and all(bound.get(k) == v for k, v in options.items())
             and bound.get("num_warps", 4) == spec.num_warps and bound.get("num_stages", 3) == spec.num_stages)
 
 
@@ -288,11 +293,12 @@ def _compile(spec: KernelSpec, arch: int, launch: tuple[tuple, dict] | None = No
         found = next((found for found in _LAUNCHES[arch] if _matches(spec, *found)), None)
         if found is None:
             raise ValueError(f"no launch at Echo's shapes matches the AOT spec {spec.name}: its constexprs, "
-                             "warps, stages or pointer types differ from every launch the launchers make")
+                             "warps, stages, compiler options or pointer types differ from every launch the "
+                             "launchers make")
         launch = found[1:]
     signature, constexprs, attrs = _jit_specialisation(fn, *launch, arch)
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **COMPILE_OPTIONS}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 

@@ -8,3 +8,9 @@ ATTENTION_HEAD_WIDTHS = (32, 64, 128)
 # n of the bias table in Echo's default configuration (EchoConfig.max_rel_dist): the ahead-of-time
 # report compiles the backward's bias-diagonal sums for its (2n - 1)-row table.
 ECHO_MAX_REL_DIST = 15
+
+# Compiler options every Triton launch passes, and the ahead-of-time compile with it (echo_kernels.aot):
+# multiplies and adds fused into FMAs. Triton fuses them by default up to 3.9, which warns that 3.10 will
+# not; the tile tables, the report's counts and the fp32 products' rounding all assume fused ones
+# (docs/model.md, "Tile tables").
+COMPILE_OPTIONS = {"enable_fp_fusion": True}

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ..checks import int32_offsets
 from ..reference import UNBOUNDED
+from . import COMPILE_OPTIONS
 from .attention_common import (
     NEAR,
     _bias_tile,
@@ -120,7 +121,7 @@ def rotated_rows(x: torch.Tensor, w32: torch.Tensor, s32: torch.Tensor, offset: 
         _rope_rows_kernel[(n_tiles * B * H,)](
             x, xx if P is None else P, w32, s32, xx, *x.stride(), H, T, offset, scale, n_tiles, HEAD=h,
             HAS_P=P is not None, INTERLEAVE=interleave, BLOCK=block, PRECISION=prec, num_warps=warps,
-            num_stages=1)
+            num_stages=1, **COMPILE_OPTIONS)
     return xx
 
 
@@ -211,7 +212,7 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, n_near, first_edge + n_left,
                                     left_edge0, right_edge0, left, right, count, BLOCK_M=block_m, BLOCK_N=block_n,
                                     STEP=step, DT=triton_dtype(dot), FLIP=flip,
-                                    num_warps=tile_pass_warps(block_m * block_n), num_stages=1)
+                                    num_warps=tile_pass_warps(block_m * block_n), num_stages=1, **COMPILE_OPTIONS)
     return BiasTable(tiles, count, first, n_near, n_left, left_edge0, right_edge0)
 
 
