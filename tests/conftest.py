@@ -23,6 +23,42 @@ if not torch.cuda.is_available():
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def masks_held_to_bool():
+    """Triton 3.9's interpreter refuses a load or store whose mask it holds as anything but bool, and it
+    holds a vector mask `&` a scalar condition as int32; the interpreters before it accept that mask. Here
+    every interpreted load and store is held to 3.9's rule, so that such a mask fails under any of them."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    import inspect
+
+    import numpy as np
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    def held(method):
+        signature = inspect.signature(method)
+
+        def checked(*args, **kwargs):
+            mask = signature.bind(*args, **kwargs).arguments["mask"]
+            if mask is not None and mask.data.dtype != np.bool_:
+                raise TypeError(f"{method.__name__}: a mask held as {mask.data.dtype}, which Triton 3.9's "
+                                "interpreter refuses (build it without `&` of a vector and a scalar)")
+            return method(*args, **kwargs)
+
+        return checked
+
+    names = ("create_masked_load", "create_masked_store")
+    originals = {name: getattr(InterpreterBuilder, name) for name in names}
+    for name, method in originals.items():
+        setattr(InterpreterBuilder, name, held(method))
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(InterpreterBuilder, name, method)
+
+
 # The ahead-of-time compile of every Triton kernel (echo_kernels.aot) takes minutes on two cores.
 # It runs once per session, in a child process (echo_kernels.aot.reports) that a thread starts as
 # soon as a collected test asks for it, so that it overlaps the interpreter tests, which are mostly

@@ -148,6 +148,20 @@ def grads_of(fn, x, M, w, s, dy):
     return [t.grad for t in leaves]
 
 
+def assert_fp32_gradients_match(x, M, w, s, dy, **options):
+    """The kernel's gradients of fp32 x, M, w and s against the float64 reference's, within 1e-5; ds, one
+    sum over every token of t dphi, carries the fp32 angles' rounding times that sum's cancellation, and
+    is held to twice the fp32 reference's own error."""
+    got = grads_of(lambda *a: echo_kernels.rotary_orthogonal(*a, **options), x, M, w, s, dy)
+    want = grads_of(lambda *a: reference.rotary_orthogonal(*a, **options), x.double(), M.double(), w.double(),
+                    s.double(), dy.double())
+    ds32 = grads_of(lambda *a: reference.rotary_orthogonal(*a, **options), x.cpu(), M.cpu(), w.cpu(), s.cpu(),
+                    dy.cpu())[3]
+    for name, g, ref in zip(("x", "M", "w", "s"), got, want):
+        tol = 2 * rel_err(ds32, want[3].cpu()) if name == "s" else 1e-5
+        assert rel_err(g, ref) < tol, (name, rel_err(g, ref), tol)
+
+
 @pytest.mark.parametrize("h", kernels.HEAD_DIMS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -189,16 +203,21 @@ def test_gradients_over_units_shared_unevenly(monkeypatch):
     n_units = n_blocks * 4 // heads
     assert heads > 1 and n_units % 3 != 0 and 100 % cfg["BLOCK_T"] != 0
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    got = grads_of(lambda *a: echo_kernels.rotary_orthogonal(*a, offset=3), x, M, w, s, dy)
-    want = grads_of(lambda *a: reference.rotary_orthogonal(*a, offset=3), x.double(), M.double(), w.double(),
-                    s.double(), dy.double())
-    # ds, one sum over every token of t dphi, carries the fp32 angles' rounding times that sum's
-    # cancellation: held to twice the fp32 reference's own error
-    ds32 = grads_of(lambda *a: reference.rotary_orthogonal(*a, offset=3), x.cpu(), M.cpu(), w.cpu(), s.cpu(),
-                    dy.cpu())[3]
-    for name, g, ref in zip(("x", "M", "w", "s"), got, want):
-        tol = 2 * rel_err(ds32, want[3].cpu()) if name == "s" else 1e-5
-        assert rel_err(g, ref) < tol, (name, rel_err(g, ref), tol)
+    assert_fp32_gradients_match(x, M, w, s, dy, offset=3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_head_chunks_need_not_divide_the_heads(monkeypatch, layout):
+    """The launchers give each program a divisor of H heads, but the kernels stop at H whatever the
+    chunk: 3 heads per program over H = 4 leave each t block's last chunk one head (its program runs
+    that one), forward and backward, in units shared unevenly by 2 programs."""
+    monkeypatch.setattr(kernels, "_heads_per_program", lambda n_blocks, H, wanted: 3)
+    monkeypatch.setattr(kernels, "_programs_available", lambda device: 2)
+    x, M, w, s = make_inputs(1, 70, 4, 32, torch.float32, strided=True, seed=5)
+    y = echo_kernels.rotary_orthogonal(x, M, w, s, offset=2, layout=layout)
+    assert rel_err(y, reference64(x, M, w, s, 2, layout)) < 1e-5
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    assert_fp32_gradients_match(x, M, w, s, dy, offset=2, layout=layout)
 
 
 def test_backward_is_deterministic():

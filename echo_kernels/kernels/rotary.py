@@ -139,9 +139,9 @@ def _rotary_fwd_kernel(
     r = tl.arange(0, BLOCK_T)
     x_offsets = r[:, None] * stride_xt + k[None, :] * stride_xd
     a_offsets, b_offsets, pair_offsets, pair_ok = _pair_offsets(r, p, stride_yt, stride_yd, HEAD_DIM, BLOCK_P)
-    for i in range(HEADS):
+    x_mask = t_mask[:, None] & k_mask[None, :]
+    for i in range(tl.minimum(HEADS, H - head0)):  # HEADS need not divide H: stop at the last head
         head = head0 + i
-        x_mask = t_mask[:, None] & k_mask[None, :] & (head < H)
         x = tl.load(_tile(X, pid_b, pid_t * BLOCK_T, head, stride_xb, stride_xt, stride_xh) + x_offsets,
                     mask=x_mask, other=0.0)
         x = x.to(operand)
@@ -153,20 +153,22 @@ def _rotary_fwd_kernel(
         if INTERLEAVED:
             pairs = tl.reshape(tl.join(a, b), (BLOCK_T, 2 * BLOCK_P))  # [a0 b0 a1 b1 ...]
             tl.store(y + pair_offsets, pairs.to(Y.dtype.element_ty),
-                     mask=t_mask[:, None] & pair_ok[None, :] & (head < H))
+                     mask=t_mask[:, None] & pair_ok[None, :])
         else:
-            y_mask = t_mask[:, None] & p_mask[None, :] & (head < H)
+            y_mask = t_mask[:, None] & p_mask[None, :]
             tl.store(y + a_offsets, a.to(Y.dtype.element_ty), mask=y_mask)
             tl.store(y + b_offsets, b.to(Y.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
-def _unit_tiles(first, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, H, X, DY, DX,
+def _unit_tiles(first, n_heads, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, X, DY, DX,
                 stride_xb, stride_xt, stride_xh, stride_dyb, stride_dyt, stride_dyh, stride_dxb, stride_dxt,
                 stride_dxh, BLOCK_T: tl.constexpr):
-    """The unit that opens with a backward program's head number `first` (its units are pid,
-    pid + n_programs, ..., each HEADS heads of one t block and batch row): its positions, which of its
-    rows to read (none past T, or with the unit past H), and its first head's x, dy and dx tiles."""
+    """The unit that opens with a backward program's head number `first` of its n_heads (its units are
+    pid, pid + n_programs, ..., each HEADS heads of one t block and batch row): its positions, which of
+    its rows to read (none past T, none past the program's last unit), and its first head's x, dy and dx
+    tiles. The row limit takes the unit's case as a scalar, not as `(rows < T) & (first < n_heads)`:
+    Triton 3.9's interpreter holds a vector `&` a scalar as int32, and refuses that as a mask."""
     unit = pid + (first // HEADS) * n_programs
     pid_t = unit % n_t_blocks
     pid_b = unit // n_t_blocks // n_head_chunks
@@ -176,7 +178,7 @@ def _unit_tiles(first, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, H, 
     x = _tile(X, pid_b, t0, head0, stride_xb, stride_xt, stride_xh)
     dy = _tile(DY, pid_b, t0, head0, stride_dyb, stride_dyt, stride_dyh)
     dx = _tile(DX, pid_b, t0, head0, stride_dxb, stride_dxt, stride_dxh)
-    return rows, (rows < T) & (head0 < H), head0, x, dy, dx
+    return rows, rows < tl.where(first < n_heads, T, 0), head0, x, dy, dx
 
 
 @triton.jit
@@ -234,21 +236,23 @@ def _rotary_bwd_kernel(
     # to the next too.
     n_heads = tl.cdiv(n_units - pid, n_programs) * HEADS
     _, later_ok, _, x_later, dy_later, _ = _unit_tiles(
-        0, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, H, X, DY, DX, stride_xb, stride_xt,
+        0, n_heads, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, X, DY, DX, stride_xb, stride_xt,
         stride_xh, stride_dyb, stride_dyt, stride_dyh, stride_dxb, stride_dxt, stride_dxh, BLOCK_T)
     x_next, da_next, db_next = _head_tiles(x_later, dy_later, later_ok, k_mask, p_mask, pair_ok, x_offsets,
                                            da_offsets, db_offsets, dy_offsets, INTERLEAVED, BLOCK_T, BLOCK_P)
     for first in range(0, n_heads, HEADS):
         rows, rows_ok, head, x_head, dy_head, dx_head = _unit_tiles(
-            first, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, H, X, DY, DX, stride_xb, stride_xt,
-            stride_xh, stride_dyb, stride_dyt, stride_dyh, stride_dxb, stride_dxt, stride_dxh, BLOCK_T)
-        cos, sin, pos = _angles(W, S, s_value, stride_w, offset, rows, p, p_mask, S_IS_TENSOR)
-        _, later_ok, _, x_later, dy_later, _ = _unit_tiles(
-            first + HEADS, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, H, X, DY, DX, stride_xb,
+            first, n_heads, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, X, DY, DX, stride_xb,
             stride_xt, stride_xh, stride_dyb, stride_dyt, stride_dyh, stride_dxb, stride_dxt, stride_dxh,
             BLOCK_T)
-        later_ok = later_ok & (first + HEADS < n_heads)
-        for i in range(HEADS):
+        cos, sin, pos = _angles(W, S, s_value, stride_w, offset, rows, p, p_mask, S_IS_TENSOR)
+        _, later_ok, _, x_later, dy_later, _ = _unit_tiles(
+            first + HEADS, n_heads, pid, n_programs, n_t_blocks, n_head_chunks, HEADS, T, X, DY, DX,
+            stride_xb, stride_xt, stride_xh, stride_dyb, stride_dyt, stride_dyh, stride_dxb, stride_dxt,
+            stride_dxh, BLOCK_T)
+        dx_mask = rows_ok[:, None] & k_mask[None, :]
+        heads_here = tl.minimum(HEADS, H - head)  # HEADS need not divide H: stop at the last head
+        for i in range(heads_here):
             x, da, db = x_next.to(operand), da_next.to(tl.float32), db_next.to(tl.float32)
             # The next head's tiles (the next unit's first after the last), loaded now and used an
             # iteration later, so that their latency hides behind this head's work. Into registers,
@@ -256,11 +260,11 @@ def _rotary_bwd_kernel(
             # the products' operand layout, the whole tile in every warp, and every warp would run the
             # conjugate rotation with cos and sin held in that layout (sm_80 spills at h = 80 and 128).
             # From registers the rotation runs in the tile's own layout and only du goes to the products.
-            same_unit = i + 1 < HEADS
+            same_unit = i + 1 < heads_here
             x_next, da_next, db_next = _head_tiles(
                 tl.where(same_unit, x_head + stride_xh, x_later),
                 tl.where(same_unit, dy_head + stride_dyh, dy_later),
-                tl.where(same_unit, rows_ok & (head + 1 < H), later_ok),
+                tl.where(same_unit, rows_ok, later_ok),
                 k_mask, p_mask, pair_ok, x_offsets, da_offsets, db_offsets, dy_offsets, INTERLEAVED, BLOCK_T,
                 BLOCK_P)
             # Transposed products: M's slices as first operands, which mma.sync spreads over the
@@ -275,7 +279,6 @@ def _rotary_bwd_kernel(
 
             du_e, du_o = du_e.to(operand), du_o.to(operand)
             dx = tl.trans(_dot(m_even, tl.trans(du_e), DOT_FP32) + _dot(m_odd, tl.trans(du_o), DOT_FP32))
-            dx_mask = (rows_ok & (head < H))[:, None] & k_mask[None, :]
             tl.store(dx_head + dx_offsets, dx.to(DX.dtype.element_ty), mask=dx_mask)
             dm_even += _dot(x_t, du_e, DOT_FP32)
             dm_odd += _dot(x_t, du_o, DOT_FP32)
