@@ -61,8 +61,8 @@ def _spread(case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_matches_reference(use_triton, case):
-    layout, rotation = _spread(case)
-    for layout in ("half_split", "interleaved") if case == "global" else (layout,):
+    spread_layout, rotation = _spread(case)
+    for layout in ("half_split", "interleaved") if case == "global" else (spread_layout,):
         inputs = case_inputs(case, rotation)
         opts = options(case, layout, rotation)
         want = call(reference.echo_attention, inputs, **opts)

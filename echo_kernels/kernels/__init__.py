@@ -12,5 +12,11 @@ ECHO_MAX_REL_DIST = 15
 # Compiler options every Triton launch passes, and the ahead-of-time compile with it (echo_kernels.aot):
 # multiplies and adds fused into FMAs. Triton fuses them by default up to 3.9, which warns that 3.10 will
 # not; the tile tables, the report's counts and the fp32 products' rounding all assume fused ones
-# (docs/model.md, "Tile tables").
+# (docs/model.md, "Static report").
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
+def launch_options(config: dict) -> dict:
+    """The keyword arguments a launch passes besides its constexprs: its tile-table row's num_warps and
+    num_stages, and COMPILE_OPTIONS."""
+    return {"num_warps": config["num_warps"], "num_stages": config["num_stages"], **COMPILE_OPTIONS}

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from ..checks import int32_offsets
-from . import ATTENTION_HEAD_WIDTHS, COMPILE_OPTIONS
+from . import ATTENTION_HEAD_WIDTHS, launch_options
 from .attention_common import (
     LOG2E,
     NEAR,
@@ -368,7 +368,7 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
         left, right, q_offset, k_offset, n_tiles,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, PAD_TILES=pad_tiles, BIAS_TILES=bias_tiles,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **COMPILE_OPTIONS,
+        **launch_options(cfg),
     )
     return out, lse
 

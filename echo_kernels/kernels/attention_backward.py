@@ -75,7 +75,7 @@ import torch
 import triton
 
 from ..checks import int32_offsets
-from . import ATTENTION_HEAD_WIDTHS, COMPILE_OPTIONS, ECHO_MAX_REL_DIST
+from . import ATTENTION_HEAD_WIDTHS, ECHO_MAX_REL_DIST, launch_options
 from .attention import default_blocks as forward_blocks
 from .attention import first_padded_key
 from .attention_backward_keys import _attn_bwd_dkdv_kernel, _attn_bwd_unrope_kernel
@@ -324,7 +324,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     n_tiles = triton.cdiv(Tq, c["BLOCK_M"])
     _attn_bwd_delta_kernel[(n_tiles * B * H,)](
         out, do, delta, *out.stride(), *do.stride(), H, Tq, n_tiles, HEAD=h, BLOCK=c["BLOCK_M"],
-        num_warps=c["num_warps"], num_stages=c["num_stages"], **COMPILE_OPTIONS)
+        **launch_options(c))
 
     # q'' and the keys exactly as the forward had them (its pass, by its tiles): the dk/dv, dq and dbias
     # passes read these contiguous rows, and recompute the forward's very probabilities from them.
@@ -357,7 +357,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         *sizes, near.count, near.first, near.n_near, near.left_edge0, near.right_edge0, *band, n_kblocks, key_groups,
         HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
         BLOCK_N=c["BLOCK_N"], WITH_DQ=with_dq, N_DIAG=n_diag, PRECISION=prec,
-        num_warps=c["num_warps"], num_stages=c["num_stages"], **COMPILE_OPTIONS)
+        **launch_options(c))
     if keys_rotated:  # d(keys) is dk itself: no RoPE to undo, no angle partials
         dk.copy_(dkk)
     else:
@@ -366,7 +366,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         g_k = torch.empty((B * H * n_ktiles, half), dtype=torch.float32, device=dev)
         _attn_bwd_unrope_kernel[(n_ktiles * B * H,)](
             k, w32, s32, dkk, dk, g_k, *k.stride(), H, Tk, k_offset, n_ktiles, HEAD=h, BLOCK=c["BLOCK_M"],
-            num_warps=c["num_warps"], num_stages=c["num_stages"], **COMPILE_OPTIONS)
+            **launch_options(c))
 
     if with_dq:
         # the groups' sums added in a fixed order, rounded to the dot type as the dq pass writes them
@@ -384,7 +384,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
             kk, v, do, qq, bias_t, near.tiles, pad_t, pad_start, lse, delta, dqq, db_part, diag, *strides, *sizes,
             near.count, near.first, *band, n_qblocks, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad,
             PAD_TILES=PAD_TILES_ON[arch], BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], N_DIAG=n_diag, PRECISION=prec,
-            num_warps=c["num_warps"], num_stages=c["num_stages"], **COMPILE_OPTIONS)
+            **launch_options(c))
 
     if keys_rotated and not has_p and layout == "interleaved":  # d(q'') in the unrotate pass's [a | b] order
         dqq = dqq[..., layout_perm(h, layout, dev)].contiguous()
@@ -398,8 +398,7 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     rows = rotated_rows(q, w32, s32, q_offset, P.dtype, block) if has_p else q
     _attn_bwd_dq_unrotate_kernel[(n_groups * B * H,)](
         rows, P, w32, s32, dqq, dq, g_q, dp_part, *rows.stride(), H, Tq, q_offset, scale, n_groups,
-        HEAD=h, HAS_P=has_p, BLOCK_M=c["BLOCK_M"], PRECISION=prec, num_warps=c["num_warps"],
-        num_stages=c["num_stages"], **COMPILE_OPTIONS)
+        HEAD=h, HAS_P=has_p, BLOCK_M=c["BLOCK_M"], PRECISION=prec, **launch_options(c))
 
     # Fixed-order reductions of the per-program partials.
     g = g_q.sum(0)  # sum_t dphi[t, m] pos[t] over the queries, and the keys where the op rotated them

@@ -211,8 +211,8 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     tiles = torch.empty((H, count, block_m, block_n), dtype=dtype, device=bias.device)
     _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, n_near, first_edge + n_left,
                                     left_edge0, right_edge0, left, right, count, BLOCK_M=block_m, BLOCK_N=block_n,
-                                    STEP=step, DT=triton_dtype(dot), FLIP=flip,
-                                    num_warps=tile_pass_warps(block_m * block_n), num_stages=1, **COMPILE_OPTIONS)
+                                    STEP=step, DT=triton_dtype(dot), FLIP=flip, num_stages=1,
+                                    num_warps=tile_pass_warps(block_m * block_n), **COMPILE_OPTIONS)
     return BiasTable(tiles, count, first, n_near, n_left, left_edge0, right_edge0)
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..checks import int32_offsets
-from . import ATTENTION_HEAD_WIDTHS, COMPILE_OPTIONS
+from . import ATTENTION_HEAD_WIDTHS, launch_options
 from .attention import default_blocks as forward_blocks
 from .attention_backward import default_blocks as backward_blocks
 from .attention_common import LOG2E, _tile_and_head, precision, tile_arch, with_override
@@ -197,7 +197,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Te
     n_tiles = triton.cdiv(Tq, c["BLOCK_M"])
     _plain_fwd_kernel[(n_tiles * B * H,)](
         q, k, v, out, lse, Tq, Tk, _scales(h)[0], n_tiles, HEAD=h, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-        PRECISION=precision(q.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"], **COMPILE_OPTIONS)
+        PRECISION=precision(q.dtype), **launch_options(c))
     return out, lse
 
 
@@ -217,17 +217,17 @@ def backward(do, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.T
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     n_tiles = triton.cdiv(Tq, c["BLOCK_M"])
     _plain_bwd_delta_kernel[(n_tiles * B * H,)](out, do, delta, Tq, n_tiles, HEAD=h, BLOCK=c["BLOCK_M"],
-                                                num_warps=c["num_warps"], num_stages=c["num_stages"], **COMPILE_OPTIONS)
+                                                **launch_options(c))
     c = blocks["dkdv"]
     n_tiles = triton.cdiv(Tk, c["BLOCK_N"])
     _plain_bwd_dkdv_kernel[(n_tiles * B * H,)](
         q, k, v, do, lse, delta, dk, dv, Tq, Tk, qk_scale, sm_scale, n_tiles, HEAD=h, BLOCK_M=c["BLOCK_M"],
-        BLOCK_N=c["BLOCK_N"], PRECISION=prec, num_warps=c["num_warps"], num_stages=c["num_stages"], **COMPILE_OPTIONS)
+        BLOCK_N=c["BLOCK_N"], PRECISION=prec, **launch_options(c))
     c = blocks["dq"]
     n_tiles = triton.cdiv(Tq, c["BLOCK_M"])
     _plain_bwd_dq_kernel[(n_tiles * B * H,)](
         q, k, v, do, lse, delta, dq, Tq, Tk, qk_scale, sm_scale, n_tiles, HEAD=h, BLOCK_M=c["BLOCK_M"],
-        BLOCK_N=c["BLOCK_N"], PRECISION=prec, num_warps=c["num_warps"], num_stages=c["num_stages"], **COMPILE_OPTIONS)
+        BLOCK_N=c["BLOCK_N"], PRECISION=prec, **launch_options(c))
     return dq, dk, dv
 
 

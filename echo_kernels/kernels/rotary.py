@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..backend import triton_interpreted
 from ..checks import int32_offsets
-from . import COMPILE_OPTIONS
+from . import launch_options
 from .angles import _sincos
 from .spec import KernelSpec
 
@@ -379,7 +379,7 @@ def rotary_forward(
         *x.stride(), *y.stride(), *M.stride(), w.stride(0),
         HEAD_DIM=h, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=cfg["BLOCK_P"],
         HEADS=heads, INTERLEAVED=layout == "interleaved", S_IS_TENSOR=s_is_tensor, DOT_FP32=cfg["DOT_FP32"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **COMPILE_OPTIONS,
+        **launch_options(cfg),
     )
     return y
 
@@ -416,7 +416,7 @@ def rotary_backward(
         *x.stride(), *dy.stride(), *dx.stride(), *M.stride(), w.stride(0),
         HEAD_DIM=h, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=cfg["BLOCK_P"],
         HEADS=heads, INTERLEAVED=layout == "interleaved", S_IS_TENSOR=s_is_tensor, DOT_FP32=cfg["DOT_FP32"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **COMPILE_OPTIONS,
+        **launch_options(cfg),
     )
     # Fixed-order sums over the partials: the same bits on every run.
     dM = dm_part.sum(0).to(M.dtype)
