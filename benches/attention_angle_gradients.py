@@ -6,8 +6,8 @@ attention site's angles next to its R's.
 
 The model is EchoConfig() with its defaults (the medium of docs/model.md, Configuration: about 700 M
 parameters, activation checkpointing on) unless --tiny is given; the input is random log-mel of --seconds
-seconds and 8 random tokens. Prints one line per group of sites (encoder self-attention, decoder self-attention,
-decoder cross-attention) and the ratio over all sites. Not a test: it takes minutes on a CPU.
+seconds and 8 random tokens. Prints one line per group of sites (encoder self-attention, decoder
+self-attention, decoder cross-attention) and the ratio over all sites. Not a test: it takes minutes on a CPU.
 """
 
 from __future__ import annotations

@@ -247,7 +247,8 @@ def _impls(shape: str, backward: bool) -> list[str]:
 # calls: timed one after the other, a shared CPU's drift made the kernel look 20% slower than itself
 # given an M. The first round of each way also compiles, autotunes and warms up, untimed.
 ROUNDS, CALLS = (4, 5) if ON_GPU else (3, 1)
-PARAMS = [pytest.param(shape, backward, *way.values, id=f"{shape}-{way.id}-{'fwd_bwd' if backward else 'fwd'}")
+PARAMS = [pytest.param(shape, backward, *way.values,
+                       id=f"{shape}-{way.id}-{'fwd_bwd' if backward else 'fwd'}")
           for shape in SHAPES for backward in (False, True)
           for way in alternating_rounds(_impls(shape, backward), ROUNDS)]
 
@@ -326,8 +327,8 @@ def test_decoding_step(benchmark, impl, round_):
 
     def step():
         with CONTEXTS.get(impl, contextlib.nullcontext)():
-            return echo_kernels.echo_attention(x["q"], k, x["v"], None, x["w"], x["s"], x["bias"], q_offset=100,
-                                               keys_rotated=keys_rotated)
+            return echo_kernels.echo_attention(x["q"], k, x["v"], None, x["w"], x["s"], x["bias"],
+                                               q_offset=100, keys_rotated=keys_rotated)
 
     benchmark.group = f"attention decoding step, cross, {str(DTYPE)[6:]}"
     run_timed(benchmark, step, rounds=CALLS, warmup_rounds=(2 if ON_GPU else 1) if round_ == 0 else 0)

@@ -88,8 +88,10 @@ def whisper_model():
     c = EchoConfig(**CONFIG)
     config = WhisperConfig(
         vocab_size=c.vocab_size, num_mel_bins=c.n_mels, d_model=c.n_audio_state,
-        encoder_layers=c.n_audio_layer, encoder_attention_heads=c.n_audio_head, encoder_ffn_dim=4 * c.n_audio_state,
-        decoder_layers=c.n_text_layer, decoder_attention_heads=c.n_text_head, decoder_ffn_dim=4 * c.n_text_state,
+        encoder_layers=c.n_audio_layer, encoder_attention_heads=c.n_audio_head,
+        encoder_ffn_dim=4 * c.n_audio_state,
+        decoder_layers=c.n_text_layer, decoder_attention_heads=c.n_text_head,
+        decoder_ffn_dim=4 * c.n_text_state,
         max_source_positions=c.n_audio_ctx, max_target_positions=c.n_text_ctx,
         pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
         decoder_start_token_id=c.decoder_start_token_id,
@@ -180,7 +182,8 @@ def whisper_inference(model, mel):
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     token = torch.full((mel.shape[0], 1), model.config.decoder_start_token_id, device=mel.device)
     for _ in range(DECODE_STEPS):
-        out = model(encoder_outputs=encoder_out, decoder_input_ids=token, use_cache=True, **{WHISPER_CACHE: cache})
+        out = model(encoder_outputs=encoder_out, decoder_input_ids=token, use_cache=True,
+                    **{WHISPER_CACHE: cache})
         cache = getattr(out, WHISPER_CACHE)
         token = out.logits[:, -1:].argmax(-1)
     return out.logits
@@ -269,8 +272,9 @@ def waveform():
 
 def echo_transcription(model, wave):
     eot = model.config.eos_token_id
-    return model.transcribe(wave, language="en", temperature=0.0, max_new_tokens=DECODE_STEPS, suppress_tokens=[eot],
-                            suppress_blank=False, compression_ratio_threshold=None, logprob_threshold=None)
+    return model.transcribe(wave, language="en", temperature=0.0, max_new_tokens=DECODE_STEPS,
+                            suppress_tokens=[eot], suppress_blank=False, compression_ratio_threshold=None,
+                            logprob_threshold=None)
 
 
 def openai_whisper_transcription(model, wave):
@@ -280,7 +284,8 @@ def openai_whisper_transcription(model, wave):
     # its decoding runs in float32 or, fp16=True, float16 (it has no bf16): 16-bit where the others are
     options = whisper.DecodingOptions(language="en", without_timestamps=True, sample_len=DECODE_STEPS,
                                       fp16=DTYPE != torch.float32,
-                                      suppress_tokens=[EchoConfig(**CONFIG).eos_token_id], suppress_blank=False)
+                                      suppress_tokens=[EchoConfig(**CONFIG).eos_token_id],
+                                      suppress_blank=False)
     return whisper.decode(model, mel.to(DEVICE), options)
 
 
@@ -288,11 +293,12 @@ def hf_whisper_transcription(model, wave, start):
     from transformers import WhisperFeatureExtractor
 
     extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
-    extractor.n_samples, extractor.nb_max_frames = MEL_FRAMES * 160, MEL_FRAMES  # the models' window (30 s full size)
+    # the models' window (30 s full size)
+    extractor.n_samples, extractor.nb_max_frames = MEL_FRAMES * 160, MEL_FRAMES
     mel = extractor(wave.numpy(), sampling_rate=16000, return_tensors="pt").input_features.to(DEVICE, DTYPE)
     with torch.no_grad():
-        return model.generate(mel, decoder_input_ids=start, max_new_tokens=DECODE_STEPS, min_new_tokens=DECODE_STEPS,
-                              do_sample=False)
+        return model.generate(mel, decoder_input_ids=start, max_new_tokens=DECODE_STEPS,
+                              min_new_tokens=DECODE_STEPS, do_sample=False)
 
 
 @pytest.mark.speech  # whisper's tokenizer gives every model its start sequence
@@ -301,18 +307,20 @@ def test_transcription(benchmark, name, round_, echo_model, whisper_model, opena
     """Waveform to DECODE_STEPS greedy tokens after the English start sequence, each library's own way."""
     benchmark.group = f"transcription of {MEL_FRAMES // 100} s, {DECODE_STEPS} tokens {str(DTYPE)[6:]}"
     if name == "echo":
-        result = timed_round(benchmark, echo_transcription, (echo_model.eval(), waveform), round_, warmup_calls=1)
+        result = timed_round(benchmark, echo_transcription, (echo_model.eval(), waveform), round_,
+                             warmup_calls=1)
         assert len(result["segments"][0]["tokens"]) == DECODE_STEPS
     elif name == "openai-whisper":
-        result = timed_round(benchmark, openai_whisper_transcription, (openai_whisper_model.eval(), waveform), round_,
-                             warmup_calls=1)
+        result = timed_round(benchmark, openai_whisper_transcription, (openai_whisper_model.eval(), waveform),
+                             round_, warmup_calls=1)
         assert len(result.tokens) == DECODE_STEPS
     else:
         from echo.audio import prompt_tokens
 
         c = EchoConfig(**CONFIG)
         start = torch.tensor([prompt_tokens("en", "transcribe", vocab_size=c.vocab_size)], device=DEVICE)
-        result = timed_round(benchmark, hf_whisper_transcription, (whisper_model.eval(), waveform, start), round_,
-                             warmup_calls=1)
-        assert result.shape[1] == DECODE_STEPS  # WhisperForConditionalGeneration.generate returns the new tokens
+        result = timed_round(benchmark, hf_whisper_transcription, (whisper_model.eval(), waveform, start),
+                             round_, warmup_calls=1)
+        # WhisperForConditionalGeneration.generate returns the new tokens
+        assert result.shape[1] == DECODE_STEPS
     record(benchmark, role="ours" if name == "echo" else "peer", case=name)

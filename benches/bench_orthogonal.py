@@ -81,7 +81,8 @@ def test_cpu_speedup_over_per_rotation_loop():
     loop = median_seconds(lambda: step(per_rotation_loop, thetas, pairs, R, True), repeats=5)
     ref = median_seconds(lambda: step(reference.orthogonal_product, thetas, pairs, R, True), repeats=5)
     print(f"\nh=64 N=32 batch=88 fwd+bwd on the CPU: op {op * 1e6:.0f} us, reference {ref * 1e6:.0f} us, "
-          f"per-rotation loop {loop * 1e6:.0f} us: {loop / op:.1f}x faster than the loop, {ref / op:.1f}x than the reference")
+          f"per-rotation loop {loop * 1e6:.0f} us: {loop / op:.1f}x faster than the loop, "
+          f"{ref / op:.1f}x than the reference")
     assert loop / op >= 10.0
 
 
@@ -108,7 +109,8 @@ def cuda_microseconds(fn, repeats=200, warmup=20):
 
 
 # The peers launch kernels per rotation: with thousands of rotations they are timed at small N only.
-GPU_PARAMS = [(case, impl) for case in GPU_CASES for impl in IMPLS if impl == "op" or GPU_CASES[case][1] <= 1000]
+GPU_PARAMS = [(case, impl) for case in GPU_CASES for impl in IMPLS
+              if impl == "op" or GPU_CASES[case][1] <= 1000]
 
 
 @pytest.mark.gpu

@@ -74,7 +74,8 @@ def folded(x, M, w, s):
 CASES = {"reference": ref, "compiled": compiled_ref, "folded": folded, "kernel": kernel}
 # The kernel reaches CPU tensors only through the Triton interpreter, far too slow to time, and the
 # folded peer exists to be compared with it: both run on the GPU only.
-PARAMS = [pytest.param(name, marks=pytest.mark.gpu) if name in ("folded", "kernel") else name for name in CASES]
+PARAMS = [pytest.param(name, marks=pytest.mark.gpu) if name in ("folded", "kernel") else name
+          for name in CASES]
 
 
 def bytes_moved(backward: bool) -> int:
@@ -90,8 +91,9 @@ def roofline(benchmark, name: str, backward: bool) -> None:
         seconds = benchmark.stats.stats.median
         achieved = bytes_moved(backward) / seconds
         bandwidth = ceilings()["copy_bandwidth"]
-        print(f"\n  {bytes_moved(backward) / 1e6:.1f} MB in {seconds * 1e6:.1f} us: {achieved / 1e9:.0f} GB/s, "
-              f"{100 * achieved / bandwidth:.0f}% of the {bandwidth / 1e9:.0f} GB/s copy bandwidth")
+        print(f"\n  {bytes_moved(backward) / 1e6:.1f} MB in {seconds * 1e6:.1f} us: "
+              f"{achieved / 1e9:.0f} GB/s, {100 * achieved / bandwidth:.0f}% of the "
+              f"{bandwidth / 1e9:.0f} GB/s copy bandwidth")
 
 
 def synchronized(fn):

@@ -53,7 +53,8 @@ def breakdown(fn, calls: int = 3) -> dict:
         if GPU:
             if not on_device:
                 raise RuntimeError("the profiler recorded no device activity: is CUPTI available?")
-            spans.append(max(e.time_range.end for e in on_device) - min(e.time_range.start for e in on_device))
+            spans.append(max(e.time_range.end for e in on_device)
+                         - min(e.time_range.start for e in on_device))
             device.append(sum(e.time_range.elapsed_us() for e in on_device))
         for e in on_device:
             kernels[e.name][0] += e.time_range.elapsed_us() / calls

@@ -145,7 +145,8 @@ def _case(bench) -> dict:
     """bench: pytest-benchmark's record of one finished case (its Metadata)."""
     info = dict(bench.extra_info)
     case = info.pop("case", None) or bench.param or bench.name
-    return {"group": bench.group, "case": case, "median_s": bench.stats.median, "times_s": bench.stats.data, **info}
+    return {"group": bench.group, "case": case, "median_s": bench.stats.median, "times_s": bench.stats.data,
+            **info}
 
 
 def _rounds_merged(rows: list[dict]) -> list[dict]:
@@ -179,7 +180,8 @@ def _with_fractions(row: dict) -> dict:
 def results(benchmarks, previous: list[dict] = ()) -> dict | None:
     """The run's results as the JSON `python -m echo_kernels.report` reads, or None if nothing ran.
     previous: cases of an earlier session of the same run, kept ahead of this session's."""
-    cases = [_with_fractions(row) for row in _rounds_merged([*previous, *(_case(b) for b in benchmarks if b)])]
+    cases = [_with_fractions(row)
+             for row in _rounds_merged([*previous, *(_case(b) for b in benchmarks if b)])]
     if not cases:
         return None
     return {

@@ -68,7 +68,8 @@ class GivensChain:
 
 
 def site_chains(sites) -> dict:
-    """{site: its GivensChain} for every Givens site, site by site (replaces echo.positional.site_matrices)."""
+    """{site: its GivensChain} for every Givens site, site by site (replaces
+    echo.positional.site_matrices)."""
     return {site: GivensChain(site.thetas, site.pairs, site.R, site.givens_first) for site in sites}
 
 
@@ -95,7 +96,8 @@ def _rotate(u: Tensor, M, w: Tensor, s, positions: Tensor, layout: str, rotation
 
 
 def echo_attention(q, k, v, M, w, s, bias, *, window=None, causal=False, q_offset=0, k_offset=0,
-                   key_padding_mask=None, layout="half_split", rotation="m_then_rope", keys_rotated=False) -> Tensor:
+                   key_padding_mask=None, layout="half_split", rotation="m_then_rope",
+                   keys_rotated=False) -> Tensor:
     """All Tq x Tk logits at once, with a dense bias and dense masks (keys_rotated: k is k' already)."""
     Tq, Tk, h = q.shape[2], k.shape[2], q.shape[3]
     q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device)

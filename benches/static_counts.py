@@ -1,11 +1,12 @@
 """Static instruction counts of the benches' encoder attention launch (B = 8, H = 16, T = 1500, h = 64,
-bf16, n = 15, global or a window, no padding, no M) compiled for sm_90 by the installed Triton: for each heavy pass of
-the fused kernel (forward, dq, dk/dv) and of the plain flash kernel (echo_kernels.plain_attention, the
+bf16, n = 15, global or a window, no padding, no M) compiled for sm_90 by the installed Triton: for each heavy
+pass of the fused kernel (forward, dq, dk/dv) and of the plain flash kernel (echo_kernels.plain_attention, the
 floor the fused one is measured against), each main loop's instructions (echo_kernels.aot) times the
 iterations the launch runs it, in warp-instructions per (batch, head), and the fused passes' totals against
 the plain ones'. A static estimate of the work, made without a GPU: not a time.
 
-    python benches/static_counts.py [--json] [--window W]   # W: the band |i - j| <= W, as the benches' local case
+    python benches/static_counts.py [--json] [--window W]
+    # W: the band |i - j| <= W, as the benches' local case
 
 The iterations are counted by running one (batch, head) of each launch at the same tiles under the Triton
 interpreter, in a child process, with every loop function watched. A program calls its loop functions in
@@ -124,7 +125,8 @@ def compile_passes(window: int | None) -> dict[str, tuple[object, int]]:
 def per_loop(calls: list[int], loops: int, name: str) -> list[int]:
     """Iterations of each main loop summed over the programs: the k-th call of every program runs loop k."""
     if loops == 0 or len(calls) % loops:
-        raise RuntimeError(f"{name}: {len(calls)} loop calls do not split into programs of {loops} main loops")
+        raise RuntimeError(f"{name}: {len(calls)} loop calls do not split into programs of "
+                           f"{loops} main loops")
     return [sum(calls[k::loops]) for k in range(loops)]
 
 
@@ -150,8 +152,10 @@ def static_counts(window: int | None = None) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
-    parser.add_argument("--window", type=int, default=None, help="the fused kernel's band |i - j| <= W (default: global)")
-    parser.add_argument("--count", action="store_true", help=argparse.SUPPRESS)  # the child: the interpreter is on
+    parser.add_argument("--window", type=int, default=None,
+                        help="the fused kernel's band |i - j| <= W (default: global)")
+    # the child: the interpreter is on
+    parser.add_argument("--count", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.window is not None and args.window < 0:
         parser.error(f"--window must be >= 0, got {args.window}")
@@ -168,8 +172,8 @@ def main() -> None:
     print(f"Triton {triton.__version__}, sm_{ARCH}: B {B}, H {H}, T {T}, h {HEAD}, bf16, n {N_REL}, {band}, "
           f"no padding; warp-instructions per (batch, head) in the main loops")
     for name, c in counts.items():
-        print(f"{name:14s} {c['launch']:>16s}  regs {c['registers']:3d}  spill {c['spilled']:3d}  code {c['code']:5d}  "
-              f"loops {c['loops']}  iterations {c['iterations']}  total {c['total']:,}")
+        print(f"{name:14s} {c['launch']:>16s}  regs {c['registers']:3d}  spill {c['spilled']:3d}  "
+              f"code {c['code']:5d}  loops {c['loops']}  iterations {c['iterations']}  total {c['total']:,}")
     total = {name: c["total"] for name, c in counts.items()}
     fwd = total["forward"] / total["plain forward"]
     bwd = (total["dq"] + total["dkdv"]) / (total["plain dq"] + total["plain dkdv"])

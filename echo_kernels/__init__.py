@@ -3,7 +3,8 @@
     orthogonal_product(thetas, pairs, R, givens_first=True) -> M
     rotary_orthogonal(x, M, w, s=1.0, offset=0, layout="half_split") -> y
     echo_attention(q, k, v, M, w, s, bias, *, window=None, causal=False, ..., keys_rotated=False) -> out
-    plain_attention(q, k, v) -> out         softmax(q k^T / sqrt(h)) v: the floor echo_attention is measured against
+    plain_attention(q, k, v) -> out         softmax(q k^T / sqrt(h)) v: the floor echo_attention is
+                                            measured against
 
 `ECHO_BACKEND=reference|triton|auto` picks the implementation (see echo_kernels.backend).
 """

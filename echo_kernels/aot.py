@@ -42,7 +42,8 @@ from .kernels.spec import KernelSpec, pointer_types, signature_of
 
 # Modules whose `aot_specs(arch)` list their kernels' launches on each target.
 KERNEL_MODULES: tuple[str, ...] = ("echo_kernels.kernels.rotary", "echo_kernels.kernels.attention",
-                                   "echo_kernels.kernels.attention_backward", "echo_kernels.kernels.plain_attention")
+                                   "echo_kernels.kernels.attention_backward",
+                                   "echo_kernels.kernels.plain_attention")
 TARGETS = (80, 90)
 # A launch's keyword arguments that are options of the compiler, not arguments of the kernel.
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", *COMPILE_OPTIONS)
@@ -179,7 +180,8 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
     "interleaved" layout); the rotary ops at every h."""
     import torch
 
-    from .kernels import ECHO_MAX_REL_DIST, attention as attn, attention_backward as attn_bwd, plain_attention as plain
+    from .kernels import (ECHO_MAX_REL_DIST, attention as attn, attention_backward as attn_bwd,
+                          plain_attention as plain)
     from .kernels import rotary
     from .reference import UNBOUNDED
 
@@ -189,7 +191,8 @@ def _echo_launches() -> list[tuple[object, tuple, dict]]:
         for h in (32, 64, 128):
             for dt in (torch.bfloat16, torch.float16, torch.float32):
                 w, s = torch.rand(h // 2), torch.ones(1)
-                bias, pad = torch.randn(2 * ECHO_MAX_REL_DIST - 1, D // h), torch.zeros(B, T, dtype=torch.bool)
+                bias, pad = (torch.randn(2 * ECHO_MAX_REL_DIST - 1, D // h),
+                             torch.zeros(B, T, dtype=torch.bool))
                 shapes = [(T, T, UNBOUNDED, UNBOUNDED, 0)]
                 if h == 64 and dt == torch.bfloat16:
                     shapes.append((1, 448, UNBOUNDED, 0, 447))
@@ -427,9 +430,10 @@ def table(rows: list[CompileReport], version: str) -> str:
     """The report as committed (benches/results/aot-report*.txt; recorded_spills and recorded_loops
     read it back): per launch, then per main loop of each launch."""
     lines = [f"Triton {version}; spill = ptxas spill stores, stack = stack frame (bytes), "
-             "ctas = CTAs per SM, launch = block sizes / warps / stages, code = SASS instructions of the kernel", "",
-             f"{'kernel':40} {'sm':>3} {'shared':>8} {'regs':>5} {'spill':>6} {'stack':>6} {'mma':>4} {'wgmma':>6} "
-             f"{'ctas':>5} {'launch':>16} {'code':>6}"]
+             "ctas = CTAs per SM, launch = block sizes / warps / stages, code = SASS instructions of "
+             "the kernel", "",
+             f"{'kernel':40} {'sm':>3} {'shared':>8} {'regs':>5} {'spill':>6} {'stack':>6} {'mma':>4} "
+             f"{'wgmma':>6} {'ctas':>5} {'launch':>16} {'code':>6}"]
     for r in rows:
         lines.append(f"{r.name:40} {r.arch:>3} {r.shared_bytes:>8} {r.registers:>5} {r.spilled_bytes:>6} "
                      f"{r.stack_bytes:>6} {'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6} "
@@ -437,12 +441,13 @@ def table(rows: list[CompileReport], version: str) -> str:
     lines += ["", "Main loops (SASS, the innermost loops with tensor-core instructions, static counts per "
               "loop body): instr = all, tc = tensor-core, sync / async = global loads waited on / copied "
               "asynchronously (cp.async, TMA), ex2 and sincos on the MUFU", "",
-              f"{'kernel':40} {'sm':>3} {'loop':>4} {'instr':>6} {'tc':>4} {'sync':>5} {'async':>5} {'ex2':>4} "
-              f"{'sincos':>6} {'instr/tc':>8}"]
+              f"{'kernel':40} {'sm':>3} {'loop':>4} {'instr':>6} {'tc':>4} {'sync':>5} {'async':>5} "
+              f"{'ex2':>4} {'sincos':>6} {'instr/tc':>8}"]
     for r in rows:
         for i, c in enumerate(r.main_loops):
-            lines.append(f"{r.name:40} {r.arch:>3} {i:>4} {c.instructions:>6} {c.tensor_core:>4} {c.sync_loads:>5} "
-                         f"{c.async_loads:>5} {c.exp2:>4} {c.sin_cos:>6} {c.per_tensor_core:>8.1f}")
+            lines.append(f"{r.name:40} {r.arch:>3} {i:>4} {c.instructions:>6} {c.tensor_core:>4} "
+                         f"{c.sync_loads:>5} {c.async_loads:>5} {c.exp2:>4} {c.sin_cos:>6} "
+                         f"{c.per_tensor_core:>8.1f}")
     return "\n".join(lines)
 
 

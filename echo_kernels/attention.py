@@ -1,4 +1,5 @@
-"""echo_attention: rotary + Givens rotation, clamped relative bias and sliding window (docs/model.md, Attention).
+"""echo_attention: rotary + Givens rotation, clamped relative bias and sliding window (docs/model.md,
+Attention).
 
 Two orders of rotation: "m_then_rope" (the default, RoPE(q M) . RoPE(k M)) and "rope_then_m"
 (RoPE(q) M . RoPE(k) M). M=None is the identity, for which the two agree: the model passes it in the
@@ -109,17 +110,18 @@ def echo_attention(
     checks.non_negative_int("k_offset", k_offset)
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
-            raise ValueError(f"key_padding_mask must be a bool tensor (True = padded), got {key_padding_mask.dtype}")
+            raise ValueError(f"key_padding_mask must be a bool tensor (True = padded), "
+                             f"got {key_padding_mask.dtype}")
         checks.shape("key_padding_mask", key_padding_mask, (B, Tk), f"(B, Tk) = ({B}, {Tk})")
     checks.layout(layout)
     checks.rotation(rotation)
     checks.same_device(q=q, k=k, v=v, M=M, w=w, s=s, bias=bias, key_padding_mask=key_padding_mask)
     if max(q_offset + Tq, k_offset + Tk) > reference.UNBOUNDED:
-        raise ValueError(f"positions must stay below 2**30 (the kernels' unbounded window side), got q_offset + Tq "
-                         f"= {q_offset + Tq}, k_offset + Tk = {k_offset + Tk}")
+        raise ValueError(f"positions must stay below 2**30 (the kernels' unbounded window side), "
+                         f"got q_offset + Tq = {q_offset + Tq}, k_offset + Tk = {k_offset + Tk}")
     left, right = reference.window_bounds(window, causal)
-    return _dispatch(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, rotation,
-                     keys_rotated)
+    return _dispatch(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
+                     rotation, keys_rotated)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,8 +136,8 @@ def _dispatch(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k
         return _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
                                  layout, rotation, keys_rotated)
     if q.device.type == "cpu" and requested_backend() == "auto":
-        return attention_cpu.attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset,
-                                       layout, rotation, keys_rotated)
+        return attention_cpu.attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset,
+                                       k_offset, layout, rotation, keys_rotated)
     return reference.echo_attention(q, k, v, M, w, s, bias, window=(left, right), q_offset=q_offset,
                                     k_offset=k_offset, key_padding_mask=key_padding_mask, layout=layout,
                                     rotation=rotation, keys_rotated=keys_rotated)
@@ -155,7 +157,8 @@ def _kernel_attention(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_o
     h, width = q.shape[-1], kernel_head_width(q.shape[-1])
     if width != h:
         q, k, v, M, w = _widen_heads(q, k, v, M, w, layout, width, keys_rotated)
-    out, _ = _OP(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, keys_rotated)
+    out, _ = _OP(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
+                 keys_rotated)
     return out[..., :h] if width != h else out
 
 
@@ -183,7 +186,8 @@ def _widen_heads(q, k, v, M, w, layout: str, width: int, keys_rotated: bool = Fa
     w = torch.nn.functional.pad(w, (0, (width - h) // 2))
     if keys_rotated or M is not None:  # where h's outputs land among width's
         half = torch.arange(h // 2, device=q.device)
-        outputs = torch.cat([half, width // 2 + half]) if layout == "half_split" else torch.arange(h, device=q.device)
+        outputs = (torch.cat([half, width // 2 + half]) if layout == "half_split"
+                   else torch.arange(h, device=q.device))
     if keys_rotated:
         k = k.new_zeros((*k.shape[:-1], width)).index_copy(-1, outputs, k)
     else:
@@ -199,23 +203,24 @@ def _widen_heads(q, k, v, M, w, layout: str, width: int, keys_rotated: bool = Fa
 # --------------------------------------------------------------------------------------------------
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, M: Optional[Tensor], w: Tensor, s: Tensor, bias: Optional[Tensor],
-             key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int, k_offset: int,
-             layout: str, keys_rotated: bool) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, M: Optional[Tensor], w: Tensor, s: Tensor,
+             bias: Optional[Tensor], key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int,
+             k_offset: int, layout: str, keys_rotated: bool) -> tuple[Tensor, Tensor]:
     """(out (B, H, Tq, h), lse (B, H, Tq) fp32), in the "rope_then_m" order (M=None: RoPE only);
     left/right: the band of reference.window_bounds; keys_rotated: k is k' = RoPE(k) M already."""
     return _kernels.forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
                             keys_rotated)
 
 
-def _forward_fake(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, keys_rotated):
+def _forward_fake(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
+                  keys_rotated):
     B, H, Tq, h = q.shape
     return q.new_empty((B, H, Tq, h)), q.new_empty((B, H, Tq), dtype=torch.float32)
 
 
 def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, M: Optional[Tensor], w: Tensor, s: Tensor,
-              bias: Optional[Tensor], key_padding_mask: Optional[Tensor], left: int, right: int, q_offset: int,
-              k_offset: int, layout: str, keys_rotated: bool, out: Tensor, lse: Tensor
+              bias: Optional[Tensor], key_padding_mask: Optional[Tensor], left: int, right: int,
+              q_offset: int, k_offset: int, layout: str, keys_rotated: bool, out: Tensor, lse: Tensor
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dM, dw, ds, dbias); dM and dbias are empty (0,) when there is no M / bias table."""
     dq, dk, dv, dM, dw, ds, dbias = _kernels_backward.backward(

@@ -77,8 +77,8 @@ def use_kernel(op: str, device: torch.device) -> bool:
         return True
     wanted = device.type != "cpu" or auto_on_cpu
     if wanted and not available:
-        warn_once((op, device.type), f"echo_kernels: no compiled {op} for {device.type} tensors; running the reference",
-                  stacklevel=3)
+        warn_once((op, device.type), f"echo_kernels: no compiled {op} for {device.type} tensors; "
+                  f"running the reference", stacklevel=3)
     return wanted and available
 
 

@@ -58,7 +58,8 @@ def layout(value: str) -> None:
 
 def rotation(value: str) -> None:
     if value not in ROTATIONS:
-        raise ValueError(f"rotation must be one of {ROTATIONS} (where M sits relative to RoPE), got {value!r}")
+        raise ValueError(f"rotation must be one of {ROTATIONS} (where M sits relative to RoPE), "
+                         f"got {value!r}")
 
 
 def window(value) -> None:
@@ -82,11 +83,13 @@ def index_pairs(pairs: Tensor, n: int, h: int) -> None:
         return
     host = pairs.detach().cpu()
     if bool((host < 0).any()) or bool((host >= h).any()):
-        raise ValueError(f"pairs must index rows 0..{h - 1} of R, got values in [{int(host.min())}, {int(host.max())}]")
+        raise ValueError(f"pairs must index rows 0..{h - 1} of R, got values in "
+                         f"[{int(host.min())}, {int(host.max())}]")
     same = (host[:, 0] == host[:, 1]).nonzero()
     if same.numel():
         k = int(same[0, 0])
-        raise ValueError(f"pairs[{k}] = ({int(host[k, 0])}, {int(host[k, 1])}): a Givens rotation needs i != j")
+        raise ValueError(f"pairs[{k}] = ({int(host[k, 0])}, {int(host[k, 1])}): "
+                         f"a Givens rotation needs i != j")
 
 
 def span(t: Tensor) -> int:
@@ -104,5 +107,5 @@ def int32_offsets(operands: dict[str, Tensor | int | None]) -> None:
     for name, operand in operands.items():
         elements = span(operand) if isinstance(operand, Tensor) else operand or 0
         if elements >= INT32_OFFSETS:
-            raise ValueError(f"{name} spans {elements:,} elements, more than the Triton kernels' int32 offsets "
-                             "reach (2**31 - 1): split the batch into calls below it")
+            raise ValueError(f"{name} spans {elements:,} elements, more than the Triton kernels' int32 "
+                             "offsets reach (2**31 - 1): split the batch into calls below it")

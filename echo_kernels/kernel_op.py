@@ -88,7 +88,8 @@ class KernelOp:
         grads = []
         for name, x, needed in zip(self.input_names, saved, needs_input_grad):
             g = raw.get(name)
-            grads.append(g.sum_to_size(x.shape).to(x.dtype) if g is not None and x is not None and needed else None)
+            grads.append(g.sum_to_size(x.shape).to(x.dtype) if g is not None and x is not None and needed
+                         else None)
         return grads
 
     def _setup_context(self, ctx, inputs, output):

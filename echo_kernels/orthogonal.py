@@ -86,8 +86,8 @@ def _kernel_takes(h: int) -> bool:
     """Whether the compiled op takes R of width h; warns once when it does not."""
     if h <= MAX_H:
         return True
-    warn_once("orthogonal_product width", f"echo_kernels: the compiled orthogonal_product takes h <= {MAX_H}; "
-              f"h = {h} runs the reference", stacklevel=4)
+    warn_once("orthogonal_product width", f"echo_kernels: the compiled orthogonal_product "
+              f"takes h <= {MAX_H}; h = {h} runs the reference", stacklevel=4)
     return False
 
 

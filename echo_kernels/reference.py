@@ -165,7 +165,8 @@ def weighted_values(probs: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
     return out + (probs[..., cols].unsqueeze(-1) * v_bad.masked_fill(~kept, 0.0)).sum(-2)
 
 
-def rotate_for_attention(u: Tensor, M: Tensor | None, phi: Tensor | None, layout: str, rotation: str) -> Tensor:
+def rotate_for_attention(u: Tensor, M: Tensor | None, phi: Tensor | None, layout: str,
+                         rotation: str) -> Tensor:
     """q' or k' (docs/model.md, Attention).   u: (..., T, h); M: (h, h) or None (the identity); phi: (T, h/2),
     or None for no RoPE (u rotated already: then u @ M in either order).
 

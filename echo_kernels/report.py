@@ -57,7 +57,8 @@ def markdown_table(results: dict) -> str:
         f"copy {limits['copy_bandwidth'] / 1e9:.0f} GB/s, {limits['matmul_dtype']} matmul "
         f"{limits['matmul_flops'] / 1e12:.1f} TFLOP/s.",
         "",
-        f"| group | case |{' median |' if absolute else ''} ours vs this | of copy bandwidth | of matmul rate |",
+        (f"| group | case |{' median |' if absolute else ''} ours vs this | of copy bandwidth | "
+         f"of matmul rate |"),
         f"|---|---|{'---|' if absolute else ''}---|---|---|",
     ]
     for group, cases in groups(results).items():
@@ -92,17 +93,18 @@ def breakdown_table(results: dict) -> str:
     if not cases:
         return ""
     gpu = results.get("gpu", False)
-    head = "| group | case |" + (" median | host | kernels | span | largest kernels (time x launches) |" if gpu
-                                 else "")
-    lines = [head + " largest host ops (share of the time in ops) |", "|---|---|" + "---|" * (6 if gpu else 1)]
+    head = "| group | case |" + (" median | host | kernels | span | largest kernels (time x launches) |"
+                                 if gpu else "")
+    lines = [head + " largest host ops (share of the time in ops) |",
+             "|---|---|" + "---|" * (6 if gpu else 1)]
     for case in cases:
         b = case["breakdown"]
         row = f"| {case['group']} | {case['case']} |"
         if gpu:
             kernels = ", ".join(f"{_kernel_name(name)} {_duration(seconds)} x{count:g}"
                                 for name, (seconds, count) in b["kernels"].items())
-            row += (f" {_duration(case['median_s'])} | {_duration(b['host_s'])} | {_duration(b['device_s'])} | "
-                    f"{_duration(b['span_s'])} | {kernels} |")
+            row += (f" {_duration(case['median_s'])} | {_duration(b['host_s'])} | "
+                    f"{_duration(b['device_s'])} | {_duration(b['span_s'])} | {kernels} |")
         ops = ", ".join(f"{name} {_percent(seconds / b['ops_s'])}" for name, seconds in b["ops"].items())
         lines.append(f"{row} {ops} |")
     return "\n".join(["## Where the time goes", "", *lines])

@@ -81,7 +81,8 @@ def _backward(dy: Tensor, x: Tensor, M: Tensor, w: Tensor, s: Optional[Tensor], 
 
 def _backward_fake(dy, x, M, w, s, s_value, offset, layout):
     ds_shape = s.shape if s is not None else ()
-    return torch.empty_like(x), M.new_empty(M.shape), w.new_empty(w.shape), x.new_empty(ds_shape, dtype=torch.float32)
+    return (torch.empty_like(x), M.new_empty(M.shape), w.new_empty(w.shape),
+            x.new_empty(ds_shape, dtype=torch.float32))
 
 
 register_kernel("rotary_orthogonal", triton_serves, auto_on_cpu=False)

@@ -1,4 +1,5 @@
-"""Kernels and their launchers (Triton, and the blocked CPU attention); echo_kernels/<op>.py registers them."""
+"""Kernels and their launchers (Triton, and the blocked CPU attention); echo_kernels/<op>.py
+registers them."""
 
 # Head widths the Triton attention kernels are built for: their tiles span the head as power-of-two
 # ranges, and a product's inner dimension must be 16 or more (h/2 >= 16). Other widths up to the

@@ -31,7 +31,8 @@ def _sincos(phi):
     r = tl.fma(j, -6.223372171896613e-14, r).to(tl.float32)
     r2 = r * r
     sin_r = tl.fma(tl.fma(tl.fma(r2, -1.95152959e-04, 8.33216087e-03), r2, -1.66666546e-01) * r2, r, r)
-    cos_r = tl.fma(tl.fma(tl.fma(tl.fma(r2, 2.44331571e-05, -1.38873163e-03), r2, 4.16666457e-02), r2, -0.5), r2, 1.0)
+    cos_r = tl.fma(tl.fma(tl.fma(tl.fma(r2, 2.44331571e-05, -1.38873163e-03), r2, 4.16666457e-02), r2, -0.5),
+                   r2, 1.0)
     quadrant = (j - 4.0 * tl.floor(j * 0.25)).to(tl.int32)  # j mod 4, exact in fp64
     odd = (quadrant & 1) != 0
     sin = tl.where(odd, cos_r, sin_r)

@@ -94,8 +94,8 @@ from .spec import DTYPE_NAMES, KernelSpec, dtype_named, precision_of, signature_
 @triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, lo, hi, skip_at, skip, q, qrel, KK, V, Bias, stride_br, head_off, n_rel, Tiles, tile_of,
-    n_near, left_cut, left_of, right_cut, right_of, d1, d2, Pad, pad_off, stride_pt, stride_kt, stride_kd, stride_vt,
-    stride_vd, Tk, left, right, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    n_near, left_cut, left_of, right_cut, right_of, d1, d2, Pad, pad_off, stride_pt, stride_kt, stride_kd,
+    stride_vt, stride_vd, Tk, left, right, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PAD: tl.constexpr, PAD_TILES: tl.constexpr, BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Online softmax over the key tiles that masks can bite, in one loop: starts lo, lo + BLOCK_N, ... < hi,
@@ -112,7 +112,8 @@ def _fwd_tiles(
         start = _skip(tile_start, skip_at, skip)
         cols = start + tl.arange(0, BLOCK_N)
         # a padded key's k only reaches its own logits, which the mask replaces
-        k = tl.load(KK + cols[:, None] * stride_kt + dims[None, :] * stride_kd, mask=cols[:, None] < Tk, other=0.0)
+        k = tl.load(KK + cols[:, None] * stride_kt + dims[None, :] * stride_kd, mask=cols[:, None] < Tk,
+                    other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD, PAD_TILES)
         if HAS_BIAS and BIAS_TILES:
@@ -140,7 +141,8 @@ def _fwd_tiles(
         # a padded key's v meets p = 0 in the product, and 0 * NaN is NaN: zeroed after the load, whose
         # mask then does not wait on the padding's (a dependent mask costs the pipelined loop registers);
         # in its own dtype, not through fp32 (a conversion each way per element)
-        v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, mask=cols[:, None] < Tk, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, mask=cols[:, None] < Tk,
+                    other=0.0)
         if HAS_PAD:
             v = tl.where(key_ok[:, None], v, 0.0)
         acc = tl.dot(p.to(DT), v.to(DT), acc * alpha[:, None], input_precision=PRECISION)
@@ -150,8 +152,8 @@ def _fwd_tiles(
 
 @triton.jit
 def _fwd_inner_tiles(
-    acc, m_i, l_i, lo, hi, skip_at, skip, bias_before, bias_after, q, qrel, KK, V, Bias, stride_br, head_off, n_rel,
-    Tiles, tile_of, stride_kt, stride_kd, stride_vt, stride_vd,
+    acc, m_i, l_i, lo, hi, skip_at, skip, bias_before, bias_after, q, qrel, KK, V, Bias, stride_br, head_off,
+    n_rel, Tiles, tile_of, stride_kt, stride_kd, stride_vt, stride_vd,
     HEAD: tl.constexpr, BLOCK_N: tl.constexpr, NEAR_TILES: tl.constexpr,
     BIAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -193,9 +195,10 @@ def _attn_fwd_kernel(
     QQ, KK, V, Bias, Tiles, Pad, PadStart, Out, Lse,
     stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt, stride_vd,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0, left, right, q_off, k_off,
-    n_tiles, HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, PAD_TILES: tl.constexpr,
-    BIAS_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0, left, right, q_off,
+    k_off, n_tiles, HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    PAD_TILES: tl.constexpr, BIAS_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One (BLOCK_M, HEAD) query tile of one (batch, head): Out tile and its log-sum-exp.
 
@@ -217,8 +220,8 @@ def _attn_fwd_kernel(
     qrel = q_off - k_off + rows  # each row's i - j against the first key (position k_off)
     # a plain load: rotated_rows has rotated the queries (and multiplied them by P~), and since q'' and
     # RoPE(k) both hold their rows as [A | B], q''_A a_k + q''_B b_k is one product of whole rows
-    q = tl.load(QQ + pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :], mask=rows[:, None] < Tq,
-                other=0.0)
+    q = tl.load(QQ + pid_bh * Tq * HEAD + rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :],
+                mask=rows[:, None] < Tq, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -235,24 +238,25 @@ def _attn_fwd_kernel(
     tile_of = q_first - k_off - first_bias_tile
     # a key tile from `start` crosses the band's left edge where its first key is more than `left` before
     # the tile's last query, the right edge where its last key is more than `right` after the first query
-    left_cut, right_cut = _edge_cuts(q_first, q_off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1, k_off, Tk,
-                                     left, right)
+    left_cut, right_cut = _edge_cuts(q_first, q_off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1, k_off,
+                                     Tk, left, right)
     # Three loops in all, so that the kernel's code stays small: the unmasked tiles of both far sides
     # (their bias one value per side), the unmasked NEAR tiles, then the band's edges.
     acc, m_i, l_i = _fwd_inner_tiles(
-        acc, m_i, l_i, inner, inner_end - (near_hi - near_lo), near_lo, near_hi - near_lo, bias_past, bias_future,
-        q, qrel, KK, V, Bias, stride_br, hd * stride_bh, n_rel, tiles, tile_of, stride_kt, stride_kd, stride_vt,
-        stride_vd, HEAD, BLOCK_N, False, BIAS_TILES, PRECISION)
+        acc, m_i, l_i, inner, inner_end - (near_hi - near_lo), near_lo, near_hi - near_lo, bias_past,
+        bias_future, q, qrel, KK, V, Bias, stride_br, hd * stride_bh, n_rel, tiles, tile_of, stride_kt,
+        stride_kd, stride_vt, stride_vd, HEAD, BLOCK_N, False, BIAS_TILES, PRECISION)
     if HAS_BIAS:
         acc, m_i, l_i = _fwd_inner_tiles(
-            acc, m_i, l_i, near_lo, near_hi, near_hi, 0, 0.0, 0.0, q, qrel, KK, V, Bias, stride_br, hd * stride_bh,
-            n_rel, tiles, tile_of, stride_kt, stride_kd, stride_vt, stride_vd, HEAD, BLOCK_N, True, BIAS_TILES,
-            PRECISION)
+            acc, m_i, l_i, near_lo, near_hi, near_hi, 0, 0.0, 0.0, q, qrel, KK, V, Bias, stride_br,
+            hd * stride_bh, n_rel, tiles, tile_of, stride_kt, stride_kd, stride_vt, stride_vd, HEAD, BLOCK_N,
+            True, BIAS_TILES, PRECISION)
     acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, lo, hi - (inner_end - inner), inner, inner_end - inner, q, qrel, KK, V, Bias, stride_br,
-        hd * stride_bh, n_rel, tiles, tile_of, n_near, left_cut, q_first - k_off - left_edge0, right_cut,
-        q_first - k_off - right_edge0, d1, d2, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd, stride_vt,
-        stride_vd, Tk, left, right, HEAD, BLOCK_N, HAS_BIAS, HAS_PAD, PAD_TILES, BIAS_TILES, PRECISION)
+        acc, m_i, l_i, lo, hi - (inner_end - inner), inner, inner_end - inner, q, qrel, KK, V, Bias,
+        stride_br, hd * stride_bh, n_rel, tiles, tile_of, n_near, left_cut, q_first - k_off - left_edge0,
+        right_cut, q_first - k_off - right_edge0, d1, d2, Pad, b * stride_pb, stride_pt, stride_kt, stride_kd,
+        stride_vt, stride_vd, Tk, left, right, HEAD, BLOCK_N, HAS_BIAS, HAS_PAD, PAD_TILES, BIAS_TILES,
+        PRECISION)
 
     # A row with no kept key gives zeros and lse = +inf, so that the backward's exp(l - lse) is 0.
     empty = l_i == 0.0
@@ -327,7 +331,8 @@ def _short_query_blocks(cfg: dict, Tq: int) -> dict:
     return cfg
 
 
-def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout, keys_rotated=False):
+def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_offset, layout,
+            keys_rotated=False):
     """Launch the forward kernel. q: (B, H, Tq, h); k, v: (B, H, Tk, h), any strides; M: (h, h) or None;
     keys_rotated: k is k' = RoPE(k) M (RoPE(k) without M), rotated already in `layout`.
 
@@ -351,14 +356,15 @@ def forward(q, k, v, M, w, s, bias, key_padding_mask, left, right, q_offset, k_o
     cfg = _short_query_blocks(blocks, Tq)
     pad_t, spb, spt, has_pad = _pad_arg(key_padding_mask, q, torch.int32, cfg["BLOCK_N"])
     pad_start = first_padded_key(pad_t) if has_pad else lse
-    qq, kk = attention_operands(q, k, w32, s32, q_offset, k_offset, P, has_p, layout, keys_rotated, blocks["BLOCK_N"])
-    # the short query tiles of decoding gather their NEAR bias: a few rows, where a table is a launch per step;
-    # and they compare keys with Tk (PAD_TILES_ON: an unmasked load of the flags lengthened their loop)
+    qq, kk = attention_operands(q, k, w32, s32, q_offset, k_offset, P, has_p, layout, keys_rotated,
+                                blocks["BLOCK_N"])
+    # the short query tiles of decoding gather their NEAR bias: a few rows, where a table is a launch per
+    # step; and they compare keys with Tk (PAD_TILES_ON: an unmasked load of the flags lengthened their loop)
     table_rows = cfg["BLOCK_M"] == blocks["BLOCK_M"]
     bias_tiles = has_bias and table_rows
     pad_tiles = PAD_TILES_ON[arch] and table_rows
-    table = near_bias_args(bias_t if bias_tiles else None, n_rel, q_offset - k_offset, cfg["BLOCK_M"], cfg["BLOCK_N"],
-                           lse, (left, right), Tq, Tk, P.dtype, P.dtype)
+    table = near_bias_args(bias_t if bias_tiles else None, n_rel, q_offset - k_offset, cfg["BLOCK_M"],
+                           cfg["BLOCK_N"], lse, (left, right), Tq, Tk, P.dtype, P.dtype)
     n_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     _attn_fwd_kernel[(n_tiles * B * H,)](
         qq, kk, v, bias_t, table.tiles, pad_t, pad_start, out, lse,

@@ -242,7 +242,8 @@ def _diagonal_scratch(programs: int, rows: int, n_diag: int, has_bias: bool, dev
     pairs of dS of its NEAR tiles and adds them up (attention_common._bias_row_sums); without a bias
     table a one-element placeholder. Not zeroed: a program reads back only what it stored."""
     shape = (programs, rows, n_diag) if has_bias else (1,)
-    int32_offsets({"the dbias scratch (programs, rows, 2n - 3 rounded up to a power of two)": math.prod(shape)})
+    int32_offsets({"the dbias scratch (programs, rows, 2n - 3 rounded up to a power "
+                   "of two)": math.prod(shape)})
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
@@ -313,8 +314,10 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     s32 = torch.as_tensor(s, dtype=torch.float32, device=dev).detach().reshape(1)
     arch = tile_arch(dev)
     cfg = {name: with_override(row) for name, row in default_blocks(h, arch, q.dtype).items()}
-    key_tile = max(row["BLOCK_N"] for row in cfg.values() if "BLOCK_N" in row)  # powers of two: a multiple of each
-    bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(v, do, bias, key_padding_mask, arch, key_tile)
+    # powers of two: a multiple of each
+    key_tile = max(row["BLOCK_N"] for row in cfg.values() if "BLOCK_N" in row)
+    bias_t, pad_t, strides, n_rel, has_bias, has_pad = _common_args(v, do, bias, key_padding_mask, arch,
+                                                                    key_tile)
     pad_start = first_padded_key(pad_t) if has_pad else lse
     sizes, band = (H, Tq, Tk, n_rel), (left, right, q_offset, k_offset)
     prec = precision(q.dtype)
@@ -337,8 +340,9 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
     # the bias as (keys, queries) tiles: the table of the reversed bias rows at j - i, with the band's mask
     # in them (sides swapped) for the masked loop, which then compares no j - i; summing dq, its masked
     # loops compare (their far tiles take one bias value per side, not a tile)
-    near = near_bias_args(bias_t if has_bias else None, n_rel, k_offset - q_offset, c["BLOCK_N"], c["BLOCK_M"],
-                          lse, None if with_dq else (right, left), Tk, Tq, dot=P.dtype, flip=True)
+    near = near_bias_args(bias_t if has_bias else None, n_rel, k_offset - q_offset, c["BLOCK_N"],
+                          c["BLOCK_M"], lse, None if with_dq else (right, left), Tk, Tq, dot=P.dtype,
+                          flip=True)
     n_kblocks = triton.cdiv(Tk, c["BLOCK_N"])
     dkk = torch.empty((B, H, Tk, h), dtype=torch.float32, device=dev)  # d(a_k, b_k)
     n_rows = 2 * n_rel - 1  # of the bias table
@@ -347,15 +351,16 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         key_groups = _key_groups_per_head(B * H, n_kblocks, dev)
         int32_offsets({"the key pass's sums of dq (B, H, groups, Tq, h)": B * H * key_groups * Tq * h})
         dqq = torch.zeros((B, H, key_groups, Tq, h), dtype=torch.float32, device=dev)
-        db_part = torch.empty((B, H, n_kblocks, n_rows) if has_bias else (1,), dtype=torch.float32, device=dev)
+        db_part = torch.empty((B, H, n_kblocks, n_rows) if has_bias else (1,), dtype=torch.float32,
+                              device=dev)
         diag = _diagonal_scratch(B * H * n_kblocks, c["BLOCK_N"], n_diag, has_bias, dev)
         grid = key_groups * B * H
     else:  # the dq pass writes these; this kernel does not touch them
         key_groups, dqq, db_part, diag, grid = 1, dkk, dkk, dkk, n_kblocks * B * H
     _attn_bwd_dkdv_kernel[(grid,)](
-        kk, v, do, qq, bias_t, near.tiles, pad_t, pad_start, lse, delta, dkk, dv, dqq, db_part, diag, *strides,
-        *sizes, near.count, near.first, near.n_near, near.left_edge0, near.right_edge0, *band, n_kblocks, key_groups,
-        HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
+        kk, v, do, qq, bias_t, near.tiles, pad_t, pad_start, lse, delta, dkk, dv, dqq, db_part, diag,
+        *strides, *sizes, near.count, near.first, near.n_near, near.left_edge0, near.right_edge0, *band,
+        n_kblocks, key_groups, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad, BLOCK_M=c["BLOCK_M"],
         BLOCK_N=c["BLOCK_N"], WITH_DQ=with_dq, N_DIAG=n_diag, PRECISION=prec,
         **launch_options(c))
     if keys_rotated:  # d(keys) is dk itself: no RoPE to undo, no angle partials
@@ -376,15 +381,16 @@ def backward(do, q, k, v, out, lse, M, w, s, bias, key_padding_mask, left, right
         n_qblocks = triton.cdiv(Tq, c["BLOCK_M"])
         dqq = torch.empty((B, H, Tq, h), dtype=P.dtype, device=dev)  # d(q''_A, q''_B)
         # each query tile's share of the bias table
-        db_part = torch.empty((B, H, n_qblocks, n_rows) if has_bias else (1,), dtype=torch.float32, device=dev)
-        near = near_bias_args(bias_t if has_bias else None, n_rel, q_offset - k_offset, c["BLOCK_M"], c["BLOCK_N"],
-                              lse, dot=P.dtype)
+        db_part = torch.empty((B, H, n_qblocks, n_rows) if has_bias else (1,), dtype=torch.float32,
+                              device=dev)
+        near = near_bias_args(bias_t if has_bias else None, n_rel, q_offset - k_offset, c["BLOCK_M"],
+                              c["BLOCK_N"], lse, dot=P.dtype)
         diag = _diagonal_scratch(B * H * n_qblocks, c["BLOCK_M"], n_diag, has_bias, dev)
         _attn_bwd_dq_kernel[(n_qblocks * B * H,)](
-            kk, v, do, qq, bias_t, near.tiles, pad_t, pad_start, lse, delta, dqq, db_part, diag, *strides, *sizes,
-            near.count, near.first, *band, n_qblocks, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad,
-            PAD_TILES=PAD_TILES_ON[arch], BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], N_DIAG=n_diag, PRECISION=prec,
-            **launch_options(c))
+            kk, v, do, qq, bias_t, near.tiles, pad_t, pad_start, lse, delta, dqq, db_part, diag, *strides,
+            *sizes, near.count, near.first, *band, n_qblocks, HEAD=h, HAS_BIAS=has_bias, HAS_PAD=has_pad,
+            PAD_TILES=PAD_TILES_ON[arch], BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], N_DIAG=n_diag,
+            PRECISION=prec, **launch_options(c))
 
     if keys_rotated and not has_p and layout == "interleaved":  # d(q'') in the unrotate pass's [a | b] order
         dqq = dqq[..., layout_perm(h, layout, dev)].contiguous()
@@ -442,22 +448,25 @@ def aot_specs(arch: int) -> list[KernelSpec]:
                 key_pass = default_blocks(h, arch, dtype_named(dt))["dkdv"]
             prec = precision_of(dt)
             ptrs = {n: f"*{dt}" for n in ("Q", "K", "KK", "V", "DO", "P", "QQ", "DV", "DQ", "DQQ", "O")}
-            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Tiles="*fp32", Pad=pad_flags, Lse="*fp32", Delta="*fp32",
-                        G="*fp32", DBias="*fp32", Diag="*fp32", DP="*fp32", DKK="*fp32", DK=f"*{dt}", PadStart="*i32",
-                        scale="fp32")
+            ptrs.update(W="*fp32", S="*fp32", Bias="*fp32", Tiles="*fp32", Pad=pad_flags, Lse="*fp32",
+                        Delta="*fp32", G="*fp32", DBias="*fp32", Diag="*fp32", DP="*fp32", DKK="*fp32",
+                        DK=f"*{dt}", PadStart="*i32", scale="fp32")
             dkdv_ptrs = dict(ptrs, DQQ="*fp32")  # dq's fp32 sums (without dq, a placeholder of that type)
             for name, fn, ce in (
                 ("delta", _attn_bwd_delta_kernel, dict(HEAD=h, BLOCK=g["delta"]["BLOCK_M"])),
                 ("dkdv", _attn_bwd_dkdv_kernel, dict(
-                    HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dkdv"]["BLOCK_M"], BLOCK_N=g["dkdv"]["BLOCK_N"],
-                    WITH_DQ=False, N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION=prec)),
+                    HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=g["dkdv"]["BLOCK_M"],
+                    BLOCK_N=g["dkdv"]["BLOCK_N"], WITH_DQ=False, N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST),
+                    PRECISION=prec)),
                 ("dkdv_dq", _attn_bwd_dkdv_kernel, dict(
-                    HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=key_pass["BLOCK_M"], BLOCK_N=key_pass["BLOCK_N"],
-                    WITH_DQ=True, N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION=prec)),
+                    HEAD=h, HAS_BIAS=True, HAS_PAD=True, BLOCK_M=key_pass["BLOCK_M"],
+                    BLOCK_N=key_pass["BLOCK_N"], WITH_DQ=True, N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST),
+                    PRECISION=prec)),
                 ("unrope", _attn_bwd_unrope_kernel, dict(HEAD=h, BLOCK=g["unrope"]["BLOCK_M"])),
                 ("dq", _attn_bwd_dq_kernel, dict(
-                    HEAD=h, HAS_BIAS=True, HAS_PAD=True, PAD_TILES=PAD_TILES_ON[arch], BLOCK_M=g["dq"]["BLOCK_M"],
-                    BLOCK_N=g["dq"]["BLOCK_N"], N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION=prec)),
+                    HEAD=h, HAS_BIAS=True, HAS_PAD=True, PAD_TILES=PAD_TILES_ON[arch],
+                    BLOCK_M=g["dq"]["BLOCK_M"], BLOCK_N=g["dq"]["BLOCK_N"],
+                    N_DIAG=inner_diagonals(ECHO_MAX_REL_DIST), PRECISION=prec)),
                 ("dq_unrotate", _attn_bwd_dq_unrotate_kernel, dict(
                     HEAD=h, HAS_P=True, BLOCK_M=g["unrotate"]["BLOCK_M"], PRECISION=prec)),
                 ("dq_unrotate_no_m", _attn_bwd_dq_unrotate_kernel, dict(

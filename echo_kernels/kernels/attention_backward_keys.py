@@ -46,16 +46,17 @@ def _add_dq(ds_t, kk, DQQ, rows, mask, HEAD: tl.constexpr, PRECISION: tl.constex
     """DQQ[rows] += dS [a_k | b_k]: one key tile's share of a query tile's d(q''_A, q''_B), fp32 rows
     [A | B]. Only this program adds to these rows (_attn_bwd_dkdv_kernel): no atomics."""
     offs = rows[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
-    tl.store(DQQ + offs, tl.dot(tl.trans(ds_t), kk, tl.load(DQQ + offs, mask=mask), input_precision=PRECISION),
-             mask=mask)
+    tl.store(DQQ + offs,
+             tl.dot(tl.trans(ds_t), kk, tl.load(DQQ + offs, mask=mask), input_precision=PRECISION), mask=mask)
 
 
 @triton.jit
 def _dkdv_tiles(
-    dkk, dv, db_lo, db_hi, lo, hi, skip_at, skip, skip_at2, skip2, d1, d2, bias_future, bias_past, kk, v, kpos,
-    key_ok, QQ, DO, Lse, Delta, DQQ, Tiles, tile_of, n_near, left_cut, left_of, right_cut, right_of, Diag, stride_ot,
-    stride_od, Tq, n_rel, left, right, q_off, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, REGION: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+    dkk, dv, db_lo, db_hi, lo, hi, skip_at, skip, skip_at2, skip2, d1, d2, bias_future, bias_past, kk, v,
+    kpos, key_ok, QQ, DO, Lse, Delta, DQQ, Tiles, tile_of, n_near, left_cut, left_of, right_cut, right_of,
+    Diag, stride_ot, stride_od, Tq, n_rel, left, right, q_off, HEAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    REGION: tl.constexpr, HAS_BIAS: tl.constexpr, WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Accumulate dk (as d(a_k, b_k)) and dv over query tiles, masked: starts lo, lo + BLOCK_M, ... < hi,
     moved on by skip from skip_at and then by skip2 from skip_at2 (_skip). WITH_DQ also add each
@@ -66,9 +67,10 @@ def _dkdv_tiles(
     QQ, Lse, Delta and DQQ point at this (batch, head)'s rows. The bias, from this head's table of (keys,
     queries) tiles, whose NEAR tiles start in [d1, d2) (the FUTURE ones before them): REGION ANY, any tile's
     with the band's mask in it (_band_bias, at the edges' offsets left_of and right_of from left_cut and
-    right_cut on), and no comparison of j - i; NEAR (summing dq: every NEAR tile), the NEAR tile's, its pairs on the table's inner rows
-    stored at Diag (_bias_row_sums); FAR (summing dq: the far tiles), one value, bias_future before d1 and
-    bias_past after, and dS's row sums to the table's first row (db_lo) and its last (db_hi) likewise.
+    right_cut on), and no comparison of j - i; NEAR (summing dq: every NEAR tile), the NEAR tile's, its pairs
+    on the table's inner rows stored at Diag (_bias_row_sums); FAR (summing dq: the far tiles), one value,
+    bias_future before d1 and bias_past after, and dS's row sums to the table's first row (db_lo) and its last
+    (db_hi) likewise.
     """
     DT = kk.dtype
     dims = tl.arange(0, HEAD)
@@ -162,8 +164,8 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0, left, right, q_off, k_off,
-    n_tiles, n_groups,
+    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0, left, right, q_off,
+    k_off, n_tiles, n_groups,
     HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -178,19 +180,20 @@ def _attn_bwd_dkdv_kernel(
         DQQ += (pid_bh * n_groups + pid_g) * Tq * HEAD
         for pid_n in range(pid_g, n_tiles, n_groups):
             _dkdv_key_tile(
-                pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, Diag,
-                stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br,
-                stride_bh, stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0,
-                right_edge0, left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ,
-                N_DIAG, PRECISION)
+                pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias,
+                Diag, stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
+                stride_br, stride_bh, stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile,
+                n_near, left_edge0, right_edge0, left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD,
+                BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
             tl.debug_barrier()  # the next key tile reads the sums this one wrote, maybe in other threads
     else:
         pid_n, pid_bh = _tile_and_head(n_tiles)
         _dkdv_key_tile(
-            pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, Diag, stride_vb,
-            stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br, stride_bh,
-            stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0,
-            left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M, BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
+            pid_n, pid_bh, KK, V, DO, QQ, Bias, Tiles, Pad, PadStart, Lse, Delta, DKK, DV, DQQ, DBias, Diag,
+            stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_br,
+            stride_bh, stride_pb, stride_pt, H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near,
+            left_edge0, right_edge0, left, right, q_off, k_off, n_tiles, HEAD, HAS_BIAS, HAS_PAD, BLOCK_M,
+            BLOCK_N, WITH_DQ, N_DIAG, PRECISION)
 
 
 @triton.jit
@@ -199,8 +202,8 @@ def _dkdv_key_tile(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_br, stride_bh, stride_pb, stride_pt,
-    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0, left, right, q_off, k_off,
-    n_tiles, HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    H, Tq, Tk, n_rel, n_bias_tiles, first_bias_tile, n_near, left_edge0, right_edge0, left, right, q_off,
+    k_off, n_tiles, HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr, N_DIAG: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -261,8 +264,8 @@ def _dkdv_key_tile(
     head_off = hd * stride_bh
     # seen from a key tile, the FUTURE query tiles come first and the PAST ones last
     d1, d2, bias_past, bias_future = _regions(lo, hi, first - n_rel + 2 - q_off - BLOCK_M,
-                                              first + BLOCK_N + n_rel - 2 - q_off, Bias, stride_br, head_off, n_rel,
-                                              QQ.dtype.element_ty, HAS_BIAS, BLOCK_M)
+                                              first + BLOCK_N + n_rel - 2 - q_off, Bias, stride_br, head_off,
+                                              n_rel, QQ.dtype.element_ty, HAS_BIAS, BLOCK_M)
     inner, inner_end, near_lo, near_hi = _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2)
     # the NEAR tiles' offsets j - i at their top-left entries are first - q_off - start: the table's
     # tiles are (keys, queries), the tile t at j - i = first_bias_tile + t min(BLOCK_M, BLOCK_N)
@@ -271,8 +274,8 @@ def _dkdv_key_tile(
     # the band's edges seen from the keys (_band_bias): a query tile from `start` crosses j - i <= right
     # where its first query is more than `right` before the tile's last key, j - i >= -left where its last
     # query is more than `left` after the first key
-    left_cut, right_cut = _edge_cuts(first, k_off + tl.minimum(pid_n * BLOCK_N + BLOCK_N, Tk) - 1, q_off, Tq, right,
-                                     left)
+    left_cut, right_cut = _edge_cuts(first, k_off + tl.minimum(pid_n * BLOCK_N + BLOCK_N, Tk) - 1, q_off, Tq,
+                                     right, left)
     left_of = first - q_off - left_edge0
     right_of = first - q_off - right_edge0
     diag = Diag + (pid_bh * n_tiles + pid_n) * (BLOCK_N * N_DIAG)  # WITH_DQ: this tile's inner-row pairs
@@ -282,31 +285,33 @@ def _dkdv_key_tile(
     # Summing dq, the NEAR loop takes every NEAR tile masked (it stores their pairs on the bias table's
     # inner rows for _store_diagonal_sums) and the masked one the far tiles left.
     dkk, dv, db_lo, db_hi = _dkdv_inner_tiles(
-        dkk, dv, db_lo, db_hi, inner, inner_end - (near_hi - near_lo), near_lo, near_hi - near_lo, bias_future,
-        bias_past, kk, v, QQ, DO, Lse, Delta, DQQ, tiles, tile_of, stride_ot, stride_od, HEAD, BLOCK_M, False,
-        WITH_DQ, HAS_BIAS, PRECISION)
+        dkk, dv, db_lo, db_hi, inner, inner_end - (near_hi - near_lo), near_lo, near_hi - near_lo,
+        bias_future, bias_past, kk, v, QQ, DO, Lse, Delta, DQQ, tiles, tile_of, stride_ot, stride_od, HEAD,
+        BLOCK_M, False, WITH_DQ, HAS_BIAS, PRECISION)
     if WITH_DQ:
         if HAS_BIAS:
             dkk, dv, db_lo, db_hi = _dkdv_tiles(
-                dkk, dv, db_lo, db_hi, d1, d2, d2, 0, d2, 0, d1, d2, 0.0, 0.0, kk, v, kpos, key_ok, QQ, DO, Lse,
-                Delta, DQQ, tiles, tile_of, n_near, left_cut, left_of, right_cut, right_of, diag, stride_ot, stride_od,
-                Tq, n_rel, left, right, q_off, HEAD, BLOCK_M, NEAR, HAS_BIAS, WITH_DQ, N_DIAG, PRECISION)
-        end, skip_at, skip, skip_at2, skip2 = _far_masked_tiles(lo, hi, inner, inner_end, near_lo, near_hi, d1, d2)
+                dkk, dv, db_lo, db_hi, d1, d2, d2, 0, d2, 0, d1, d2, 0.0, 0.0, kk, v, kpos, key_ok, QQ, DO,
+                Lse, Delta, DQQ, tiles, tile_of, n_near, left_cut, left_of, right_cut, right_of, diag,
+                stride_ot, stride_od, Tq, n_rel, left, right, q_off, HEAD, BLOCK_M, NEAR, HAS_BIAS, WITH_DQ,
+                N_DIAG, PRECISION)
+        end, skip_at, skip, skip_at2, skip2 = _far_masked_tiles(lo, hi, inner, inner_end, near_lo, near_hi,
+                                                                d1, d2)
         dkk, dv, db_lo, db_hi = _dkdv_tiles(
-            dkk, dv, db_lo, db_hi, lo, end, skip_at, skip, skip_at2, skip2, d1, d2, bias_future, bias_past, kk, v,
-            kpos, key_ok, QQ, DO, Lse, Delta, DQQ, tiles, tile_of, n_near, left_cut, left_of, right_cut, right_of,
-            diag, stride_ot, stride_od, Tq, n_rel, left, right, q_off, HEAD, BLOCK_M, FAR, HAS_BIAS, WITH_DQ, N_DIAG,
-            PRECISION)
+            dkk, dv, db_lo, db_hi, lo, end, skip_at, skip, skip_at2, skip2, d1, d2, bias_future, bias_past,
+            kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, tiles, tile_of, n_near, left_cut, left_of,
+            right_cut, right_of, diag, stride_ot, stride_od, Tq, n_rel, left, right, q_off, HEAD, BLOCK_M,
+            FAR, HAS_BIAS, WITH_DQ, N_DIAG, PRECISION)
     else:
         if HAS_BIAS:
             dkk, dv, db_lo, db_hi = _dkdv_inner_tiles(
-                dkk, dv, db_lo, db_hi, near_lo, near_hi, near_hi, 0, 0.0, 0.0, kk, v, QQ, DO, Lse, Delta, DQQ, tiles,
-                tile_of, stride_ot, stride_od, HEAD, BLOCK_M, True, WITH_DQ, False, PRECISION)
+                dkk, dv, db_lo, db_hi, near_lo, near_hi, near_hi, 0, 0.0, 0.0, kk, v, QQ, DO, Lse, Delta, DQQ,
+                tiles, tile_of, stride_ot, stride_od, HEAD, BLOCK_M, True, WITH_DQ, False, PRECISION)
         dkk, dv, db_lo, db_hi = _dkdv_tiles(
-            dkk, dv, db_lo, db_hi, lo, hi - (inner_end - inner), inner, inner_end - inner, hi, 0, d1, d2, 0.0, 0.0,
-            kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, tiles, tile_of, n_near, left_cut, left_of, right_cut,
-            right_of, diag, stride_ot, stride_od, Tq, n_rel, left, right, q_off, HEAD, BLOCK_M, ANY, HAS_BIAS, WITH_DQ,
-            N_DIAG, PRECISION)
+            dkk, dv, db_lo, db_hi, lo, hi - (inner_end - inner), inner, inner_end - inner, hi, 0, d1, d2, 0.0,
+            0.0, kk, v, kpos, key_ok, QQ, DO, Lse, Delta, DQQ, tiles, tile_of, n_near, left_cut, left_of,
+            right_cut, right_of, diag, stride_ot, stride_od, Tq, n_rel, left, right, q_off, HEAD, BLOCK_M,
+            ANY, HAS_BIAS, WITH_DQ, N_DIAG, PRECISION)
     if WITH_DQ and HAS_BIAS:
         near_end = d1 + tl.cdiv(d2 - d1, BLOCK_M) * BLOCK_M  # the NEAR tiles' queries: [d1, near_end)
         bias_sums = DBias + (pid_bh * n_tiles + pid_n) * (2 * n_rel - 1)

@@ -78,7 +78,8 @@ def _dq_tiles(
         # Keys past Tk the loads' masks zero already; v in its own dtype, not through fp32.
         key_ok = _key_ok(cols, Tk, Pad, pad_off, stride_pt, HAS_PAD, PAD_TILES)
         kk = tl.load(KK + cols[:, None] * HEAD + dims[None, :], mask=cols[:, None] < Tk, other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, mask=cols[:, None] < Tk, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, mask=cols[:, None] < Tk,
+                    other=0.0)
         if HAS_PAD:
             kk = tl.where(key_ok[:, None], kk, 0.0)
             v = tl.where(key_ok[:, None], v, 0.0)
@@ -188,19 +189,21 @@ def _attn_bwd_dq_kernel(
         tiles = _head_bias_tiles(Tiles, hd, n_bias_tiles, BLOCK_M, BLOCK_N)
         dqq, db_lo, db_hi = _dq_tiles(
             dqq, db_lo, db_hi, d1, d2, d2, 0, d2, 0, d1, 0.0, 0.0, qq, qpos, do, lse, delta, KK, V, tiles,
-            q_first - k_off - first_bias_tile, diag, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, n_rel, left,
-            right, k_off, HEAD, BLOCK_N, NEAR, HAS_BIAS, HAS_PAD, PAD_TILES, N_DIAG, PRECISION)
-    end, skip_at, skip, skip_at2, skip2 = _far_masked_tiles(lo, hi, inner, inner_end, near_lo, near_hi, d1, d2)
+            q_first - k_off - first_bias_tile, diag, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, n_rel,
+            left, right, k_off, HEAD, BLOCK_N, NEAR, HAS_BIAS, HAS_PAD, PAD_TILES, N_DIAG, PRECISION)
+    end, skip_at, skip, skip_at2, skip2 = _far_masked_tiles(lo, hi, inner, inner_end, near_lo, near_hi,
+                                                            d1, d2)
     dqq, db_lo, db_hi = _dq_tiles(
-        dqq, db_lo, db_hi, lo, end, skip_at, skip, skip_at2, skip2, d1, bias_past, bias_future, qq, qpos, do, lse,
-        delta, KK, V, Tiles, 0, diag, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, n_rel, left, right, k_off,
-        HEAD, BLOCK_N, FAR, HAS_BIAS, HAS_PAD, PAD_TILES, N_DIAG, PRECISION)
+        dqq, db_lo, db_hi, lo, end, skip_at, skip, skip_at2, skip2, d1, bias_past, bias_future, qq, qpos, do,
+        lse, delta, KK, V, Tiles, 0, diag, Pad, pad_off, stride_pt, stride_vt, stride_vd, Tk, n_rel, left,
+        right, k_off, HEAD, BLOCK_N, FAR, HAS_BIAS, HAS_PAD, PAD_TILES, N_DIAG, PRECISION)
     # dq'' first: with its accumulator stored, the diagonal sums' loads take the registers it held
     _store_dqq(DQQ, dqq, pid_bh, pid_m, Tq, HEAD, BLOCK_M)
     if HAS_BIAS:
         _store_bias_sums(DBias + tile * (2 * n_rel - 1), db_lo, db_hi, n_rel)
         near_end = d1 + tl.cdiv(d2 - d1, BLOCK_N) * BLOCK_N  # the NEAR tiles' keys: [d1, near_end)
-        _store_diagonal_sums(DBias + tile * (2 * n_rel - 1), diag, qpos - k_off, d1, near_end, n_rel, -1, N_DIAG)
+        _store_diagonal_sums(DBias + tile * (2 * n_rel - 1), diag, qpos - k_off, d1, near_end, n_rel, -1,
+                             N_DIAG)
 
 
 @triton.jit

@@ -209,8 +209,8 @@ def _head_bias_tiles(Tiles, head, n_bias_tiles, ROWS: tl.constexpr, COLS: tl.con
 @triton.jit
 def _near_tile(tile_of, start, ROWS: tl.constexpr, COLS: tl.constexpr):
     """The index in this head's table of the NEAR tile whose loop runs from `start`: tiles are STEP, the
-    smaller side, apart in i - j (kernels.attention_operands.near_bias_tiles). The masked loops find the band's
-    edge tiles the same way, at their own offsets (_band_bias)."""
+    smaller side, apart in i - j (kernels.attention_operands.near_bias_tiles). The masked loops find the
+    band's edge tiles the same way, at their own offsets (_band_bias)."""
     STEP: tl.constexpr = ROWS if ROWS < COLS else COLS
     return (tile_of - start) // STEP
 
@@ -254,11 +254,12 @@ def _band_bias(Tiles, n_near, tile_of, start, d1, d2, left_cut, left_of, right_c
     tiles read it as its reversed table is written: j - i for i - j, and the band's sides swapped."""
     # NEAR tiles start in [d1, d2); before them the constant tile of the first side (the table's n_near:
     # PAST seen from a query tile), after them the other's
-    tile = tl.where(start < d1, n_near, tl.where(start >= d2, n_near + 1, _near_tile(tile_of, start, ROWS, COLS)))
+    tile = tl.where(start < d1, n_near,
+                    tl.where(start >= d2, n_near + 1, _near_tile(tile_of, start, ROWS, COLS)))
     far = (start < d1) | (start >= d2)
     tile = tl.where(far & (start < left_cut), _near_tile(left_of, start, ROWS, COLS), tile)
-    tile = tl.where(far & (tl.minimum(start + COLS, n_cols) - 1 > right_cut), _near_tile(right_of, start, ROWS, COLS),
-                    tile)
+    tile = tl.where(far & (tl.minimum(start + COLS, n_cols) - 1 > right_cut),
+                    _near_tile(right_of, start, ROWS, COLS), tile)
     return _bias_table_tile(Tiles, tile, ROWS, COLS)
 
 
@@ -334,8 +335,8 @@ def _query_tile_stages(row0, q_off, k_off, left, right, Tk, PadStart, Bias, stri
         k_end = tl.minimum(k_end, tl.load(PadStart))
     inner_lo, inner_hi = _inner_keys(q_first, left, right, k_off, k_end, BLOCK_M, BLOCK_N)
     d1, d2, bias_past, bias_future = _regions(lo, hi, q_first - n_rel + 2 - k_off - BLOCK_N,
-                                              q_first + BLOCK_M + n_rel - 2 - k_off, Bias, stride_br, head_off,
-                                              n_rel, DT, HAS_BIAS, BLOCK_N)
+                                              q_first + BLOCK_M + n_rel - 2 - k_off, Bias, stride_br,
+                                              head_off, n_rel, DT, HAS_BIAS, BLOCK_N)
     inner, inner_end, near_lo, near_hi = _loop_stages(lo, hi, inner_lo, inner_hi, d1, d2)
     return lo, hi, d1, d2, inner, inner_end, near_lo, near_hi, bias_past, bias_future
 
@@ -553,7 +554,8 @@ def with_override(blocks: dict) -> dict:
 # the masked loops, a register each: on sm_90 the unmasked load takes the forward's masked loop at h = 64
 # from 1,031 to 936 instructions (Triton 3.8; 3.6: 1,647 to 1,090; 3.9: 1,153 to 951, and its 36-byte
 # spill gone), but on sm_80 from 657 to 869, its selects and byte permutes from 60 to 277, and decoding's
-# (16 query rows, sm_90) from 453 to 466 (3.9: 464 to 540), which keeps the compare (docs/model.md, "Padding").
+# (16 query rows, sm_90) from 453 to 466 (3.9: 464 to 540), which keeps the compare
+# (docs/model.md, "Padding").
 PAD_TILES_ON = {80: False, 90: True}
 
 

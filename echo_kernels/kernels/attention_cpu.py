@@ -85,7 +85,8 @@ def rotate_pairs(u: Tensor, phi: Tensor, scale: float = 1.0) -> Tensor:
         return rotated * scale if scale != 1.0 else rotated
     turn = torch.polar(torch.full_like(phi, scale), phi)
     pairs = u.unflatten(-1, (-1, 2))
-    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+    if (pairs.stride(-1) != 1 or pairs.storage_offset() % 2
+            or any(stride % 2 for stride in pairs.stride()[:-1])):
         pairs = pairs.contiguous()  # a complex view needs each pair adjacent and aligned
     return torch.view_as_real(torch.view_as_complex(pairs) * turn).flatten(-2)
 
@@ -140,7 +141,8 @@ def fused_attention(q, k, v, bias, key_padding_mask, left: int, right: int, shif
         if hi > lo:
             kpm = key_padding_mask[:, lo:hi] if key_padding_mask is not None else None
             mask, has_key = _block_mask(bias, kpm, H, b - a, hi - lo, a + shift - lo, left, right, q)
-            block, lse[:, :, a:b] = _SDPA(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask, scale=1.0)
+            block, lse[:, :, a:b] = _SDPA(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask,
+                                          scale=1.0)
             out[:, :, a:b] = block.masked_fill_(~has_key, 0.0) if has_key is not None else block
     return out, lse
 
@@ -303,13 +305,14 @@ if COMPILED_BACKWARD:
     @torch.library.register_fake("echo_kernels::biased_attention_backward")
     def _(dout, q, k, v, out, lse, bias, key_padding_mask, left, right, shift):
         dbias = q.new_empty(bias.shape if bias is not None else (0, q.shape[1]))
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias  # contiguous, as the kernel's
+        # contiguous, as the kernel's
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _say_missing_backward() -> None:
     warn_once("biased_attention_backward", "echo_kernels: the C++ extension has no biased_attention_backward "
-              f"({_extension.LOAD_ERROR or 'built without it'}); echo_attention's CPU backward runs in PyTorch, "
-              "slower", stacklevel=3)
+              f"({_extension.LOAD_ERROR or 'built without it'}); echo_attention's CPU backward "
+              "runs in PyTorch, slower", stacklevel=3)
 
 
 def _finite(t: Tensor) -> bool:
@@ -353,7 +356,8 @@ class _BlockedAttention(torch.autograd.Function):
         left, right, shift = ctx.masks
         want_dbias = bias is not None and ctx.needs_input_grad[3]
         if lse is not None and COMPILED_BACKWARD:
-            dq, dk, dv, dbias = _compiled_backward(dout, q, k, v, bias, key_padding_mask, out, lse, left, right, shift)
+            dq, dk, dv, dbias = _compiled_backward(dout, q, k, v, bias, key_padding_mask, out, lse, left,
+                                                   right, shift)
             return dq, dk, dv, (dbias if want_dbias else None), None, None, None, None
         if lse is not None:
             _say_missing_backward()

@@ -86,8 +86,10 @@ def _near_bias_kernel(Bias, stride_br, stride_bh, Tiles, n_rel, first, n_near, f
     bias.flip(0)[clamp(rel) + n - 1] = bias[clamp(-rel) + n - 1], the table a pass holding its tiles as
     (keys, queries) reads."""
     pid_t, hd = _tile_and_head(n_tiles)
-    top_left = tl.where(pid_t < n_near, first, tl.where(pid_t < first_right, left_edge0, right_edge0)) + pid_t * STEP
-    top_left = tl.where(pid_t == n_near, n_rel + BLOCK_N, tl.where(pid_t == n_near + 1, -n_rel - BLOCK_M, top_left))
+    top_left = tl.where(pid_t < n_near, first,
+                        tl.where(pid_t < first_right, left_edge0, right_edge0)) + pid_t * STEP
+    top_left = tl.where(pid_t == n_near, n_rel + BLOCK_N,
+                        tl.where(pid_t == n_near + 1, -n_rel - BLOCK_M, top_left))
     rel = top_left + tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]
     if FLIP:
         bias = _bias_tile(-rel, Bias, stride_br, hd * stride_bh, n_rel, NEAR, DT)
@@ -210,8 +212,8 @@ def near_bias_tiles(bias: torch.Tensor, n_rel: int, offset: int, block_m: int, b
     int32_offsets({"the bias table (H, tiles, rows, keys)": H * count * block_m * block_n})
     tiles = torch.empty((H, count, block_m, block_n), dtype=dtype, device=bias.device)
     _near_bias_kernel[(count * H,)](bias, *bias.stride(), tiles, n_rel, first, n_near, first_edge + n_left,
-                                    left_edge0, right_edge0, left, right, count, BLOCK_M=block_m, BLOCK_N=block_n,
-                                    STEP=step, DT=triton_dtype(dot), FLIP=flip, num_stages=1,
+                                    left_edge0, right_edge0, left, right, count, BLOCK_M=block_m,
+                                    BLOCK_N=block_n, STEP=step, DT=triton_dtype(dot), FLIP=flip, num_stages=1,
                                     num_warps=tile_pass_warps(block_m * block_n), **COMPILE_OPTIONS)
     return BiasTable(tiles, count, first, n_near, n_left, left_edge0, right_edge0)
 
@@ -226,7 +228,8 @@ def near_bias_args(bias: torch.Tensor | None, n_rel: int, offset: int, block_m: 
     if bias is None:
         return BiasTable(like, 1, 0, 0, 0, 0, 0)
     left, right = band if band is not None else (UNBOUNDED, UNBOUNDED)
-    return near_bias_tiles(bias, n_rel, offset, block_m, block_n, left if left < offset + Tq - 1 else UNBOUNDED,
+    return near_bias_tiles(bias, n_rel, offset, block_m, block_n,
+                           left if left < offset + Tq - 1 else UNBOUNDED,
                            right if right < Tk - 1 - offset else UNBOUNDED, dtype, dot, flip)
 
 

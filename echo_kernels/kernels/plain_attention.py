@@ -59,7 +59,8 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, lo, hi, Tk,
 
 @triton.jit
 def _plain_fwd_kernel(Q, K, V, Out, Lse, Tq, Tk, qk_scale, n_tiles,
-                      HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                      HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      PRECISION: tl.constexpr):
     """One (BLOCK_M, HEAD) query tile of one (batch, head): its Out rows and base-2 log-sum-exps."""
     pid_m, pid_bh = _tile_and_head(n_tiles)
     Q += pid_bh * Tq * HEAD
@@ -128,8 +129,10 @@ def _plain_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Tq, Tk, qk_scale, sm
     dk = tl.zeros([BLOCK_N, HEAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD], tl.float32)
     full = (Tq // BLOCK_M) * BLOCK_M
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, 0, full, Tq, qk_scale, HEAD, BLOCK_M, False, PRECISION)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, full, Tq, Tq, qk_scale, HEAD, BLOCK_M, True, PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, 0, full, Tq, qk_scale, HEAD, BLOCK_M, False,
+                         PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, full, Tq, Tq, qk_scale, HEAD, BLOCK_M, True,
+                         PRECISION)
     offs = pid_bh * Tk * HEAD + cols[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
     tl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols[:, None] < Tk)
     tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=cols[:, None] < Tk)
@@ -253,7 +256,8 @@ def aot_specs(arch: int) -> list[KernelSpec]:
             ptrs.update(Lse="*fp32", Delta="*fp32", qk_scale="fp32", sm_scale="fp32")
             for name, fn, ce, c in (
                 ("fwd", _plain_fwd_kernel, _tiled(h, f, prec), f),
-                ("bwd_delta", _plain_bwd_delta_kernel, {"HEAD": h, "BLOCK": g["delta"]["BLOCK_M"]}, g["delta"]),
+                ("bwd_delta", _plain_bwd_delta_kernel, {"HEAD": h, "BLOCK": g["delta"]["BLOCK_M"]},
+                 g["delta"]),
                 ("bwd_dkdv", _plain_bwd_dkdv_kernel, _tiled(h, g["dkdv"], prec), g["dkdv"]),
                 ("bwd_dq", _plain_bwd_dq_kernel, _tiled(h, g["dq"], prec), g["dq"]),
             ):

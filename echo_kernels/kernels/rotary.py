@@ -1,4 +1,5 @@
-"""Triton kernels of y = RoPE(x @ M), forward and backward, and their launchers (docs/model.md, Rotary embedding).
+"""Triton kernels of y = RoPE(x @ M), forward and backward, and their launchers (docs/model.md,
+Rotary embedding).
 
     x: (B, T, H, h), any strides (e.g. a transpose(1, 2) view of (B, H, T, h)); M: (h, h);
     w: (h/2,); s: scalar (a tensor when learned, else a float); positions offset + t.
@@ -20,7 +21,8 @@ Backward, with g = RoPE^T(dy) in pair form (du_e, du_o) = (da cos + db sin, db c
 
     dx = du_e @ M[:, 0::2]^T + du_o @ M[:, 1::2]^T
     dM[:, 0::2] = sum over tokens of x^T du_e,  dM[:, 1::2] = x^T du_o
-    dphi = a db - b da   (da/dphi = -b, db/dphi = a),  so  dw[m] = s sum_t t dphi,  ds = sum_m w[m] sum_t t dphi
+    dphi = a db - b da   (da/dphi = -b, db/dphi = a),  so  dw[m] = s sum_t t dphi,
+    ds = sum_m w[m] sum_t t dphi
 
 and dphi = u_e du_o - u_o du_e, the form the kernel uses (no a, b). The backward program recomputes u
 from x (two more dots; x is read anyway for dM), so nothing but the inputs is saved. It loads each
