@@ -1,4 +1,5 @@
-"""python -m echo [--size tiny|medium|test] [--seed N]: build, train one step, save, reload, decode; print the timings.
+"""python -m echo [--size tiny|medium|test] [--seed N]: build, train one step, save, reload, decode; print the
+timings.
 
 Random log-mel input only: nothing is downloaded. Exits non-zero when the reloaded model differs.
 """
@@ -29,7 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=("tiny", "medium", "test"), default="tiny",
                         help="tiny: Whisper-tiny widths (about 30 M parameters); medium: "
                              "EchoConfig's defaults (700 M); test: the 0.3 M model of the test suite")
-    parser.add_argument("--medium", action="store_const", const="medium", dest="size", help="same as --size medium")
+    parser.add_argument("--medium", action="store_const", const="medium", dest="size",
+                        help="same as --size medium")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokens", type=int, default=5, help="tokens to decode greedily")
     args = parser.parse_args(argv)
@@ -41,8 +43,8 @@ def main(argv=None) -> int:
         model = Echo(config)
         model.apply_initialization()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"Echo: {n_params / 1e6:.2f} M parameters, encoder {config.n_audio_layer} x {config.n_audio_state}, "
-          f"decoder {config.n_text_layer} x {config.n_text_state}")
+    print(f"Echo: {n_params / 1e6:.2f} M parameters, encoder {config.n_audio_layer} x "
+          f"{config.n_audio_state}, decoder {config.n_text_layer} x {config.n_text_state}")
 
     g = torch.Generator().manual_seed(args.seed)
     mel = torch.randn(1, config.n_mels, 2 * config.n_audio_ctx, generator=g)
@@ -67,7 +69,8 @@ def main(argv=None) -> int:
             loaded = Echo.from_pretrained(folder)
     with torch.no_grad():
         same = torch.equal(model(mel, labels=labels).logits, loaded(mel, labels=labels).logits)
-    same = same and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    same = same and all(torch.equal(a, b)
+                        for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     print(f"reloaded model identical: {same}")
 
     with timed(timings, "decode"):

@@ -82,7 +82,8 @@ class EchoAttention(nn.Module):
         B, T, _ = t.shape
         return t.view(B, T, self.n_head, self.h).transpose(1, 2)
 
-    def _projections(self, M: Tensor, cache: EchoCache | None) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    def _projections(self, M: Tensor,
+                     cache: EchoCache | None) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """(Wq, bq, Wk, M for the op): M folded into Wq, bq and Wk ("m_then_rope"), else as they are.
         A KV cache keeps the folded weights of its first step: M is fixed while decoding."""
         if self.rotation != "m_then_rope" or not FOLD_M:
@@ -107,12 +108,14 @@ class EchoAttention(nn.Module):
         """u (B, H, T, h) -> q' or k' (B, H, T, h) at positions offset + t, as echo_attention rotates
         (angles in float32 or float64, whatever u's dtype)."""
         compute = torch.promote_types(u.dtype, torch.float32)
-        phi = rope_angles(w.to(compute), self.s.to(compute), torch.arange(offset, offset + u.shape[2], device=u.device))
+        phi = rope_angles(w.to(compute), self.s.to(compute),
+                          torch.arange(offset, offset + u.shape[2], device=u.device))
         M = M.to(compute) if M is not None else None
         return rotate_for_attention(u.to(compute), M, phi, self.layout, self.rotation).to(u.dtype)
 
     def forward(self, x: Tensor, pos: PositionalState, xa: Tensor | None = None,
-                key_padding_mask: Tensor | None = None, cache: EchoCache | None = None, offset: int = 0) -> Tensor:
+                key_padding_mask: Tensor | None = None, cache: EchoCache | None = None,
+                offset: int = 0) -> Tensor:
         """offset: the position of x's first token (the tokens a KV cache holds before this step)."""
         wq, bq, wk, M = self._projections(pos.matrix(self.site), cache)
         q = self._heads(linear(x, wq, bq))
@@ -145,7 +148,8 @@ class EchoAttention(nn.Module):
         a = echo_attention(
             q, k, v, M, w, self.s, self.bias,
             window=self.window, causal=self.causal, q_offset=offset, k_offset=0,
-            key_padding_mask=key_padding_mask, layout=self.layout, rotation=self.rotation, keys_rotated=keys_rotated,
+            key_padding_mask=key_padding_mask, layout=self.layout, rotation=self.rotation,
+            keys_rotated=keys_rotated,
         )
         B, _, T, _ = a.shape
         a = a.transpose(1, 2).reshape(B, T, self.n_head * self.h)

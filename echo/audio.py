@@ -21,7 +21,8 @@ SAMPLE_RATE = 16000
 HOP_LENGTH = 160
 N_SAMPLES_30S = 30 * SAMPLE_RATE  # whisper's window: 480000 samples, 3000 mel frames
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
-# whisper's vocabularies: English-only (51864), multilingual (51865, EchoConfig's default) and large-v3's (51866)
+# whisper's vocabularies: English-only (51864), multilingual (51865, EchoConfig's default) and large-v3's
+# (51866)
 WHISPER_VOCAB_SIZES = (51864, 51865, 51866)
 WHISPER_VOCAB_SIZE = 51865
 # A 2-D waveform's channel axis is its axis of at most this many entries (7.1 surround has 8).
@@ -54,7 +55,8 @@ def load_audio(source, sr: int = SAMPLE_RATE) -> np.ndarray:
             audio = _whisper().audio.load_audio(path, sr)
         except RuntimeError as error:
             detail = str(error).strip().splitlines()
-            raise ValueError(f"cannot decode audio file {path}: {detail[-1] if detail else 'ffmpeg failed'}") from None
+            raise ValueError(f"cannot decode audio file {path}: "
+                             f"{detail[-1] if detail else 'ffmpeg failed'}") from None
         if audio.size == 0:
             raise ValueError(f"audio file holds no samples: {path}")
         return audio
@@ -68,8 +70,8 @@ def load_audio(source, sr: int = SAMPLE_RATE) -> np.ndarray:
     if audio.ndim == 2:
         audio = downmix(audio)
     if audio.ndim != 1:
-        raise ValueError(f"a waveform must be 1-D (samples,) or 2-D (channels, samples) / (samples, channels), "
-                         f"got shape {audio.shape}")
+        raise ValueError(f"a waveform must be 1-D (samples,) or 2-D (channels, samples) / (samples, "
+                         f"channels), got shape {audio.shape}")
     if not np.isfinite(audio).all():
         raise ValueError("the waveform contains NaN or inf")
     return audio
@@ -85,9 +87,9 @@ def downmix(audio: np.ndarray) -> np.ndarray:
         return audio.reshape(-1)
     channel_axes = [axis for axis in (0, 1) if audio.shape[axis] <= MAX_CHANNELS]
     if len(channel_axes) != 1:
-        raise ValueError(f"a 2-D waveform is one multichannel clip, (channels, samples) or (samples, channels) "
-                         f"with at most {MAX_CHANNELS} channels; shape {audio.shape} has no single such axis "
-                         "(pass a list of 1-D waveforms for a batch)")
+        raise ValueError(f"a 2-D waveform is one multichannel clip, (channels, samples) or (samples, "
+                         f"channels) with at most {MAX_CHANNELS} channels; shape {audio.shape} has no single "
+                         f"such axis (pass a list of 1-D waveforms for a batch)")
     return audio.mean(axis=channel_axes[0], dtype=np.float32)
 
 
@@ -111,7 +113,8 @@ def log_mel_window(audio, n_samples: int = N_SAMPLES_30S, n_mels: int = 80) -> T
 
 
 @lru_cache(maxsize=None)
-def get_tokenizer(language: str | None = "en", task: str | None = "transcribe", vocab_size: int = WHISPER_VOCAB_SIZE):
+def get_tokenizer(language: str | None = "en", task: str | None = "transcribe",
+                  vocab_size: int = WHISPER_VOCAB_SIZE):
     """openai-whisper's tokenizer of a `vocab_size`-token model, chosen by whisper's own rule
     (`Whisper.is_multilingual`, `.num_languages`): multilingual from 51865 tokens up, with
     vocab_size - 51766 languages (99, or 100 for large-v3's 51866); English-only (51864: no language or
@@ -122,8 +125,8 @@ def get_tokenizer(language: str | None = "en", task: str | None = "transcribe", 
     num_languages = vocab_size - 51765 - int(multilingual)
     if not multilingual:
         language = task = None
-    tokenizer = _whisper().tokenizer.get_tokenizer(multilingual, num_languages=num_languages, language=language,
-                                                   task=task)
+    tokenizer = _whisper().tokenizer.get_tokenizer(multilingual, num_languages=num_languages,
+                                                   language=language, task=task)
     assert tokenizer.encoding.n_vocab == vocab_size
     return tokenizer
 
@@ -143,7 +146,8 @@ def prompt_tokens(language: str | None = "en", task: str | None = "transcribe", 
 
 def encode_text(text: str, language: str | None = "en", task: str | None = "transcribe",
                 vocab_size: int = WHISPER_VOCAB_SIZE) -> list[int]:
-    """Training labels of a transcript: the prompt after <|startoftranscript|>, the text's tokens, <|endoftext|>.
+    """Training labels of a transcript: the prompt after <|startoftranscript|>, the text's tokens,
+    <|endoftext|>.
 
     (The decoder input starts with <|startoftranscript|> = decoder_start_token_id, added by the shift.)
     """

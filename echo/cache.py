@@ -77,6 +77,7 @@ class EchoCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows `index` (B',) of every entry (for beam search)."""
-        self.kv = {layer: (k.index_select(0, index), v.index_select(0, index)) for layer, (k, v) in self.kv.items()}
+        self.kv = {layer: (k.index_select(0, index), v.index_select(0, index))
+                   for layer, (k, v) in self.kv.items()}
         if self.audio_padding is not None:
             self.audio_padding = self.audio_padding.index_select(0, index)

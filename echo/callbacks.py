@@ -1,4 +1,5 @@
-"""AdaptiveBaseCallback: Echo's adaptive rotary base (docs/model.md, Adaptive base) under transformers' Trainer.
+"""AdaptiveBaseCallback: Echo's adaptive rotary base (docs/model.md, Adaptive base) under transformers'
+Trainer.
 
     trainer = Seq2SeqTrainer(model=model, args=args, ..., callbacks=[AdaptiveBaseCallback()])
 

@@ -32,8 +32,8 @@ def _read_config(folder: Path) -> dict:
         raise ValueError(f"{folder} is not an Echo checkpoint: it has no config.json")
     raw = read_json_object(path)
     if raw.get("model_type") != "echo":
-        raise ValueError(f"{folder} is not an Echo checkpoint: config.json has model_type {raw.get('model_type')!r}, "
-                         "expected 'echo'")
+        raise ValueError(f"{folder} is not an Echo checkpoint: config.json has model_type "
+                         f"{raw.get('model_type')!r}, expected 'echo'")
     raw.pop("transformers_version", None)
     return raw
 
@@ -88,7 +88,8 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(cls, source, *, config=None, dtype=None):
     folder = Path(source)
     if not folder.is_dir():
-        raise ValueError(f"{source!r} is not a local folder; Echo loads checkpoints written by save_pretrained")
+        raise ValueError(f"{source!r} is not a local folder; Echo loads checkpoints written by "
+                         f"save_pretrained")
     saved_config = _read_config(folder)
     # from_dict reads a config saved before a key existed as what that model computed
     config = EchoConfig.from_dict(saved_config) if config is None else to_echo_config(config)
@@ -102,7 +103,8 @@ def load_checkpoint(cls, source, *, config=None, dtype=None):
     if missing:
         problems.append(f"missing tensors: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
+        problems.append(f"unexpected tensors: "
+                        f"{', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
     for key in sorted(set(expected) & set(tensors)):
         want, got = expected[key], tensors[key]
         if tuple(want.shape) != tuple(got.shape):

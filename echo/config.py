@@ -80,28 +80,35 @@ class EchoConfig(PretrainedConfig):
         for side in ("audio", "text"):
             width, heads = getattr(self, f"n_{side}_state"), getattr(self, f"n_{side}_head")
             if width % heads:
-                raise ValueError(f"EchoConfig: n_{side}_head = {heads} does not divide n_{side}_state = {width}")
+                raise ValueError(f"EchoConfig: n_{side}_head = {heads} does not divide n_{side}_state = "
+                                 f"{width}")
             h = width // heads
             if h % 2:
-                raise ValueError(f"EchoConfig: head width h = n_{side}_state / n_{side}_head = {h} must be even")
+                raise ValueError(f"EchoConfig: head width h = n_{side}_state / n_{side}_head = {h} "
+                                 f"must be even")
             if h > ATTENTION_HEAD_WIDTHS[-1]:
                 raise ValueError(
-                    f"EchoConfig: head width h = n_{side}_state / n_{side}_head = {h} is wider than the attention "
-                    f"kernels serve (h <= {ATTENTION_HEAD_WIDTHS[-1]}; built for "
-                    f"{', '.join(map(str, ATTENTION_HEAD_WIDTHS))}, other even widths run zero-padded): use more heads")
+                    f"EchoConfig: head width h = n_{side}_state / n_{side}_head = {h} is wider than the "
+                    f"attention kernels serve (h <= {ATTENTION_HEAD_WIDTHS[-1]}; built for "
+                    f"{', '.join(map(str, ATTENTION_HEAD_WIDTHS))}, other even widths run zero-padded): "
+                    f"use more heads")
             if self.n_givens is not None and not (
-                isinstance(self.n_givens, int) and not isinstance(self.n_givens, bool) and 1 <= self.n_givens <= h - 1
+                isinstance(self.n_givens, int) and not isinstance(self.n_givens, bool)
+                and 1 <= self.n_givens <= h - 1
             ):
                 raise ValueError(
                     f"EchoConfig.n_givens must be None or an int in [1, h - 1] = [1, {h - 1}] "
                     f"(adjacent pairs (k, k+1) for the {side} head width {h}), got {self.n_givens!r}"
                 )
-        if isinstance(self.max_rel_dist, bool) or not isinstance(self.max_rel_dist, int) or self.max_rel_dist < 1:
+        if isinstance(self.max_rel_dist, bool) or not isinstance(self.max_rel_dist, int) \
+                or self.max_rel_dist < 1:
             raise ValueError(f"EchoConfig.max_rel_dist must be an int >= 1, got {self.max_rel_dist!r}")
         if self.local_window is not None and (
-            isinstance(self.local_window, bool) or not isinstance(self.local_window, int) or self.local_window < 0
+            isinstance(self.local_window, bool) or not isinstance(self.local_window, int)
+            or self.local_window < 0
         ):
-            raise ValueError(f"EchoConfig.local_window must be None or an int >= 0, got {self.local_window!r}")
+            raise ValueError(f"EchoConfig.local_window must be None or an int >= 0, got "
+                             f"{self.local_window!r}")
         for key, allowed in (("rope_layout", ROPE_LAYOUTS), ("mlp", MLPS), ("layer_norm", LAYER_NORMS),
                              ("hybrid_combine", HYBRID_COMBINES), ("positional_norm", POSITIONAL_NORMS),
                              ("attention_rotation", ATTENTION_ROTATIONS)):
@@ -109,7 +116,8 @@ class EchoConfig(PretrainedConfig):
                 raise ValueError(f"EchoConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not isinstance(self.base, (int, float)) or isinstance(self.base, bool) or not self.base > 1:
             raise ValueError(f"EchoConfig.base must be a number > 1, got {self.base!r}")
-        if not isinstance(self.base_factor, (int, float)) or isinstance(self.base_factor, bool) or not self.base_factor > 0:
+        if not isinstance(self.base_factor, (int, float)) or isinstance(self.base_factor, bool) \
+                or not self.base_factor > 0:
             raise ValueError(f"EchoConfig.base_factor must be a number > 0, got {self.base_factor!r}")
         if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
             raise ValueError(f"EchoConfig.init_std must be a number >= 0, got {self.init_std!r}")
@@ -168,7 +176,8 @@ def read_json_object(path) -> dict:
 
 
 def _json_kind(value) -> str:
-    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+             type(None): "null"}
     return names.get(type(value), type(value).__name__)
 
 
@@ -190,7 +199,8 @@ def to_echo_config(config: PretrainedConfig) -> EchoConfig:
         config.validate_echo()
         return config
     if not isinstance(config, PretrainedConfig):
-        raise ValueError(f"Echo needs an EchoConfig (or a WhisperConfig carrying Echo's keys), got {type(config).__name__}")
+        raise ValueError(f"Echo needs an EchoConfig (or a WhisperConfig carrying Echo's keys), got "
+                         f"{type(config).__name__}")
     values = {}
     for key in ECHO_DEFAULTS:
         if hasattr(config, key):
@@ -201,7 +211,8 @@ def to_echo_config(config: PretrainedConfig) -> EchoConfig:
 
 
 # Whisper "tiny" widths and depths at the default context lengths and vocabulary: the demo's default.
-TINY = dict(n_audio_state=384, n_audio_head=6, n_audio_layer=4, n_text_state=384, n_text_head=6, n_text_layer=4)
+TINY = dict(n_audio_state=384, n_audio_head=6, n_audio_layer=4, n_text_state=384, n_text_head=6,
+            n_text_layer=4)
 
 # A model small enough for tests on a laptop CPU (about 0.3 M parameters).
 SMALL = dict(

@@ -71,14 +71,17 @@ def start_tokens(config, language: str | None, task: str | None, prompt=None) ->
             raise ValueError(f"language and task tokens need one of whisper's vocabularies; this model has "
                              f"vocab_size = {config.vocab_size}")
         return [config.decoder_start_token_id]
-    whisper_tokenizer = require("whisper.tokenizer", "whisper's start tokens (pass prompt= token ids to do without)")
+    whisper_tokenizer = require("whisper.tokenizer",
+                                "whisper's start tokens (pass prompt= token ids to do without)")
     language = language or "en"
     code = whisper_tokenizer.TO_LANGUAGE_CODE.get(language.lower(), language.lower())
     if code not in whisper_tokenizer.LANGUAGES:
-        raise ValueError(f"unknown language {language!r}; expected a code or name whisper knows, e.g. 'en', 'french'")
+        raise ValueError(f"unknown language {language!r}; expected a code or name whisper knows, "
+                         f"e.g. 'en', 'french'")
     if not is_multilingual(config) and (code != "en" or task == "translate"):
         raise ValueError(f"this model's vocabulary ({config.vocab_size} tokens) is English-only: it has no "
-                         f"language or task tokens, so language={language!r}, task={task!r} cannot be asked for")
+                         f"language or task tokens, so language={language!r}, task={task!r} "
+                         f"cannot be asked for")
     return prompt_tokens(code, task or "transcribe", vocab_size=config.vocab_size)
 
 
@@ -90,7 +93,8 @@ def check_language(language) -> None:
 
 
 def int_at_least(name: str, value, minimum: int) -> int:
-    """value as an int (any integer type but bool): TypeError if it is not one, ValueError if below `minimum`."""
+    """value as an int (any integer type but bool): TypeError if it is not one, ValueError if below
+    `minimum`."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
     try:
@@ -117,7 +121,8 @@ def _temperatures(temperature) -> tuple[float, ...]:
         except (TypeError, ValueError):
             raise TypeError(f"temperature must be a number >= 0 (or a tuple of them), got {t!r}") from None
         if not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (or a tuple of them), got {temperature!r}")
+            raise ValueError(f"temperature must be a finite number >= 0 (or a tuple of them), got "
+                             f"{temperature!r}")
         out.append(t)
     return tuple(out)
 
@@ -171,8 +176,8 @@ def logit_filter(config, sample_begin: int, suppress_tokens="-1", suppress_blank
     one function (logits (N, V), tokens so far (N, L)) -> logits.
 
     suppress_tokens: "-1" (whisper's default: its non-speech symbols), a comma-separated string or a list of
-    token ids ("-1" among them adds the non-speech symbols), or None / "" for none; on whisper's vocabularies a
-    non-empty list also suppresses <|transcribe|>, <|translate|>, <|startoftranscript|>, <|startofprev|>,
+    token ids ("-1" among them adds the non-speech symbols), or None / "" for none; on whisper's vocabularies
+    a non-empty list also suppresses <|transcribe|>, <|translate|>, <|startoftranscript|>, <|startofprev|>,
     <|startoflm|> and <|nospeech|>, as whisper does. suppress_blank: " " and <|endoftext|> cannot be the
     first sampled token (position `sample_begin`). On other vocabularies only explicit token ids apply.
     """
@@ -187,7 +192,8 @@ def logit_filter(config, sample_begin: int, suppress_tokens="-1", suppress_blank
         if -1 in ids:
             ids |= set(tokenizer.non_speech_tokens)
         if ids:
-            ids |= {tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev, tokenizer.sot_lm}
+            ids |= {tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev,
+                    tokenizer.sot_lm}
             if tokenizer.no_speech is not None:
                 ids.add(tokenizer.no_speech)
         if suppress_blank:
@@ -218,12 +224,14 @@ class _Stepper:
     def __call__(self, tokens: Tensor) -> Tensor:
         """tokens: (N, L) the whole sequence so far -> logits (N, vocab) of its next token."""
         if not self.use_cache:
-            return self.model(encoder_outputs=self.xa, attention_mask=self.audio_mask, decoder_input_ids=tokens).logits[:, -1]
+            return self.model(encoder_outputs=self.xa, attention_mask=self.audio_mask,
+                              decoder_input_ids=tokens).logits[:, -1]
         if self.cache.offset == 0:
-            out = self.model(encoder_outputs=self.xa, attention_mask=self.audio_mask, decoder_input_ids=tokens,
-                             past_key_values=self.cache, use_cache=True)
+            out = self.model(encoder_outputs=self.xa, attention_mask=self.audio_mask,
+                             decoder_input_ids=tokens, past_key_values=self.cache, use_cache=True)
         else:
-            out = self.model(decoder_input_ids=tokens[:, self.cache.offset:], past_key_values=self.cache, use_cache=True)
+            out = self.model(decoder_input_ids=tokens[:, self.cache.offset:], past_key_values=self.cache,
+                             use_cache=True)
         return out.logits[:, -1]
 
     def reorder(self, index: Tensor) -> None:
@@ -272,7 +280,8 @@ def _beam_search(model, xa, mask, prompt: Tensor, max_new: int, num_beams: int, 
     eot, pad = config.eos_token_id if eot is None else eot, config.pad_token_id
     device = prompt.device
     expand = torch.arange(N, device=device).repeat_interleave(K)
-    step = _Stepper(model, xa.index_select(0, expand), None if mask is None else mask.index_select(0, expand), use_cache, pos)
+    step = _Stepper(model, xa.index_select(0, expand), None if mask is None else mask.index_select(0, expand),
+                    use_cache, pos)
     tokens = prompt.index_select(0, expand)  # (N K, P)
     P = prompt.shape[1]
     sum_lp = torch.full((N, K), -float("inf"), dtype=torch.float64)
@@ -324,12 +333,14 @@ def _beam_search(model, xa, mask, prompt: Tensor, max_new: int, num_beams: int, 
 
 
 @torch.no_grad()
-def generate(model, input_features: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int | None = None,
-             num_beams: int = 1, temperature: float | tuple[float, ...] = 0.0, language: str | None = None,
-             task: str | None = None, prompt=None, use_cache: bool = True, compression_ratio_threshold: float | None = 2.4,
-             logprob_threshold: float | None = -1.0, suppress_tokens="-1", suppress_blank: bool = True, seed: int = 0,
-             return_dict_in_generate: bool = False, eos_token_id: int | None = None, pad_token_id: int | None = None,
-             **unused):
+def generate(model, input_features: Tensor, attention_mask: Tensor | None = None,
+             max_new_tokens: int | None = None, num_beams: int = 1,
+             temperature: float | tuple[float, ...] = 0.0, language: str | None = None,
+             task: str | None = None, prompt=None, use_cache: bool = True,
+             compression_ratio_threshold: float | None = 2.4, logprob_threshold: float | None = -1.0,
+             suppress_tokens="-1", suppress_blank: bool = True, seed: int = 0,
+             return_dict_in_generate: bool = False, eos_token_id: int | None = None,
+             pad_token_id: int | None = None, **unused):
     """mel (B, n_mels, T) -> token ids (B, P + n): the start sequence, then at most max_new_tokens tokens
     (default n_text_ctx // 2, whisper's sample_len), then pad_token_id after each row's <|endoftext|>.
 
@@ -338,11 +349,12 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     fallback: rows whose result fails the thresholds are decoded again at the next one. On whisper's
     vocabularies, language (code or name) and task ("transcribe" or "translate") pick whisper's start tokens;
     language=None detects each row's language as whisper does (English-only vocabularies have no language
-    tokens). suppress_tokens and suppress_blank are whisper's (see logit_filter). `prompt` (token ids) replaces
-    the start sequence. use_cache=False re-runs the decoder on the whole prefix at each step (same tokens).
-    eos_token_id (default: the config's) ends a row; pad_token_id (default: the config's) fills the rows after their
-    end (the speech-recognition pipeline passes its tokenizer's). A temperature must be finite and >= 0, max_new_tokens
-    an int >= 0 and language a string: anything else is a TypeError or ValueError naming it.
+    tokens). suppress_tokens and suppress_blank are whisper's (see logit_filter). `prompt` (token ids)
+    replaces the start sequence. use_cache=False re-runs the decoder on the whole prefix at each step (same
+    tokens). eos_token_id (default: the config's) ends a row; pad_token_id (default: the config's) fills the
+    rows after their end (the speech-recognition pipeline passes its tokenizer's). A temperature must be
+    finite and >= 0, max_new_tokens an int >= 0 and language a string: anything else is a TypeError or
+    ValueError naming it.
 
     openai-whisper (the speech extra) is needed for whisper's start tokens, its suppression lists and for
     judging text in the temperature fallback: with a `prompt`, one temperature, suppress_tokens=None and
@@ -352,7 +364,8 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
 
     config = model.config
     unused.pop("labels", None)
-    unused = {k: v for k, v in unused.items() if v is not None and k not in ("synced_gpus", "generation_config")}
+    unused = {k: v for k, v in unused.items()
+              if v is not None and k not in ("synced_gpus", "generation_config")}
     if unused:
         raise TypeError(f"generate() got unexpected arguments: {sorted(unused)}")
     check_mel(config, input_features, attention_mask)
@@ -367,7 +380,8 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
     judge_text = compression_ratio_threshold is not None and len(temperatures) > 1
     room = config.n_text_ctx - len(start)
     if room < 1:
-        raise ValueError(f"the start sequence ({len(start)} tokens) leaves no room in n_text_ctx = {config.n_text_ctx}")
+        raise ValueError(f"the start sequence ({len(start)} tokens) leaves no room in n_text_ctx = "
+                         f"{config.n_text_ctx}")
     max_new = (min(room, config.n_text_ctx // 2) if max_new_tokens is None
                else min(int_at_least("max_new_tokens", max_new_tokens, 0), room))
     was_training = model.training
@@ -379,7 +393,8 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
         xa, _ = model.encode(input_features, attention_mask, pos)
         starts = torch.tensor([start] * B, dtype=torch.long, device=device)
         languages = [None] * B
-        if detect:  # whisper's start sequence is <|startoftranscript|> <|lang|> ...: write each row's language
+        # whisper's start sequence is <|startoftranscript|> <|lang|> ...: write each row's language
+        if detect:
             starts[:, 1], languages = detect_language(model, xa, attention_mask)
         elif uses_whisper_vocab(config) and prompt is None:
             languages = [start_language(language)] * B
@@ -394,11 +409,11 @@ def generate(model, input_features: Tensor, attention_mask: Tensor | None = None
             if max_new == 0:
                 decoded = [Decoded([], 0.0) for _ in pending]
             elif t == 0 and num_beams > 1:
-                decoded = _beam_search(model, sub_xa, sub_mask, prompt_ids, max_new, num_beams, use_cache, pos,
-                                       suppress, eot)
+                decoded = _beam_search(model, sub_xa, sub_mask, prompt_ids, max_new, num_beams, use_cache,
+                                       pos, suppress, eot)
             else:
-                decoded = _sample_or_greedy(model, sub_xa, sub_mask, prompt_ids, max_new, t, generator, use_cache,
-                                            pos, suppress, eot)
+                decoded = _sample_or_greedy(model, sub_xa, sub_mask, prompt_ids, max_new, t, generator,
+                                            use_cache, pos, suppress, eot)
             last = t_index == len(temperatures) - 1
             still = []
             for row, d in zip(pending, decoded):

@@ -11,18 +11,22 @@ from .config import EchoConfig
 
 def check_mel(config: EchoConfig, mel, attention_mask) -> None:
     if not isinstance(mel, Tensor) or not mel.is_floating_point():
-        raise ValueError(f"input_features must be a floating-point tensor, got {getattr(mel, 'dtype', type(mel))}")
+        raise ValueError(f"input_features must be a floating-point tensor, got "
+                         f"{getattr(mel, 'dtype', type(mel))}")
     if mel.dim() != 3:
         raise ValueError(f"input_features must have shape (B, n_mels, T), got {tuple(mel.shape)}")
     if mel.shape[1] != config.n_mels:
-        raise ValueError(f"input_features has {mel.shape[1]} mel bins, the model expects n_mels = {config.n_mels}")
+        raise ValueError(f"input_features has {mel.shape[1]} mel bins, the model expects n_mels = "
+                         f"{config.n_mels}")
     T = mel.shape[2]
     if not 1 <= T <= 2 * config.n_audio_ctx:
-        raise ValueError(f"input_features has {T} frames; expected 1..2 * n_audio_ctx = {2 * config.n_audio_ctx}")
+        raise ValueError(f"input_features has {T} frames; expected 1..2 * n_audio_ctx = "
+                         f"{2 * config.n_audio_ctx}")
     if not bool(torch.isfinite(mel).all()):
         raise ValueError("input_features contains NaN or inf")
     if attention_mask is not None and tuple(attention_mask.shape) != (mel.shape[0], T):
-        raise ValueError(f"attention_mask must have shape (B, T) = ({mel.shape[0]}, {T}), got {tuple(attention_mask.shape)}")
+        raise ValueError(f"attention_mask must have shape (B, T) = ({mel.shape[0]}, {T}), got "
+                         f"{tuple(attention_mask.shape)}")
 
 
 def as_model_dtype(mel: Tensor, dtype: torch.dtype) -> Tensor:
@@ -37,7 +41,8 @@ def as_model_dtype(mel: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def check_tokens(config: EchoConfig, name: str, ids, allow_ignore: bool = False, offset: int = 0) -> None:
-    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8,
+                                                        torch.int8):
         raise ValueError(f"{name} must be an integer tensor, got {getattr(ids, 'dtype', type(ids))}")
     if ids.dim() != 2:
         raise ValueError(f"{name} must have shape (B, L), got {tuple(ids.shape)}")
@@ -50,4 +55,5 @@ def check_tokens(config: EchoConfig, name: str, ids, allow_ignore: bool = False,
     if not bool(valid.all()):
         bad = ids[~valid][0].item()
         allowed = "-100 or " if allow_ignore else ""
-        raise ValueError(f"{name} holds token id {bad}; expected {allowed}ids in [0, vocab_size = {config.vocab_size})")
+        raise ValueError(f"{name} holds token id {bad}; expected {allowed}ids in [0, vocab_size = "
+                         f"{config.vocab_size})")

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from echo_kernels.backend import requested_backend
 
-_INNER_PRODUCT = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_INNER_PRODUCT = (getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available()
+                  else None)
 # Below both, F.linear measured as fast or faster (few rows against a small weight).
 MIN_ROWS = 256
 MIN_WEIGHT_ELEMENTS = 1 << 20

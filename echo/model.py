@@ -91,8 +91,8 @@ class AudioEncoder(nn.Module):
         self.checkpointing = config.checkpointing
         self.conv1 = nn.Conv1d(config.n_mels, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
-        self.rotary = CombinedRotaryEmbedding(d, config.n_audio_head, config.givens_count("audio"), config.base,
-                                              config.rope_layout, seed=PAIR_SEED)
+        self.rotary = CombinedRotaryEmbedding(d, config.n_audio_head, config.givens_count("audio"),
+                                              config.base, config.rope_layout, seed=PAIR_SEED)
         self.positional = LearnedSinusoidalEmbedding(config.n_audio_ctx, d, config.checkpointing,
                                                      config.positional_norm)
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_audio_layer))
@@ -134,7 +134,8 @@ class TextDecoder(nn.Module):
         x = self.rotary(x, pos.matrix(self.rotary.site), offset)
         for block in self.blocks:
             # a cached step mutates the cache, so it must not be re-run by checkpointing
-            x = run_block(block, self.checkpointing and cache is None, x, xa, pos, padding, audio_padding, cache, offset)
+            x = run_block(block, self.checkpointing and cache is None, x, xa, pos, padding, audio_padding,
+                          cache, offset)
         x = self.ln(x)
         if cache is not None:
             cache.advance(T)
@@ -231,7 +232,8 @@ class Echo(PreTrainedModel):
         all processes when torch.distributed is initialised (so every process moves it alike); then
         start the next step's sum. Needs `defer_base_updates()` first. On the device, no host sync."""
         if self.step_loss is None:
-            raise RuntimeError("Echo.step_base() needs defer_base_updates() first (forward moves the base now)")
+            raise RuntimeError("Echo.step_base() needs defer_base_updates() first "
+                               "(forward moves the base now)")
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.step_loss)
         self.update_base(self.step_loss[0] / self.step_loss[1])  # no labelled token: 0/0, and the base stays
@@ -344,14 +346,15 @@ class Echo(PreTrainedModel):
             check_tokens(config, "labels", labels, allow_ignore=True)
             labels = labels.long()  # cross_entropy takes int64 targets only
             if decoder_input_ids is None:
-                decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+                decoder_input_ids = shift_tokens_right(labels, config.pad_token_id,
+                                                       config.decoder_start_token_id)
         if decoder_input_ids is None:
             raise ValueError("Echo.forward needs labels or decoder_input_ids")
         check_tokens(config, "decoder_input_ids", decoder_input_ids, offset=cache.offset if cache else 0)
         decoder_input_ids = decoder_input_ids.long()  # the embedding takes int32 and int64 indices only
         if labels is not None and labels.shape != decoder_input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids {tuple(decoder_input_ids.shape)} "
-                             "must have the same shape")
+            raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids "
+                             f"{tuple(decoder_input_ids.shape)} must have the same shape")
         return labels, decoder_input_ids
 
     def _audio(self, input_features: Tensor | None, encoder_outputs, attention_mask: Tensor | None,
@@ -364,7 +367,8 @@ class Echo(PreTrainedModel):
         """
         audio_padding = cache.audio_padding if cache is not None else None
         if encoder_outputs is not None:
-            xa = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list, BaseModelOutput)) else encoder_outputs
+            xa = (encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list, BaseModelOutput))
+                  else encoder_outputs)
             if attention_mask is not None:
                 audio_padding = frame_padding(attention_mask)
         elif input_features is not None:
@@ -462,14 +466,16 @@ class Echo(PreTrainedModel):
             processor.check_matches(self.config)
             return processor
         if processor != "auto":
-            raise TypeError(f"processor must be an EchoProcessor, \"auto\" or None, got {type(processor).__name__}")
+            raise TypeError(f"processor must be an EchoProcessor, \"auto\" or None, got "
+                            f"{type(processor).__name__}")
         if not uses_whisper_vocab(self.config):
             reason = f"its vocabulary of {self.config.vocab_size} tokens is not one of whisper's"
         else:
             try:
                 return EchoProcessor.for_config(self.config)
             except MissingExtra as missing:  # whisper's vocabulary files ship with openai-whisper
-                reason = f"{missing}; or pass save_pretrained(..., processor=EchoProcessor.from_pretrained(folder))"
+                reason = (f"{missing}; or pass "
+                          f"save_pretrained(..., processor=EchoProcessor.from_pretrained(folder))")
         logger.warning("Echo.save_pretrained: the model is saved without a processor (AutoProcessor and the "
                        "speech-recognition pipeline need one): %s", reason)
         return None
@@ -489,7 +495,8 @@ class Echo(PreTrainedModel):
 
 
 # Seq2SeqLMOutput's cache field: `cache` in newer transformers, `past_key_values` before.
-_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(Seq2SeqLMOutput)} else "past_key_values"
+_CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(Seq2SeqLMOutput)}
+                else "past_key_values")
 
 
 

@@ -67,8 +67,8 @@ class GivensSite(nn.Module):
         # product elsewhere, so every load (any path through load_state_dict) checks them here.
         if prefix + "pairs" in state_dict:
             check_loaded_pairs(prefix + "pairs", state_dict[prefix + "pairs"], self.pairs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def reset_r(self, orthogonal: bool) -> None:
         with torch.no_grad():
@@ -83,16 +83,18 @@ class GivensSite(nn.Module):
 
 def check_loaded_pairs(name: str, loaded: Tensor, built: Tensor) -> None:
     """ValueError naming the buffer `name` unless `loaded` holds the (N, 2) pairs the config builds."""
-    if not isinstance(loaded, Tensor) or loaded.is_floating_point() or tuple(loaded.shape) != tuple(built.shape):
-        raise ValueError(f"{name}: the config builds {tuple(built.shape)} integer index pairs, the state dict holds "
-                         f"{getattr(loaded, 'dtype', type(loaded).__name__)} of shape "
+    if not isinstance(loaded, Tensor) or loaded.is_floating_point() \
+            or tuple(loaded.shape) != tuple(built.shape):
+        raise ValueError(f"{name}: the config builds {tuple(built.shape)} integer index pairs, the state "
+                         f"dict holds {getattr(loaded, 'dtype', type(loaded).__name__)} of shape "
                          f"{tuple(getattr(loaded, 'shape', ()))}")
     loaded, built = loaded.detach().cpu().long(), built.detach().cpu().long()
     differ = (loaded != built).any(dim=1).nonzero()
     if differ.numel():
         k = int(differ[0, 0])
-        raise ValueError(f"{name}[{k}] = {tuple(loaded[k].tolist())}, but the config builds {tuple(built[k].tolist())}: "
-                         "index pairs are fixed by the config, so this state dict was saved under another one")
+        raise ValueError(f"{name}[{k}] = {tuple(loaded[k].tolist())}, but the config builds "
+                         f"{tuple(built[k].tolist())}: index pairs are fixed by the config, so this state "
+                         f"dict was saved under another one")
 
 
 def site_matrices(sites: Iterable[GivensSite]) -> dict[GivensSite, Tensor]:
@@ -153,7 +155,8 @@ class CombinedRotaryEmbedding(nn.Module):
         self.n_head = n_head
         self.h = d // n_head
         self.layout = layout
-        self.site = GivensSite(self.h, random_pairs(n_givens, self.h, seed), givens_first=True, orthogonal_r=False)
+        self.site = GivensSite(self.h, random_pairs(n_givens, self.h, seed), givens_first=True,
+                               orthogonal_r=False)
         self.w = nn.Parameter(rope_frequencies(float(base), self.h))
 
     def forward(self, x: Tensor, M: Tensor, offset: int = 0) -> Tensor:

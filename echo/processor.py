@@ -37,14 +37,15 @@ def mel_filters(n_mels: int) -> np.ndarray:
     min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
 
     def hz_to_mel(hz):
-        return np.where(hz >= min_log_hz, min_log_mel + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / logstep,
-                        hz / f_sp)
+        return np.where(hz >= min_log_hz,
+                        min_log_mel + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / logstep, hz / f_sp)
 
     def mel_to_hz(mel):
         return np.where(mel >= min_log_mel, min_log_hz * np.exp(logstep * (mel - min_log_mel)), f_sp * mel)
 
     fft_freqs = np.fft.rfftfreq(n=N_FFT, d=1.0 / SAMPLE_RATE)
-    mel_f = mel_to_hz(np.linspace(hz_to_mel(np.float64(0.0)), hz_to_mel(np.float64(SAMPLE_RATE / 2)), n_mels + 2))
+    mel_f = mel_to_hz(np.linspace(hz_to_mel(np.float64(0.0)), hz_to_mel(np.float64(SAMPLE_RATE / 2)),
+                                  n_mels + 2))
     fdiff = np.diff(mel_f)
     ramps = np.subtract.outer(mel_f, fft_freqs)
     weights = np.zeros((n_mels, N_FFT // 2 + 1), dtype=np.float32)  # float32 rows, as librosa rounds them
@@ -77,8 +78,9 @@ class EchoFeatureExtractor(SequenceFeatureExtractor):
 
     model_input_names = ["input_features"]
 
-    def __init__(self, feature_size: int = 80, sampling_rate: int = SAMPLE_RATE, n_samples: int = N_SAMPLES_30S,
-                 padding_value: float = 0.0, return_attention_mask: bool = False, **kwargs):
+    def __init__(self, feature_size: int = 80, sampling_rate: int = SAMPLE_RATE,
+                 n_samples: int = N_SAMPLES_30S, padding_value: float = 0.0,
+                 return_attention_mask: bool = False, **kwargs):
         if sampling_rate != SAMPLE_RATE:
             raise ValueError(f"sampling_rate must be {SAMPLE_RATE} (whisper's log-mel), got {sampling_rate}")
         if n_samples <= 0 or n_samples % HOP_LENGTH:
@@ -96,9 +98,10 @@ class EchoFeatureExtractor(SequenceFeatureExtractor):
         wave = torch.from_numpy(np.array(load_audio(clip)))  # a copy: the pipeline's arrays are read-only
         if wave.shape[0] > self.n_samples:
             if not truncation:
-                raise ValueError(f"a clip of {wave.shape[0] / SAMPLE_RATE:.2f} s is longer than the model's window "
-                                 f"of {self.n_samples / SAMPLE_RATE:g} s: pass truncation=True to keep its first "
-                                 "window, or chunk_length_s to the pipeline to transcribe all of it")
+                raise ValueError(f"a clip of {wave.shape[0] / SAMPLE_RATE:.2f} s is longer than the model's "
+                                 f"window of {self.n_samples / SAMPLE_RATE:g} s: pass truncation=True to "
+                                 f"keep its first window, or chunk_length_s to the pipeline to transcribe "
+                                 f"all of it")
             wave = wave[: self.n_samples]
         mel = log_mel(F.pad(wave, (0, self.n_samples)), self.feature_size)
         frames = self.nb_max_frames
@@ -110,8 +113,8 @@ class EchoFeatureExtractor(SequenceFeatureExtractor):
         """raw_speech: one clip or a list of clips -> BatchFeature(input_features (B, feature_size, frames)
         [, attention_mask (B, frames) of ones])."""
         if sampling_rate is not None and sampling_rate != self.sampling_rate:
-            raise ValueError(f"sampling_rate must be {self.sampling_rate}, got {sampling_rate}: resample the audio "
-                             "first (the pipeline does, given {'raw': array, 'sampling_rate': rate})")
+            raise ValueError(f"sampling_rate must be {self.sampling_rate}, got {sampling_rate}: resample the "
+                             "audio first (the pipeline does, given {'raw': array, 'sampling_rate': rate})")
         unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in ("padding", "max_length"))
         if unknown:
             raise TypeError(f"EchoFeatureExtractor got unexpected arguments: {unknown}")
@@ -136,8 +139,8 @@ def whisper_tokenizer(vocab_size: int) -> WhisperTokenizer:
 
     encoding = get_tokenizer(vocab_size=vocab_size).encoding
     name = "multilingual" if vocab_size >= 51865 else "gpt2"
-    path = os.path.join(os.path.dirname(require("whisper.tokenizer", "whisper's vocabulary").__file__), "assets",
-                        f"{name}.tiktoken")
+    path = os.path.join(os.path.dirname(require("whisper.tokenizer", "whisper's vocabulary").__file__),
+                        "assets", f"{name}.tiktoken")
     vocab, merges = TikTokenConverter(path).extract_vocab_merges_from_model(path)
     tokenizer = WhisperTokenizer(vocab=vocab, merges=merges)
     # tiktoken takes a piece that is a whole token as it is, before any merge
@@ -170,31 +173,37 @@ class EchoProcessor(ProcessorMixin):
     @classmethod
     def for_config(cls, config) -> "EchoProcessor":
         """The processor of a model with this config: its n_mels and window (2 * n_audio_ctx frames), and
-        whisper's tokenizer of its vocabulary (a ValueError for any other vocabulary). Needs openai-whisper."""
+        whisper's tokenizer of its vocabulary (a ValueError for any other vocabulary). Needs
+        openai-whisper."""
         if config.vocab_size not in WHISPER_VOCAB_SIZES:
-            raise ValueError(f"EchoProcessor needs one of whisper's vocabularies {WHISPER_VOCAB_SIZES}; this model "
-                             f"has vocab_size = {config.vocab_size}, which no tokenizer here covers")
-        features = EchoFeatureExtractor(feature_size=config.n_mels, n_samples=2 * config.n_audio_ctx * HOP_LENGTH)
+            raise ValueError(f"EchoProcessor needs one of whisper's vocabularies {WHISPER_VOCAB_SIZES}; this "
+                             f"model has vocab_size = {config.vocab_size}, which no tokenizer here covers")
+        features = EchoFeatureExtractor(feature_size=config.n_mels,
+                                        n_samples=2 * config.n_audio_ctx * HOP_LENGTH)
         return cls(features, whisper_tokenizer(config.vocab_size))
 
     def check_matches(self, config) -> None:
         """ValueError unless this processor's mel bins, window and vocabulary are the model's."""
-        have = (self.feature_extractor.feature_size, self.feature_extractor.nb_max_frames, len(self.tokenizer))
+        have = (self.feature_extractor.feature_size, self.feature_extractor.nb_max_frames,
+                len(self.tokenizer))
         want = (config.n_mels, 2 * config.n_audio_ctx, config.vocab_size)
         if have != want:
-            raise ValueError(f"the processor (n_mels, frames, vocabulary) = {have} does not fit the model's {want}")
+            raise ValueError(f"the processor (n_mels, frames, vocabulary) = {have} does not fit the model's "
+                             f"{want}")
 
     def labels(self, text: str) -> list[int]:
         """One transcript -> Echo's training labels (echo.audio.encode_text)."""
         tok = self.tokenizer
-        return tok.prefix_tokens[1:] + tok.encode(" " + text.strip(), add_special_tokens=False) + [tok.eos_token_id]
+        return (tok.prefix_tokens[1:] + tok.encode(" " + text.strip(), add_special_tokens=False)
+                + [tok.eos_token_id])
 
     def __call__(self, audio=None, text=None, sampling_rate: int | None = None, **kwargs) -> BatchFeature:
         """audio: a clip or a list of clips -> input_features; text: a string or a list -> labels (a list of
         token id lists); return_tensors and the feature extractor's options pass to it."""
         if audio is None and text is None:
             raise ValueError("EchoProcessor needs audio=, text= or both")
-        out = self.feature_extractor(audio, sampling_rate=sampling_rate, **kwargs) if audio is not None else BatchFeature()
+        out = (self.feature_extractor(audio, sampling_rate=sampling_rate, **kwargs) if audio is not None
+               else BatchFeature())
         if text is not None:
             out["labels"] = ([self.labels(t) for t in text] if isinstance(text, (list, tuple))
                              else self.labels(text))

@@ -37,7 +37,8 @@ def check_output(args, out: Path, checkpoint: Path) -> None:
                          "--overwrite to delete it and start afresh (or choose another --out)")
     model = out / "model"
     if not args.overwrite and os.path.lexists(model) and not model.is_dir():
-        raise SystemExit(f"{model} is a file: the trained model is written there as a folder (move or remove it)")
+        raise SystemExit(f"{model} is a file: the trained model is written there as a folder "
+                         f"(move or remove it)")
 
 
 def prepare_output(args, out: Path) -> None:
@@ -64,15 +65,16 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, extra: d
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer,
-                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                                              options=StateDictOptions(full_state_dict=True,
+                                                                       cpu_offload=True))
     if rank == 0:
         state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                  "step": step, **extra}
         durable.write_file(path, lambda f: torch.save(state, f))
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "elapsed", "config", "args", "world_size", "loss",
-                   "skipped_steps", "bad_steps_in_a_row")
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "elapsed", "config", "args", "world_size",
+                   "loss", "skipped_steps", "bad_steps_in_a_row")
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -80,10 +82,12 @@ def read_checkpoint(path: Path) -> dict:
     not one is a ValueError naming what it lacks."""
     state = load_weights_only(path, "checkpoint of python -m echo.train")
     if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a checkpoint of python -m echo.train: it holds a {type(state).__name__}")
+        raise ValueError(f"{path} is not a checkpoint of python -m echo.train: it holds a "
+                         f"{type(state).__name__}")
     missing = [key for key in CHECKPOINT_KEYS if key not in state]
     if missing:
-        raise ValueError(f"{path} is not a checkpoint of this python -m echo.train: it lacks {', '.join(missing)}")
+        raise ValueError(f"{path} is not a checkpoint of this python -m echo.train: it lacks "
+                         f"{', '.join(missing)}")
     return state
 
 

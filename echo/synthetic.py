@@ -36,7 +36,8 @@ def is_held_out(text: str) -> bool:
 
 
 def random_text(rng: random.Random, kind: str = "mixed") -> str:
-    """One sentence of the grammar: 3-5 spoken digits, or a command phrase (kind "digits"/"commands"/"mixed")."""
+    """One sentence of the grammar: 3-5 spoken digits, or a command phrase (kind
+    "digits"/"commands"/"mixed")."""
     if kind == "mixed":
         kind = "digits" if rng.random() < 0.7 else "commands"
     if kind == "digits":
@@ -76,14 +77,16 @@ def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-def synthesize(text: str, path: str | os.PathLike, voice: str = "en-us", speed: int = 160, pitch: int = 50) -> Path:
+def synthesize(text: str, path: str | os.PathLike, voice: str = "en-us", speed: int = 160,
+               pitch: int = 50) -> Path:
     """Speak `text` into the WAV file `path` (22.05 kHz mono) with espeak-ng."""
     if not espeak_available():
         raise RuntimeError("synthesising speech needs the espeak-ng binary (apt-get install espeak-ng)")
     path = Path(path)
     # "--" ends the options, so a text starting with "-" is spoken, not parsed as one; with stdin
     # closed espeak-ng never waits for text there.
-    subprocess.run(["espeak-ng", "-w", str(path), "-s", str(speed), "-p", str(pitch), "-v", voice, "--", text],
+    subprocess.run(["espeak-ng", "-w", str(path), "-s", str(speed), "-p", str(pitch),
+                    "-v", voice, "--", text],
                    check=True, capture_output=True, stdin=subprocess.DEVNULL)
     return path
 
@@ -105,7 +108,8 @@ def build_dataset(texts: list[str], folder: str | os.PathLike, seed: int = 0, wo
 
 def read_manifest(path: str | os.PathLike) -> list[tuple[str, str]]:
     """(audio path, text) per non-empty line of a `path<TAB>text` manifest; relative paths are taken
-    from the manifest's folder. A line without a tab, or a manifest without a line, is a ValueError naming it."""
+    from the manifest's folder. A line without a tab, or a manifest without a line, is a ValueError naming
+    it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"manifest not found: {path}")

@@ -73,7 +73,8 @@ PRESETS = {
 
 
 def build_config(preset: str, seconds: float) -> EchoConfig:
-    """An EchoConfig of `preset` with whisper's vocabulary; n_audio_ctx fits clips of `seconds` (at most 30)."""
+    """An EchoConfig of `preset` with whisper's vocabulary; n_audio_ctx fits clips of `seconds` (at most
+    30)."""
     frames = int(round(seconds * 100))
     return EchoConfig(**{**PRESETS[preset], "n_audio_ctx": (frames + 1) // 2})
 
@@ -132,14 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--manifest", help="`audio path<TAB>text` per line")
     data.add_argument("--synthetic", type=POSITIVE, metavar="N",
                       help="synthesise N training utterances with espeak-ng")
-    p.add_argument("--out", required=True, help="folder for checkpoint.pt, log.jsonl, the final model, results")
+    p.add_argument("--out", required=True,
+                   help="folder for checkpoint.pt, log.jsonl, the final model, results")
     p.add_argument("--data-dir", help="where --synthetic writes its audio (default OUT/synthetic)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="speech-tiny")
     p.add_argument("--init", metavar="SOURCE",
-                   help="start from this model instead of --preset: an Echo folder, or a Whisper (openai-whisper "
-                        ".pt or Hugging Face folder) imported by Echo.from_whisper")
+                   help="start from this model instead of --preset: an Echo folder, or a Whisper "
+                        "(openai-whisper .pt or Hugging Face folder) imported by Echo.from_whisper")
     p.add_argument("--seconds", type=POSITIVE_FLOAT,
-                   help="clip length: audio is cut or zero-padded to it (default 3, or the --init model's window)")
+                   help="clip length: audio is cut or zero-padded to it "
+                        "(default 3, or the --init model's window)")
     p.add_argument("--steps", type=NATURAL, default=2000, help="optimizer steps in all")
     p.add_argument("--max-minutes", type=POSITIVE_FLOAT, help="stop (and save) after this much training time")
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="per process and micro-batch")
@@ -168,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=POSITIVE, default=4, help="threads for synthesis and audio loading")
     p.add_argument("--eval-synthetic", type=NATURAL, default=0, metavar="N",
                    help="after training, WER on N synthesised held-out texts (never in training)")
-    p.add_argument("--eval-only", action="store_true", help="no training: evaluate OUT/model (with --eval-synthetic)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: evaluate OUT/model (with --eval-synthetic)")
     p.add_argument("--eval-kind", choices=("digits", "commands", "mixed"), default="digits")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
@@ -183,7 +187,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def initial_model(args) -> Echo:
-    """The model to train: --init's (sets --seconds to its window when not given), or a fresh one of --preset."""
+    """The model to train: --init's (sets --seconds to its window when not given), or a fresh one of
+    --preset."""
     if args.init is None:
         args.seconds = 3.0 if args.seconds is None else args.seconds
         model = Echo(build_config(args.preset, args.seconds))
@@ -211,7 +216,8 @@ def resume_differences(saved: dict, args, config: EchoConfig, world: int) -> lis
                    for name, value in was.items() if value != getattr(args, name)]
     differences += [f"model config {key}: saved {saved['config'].get(key, '(not saved)')!r}, "
                     f"given {getattr(config, key)!r}"
-                    for key in ECHO_DEFAULTS if saved["config"].get(key, "(not saved)") != getattr(config, key)]
+                    for key in ECHO_DEFAULTS
+                    if saved["config"].get(key, "(not saved)") != getattr(config, key)]
     if saved["world_size"] != world:  # each optimizer step sees batch size x grad-accum x processes examples
         differences.append(f"processes (torchrun's world size): saved {saved['world_size']}, given {world}")
     return differences
@@ -221,9 +227,10 @@ def check_resume(saved: dict, args, config: EchoConfig, world: int, path: Path) 
     """Refuse to resume from `path` with arguments that define another run (resume_differences)."""
     differences = resume_differences(saved, args, config, world)
     if differences:
-        raise SystemExit(f"--resume: {path} was saved by a run with other settings:\n  " + "\n  ".join(differences)
-                         + "\nGive the saved values to continue it, or start afresh with --overwrite (or another "
-                         f"--out). Only these may change on resume: {MAY_CHANGE}")
+        raise SystemExit(f"--resume: {path} was saved by a run with other settings:\n  "
+                         + "\n  ".join(differences)
+                         + "\nGive the saved values to continue it, or start afresh with --overwrite (or "
+                         f"another --out). Only these may change on resume: {MAY_CHANGE}")
 
 
 def build_optimizer(model: Echo, args) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
@@ -237,7 +244,8 @@ def build_optimizer(model: Echo, args) -> tuple[torch.optim.AdamW, torch.optim.l
     def schedule(step):
         if step < args.warmup:
             return (step + 1) / args.warmup
-        return max(0.05, 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup))))
+        return max(0.05,
+                   0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup))))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
@@ -258,7 +266,8 @@ def backward_step(module, mels: torch.Tensor, labels: list[list[int]], step: int
         sync = micro == args.grad_accum - 1 or not hasattr(module, "no_sync")
         with (nullcontext() if sync else module.no_sync()), autocast():
             logits = module(input_features=mel, decoder_input_ids=dec_in).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), lab.reshape(-1),
+                                   ignore_index=-100)
         (loss / args.grad_accum).backward()
         total_loss += loss.detach() / args.grad_accum
     if world > 1:
@@ -377,8 +386,8 @@ def main(argv=None) -> int:
                 os.fsync(log.fileno())
             save_checkpoint(checkpoint, module, optimizer, scheduler, done,
                             {"elapsed": time.perf_counter() - start, "config": config.to_dict(),
-                             "args": vars(args), "world_size": world, "loss": last_loss, "skipped_steps": skipped,
-                             "bad_steps_in_a_row": bad_in_a_row},
+                             "args": vars(args), "world_size": world, "loss": last_loss,
+                             "skipped_steps": skipped, "bad_steps_in_a_row": bad_in_a_row},
                             rank)
         if out_of_time:
             stopped_early = done < args.steps
@@ -388,7 +397,8 @@ def main(argv=None) -> int:
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    final_state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    final_state = get_model_state_dict(module,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         final = Echo(config)
         final.load_state_dict(final_state)
@@ -408,7 +418,8 @@ def main(argv=None) -> int:
         durable.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(json.dumps({k: v for k, v in summary.items() if k != "eval"}), file=sys.stderr)
         if "eval" in summary:
-            print(f"WER {summary['eval']['wer']:.4f} on {summary['eval']['n']} held-out utterances", file=sys.stderr)
+            print(f"WER {summary['eval']['wer']:.4f} on {summary['eval']['n']} held-out utterances",
+                  file=sys.stderr)
         log.close()
     if world > 1:
         dist.barrier()

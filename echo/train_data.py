@@ -36,7 +36,8 @@ def cached_features(items, args, config: EchoConfig, progress: bool):
     kwargs = dict(n_mels=config.n_mels, workers=args.workers, progress=progress, vocab_size=config.vocab_size)
     if args.manifest:
         return featurize(items, args.seconds, **kwargs)
-    key = hashlib.sha1(repr((items, args.seconds, config.n_mels, config.vocab_size)).encode()).hexdigest()[:12]
+    key = hashlib.sha1(
+        repr((items, args.seconds, config.n_mels, config.vocab_size)).encode()).hexdigest()[:12]
     path = Path(args.data_dir or Path(args.out) / "synthetic") / f"features-{args.seconds:g}s-{key}.pt"
     if path.exists():
         state = torch.load(path, weights_only=True)
@@ -57,13 +58,15 @@ def warn_long_labels(labels: list[list[int]], max_len: int) -> int:
     """How many label rows exceed max_len tokens (n_text_ctx); one warning saying so when any do."""
     long = sum(len(row) > max_len for row in labels)
     if long:
-        warnings.warn(f"{long} of {len(labels)} transcripts have more than n_text_ctx = {max_len} label tokens: "
-                      "their text is cut to fit, keeping <|endoftext|>", stacklevel=2)
+        warnings.warn(f"{long} of {len(labels)} transcripts have more than n_text_ctx = {max_len} label "
+                      f"tokens: their text is cut to fit, keeping <|endoftext|>", stacklevel=2)
     return long
 
 
-def collate(mels: torch.Tensor, labels: list[list[int]], index: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows `index` -> (mel (B, n_mels, T), labels (B, L) padded with -100, each cut to max_len by fit_label)."""
+def collate(mels: torch.Tensor, labels: list[list[int]], index: list[int],
+            max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `index` -> (mel (B, n_mels, T), labels (B, L) padded with -100, each cut to max_len by
+    fit_label)."""
     rows = [fit_label(labels[i], max_len) for i in index]
     L = max(len(r) for r in rows)
     out = torch.full((len(rows), L), -100, dtype=torch.long)
@@ -78,7 +81,8 @@ def stream_indices(n_items: int, seed: int, start: int, count: int) -> list[int]
     for k in range(start, start + count):
         epoch, i = divmod(k, n_items)
         if epoch not in cache:
-            cache[epoch] = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            cache[epoch] = torch.randperm(n_items,
+                                          generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         out.append(int(cache[epoch][i]))
     return out
 

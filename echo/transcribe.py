@@ -88,8 +88,9 @@ def transcribe(model, audio, language: str | None = None, task: str | None = Non
         for b in range(0, len(group), batch_size):
             chunk = group[b: b + batch_size]
             mel = torch.stack([jobs[j][3] for j in chunk]).to(device)
-            out = generate(model, mel, max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
-                           language=lang, task=task, return_dict_in_generate=True, **generate_kwargs)
+            out = generate(model, mel, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                           temperature=temperature, language=lang, task=task, return_dict_in_generate=True,
+                           **generate_kwargs)
             decoded.update(zip(chunk, out.rows))
     results = [{"text": "", "segments": [], "language": languages[i]} for i in range(len(inputs))]
     seconds = 1 / FRAMES_PER_SECOND

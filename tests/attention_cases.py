@@ -110,13 +110,15 @@ def with_keys_rotated(inputs, opts):
     k, w = inputs["k"], inputs["w"]
     positions = torch.arange(opts["k_offset"], opts["k_offset"] + k.shape[2])
     phi = reference.rope_angles(w, inputs["s"], positions) if w is not None else None
-    return dict(inputs, k=reference.rotate_for_attention(k, inputs["M"], phi, opts["layout"], opts["rotation"]))
+    return dict(inputs,
+                k=reference.rotate_for_attention(k, inputs["M"], phi, opts["layout"], opts["rotation"]))
 
 
 def s_error(got, want, inputs):
     """|ds - ds_ref| against the size of ds's terms: ds = sum_m G_m w_m with G_m = dw_m / s, itself a
     sum of dphi * pos over every query and key, terms that may nearly cancel."""
-    cpu = {name: t.detach().double().cpu() for name, t in (("w", want["w"]), ("s", want["s"]), ("got", got["s"]))}
+    cpu = {name: t.detach().double().cpu()
+           for name, t in (("w", want["w"]), ("s", want["s"]), ("got", got["s"]))}
     size = (cpu["w"].abs() * inputs["w"].abs()).sum() / inputs["s"].abs()  # inputs: the CPU float64 dict
     return ((cpu["got"] - cpu["s"]).abs() / size).item()
 

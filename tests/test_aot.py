@@ -66,7 +66,8 @@ def test_launches_keep_no_stack_frame_but_to_spill(aot_reports):
 # "Backward passes"): dk/dv's accumulators, a third product per query tile and the bias table's sums; the
 # shapes that spill nothing execute more instructions per pair than the dk/dv and dq passes together. No
 # tile table runs it (DQ_IN_KEY_PASS): the GPU benches time it against the dk/dv and dq passes.
-SPILLING_LAUNCHES = {(f"attention_bwd_dkdv_dq_h{h}_{dt}", 90) for h in (32, 64, 128) for dt in ("bf16", "fp16")}
+SPILLING_LAUNCHES = {(f"attention_bwd_dkdv_dq_h{h}_{dt}", 90)
+                     for h in (32, 64, 128) for dt in ("bf16", "fp16")}
 
 
 def test_ci_triton_launches_spill_nothing():

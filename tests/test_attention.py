@@ -23,8 +23,8 @@ from echo_kernels.kernels import attention_backward, attention_common
 from echo_kernels.kernels import attention_cpu
 from echo_kernels.kernels.angles import MAX_ANGLE
 
-from attention_cases import (CASES, GRAD_NAMES, ROTATIONS, assert_gradients_match, call, case_inputs, cast, grads,
-                             make_inputs, options, s_error, with_keys_rotated)
+from attention_cases import (CASES, GRAD_NAMES, ROTATIONS, assert_gradients_match, call, case_inputs, cast,
+                             grads, make_inputs, options, s_error, with_keys_rotated)
 from numerics import rel_err
 
 ON_GPU = torch.cuda.is_available()
@@ -139,7 +139,8 @@ def test_padding_flags_fill_whole_key_tiles():
     assert flags.tolist() == [[0, 1, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1, 1]]
     assert kernel.first_padded_key(flags).tolist() == [1, 5]
     whole, *_ = attention_common._pad_arg(mask[:, :4], None, torch.uint8, tile=4)
-    assert whole.tolist() == [[0, 1, 0, 0], [0, 0, 0, 0]] and kernel.first_padded_key(whole).tolist() == [1, 4]
+    assert (whole.tolist() == [[0, 1, 0, 0], [0, 0, 0, 0]]
+            and kernel.first_padded_key(whole).tolist() == [1, 4])
 
 
 def test_angles_beyond_exact_reduction_are_nan_not_wrong(use_triton):
@@ -149,7 +150,8 @@ def test_angles_beyond_exact_reduction_are_nan_not_wrong(use_triton):
     inputs = make_inputs(Tq=4, h=32, bias=False)
     inputs["w"] = torch.ones_like(inputs["w"])
     inputs["s"] = torch.tensor(MAX_ANGLE.value / 1000.5, dtype=torch.float64)
-    out = call(echo_kernels.echo_attention, cast(inputs, torch.float32), causal=True, q_offset=999, k_offset=999)
+    out = call(echo_kernels.echo_attention, cast(inputs, torch.float32), causal=True, q_offset=999,
+               k_offset=999)
     assert torch.isfinite(out[:, :, :2]).all() and torch.isnan(out[:, :, 2:]).all()
 
 
@@ -181,7 +183,8 @@ def _assert_low_precision_gradients(inputs, do, dtype, **opts):
     out_ref, want = grads(reference.echo_attention, inputs, torch.float64, do, **opts)
     out, got = grads(echo_kernels.echo_attention, inputs, dtype, do, activations_only=True, **opts)
     assert rel_err(out, out_ref) < reference.rounding_tolerance(dtype, _forward_roundings(dtype))
-    tol = reference.rounding_tolerance(dtype, BACKWARD_ROUNDINGS if attention_common.dot_dtype(dtype) == dtype else 1)
+    tol = reference.rounding_tolerance(dtype, BACKWARD_ROUNDINGS if attention_common.dot_dtype(dtype) == dtype
+                                       else 1)
     for name, g in want.items():
         err = s_error(got, want, inputs) if name == "s" else rel_err(got[name], g)
         assert err < tol, (name, err, tol)
@@ -198,7 +201,8 @@ def test_gradients_match_reference(use_triton, case, dq_in_key_pass):
     do = torch.randn(B, H, Tq, h, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     _, want = grads(reference.echo_attention, inputs, torch.float64, do, **options(case, layout, rotation))
     with attention_backward.dq_in_key_pass(dq_in_key_pass):
-        _, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **options(case, layout, rotation))
+        _, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do,
+                       **options(case, layout, rotation))
     assert ("M" in got) == (rotation != "no_m")
     assert_gradients_match(got, want, case, inputs)
 
@@ -236,7 +240,8 @@ def test_keys_given_rotated(use_triton, case, rotation, layout):
     assert rel_err(out, call(echo_kernels.echo_attention, cast(inputs, torch.float32), **opts)) < 1e-5
 
 
-@pytest.mark.parametrize("layout, w_given", [("half_split", True), ("interleaved", True), ("half_split", False)])
+@pytest.mark.parametrize("layout, w_given",
+                         [("half_split", True), ("interleaved", True), ("half_split", False)])
 def test_keys_given_rotated_at_a_padded_head_width(use_triton, layout, w_given):
     """h = 48 runs on the h = 64 kernels: rotated keys are widened where RoPE's outputs of the widened
     pairs land (each half of a "half_split" row), M's rows and columns likewise; without w (no RoPE:
@@ -311,7 +316,8 @@ def _poisoned_empty(empty):
 
 
 @pytest.mark.parametrize("dq_in_key_pass", [False, True], ids=["dq_pass", "dq_in_key_pass"])
-@pytest.mark.parametrize("case, rotation", [("rows_without_keys", "no_m"), ("cross_window_offsets", "rope_then_m"),
+@pytest.mark.parametrize("case, rotation", [("rows_without_keys", "no_m"),
+                                            ("cross_window_offsets", "rope_then_m"),
                                             ("decode_window", "m_then_rope"), ("global_ragged_pad", "no_m")])
 def test_every_output_is_written(use_triton, monkeypatch, case, rotation, dq_in_key_pass):
     """Every buffer the launchers allocate starts as NaN: the output, dq, dk, dv and the other gradients
@@ -320,10 +326,12 @@ def test_every_output_is_written(use_triton, monkeypatch, case, rotation, dq_in_
     inputs = case_inputs(case, rotation, B=2)
     B, H, Tq, h = inputs["q"].shape
     do = torch.randn(B, H, Tq, h, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    out_want, want = grads(reference.echo_attention, inputs, torch.float64, do, **options(case, rotation=rotation))
+    out_want, want = grads(reference.echo_attention, inputs, torch.float64, do,
+                           **options(case, rotation=rotation))
     with attention_backward.dq_in_key_pass(dq_in_key_pass), monkeypatch.context() as poison:
         poison.setattr(torch, "empty", _poisoned_empty(torch.empty))
-        out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do, **options(case, rotation=rotation))
+        out, got = grads(echo_kernels.echo_attention, inputs, torch.float32, do,
+                         **options(case, rotation=rotation))
     assert rel_err(out, out_want) < 1e-5
     assert_gradients_match(got, want, case, inputs)
 
@@ -564,8 +572,8 @@ def test_opcheck(use_triton):
         args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], i["bias"], i["key_padding_mask"], 4, 2, 3, 0,
                 "half_split", keys_rotated)
         torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
-    args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], None, None, reference.UNBOUNDED, 0, 0, 0, "interleaved",
-            True)
+    args = (i["q"], i["k"], i["v"], i["M"], i["w"], i["s"], None, None, reference.UNBOUNDED, 0, 0, 0,
+            "interleaved", True)
     torch.library.opcheck(torch.ops.echo_kernels.echo_attention.default, args)
     args = (i["q"], i["k"], i["v"], None, i["w"], i["s"], i["bias"], i["key_padding_mask"], 4, 2, 3, 0,
             "half_split", False)
@@ -575,7 +583,8 @@ def test_opcheck(use_triton):
     d = detached
     for M in (d["M"], None):
         out, lse = torch.ops.echo_kernels.echo_attention(d["q"], d["k"], d["v"], M, d["w"], d["s"], d["bias"],
-                                                          d["key_padding_mask"], 4, 2, 3, 0, "half_split", False)
+                                                         d["key_padding_mask"], 4, 2, 3, 0, "half_split",
+                                                         False)
         args = (torch.randn_like(out), d["q"], d["k"], d["v"], M, d["w"], d["s"], d["bias"],
                 d["key_padding_mask"], 4, 2, 3, 0, "half_split", False, out, lse)
         torch.library.opcheck(torch.ops.echo_kernels.echo_attention_backward.default, args)
@@ -646,7 +655,8 @@ def test_aot_compile_report(aot_reports):
         assert r.registers > 0, r.name
         assert r.shared_bytes <= SHARED_PER_BLOCK[r.arch], r.name
         assert r.spilled_bytes == recorded[(r.name, r.arch)], r.name  # as the committed report says
-        assert r.main_loops == recorded_loops.get((r.name, r.arch), []), r.name  # kernels with no loop have no rows
+        # kernels with no loop have no rows
+        assert r.main_loops == recorded_loops.get((r.name, r.arch), []), r.name
         assert r.ctas_per_sm >= 1, r.name
         if r.name.startswith(no_dot) or r.name.endswith("_fp32"):
             assert not r.mma, r.name
@@ -686,7 +696,8 @@ def test_fused_loops_against_the_plain_flash_kernel(aot_reports):
     padding mask's bytes) executes at most 1.25x (forward) and 1.4x (dq, dk/dv) the plain pass's
     instructions per tensor-core instruction."""
     at = {r.name: r for r in aot_reports if r.arch == 90}
-    for fused, plain, bound in (("fwd", "fwd", 1.25), ("bwd_dq", "bwd_dq", 1.4), ("bwd_dkdv", "bwd_dkdv", 1.4)):
+    for fused, plain, bound in (("fwd", "fwd", 1.25), ("bwd_dq", "bwd_dq", 1.4),
+                                ("bwd_dkdv", "bwd_dkdv", 1.4)):
         ours, floor = at[f"attention_{fused}_h64_bf16"], at[f"plain_attention_{plain}_h64_bf16"]
         assert ours.spilled_bytes == 0 and floor.spilled_bytes == 0, fused
         assert floor.main_loops and all(loop.sync_loads == 0 for loop in floor.main_loops), plain
@@ -720,7 +731,8 @@ def test_fused_backward_code_stays_small(aot_reports):
     for arch in aot.TARGETS:
         for h in ATTENTION_HEAD_WIDTHS:
             for name in ("bwd_dq", "bwd_dkdv"):
-                ours, floor = at[f"attention_{name}_h{h}_bf16", arch], at[f"plain_attention_{name}_h{h}_bf16", arch]
+                ours, floor = (at[f"attention_{name}_h{h}_bf16", arch],
+                               at[f"plain_attention_{name}_h{h}_bf16", arch])
                 assert 0 < ours.code <= 4 * floor.code, (name, arch, h, ours.code, floor.code)
 
 

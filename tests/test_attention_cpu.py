@@ -137,7 +137,8 @@ def test_a_window_visits_only_its_band():
     T, w, rows = 4096, 32, 16
     visited = sum((b - a) * (hi - lo) for a, b, lo, hi in attention_cpu.blocks(T, T, w, w, 0, 1 << 30))
     assert visited <= T * (2 * w + 1 + rows)
-    assert sum((b - a) * (hi - lo) for a, b, lo, hi in attention_cpu.blocks(T, T, reference.UNBOUNDED, reference.UNBOUNDED, 0, 1)) == T * T
+    assert sum((b - a) * (hi - lo) for a, b, lo, hi
+               in attention_cpu.blocks(T, T, reference.UNBOUNDED, reference.UNBOUNDED, 0, 1)) == T * T
 
 
 def test_relative_bias_block_is_the_gathered_bias():
@@ -188,7 +189,8 @@ def test_fused_forward_matches_reference_float64(block_size, case, rotation):
     assert got.dtype == torch.float64 and rel_err(got, want) < 1e-12, (case, rel_err(got, want))
 
 
-@pytest.mark.parametrize("case", ["global", "cross", "decode", "offsets_causal", "rows_without_keys", "n_beyond_T"])
+@pytest.mark.parametrize("case",
+                         ["global", "cross", "decode", "offsets_causal", "rows_without_keys", "n_beyond_T"])
 def test_fused_forward_float32(case):
     inputs = case_inputs(case, B=2)
     want = call(reference.echo_attention, inputs, **options(case))
@@ -203,9 +205,11 @@ def test_fused_forward_everywhere_blocked_backward_with_gradients():
     inputs = case_inputs("causal_window")
     out = call(blocked, inputs, **options("causal_window"))
     with torch.no_grad():
-        also = call(blocked, {**inputs, "q": inputs["q"].clone().requires_grad_(True)}, **options("causal_window"))
+        also = call(blocked, {**inputs, "q": inputs["q"].clone().requires_grad_(True)},
+                    **options("causal_window"))
     assert out.grad_fn is None and also.grad_fn is None
-    trained = call(blocked, {**inputs, "bias": inputs["bias"].clone().requires_grad_(True)}, **options("causal_window"))
+    trained = call(blocked, {**inputs, "bias": inputs["bias"].clone().requires_grad_(True)},
+                   **options("causal_window"))
     assert type(trained.grad_fn).__name__ == "_BlockedAttentionBackward"
     assert torch.equal(trained.detach(), out)
 
@@ -222,11 +226,13 @@ def test_compiled_backward_has_it_all():
     assert attention_cpu.COMPILED_BACKWARD  # the extension is built (test_orthogonal.py says why if not)
     inputs = {**make_inputs(B=2, Tq=40, Tk=300, n=5, pad=True), "M": None}
     do = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", q_offset=7, window=(30, 90))
+    _, want = grads(reference.echo_attention, inputs, torch.float64, do, device="cpu", q_offset=7,
+                    window=(30, 90))
     compiled = mock.patch.object(attention_cpu, "_compiled_backward", wraps=attention_cpu._compiled_backward)
     blocks = mock.patch.object(attention_cpu, "blocks", wraps=attention_cpu.blocks)
     with compiled as compiled_spy, blocks as blocks_spy:
-        _, got = grads(heads_of_projections, inputs, torch.float64, do, device="cpu", q_offset=7, window=(30, 90))
+        _, got = grads(heads_of_projections, inputs, torch.float64, do, device="cpu", q_offset=7,
+                       window=(30, 90))
     assert compiled_spy.call_count == 1
     assert blocks_spy.call_count == 1  # the forward's: the band cuts keys
     for name, g in want.items():
@@ -320,14 +326,18 @@ def test_keys_rotated_beforehand(case, rotation):
     opts = options(case, "interleaved", rotation)
     want = call(reference.echo_attention, inputs, **opts)
     Tq, Tk = inputs["q"].shape[2], inputs["k"].shape[2]
-    phi_q = reference.rope_angles(inputs["w"], inputs["s"], torch.arange(opts["q_offset"], opts["q_offset"] + Tq))
-    phi_k = reference.rope_angles(inputs["w"], inputs["s"], torch.arange(opts["k_offset"], opts["k_offset"] + Tk))
+    phi_q = reference.rope_angles(inputs["w"], inputs["s"],
+                                  torch.arange(opts["q_offset"], opts["q_offset"] + Tq))
+    phi_k = reference.rope_angles(inputs["w"], inputs["s"],
+                                  torch.arange(opts["k_offset"], opts["k_offset"] + Tk))
     M = inputs["M"]
     if rotation == "m_then_rope":  # the op applies M to what it is given, before no RoPE: fold it here
-        q, k = reference.apply_rope(inputs["q"] @ M, phi_q, "interleaved"), reference.apply_rope(inputs["k"] @ M, phi_k, "interleaved")
+        q, k = (reference.apply_rope(inputs["q"] @ M, phi_q, "interleaved"),
+                reference.apply_rope(inputs["k"] @ M, phi_k, "interleaved"))
         M = None
     else:
-        q, k = reference.apply_rope(inputs["q"], phi_q, "interleaved"), reference.apply_rope(inputs["k"], phi_k, "interleaved")
+        q, k = (reference.apply_rope(inputs["q"], phi_q, "interleaved"),
+                reference.apply_rope(inputs["k"], phi_k, "interleaved"))
     rotated = {**inputs, "q": q, "k": k, "M": M, "w": None}
     for fn in (reference.echo_attention, blocked):
         assert rel_err(call(fn, rotated, **opts), want) < 1e-12, fn

@@ -60,8 +60,8 @@ def test_other_head_widths_run_padded_and_match_reference(use_triton, h, layout,
 
 def test_wider_heads_are_refused_with_the_supported_widths(use_triton):
     inputs = cast(make_inputs(Tq=3, h=130), torch.float32)
-    with pytest.raises(ValueError, match=r"head width h = 130 is wider than the Triton attention kernels serve "
-                                         r"\(h <= 128; built for 32, 64, 128\)"):
+    with pytest.raises(ValueError, match=r"head width h = 130 is wider than the Triton attention kernels "
+                                         r"serve \(h <= 128; built for 32, 64, 128\)"):
         call(echo_kernels.echo_attention, inputs)
 
 
@@ -80,7 +80,8 @@ class _GridRecorder:
 def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch, dq_in_key_pass):
     """CUDA caps a grid's second and third axes at 65535, which B * H can pass; the first takes 2**31 - 1."""
     grids = []
-    for module, names in ((operands, ["_rope_rows_kernel", "_near_bias_kernel"]), (kernel, ["_attn_fwd_kernel"]),
+    for module, names in ((operands, ["_rope_rows_kernel", "_near_bias_kernel"]),
+                          (kernel, ["_attn_fwd_kernel"]),
                           (kernel_bwd, [n for n in dir(kernel_bwd) if n.startswith("_attn_bwd_")])):
         for name in names:
             monkeypatch.setattr(module, name, _GridRecorder(getattr(module, name), grids))
@@ -89,13 +90,15 @@ def test_every_launch_uses_one_grid_axis(use_triton, monkeypatch, dq_in_key_pass
     with kernel_bwd.dq_in_key_pass(dq_in_key_pass):
         grads(echo_kernels.echo_attention, inputs, torch.float32, do, window=5, rotation="rope_then_m")
     # q'' and RoPE(k), NEAR bias tiles, forward, delta, q'' and RoPE(k) again, dkdv's NEAR bias tiles, dkdv,
-    # unrope, dq's NEAR bias tiles and dq (with dbias; neither when dkdv sums dq), RoPE(q) for dP~, dq_unrotate
+    # unrope, dq's NEAR bias tiles and dq (with dbias; neither when dkdv sums dq), RoPE(q) for dP~,
+    # dq_unrotate
     names = [name for name, _ in grids]
     tables = ["_near_bias_kernel"] * (2 if dq_in_key_pass else 3)
     assert [name for name in names if name != "_near_bias_kernel"] == [
-        "_rope_rows_kernel", "_rope_rows_kernel", "_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_rope_rows_kernel",
-        "_rope_rows_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_unrope_kernel",
-        *([] if dq_in_key_pass else ["_attn_bwd_dq_kernel"]), "_rope_rows_kernel", "_attn_bwd_dq_unrotate_kernel"]
+        "_rope_rows_kernel", "_rope_rows_kernel", "_attn_fwd_kernel", "_attn_bwd_delta_kernel",
+        "_rope_rows_kernel", "_rope_rows_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_unrope_kernel",
+        *([] if dq_in_key_pass else ["_attn_bwd_dq_kernel"]), "_rope_rows_kernel",
+        "_attn_bwd_dq_unrotate_kernel"]
     assert [name for name in names if name == "_near_bias_kernel"] == tables
     assert all(len(grid) == 1 for _, grid in grids), grids
     # every (batch, head) has its programs; a NEAR bias table is one per head, which all batches read
@@ -117,7 +120,8 @@ def test_more_batch_heads_than_a_grid_axis_holds_gpu(use_triton):
 # These count the loops' visits by wrapping the kernels' Python, which only the interpreter runs (CI runs
 # them); compiled for a GPU, the same loops are checked in the AOT report's tests.
 _interpreter_only = pytest.mark.skipif(
-    ON_GPU, reason="counts loop visits through the interpreter's Python; compiled loops: the AOT report tests")
+    ON_GPU,
+    reason="counts loop visits through the interpreter's Python; compiled loops: the AOT report tests")
 
 
 def _watch_unmasked_loops(monkeypatch) -> dict[str, int]:

@@ -53,7 +53,8 @@ def test_tokenizer_is_whispers_multilingual_vocabulary():
     labels = audio.encode_text("three one four")
     assert labels[:3] == [50259, 50359, 50363] and labels[-1] == tok.eot
     assert audio.decode_text(labels) == "three one four"
-    # whisper's rule from the vocabulary size: English-only (no language or task token), and large-v3's 100 languages
+    # whisper's rule from the vocabulary size: English-only (no language or task token), and large-v3's 100
+    # languages
     english = audio.get_tokenizer(vocab_size=51864)
     assert english.encoding.n_vocab == 51864 and english.sot == 50257 and english.eot == 50256
     assert audio.prompt_tokens(vocab_size=51864) == [50257, english.no_timestamps]

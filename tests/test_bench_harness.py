@@ -1,4 +1,5 @@
-"""The bench harness (benches/harness.py): ways timed in alternating rounds, one row per way in the results."""
+"""The bench harness (benches/harness.py): ways timed in alternating rounds, one row per way in the
+results."""
 
 import sys
 from pathlib import Path
@@ -29,7 +30,8 @@ def test_alternating_rounds_give_every_way_every_place_in_a_round():
 
 
 def test_rounds_of_a_way_merge_into_one_row_with_the_median_of_all_its_times(monkeypatch):
-    monkeypatch.setattr(harness, "_ceilings", {"copy_bandwidth": 1e9, "matmul_flops": 1e12, "matmul_dtype": "float32"})
+    monkeypatch.setattr(harness, "_ceilings",
+                        {"copy_bandwidth": 1e9, "matmul_flops": 1e12, "matmul_dtype": "float32"})
     rows = [
         {"group": "g", "case": "ours", "median_s": 3.0, "times_s": [3.0], "role": "ours", "flops": 2e12},
         {"group": "g", "case": "peer", "median_s": 5.0, "times_s": [5.0], "role": "peer"},

@@ -1,6 +1,7 @@
-"""echo_kernels::biased_attention_backward, the C++ backward of the CPU attention (csrc/biased_attention_cpu.cpp),
-called directly: its gradients of q, k, v and the bias table against float64 autograd of the same attention,
-on drawn shapes that cross its query and key blocks, with bands, padding, offsets and rows without keys.
+"""echo_kernels::biased_attention_backward, the C++ backward of the CPU attention
+(csrc/biased_attention_cpu.cpp), called directly: its gradients of q, k, v and the bias table against float64
+autograd of the same attention, on drawn shapes that cross its query and key blocks, with bands, padding,
+offsets and rows without keys.
 """
 
 from __future__ import annotations
@@ -109,8 +110,10 @@ def test_encoder_sized_peaked_rows_float32():
 
 
 def test_is_deterministic():
-    c = dict(B=2, H=3, Tq=300, Tk=600, h=32, n=5, left=40, right=UNBOUNDED, shift=0, padded=True, seed=1, scale=1.0)
-    q, k, v, bias, padding, dout = (t.float() if t is not None and t.is_floating_point() else t for t in inputs(c))
+    c = dict(B=2, H=3, Tq=300, Tk=600, h=32, n=5, left=40, right=UNBOUNDED, shift=0, padded=True, seed=1,
+             scale=1.0)
+    q, k, v, bias, padding, dout = (t.float() if t is not None and t.is_floating_point() else t
+                                    for t in inputs(c))
     out, lse = attention(q, k, v, bias, padding, c["left"], c["right"], c["shift"])
     first = op(dout, q, k, v, out, lse, bias, padding, c["left"], c["right"], c["shift"])
     second = op(dout, q, k, v, out, lse, bias, padding, c["left"], c["right"], c["shift"])
@@ -136,8 +139,10 @@ def test_kernels_run_on_torchs_threads(torch_threads):
 def test_same_bits_on_any_number_of_threads(torch_threads):
     """Each head belongs to one thread and its products run on that thread alone: the thread count
     changes nothing, also for inputs that require grad (worker threads start with autograd on)."""
-    c = dict(B=2, H=3, Tq=300, Tk=600, h=32, n=5, left=40, right=UNBOUNDED, shift=0, padded=True, seed=4, scale=1.0)
-    q, k, v, bias, padding, dout = (t.float() if t is not None and t.is_floating_point() else t for t in inputs(c))
+    c = dict(B=2, H=3, Tq=300, Tk=600, h=32, n=5, left=40, right=UNBOUNDED, shift=0, padded=True, seed=4,
+             scale=1.0)
+    q, k, v, bias, padding, dout = (t.float() if t is not None and t.is_floating_point() else t
+                                    for t in inputs(c))
     out, lse = attention(q, k, v, bias, padding, c["left"], c["right"], c["shift"])
     q, k, v, bias = (t.requires_grad_() for t in (q, k, v, bias))
     got = {}
@@ -150,8 +155,10 @@ def test_same_bits_on_any_number_of_threads(torch_threads):
 
 def test_opcheck():
     """Schema, fake (torch.compile traces it) and dispatcher registration agree with the kernel."""
-    c = dict(B=2, H=2, Tq=20, Tk=30, h=8, n=3, left=4, right=UNBOUNDED, shift=2, padded=True, seed=2, scale=1.0)
-    q, k, v, bias, padding, dout = (t.float() if t is not None and t.is_floating_point() else t for t in inputs(c))
+    c = dict(B=2, H=2, Tq=20, Tk=30, h=8, n=3, left=4, right=UNBOUNDED, shift=2, padded=True, seed=2,
+             scale=1.0)
+    q, k, v, bias, padding, dout = (t.float() if t is not None and t.is_floating_point() else t
+                                    for t in inputs(c))
     out, lse = attention(q, k, v, bias, padding, c["left"], c["right"], c["shift"])
     torch.library.opcheck(op, (dout, q, k, v, out, lse, bias, padding, 4, UNBOUNDED, 2))
     torch.library.opcheck(op, (dout, q, k, v, out, lse, None, None, UNBOUNDED, UNBOUNDED, 0))
@@ -167,8 +174,10 @@ def test_opcheck():
     (lambda a: {**a, "key_padding_mask": a["key_padding_mask"].float()}, "key_padding_mask must be"),
 ])
 def test_bad_arguments_are_refused(bad, message):
-    c = dict(B=1, H=2, Tq=6, Tk=9, h=8, n=3, left=UNBOUNDED, right=UNBOUNDED, shift=0, padded=True, seed=0, scale=1.0)
-    q, k, v, bias, padding, dout = (t.float() if t is not None and t.is_floating_point() else t for t in inputs(c))
+    c = dict(B=1, H=2, Tq=6, Tk=9, h=8, n=3, left=UNBOUNDED, right=UNBOUNDED, shift=0, padded=True, seed=0,
+             scale=1.0)
+    q, k, v, bias, padding, dout = (t.float() if t is not None and t.is_floating_point() else t
+                                    for t in inputs(c))
     out, lse = attention(q, k, v, bias, padding, UNBOUNDED, UNBOUNDED, 0)
     args = bad(dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse, bias=bias, key_padding_mask=padding))
     with pytest.raises(RuntimeError, match=message):

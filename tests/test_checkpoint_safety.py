@@ -29,7 +29,8 @@ class Payload:
 def test_a_whisper_file_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "marker"
     torch.save({"dims": {}, "model_state_dict": Payload(marker)}, tmp_path / "whisper.pt")
-    with pytest.raises(ValueError, match="whisper.pt is not a readable openai-whisper checkpoint .*never code"):
+    with pytest.raises(ValueError,
+                       match="whisper.pt is not a readable openai-whisper checkpoint .*never code"):
         Echo.from_whisper(tmp_path / "whisper.pt")
     assert not marker.exists()
     torch.load(tmp_path / "whisper.pt", weights_only=False)  # the payload is live: a full unpickle runs it
@@ -40,7 +41,8 @@ def test_a_hugging_face_bin_that_runs_code_is_refused(tmp_path):
     folder, marker = tmp_path / "whisper", tmp_path / "marker"
     WhisperConfig(d_model=64).save_pretrained(folder)
     torch.save({"model.encoder.conv1.weight": Payload(marker)}, folder / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="pytorch_model.bin is not a readable PyTorch weights file .*never code"):
+    with pytest.raises(ValueError,
+                       match="pytorch_model.bin is not a readable PyTorch weights file .*never code"):
         Echo.from_whisper(folder)
     assert not marker.exists()
 

@@ -9,14 +9,16 @@ from echo_kernels import checks
 
 def attention_args(B=1, H=2, T=5, h=4):
     q = torch.randn(B, H, T, h)
-    return dict(q=q, k=q.clone(), v=q.clone(), M=torch.eye(h), w=torch.ones(h // 2), s=1.0, bias=torch.zeros(3, H))
+    return dict(q=q, k=q.clone(), v=q.clone(), M=torch.eye(h), w=torch.ones(h // 2), s=1.0,
+                bias=torch.zeros(3, H))
 
 
 def call_attention(**overrides):
     args = attention_args()
     kwargs = {k: overrides.pop(k) for k in list(overrides) if k not in args}
     args.update(overrides)
-    return ek.echo_attention(args["q"], args["k"], args["v"], args["M"], args["w"], args["s"], args["bias"], **kwargs)
+    return ek.echo_attention(args["q"], args["k"], args["v"], args["M"], args["w"], args["s"], args["bias"],
+                             **kwargs)
 
 
 @pytest.mark.parametrize(

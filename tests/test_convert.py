@@ -1,7 +1,7 @@
 """Starting from a pretrained Whisper (echo.convert; docs/model.md, Starting from Whisper): randomly
 initialised small Whispers of openai-whisper and of transformers, English-only and multilingual, 80 and
-128 mels, become Echos that compute their function; greedy decoding and transcription give whisper's tokens and text; training moves the extras
-off the identity; bad sources are clear errors."""
+128 mels, become Echos that compute their function; greedy decoding and transcription give whisper's tokens
+and text; training moves the extras off the identity; bad sources are clear errors."""
 
 import dataclasses
 import logging
@@ -35,7 +35,8 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            is_norm_scale = p.dim() == 1 and name.endswith("weight") and ("ln" in name or "layer_norm" in name)
+            is_norm_scale = (p.dim() == 1 and name.endswith("weight")
+                             and ("ln" in name or "layer_norm" in name))
             p.copy_(1 + 0.1 * noise if is_norm_scale else 0.2 * noise)
 
 
@@ -54,13 +55,15 @@ def hf_whisper(vocab: int, n_mels: int, seed: int = 0):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     eot = 50256 if vocab == 51864 else 50257
-    config = WhisperConfig(vocab_size=vocab, num_mel_bins=n_mels, d_model=64, encoder_layers=2, decoder_layers=2,
-                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256,
-                           decoder_ffn_dim=256, max_source_positions=AUDIO_CTX, max_target_positions=32,
-                           bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, decoder_start_token_id=eot + 1)
+    config = WhisperConfig(vocab_size=vocab, num_mel_bins=n_mels, d_model=64, encoder_layers=2,
+                           decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                           encoder_ffn_dim=256, decoder_ffn_dim=256, max_source_positions=AUDIO_CTX,
+                           max_target_positions=32, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+                           decoder_start_token_id=eot + 1)
     model = WhisperForConditionalGeneration(config)
     randomise(model, seed)
-    model.model.decoder.embed_tokens.weight.data.copy_(model.proj_out.weight.data)  # tied, as trained ones are
+    # tied, as trained ones are
+    model.model.decoder.embed_tokens.weight.data.copy_(model.proj_out.weight.data)
     return model.eval()
 
 
@@ -166,7 +169,8 @@ def test_checkpoint_file_converts_to_an_echo_folder(tmp_path, caplog):
     from transformers import AutoModelForSpeechSeq2Seq
 
     whisper_model = openai_whisper(51865, 80, seed=2)
-    torch.save({"dims": dataclasses.asdict(whisper_model.dims), "model_state_dict": whisper_model.state_dict()},
+    torch.save({"dims": dataclasses.asdict(whisper_model.dims),
+                "model_state_dict": whisper_model.state_dict()},
                tmp_path / "tiny.pt")
     assert convert_main([str(tmp_path / "tiny.pt"), str(tmp_path / "echo")]) == 0
     mel = clip_mel(CLIPS[1], 80)[None]
@@ -178,7 +182,8 @@ def test_checkpoint_file_converts_to_an_echo_folder(tmp_path, caplog):
             assert isinstance(loaded, Echo)
             assert rel_err(loaded(mel, decoder_input_ids=tokens).logits, expected) < 1e-5
     with caplog.at_level(logging.WARNING, logger="echo.convert"):
-        assert convert_main([str(tmp_path / "tiny.pt"), str(tmp_path / "local"), "--set", "local_window=8"]) == 0
+        assert convert_main([str(tmp_path / "tiny.pt"), str(tmp_path / "local"),
+                             "--set", "local_window=8"]) == 0
     assert "start fresh" in caplog.text and "local_attn" in caplog.text
     local = Echo.from_pretrained(tmp_path / "local")
     assert local.config.local_window == 8
@@ -267,15 +272,16 @@ def test_train_init_fine_tunes_an_imported_whisper(tmp_path):
 
     manifest = write_manifest(tmp_path / "data")  # half-second clips
     whisper_model = openai_whisper(51864, 80, seed=6, n_audio_ctx=25)  # a half-second window, English-only
-    torch.save({"dims": dataclasses.asdict(whisper_model.dims), "model_state_dict": whisper_model.state_dict()},
+    torch.save({"dims": dataclasses.asdict(whisper_model.dims),
+                "model_state_dict": whisper_model.state_dict()},
                tmp_path / "w.pt")
     assert convert_main([str(tmp_path / "w.pt"), str(tmp_path / "echo")]) == 0
     runs = {}
     for name, source in (("from-pt", tmp_path / "w.pt"), ("from-folder", tmp_path / "echo")):
         out = tmp_path / name
-        assert train.main(["--manifest", str(manifest), "--out", str(out), "--init", str(source), "--steps", "3",
-                           "--batch-size", "4", "--lr", "1e-2", "--warmup", "1", "--no-progress",
-                           "--workers", "2"]) == 0
+        assert train.main(["--manifest", str(manifest), "--out", str(out), "--init", str(source),
+                           "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--warmup", "1",
+                           "--no-progress", "--workers", "2"]) == 0
         runs[name] = Echo.from_pretrained(out / "model")
     tuned, imported = runs["from-pt"], Echo.from_whisper(whisper_model)
     assert tuned.config.vocab_size == 51864 and tuned.config.positional_norm == "none"
@@ -285,5 +291,5 @@ def test_train_init_fine_tunes_an_imported_whisper(tmp_path):
     assert moved["encoder.blocks.0.attn.s"] and moved["decoder.rotary.w"] and moved["encoder.conv1.weight"]
     assert float(tuned.base) != 10000.0
     with pytest.raises(SystemExit, match="takes at most 0.5 s"):
-        train.main(["--manifest", str(manifest), "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "w.pt"),
-                    "--seconds", "3"])
+        train.main(["--manifest", str(manifest), "--out", str(tmp_path / "bad"),
+                    "--init", str(tmp_path / "w.pt"), "--seconds", "3"])

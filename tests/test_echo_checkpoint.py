@@ -44,7 +44,8 @@ def test_round_trip_is_bit_for_bit(tmp_path, overrides):
     saved = load_file(tmp_path / "model.safetensors")
     for key in ("base", "prev_loss", "encoder.rotary.site.pairs", "decoder.blocks.0.attn.site.pairs"):
         assert key in saved
-    for loader in (Echo.from_pretrained, AutoModelForSpeechSeq2Seq.from_pretrained, AutoModel.from_pretrained):
+    for loader in (Echo.from_pretrained, AutoModelForSpeechSeq2Seq.from_pretrained,
+                   AutoModel.from_pretrained):
         loaded = loader(tmp_path)
         assert type(loaded) is Echo and type(loaded.config) is EchoConfig
         for key in ECHO_DEFAULTS:
@@ -112,7 +113,8 @@ def test_missing_extra_and_misshaped_tensors_are_named(tmp_path):
 
     check({k: v for k, v in good.items() if k != "prev_loss"}, "missing tensors: prev_loss")
     check({**good, "decoder.extra": torch.zeros(2)}, "unexpected tensors: decoder.extra")
-    check({**good, "decoder.blocks.1.attn.bias": torch.zeros(3, 4)}, r"decoder.blocks.1.attn.bias has shape \(3, 4\)")
+    check({**good, "decoder.blocks.1.attn.bias": torch.zeros(3, 4)},
+          r"decoder.blocks.1.attn.bias has shape \(3, 4\)")
     path.write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="safetensors"):
         Echo.from_pretrained(tmp_path)

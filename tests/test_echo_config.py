@@ -15,8 +15,8 @@ from echo.config import SMALL, small_config
     "overrides, message",
     [
         (dict(n_audio_state=60, n_audio_head=4), "must be even"),  # h = 15
-        (dict(n_text_state=512, n_text_head=2), r"h = n_text_state / n_text_head = 256 is wider than the attention "
-                                                r"kernels serve \(h <= 128; built for 32, 64, 128"),
+        (dict(n_text_state=512, n_text_head=2), r"h = n_text_state / n_text_head = 256 is wider than the "
+                                                r"attention kernels serve \(h <= 128; built for 32, 64, 128"),
         (dict(n_text_state=64, n_text_head=5), "does not divide"),
         (dict(max_rel_dist=0), "max_rel_dist"),
         (dict(local_window=-1), "local_window"),

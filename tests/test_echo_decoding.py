@@ -20,7 +20,8 @@ def model_and_audio(seed=0, **overrides):
     return model, mel
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(cross_attention=False), dict(attention_rotation="rope_then_m"),
+@pytest.mark.parametrize("overrides", [{}, dict(cross_attention=False),
+                                       dict(attention_rotation="rope_then_m"),
                                        dict(local_window=2, mlp="s1", layer_norm="s1",
                                             rope_layout="interleaved")])
 def test_cached_decoding_matches_the_full_forward(overrides):
@@ -89,8 +90,10 @@ def test_cached_keys_rotated_or_raw_agree(monkeypatch, overrides):
     torch.testing.assert_close(rotated, raw, rtol=1e-11, atol=1e-11)
     with torch.no_grad():
         pos = model.positional_state()
-        M = pos.matrix(cross.site) if model.config.attention_rotation == "rope_then_m" else None  # else folded
-        torch.testing.assert_close(k_rotated, cross._rotated(k_raw, M, pos.w("text"), 0), rtol=1e-12, atol=1e-12)
+        M = (pos.matrix(cross.site) if model.config.attention_rotation == "rope_then_m"
+             else None)  # else folded
+        torch.testing.assert_close(k_rotated, cross._rotated(k_raw, M, pos.w("text"), 0), rtol=1e-12,
+                                   atol=1e-12)
     assert (k_rotated - k_raw).abs().max() > 0.1
 
 
@@ -126,7 +129,8 @@ def test_greedy_generate_builds_each_matrix_once_and_agrees_with_full_forward(mo
     model, mel = model_and_audio()
     calls, folds = [], []
     real = echo.positional.orthogonal_product
-    monkeypatch.setattr(echo.positional, "orthogonal_product", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(echo.positional, "orthogonal_product",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     fold = echo.attention.fold_rotation
     monkeypatch.setattr(echo.attention, "fold_rotation", lambda *a: folds.append(1) or fold(*a))
     tokens = model.generate(mel, max_new_tokens=6)

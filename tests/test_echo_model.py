@@ -441,7 +441,8 @@ def test_positional_state_holds_every_site_once_batching_grouped_sites(monkeypat
     model = build()
     calls = []
     real = echo.positional.orthogonal_product
-    monkeypatch.setattr(echo.positional, "orthogonal_product", lambda *a: calls.append(a[0].dim()) or real(*a))
+    monkeypatch.setattr(echo.positional, "orthogonal_product",
+                        lambda *a: calls.append(a[0].dim()) or real(*a))
     pos = model.positional_state()
     sites = [m for m in model.modules() if isinstance(m, GivensSite)]
     assert set(pos.matrices) == set(sites) and len(pos.matrices) == len(sites)

@@ -98,7 +98,8 @@ def test_beam_search_scores_are_the_models_log_probabilities():
 def test_beam_search_reorders_the_cache(monkeypatch):
     calls = []
     real = EchoCache.reorder
-    monkeypatch.setattr(EchoCache, "reorder", lambda self, index: calls.append(index.clone()) or real(self, index))
+    monkeypatch.setattr(EchoCache, "reorder",
+                        lambda self, index: calls.append(index.clone()) or real(self, index))
     model = random_model()
     model.generate(mel(B=2), max_new_tokens=4, num_beams=3)
     assert calls and all(c.shape == (6,) for c in calls)
@@ -156,7 +157,8 @@ def test_language_is_detected_as_whisper_does():
     out = model.generate(x, max_new_tokens=2, return_dict_in_generate=True)
     with torch.no_grad():
         logits = model(x, decoder_input_ids=torch.full((3, 1), tok.sot)).logits[:, 0]
-    expected = [tok.all_language_tokens[i] for i in logits[:, list(tok.all_language_tokens)].argmax(-1).tolist()]
+    expected = [tok.all_language_tokens[i]
+                for i in logits[:, list(tok.all_language_tokens)].argmax(-1).tolist()]
     assert out.sequences[:, 1].tolist() == expected
     codes = dict(zip(tok.all_language_tokens, tok.all_language_codes))
     assert [r.language for r in out.rows] == [codes[t] for t in expected]
@@ -189,7 +191,8 @@ def test_transcribe_thirty_second_windows_at_the_default_context():
 
     model = whisper_vocab_model(n_audio_ctx=1500)  # the default context: 3000 mel frames, 30 s per window
     conversation = load_audio(SPEECH / "conversation_30s.wav")
-    assert len(model.transcribe(SPEECH / "conversation_30s.wav", max_new_tokens=1, temperature=0.0)["segments"]) == 1
+    assert len(model.transcribe(SPEECH / "conversation_30s.wav", max_new_tokens=1,
+                                temperature=0.0)["segments"]) == 1
     longer = np.concatenate([conversation, conversation, conversation[:16000 * 5]])  # 65 s
     result = model.transcribe(longer, max_new_tokens=1, temperature=0.0)
     assert [(s["start"], s["end"]) for s in result["segments"]] == [(0.0, 30.0), (30.0, 60.0), (60.0, 65.0)]
@@ -206,13 +209,15 @@ def test_transcribe_edge_cases(tmp_path):
         model.transcribe(bad)
     silence = model.transcribe(np.zeros(16000 * 2, dtype=np.float32), max_new_tokens=3)
     assert isinstance(silence["text"], str) and len(silence["segments"]) == 2  # 1-second windows
-    short = model.transcribe(np.random.default_rng(0).standard_normal(1600).astype(np.float32) * 0.1, max_new_tokens=3)
+    short = model.transcribe(np.random.default_rng(0).standard_normal(1600).astype(np.float32) * 0.1,
+                             max_new_tokens=3)
     assert isinstance(short["text"], str) and short["segments"][0]["end"] == 0.1
 
 
 def test_generate_and_transcribe_are_echo_functions_bound_to_the_model():
-    """model.generate(mel, ...) is echo.generate.generate(model, mel, ...) (and model.transcribe echo.transcribe's):
-    the bound method shows the function's own signature and docstring, and it is Echo's, not transformers'."""
+    """model.generate(mel, ...) is echo.generate.generate(model, mel, ...) (and model.transcribe
+    echo.transcribe's): the bound method shows the function's own signature and docstring, and it is Echo's,
+    not transformers'."""
     import echo.generate
     import echo.transcribe
 
@@ -227,4 +232,5 @@ def test_generate_and_transcribe_are_echo_functions_bound_to_the_model():
     torch.testing.assert_close(model.generate(mel(B=1), max_new_tokens=3, prompt=prompt, suppress_tokens=None,
                                               suppress_blank=False),
                                echo.generate.generate(model, mel(B=1), max_new_tokens=3, prompt=prompt,
-                                                      suppress_tokens=None, suppress_blank=False), rtol=0, atol=0)
+                                                      suppress_tokens=None, suppress_blank=False),
+                               rtol=0, atol=0)

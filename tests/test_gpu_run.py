@@ -98,13 +98,16 @@ def test_rehearsal_runs_every_step_and_brings_back_the_results(tmp_path):
     broken_down = sorted((c["group"], c["case"]) for c in cases if c.get("breakdown"))
     assert broken_down == sorted((f"attention breakdown encoder_global {passes} float32", way)
                                  for passes in ("fwd", "fwd+bwd") for way in ("kernel", "plain"))
-    assert sorted(tuple(line.split(" | ")[:2]) for line in breakdown.splitlines() if line.startswith("| attention")) \
+    assert sorted(tuple(line.split(" | ")[:2]) for line in breakdown.splitlines()
+                  if line.startswith("| attention")) \
         == sorted((f"| {group}", way) for group, way in broken_down)
     steps, _, not_run = markdown.split("## Steps (rehearse)")[1].partition("## Tests not run")
-    assert [line.split(":")[0] for line in steps.splitlines() if line.startswith("- ")] == [f"- {n}" for n in STEPS]
+    assert [line.split(":")[0] for line in steps.splitlines() if line.startswith("- ")] \
+        == [f"- {n}" for n in STEPS]
     # the speech extra is hidden: the bench cases that need it (openai-whisper) are named, not run
     missing = [line for line in not_run.splitlines() if line.startswith("- ")]
-    assert missing and all(line.startswith("- not run (missing") and "whisper" in line for line in missing), missing
+    assert missing and all(line.startswith("- not run (missing") and "whisper" in line
+                           for line in missing), missing
     build = (out / "build.log").read_text()
     assert "ECHO_BACKEND=auto, TRITON_INTERPRET=1" in build
     assert "hidden from Python: accelerate jiwer whisper" in build
@@ -116,8 +119,8 @@ def _correctness_files(script: str) -> list[str]:
 
 def _collected(*args: str, shard: str = "") -> set[str]:
     env = dict(os.environ, ECHO_TEST_SHARD=shard)
-    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode in (0, 5), run.stdout[-4000:] + run.stderr[-4000:]  # 5: none collected
     return {line for line in run.stdout.splitlines() if line.startswith("tests/") and "::" in line}
 
@@ -137,10 +140,11 @@ def test_a_failure_is_in_the_log_before_the_session_ends(tmp_path):
         "import os\n\n"
         "def test_fails():\n    error = 0.25\n    assert error < 1e-5, 'forward'\n\n"
         "def test_killed():\n    os._exit(3)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benches"), os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "stream_failures",
-                          "--tb=short", "test_killed.py"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120, env=env)
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join([str(ROOT / "benches"), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-p", "stream_failures", "--tb=short", "test_killed.py"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 3, run.stdout + run.stderr
     assert "FAILED (call) test_killed.py::test_fails" in run.stdout
     assert "AssertionError: forward" in run.stdout and "assert 0.25 < 1e-05" in run.stdout
@@ -171,7 +175,8 @@ def test_the_correctness_step_shares_its_tests_among_sessions_side_by_side():
     """Each of n sessions under ECHO_TEST_SHARD="i/n" runs every n-th test -k leaves: together, each
     selected test once."""
     script = SCRIPT.read_text()
-    assert re.search(r"^step correctness bash -c 'sharded \"\$@\"' sharded python3 -m pytest", script, re.MULTILINE)
+    assert re.search(r"^step correctness bash -c 'sharded \"\$@\"' sharded python3 -m pytest", script,
+                     re.MULTILINE)
     files = _correctness_files(script)[:2]
     whole = _collected(*files, "-k", "not aot")
     shares = [_collected(*files, "-k", "not aot", shard=f"{i}/3") for i in range(3)]
@@ -188,7 +193,8 @@ def test_a_shard_out_of_range_is_refused(shard):
 
 
 def test_a_failing_shard_fails_the_step():
-    """benches/gpu_run.sh's `sharded` returns the tests' status, not that of the filter tagging their lines."""
+    """benches/gpu_run.sh's `sharded` returns the tests' status, not that of the filter tagging their
+    lines."""
     function = re.search(r"^sharded\(\) \{.*?^\}$", SCRIPT.read_text(), re.MULTILINE | re.DOTALL).group(0)
     script = function + """
 shards=3

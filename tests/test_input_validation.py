@@ -52,7 +52,8 @@ def test_transcribe_in_half_precision(dtype):
     audio = wave(0.5)  # 50 mel frames: two windows of 2 * n_audio_ctx = 32
     result = model.transcribe(audio, max_new_tokens=4, temperature=0.0)
     assert [(s["start"], s["end"]) for s in result["segments"]] == [(0.0, 0.32), (0.32, 0.5)]
-    assert [s["tokens"] for s in result["segments"]] == window_tokens(model, audio, max_new_tokens=4, temperature=0.0)
+    assert [s["tokens"] for s in result["segments"]] == window_tokens(model, audio, max_new_tokens=4,
+                                                                      temperature=0.0)
 
 
 def test_features_beyond_float16_are_refused():
@@ -188,7 +189,8 @@ def test_the_configs_own_pairs_load(tmp_path):
     model = random_model()
     model.save_pretrained(tmp_path)
     loaded = Echo.from_pretrained(tmp_path)
-    assert torch.equal(loaded.generate(mel(B=2), max_new_tokens=3), model.generate(mel(B=2), max_new_tokens=3))
+    assert torch.equal(loaded.generate(mel(B=2), max_new_tokens=3),
+                       model.generate(mel(B=2), max_new_tokens=3))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,9 +200,11 @@ def test_s_must_be_zero_or_one_dimensional():
     q = torch.randn(1, 2, 5, 4)
     M, w, bias = torch.eye(4), torch.ones(2), torch.zeros(3, 2)
     for bad in (torch.ones(1, 1), torch.ones(1, 1, 1)):
-        with pytest.raises(ValueError, match=r"s must be a scalar: a float or a tensor of shape \(\) or \(1,\)"):
+        with pytest.raises(ValueError,
+                           match=r"s must be a scalar: a float or a tensor of shape \(\) or \(1,\)"):
             ek.echo_attention(q, q, q, M, w, bad, bias)
-        with pytest.raises(ValueError, match=r"s must be a scalar: a float or a tensor of shape \(\) or \(1,\)"):
+        with pytest.raises(ValueError,
+                           match=r"s must be a scalar: a float or a tensor of shape \(\) or \(1,\)"):
             ek.rotary_orthogonal(q, M, w, bad)
     expected = ek.echo_attention(q, q, q, M, w, 0.5, bias)
     for good in (torch.tensor(0.5), torch.tensor([0.5])):
@@ -242,7 +246,8 @@ def test_labels_that_are_not_integers_are_refused():
         model(mel(B=2), labels=torch.ones(2, 3, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -float("inf"), (0.0, float("nan")), -0.1, ()])
+@pytest.mark.parametrize("temperature",
+                         [float("nan"), float("inf"), -float("inf"), (0.0, float("nan")), -0.1, ()])
 def test_temperature_must_be_finite_and_not_negative(temperature):
     with pytest.raises(ValueError, match="temperature must be a"):
         random_model().generate(mel(B=2), max_new_tokens=2, temperature=temperature)

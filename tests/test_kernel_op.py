@@ -40,8 +40,8 @@ def _backward_fake(dy, x, a, b, scale, y, total):
     return torch.empty_like(x), x.new_empty(x.shape, dtype=torch.float64), db
 
 
-OP = KernelOp("kernel_op_example", _forward, _backward, forward_fake=_forward_fake, backward_fake=_backward_fake,
-              differentiable=("x", "a", "b"), save_outputs=True)
+OP = KernelOp("kernel_op_example", _forward, _backward, forward_fake=_forward_fake,
+              backward_fake=_backward_fake, differentiable=("x", "a", "b"), save_outputs=True)
 
 
 def inputs(with_b: bool):

@@ -60,7 +60,8 @@ def _deal_kernel(Out, lo, hi, inner_lo, inner_hi, last_past, first_future, BLOCK
     count = 0
     for t in range(near_lo, near_hi, BLOCK):
         count = _record(Out, 2, count, t, t < 0, SLOTS)
-    end, skip_at, skip, skip_at2, skip2 = _far_masked_tiles(lo, hi, inner, inner_end, near_lo, near_hi, d1, d2)
+    end, skip_at, skip, skip_at2, skip2 = _far_masked_tiles(lo, hi, inner, inner_end, near_lo, near_hi, d1,
+                                                            d2)
     count = 0
     for t in range(lo, end, BLOCK):
         start = _skip(_skip(t, skip_at, skip), skip_at2, skip2)

@@ -1,5 +1,5 @@
-"""kernels.attention_operands.near_bias_tiles: the tables of bias tiles the forward and the backward's passes read
-for the tiles that straddle the diagonal, and the forward's for those that cross an edge of the band,
+"""kernels.attention_operands.near_bias_tiles: the tables of bias tiles the forward and the backward's passes
+read for the tiles that straddle the diagonal, and the forward's for those that cross an edge of the band,
 against the float64 reference's bias and band, and the NEAR and edge tiles of every (query tile, key
 tile) pair that kernels.attention_common's regions make, each found in them.
 
@@ -32,7 +32,8 @@ BLOCKS = st.sampled_from((16, 32, 64, 128)) if ON_GPU else st.sampled_from((16, 
 @property_settings(max_examples=40)
 @given(block_m=BLOCKS, block_n=BLOCKS, n=st.integers(1, 70), offset=st.integers(-300, 300),
        heads=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_each_tile_is_the_bias_at_its_offsets_and_every_near_tile_has_one(block_m, block_n, n, offset, heads, seed):
+def test_each_tile_is_the_bias_at_its_offsets_and_every_near_tile_has_one(block_m, block_n, n, offset, heads,
+                                                                          seed):
     bias = torch.randn(2 * n - 1, heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     table = near_bias_tiles(bias.to(DEVICE, torch.float32), n, offset, block_m, block_n)
     tiles, first, count = table.tiles, table.first, table.n_near
@@ -41,7 +42,8 @@ def test_each_tile_is_the_bias_at_its_offsets_and_every_near_tile_has_one(block_
     assert tiles.shape == (heads, count + 2, block_m, block_n) and tiles.dtype == torch.float32
 
     # tile t holds bias[clamp(i - j)] at i - j = first + step t + r - c, entry (r, c)
-    want = torch.stack([reference.relative_bias(bias, first + step * t + torch.arange(block_m), torch.arange(block_n))
+    want = torch.stack([reference.relative_bias(bias, first + step * t + torch.arange(block_m),
+                                                torch.arange(block_n))
                         for t in range(count)], 1)
     assert torch.equal(tiles[:, :count].cpu(), want.float())
     # then the PAST end row (i - j >= n - 1) and the FUTURE one (i - j <= 1 - n), each one value per head
@@ -51,11 +53,13 @@ def test_each_tile_is_the_bias_at_its_offsets_and_every_near_tile_has_one(block_
     # The pairs a forward launch makes: query tiles from row offset (positions minus the key offset),
     # key tiles from column 0. A pair is NEAR unless all its i - j >= n - 1 or all <= 1 - n; its
     # top-left entry's i - j must be one of the table's, and the table spans the NEAR range and no more.
-    deltas = {offset + row - col for row in range(0, 8 * block_m, block_m) for col in range(0, 8 * block_n, block_n)}
+    deltas = {offset + row - col for row in range(0, 8 * block_m, block_m)
+              for col in range(0, 8 * block_n, block_n)}
     near = {d for d in deltas if d - (block_n - 1) < n - 1 and d + (block_m - 1) > 1 - n}
     table = {first + step * t for t in range(count)}
     assert near <= table
-    assert first - step < 3 - n - block_m <= first and first + step * (count - 1) <= block_n + n - 3 < first + step * count
+    assert (first - step < 3 - n - block_m <= first
+            and first + step * (count - 1) <= block_n + n - 3 < first + step * count)
 
 
 @property_settings(max_examples=30)
@@ -64,7 +68,8 @@ def test_each_tile_is_the_bias_at_its_offsets_and_every_near_tile_has_one(block_
 def test_the_reversed_table_holds_the_key_pass_tiles(block_m, block_n, n, offset, heads, seed):
     """The dk/dv pass holds its tiles as (keys, queries) and takes its table of the reversed bias rows (flip)
     at the key offset minus the query offset (kernels.attention_backward): tile t at entry (c, r) is the bias
-    at j - i = first + step t + c - r, and every NEAR (key tile, query tile) pair's top-left j - i is in it."""
+    at j - i = first + step t + c - r, and every NEAR (key tile, query tile) pair's top-left j - i is in
+    it."""
     bias = torch.randn(2 * n - 1, heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     table = near_bias_tiles(bias.to(DEVICE, torch.float32), n, -offset, block_n, block_m, flip=True)
     tiles, first, count = table.tiles, table.first, table.n_near
@@ -72,12 +77,14 @@ def test_the_reversed_table_holds_the_key_pass_tiles(block_m, block_n, n, offset
     assert tiles.shape == (heads, count + 2, block_n, block_m)  # the NEAR tiles, then the two ends' constants
 
     # queries r, keys first + step t + c: i - j = r - c - (first + step t), transposed to (keys, queries)
-    want = torch.stack([reference.relative_bias(bias, torch.arange(block_m), first + step * t + torch.arange(block_n))
+    want = torch.stack([reference.relative_bias(bias, torch.arange(block_m),
+                                                first + step * t + torch.arange(block_n))
                         for t in range(count)], 1).transpose(2, 3)
     assert torch.equal(tiles[:, :count].cpu(), want.float())
 
     # key tiles from column 0, query tiles from row offset: j - i = c0 - offset - r0 at the top-left entry
-    deltas = {col - offset - row for row in range(0, 8 * block_m, block_m) for col in range(0, 8 * block_n, block_n)}
+    deltas = {col - offset - row for row in range(0, 8 * block_m, block_m)
+              for col in range(0, 8 * block_n, block_n)}
     # i - j = r - c - d over the tile: NEAR unless all of it >= n - 1 or all <= 1 - n
     near = {d for d in deltas if -d - (block_n - 1) < n - 1 and block_m - 1 - d > 1 - n}
     assert near <= {first + step * t for t in range(count)}
@@ -152,7 +159,8 @@ def test_a_table_in_the_dot_type_holds_the_fp32_tables_values_rounded(band):
 def test_the_bias_is_read_in_its_own_dtype():
     """The launchers pass the bias as it is (no copy per call): a float64 bias makes the table of its
     values rounded to the dot type, fp32 here, as its fp32 copy does."""
-    bias = torch.randn(2 * 6 - 1, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
+    bias = torch.randn(2 * 6 - 1, 3, generator=torch.Generator().manual_seed(5),
+                       dtype=torch.float64).to(DEVICE)
     wide = near_bias_tiles(bias, 6, -2, 32, 16, 9, 4)
     assert torch.equal(wide.tiles, near_bias_tiles(bias.float(), 6, -2, 32, 16, 9, 4).tiles)
     past = wide.tiles[:, wide.n_near]  # the PAST end row's constant tile, per head

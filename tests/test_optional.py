@@ -83,9 +83,11 @@ def test_main_job_runs_without_the_optional_packages():
 
 def test_training_script_names_the_extra_in_one_line(tmp_path):
     run = run_blocked("import runpy\nsys.argv = ['echo.train', '--synthetic', '4', '--out', sys.argv[1]]\n"
-                      "runpy.run_module('echo.train', run_name='__main__', alter_sys=True)", str(tmp_path / "run"))
+                      "runpy.run_module('echo.train', run_name='__main__', alter_sys=True)",
+                      str(tmp_path / "run"))
     assert run.returncode == 1
-    assert run.stderr.strip() == ("python -m echo.train: python -m echo.train (audio and tokens) needs openai-whisper, "
+    assert run.stderr.strip() == ("python -m echo.train: python -m echo.train (audio and tokens) needs "
+                                  "openai-whisper, "
                                   "which is not installed: pip install 'echo-kernels[speech]'")
     assert not (tmp_path / "run").exists()  # nothing was synthesised or written before the check
 
@@ -113,7 +115,8 @@ def whisper_vocab_model():
 def test_generate_with_token_ids_needs_no_tokenizer(without):
     model = whisper_vocab_model()
     mel = torch.randn(2, 80, 32)
-    raw = dict(suppress_tokens=None, suppress_blank=False)  # whisper's suppression lists come from its tokenizer
+    # whisper's suppression lists come from its tokenizer
+    raw = dict(suppress_tokens=None, suppress_blank=False)
     with_whisper = model.generate(mel, max_new_tokens=4, language="en", **raw)  # whisper's start sequence
     without("whisper")
     tokens = model.generate(mel, max_new_tokens=4, prompt=[50258], **raw)
@@ -133,7 +136,8 @@ def test_require_names_the_extra(without, name):
     distribution, extra = OPTIONAL[name]
     with pytest.raises(MissingExtra) as error:
         require(name, "doing X")
-    assert str(error.value) == f"doing X needs {distribution}, which is not installed: pip install 'echo-kernels[{extra}]'"
+    assert str(error.value) == (f"doing X needs {distribution}, which is not installed: "
+                                f"pip install 'echo-kernels[{extra}]'")
 
 
 @pytest.mark.speech
@@ -167,7 +171,8 @@ def test_tests_that_need_the_speech_extra_are_named_not_run_without_it():
                      "tests/test_audio.py::test_missing_and_unreadable_files_are_clear_errors",
                      "tests/test_synthetic.py::test_espeak_speech_is_read_at_16khz",
                      "tests/test_synthetic.py::test_train_synthetic_end_to_end"}
-    assert "tests/test_synthetic.py::test_manifest_errors" in run.stdout.splitlines()  # the rest are collected
+    # the rest are collected
+    assert "tests/test_synthetic.py::test_manifest_errors" in run.stdout.splitlines()
     assert "2/9 tests collected (7 deselected)" in run.stdout
 
 
@@ -204,8 +209,8 @@ def test_a_test_that_needs_the_speech_extra_without_the_marker_fails(tmp_path):
     whisper and jiwer hidden, in its process and in those it starts, and ffmpeg and espeak-ng refused."""
     (tmp_path / "test_marks.py").write_text(UNMARKED)
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", "-rf",
-                          "test_marks.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                          "-rf", "test_marks.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": path})
     assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-4000:]
     failed = {line.split()[1].split(" ")[0] for line in run.stdout.splitlines() if line.startswith("FAILED ")}

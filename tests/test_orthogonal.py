@@ -144,7 +144,8 @@ def test_torch_compile_fullgraph():
     thetas, pairs, R = inputs(16, 24, "random", (3,), (), dtype=torch.float32, seed=5)
 
     def f(thetas, R):
-        return (ek.orthogonal_product(thetas, pairs, R, True) @ ek.orthogonal_product(thetas, pairs, R, False)).sum()
+        return (ek.orthogonal_product(thetas, pairs, R, True)
+                @ ek.orthogonal_product(thetas, pairs, R, False)).sum()
 
     t1, r1 = thetas.clone().requires_grad_(True), R.clone().requires_grad_(True)
     t2, r2 = thetas.clone().requires_grad_(True), R.clone().requires_grad_(True)
@@ -260,7 +261,8 @@ def test_backward_is_deterministic():
     "change,match",
     [
         (lambda t, p, r: (t, torch.tensor([[1, 1]] * 3), r), "needs i != j"),
-        (lambda t, p, r: (t, torch.tensor([[0, 1], [2, 8], [3, 4]]), r), r"pairs\[1\] = \(2, 8\) must index rows 0..7"),
+        (lambda t, p, r: (t, torch.tensor([[0, 1], [2, 8], [3, 4]]), r),
+         r"pairs\[1\] = \(2, 8\) must index rows 0..7"),
         (lambda t, p, r: (t, torch.tensor([[0, -1]] * 3), r), "must index rows"),
         (lambda t, p, r: (t, p[:2], r), r"pairs must have shape \(N, 2\) with N = .* = 3"),
         (lambda t, p, r: (t, p, r[..., :7]), r"R must have shape \(..., h, h\)"),
@@ -315,7 +317,8 @@ def test_missing_extension_is_said_once_and_the_reference_runs(monkeypatch):
     monkeypatch.setattr(_extension, "_CPU", False)
     monkeypatch.setattr(backend, "_warned", set())
     thetas, pairs, R = inputs(8, 5, seed=13)
-    with pytest.warns(UserWarning, match="no compiled orthogonal_product for cpu tensors; running the reference"):
+    with pytest.warns(UserWarning,
+                      match="no compiled orthogonal_product for cpu tensors; running the reference"):
         M = ek.orthogonal_product(thetas, pairs, R)
     torch.testing.assert_close(M, reference.orthogonal_product(thetas, pairs, R))
     import warnings
@@ -370,7 +373,8 @@ def test_gpu_cuda_matches_reference(h, n, kind, tb, rb, givens_first, dtype):
     ref_in = [x.clone().requires_grad_(True) for x in (thetas, R)]
     gpu_in = [x.cuda().requires_grad_(True) for x in (thetas, R)]
     M = op(gpu_in[0], pairs.cuda(), gpu_in[1], givens_first)
-    expected = op(ref_in[0], pairs, ref_in[1], givens_first)  # the CPU op, itself checked against the reference
+    # the CPU op, itself checked against the reference
+    expected = op(ref_in[0], pairs, ref_in[1], givens_first)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert rel_err(M.cpu(), expected) < tol
     upstream = torch.randn(M.shape, dtype=dtype, generator=torch.Generator().manual_seed(3))
@@ -405,7 +409,8 @@ def test_wider_than_the_compiled_op_runs_the_reference_and_says_so(monkeypatch):
     g = torch.Generator().manual_seed(3)
     thetas, R = torch.randn(4, generator=g), torch.randn(h, h, generator=g)
     pairs = make_pairs("random", h, 4, g)
-    with pytest.warns(UserWarning, match=rf"takes h <= {orthogonal.MAX_H}; h = {h} runs the reference") as caught:
+    with pytest.warns(UserWarning,
+                      match=rf"takes h <= {orthogonal.MAX_H}; h = {h} runs the reference") as caught:
         M = ek.orthogonal_product(thetas, pairs, R)
     assert caught[0].filename == __file__  # the warning points at the caller
     torch.testing.assert_close(M, reference.orthogonal_product(thetas, pairs, R), rtol=0, atol=0)

@@ -72,7 +72,8 @@ def test_tokenizer_is_whispers(vocab_size):
     processor = EchoProcessor.for_config(tiny(vocab_size, n_audio_ctx=8).config)
     ours, theirs = processor.tokenizer, audio.get_tokenizer(vocab_size=vocab_size)
     assert len(ours) == theirs.encoding.n_vocab == vocab_size
-    for text in TEXTS + [" naïve café: 東京タワー, ёлка!", "  two  spaces\n\tand 12345", "<|endoftext|> in text"]:
+    for text in TEXTS + [" naïve café: 東京タワー, ёлка!", "  two  spaces\n\tand 12345",
+                         "<|endoftext|> in text"]:
         ids = theirs.encoding.encode(text, allowed_special="all")
         assert ours.encode(text, add_special_tokens=False) == ids
         assert ours.decode(ids) == theirs.encoding.decode(ids)
@@ -141,7 +142,8 @@ def test_converted_whisper_folder_runs_in_the_pipeline(tmp_path):
     from test_convert import openai_whisper
 
     whisper_model = openai_whisper(51865, 80, seed=5, n_audio_ctx=1500)
-    torch.save({"dims": dataclasses.asdict(whisper_model.dims), "model_state_dict": whisper_model.state_dict()},
+    torch.save({"dims": dataclasses.asdict(whisper_model.dims),
+                "model_state_dict": whisper_model.state_dict()},
                tmp_path / "w.pt")
     assert convert_main([str(tmp_path / "w.pt"), str(tmp_path / "echo")]) == 0
     assert (tmp_path / "echo" / "processor_config.json").is_file()
@@ -170,12 +172,14 @@ def test_save_pretrained_processor_choices(tmp_path, caplog):
 
 def test_save_pretrained_without_openai_whisper_says_so(tmp_path):
     run = run_blocked("from echo import Echo, EchoConfig\n"
-                      "Echo(EchoConfig(n_audio_ctx=8, n_audio_state=64, n_audio_head=4, n_audio_layer=1, n_text_ctx=8,"
-                      " n_text_state=64, n_text_head=4, n_text_layer=1)).save_pretrained(sys.argv[1])",
+                      "Echo(EchoConfig(n_audio_ctx=8, n_audio_state=64, n_audio_head=4, n_audio_layer=1, "
+                      "n_text_ctx=8, n_text_state=64, n_text_head=4, "
+                      "n_text_layer=1)).save_pretrained(sys.argv[1])",
                       str(tmp_path / "m"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "saved without a processor" in run.stderr and "needs openai-whisper" in run.stderr
-    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "generation_config.json",
+                                                  "model.safetensors"]
 
 
 @pytest.mark.speech
@@ -201,14 +205,16 @@ def test_trainer_on_processor_mapped_data_moves_the_base_once_per_step(tmp_path)
     recorder = Recorder(model)
     args = Seq2SeqTrainingArguments(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=2,
-        learning_rate=0.05, optim="sgd", max_grad_norm=0.0, train_sampling_strategy="sequential", logging_steps=1,
-        report_to=[], save_strategy="no", remove_unused_columns=False, disable_tqdm=True, use_cpu=True)
+        learning_rate=0.05, optim="sgd", max_grad_norm=0.0, train_sampling_strategy="sequential",
+        logging_steps=1, report_to=[], save_strategy="no", remove_unused_columns=False, disable_tqdm=True,
+        use_cpu=True)
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data, data_collator=collate,
                              callbacks=[AdaptiveBaseCallback(), recorder])
     trainer.train()
     losses = logged_losses(trainer)
     bases, _ = replay(model.config, losses)
-    assert len(losses) == len(recorder.bases) == 2 and len(recorder.substep_bases) == 2  # the first micro-batch of each step
+    assert (len(losses) == len(recorder.bases) == 2
+            and len(recorder.substep_bases) == 2)  # the first micro-batch of each step
     before = torch.tensor(float(model.config.base))
     for step in range(2):
         assert all(torch.equal(b, before) for b in recorder.substep_bases[step: step + 1])

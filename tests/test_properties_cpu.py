@@ -1,6 +1,6 @@
 """Generated cases on the CPU paths: the CPU attention (float64 and float32; its backward in C++, and in
-PyTorch as without the extension) and the C++ orthogonal_product (float64) against the float64 reference, and the reference itself against the
-brute-force formulas of tests/brute_force.py. Forward and every gradient.
+PyTorch as without the extension) and the C++ orthogonal_product (float64) against the float64 reference, and
+the reference itself against the brute-force formulas of tests/brute_force.py. Forward and every gradient.
 
 Hypothesis draws the cases (tests/attention_strategies.py, tests/property_strategies.py) derandomized;
 tests/conftest.py prints how many each test generated and fails the run if, the whole module having

@@ -52,7 +52,8 @@ def test_orthogonal_product_is_the_product_of_dense_givens(givens_first, h, n):
 def test_orthogonal_product_row_convention():
     """u @ G(i, j) gives u_i cos + u_j sin and -u_i sin + u_j cos (docs/model.md, Givens)."""
     theta = 0.3
-    M = reference.orthogonal_product(torch.tensor([theta], dtype=f64), torch.tensor([[1, 3]]), torch.eye(4, dtype=f64))
+    M = reference.orthogonal_product(torch.tensor([theta], dtype=f64), torch.tensor([[1, 3]]),
+                                     torch.eye(4, dtype=f64))
     u = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=f64)
     c, s = math.cos(theta), math.sin(theta)
     expected = torch.tensor([1.0, 2 * c + 4 * s, 3.0, -2 * s + 4 * c], dtype=f64)
@@ -74,7 +75,8 @@ def test_orthogonal_product_broadcasts_leading_dims():
 def test_orthogonal_product_keeps_orthogonality():
     g = torch.Generator().manual_seed(1)
     R, _ = torch.linalg.qr(torch.randn(8, 8, dtype=f64, generator=g))
-    M = reference.orthogonal_product(torch.randn(12, dtype=f64, generator=g), random_pairs(8, 12, g), R, False)
+    M = reference.orthogonal_product(torch.randn(12, dtype=f64, generator=g), random_pairs(8, 12, g), R,
+                                     False)
     torch.testing.assert_close(M @ M.T, torch.eye(8, dtype=f64), rtol=0, atol=1e-12)
 
 
@@ -84,7 +86,8 @@ def test_orthogonal_product_gradcheck():
     R = torch.randn(5, 5, dtype=f64, generator=g, requires_grad=True)
     pairs = random_pairs(5, 7, g)
     for givens_first in (True, False):
-        assert torch.autograd.gradcheck(lambda t, r: reference.orthogonal_product(t, pairs, r, givens_first), (thetas, R))
+        assert torch.autograd.gradcheck(lambda t, r: reference.orthogonal_product(t, pairs, r, givens_first),
+                                        (thetas, R))
 
 
 def test_orthogonal_product_half_precision_computes_in_float32():
@@ -93,7 +96,8 @@ def test_orthogonal_product_half_precision_computes_in_float32():
     pairs = random_pairs(6, 4, g)
     M = reference.orthogonal_product(thetas.to(torch.bfloat16), pairs, R.to(torch.bfloat16))
     assert M.dtype == torch.bfloat16
-    expected = reference.orthogonal_product(thetas.to(torch.bfloat16).double(), pairs, R.to(torch.bfloat16).double())
+    expected = reference.orthogonal_product(thetas.to(torch.bfloat16).double(), pairs,
+                                            R.to(torch.bfloat16).double())
     # float32 inside: only the output's rounding to bf16 is left
     assert (M.double() - expected).norm() / expected.norm() < reference.rounding_tolerance(torch.bfloat16, 1)
 
@@ -137,7 +141,8 @@ def test_rotary_orthogonal_frequencies_from_base():
     M = torch.randn(6, 6, dtype=f64, generator=g)
     w = 10000.0 ** (-torch.arange(0, 6, 2, dtype=f64) / 6)
     u = x @ M
-    torch.testing.assert_close(reference.rotary_orthogonal(x, M, w), torch.cat([u[..., 0::2], u[..., 1::2]], -1))
+    torch.testing.assert_close(reference.rotary_orthogonal(x, M, w),
+                               torch.cat([u[..., 0::2], u[..., 1::2]], -1))
 
 
 def test_rotary_orthogonal_gradcheck():
@@ -175,7 +180,8 @@ ATTENTION_CASES = {
 @pytest.mark.parametrize("rotation", ["m_then_rope", "rope_then_m", "no_m"])
 @pytest.mark.parametrize("case", ATTENTION_CASES)
 def test_echo_attention_by_hand(case, rotation):
-    opts = dict(Tq=7, Tk=7, n=3, window=None, causal=False, q_offset=0, k_offset=0, padding=False, layout="half_split")
+    opts = dict(Tq=7, Tk=7, n=3, window=None, causal=False, q_offset=0, k_offset=0, padding=False,
+                layout="half_split")
     opts.update(ATTENTION_CASES[case])
     g = torch.Generator().manual_seed(7)
     B, H, h = 2, 2, 6
@@ -273,5 +279,6 @@ def test_echo_attention_window_cost_is_banded(monkeypatch):
     monkeypatch.setattr(reference, "relative_bias", spy)
     T = 64
     x = torch.randn(1, 1, T, 4)
-    reference.echo_attention(x, x, x, torch.eye(4), torch.ones(2), 1.0, torch.zeros(3, 1), window=4, query_chunk=8)
+    reference.echo_attention(x, x, x, torch.eye(4), torch.ones(2), 1.0, torch.zeros(3, 1), window=4,
+                             query_chunk=8)
     assert len(seen) == T // 8 and max(seen) <= 8 + 2 * 4

@@ -10,7 +10,8 @@ RESULTS = {
     "device": "Test GPU", "gpu": True, "date": "2026-01-01", "torch": "2.x",
     "ceilings": {"copy_bandwidth": 3e12, "matmul_flops": 8e14, "matmul_dtype": "bfloat16"},
     "cases": [
-        {"group": "g1", "case": "kernel", "median_s": 2e-3, "role": "ours", "bytes": 3e9, "bandwidth_fraction": 0.5},
+        {"group": "g1", "case": "kernel", "median_s": 2e-3, "role": "ours", "bytes": 3e9,
+         "bandwidth_fraction": 0.5},
         {"group": "g1", "case": "compiled", "median_s": 5e-3, "role": "peer"},
         {"group": "g1", "case": "reference", "median_s": 3e-2, "role": "peer"},
         {"group": "g2", "case": "reference", "median_s": 1.5, "role": "peer"},
@@ -19,7 +20,8 @@ RESULTS = {
 
 
 def test_speedups_are_peer_over_ours_within_a_group():
-    assert report.speedups(RESULTS) == [("g1", "compiled", pytest.approx(2.5)), ("g1", "reference", pytest.approx(15.0))]
+    assert report.speedups(RESULTS) == [("g1", "compiled", pytest.approx(2.5)),
+                                        ("g1", "reference", pytest.approx(15.0))]
 
 
 def test_markdown_table_names_device_ceilings_and_ratios():
@@ -50,18 +52,21 @@ BREAKDOWN = {
     "host_s": 4e-4, "ops_s": 2e-4, "ops": {"cuLaunchKernel": 1.5e-4, "aten::empty": 5e-5},
     "device_s": 1.2e-3, "span_s": 1.5e-3,
     "kernels": {"_attn_fwd_kernel": [1e-3, 1.0],
-                "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >(int, float)":
+                "void at::native::vectorized_elementwise_kernel<4, "
+                "at::native::FillFunctor<float> >(int, float)":
                     [2e-4, 2.0]},
 }
-WITH_BREAKDOWN = {**RESULTS, "cases": [*RESULTS["cases"], {"group": "g3", "case": "kernel", "median_s": 1.6e-3,
-                                                           "role": "ours", "breakdown": BREAKDOWN}]}
+WITH_BREAKDOWN = {**RESULTS, "cases": [*RESULTS["cases"],
+                                       {"group": "g3", "case": "kernel", "median_s": 1.6e-3, "role": "ours",
+                                        "breakdown": BREAKDOWN}]}
 
 
 def test_breakdown_table_splits_a_gpu_call_into_host_and_kernels():
     table = report.breakdown_table(WITH_BREAKDOWN)
     assert table.startswith("## Where the time goes") and table.count("\n| g3 |") == 1
     assert ("| g3 | kernel | 1.6 ms | 400 us | 1.2 ms | 1.5 ms | _attn_fwd_kernel 1 ms x1, "
-            "at::native::vectorized_elementwise_kernel 200 us x2 | cuLaunchKernel 75%, aten::empty 25% |") in table
+            "at::native::vectorized_elementwise_kernel 200 us x2 | cuLaunchKernel 75%, "
+            "aten::empty 25% |") in table
 
 
 def test_breakdown_table_of_a_cpu_run_gives_shares_not_times():

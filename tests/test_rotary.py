@@ -169,7 +169,8 @@ def test_gradients_match_reference(h, layout, dtype):
     x, M, w, s = make_inputs(2, 70, 3, h, dtype, strided=True, seed=h)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)  # rounded alike
     offset = 5
-    got = grads_of(lambda *a: echo_kernels.rotary_orthogonal(*a, offset=offset, layout=layout), x, M, w, s, dy)
+    got = grads_of(lambda *a: echo_kernels.rotary_orthogonal(*a, offset=offset, layout=layout), x, M, w, s,
+                   dy)
     want = grads_of(lambda *a: reference.rotary_orthogonal(*a, offset=offset, layout=layout),
                     x.double(), M.double(), w.double(), s.double(), dy.double())
     for name, g, ref in zip(("x", "M", "w", "s"), got, want):
@@ -313,7 +314,8 @@ def test_aot_compiles_for_sm80_and_sm90(aot_reports):
               f"{'yes' if r.mma else 'no':>4} {'yes' if r.wgmma else 'no':>6}")
         assert r.shared_bytes > 0  # M's slices and the x tile are staged in shared memory
         assert 0 < r.registers <= 255
-        assert r.spilled_bytes == recorded_spills[(r.name, r.arch)], r.name  # as recorded; test_aot.py bounds them
+        # as recorded; test_aot.py bounds them
+        assert r.spilled_bytes == recorded_spills[(r.name, r.arch)], r.name
         if "_fp32_" in r.name:
             # fp32 inputs take exact fp32 dots (input_precision="ieee"): no tensor cores, by design.
             assert not r.mma

@@ -48,7 +48,8 @@ def test_loops_are_backward_branches():
 
 def test_main_loops_count_a_loop_with_tensor_core_instructions_and_what_it_nests():
     (loop,) = sass.main_loops(SASS)  # the inner loop is counted in it; the sine loop has no product
-    assert loop == sass.LoopCounts(instructions=8, tensor_core=1, sync_loads=1, async_loads=2, exp2=1, sin_cos=1)
+    assert loop == sass.LoopCounts(instructions=8, tensor_core=1, sync_loads=1, async_loads=2, exp2=1,
+                                   sin_cos=1)
     assert loop.per_tensor_core == 8.0
 
 
@@ -74,8 +75,10 @@ NESTED = """
 
 def test_main_loops_are_the_innermost_loops_with_tensor_core_instructions():
     first, second = sass.main_loops(NESTED)  # not the loop around them
-    assert first == sass.LoopCounts(instructions=2, tensor_core=1, sync_loads=0, async_loads=0, exp2=0, sin_cos=0)
-    assert second == sass.LoopCounts(instructions=4, tensor_core=1, sync_loads=0, async_loads=1, exp2=1, sin_cos=0)
+    assert first == sass.LoopCounts(instructions=2, tensor_core=1, sync_loads=0, async_loads=0, exp2=0,
+                                    sin_cos=0)
+    assert second == sass.LoopCounts(instructions=4, tensor_core=1, sync_loads=0, async_loads=1, exp2=1,
+                                     sin_cos=0)
 
 
 def test_a_kernel_without_tensor_core_loops_has_no_main_loop():

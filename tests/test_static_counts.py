@@ -26,8 +26,8 @@ WINDOW = 256  # the benches' local case
 
 def _static_counts(*args: str) -> dict[str, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(ROOT / "benches" / "static_counts.py"), "--json", *args], env=env,
-                         cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    run = subprocess.run([sys.executable, str(ROOT / "benches" / "static_counts.py"), "--json", *args],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -93,4 +93,5 @@ def test_a_window_runs_one_iteration_per_tile_pair_it_reaches(window_counts):
     plain = window_counts["plain forward"]
     assert sum(plain["iterations"]) == math.ceil(1500 / 128) ** 2
     forward = window_counts["forward"]
-    assert _tiles(forward["launch"]) == (128, 128) and forward["iterations"][0] == 0 and forward["iterations"][1] > 0
+    assert (_tiles(forward["launch"]) == (128, 128) and forward["iterations"][0] == 0
+            and forward["iterations"][1] > 0)

@@ -45,8 +45,9 @@ def test_train_synthetic_end_to_end(tmp_path):
     from echo import train
 
     out = tmp_path / "run"
-    assert train.main(["--synthetic", "6", "--out", str(out), "--preset", "test", "--seconds", "1", "--steps", "2",
-                       "--batch-size", "3", "--no-progress", "--eval-synthetic", "2", "--workers", "2"]) == 0
+    assert train.main(["--synthetic", "6", "--out", str(out), "--preset", "test", "--seconds", "1",
+                       "--steps", "2", "--batch-size", "3", "--no-progress", "--eval-synthetic", "2",
+                       "--workers", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["train_utterances"] == 6
     assert summary["eval"]["n"] == 2 and summary["eval"]["texts_seen_in_training"] == 0

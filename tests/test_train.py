@@ -28,7 +28,8 @@ def manifest(tmp_path_factory):
 
 def test_resume_continues_exactly(manifest, tmp_path):
     assert train.main(common(manifest, tmp_path / "a", "--steps", "4", "--batch-size", "3")) == 0
-    assert train.main(common(manifest, tmp_path / "b", "--steps", "4", "--batch-size", "3", "--stop-after", "2")) == 0
+    assert train.main(common(manifest, tmp_path / "b", "--steps", "4", "--batch-size", "3",
+                             "--stop-after", "2")) == 0
     assert final_state(tmp_path / "b")["step"] == 2
     assert train.main(common(manifest, tmp_path / "b", "--steps", "4", "--batch-size", "3", "--resume")) == 0
     a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
@@ -89,16 +90,17 @@ def test_seq2seq_trainer_trains_echo(manifest, tmp_path):
     dataset = [{"input_features": mels[i], "labels": labels[i]} for i in range(len(items))]
 
     def collator(batch):
-        mel, lab = train_data.collate(torch.stack([b["input_features"] for b in batch]), [b["labels"] for b in batch],
-                                 list(range(len(batch))), 24)
+        mel, lab = train_data.collate(torch.stack([b["input_features"] for b in batch]),
+                                      [b["labels"] for b in batch], list(range(len(batch))), 24)
         return {"input_features": mel, "labels": lab}
 
     torch.manual_seed(0)
     model = Echo(train.build_config("test", 0.5))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=4, per_device_train_batch_size=4,
-                                    learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
-                                    use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=4,
+                                    per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
+                                    report_to=[], save_strategy="no", use_cpu=True,
+                                    remove_unused_columns=False, disable_tqdm=True)
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                              callbacks=[AdaptiveBaseCallback()])
     result = trainer.train()

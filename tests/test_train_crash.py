@@ -37,7 +37,8 @@ def written_since(path: Path, since_ns: int) -> bool:
 
 
 def left_before(path: Path, since_ns: int) -> bool:
-    """path exists and was last written before since_ns (one stat: a rename racing the check cannot fool it)."""
+    """path exists and was last written before since_ns (one stat: a rename racing the check cannot fool
+    it)."""
     try:
         return path.stat().st_mtime_ns <= since_ns
     except FileNotFoundError:
@@ -72,9 +73,11 @@ class Run:
         return written_since(durable.temporary(self.out / "checkpoint.pt"), self.started_ns)
 
     def assert_temporaries_cleared(self) -> None:
-        """Once this run has started (rewritten the log it resumes), no temporary left by a killed run remains."""
+        """Once this run has started (rewritten the log it resumes), no temporary left by a killed run
+        remains."""
         log = self.out / "log.jsonl"
-        self.wait_until(lambda: written_since(log, self.started_ns) or self.process.poll() is not None, "the start")
+        self.wait_until(lambda: written_since(log, self.started_ns) or self.process.poll() is not None,
+                        "the start")
         for path in (durable.temporary(self.out / "checkpoint.pt"), durable.temporary(self.out / "model")):
             assert not left_before(path, self.started_ns), f"{path.name} left by a killed run is still there"
 

@@ -68,14 +68,16 @@ def test_a_checkpoint_loads_weights_only(manifest, tmp_path):
 @pytest.mark.parametrize("name", ["checkpoint.pt", "log.jsonl", "model", "checkpoint.pt.tmp"])
 def test_an_out_folder_holding_a_run_is_refused(manifest, tmp_path, no_data_preparation, name):
     (tmp_path / name).write_text("the old run's")
-    with pytest.raises(SystemExit, match=f"holds a run \\({name.removesuffix('.tmp')}\\).*--resume.*--overwrite"):
+    with pytest.raises(SystemExit,
+                       match=f"holds a run \\({name.removesuffix('.tmp')}\\).*--resume.*--overwrite"):
         train.main(common(manifest, tmp_path, "--steps", "1"))
     assert (tmp_path / name).read_text() == "the old run's"
 
 
 @pytest.mark.speech
 def test_overwrite_starts_afresh(manifest, tmp_path):
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in range(1, 6)))
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n"
+                                                for s in range(1, 6)))
     (tmp_path / "checkpoint.pt").write_text("not a checkpoint")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "stale").write_text("x")
@@ -95,15 +97,17 @@ def test_overwrite_and_resume_together_are_an_error(manifest, tmp_path, capsys):
 
 @pytest.mark.speech
 def test_resume_refuses_other_settings_and_allows_a_longer_run(manifest, tmp_path, monkeypatch):
-    assert train.main(common(manifest, tmp_path, "--steps", "2", "--batch-size", "3", "--stop-after", "1")) == 0
+    assert train.main(common(manifest, tmp_path, "--steps", "2", "--batch-size", "3",
+                             "--stop-after", "1")) == 0
     with monkeypatch.context() as patch:
         patch.setattr(train, "load_data", lambda *_: pytest.fail("data preparation before the comparison"))
         with pytest.raises(SystemExit) as error:
             train.main(common(manifest, tmp_path, "--steps", "2", "--batch-size", "2", "--lr", "0.02",
                               "--seed", "1", "--seconds", "1", "--resume"))
     message = str(error.value)
-    for difference in ("--batch-size: saved 3, given 2", "--lr: saved 0.01, given 0.02", "--seed: saved 0, given 1",
-                       "--seconds: saved 0.5, given 1.0", "model config n_audio_ctx: saved 25, given 50"):
+    for difference in ("--batch-size: saved 3, given 2", "--lr: saved 0.01, given 0.02",
+                       "--seed: saved 0, given 1", "--seconds: saved 0.5, given 1.0",
+                       "model config n_audio_ctx: saved 25, given 50"):
         assert difference in message
     assert "--steps:" not in message and "--overwrite" in message
     # the length of the run, how often it saves and logs, may change
@@ -201,7 +205,8 @@ def test_a_final_model_that_cannot_be_written_is_an_error(manifest, tmp_path, mo
         raise PermissionError(13, "Permission denied", str(folder))
 
     monkeypatch.setattr(durable, "write_folder", fail)
-    with pytest.raises(SystemExit, match="the trained model could not be written to .*model: .*Permission denied"):
+    with pytest.raises(SystemExit,
+                       match="the trained model could not be written to .*model: .*Permission denied"):
         train.main(common(manifest, tmp_path, "--steps", "1", "--batch-size", "2"))
     assert final_state(tmp_path)["step"] == 1  # the checkpoint holds what was trained
 

@@ -1,9 +1,11 @@
 """Start from a pretrained Whisper (docs/model.md, Starting from Whisper): openai-whisper and Hugging Face
 checkpoints become Echo.
 
-    model = Echo.from_whisper("small.en.pt")         # openai-whisper's checkpoint file (what whisper.load_model reads)
+    model = Echo.from_whisper("small.en.pt")         # openai-whisper's checkpoint file (what
+                                                       whisper.load_model reads)
     model = Echo.from_whisper(whisper_model)         # a loaded whisper.model.Whisper
-    model = Echo.from_whisper(hf_model_or_folder)    # transformers' WhisperForConditionalGeneration, or its folder
+    model = Echo.from_whisper(hf_model_or_folder)    # transformers' WhisperForConditionalGeneration, or its
+                                                       folder
     python -m echo.convert SOURCE OUT_DIR [--set local_window=64 ...]   # the same, saved as an Echo folder
 
 Whisper's weights are copied layer for layer. Every part Whisper lacks starts at the identity: attention
@@ -65,7 +67,8 @@ _HF_NAMES = [
 
 @dataclasses.dataclass
 class WhisperWeights:
-    """A Whisper as openai-whisper names it: ModelDimensions' fields, its state dict and its special tokens."""
+    """A Whisper as openai-whisper names it: ModelDimensions' fields, its state dict and its special
+    tokens."""
 
     dims: dict
     tensors: dict[str, Tensor]
@@ -90,8 +93,8 @@ def read_whisper(source) -> WhisperWeights:
         raise ValueError(f"{type(source).__name__} is not a Whisper: expected openai-whisper's Whisper or "
                          "transformers' WhisperForConditionalGeneration")
     if not isinstance(source, (str, Path)):
-        raise ValueError(f"a Whisper source is a path, a whisper.model.Whisper or a WhisperForConditionalGeneration, "
-                         f"got {type(source).__name__}")
+        raise ValueError(f"a Whisper source is a path, a whisper.model.Whisper or a "
+                         f"WhisperForConditionalGeneration, got {type(source).__name__}")
     path = Path(source)
     if path.is_dir():
         return _hugging_face_folder(path)
@@ -100,8 +103,8 @@ def read_whisper(source) -> WhisperWeights:
     checkpoint = load_weights_only(path, "openai-whisper checkpoint")
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
         keys = sorted(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path} is not an openai-whisper checkpoint: it needs 'dims' and 'model_state_dict' "
-                         f"(what whisper.load_model reads), found {keys}")
+        raise ValueError(f"{path} is not an openai-whisper checkpoint: it needs 'dims' and "
+                         f"'model_state_dict' (what whisper.load_model reads), found {keys}")
     return _openai(checkpoint["dims"], checkpoint["model_state_dict"], str(path))
 
 
@@ -142,16 +145,18 @@ def _hugging_face(config, tensors: dict, origin: str) -> WhisperWeights:
         raise ValueError(f"{origin}: Echo's layers are Whisper's own (exact GELU, unscaled embeddings); this "
                          f"config has activation_function={config.activation_function!r}, "
                          f"scale_embedding={config.scale_embedding}")
-    dims = dict(n_mels=config.num_mel_bins, n_audio_ctx=config.max_source_positions, n_audio_state=config.d_model,
-                n_audio_head=config.encoder_attention_heads, n_audio_layer=config.encoder_layers,
-                n_vocab=config.vocab_size, n_text_ctx=config.max_target_positions, n_text_state=config.d_model,
+    dims = dict(n_mels=config.num_mel_bins, n_audio_ctx=config.max_source_positions,
+                n_audio_state=config.d_model, n_audio_head=config.encoder_attention_heads,
+                n_audio_layer=config.encoder_layers, n_vocab=config.vocab_size,
+                n_text_ctx=config.max_target_positions, n_text_state=config.d_model,
                 n_text_head=config.decoder_attention_heads, n_text_layer=config.decoder_layers)
     renamed = {}
     for name, tensor in tensors.items():
         if name == "proj_out.weight":  # the output projection is tied to the token embedding
             embedding = tensors.get("model.decoder.embed_tokens.weight")
             if embedding is not None and not torch.equal(tensor, embedding):
-                raise ValueError(f"{origin}: proj_out.weight differs from the token embedding; Echo ties them")
+                raise ValueError(f"{origin}: proj_out.weight differs from the token embedding; "
+                                 f"Echo ties them")
             continue
         for pattern, replacement in _HF_NAMES:
             name = re.sub(pattern, replacement, name)
@@ -173,7 +178,8 @@ def whisper_tensor_names(n_audio_layer: int, n_text_layer: int) -> list[str]:
         return [f"{p}.weight"] + ([f"{p}.bias"] if bias else [])
 
     def attention(p):
-        return linear(f"{p}.query") + linear(f"{p}.key", bias=False) + linear(f"{p}.value") + linear(f"{p}.out")
+        return (linear(f"{p}.query") + linear(f"{p}.key", bias=False) + linear(f"{p}.value")
+                + linear(f"{p}.out"))
 
     def block(p, cross):
         names = attention(f"{p}.attn") + linear(f"{p}.attn_ln")
@@ -194,7 +200,8 @@ def echo_name(name: str, config: EchoConfig) -> str:
     """An openai-whisper tensor name -> the Echo parameter that holds it under `config`."""
     name = re.sub(r"^(encoder|decoder)\.positional_embedding$", r"\1.positional.weight", name)
     name = re.sub(r"\.mlp\.([02])\.", r".mlp.net.\1.", name)
-    encoder_attention = re.match(r"^(encoder\.blocks\.\d+\.attn)\.(query|key|value|out)\.(weight|bias)$", name)
+    encoder_attention = re.match(r"^(encoder\.blocks\.\d+\.attn)\.(query|key|value|out)\.(weight|bias)$",
+                                 name)
     if encoder_attention:
         prefix, part, kind = encoder_attention.groups()
         if config.conv_attention:  # the mixer projects the sum of convolution and attention
@@ -213,11 +220,13 @@ def build_config(weights: WhisperWeights, overrides: dict) -> EchoConfig:
         raise ValueError(f"unknown EchoConfig keys: {', '.join(unknown)}")
     fixed = sorted(set(overrides) & set(FROM_SOURCE))
     if fixed:
-        raise ValueError(f"{', '.join(fixed)} come(s) from the Whisper being imported and cannot be overridden")
+        raise ValueError(f"{', '.join(fixed)} come(s) from the Whisper being imported and "
+                         f"cannot be overridden")
     dims = weights.dims
     values = dict(n_mels=dims["n_mels"], n_audio_ctx=dims["n_audio_ctx"], n_audio_state=dims["n_audio_state"],
-                  n_audio_head=dims["n_audio_head"], n_audio_layer=dims["n_audio_layer"], vocab_size=dims["n_vocab"],
-                  n_text_ctx=dims["n_text_ctx"], n_text_state=dims["n_text_state"], n_text_head=dims["n_text_head"],
+                  n_audio_head=dims["n_audio_head"], n_audio_layer=dims["n_audio_layer"],
+                  vocab_size=dims["n_vocab"], n_text_ctx=dims["n_text_ctx"],
+                  n_text_state=dims["n_text_state"], n_text_head=dims["n_text_head"],
                   n_text_layer=dims["n_text_layer"], **weights.tokens, positional_norm="none",
                   rope_layout="interleaved", local_window=None)
     return EchoConfig(**{**values, **overrides})
@@ -242,9 +251,11 @@ def _check(weights: WhisperWeights, model: nn.Module, config: EchoConfig) -> dic
         target = echo_name(name, config)
         got, want = tuple(weights.tensors[name].shape), tuple(targets[target].shape)
         if got != want:
-            raise ValueError(f"{origin}: tensor {name} has shape {got}; a Whisper of dims {weights.dims} needs {want}")
+            raise ValueError(f"{origin}: tensor {name} has shape {got}; a Whisper of dims {weights.dims} "
+                             f"needs {want}")
         if not weights.tensors[name].is_floating_point():
-            raise ValueError(f"{origin}: tensor {name} has dtype {weights.tensors[name].dtype}, not floating point")
+            raise ValueError(f"{origin}: tensor {name} has dtype {weights.tensors[name].dtype}, "
+                             f"not floating point")
         mapping[name] = target
     return mapping
 
@@ -307,7 +318,8 @@ def _report(model: nn.Module, config: EchoConfig, copied: set[str]) -> None:
     if fresh:
         logger.warning("Echo.from_whisper: these parts start fresh: %s", ", ".join(sorted(fresh)))
     if inexact:
-        logger.warning("Echo.from_whisper: outputs differ from the Whisper's at import: %s", "; ".join(inexact))
+        logger.warning("Echo.from_whisper: outputs differ from the Whisper's at import: %s",
+                       "; ".join(inexact))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""python -m echo.convert SOURCE OUT_DIR [--set KEY=VALUE ...]: a pretrained Whisper written as an Echo folder."""
+"""python -m echo.convert SOURCE OUT_DIR [--set KEY=VALUE ...]: a pretrained Whisper written as an Echo
+folder."""
 
 from __future__ import annotations
 
