@@ -139,7 +139,8 @@ ext_modules, cmdclass = extension_modules()
 setup(
     name="echo-kernels",
     version="0.1.0",
-    description="Fused kernels and a drop-in model for Echo: Givens-orthogonal rotary and windowed biased attention",
+    description=("Fused kernels and a drop-in model for Echo: Givens-orthogonal rotary and windowed biased "
+                 "attention"),
     long_description=_readme(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",

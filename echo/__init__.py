@@ -1,10 +1,8 @@
 """echo: the Echo speech model (docs/model.md) on the ops of echo_kernels.
 
     from echo import Echo, EchoConfig
-    from echo import AdaptiveBaseCallback   # pass it to transformers' Trainer:
-                                              callbacks=[AdaptiveBaseCallback()]
-    from echo import EchoProcessor          # AutoProcessor.from_pretrained(folder) loads it after
-                                              `import echo`
+    from echo import AdaptiveBaseCallback   # for transformers' Trainer: callbacks=[AdaptiveBaseCallback()]
+    from echo import EchoProcessor          # after `import echo`, AutoProcessor.from_pretrained loads it
 """
 
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForSpeechSeq2Seq, AutoProcessor

@@ -1,11 +1,9 @@
 """Start from a pretrained Whisper (docs/model.md, Starting from Whisper): openai-whisper and Hugging Face
 checkpoints become Echo.
 
-    model = Echo.from_whisper("small.en.pt")         # openai-whisper's checkpoint file (what
-                                                       whisper.load_model reads)
+    model = Echo.from_whisper("small.en.pt")         # the checkpoint file whisper.load_model reads
     model = Echo.from_whisper(whisper_model)         # a loaded whisper.model.Whisper
-    model = Echo.from_whisper(hf_model_or_folder)    # transformers' WhisperForConditionalGeneration, or its
-                                                       folder
+    model = Echo.from_whisper(hf_model_or_folder)    # a WhisperForConditionalGeneration, or its folder
     python -m echo.convert SOURCE OUT_DIR [--set local_window=64 ...]   # the same, saved as an Echo folder
 
 Whisper's weights are copied layer for layer. Every part Whisper lacks starts at the identity: attention
