@@ -93,13 +93,18 @@ def pytest_collection_modifyitems(config, items):
     `aot`, so that `-k "not aot"` leaves the compile out (benches/gpu_run.sh: on a GPU machine the tests
     run the kernels, and the compile of both targets is CI's).
 
-    After them, under ECHO_TEST_SHARD="i/n": every n-th test left, from the i-th, so that n sessions side
+    After them, the tests that read the compile run after the other tests, so that the compile overlaps
+    those instead of holding the session up, and before the benches, which time on a quiet machine.
+
+    Then, under ECHO_TEST_SHARD="i/n": every n-th test left, from the i-th, so that n sessions side
     by side run each selected test once (benches/gpu_run.sh, where Triton's compiles, one core each, are
     most of a test's time). Dealt in turn, so that a module's many cases of one kernel are spread."""
     for item in items:
         if "aot_reports" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.aot)
     yield
+    items.sort(key=lambda item: (item.nodeid.startswith("benches/"),
+                                 item.get_closest_marker("aot") is not None))
     shard = _shard()
     if shard is None:
         return
